@@ -1,0 +1,506 @@
+"""
+The appliance's configuration: ``etc/appliance.toml`` read into frozen objects.
+
+Every table has its own class and its own reader. Readers never raise on the
+first problem: they record it against the key path and carry on, so that one
+start-up reports every mistake in the file at once. Unknown tables and keys
+are errors, because a misspelt key that is silently ignored is a setting the
+operator believes in and does not have.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+DEFAULT_CONFIG_PATH = "etc/appliance.toml"
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration file, each with its key path."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f" in {self.source}" if self.source else ""
+        lines = [f"{len(self.problems)} configuration error(s){where}:"]
+        lines += [f"  {path}: {message}" if path else f"  {message}" for path, message in self.problems]
+        return "\n".join(lines)
+
+
+# -- value syntax ------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"(\d+)\s*([kKmMgG]?)[bB]?")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_DURATION_RE = re.compile(r"(\d+)\s*(ms|s|m|h|d|w)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(value: object) -> int:
+    """``25M``-style sizes (binary multiples) or a plain count of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 25M, got {value!r}")
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value.strip())
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    raise ValueError(f"expected a size such as 25M, got {value!r}")
+
+
+def parse_duration(value: object) -> float:
+    """``30s``/``5m``/``4h``/``5d``-style durations, or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected seconds, got {value!r}")
+    if isinstance(value, int | float) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value.strip())
+        if m:
+            return int(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    raise ValueError(f"expected seconds, got {value!r}")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(value: object) -> tuple[Network, ...]:
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ValueError(f"expected an array of networks such as \"127.0.0.0/8\", got {value!r}")
+    try:
+        return tuple(ipaddress.ip_network(x, strict=False) for x in value)
+    except ValueError as e:
+        raise ValueError(f"not a network: {e}") from None
+
+
+def _describe(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+class Table:
+    """
+    Typed access to one TOML table that records errors instead of raising.
+
+    Each getter marks its key as known; ``finish`` reports the rest as unknown.
+    A getter whose value is wrong returns the default so that reading can go
+    on and find the next error too.
+    """
+
+    def __init__(self, data: object, path: str, problems: list[tuple[str, str]]) -> None:
+        self.path = path
+        self.problems = problems
+        self.known: set[str] = set()
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.error("", f"expected a table, got {_describe(data)}")
+            data = {}
+        self.data: dict[str, Any] = data
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, message: str) -> None:
+        self.problems.append((self.key(name) if name else self.path, message))
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def _get(self, name: str, default: Any, convert: Callable[[Any], Any]) -> Any:
+        self.known.add(name)
+        if name not in self.data:
+            return default
+        try:
+            return convert(self.data[name])
+        except ValueError as e:
+            self.error(name, str(e))
+            return default
+
+    def bool(self, name: str, default: bool) -> bool:
+        def convert(v: object) -> bool:
+            if isinstance(v, bool):
+                return v
+            raise ValueError(f"expected true or false, got {v!r}")
+
+        return self._get(name, default, convert)
+
+    def int(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+        def convert(v: object) -> int:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"expected an integer, got {v!r}")
+            if v < minimum or (maximum is not None and v > maximum):
+                bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+                raise ValueError(f"expected an integer {bound}, got {v}")
+            return v
+
+        return self._get(name, default, convert)
+
+    def str(self, name: str, default: str, allow_empty: bool = True) -> str:
+        def convert(v: object) -> str:
+            if not isinstance(v, str):
+                raise ValueError(f"expected a string, got {_describe(v)} {v!r}")
+            if not allow_empty and not v:
+                raise ValueError("must not be empty")
+            return v
+
+        return self._get(name, default, convert)
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        def convert(v: object) -> str:
+            if v not in choices:
+                raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {v!r}")
+            return v
+
+        return self._get(name, default, convert)
+
+    def size(self, name: str, default: int) -> int:
+        return self._get(name, default, parse_size)
+
+    def duration(self, name: str, default: float) -> float:
+        return self._get(name, default, parse_duration)
+
+    def path_(self, name: str, default: str) -> str:
+        """A filesystem path, made absolute against the start-up directory."""
+        value = self.str(name, default, allow_empty=False)
+        return os.path.abspath(value) if value else value
+
+    def str_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        def convert(v: object) -> tuple[str, ...]:
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ValueError(f"expected an array of strings, got {v!r}")
+            return tuple(v)
+
+        return self._get(name, default, convert)
+
+    def networks(self, name: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
+        return self._get(name, default, parse_networks)
+
+    def endpoint(self, name: str, default: str) -> str:
+        """A Twisted server endpoint description, checked for syntax only."""
+
+        def convert(v: object) -> str:
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"expected an endpoint such as \"tcp:2525:interface=127.0.0.1\", got {v!r}")
+            kind = v.split(":", 1)[0]
+            if kind not in ("tcp", "tcp6", "ssl", "unix", "systemd"):
+                raise ValueError(f"unknown endpoint type {kind!r} in {v!r}")
+            return v
+
+        return self._get(name, default, convert)
+
+    def table(self, name: str) -> Table:
+        self.known.add(name)
+        return Table(self.data.get(name), self.key(name), self.problems)
+
+    def subtables(self, name: str) -> Iterator[tuple[str, Table]]:
+        """The named tables under ``name`` (``[name.a]``, ``[name.b]``) in file order."""
+        outer = self.table(name)
+        for sub in list(outer.data):
+            yield sub, outer.table(sub)
+        # Every entry of ``outer`` is a subtable by definition: nothing to finish.
+
+    def finish(self) -> None:
+        for name in self.data:
+            if name not in self.known:
+                self.error(name, "unknown key")
+
+
+def host_port(value: str, default_port: int = 25) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port``; raises ValueError with a readable message."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]\s]+)(?::(\d+))?", value)
+    if not m:
+        raise ValueError(f"expected host or host:port, got {value!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4) or default_port)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, port
+
+
+# -- the tables ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = "appliance1"
+    hostname: str = "localhost"
+
+
+def _read_node(t: Table) -> NodeConfig:
+    c = NodeConfig(name=t.str("name", NodeConfig.name, allow_empty=False),
+                   hostname=t.str("hostname", NodeConfig.hostname, allow_empty=False))
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class SmtpapiConfig:
+    """Momentum's ``smtpapi`` options, names kept as Momentum spells them."""
+
+    open_tracking_enabled: bool = False
+    click_tracking_enabled: bool = False
+    open_tracking_scheme: str = "http"
+    click_tracking_scheme: str = "http"
+    tracking_domain: str = "localhost:8080"
+    tracking_link_expiry: float = 31536000.0
+    initial_open: bool = True
+
+
+_HOST_PORT_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+
+
+def _read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
+    """Read ``smtpapi`` keys over ``base``, so a listener inherits what it does not set."""
+    schemes = ("http", "https")
+    c = replace(
+        base,
+        open_tracking_enabled=t.bool("open_tracking_enabled", base.open_tracking_enabled),
+        click_tracking_enabled=t.bool("click_tracking_enabled", base.click_tracking_enabled),
+        open_tracking_scheme=t.choice("open_tracking_scheme", base.open_tracking_scheme, schemes),
+        click_tracking_scheme=t.choice("click_tracking_scheme", base.click_tracking_scheme, schemes),
+        tracking_domain=t.str("tracking_domain", base.tracking_domain, allow_empty=False),
+        tracking_link_expiry=t.duration("tracking_link_expiry", base.tracking_link_expiry),
+        initial_open=t.bool("initial_open", base.initial_open),
+    )
+    if t.has("tracking_domain") and not _HOST_PORT_RE.fullmatch(c.tracking_domain):
+        t.error("tracking_domain", f"expected host[:port], got {c.tracking_domain!r}")
+        c = replace(c, tracking_domain=base.tracking_domain)
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class EngagementTrackerConfig:
+    click_tracking_include_metadata: bool = True
+    max_metadata_len: int = 1000
+
+
+def _read_engagement_tracker(t: Table) -> EngagementTrackerConfig:
+    d = EngagementTrackerConfig
+    c = EngagementTrackerConfig(
+        click_tracking_include_metadata=t.bool("click_tracking_include_metadata",
+                                               d.click_tracking_include_metadata),
+        max_metadata_len=t.int("max_metadata_len", d.max_metadata_len, minimum=0, maximum=65536),
+    )
+    t.finish()
+    return c
+
+
+LOOPBACK = parse_networks(["127.0.0.0/8", "::1/128"])
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One SMTP injection listener; its ``smtpapi`` is the global table with its overrides."""
+
+    name: str
+    endpoint: str
+    smtpapi: SmtpapiConfig
+    relay_networks: tuple[Network, ...]
+    max_message_size: int
+    max_recipients: int
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    listeners: tuple[ListenerConfig, ...]
+    relay_networks: tuple[Network, ...]
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 1000
+    timeout: float = 300.0
+
+
+def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
+    relay = t.networks("relay_networks", LOOPBACK)
+    size = t.size("max_message_size", SmtpConfig.max_message_size)
+    rcpts = t.int("max_recipients", SmtpConfig.max_recipients, minimum=1)
+    timeout = t.duration("timeout", SmtpConfig.timeout)
+    listeners = []
+    for name, lt in t.subtables("listeners"):
+        listeners.append(
+            ListenerConfig(
+                name=name,
+                endpoint=lt.endpoint("endpoint", ""),
+                smtpapi=_read_smtpapi(lt.table("smtpapi"), smtpapi),
+                relay_networks=lt.networks("relay_networks", relay),
+                max_message_size=lt.size("max_message_size", size),
+                max_recipients=lt.int("max_recipients", rcpts, minimum=1),
+            )
+        )
+        if not lt.has("endpoint"):
+            lt.error("endpoint", "missing: every listener needs an endpoint")
+        lt.finish()
+    if not listeners:
+        t.error("listeners", "at least one SMTP listener is needed ([smtp.listeners.NAME])")
+    t.finish()
+    return SmtpConfig(listeners=tuple(listeners), relay_networks=relay, max_message_size=size,
+                      max_recipients=rcpts, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    directory: str
+
+
+def _read_spool(t: Table) -> SpoolConfig:
+    c = SpoolConfig(directory=t.path_("directory", "var/spool"))
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class Route:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    routes: dict[str, Route] = field(default_factory=dict)
+    smarthost: Route | None = None
+    helo_name: str = ""
+    retry_initial: float = 300.0
+    retry_max: float = 4000.0
+    max_queue_lifetime: float = 5 * 86400.0
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    max_connections: int = 50
+
+
+def _read_route(t: Table, name: str, value: object) -> Route | None:
+    if not isinstance(value, str):
+        t.error(name, f"expected \"host:port\", got {value!r}")
+        return None
+    try:
+        return Route(*host_port(value))
+    except ValueError as e:
+        t.error(name, str(e))
+        return None
+
+
+def _read_delivery(t: Table) -> DeliveryConfig:
+    d = DeliveryConfig
+    routes: dict[str, Route] = {}
+    rt = t.table("routes")
+    for domain, value in rt.data.items():
+        key = domain.lower().rstrip(".")
+        if not re.fullmatch(r"(\*\.)?[a-z0-9._\-]+", key):
+            rt.error(domain, "expected a domain name or *.domain")
+            continue
+        route = _read_route(rt, domain, value)
+        if route:
+            routes[key] = route
+    smarthost = None
+    t.known.add("smarthost")
+    if t.has("smarthost") and t.data["smarthost"] != "":
+        smarthost = _read_route(t, "smarthost", t.data["smarthost"])
+    c = DeliveryConfig(
+        routes=routes,
+        smarthost=smarthost,
+        helo_name=t.str("helo_name", d.helo_name),
+        retry_initial=t.duration("retry_initial", d.retry_initial),
+        retry_max=t.duration("retry_max", d.retry_max),
+        max_queue_lifetime=t.duration("max_queue_lifetime", d.max_queue_lifetime),
+        connect_timeout=t.duration("connect_timeout", d.connect_timeout),
+        command_timeout=t.duration("command_timeout", d.command_timeout),
+        max_connections=t.int("max_connections", d.max_connections, minimum=1),
+    )
+    if c.retry_initial <= 0:
+        t.error("retry_initial", "must be more than 0 seconds")
+    if c.retry_max < c.retry_initial:
+        t.error("retry_max", "must not be less than retry_initial")
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    endpoint: str = "tcp:8080:interface=127.0.0.1"
+
+
+def _read_tracker(t: Table) -> TrackerConfig:
+    c = TrackerConfig(endpoint=t.endpoint("endpoint", TrackerConfig.endpoint))
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    log_file: str
+    customer_id: str = "1"
+    fsync_interval: float = 1.0
+
+
+def _read_events(t: Table) -> EventsConfig:
+    c = EventsConfig(
+        log_file=t.path_("log_file", "var/log/events.jsonl"),
+        customer_id=t.str("customer_id", EventsConfig.customer_id),
+        fsync_interval=t.duration("fsync_interval", EventsConfig.fsync_interval),
+    )
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig
+    smtpapi: SmtpapiConfig
+    engagement_tracker: EngagementTrackerConfig
+    smtp: SmtpConfig
+    spool: SpoolConfig
+    delivery: DeliveryConfig
+    tracker: TrackerConfig
+    events: EventsConfig
+    source: str = ""
+
+
+def parse_config(data: dict[str, Any], source: str = "") -> Config:
+    """Build a ``Config`` from parsed TOML, or raise one ``ConfigError`` listing every problem."""
+    problems: list[tuple[str, str]] = []
+    top = Table(data, "", problems)
+    smtpapi = _read_smtpapi(top.table("smtpapi"), SmtpapiConfig())
+    config = Config(
+        node=_read_node(top.table("node")),
+        smtpapi=smtpapi,
+        engagement_tracker=_read_engagement_tracker(top.table("engagement_tracker")),
+        smtp=_read_smtp(top.table("smtp"), smtpapi),
+        spool=_read_spool(top.table("spool")),
+        delivery=_read_delivery(top.table("delivery")),
+        tracker=_read_tracker(top.table("tracker")),
+        events=_read_events(top.table("events")),
+        source=source,
+    )
+    for name in top.data:
+        if name not in top.known:
+            problems.append((name, "unknown table"))
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a TOML file; every failure is a ``ConfigError``."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError([("", f"cannot read {path}: {e.strerror}")], path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([("", f"not valid TOML: {e}")], path) from None
+    return parse_config(data, path)

@@ -1,0 +1,168 @@
+"""
+The engagement event log: one JSON object per line, SparkPost's field names.
+
+Operators ``tail -F`` this file and existing SparkPost/Momentum consumers read
+it, so a line is only ever written whole (one ``write`` on an unbuffered file)
+and field names follow SparkPost's, not ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import task
+from twisted.logger import Logger
+
+log = Logger()
+
+Event = dict[str, Any]
+
+
+class IdGenerator:
+    """
+    Identifiers unique across nodes without coordination.
+
+    ``message_id`` is 20 hex digits: 16 bits of the node name's hash, 44 bits
+    of milliseconds, 20 bits of a per-process sequence that starts at random
+    (two processes of one node rarely share a millisecond *and* a sequence).
+    ``event_id`` and ``transmission_id`` are decimal, as SparkPost writes them.
+    """
+
+    def __init__(self, node_name: str, now: Callable[[], float] = time.time) -> None:
+        self._node = int.from_bytes(hashlib.blake2b(node_name.encode(), digest_size=2).digest())
+        self._now = now
+        self._seq = itertools.count(random.SystemRandom().randrange(1 << 20))
+
+    def _parts(self) -> tuple[int, int]:
+        return int(self._now() * 1000) & ((1 << 44) - 1), next(self._seq) & 0xFFFFF
+
+    def message_id(self) -> str:
+        ms, seq = self._parts()
+        return f"{self._node:04x}{ms:011x}{seq:05x}"
+
+    def event_id(self) -> str:
+        ms, seq = self._parts()
+        return str((self._node << 64) | (ms << 20) | seq)
+
+    def transmission_id(self) -> str:
+        ms, seq = self._parts()
+        return str((ms << 20) | seq)
+
+
+def encode_event(event: Event) -> bytes:
+    """One log line: compact JSON, non-ASCII kept readable, LF-terminated."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+class EventLog(Service):
+    """
+    Appends events to the JSON-lines file and tells subscribers.
+
+    The file is opened unbuffered in append mode so each event is one
+    ``write(2)``; it is fsynced about once a second and at stop. SIGHUP
+    reopens it, for logrotate's ``postrotate``.
+    """
+
+    name = "events"
+
+    def __init__(
+        self,
+        path: str,
+        node_name: str,
+        customer_id: str = "1",
+        fsync_interval: float = 1.0,
+        clock: Any = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.node_name = node_name
+        self.customer_id = customer_id
+        self.ids = IdGenerator(node_name, now)
+        self._now = now
+        self._fsync_interval = fsync_interval
+        self._clock = clock
+        self._file: Any = None
+        self._dirty = False
+        self._syncer: task.LoopingCall | None = None
+        self._subscribers: list[Callable[[Event], None]] = []
+
+    def subscribe(self, callback: Callable[[Event], None]) -> None:
+        """Call ``callback`` with every event after it is written (webhooks)."""
+        self._subscribers.append(callback)
+
+    def startService(self) -> None:
+        self.open()
+        if self._fsync_interval > 0:
+            self._syncer = task.LoopingCall(self.sync)
+            if self._clock is not None:
+                self._syncer.clock = self._clock
+            self._syncer.start(self._fsync_interval, now=False)
+        if self._clock is None and hasattr(signal, "SIGHUP"):
+            from twisted.internet import reactor
+
+            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reopen))
+        super().startService()
+
+    def stopService(self) -> None:
+        if self._syncer is not None and self._syncer.running:
+            self._syncer.stop()
+        self.close()
+        return super().stopService()
+
+    def open(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self._file = open(self.path, "ab", buffering=0)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self.sync()
+            self._file.close()
+            self._file = None
+
+    def reopen(self) -> None:
+        log.info("reopening event log {path}", path=self.path)
+        self.close()
+        self.open()
+
+    def sync(self) -> None:
+        if self._file is not None and self._dirty:
+            os.fsync(self._file.fileno())
+            self._dirty = False
+
+    def make(self, type_: str, **fields: Any) -> Event:
+        """An event with the fields every SparkPost event carries, then ``fields``."""
+        event: Event = {
+            "type": type_,
+            "event_id": self.ids.event_id(),
+            "timestamp": str(int(self._now())),
+            "node_name": self.node_name,
+            "customer_id": self.customer_id,
+        }
+        event.update(fields)
+        return event
+
+    def write(self, event: Event) -> None:
+        """Append one event; raises ``OSError`` if it could not be written."""
+        if self._file is None:
+            raise OSError(f"event log {self.path} is not open")
+        self._file.write(encode_event(event))
+        self._dirty = True
+        for callback in self._subscribers:
+            try:
+                callback(event)
+            except Exception:
+                log.failure("event subscriber failed")
+
+    def emit(self, type_: str, **fields: Any) -> Event:
+        event = self.make(type_, **fields)
+        self.write(event)
+        return event

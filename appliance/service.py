@@ -1,0 +1,72 @@
+"""
+Where the parts meet: builds the appliance's service tree from a ``Config``.
+
+Start order matters and is the order of ``addService`` below: the event log
+opens first (everything writes to it), then the spool is prepared and the
+delivery queue picks up what a previous run left, and only then do the
+listeners accept connections. ``MultiService`` stops them in reverse order, so
+listeners close before the queue and the event log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+
+from appliance.config import Config
+from appliance.delivery import DeliveryService, Router, message_from_spool
+from appliance.events import EventLog
+from appliance.injection import Injector
+from appliance.smtp import InjectionFactory
+from appliance.spool import Runner, Spool
+from appliance.tracker import make_site
+
+
+class SpoolService(Service):
+    """Prepares the spool directory before anything reads or writes it."""
+
+    name = "spool"
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def startService(self) -> None:
+        self.spool.prepare()
+        super().startService()
+
+
+class Appliance(MultiService):
+    """The whole appliance; its parts are attributes so tests and tools can reach them."""
+
+    def __init__(self, config: Config, reactor: Any = None, run: Runner | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.events = EventLog(config.events.log_file, config.node.name,
+                               customer_id=config.events.customer_id,
+                               fsync_interval=config.events.fsync_interval)
+        self.spool = Spool(config.spool.directory, **({"run": run} if run else {}))
+        self.router = Router(config.delivery)
+        self.delivery = DeliveryService(
+            config.delivery, self.spool, self.events, message_from_spool(self.spool),
+            self.router, helo_name=config.delivery.helo_name or config.node.hostname,
+            reactor=reactor,
+        )
+        self.injector = Injector(self.spool, self.events, self.router, self.delivery,
+                                 hostname=config.node.hostname)
+
+        self.events.setServiceParent(self)
+        SpoolService(self.spool).setServiceParent(self)
+        self.delivery.setServiceParent(self)
+        self.smtp_listeners = []
+        for listener in config.smtp.listeners:
+            factory = InjectionFactory(listener, self.injector, config.node.hostname,
+                                       config.smtp.timeout)
+            svc = strports.service(listener.endpoint, factory)
+            svc.setName(f"smtp:{listener.name}")
+            svc.setServiceParent(self)
+            self.smtp_listeners.append(svc)
+        self.tracker = strports.service(config.tracker.endpoint, make_site())
+        self.tracker.setName("tracker")
+        self.tracker.setServiceParent(self)

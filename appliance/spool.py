@@ -1,0 +1,240 @@
+"""
+The durable spool: where an accepted message lives until every copy has a final outcome.
+
+Layout, one directory per SMTP transaction (Postfix-like commit protocol)::
+
+    incoming/<id>/message         being received; never read by delivery
+    active/<id>/message           the message as injected, canonical CRLF
+    active/<id>/envelope.json     sender, recipients, ids, per-recipient tracking
+    active/<id>/journal           one JSON line per recipient outcome or retry
+
+A transaction is committed by fsyncing ``message`` and ``envelope.json``,
+renaming its directory from ``incoming/`` into ``active/`` and fsyncing
+``active/``. Only then may the injection server answer ``250``. At start-up
+``incoming/`` is emptied: nothing there was ever acknowledged.
+
+The journal records what happened to each recipient's copy. A copy is final
+once a ``done`` line for it is on disk, and the directory is removed only when
+every copy is final, so a crash between "event written" and "spool cleaned"
+costs at most a repeated removal, never a lost copy.
+
+File system calls that block (fsync, rename, removal) go through ``run``,
+which is ``deferToThread`` in the appliance and a synchronous call in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+log = Logger()
+
+Runner = Callable[..., defer.Deferred]
+
+
+def run_synchronously(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+@dataclass
+class Recipient:
+    """One recipient's copy: its address, identity and the settings its copy is made with."""
+
+    address: str
+    message_id: str
+    # Fields every event of this copy carries (campaign_id, rcpt_meta, rcpt_tags, ...).
+    event_fields: dict[str, Any] = field(default_factory=dict)
+    # What the rewriter needs for this copy (resolved tracking settings).
+    tracking: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Envelope:
+    transmission_id: str
+    mail_from: str
+    recipients: list[Recipient]
+    received_at: float
+    client_address: str = ""
+    auth_user: str | None = None
+    listener: str = ""
+    message_size: int = 0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Envelope:
+        raw = json.loads(data)
+        raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
+        return cls(**raw)
+
+
+@dataclass
+class CopyState:
+    """What the journal says of one recipient's copy."""
+
+    done: bool = False
+    attempts: int = 0
+    next_attempt: float = 0.0
+
+
+@dataclass
+class QueuedMessage:
+    envelope: Envelope
+    path: str
+    states: list[CopyState]
+
+    @property
+    def message_path(self) -> str:
+        return os.path.join(self.path, "message")
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolWriter:
+    """Receives one message's bytes during DATA, then commits or aborts."""
+
+    def __init__(self, spool: Spool, transmission_id: str) -> None:
+        self.spool = spool
+        self.transmission_id = transmission_id
+        self.path = os.path.join(spool.incoming, transmission_id)
+        os.mkdir(self.path, 0o700)
+        self._file = open(os.path.join(self.path, "message"), "wb")
+        self.size = 0
+        self.finished = False
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self.size += len(data)
+
+    def commit(self, envelope: Envelope) -> defer.Deferred:
+        """Make the message durable; fires with its ``QueuedMessage`` once it is on disk."""
+        assert envelope.transmission_id == self.transmission_id
+        self.finished = True
+        return self.spool.run(self._commit, envelope).addErrback(self._failed)
+
+    def _commit(self, envelope: Envelope) -> QueuedMessage:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        env_path = os.path.join(self.path, "envelope.json")
+        with open(env_path, "wb") as f:
+            f.write(envelope.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        final = os.path.join(self.spool.active, self.transmission_id)
+        os.rename(self.path, final)
+        _fsync_path(self.spool.active, directory=True)
+        states = [CopyState() for _ in envelope.recipients]
+        return QueuedMessage(envelope, final, states)
+
+    def _failed(self, failure: Any) -> Any:
+        self._discard()
+        return failure
+
+    def abort(self) -> None:
+        """Forget a message that will not be acknowledged (client went away, refused)."""
+        if not self.finished:
+            self.finished = True
+            self._discard()
+
+    def _discard(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Spool:
+    def __init__(self, directory: str, run: Runner = threads.deferToThread) -> None:
+        self.directory = directory
+        self.incoming = os.path.join(directory, "incoming")
+        self.active = os.path.join(directory, "active")
+        self.run = run
+
+    def prepare(self) -> None:
+        """Create the layout and drop every unacknowledged transaction."""
+        for d in (self.directory, self.incoming, self.active):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        for name in os.listdir(self.incoming):
+            log.info("discarding unacknowledged spool entry {name}", name=name)
+            shutil.rmtree(os.path.join(self.incoming, name), ignore_errors=True)
+
+    def writer(self, transmission_id: str) -> SpoolWriter:
+        return SpoolWriter(self, transmission_id)
+
+    def recover(self) -> Iterator[QueuedMessage]:
+        """Every committed message with at least one copy not yet final."""
+        for name in sorted(os.listdir(self.active)):
+            path = os.path.join(self.active, name)
+            try:
+                with open(os.path.join(path, "envelope.json"), "rb") as f:
+                    envelope = Envelope.from_json(f.read())
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                log.error("spool entry {name} has no readable envelope ({e}); moved aside",
+                          name=name, e=e)
+                os.rename(path, os.path.join(self.directory, f"corrupt-{name}"))
+                continue
+            states = [CopyState() for _ in envelope.recipients]
+            self._replay(os.path.join(path, "journal"), states)
+            queued = QueuedMessage(envelope, path, states)
+            if all(s.done for s in states):
+                self._remove(queued)
+                continue
+            yield queued
+
+    @staticmethod
+    def _replay(journal: str, states: list[CopyState]) -> None:
+        try:
+            with open(journal, "rb") as f:
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                state = states[entry["i"]]
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue  # a torn last line from a crash: the copy is simply not final
+            state.attempts = entry.get("attempts", state.attempts)
+            state.next_attempt = entry.get("next", state.next_attempt)
+            state.done = state.done or entry.get("done", False)
+
+    def record(self, queued: QueuedMessage, index: int, done: bool) -> defer.Deferred:
+        """Journal one copy's outcome durably; removes the entry once every copy is final."""
+        state = queued.states[index]
+        state.done = state.done or done
+        line = json.dumps({"i": index, "done": state.done, "attempts": state.attempts,
+                           "next": state.next_attempt}).encode() + b"\n"
+        return self.run(self._append, queued, line)
+
+    def _append(self, queued: QueuedMessage, line: bytes) -> None:
+        if all(s.done for s in queued.states):
+            self._remove(queued)
+            return
+        with open(os.path.join(queued.path, "journal"), "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _remove(self, queued: QueuedMessage) -> None:
+        shutil.rmtree(queued.path, ignore_errors=True)
+        _fsync_path(self.active, directory=True)
+
+    def read_message(self, queued: QueuedMessage) -> bytes:
+        with open(queued.message_path, "rb") as f:
+            return f.read()

@@ -1,0 +1,110 @@
+"""Shared test scaffolding: free ports, temporary configurations, a running appliance."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+from typing import Any
+
+from twisted.internet import defer, reactor, threads
+
+from appliance.config import Config, parse_config
+from appliance.service import Appliance
+from tests.sink import SinkFactory
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_CONFIG = os.path.join(REPO, "etc", "appliance.toml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shipped_toml() -> dict[str, Any]:
+    with open(SHIPPED_CONFIG, "rb") as f:
+        return tomllib.load(f)
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def make_config(directory: str, **changes: Any) -> Config:
+    """The shipped configuration on free loopback ports, with its files under ``directory``."""
+    data = merge(shipped_toml(), {
+        "smtp": {"listeners": {"default": {"endpoint": f"tcp:{free_port()}:interface=127.0.0.1"}}},
+        "tracker": {"endpoint": f"tcp:{free_port()}:interface=127.0.0.1"},
+        "spool": {"directory": os.path.join(directory, "spool")},
+        "events": {"log_file": os.path.join(directory, "events.jsonl")},
+    })
+    return parse_config(merge(data, changes), "test")
+
+
+def port_of(endpoint: str) -> int:
+    return int(endpoint.split(":")[1])
+
+
+def read_events(config: Config) -> list[dict[str, Any]]:
+    try:
+        with open(config.events.log_file, "rb") as f:
+            return [json.loads(line) for line in f]
+    except FileNotFoundError:
+        return []
+
+
+class RunningAppliance:
+    """An appliance and a sink, both listening on loopback, for integration tests."""
+
+    def __init__(self, directory: str, **changes: Any) -> None:
+        self.sink = SinkFactory()
+        self.sink_port = reactor.listenTCP(0, self.sink, interface="127.0.0.1")
+        route = f"127.0.0.1:{self.sink_port.getHost().port}"
+        routes = {"example.test": route, "example.org": route}
+        self.config = make_config(directory, **merge({"delivery": {"routes": routes}}, changes))
+        self.appliance = Appliance(self.config)
+        self.smtp_port = port_of(self.config.smtp.listeners[0].endpoint)
+        self.http_port = port_of(self.config.tracker.endpoint)
+
+    def start(self) -> defer.Deferred:
+        self.appliance.startService()
+        return deferred_sleep(0.05)
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        yield self.appliance.stopService()
+        yield self.sink_port.stopListening()
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.config)
+
+
+def deferred_sleep(seconds: float) -> defer.Deferred:
+    d: defer.Deferred = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+@defer.inlineCallbacks
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` on the reactor until it is true; fail the test after ``timeout``."""
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        yield deferred_sleep(interval)
+        waited += interval
+
+
+def in_thread(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
+    """Run a blocking client (smtplib, urllib) without blocking the reactor under test."""
+    return threads.deferToThread(f, *args, **kwargs)

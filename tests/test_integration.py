@@ -1,0 +1,147 @@
+"""The whole path over real sockets: smtplib -> appliance -> spool -> delivery -> sink, and the log."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import urllib.error
+import urllib.request
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from tests.helpers import RunningAppliance, in_thread, wait_until
+
+MESSAGE = (
+    b"From: Sender <sender@example.net>\r\n"
+    b"To: a@example.test, b@example.org\r\n"
+    b"Subject: Hello there\r\n"
+    b"Message-ID: <1@example.net>\r\n"
+    b"\r\n"
+    b"Line one.\r\n"
+    b".A line that starts with a dot.\r\n"
+    b"..\r\n"
+    b"Last line.\r\n"
+)
+
+
+def send(port: int, sender: str, recipients: list[str], message: bytes) -> dict:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        return client.sendmail(sender, recipients, message)
+
+
+class EndToEndTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.running = RunningAppliance(self.mktemp())
+        return self.running.start()
+
+    def tearDown(self) -> defer.Deferred:
+        return self.running.stop()
+
+    @defer.inlineCallbacks
+    def test_two_recipients_two_domains(self) -> defer.Generator:
+        """One message to two routed domains arrives as two copies and writes four events."""
+        refused = yield in_thread(send, self.running.smtp_port, "sender@example.net",
+                                  ["a@example.test", "B@Example.org"], MESSAGE)
+        self.assertEqual(refused, {})
+        received = yield self.running.sink.wait_for(2)
+        self.assertEqual(sorted(r for m in received for r in m.rcpt_to),
+                         ["B@Example.org", "a@example.test"])
+        for copy in received:
+            self.assertEqual(copy.mail_from, "sender@example.net")
+            self.assertEqual(len(copy.rcpt_to), 1)
+            # One trace header is added; the rest is byte for byte what was sent.
+            self.assertTrue(copy.data.startswith(b"Received: from "))
+            self.assertTrue(copy.data.endswith(MESSAGE), copy.data)
+        yield wait_until(lambda: len(self.running.events()) >= 4)
+        events = self.running.events()
+        by_type: dict[str, list[dict]] = {}
+        for e in events:
+            by_type.setdefault(e["type"], []).append(e)
+        self.assertEqual(sorted(by_type), ["delivery", "injection"])
+        self.assertEqual(len(by_type["injection"]), 2)
+        self.assertEqual(len(by_type["delivery"]), 2)
+
+        injections = {e["rcpt_to"]: e for e in by_type["injection"]}
+        self.assertEqual(sorted(injections), ["a@example.test", "b@example.org"])
+        b = injections["b@example.org"]
+        self.assertEqual(b["raw_rcpt_to"], "B@Example.org")
+        self.assertEqual(b["msg_from"], "sender@example.net")
+        self.assertEqual(b["friendly_from"], "Sender <sender@example.net>")
+        self.assertEqual(b["subject"], "Hello there")
+        self.assertEqual(b["routing_domain"], "example.org")
+        self.assertEqual(b["recv_method"], "esmtp")
+        self.assertEqual(b["node_name"], "appliance1")
+        self.assertRegex(b["message_id"], r"^[0-9a-f]{20}$")
+        self.assertRegex(b["transmission_id"], r"^[0-9]+$")
+        self.assertRegex(b["timestamp"], r"^[0-9]+$")
+        self.assertNotEqual(injections["a@example.test"]["message_id"], b["message_id"])
+        self.assertEqual(injections["a@example.test"]["transmission_id"], b["transmission_id"])
+
+        for d in by_type["delivery"]:
+            inj = injections[d["rcpt_to"]]
+            for key in ("message_id", "transmission_id", "raw_rcpt_to", "campaign_id"):
+                self.assertEqual(d[key], inj[key])
+            self.assertEqual(d["delv_method"], "esmtp")
+            self.assertEqual(d["num_retries"], "0")
+            self.assertIn("queue_time", d)
+            self.assertTrue(d["ip_address"].startswith("127.0.0.1:"))
+        self.assertEqual(len({e["event_id"] for e in events}), 4)
+        # Every copy has its final outcome: nothing is left in the spool.
+        yield wait_until(lambda: not os.listdir(os.path.join(self.running.config.spool.directory,
+                                                             "active")))
+
+    @defer.inlineCallbacks
+    def test_unroutable_domain_refused_at_rcpt(self) -> defer.Generator:
+        def attempt() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", self.running.smtp_port, timeout=10) as client:
+                client.ehlo()
+                client.mail("sender@example.net")
+                return client.rcpt("someone@nowhere.invalid")
+
+        code, text = yield in_thread(attempt)
+        self.assertEqual(code, 550)
+        self.assertIn(b"5.1.2", text)
+        self.assertIn(b"nowhere.invalid", text)
+
+    @defer.inlineCallbacks
+    def test_robots_and_not_found(self) -> defer.Generator:
+        base = f"http://127.0.0.1:{self.running.http_port}"
+
+        def get(path: str) -> tuple[int, bytes]:
+            try:
+                with urllib.request.urlopen(base + path, timeout=10) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
+        status, body = yield in_thread(get, "/robots.txt")
+        self.assertEqual((status, body), (200, b"User-agent: *\nDisallow: /\n"))
+        for path in ("/", "/anything", "/q/", "/f/a/x"):
+            status, _ = yield in_thread(get, path)
+            self.assertEqual(status, 404, path)
+
+
+class RelayTests(unittest.TestCase):
+    """A client outside relay_networks is refused at RCPT, and nothing is stored."""
+
+    def setUp(self) -> None:
+        self.running = RunningAppliance(self.mktemp(), smtp={"relay_networks": ["192.0.2.0/24"]})
+        return self.running.start()
+
+    def tearDown(self) -> defer.Deferred:
+        return self.running.stop()
+
+    @defer.inlineCallbacks
+    def test_relay_denied(self) -> defer.Generator:
+        def attempt() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", self.running.smtp_port, timeout=10) as client:
+                client.ehlo()
+                client.mail("sender@example.net")
+                return client.rcpt("a@example.test")
+
+        code, text = yield in_thread(attempt)
+        self.assertEqual(code, 554)
+        self.assertIn(b"5.7.1", text)
+        self.assertEqual(self.running.events(), [])
+        self.assertEqual(os.listdir(os.path.join(self.running.config.spool.directory, "active")), [])
