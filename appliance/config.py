@@ -11,6 +11,7 @@ operator believes in and does not have.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -47,27 +48,27 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 *
 def parse_size(value: object) -> int:
     """``25M``-style sizes (binary multiples) or a plain count of bytes."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a size such as 25M, got {value!r}")
+        raise ValueError(f"expected a size such as 25M, got {_show(value)}")
     if isinstance(value, int) and value >= 0:
         return value
     if isinstance(value, str):
         m = _SIZE_RE.fullmatch(value.strip())
         if m:
             return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-    raise ValueError(f"expected a size such as 25M, got {value!r}")
+    raise ValueError(f"expected a size such as 25M, got {_show(value)}")
 
 
 def parse_duration(value: object) -> float:
     """``30s``/``5m``/``4h``/``5d``-style durations, or a plain number of seconds."""
     if isinstance(value, bool):
-        raise ValueError(f"expected seconds, got {value!r}")
+        raise ValueError(f"expected seconds, got {_show(value)}")
     if isinstance(value, int | float) and value >= 0:
         return float(value)
     if isinstance(value, str):
         m = _DURATION_RE.fullmatch(value.strip())
         if m:
             return int(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
-    raise ValueError(f"expected seconds, got {value!r}")
+    raise ValueError(f"expected seconds, got {_show(value)}")
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -75,11 +76,23 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def parse_networks(value: object) -> tuple[Network, ...]:
     if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise ValueError(f"expected an array of networks such as \"127.0.0.0/8\", got {value!r}")
+        raise ValueError(f"expected an array of networks such as \"127.0.0.0/8\", got {_show(value)}")
     try:
         return tuple(ipaddress.ip_network(x, strict=False) for x in value)
     except ValueError as e:
         raise ValueError(f"not a network: {e}") from None
+
+
+def _show(value: object) -> str:
+    """A value as TOML would write it, so error messages quote the way the file does."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float | list | dict):
+        try:
+            return json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            pass
+    return repr(value)
 
 
 def _describe(value: object) -> str:
@@ -136,14 +149,14 @@ class Table:
         def convert(v: object) -> bool:
             if isinstance(v, bool):
                 return v
-            raise ValueError(f"expected true or false, got {v!r}")
+            raise ValueError(f"expected true or false, got {_show(v)}")
 
         return self._get(name, default, convert)
 
     def int(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
         def convert(v: object) -> int:
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"expected an integer, got {v!r}")
+                raise ValueError(f"expected an integer, got {_show(v)}")
             if v < minimum or (maximum is not None and v > maximum):
                 bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
                 raise ValueError(f"expected an integer {bound}, got {v}")
@@ -154,7 +167,7 @@ class Table:
     def str(self, name: str, default: str, allow_empty: bool = True) -> str:
         def convert(v: object) -> str:
             if not isinstance(v, str):
-                raise ValueError(f"expected a string, got {_describe(v)} {v!r}")
+                raise ValueError(f"expected a string, got {_describe(v)} {_show(v)}")
             if not allow_empty and not v:
                 raise ValueError("must not be empty")
             return v
@@ -164,7 +177,7 @@ class Table:
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         def convert(v: object) -> str:
             if v not in choices:
-                raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {v!r}")
+                raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {_show(v)}")
             return v
 
         return self._get(name, default, convert)
@@ -183,7 +196,7 @@ class Table:
     def str_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         def convert(v: object) -> tuple[str, ...]:
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                raise ValueError(f"expected an array of strings, got {v!r}")
+                raise ValueError(f"expected an array of strings, got {_show(v)}")
             return tuple(v)
 
         return self._get(name, default, convert)
@@ -196,7 +209,8 @@ class Table:
 
         def convert(v: object) -> str:
             if not isinstance(v, str) or not v:
-                raise ValueError(f"expected an endpoint such as \"tcp:2525:interface=127.0.0.1\", got {v!r}")
+                example = '"tcp:2525:interface=127.0.0.1"'
+                raise ValueError(f"expected an endpoint such as {example}, got {_show(v)}")
             kind = v.split(":", 1)[0]
             if kind not in ("tcp", "tcp6", "ssl", "unix", "systemd"):
                 raise ValueError(f"unknown endpoint type {kind!r} in {v!r}")
@@ -225,7 +239,7 @@ def host_port(value: str, default_port: int = 25) -> tuple[str, int]:
     """``host``, ``host:port`` or ``[v6]:port``; raises ValueError with a readable message."""
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]\s]+)(?::(\d+))?", value)
     if not m:
-        raise ValueError(f"expected host or host:port, got {value!r}")
+        raise ValueError(f"expected host or host:port, got {_show(value)}")
     host = m.group(1) or m.group(3)
     port = int(m.group(2) or m.group(4) or default_port)
     if not 0 < port < 65536:
@@ -279,7 +293,7 @@ def _read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
         initial_open=t.bool("initial_open", base.initial_open),
     )
     if t.has("tracking_domain") and not _HOST_PORT_RE.fullmatch(c.tracking_domain):
-        t.error("tracking_domain", f"expected host[:port], got {c.tracking_domain!r}")
+        t.error("tracking_domain", f"expected host[:port], got {_show(c.tracking_domain)}")
         c = replace(c, tracking_domain=base.tracking_domain)
     t.finish()
     return c
@@ -385,7 +399,7 @@ class DeliveryConfig:
 
 def _read_route(t: Table, name: str, value: object) -> Route | None:
     if not isinstance(value, str):
-        t.error(name, f"expected \"host:port\", got {value!r}")
+        t.error(name, f"expected \"host:port\", got {_show(value)}")
         return None
     try:
         return Route(*host_port(value))

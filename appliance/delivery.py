@@ -243,7 +243,8 @@ class DeliveryService(Service):
         queue_time = now - queued.envelope.received_at
         if outcome.kind == "delay" and queue_time >= self.config.max_queue_lifetime:
             outcome = Outcome("bounce", outcome.code,
-                              f"Message expired after {int(queue_time)}s in queue: {outcome.reason}",
+                              f"5.4.7 Message expired after {int(queue_time)}s in queue; last error: "
+                              f"{outcome.reason}",
                               outcome.ip_address)
         fields: dict[str, Any] = {
             **queued.envelope.recipients[index].event_fields,

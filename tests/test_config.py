@@ -1,0 +1,130 @@
+"""Configuration: the shipped file loads; every mistake is named by its key path, all at once."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from appliance.config import ConfigError, load_config, parse_config, parse_duration, parse_size
+from tests.helpers import SHIPPED_CONFIG, merge, shipped_toml
+
+
+class ValueSyntaxTests(SynchronousTestCase):
+    def test_sizes(self) -> None:
+        self.assertEqual(parse_size("25M"), 25 * 1024 * 1024)
+        self.assertEqual(parse_size("10k"), 10240)
+        self.assertEqual(parse_size("1G"), 1 << 30)
+        self.assertEqual(parse_size(512), 512)
+        self.assertEqual(parse_size("512"), 512)
+        for bad in ("big", "-1", "25X", True, 1.5, -3):
+            self.assertRaises(ValueError, parse_size, bad)
+
+    def test_durations(self) -> None:
+        self.assertEqual(parse_duration("30s"), 30)
+        self.assertEqual(parse_duration("5m"), 300)
+        self.assertEqual(parse_duration("4h"), 4 * 3600)
+        self.assertEqual(parse_duration("5d"), 5 * 86400)
+        self.assertEqual(parse_duration(31536000), 31536000)
+        self.assertEqual(parse_duration("90"), 90)
+        for bad in ("soon", "5 minutes", "-5s", False):
+            self.assertRaises(ValueError, parse_duration, bad)
+
+
+class ShippedConfigTests(SynchronousTestCase):
+    def test_shipped_file_loads(self) -> None:
+        config = load_config(SHIPPED_CONFIG)
+        self.assertFalse(config.smtpapi.open_tracking_enabled)
+        self.assertFalse(config.smtpapi.click_tracking_enabled)
+        self.assertEqual(config.smtpapi.tracking_domain, "localhost:8080")
+        self.assertEqual(config.smtpapi.tracking_link_expiry, 31536000)
+        self.assertTrue(config.smtpapi.initial_open)
+        self.assertTrue(config.engagement_tracker.click_tracking_include_metadata)
+        self.assertEqual(config.engagement_tracker.max_metadata_len, 1000)
+        self.assertEqual(config.smtp.listeners[0].endpoint, "tcp:2525:interface=127.0.0.1")
+        self.assertEqual(config.smtp.max_message_size, 25 * 1024 * 1024)
+        self.assertEqual(config.delivery.routes["example.test"].port, 2526)
+        self.assertEqual(config.delivery.max_queue_lifetime, 5 * 86400)
+        self.assertTrue(os.path.isabs(config.spool.directory))
+        self.assertTrue(config.events.log_file.endswith(os.path.join("var", "log", "events.jsonl")))
+
+    def test_empty_file_needs_a_listener(self) -> None:
+        e = self.assertRaises(ConfigError, parse_config, {})
+        self.assertEqual([p for p, _ in e.problems], ["smtp.listeners"])
+
+
+class ErrorTests(SynchronousTestCase):
+    def problems(self, **changes: object) -> dict[str, str]:
+        e = self.assertRaises(ConfigError, parse_config, merge(shipped_toml(), changes), "x.toml")
+        return dict(e.problems)
+
+    def test_wrong_duration_names_key(self) -> None:
+        p = self.problems(smtpapi={"tracking_link_expiry": "soon"})
+        self.assertEqual(p, {"smtpapi.tracking_link_expiry": 'expected seconds, got "soon"'})
+
+    def test_unknown_key_and_table(self) -> None:
+        p = self.problems(smtpapi={"open_tracking_enabeld": True}, smpt={"x": 1})
+        self.assertEqual(p["smtpapi.open_tracking_enabeld"], "unknown key")
+        self.assertEqual(p["smpt"], "unknown table")
+
+    def test_wrong_types(self) -> None:
+        p = self.problems(smtpapi={"open_tracking_enabled": "yes"},
+                          engagement_tracker={"max_metadata_len": "1000"},
+                          node={"name": 7})
+        self.assertEqual(set(p), {"smtpapi.open_tracking_enabled",
+                                  "engagement_tracker.max_metadata_len", "node.name"})
+        self.assertIn("expected true or false", p["smtpapi.open_tracking_enabled"])
+
+    def test_bad_values(self) -> None:
+        p = self.problems(
+            smtpapi={"open_tracking_scheme": "ftp", "tracking_domain": "a b"},
+            smtp={"relay_networks": ["10.0.0.0/33"], "max_message_size": "lots"},
+            delivery={"routes": {"example.com": "host:99999", "bad domain": "h:25"},
+                      "retry_initial": "10m", "retry_max": "1m"},
+        )
+        self.assertEqual(set(p), {
+            "smtpapi.open_tracking_scheme", "smtpapi.tracking_domain", "smtp.relay_networks",
+            "smtp.max_message_size", "delivery.routes.example.com", "delivery.routes.bad domain",
+            "delivery.retry_max",
+        })
+        self.assertEqual(p["smtpapi.open_tracking_scheme"], "expected one of 'http', 'https', got \"ftp\"")
+
+    def test_listener_errors_carry_listener_name(self) -> None:
+        p = self.problems(smtp={"listeners": {"default": {"endpoint": "carrier-pigeon:1"},
+                                              "other": {"smtpapi": {"click_tracking_enabled": 1}}}})
+        self.assertEqual(set(p), {"smtp.listeners.default.endpoint", "smtp.listeners.other.endpoint",
+                                  "smtp.listeners.other.smtpapi.click_tracking_enabled"})
+
+    def test_all_errors_reported_at_once_in_message(self) -> None:
+        e = self.assertRaises(ConfigError, parse_config,
+                              merge(shipped_toml(), {"smtpapi": {"tracking_link_expiry": "soon",
+                                                                 "initial_open": "no"}}), "x.toml")
+        text = str(e)
+        self.assertIn("2 configuration error(s) in x.toml", text)
+        self.assertIn('smtpapi.tracking_link_expiry: expected seconds, got "soon"', text)
+        self.assertIn("smtpapi.initial_open:", text)
+
+    def test_unreadable_and_invalid_toml(self) -> None:
+        e = self.assertRaises(ConfigError, load_config, "/nonexistent/appliance.toml")
+        self.assertIn("cannot read", str(e))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[smtp\n")
+        e = self.assertRaises(ConfigError, load_config, path)
+        self.assertIn("not valid TOML", str(e))
+
+
+class ListenerOverrideTests(SynchronousTestCase):
+    def test_listener_overrides_smtpapi(self) -> None:
+        config = parse_config(merge(shipped_toml(), {
+            "smtpapi": {"open_tracking_enabled": True, "tracking_domain": "t.example.com"},
+            "smtp": {"listeners": {"bulk": {"endpoint": "tcp:2600",
+                                            "smtpapi": {"open_tracking_enabled": False},
+                                            "max_recipients": 5}}},
+        }))
+        default, bulk = config.smtp.listeners
+        self.assertTrue(default.smtpapi.open_tracking_enabled)
+        self.assertFalse(bulk.smtpapi.open_tracking_enabled)
+        self.assertEqual(bulk.smtpapi.tracking_domain, "t.example.com")
+        self.assertEqual(bulk.max_recipients, 5)
+        self.assertEqual(default.max_recipients, 1000)

@@ -1,0 +1,90 @@
+"""The spool's commit protocol and journal, on real files."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from appliance.spool import Envelope, Recipient, Spool, run_synchronously
+
+
+def envelope(tid: str = "1", n: int = 2) -> Envelope:
+    return Envelope(transmission_id=tid, mail_from="a@b.test",
+                    recipients=[Recipient(f"r{i}@x.test", f"{i:020x}", {"rcpt_to": f"r{i}@x.test"})
+                                for i in range(n)],
+                    received_at=1000.0, client_address="127.0.0.1", listener="default",
+                    message_size=5)
+
+
+class SpoolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.spool = Spool(self.mktemp(), run=run_synchronously)
+        self.spool.prepare()
+
+    def commit(self, tid: str = "1", n: int = 2) -> object:
+        w = self.spool.writer(tid)
+        w.write(b"hello")
+        return self.successResultOf(w.commit(envelope(tid, n)))
+
+    def test_commit_moves_into_active(self) -> None:
+        queued = self.commit()
+        self.assertEqual(os.listdir(self.spool.incoming), [])
+        self.assertEqual(sorted(os.listdir(queued.path)), ["envelope.json", "message"])
+        self.assertEqual(self.spool.read_message(queued), b"hello")
+        [recovered] = list(self.spool.recover())
+        self.assertEqual(recovered.envelope, queued.envelope)
+
+    def test_abort_leaves_nothing(self) -> None:
+        w = self.spool.writer("2")
+        w.write(b"partial")
+        w.abort()
+        self.assertEqual(os.listdir(self.spool.incoming), [])
+        self.assertEqual(list(self.spool.recover()), [])
+
+    def test_unacknowledged_entries_dropped_at_start(self) -> None:
+        w = self.spool.writer("3")
+        w.write(b"never acknowledged")
+        Spool(self.spool.directory, run=run_synchronously).prepare()
+        self.assertEqual(os.listdir(self.spool.incoming), [])
+
+    def test_failed_commit_discards(self) -> None:
+        w = self.spool.writer("4")
+        w.write(b"x")
+        os.rmdir(self.spool.active)  # rename target gone: the commit must fail cleanly
+        f = self.failureResultOf(w.commit(envelope("4")), OSError)
+        self.assertTrue(f)
+        self.assertEqual(os.listdir(self.spool.incoming), [])
+
+    def test_journal_survives_restart(self) -> None:
+        queued = self.commit()
+        queued.states[0].attempts = 1
+        queued.states[1].attempts = 2
+        queued.states[1].next_attempt = 5000.0
+        self.successResultOf(self.spool.record(queued, 0, done=True))
+        self.successResultOf(self.spool.record(queued, 1, done=False))
+        [again] = list(Spool(self.spool.directory, run=run_synchronously).recover())
+        self.assertTrue(again.states[0].done)
+        self.assertFalse(again.states[1].done)
+        self.assertEqual((again.states[1].attempts, again.states[1].next_attempt), (2, 5000.0))
+
+    def test_removed_when_every_copy_final(self) -> None:
+        queued = self.commit()
+        self.successResultOf(self.spool.record(queued, 0, done=True))
+        self.assertTrue(os.path.exists(queued.path))
+        self.successResultOf(self.spool.record(queued, 1, done=True))
+        self.assertFalse(os.path.exists(queued.path))
+
+    def test_torn_journal_line_ignored(self) -> None:
+        queued = self.commit()
+        with open(os.path.join(queued.path, "journal"), "wb") as f:
+            f.write(b'{"i":0,"done":true,"attempts":1,"next":0}\n{"i":1,"do')
+        [again] = list(self.spool.recover())
+        self.assertEqual([s.done for s in again.states], [True, False])
+
+    def test_unreadable_envelope_moved_aside(self) -> None:
+        queued = self.commit()
+        with open(os.path.join(queued.path, "envelope.json"), "wb") as f:
+            f.write(b"{not json")
+        self.assertEqual(list(self.spool.recover()), [])
+        self.assertIn("corrupt-1", os.listdir(self.spool.directory))
