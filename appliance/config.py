@@ -455,6 +455,21 @@ def _read_tracker(t: Table) -> TrackerConfig:
 
 
 @dataclass(frozen=True)
+class LinksConfig:
+    keys_file: str
+    create_keys_file: bool = True
+
+
+def _read_links(t: Table) -> LinksConfig:
+    c = LinksConfig(
+        keys_file=t.path_("keys_file", "var/keys/links.keys"),
+        create_keys_file=t.bool("create_keys_file", LinksConfig.create_keys_file),
+    )
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
 class EventsConfig:
     log_file: str
     customer_id: str = "1"
@@ -480,6 +495,7 @@ class Config:
     spool: SpoolConfig
     delivery: DeliveryConfig
     tracker: TrackerConfig
+    links: LinksConfig
     events: EventsConfig
     source: str = ""
 
@@ -497,6 +513,7 @@ def parse_config(data: dict[str, Any], source: str = "") -> Config:
         spool=_read_spool(top.table("spool")),
         delivery=_read_delivery(top.table("delivery")),
         tracker=_read_tracker(top.table("tracker")),
+        links=_read_links(top.table("links")),
         events=_read_events(top.table("events")),
         source=source,
     )

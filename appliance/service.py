@@ -19,6 +19,7 @@ from appliance.config import Config
 from appliance.delivery import DeliveryService, Router, message_from_spool
 from appliance.events import EventLog
 from appliance.injection import Injector
+from appliance.links import Keyring, LinkCodec, prepare_keyring
 from appliance.smtp import InjectionFactory
 from appliance.spool import Runner, Spool
 from appliance.tracker import make_site
@@ -40,9 +41,13 @@ class SpoolService(Service):
 class Appliance(MultiService):
     """The whole appliance; its parts are attributes so tests and tools can reach them."""
 
-    def __init__(self, config: Config, reactor: Any = None, run: Runner | None = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, run: Runner | None = None,
+                 keyring: Keyring | None = None) -> None:
         super().__init__()
         self.config = config
+        if keyring is None:
+            keyring = prepare_keyring(config.links.keys_file, config.links.create_keys_file)
+        self.links = LinkCodec(keyring)
         self.events = EventLog(config.events.log_file, config.node.name,
                                customer_id=config.events.customer_id,
                                fsync_interval=config.events.fsync_interval)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.python import usage
 
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from appliance.links import KeyFileError, Keyring, prepare_keyring
 from appliance.service import Appliance
 
 
@@ -19,14 +20,17 @@ class Options(usage.Options):
     ]
 
     config: Config
+    keyring: Keyring
 
     def postOptions(self) -> None:
         # Validate here, before twistd daemonizes, so a bad file fails the command itself.
         try:
             self.config = load_config(self["config"])
-        except ConfigError as e:
+            links = self.config.links
+            self.keyring = prepare_keyring(links.keys_file, links.create_keys_file)
+        except (ConfigError, KeyFileError) as e:
             raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> Appliance:
-    return Appliance(options.config)
+    return Appliance(options.config, keyring=options.keyring)

@@ -46,6 +46,7 @@ def make_config(directory: str, **changes: Any) -> Config:
         "tracker": {"endpoint": f"tcp:{free_port()}:interface=127.0.0.1"},
         "spool": {"directory": os.path.join(directory, "spool")},
         "events": {"log_file": os.path.join(directory, "events.jsonl")},
+        "links": {"keys_file": os.path.join(directory, "links.keys")},
     })
     return parse_config(merge(data, changes), "test")
 

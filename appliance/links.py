@@ -1,0 +1,310 @@
+"""
+Tracked links: compact, signed tokens that carry everything the tracker needs.
+
+The tracker keeps no state, so a token must say what happened (an open, an
+initial open or a click), to whom, in which message and campaign, where a
+click goes, and until when the link counts; and nobody without the key may
+forge or alter one, or the tracker becomes an open redirect.
+
+A token is URL-safe base64 without padding of::
+
+    version (1 byte) | key id (1 byte) | body | HMAC-SHA256(key, version | key id | body)[:16]
+
+``body`` is a JSON array of the fields, raw-deflated when that is shorter
+(the version byte's low bit says so). The key file lists several keys so they
+can be rotated: the first signs, all verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hmac
+import json
+import os
+import re
+import secrets
+import sys
+import zlib
+from dataclasses import dataclass, field
+from hashlib import sha256
+from typing import Any
+from urllib.parse import quote
+
+TAG_BYTES = 16
+MAX_URL_LENGTH = 4096
+_VERSION = 0x10
+_DEFLATED = 0x01
+KINDS = ("open", "initial_open", "click")
+_KIND_CODES = {"open": "o", "initial_open": "i", "click": "c"}
+_KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
+
+
+class InvalidToken(ValueError):
+    """A token that is not one of ours: malformed, altered, or signed by an unknown key."""
+
+
+class KeyFileError(Exception):
+    """The signing key file is missing, unreadable or malformed."""
+
+
+@dataclass(frozen=True)
+class LinkData:
+    """What one tracked link says; ``metadata`` is ``None`` when the link does not carry it."""
+
+    kind: str
+    expiry: int
+    message_id: str
+    transmission_id: str
+    rcpt_to: str
+    campaign_id: str = ""
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, Any] | None = None
+    link_name: str = ""
+    target: str = ""
+    unsubscribe: bool = False
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expiry
+
+    def _fields(self) -> list[Any]:
+        return [_KIND_CODES[self.kind], self.expiry, self.message_id, self.transmission_id,
+                self.rcpt_to, self.campaign_id, list(self.tags), self.metadata, self.link_name,
+                self.target, 1 if self.unsubscribe else 0]
+
+    @classmethod
+    def _from_fields(cls, f: Any) -> LinkData:
+        if not isinstance(f, list) or len(f) != 11:
+            raise InvalidToken("token body has the wrong shape")
+        kind, expiry, mid, tid, rcpt, campaign, tags, meta, name, target, unsub = f
+        if (kind not in _KIND_NAMES or not isinstance(expiry, int)
+                or not all(isinstance(x, str) for x in (mid, tid, rcpt, campaign, name, target))
+                or not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)
+                or not (meta is None or isinstance(meta, dict)) or unsub not in (0, 1)):
+            raise InvalidToken("token body has the wrong types")
+        return cls(_KIND_NAMES[kind], expiry, mid, tid, rcpt, campaign, tuple(tags), meta, name,
+                   target, bool(unsub))
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """Signing keys by id; ``keys[0]`` signs, every key verifies."""
+
+    keys: tuple[tuple[int, bytes], ...]
+    _by_id: dict[int, bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise KeyFileError("no signing keys")
+        object.__setattr__(self, "_by_id", dict(self.keys))
+
+    @property
+    def signing(self) -> tuple[int, bytes]:
+        return self.keys[0]
+
+    def get(self, kid: int) -> bytes | None:
+        return self._by_id.get(kid)
+
+
+class LinkCodec:
+    def __init__(self, keyring: Keyring) -> None:
+        self.keyring = keyring
+
+    def encode(self, data: LinkData) -> str:
+        body = json.dumps(data._fields(), separators=(",", ":"), ensure_ascii=False).encode()
+        version = _VERSION
+        packed = zlib.compress(body, 9, wbits=-15)
+        if len(packed) < len(body):
+            body, version = packed, _VERSION | _DEFLATED
+        kid, key = self.keyring.signing
+        signed = bytes((version, kid)) + body
+        tag = hmac.new(key, signed, sha256).digest()[:TAG_BYTES]
+        return base64.urlsafe_b64encode(signed + tag).rstrip(b"=").decode("ascii")
+
+    def decode(self, token: str | bytes) -> LinkData:
+        """The link a token describes; raises ``InvalidToken`` for anything we did not sign."""
+        if isinstance(token, bytes):
+            try:
+                token = token.decode("ascii")
+            except UnicodeDecodeError:
+                raise InvalidToken("token is not ASCII") from None
+        token = token.rstrip("~=")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{8,8192}", token) or len(token) % 4 == 1:
+            raise InvalidToken("token is not URL-safe base64")
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        if len(raw) < 2 + TAG_BYTES or raw[0] & ~_DEFLATED != _VERSION:
+            raise InvalidToken("token has an unknown version")
+        signed, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
+        key = self.keyring.get(raw[1])
+        if key is None:
+            raise InvalidToken(f"token is signed with unknown key id {raw[1]}")
+        if not hmac.compare_digest(hmac.new(key, signed, sha256).digest()[:TAG_BYTES], tag):
+            raise InvalidToken("token signature does not verify")
+        body = signed[2:]
+        try:
+            if raw[0] & _DEFLATED:
+                body = zlib.decompress(body, wbits=-15)
+            return LinkData._from_fields(json.loads(body))
+        except (zlib.error, ValueError) as e:
+            if isinstance(e, InvalidToken):
+                raise
+            raise InvalidToken("token body does not decode") from None
+
+
+def open_url(scheme: str, domain: str, token: str) -> str:
+    return f"{scheme}://{domain}/q/{token}"
+
+
+def click_url(scheme: str, domain: str, token: str, sublink: str = "") -> str:
+    """``/f/{sublink}/{token}``; the sublink is display sugar (spaces become ``_``)."""
+    segment = quote(sublink.replace(" ", "_"), safe="-._~!$&'()*+,;=:@") if sublink else "a"
+    return f"{scheme}://{domain}/f/{segment}/{token}"
+
+
+_TARGET_RE = re.compile(r"https?://[^\x00-\x20\x7f]+", re.IGNORECASE)
+
+
+def is_trackable_target(url: str) -> bool:
+    """An absolute http(s) URL with no whitespace or control characters in it."""
+    return bool(_TARGET_RE.fullmatch(url))
+
+
+def location_header(target: str) -> bytes | None:
+    """
+    The ``Location`` value for a redirect to ``target``, or ``None`` if it must not be followed.
+
+    Non-ASCII characters are percent-encoded as UTF-8, as HTTP requires of an
+    IRI; everything else, including existing ``%`` escapes, stays as it is.
+    """
+    if not is_trackable_target(target):
+        return None
+    return quote(target, safe="".join(chr(c) for c in range(0x21, 0x7F))).encode("ascii")
+
+
+# -- the key file -----------------------------------------------------------------
+
+_KEY_LINE = re.compile(r"(\d{1,3})\s+([A-Za-z0-9_\-]+=*)")
+
+
+def parse_keyring(text: str, source: str = "key file") -> Keyring:
+    """``<key id> <urlsafe base64 key>`` per line, signing key first; ``#`` comments."""
+    keys: list[tuple[int, bytes]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _KEY_LINE.fullmatch(line)
+        if not m or int(m.group(1)) > 255:
+            raise KeyFileError(f"{source}, line {number}: expected '<key id 0-255> <base64 key>'")
+        try:
+            key = base64.urlsafe_b64decode(m.group(2) + "=" * (-len(m.group(2)) % 4))
+        except ValueError:
+            raise KeyFileError(f"{source}, line {number}: the key is not base64") from None
+        if len(key) < 32:
+            raise KeyFileError(f"{source}, line {number}: a key needs at least 32 bytes")
+        kid = int(m.group(1))
+        if any(kid == k for k, _ in keys):
+            raise KeyFileError(f"{source}, line {number}: key id {kid} is listed twice")
+        keys.append((kid, key))
+    if not keys:
+        raise KeyFileError(f"{source}: no keys in the file")
+    return Keyring(tuple(keys))
+
+
+def format_keyring(keyring: Keyring) -> str:
+    lines = ["# engage-appliance link signing keys: <key id> <key>. The first key signs new",
+             "# links; every key listed verifies. Keep this file secret and identical on",
+             "# every node that serves links. Manage it with engage-appliance-keys."]
+    for kid, key in keyring.keys:
+        lines.append(f"{kid} {base64.urlsafe_b64encode(key).decode().rstrip('=')}")
+    return "\n".join(lines) + "\n"
+
+
+def read_keyring(path: str) -> Keyring:
+    try:
+        with open(path, encoding="ascii") as f:
+            return parse_keyring(f.read(), path)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: no such key file (create it with engage-appliance-keys "
+                           f"--file {path} create)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyFileError(f"{path}: cannot read the key file: {e}") from None
+
+
+def write_keyring(path: str, keyring: Keyring) -> None:
+    """Replace the file atomically, readable by its owner only."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(format_keyring(keyring))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def prepare_keyring(path: str, create: bool) -> Keyring:
+    """The keyring at ``path``; a missing file is created with a new key when ``create``."""
+    if create and not os.path.exists(path):
+        write_keyring(path, new_keyring())
+        from twisted.logger import Logger
+
+        Logger().warn("created a new link signing key file {path}; copy it to every node "
+                      "that serves these links", path=path)
+    return read_keyring(path)
+
+
+def new_keyring() -> Keyring:
+    return Keyring(((1, secrets.token_bytes(32)),))
+
+
+def rotated(keyring: Keyring) -> Keyring:
+    """A new signing key in front; the old ones keep verifying links already sent."""
+    used = {kid for kid, _ in keyring.keys}
+    kid = next((k for k in range(1, 256) if k not in used), None)
+    if kid is None:
+        raise KeyFileError("all 255 key ids are in use; retire old keys first")
+    return Keyring(((kid, secrets.token_bytes(32)), *keyring.keys))
+
+
+def keys_main(argv: list[str] | None = None) -> int:
+    """``engage-appliance-keys``: create, rotate, retire and list link signing keys."""
+    parser = argparse.ArgumentParser(prog="engage-appliance-keys",
+                                     description="Manage the keys that sign tracked links.")
+    parser.add_argument("--file", default="var/keys/links.keys",
+                        help="the key file (links.keys_file in the configuration)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("create", help="create the file with one new key (refuses to overwrite)")
+    sub.add_parser("rotate", help="add a new signing key; older keys still verify")
+    retire = sub.add_parser("retire", help="remove a key: links it signed stop working")
+    retire.add_argument("kid", type=int)
+    sub.add_parser("list", help="show key ids, signing key first")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "create":
+            if os.path.exists(args.file):
+                print(f"{args.file} exists already; use rotate to add a key", file=sys.stderr)
+                return 1
+            write_keyring(args.file, new_keyring())
+        elif args.command == "rotate":
+            write_keyring(args.file, rotated(read_keyring(args.file)))
+        elif args.command == "retire":
+            keyring = read_keyring(args.file)
+            if args.kid == keyring.signing[0]:
+                print("refusing to retire the signing key; rotate first", file=sys.stderr)
+                return 1
+            if keyring.get(args.kid) is None:
+                print(f"no key with id {args.kid}", file=sys.stderr)
+                return 1
+            write_keyring(args.file, Keyring(tuple(k for k in keyring.keys if k[0] != args.kid)))
+        keyring = read_keyring(args.file)
+    except KeyFileError as e:
+        print(e, file=sys.stderr)
+        return 1
+    for i, (kid, _) in enumerate(keyring.keys):
+        print(f"{kid}{'  (signs)' if i == 0 else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(keys_main())
