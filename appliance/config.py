@@ -446,10 +446,13 @@ def _read_delivery(t: Table) -> DeliveryConfig:
 @dataclass(frozen=True)
 class TrackerConfig:
     endpoint: str = "tcp:8080:interface=127.0.0.1"
+    # Peers whose X-Forwarded-For is believed (reverse proxies, load balancers).
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 def _read_tracker(t: Table) -> TrackerConfig:
-    c = TrackerConfig(endpoint=t.endpoint("endpoint", TrackerConfig.endpoint))
+    c = TrackerConfig(endpoint=t.endpoint("endpoint", TrackerConfig.endpoint),
+                      trusted_proxies=t.networks("trusted_proxies", TrackerConfig.trusted_proxies))
     t.finish()
     return c
 

@@ -72,6 +72,9 @@ class Appliance(MultiService):
             svc.setName(f"smtp:{listener.name}")
             svc.setServiceParent(self)
             self.smtp_listeners.append(svc)
-        self.tracker = strports.service(config.tracker.endpoint, make_site())
+        self.tracker = strports.service(
+            config.tracker.endpoint,
+            make_site(self.links, self.events, config.tracker.trusted_proxies),
+        )
         self.tracker.setName("tracker")
         self.tracker.setServiceParent(self)

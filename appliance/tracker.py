@@ -1,6 +1,13 @@
 """
 The HTTP tracker: serves open pixels (``/q/…``) and click redirects (``/f/…``).
 
+The tracker keeps no state: a hit is answered from the signed token alone, so
+any node holding the signing keys serves any link. A token that does not
+verify is a plain 404, never a redirect, so the tracker cannot be used as an
+open redirect. Each genuine ``GET`` writes its events to the event log before
+the response is finished; ``HEAD`` (link scanners, prefetchers) is answered
+the same way and counts nothing, and so does a link past its expiry.
+
 A plain ``twisted.web`` resource tree; everything else is 404, and
 ``/robots.txt`` asks crawlers to stay away. The ``Site`` writes no access log:
 each hit is recorded in the event log, and a per-request log line would cost
@@ -9,17 +16,214 @@ time and leak tokens and addresses into the operational log.
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.web import resource, server
 
+from appliance.events import Event, EventLog
+from appliance.links import InvalidToken, LinkCodec, LinkData, location_header
+
+log = Logger()
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 ROBOTS_TXT = b"User-agent: *\nDisallow: /\n"
+# The smallest transparent GIF: 1x1, one palette entry, marked transparent.
+PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
+         b"!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+ALLOWED_METHODS = (b"GET", b"HEAD")
+OPEN_KINDS = ("open", "initial_open")
+CLICK_KINDS = ("click",)
 
 
-class Robots(resource.Resource):
+# -- who is asking ----------------------------------------------------------------
+
+
+def parse_address(text: str) -> Address | None:
+    """An IP address, IPv4-mapped IPv6 taken as the IPv4 address it maps; else ``None``."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+_HOP_WITH_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::\d+)?|(\d+\.\d+\.\d+\.\d+):\d+")
+
+
+def parse_hop(hop: str) -> Address | None:
+    """One ``X-Forwarded-For`` entry: an address, or ``[v6]:port`` / ``v4:port`` as some proxies write."""
+    hop = hop.strip()
+    m = _HOP_WITH_PORT.fullmatch(hop)
+    if m:
+        hop = m.group(1) or m.group(2)
+    return parse_address(hop)
+
+
+def client_address(peer: str, forwarded_for: Sequence[bytes], trusted: Sequence[Network]) -> str:
+    """
+    The address of the client behind ``peer``.
+
+    Only a trusted proxy's ``X-Forwarded-For`` is believed, and only the hops
+    that trusted proxies appended: walking from the right, the first hop that
+    is not a trusted proxy is the client. Whatever stands left of it was
+    written by the client itself and could say anything. A hop that is not an
+    address ends the walk at the last address known.
+    """
+    here = parse_address(peer)
+    if here is None:
+        return peer
+    if not forwarded_for or not _trusted(here, trusted):
+        return str(here)
+    hops = [h for value in forwarded_for for h in value.decode("latin-1").split(",") if h.strip()]
+    for hop in reversed(hops):
+        ip = parse_hop(hop)
+        if ip is None:
+            break
+        here = ip
+        if not _trusted(ip, trusted):
+            break
+    return str(here)
+
+
+def _trusted(ip: Address, trusted: Sequence[Network]) -> bool:
+    return any(ip.version == net.version and ip in net for net in trusted)
+
+
+@dataclass(frozen=True)
+class Client:
+    """What a hit tells about the client; header values decoded for the event log."""
+
+    ip_address: str
+    user_agent: str = ""
+    accept_language: str = ""
+
+
+def _header(request: server.Request, name: bytes) -> str:
+    value = request.getHeader(name)
+    return value.decode("utf-8", "replace") if value else ""
+
+
+# -- what a hit means -------------------------------------------------------------
+
+
+class Tracker:
+    """
+    Turns a verified link and a client into events; knows nothing of HTTP.
+
+    ``events`` is anything with the event log's ``make`` and ``write``.
+    ``now`` decides expiry, so tests can move time.
+    """
+
+    def __init__(self, codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Network] = (),
+                 now: Callable[[], float] = time.time) -> None:
+        self.codec = codec
+        self.events = events
+        self.trusted_proxies = tuple(trusted_proxies)
+        self._now = now
+
+    def link(self, token: bytes, kinds: tuple[str, ...]) -> LinkData | None:
+        """The link a token describes if it is authentic and of one of ``kinds``."""
+        try:
+            data = self.codec.decode(token)
+        except InvalidToken:
+            return None
+        return data if data.kind in kinds else None
+
+    def client(self, request: server.Request) -> Client:
+        peer = getattr(request.getClientAddress(), "host", "")
+        forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+        return Client(
+            ip_address=client_address(peer, forwarded, self.trusted_proxies),
+            user_agent=_header(request, b"user-agent"),
+            accept_language=_header(request, b"accept-language"),
+        )
+
+    def events_for(self, link: LinkData, client: Client) -> list[Event]:
+        """The events one hit on ``link`` writes: none once the link has expired."""
+        if link.expired(self._now()):
+            return []
+        fields: dict[str, Any] = {
+            "message_id": link.message_id,
+            "transmission_id": link.transmission_id,
+            "campaign_id": link.campaign_id,
+            "rcpt_to": link.rcpt_to.lower(),
+            "raw_rcpt_to": link.rcpt_to,
+            "rcpt_tags": list(link.tags),
+            "ip_address": client.ip_address,
+            "user_agent": client.user_agent,
+        }
+        if link.kind in OPEN_KINDS:
+            # Opens always carry the recipient's metadata (SparkPost does).
+            fields["rcpt_meta"] = link.metadata if link.metadata is not None else {}
+            return [self.events.make(link.kind, **fields)]
+        if link.metadata is not None:
+            fields["rcpt_meta"] = link.metadata
+        fields.update(target_link_url=link.target, target_link_name=link.link_name,
+                      accept_language=client.accept_language)
+        types = ("click", "link_unsubscribe") if link.unsubscribe else ("click",)
+        return [self.events.make(t, **fields) for t in types]
+
+    def record(self, link: LinkData, client: Client) -> None:
+        """Write the hit's events; a failure is logged and never stops the response."""
+        for event in self.events_for(link, client):
+            try:
+                self.events.write(event)
+            except Exception:
+                log.failure("could not write the {type} event of message {message_id}",
+                            type=event["type"], message_id=event["message_id"])
+
+
+# -- HTTP ---------------------------------------------------------------------------
+
+
+def not_found(request: server.Request) -> bytes:
+    request.setResponseCode(404)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    return b"Not Found\n"
+
+
+class _Leaf(resource.Resource):
+    """
+    Answers ``GET`` and ``HEAD`` alike (``HEAD`` without the body), 405 otherwise.
+
+    ``HEAD`` is handled here rather than left to twisted.web, which would log a
+    line for every such request.
+    """
+
     isLeaf = True
 
-    def render_GET(self, request: server.Request) -> bytes:
+    def render(self, request: server.Request) -> bytes:
+        if request.method not in ALLOWED_METHODS:
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b", ".join(ALLOWED_METHODS))
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            body = b"Method Not Allowed\n"
+        else:
+            body = self.answer(request)
+        if request.method == b"HEAD":
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return b""
+        return body
+
+    def answer(self, request: server.Request) -> bytes:
+        raise NotImplementedError
+
+
+class Robots(_Leaf):
+    def answer(self, request: server.Request) -> bytes:
+        if request.postpath:
+            return not_found(request)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return ROBOTS_TXT
 
@@ -28,21 +232,63 @@ class NotFound(resource.Resource):
     isLeaf = True
 
     def render(self, request: server.Request) -> bytes:
-        request.setResponseCode(404)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"Not Found\n"
+        return not_found(request)
+
+
+class OpenPixel(_Leaf):
+    """``/q/<token>``: the pixel, and an ``open`` or ``initial_open`` event."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def answer(self, request: server.Request) -> bytes:
+        path = request.postpath
+        link = self.tracker.link(path[0], OPEN_KINDS) if len(path) == 1 else None
+        if link is None:
+            return not_found(request)
+        if request.method == b"GET":
+            self.tracker.record(link, self.tracker.client(request))
+        request.setHeader(b"content-type", b"image/gif")
+        request.setHeader(b"cache-control", b"no-store")
+        return PIXEL
+
+
+class ClickRedirect(_Leaf):
+    """``/f/<sublink>/<token>``: a 302 to the signed target, and a ``click`` event."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def answer(self, request: server.Request) -> bytes:
+        path = request.postpath
+        link = self.tracker.link(path[1], CLICK_KINDS) if len(path) == 2 and path[0] else None
+        location = location_header(link.target) if link is not None else None
+        if link is None or location is None:
+            return not_found(request)
+        if request.method == b"GET":
+            self.tracker.record(link, self.tracker.client(request))
+        request.setResponseCode(302)
+        request.setHeader(b"location", location)
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-robots-tag", b"noindex")
+        request.defaultContentType = None  # an empty body has no type
+        return b""
 
 
 class Root(resource.Resource):
-    def __init__(self) -> None:
+    def __init__(self, tracker: Tracker) -> None:
         super().__init__()
         self.putChild(b"robots.txt", Robots())
+        self.putChild(b"q", OpenPixel(tracker))
+        self.putChild(b"f", ClickRedirect(tracker))
 
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         return NotFound()
 
     def render(self, request: server.Request) -> bytes:
-        return NotFound().render(request)
+        return not_found(request)
 
 
 class TrackerSite(server.Site):
@@ -54,7 +300,8 @@ class TrackerSite(server.Site):
         pass
 
 
-def make_site() -> TrackerSite:
-    site = TrackerSite(Root())
+def make_site(codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Network] = (),
+              now: Callable[[], float] = time.time) -> TrackerSite:
+    site = TrackerSite(Root(Tracker(codec, events, trusted_proxies, now)))
     site.displayTracebacks = False
     return site
