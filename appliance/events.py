@@ -58,9 +58,12 @@ class IdGenerator:
         return str((ms << 20) | seq)
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode_event(event: Event) -> bytes:
     """One log line: compact JSON, non-ASCII kept readable, LF-terminated."""
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+    return _ENCODER.encode(event).encode("utf-8") + b"\n"
 
 
 class EventLog(Service):

@@ -106,6 +106,9 @@ class Keyring:
         return self._by_id.get(kid)
 
 
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{8,8192}")
+
+
 class LinkCodec:
     def __init__(self, keyring: Keyring) -> None:
         self.keyring = keyring
@@ -129,7 +132,7 @@ class LinkCodec:
             except UnicodeDecodeError:
                 raise InvalidToken("token is not ASCII") from None
         token = token.rstrip("~=")
-        if not re.fullmatch(r"[A-Za-z0-9_-]{8,8192}", token) or len(token) % 4 == 1:
+        if not _TOKEN_RE.fullmatch(token) or len(token) % 4 == 1:
             raise InvalidToken("token is not URL-safe base64")
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         if len(raw) < 2 + TAG_BYTES or raw[0] & ~_DEFLATED != _VERSION:
@@ -178,7 +181,12 @@ def location_header(target: str) -> bytes | None:
     """
     if not is_trackable_target(target):
         return None
-    return quote(target, safe="".join(chr(c) for c in range(0x21, 0x7F))).encode("ascii")
+    if target.isascii():  # the common case; the check above left only printable ASCII
+        return target.encode("ascii")
+    return quote(target, safe=_PRINTABLE_ASCII).encode("ascii")
+
+
+_PRINTABLE_ASCII = "".join(chr(c) for c in range(0x21, 0x7F))
 
 
 # -- the key file -----------------------------------------------------------------

@@ -16,6 +16,7 @@ time and leak tokens and addresses into the operational log.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import time
@@ -79,10 +80,12 @@ def client_address(peer: str, forwarded_for: Sequence[bytes], trusted: Sequence[
     written by the client itself and could say anything. A hop that is not an
     address ends the walk at the last address known.
     """
+    if not (forwarded_for and trusted):
+        return _peer_text(peer)
     here = parse_address(peer)
     if here is None:
         return peer
-    if not forwarded_for or not _trusted(here, trusted):
+    if not _trusted(here, trusted):
         return str(here)
     hops = [h for value in forwarded_for for h in value.decode("latin-1").split(",") if h.strip()]
     for hop in reversed(hops):
@@ -93,6 +96,13 @@ def client_address(peer: str, forwarded_for: Sequence[bytes], trusted: Sequence[
         if not _trusted(ip, trusted):
             break
     return str(here)
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_text(peer: str) -> str:
+    """The peer's address as events write it; cached, as the same clients come back."""
+    ip = parse_address(peer)
+    return str(ip) if ip is not None else peer
 
 
 def _trusted(ip: Address, trusted: Sequence[Network]) -> bool:
