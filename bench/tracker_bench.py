@@ -1,0 +1,183 @@
+"""
+Clicks per second and latency through the tracker, against a bare 302.
+
+Three servers run side by side, each a single twisted.web process on loopback:
+
+- baseline: a bare resource that answers every request with the same 302,
+  served by the same ``Site`` as the tracker (no access log);
+- stock: the same resource on a stock ``server.Site``, whose access log goes
+  to a log file, as a plain twisted.web deployment runs;
+- tracker: the appliance's tracker site, verifying a real signed click link
+  and writing its ``click`` event to a real event log file (fsynced every
+  second, as shipped) before answering.
+
+Nothing is cached between requests, so hitting one URL costs the tracker
+what hitting many would. ``wrk`` (Debian package ``wrk``) drives each server
+in turn, rotating the order every round so that drift on a shared machine
+hits all alike; the medians over the rounds and the ratios are printed.
+
+    python bench/tracker_bench.py [--rounds 5] [--duration 3] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from appliance.links import Keyring, LinkCodec, LinkData  # noqa: E402
+
+KEYRING = Keyring(((1, b"b" * 32),))
+KINDS = ("baseline", "stock", "tracker")
+TARGET = "https://shop.example/products/42?utm_source=mail&utm_campaign=spring%20sale#reviews"
+
+
+def click_token() -> str:
+    return LinkCodec(KEYRING).encode(LinkData(
+        "click", int(time.time()) + 86400, "00a1b2c3d4e5f6a7b8c9", "84813762132582711",
+        "someone@example.com", "Spring sale", ("news", "spring"), {"user": "42", "plan": "gold"},
+        "Hero image", TARGET))
+
+
+# -- the servers (child processes) -------------------------------------------------
+
+
+def serve(kind: str, port: int, directory: str) -> None:
+    from twisted.internet import reactor
+    from twisted.web import resource
+
+    from appliance.events import EventLog
+    from appliance.tracker import TrackerSite, make_site
+
+    class Fixed302(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.setResponseCode(302)
+            request.setHeader(b"location", TARGET.encode())
+            request.setHeader(b"cache-control", b"no-store")
+            return b""
+
+    if kind == "tracker":
+        events = EventLog(os.path.join(directory, "events.jsonl"), "bench")
+        events.startService()
+        site = make_site(LinkCodec(KEYRING), events)
+    elif kind == "stock":
+        from twisted.logger import globalLogBeginner, textFileLogObserver
+        from twisted.web import server
+
+        logfile = open(os.path.join(directory, "stock.log"), "a")
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(logfile)], redirectStandardIO=False)
+        site = server.Site(Fixed302())
+    else:
+        site = TrackerSite(Fixed302())
+    reactor.listenTCP(port, site, interface="127.0.0.1", backlog=256)
+    print("ready", flush=True)
+    reactor.run()
+
+
+# -- the driver --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def parse_wrk(text: str) -> dict[str, float]:
+    """Requests/s, p50 and p99 in milliseconds, and the request count from ``wrk --latency``."""
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    count = int(re.search(r"(\d+) requests in", text).group(1))
+    lat = {p: float(v) * _UNITS[u] for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$",
+                                                            text, re.M)}
+    non3xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "count": count,
+            "bad": int(non3xx.group(1)) if non3xx else 0}
+
+
+def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
+                         check=True, capture_output=True, text=True).stdout
+    return parse_wrk(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--directory", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port, args.directory)
+        return 0
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+
+    directory = tempfile.mkdtemp(prefix="tracker-bench-")
+    token = click_token()
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for kind in KINDS:
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port),
+                                     "--directory", directory], stdout=subprocess.PIPE, text=True)
+            if proc.stdout.readline().strip() != "ready":
+                raise SystemExit(f"the {kind} server did not start")
+            servers[kind] = (proc, f"http://127.0.0.1:{port}/f/a/{token}")
+        results: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+        for i in range(args.rounds):
+            for kind in KINDS[i % len(KINDS):] + KINDS[:i % len(KINDS)]:
+                r = run_wrk(servers[kind][1], args.duration, args.connections)
+                results[kind].append(r)
+                print(f"round {i + 1} {kind:8} {r['rps']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
+                      f"p99 {r['p99']:6.2f} ms", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait()
+
+    with open(os.path.join(directory, "events.jsonl"), "rb") as f:
+        lines = f.read().splitlines()
+    clicks = sum(1 for line in lines if json.loads(line)["type"] == "click")
+    answered = sum(r["count"] for r in results["tracker"])
+    bad = sum(r["bad"] for rs in results.values() for r in rs)
+    shutil.rmtree(directory)
+
+    med = {k: {m: statistics.median(r[m] for r in rs) for m in ("rps", "p50", "p99")}
+           for k, rs in results.items()}
+    print(f"\nmedians of {args.rounds} rounds, {args.duration:g} s each, wrk -t1 -c{args.connections}:")
+    print(f"{'':10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    for kind in KINDS:
+        m = med[kind]
+        print(f"{kind:10}{m['rps']:10.0f}{m['p50']:10.2f}{m['p99']:10.2f}")
+    t = med["tracker"]
+    for base in ("baseline", "stock"):
+        b = med[base]
+        print(f"tracker/{base}: throughput {t['rps'] / b['rps']:.2f}, "
+              f"p50 x{t['p50'] / b['p50']:.2f}, p99 x{t['p99'] / b['p99']:.2f}")
+    print("target: tracker/baseline throughput >= 0.80")
+    print(f"click events written: {clicks} for {answered} answered tracker requests; "
+          f"non-2xx/3xx responses: {bad}")
+    return 0 if bad == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
