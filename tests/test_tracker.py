@@ -399,14 +399,15 @@ class TrackerHTTPTests(unittest.TestCase):
         token = CODEC.encode(link())
         padded = token + "~" * (-len(token) % 4)
         encoded = "".join(f"%{ord(c):02X}" for c in padded)
-        for path in (f"/f/a/{encoded}", f"/%66/%61/{encoded}", f"/f/spring%20sale/{token}"):
+        for path in (f"/f/a/{encoded}", f"/%66/%61/{encoded}", f"/f/spring%20sale/{token}",
+                     f"/f/a/{padded}", f"/f/a/{token}?utm_source=forwarded&x=%0D%0A"):
             r = yield self.get(path)
             self.assertEqual(r.status, 302, path)
             self.assertEqual(r.header(b"location"), b"https://shop.example/p?a=1&b=%2F#top")
         open_token = CODEC.encode(link("open"))
         r = yield self.get("/q/" + "".join(f"%{ord(c):02x}" for c in open_token))
         self.assertEqual((r.status, r.body), (200, PIXEL))
-        self.assertEqual([e["type"] for e in self.logged()], ["click"] * 3 + ["open"])
+        self.assertEqual([e["type"] for e in self.logged()], ["click"] * 5 + ["open"])
 
     @defer.inlineCallbacks
     def test_robots_and_other_paths(self) -> defer.Generator:
