@@ -469,6 +469,47 @@ class UntrustedPeerTests(TrackerHTTPTests):
         self.assertEqual([e["ip_address"] for e in self.logged()], ["127.0.0.1", "127.0.0.1"])
 
 
+def http6(port: int, path: str, forwarded_for: str) -> Response:
+    with socket.create_connection(("::1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  f"X-Forwarded-For: {forwarded_for}\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return Response(int(data.split()[1]), {}, data.partition(b"\r\n\r\n")[2])
+
+
+class IPv6Tests(unittest.TestCase):
+    """A tracker on ::1: the peer is an IPv6 address, and may be a trusted proxy."""
+
+    def setUp(self) -> None:
+        self.path = os.path.join(self.mktemp(), "events.jsonl")
+        self.events = EventLog(self.path, "node-t", fsync_interval=0, clock=Clock())
+        self.events.startService()
+        self.addCleanup(self.events.stopService)
+
+    def listen(self, trusted: tuple[Any, ...]) -> int:
+        site = make_site(CODEC, self.events, trusted, now=lambda: NOW)
+        try:
+            port = reactor.listenTCP(0, site, interface="::1")
+        except Exception as e:  # pragma: no cover - hosts without IPv6
+            raise unittest.SkipTest(f"no IPv6 loopback: {e}") from None
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_ipv6_peer(self) -> defer.Generator:
+        token = CODEC.encode(link("open"))
+        plain = self.listen(())
+        behind = self.listen(nets("::1/128"))
+        r = yield in_thread(http6, plain, f"/q/{token}", "198.51.100.7")
+        self.assertEqual((r.status, r.body), (200, PIXEL))
+        r = yield in_thread(http6, behind, f"/q/{token}", "2001:db8::5")
+        self.assertEqual(r.status, 200)
+        with open(self.path, "rb") as f:
+            self.assertEqual([json.loads(line)["ip_address"] for line in f], ["::1", "2001:db8::5"])
+
+
 class ApplianceTrackerTests(unittest.TestCase):
     """The tracker as the appliance wires it: its keys, its event log, its configuration."""
 
