@@ -359,7 +359,10 @@ class TrackerHTTPTests(unittest.TestCase):
                 (f"{kind} key id relabelled", b64(raw[:1] + b"\x02" + raw[2:])),
                 (f"{kind} forged", b64(os.urandom(len(raw)))),
             ]
-        out += [("empty", ""), ("not base64", "!!!!!!!!!!!!!!!!"), ("long", "A" * 9000)]
+        token = CODEC.encode(link())
+        out += [("empty", ""), ("not base64", "!!!!!!!!!!!!!!!!"), ("long", "A" * 9000),
+                ("non-ASCII", "%C3%A9" * 12), ("NUL inside", token[:20] + "%00" + token[20:]),
+                ("CRLF inside", token[:20] + "%0D%0A" + token[20:])]
         return out
 
     @defer.inlineCallbacks
