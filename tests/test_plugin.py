@@ -10,6 +10,9 @@ from twisted.trial.unittest import TestCase
 
 from tests.helpers import REPO
 
+# The twistd script of the interpreter running the tests (the venv's).
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
 
 class InstalledPluginTests(TestCase):
     timeout = 300
@@ -41,7 +44,7 @@ class InstalledPluginTests(TestCase):
         self.assertTrue(where.startswith(target), where)
         self.assertIn("'engage-appliance'", names)
         twistd = subprocess.run(
-            [sys.executable, "-m", "twisted", "engage-appliance", "--help"], cwd=build, env=env,
+            [TWISTD, "engage-appliance", "--help"], cwd=build, env=env,
             capture_output=True, text=True,
         )
         self.assertEqual(twistd.returncode, 0, twistd.stderr)
@@ -56,7 +59,7 @@ class BadConfigStopsStartTests(TestCase):
         with open(path, "w") as f:
             f.write('[smtpapi]\ntracking_link_expiry = "soon"\nbogus = 1\n')
         proc = subprocess.run(
-            [sys.executable, "-m", "twisted", "engage-appliance", "--config", path],
+            [TWISTD, "-n", "--pidfile=", "engage-appliance", "--config", path],
             cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO},
         )
         self.assertNotEqual(proc.returncode, 0)
