@@ -40,7 +40,8 @@ class SpoolService(Service):
 class Appliance(MultiService):
     """The whole appliance; its parts are attributes so tests and tools can reach them."""
 
-    def __init__(self, config: Config, reactor: Any = None, run: Runner | None = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, run: Runner | None = None,
+                 resolver: Any = None) -> None:
         super().__init__()
         self.config = config
         self.events = EventLog(config.events.log_file, config.node.name,
@@ -51,7 +52,7 @@ class Appliance(MultiService):
         self.delivery = DeliveryService(
             config.delivery, self.spool, self.events, message_from_spool(self.spool),
             self.router, helo_name=config.delivery.helo_name or config.node.hostname,
-            reactor=reactor,
+            reactor=reactor, resolver=resolver,
         )
         self.injector = Injector(self.spool, self.events, self.router, self.delivery,
                                  hostname=config.node.hostname)
