@@ -100,6 +100,11 @@ class SinkProtocol(LineReceiver):
         verb = command.upper().decode("ascii", "replace")
         if verb in ("EHLO", "HELO"):
             self.reply(verb, arg, self.ehlo_lines() if verb == "EHLO" else (250, "sink.test"))
+        elif verb == "STARTTLS" and self.factory.broken_tls and not self.tls:
+            # Says yes, then answers the handshake with text: a broken TLS set-up.
+            self.sendLine(b"220 2.0.0 Ready to start TLS")
+            self.sendLine(b"this is not a TLS handshake")
+            self.transport.loseConnection()
         elif verb == "STARTTLS" and self.factory.tls is not None and not self.tls:
             if self.reply(verb, arg, (220, "2.0.0 Ready to start TLS")):
                 self.transport.startTLS(self.factory.tls)
@@ -131,7 +136,7 @@ class SinkProtocol(LineReceiver):
 
     def ehlo_lines(self) -> list[str]:
         lines = ["sink.test", "SIZE 104857600", "8BITMIME"]
-        if self.factory.tls is not None and not self.tls:
+        if (self.factory.tls is not None or self.factory.broken_tls) and not self.tls:
             lines.append("STARTTLS")
         if self.factory.accounts is not None and self.tls:
             lines.append("AUTH PLAIN")
@@ -163,11 +168,13 @@ class SinkFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, script: Script | None = None, directory: str | None = None,
-                 tls: Any = None, accounts: dict[str, str] | None = None) -> None:
+                 tls: Any = None, accounts: dict[str, str] | None = None,
+                 broken_tls: bool = False) -> None:
         self.script = script
         self.directory = directory
         self.tls = tls  # a server TLS context: offer STARTTLS
         self.accounts = accounts  # user -> password: offer AUTH PLAIN after TLS, and require it
+        self.broken_tls = broken_tls  # offer STARTTLS, then fail every handshake
         self.messages: list[Received] = []
         self.commands: list[tuple[int, bytes]] = []  # (connection number, command line)
         self.connections = 0

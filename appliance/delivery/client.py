@@ -186,16 +186,19 @@ class DeliveryClient(smtp.ESMTPClient):
             return self.sendError(smtp.TLSError(code, f"could not start TLS: {e}".encode()))
         self._tlsMode = True
         self._tls_started = True
+        # Whatever came after the 220 in the same read was sent in plaintext and must not be
+        # taken for the server's answers inside TLS (the client side of CVE-2011-0411).
+        self._buffer = b""
         self.esmtpState_ehlo(code, resp)
 
     # -- the mail transactions -------------------------------------------------
 
     def smtpState_from(self, code: int, resp: bytes) -> None:
+        self.setTimeout(self.command_timeout)
+        job = self.attempt.next_job()
         if not self.is_established:
             self.is_established = True
             self.attempt.established()
-        self.setTimeout(self.command_timeout)
-        job = self.attempt.next_job()
         if job is None:
             self._from = None
             return self._disconnectFromServer()
