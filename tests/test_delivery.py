@@ -370,3 +370,31 @@ class ConcurrencyTests(ServiceTestBase):
         client.dataReceived(b"250 ok\r\n")
         self.assertIn(b"MAIL FROM:", transport.value())
         client.setTimeout(None)
+
+    def test_one_failed_connection_does_not_defer_a_working_destination(self) -> None:
+        self.queue("1", n=10)
+        self.reactor.advance(0)
+        client, _transport = self.connect(0)
+        client.dataReceived(b"220 hi\r\n250 ok\r\n")
+        self.assertEqual(len(self.reactor.tcpClients), 3)
+        _h, _p, factory, _t, _b = self.reactor.tcpClients[1]
+        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        self.assertEqual(self.written, [])  # the established connection takes the waiting copies
+        client.setTimeout(None)
+
+    def test_delivery_stands_when_its_event_cannot_be_written(self) -> None:
+        queued = self.queue("1", n=1)
+        self.reactor.advance(0)
+        client, transport = self.connect(0)
+        self.events.close()  # the event log's disk is gone
+        client.dataReceived(b"220 hi\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        client.dataReceived(b"250 2.0.0 queued\r\n")
+        self.assertTrue(transport.value().endswith(b"QUIT\r\n"))
+        # The copy is final (the journal says so and the spool let it go): never sent twice.
+        self.assertFalse(os.path.exists(queued.path))
+        self.assertEqual(list(self.spool.recover()), [])
+        self.assertEqual(self.service._jobs, {})  # and nothing scheduled for it
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        client.setTimeout(None)

@@ -306,6 +306,34 @@ class TlsTests(DeliveryCase):
         self.assertEqual([(m.tls, m.connection) for m in sink.messages], [(False, 2)])
 
     @defer.inlineCallbacks
+    def test_starttls_refused(self) -> Any:
+        def script(cmd: str, arg: bytes) -> Any:
+            return (454, "4.7.0 TLS not available due to local problem") if cmd == "STARTTLS" else None
+
+        sink = SinkFactory(script, tls=self.tls)
+        port = self.listen(sink)
+        self.start(routes={"x.test": Route("127.0.0.1", port), "y.test": Route("127.0.0.1", port)},
+                   tls="required")
+        self.queue(["a@x.test"])
+        yield self.wait_events(1)
+        self.assertEqual(self.written[0]["type"], "delay")
+        self.assertEqual(self.written[0]["raw_reason"], "454 4.7.0 TLS not available due to local problem")
+        self.assertEqual(sink.messages, [])
+
+    @defer.inlineCallbacks
+    def test_starttls_refused_opportunistic_goes_on_in_plaintext(self) -> Any:
+        def script(cmd: str, arg: bytes) -> Any:
+            return (454, "4.7.0 TLS not available") if cmd == "STARTTLS" else None
+
+        sink = SinkFactory(script, tls=self.tls)
+        port = self.listen(sink)
+        self.start(routes={"x.test": Route("127.0.0.1", port)})
+        self.queue(["a@x.test"])
+        yield self.wait_events(1)
+        self.assertEqual((self.written[0]["type"], self.written[0]["outbound_tls"]), ("delivery", "0"))
+        self.assertEqual([(m.tls, m.connection) for m in sink.messages], [(False, 2)])
+
+    @defer.inlineCallbacks
     def test_broken_tls_with_tls_required_delays(self) -> Any:
         sink = SinkFactory(broken_tls=True)
         port = self.listen(sink)

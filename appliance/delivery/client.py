@@ -179,6 +179,11 @@ class DeliveryClient(smtp.ESMTPClient):
             self._tls_confirmed = True
         self.tryTLS(code, resp, items)
 
+    def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
+        # The stock method replaces the server's refusal (say "454 4.7.0 TLS not available")
+        # with a text of its own; the server's words are the better reason.
+        self.sendError(smtp.TLSError(code, resp or b"STARTTLS refused"))
+
     def esmtpState_starttls(self, code: int, resp: bytes) -> None:
         try:
             self.transport.startTLS(self.context)

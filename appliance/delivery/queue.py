@@ -85,6 +85,7 @@ class _Queue:
         self.destination = destination
         self.ready: deque[Job] = deque()
         self.sessions = 0  # resolving, connecting or connected
+        self.connected = 0  # sessions past EHLO (and STARTTLS and AUTH)
         self.busy = 0  # sessions in the middle of a transaction
         self.healthy = False  # a session got through since the last failure
 
@@ -119,6 +120,7 @@ class _HopAttempt:
 
     def established(self) -> None:
         self.result.established = True
+        self.queue.connected += 1
         self.queue.healthy = True
         self.service._pump()  # a reachable destination may now use more connections
 
@@ -151,6 +153,8 @@ class _HopAttempt:
 
     def closed(self) -> None:
         self.service._clients.discard(self.client)
+        if self.result.established:
+            self.queue.connected -= 1
         if not self.done.called:
             self.done.callback(self.result)
 
@@ -243,6 +247,10 @@ class DeliveryService(Service):
 
     def _due(self, job: Job) -> None:
         self._timers.pop(job.key, None)
+        problem = self.router.undeliverable(job.domain)
+        if problem:  # refused at RCPT nowadays, but the spool may hold older mail
+            self._settle(job, internal(550, "5.1.2", problem))
+            return
         destination = self.router.destination(job.domain)
         job.destination = destination
         queue = self._queues.get(destination.key)
@@ -306,9 +314,11 @@ class DeliveryService(Service):
             last = result.outcome
             if last is not None:
                 log.info("{hop}: {reason}", hop=str(hop), reason=last.raw_reason)
-        queue.healthy = False
         if last is None:
             return  # stopped, or nothing left to send
+        if queue.connected:
+            return  # other connections to this destination work: they take the waiting copies
+        queue.healthy = False
         if len(hops) > 1:
             last = Outcome(DELAY, last.code, f"{last.raw_reason} (and {len(hops) - 1} other "
                            f"address(es) of {queue.destination.domain} failed too)",
