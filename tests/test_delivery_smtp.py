@@ -516,3 +516,25 @@ class RestartTests(DeliveryCase):
         self.assertEqual(sorted(delivered), sorted(recipients))
         deliveries = [e["rcpt_to"] for e in self.written if e["type"] == "delivery"]
         self.assertEqual(sorted(deliveries), sorted(recipients))
+
+
+class ResolverTests(DeliveryCase):
+    """The resolver the appliance makes from ``delivery.dns_servers``, against a DNS server on loopback."""
+
+    @defer.inlineCallbacks
+    def test_dns_servers_are_asked(self) -> Any:
+        from twisted.names import dns, server
+
+        from appliance.delivery import Destination, Hop, HopFinder
+
+        answers = FakeResolver().mx("example.com", (10, "mx.example.com")).host("mx.example.com", "::1")
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(server.DNSServerFactory(clients=[answers])),
+                                interface="127.0.0.1")
+        self.addCleanup(udp.stopListening)
+        config = DeliveryConfig(dns_servers=(("127.0.0.1", udp.getHost().port),), address_preference="ipv6")
+        finder = HopFinder(config, rng=random.Random(0))
+        hops = yield finder.hops(Destination("example.com", "example.com"))
+        self.assertEqual(hops, [Hop("mx.example.com", "::1")])
+        self.assertIn(("example.com", dns.MX), answers.queries)
+        for call in finder.resolver.resolvers[1].cancel.values():  # the cache's expiry timers
+            call.cancel()
