@@ -148,7 +148,6 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def lineReceived(self, line: bytes) -> Any:
         if not _REPLY.fullmatch(line):
-            self.resetTimeout()
             shown = line[:80].decode("ascii", "backslashreplace")
             return self.sendError(smtp.SMTPProtocolError(-1, f"not an SMTP reply: {shown!r}"))
         if len(self.resp) >= MAX_REPLY_LINES:
@@ -239,7 +238,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self._failresponse = self.smtpTransferFailed
         self._encoder = BodyEncoder()
         self._sending = True
-        self.stage = "DATA (sending the message)"
+        self.stage = "the message"
         sender = basic.FileSender()
         d = sender.beginFileTransfer(io.BytesIO(self.job.data), self.transport, self.transformChunk)
         d.addCallbacks(self.finishedFileTransfer, self._transfer_failed)
@@ -343,7 +342,9 @@ class DeliveryClient(smtp.ESMTPClient):
                 text = f"TLS handshake with {where} failed: {_reason_text(reason)}"
                 outcome = internal(421, "4.7.0", text, self.hop.address, False)
             else:
-                text = f"connection to {where} lost while waiting for the reply to {self.stage}"
+                doing = ("sending the message" if self._sending
+                         else f"waiting for the reply to {self.stage}")
+                text = f"connection to {where} lost while {doing}"
                 if not reason.check(protocol.connectionDone.type):
                     text += f": {_reason_text(reason)}"
                 outcome = internal(421, "4.4.2", text, self.hop.address, self._tlsMode)

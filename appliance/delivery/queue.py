@@ -152,11 +152,12 @@ class _HopAttempt:
         self.result.tls_failed = tls_failed
 
     def closed(self) -> None:
+        if self.done.called:
+            return
         self.service._clients.discard(self.client)
         if self.result.established:
             self.queue.connected -= 1
-        if not self.done.called:
-            self.done.callback(self.result)
+        self.done.callback(self.result)
 
 
 class DeliveryService(Service):
