@@ -35,7 +35,7 @@ MAX_HEADER_BYTES = 1024 * 1024  # headers beyond this are not read for events
 
 
 class Router(Protocol):
-    def can_route(self, domain: str) -> bool: ...
+    def undeliverable(self, domain: str) -> str | None: ...
 
 
 class Queue(Protocol):
@@ -131,8 +131,9 @@ class Injector:
         domain = dest.domain.decode("ascii", "replace").lower()
         if not domain:
             return 550, b"5.1.3 Recipient address needs a domain"
-        if not self.router.can_route(domain):
-            return 550, f"5.1.2 No route to domain {domain}".encode()
+        problem = self.router.undeliverable(domain)
+        if problem:
+            return 550, f"5.1.2 {problem}".encode()
         return 250, b"2.1.5 Recipient OK"
 
     def begin(self, session: Session, mail_from: smtp.Address, recipients: list[smtp.Address]

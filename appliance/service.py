@@ -42,7 +42,7 @@ class Appliance(MultiService):
     """The whole appliance; its parts are attributes so tests and tools can reach them."""
 
     def __init__(self, config: Config, reactor: Any = None, run: Runner | None = None,
-                 keyring: Keyring | None = None) -> None:
+                 keyring: Keyring | None = None, resolver: Any = None) -> None:
         super().__init__()
         self.config = config
         if keyring is None:
@@ -56,7 +56,7 @@ class Appliance(MultiService):
         self.delivery = DeliveryService(
             config.delivery, self.spool, self.events, message_from_spool(self.spool),
             self.router, helo_name=config.delivery.helo_name or config.node.hostname,
-            reactor=reactor,
+            reactor=reactor, resolver=resolver,
         )
         self.injector = Injector(self.spool, self.events, self.router, self.delivery,
                                  hostname=config.node.hostname)
