@@ -19,9 +19,10 @@ from appliance.config import Config
 from appliance.delivery import DeliveryService, Router, message_from_spool
 from appliance.events import EventLog
 from appliance.injection import Injector
-from appliance.smtp import InjectionFactory
+from appliance.smtp import ConnectionLimits, listener_factory
 from appliance.spool import Runner, Spool
 from appliance.tracker import make_site
+from appliance.users import UsersFileChecker
 
 
 class SpoolService(Service):
@@ -60,9 +61,12 @@ class Appliance(MultiService):
         SpoolService(self.spool).setServiceParent(self)
         self.delivery.setServiceParent(self)
         self.smtp_listeners = []
+        self.smtp_limits = ConnectionLimits(config.smtp.max_connections,
+                                            config.smtp.max_connections_per_client)
+        self.users = UsersFileChecker(config.smtp.users_file) if config.smtp.users_file else None
         for listener in config.smtp.listeners:
-            factory = InjectionFactory(listener, self.injector, config.node.hostname,
-                                       config.smtp.timeout)
+            factory = listener_factory(listener, self.injector, config.node.hostname, config.smtp,
+                                       self.smtp_limits, self.users)
             svc = strports.service(listener.endpoint, factory)
             svc.setName(f"smtp:{listener.name}")
             svc.setServiceParent(self)
