@@ -224,10 +224,10 @@ class InjectionESMTP(smtp.ESMTP):
         if self._held is not None:
             self._held.append(data)
             return
+        self.resetTimeout()
         if self._reader is not None:
             rest = self._reader.feed(data)
             if rest is None:
-                self.resetTimeout()
                 return
             self._end_of_data()
             if self._held is not None:
@@ -597,6 +597,9 @@ class InjectionESMTP(smtp.ESMTP):
             return
         self.sendCode(*reply)
         if reply[0] == 421:
+            # Read again, or the client's close (and TLS close_notify) would go unnoticed.
+            self._held = None
+            self.transport.resumeProducing()
             self.transport.loseConnection()
             return
         self._release()

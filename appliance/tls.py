@@ -20,6 +20,7 @@ import os
 import re
 import sys
 
+from OpenSSL import crypto
 from twisted.internet import ssl
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
@@ -41,7 +42,7 @@ def load_server_options(certificate_path: str, key_path: str) -> ssl.Certificate
     except Exception as e:  # pyOpenSSL raises its own Error types and ValueError
         raise ValueError(f"{certificate_path}: not a valid PEM certificate ({_reason(e)})") from None
     try:
-        key = ssl.KeyPair.load(key_pem, ssl.crypto.FILETYPE_PEM)
+        key = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
     except Exception as e:
         raise ValueError(f"{key_path}: not a valid unencrypted PEM private key ({_reason(e)})") from None
     try:
