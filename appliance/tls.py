@@ -45,11 +45,10 @@ def load_server_options(certificate_path: str, key_path: str) -> ssl.Certificate
         key = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
     except Exception as e:
         raise ValueError(f"{key_path}: not a valid unencrypted PEM private key ({_reason(e)})") from None
-    try:
-        pair = ssl.PrivateCertificate.fromCertificateAndKeyPair(leaf, key)
-    except ssl.VerifyError:
+    if not key.matches(leaf.getPublicKey()):
         raise ValueError(f"{key_path}: the key does not belong to the certificate in "
-                         f"{certificate_path}") from None
+                         f"{certificate_path}")
+    pair = ssl.PrivateCertificate.fromCertificateAndKeyPair(leaf, key)
     return ssl.CertificateOptions(
         privateKey=pair.privateKey.original,
         certificate=pair.original,
