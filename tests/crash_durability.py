@@ -308,6 +308,9 @@ def check(workdir: str, sink_dir: str, book: Book, messages: int, seed: int, kil
     spool_left = os.listdir(os.path.join(workdir, "spool", "active"))
     if spool_left:
         problems.append(f"{len(spool_left)} spool entries left after draining")
+    corrupt = [n for n in os.listdir(os.path.join(workdir, "spool")) if n.startswith("corrupt-")]
+    if corrupt:
+        problems.append(f"spool entries found broken after a crash: {corrupt[:5]}")
     return Result(
         accepted=len(accepted),
         delivered=len(set(arrived) & accepted),
