@@ -318,6 +318,8 @@ def _read_engagement_tracker(t: Table) -> EngagementTrackerConfig:
 
 LOOPBACK = parse_networks(["127.0.0.0/8", "::1/128"])
 
+TLS_MODES = ("off", "starttls", "required", "implicit")
+
 
 @dataclass(frozen=True)
 class ListenerConfig:
@@ -329,6 +331,13 @@ class ListenerConfig:
     relay_networks: tuple[Network, ...]
     max_message_size: int
     max_recipients: int
+    # "off": no STARTTLS; "starttls": offered; "required": MAIL needs TLS first;
+    # "implicit": TLS from the first byte (RFC 8314, port 465).
+    tls: str = "off"
+    tls_certificate: str = ""
+    tls_key: str = ""
+    # Even clients in relay_networks must authenticate (a submission port).
+    require_auth: bool = False
 
 
 @dataclass(frozen=True)
@@ -338,23 +347,98 @@ class SmtpConfig:
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 1000
     timeout: float = 300.0
+    command_timeout: float = 60.0
+    data_timeout: float = 1800.0
+    max_connections: int = 200
+    max_connections_per_client: int = 20
+    tls_certificate: str = ""
+    tls_key: str = ""
+    users_file: str = ""
+
+
+def _optional_path(t: Table, name: str, default: str) -> str:
+    """A path that may be "" (feature off); absolute against the start-up directory."""
+    value = t.str(name, default)
+    return os.path.abspath(value) if value else ""
+
+
+def _check_tls_pair(t: Table, certificate: str, key: str) -> bool:
+    """Both or neither, and loadable as a matching pair; errors name the key of ``t``."""
+    if bool(certificate) != bool(key):
+        t.error("tls_key" if certificate else "tls_certificate",
+                "tls_certificate and tls_key must be set together")
+        return False
+    if not certificate:
+        return True
+    from appliance.tls import load_server_options
+
+    try:
+        load_server_options(certificate, key)
+    except ValueError as e:
+        t.error("tls_certificate", str(e))
+        return False
+    return True
 
 
 def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
+    d = SmtpConfig
     relay = t.networks("relay_networks", LOOPBACK)
-    size = t.size("max_message_size", SmtpConfig.max_message_size)
-    rcpts = t.int("max_recipients", SmtpConfig.max_recipients, minimum=1)
-    timeout = t.duration("timeout", SmtpConfig.timeout)
+    size = t.size("max_message_size", d.max_message_size)
+    rcpts = t.int("max_recipients", d.max_recipients, minimum=1)
+    timeout = t.duration("timeout", d.timeout)
+    command_timeout = t.duration("command_timeout", d.command_timeout)
+    data_timeout = t.duration("data_timeout", d.data_timeout)
+    max_connections = t.int("max_connections", d.max_connections, minimum=1)
+    per_client = t.int("max_connections_per_client", d.max_connections_per_client, minimum=1)
+    certificate = _optional_path(t, "tls_certificate", "")
+    key = _optional_path(t, "tls_key", "")
+    _check_tls_pair(t, certificate, key)
+    users_file = _optional_path(t, "users_file", "")
+    if users_file:
+        from appliance.users import read_users
+
+        try:
+            read_users(users_file)
+        except ValueError as e:
+            t.error("users_file", str(e))
+    for name, value in (("timeout", timeout), ("command_timeout", command_timeout),
+                        ("data_timeout", data_timeout)):
+        if t.has(name) and value <= 0:
+            t.error(name, "must be more than 0 seconds")
     listeners = []
     for name, lt in t.subtables("listeners"):
+        l_cert = _optional_path(lt, "tls_certificate", certificate)
+        l_key = _optional_path(lt, "tls_key", key)
+        if lt.has("tls_certificate") or lt.has("tls_key"):
+            _check_tls_pair(lt, l_cert, l_key)
+        endpoint = lt.endpoint("endpoint", "")
+        if endpoint.startswith("ssl:"):
+            # TLS comes from the endpoint string itself (its privateKey/certKey).
+            if lt.has("tls"):
+                lt.error("tls", "not with an ssl: endpoint, which is implicit TLS already")
+            lt.known.add("tls")
+            tls = "implicit"
+        else:
+            tls = lt.choice("tls", "starttls" if l_cert else "off", TLS_MODES)
+            if tls != "off" and not (l_cert and l_key):
+                lt.error("tls", f"tls = {_show(tls)} needs smtp.tls_certificate and smtp.tls_key")
+        require_auth = lt.bool("require_auth", False)
+        if require_auth and not users_file:
+            lt.error("require_auth", "needs smtp.users_file")
+        if require_auth and tls == "off":
+            lt.error("require_auth", "needs TLS on this listener: AUTH is only offered over TLS")
         listeners.append(
             ListenerConfig(
                 name=name,
-                endpoint=lt.endpoint("endpoint", ""),
+                endpoint=endpoint,
                 smtpapi=_read_smtpapi(lt.table("smtpapi"), smtpapi),
                 relay_networks=lt.networks("relay_networks", relay),
                 max_message_size=lt.size("max_message_size", size),
                 max_recipients=lt.int("max_recipients", rcpts, minimum=1),
+                tls=tls,
+                tls_certificate=l_cert,
+                tls_key=l_key,
+                require_auth=require_auth,
             )
         )
         if not lt.has("endpoint"):
@@ -364,7 +448,10 @@ def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
         t.error("listeners", "at least one SMTP listener is needed ([smtp.listeners.NAME])")
     t.finish()
     return SmtpConfig(listeners=tuple(listeners), relay_networks=relay, max_message_size=size,
-                      max_recipients=rcpts, timeout=timeout)
+                      max_recipients=rcpts, timeout=timeout, command_timeout=command_timeout,
+                      data_timeout=data_timeout, max_connections=max_connections,
+                      max_connections_per_client=per_client, tls_certificate=certificate,
+                      tls_key=key, users_file=users_file)
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,8 @@ class Injector:
             "open_tracking": False,
             "click_tracking": False,
             "injection_time": iso_time(envelope.received_at),
+            # Not a SparkPost field: the SMTP AUTH user who injected the message, or null.
+            "auth_user": envelope.auth_user,
         }
         for rcpt in envelope.recipients:
             try:

@@ -4,8 +4,9 @@ Where the parts meet: builds the appliance's service tree from a ``Config``.
 Start order matters and is the order of ``addService`` below: the event log
 opens first (everything writes to it), then the spool is prepared and the
 delivery queue picks up what a previous run left, and only then do the
-listeners accept connections. ``MultiService`` stops them in reverse order, so
-listeners close before the queue and the event log.
+listeners accept connections. Stopping goes the other way, one part at a
+time: ``MultiService`` would stop every child at once, and the event log
+would close while deliveries in flight still had outcomes to write.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.logger import Logger
 
 from appliance.config import Config
 from appliance.delivery import DeliveryService, Router, message_from_spool
 from appliance.events import EventLog
 from appliance.injection import Injector
 from appliance.links import Keyring, LinkCodec, prepare_keyring
-from appliance.smtp import InjectionFactory
+from appliance.smtp import ConnectionLimits, listener_factory
 from appliance.spool import Runner, Spool
 from appliance.tracker import make_site
+from appliance.users import UsersFileChecker
+
+log = Logger()
 
 
 class SpoolService(Service):
@@ -40,6 +46,16 @@ class SpoolService(Service):
 
 class Appliance(MultiService):
     """The whole appliance; its parts are attributes so tests and tools can reach them."""
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop the children in reverse start order, each after the one before has finished."""
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {name} failed", name=child.name)
 
     def __init__(self, config: Config, reactor: Any = None, run: Runner | None = None,
                  keyring: Keyring | None = None, resolver: Any = None) -> None:
@@ -65,9 +81,12 @@ class Appliance(MultiService):
         SpoolService(self.spool).setServiceParent(self)
         self.delivery.setServiceParent(self)
         self.smtp_listeners = []
+        self.smtp_limits = ConnectionLimits(config.smtp.max_connections,
+                                            config.smtp.max_connections_per_client)
+        self.users = UsersFileChecker(config.smtp.users_file) if config.smtp.users_file else None
         for listener in config.smtp.listeners:
-            factory = InjectionFactory(listener, self.injector, config.node.hostname,
-                                       config.smtp.timeout)
+            factory = listener_factory(listener, self.injector, config.node.hostname, config.smtp,
+                                       self.smtp_limits, self.users)
             svc = strports.service(listener.endpoint, factory)
             svc.setName(f"smtp:{listener.name}")
             svc.setServiceParent(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,9 +22,14 @@ class InstalledPluginTests(TestCase):
         """Install the package into an empty directory and ask twistd for its subcommands there."""
         target = os.path.abspath(self.mktemp())
         build = os.path.abspath(self.mktemp())
+        # Install from a copy of the sources alone: a checkout's build/ directory may hold
+        # files from an older layout that would hide a package missing from the wheel.
+        source = os.path.abspath(self.mktemp())
+        shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "var", "_trial_temp*", "*.egg-info", "__pycache__"))
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-             "--target", target, REPO],
+             "--target", target, source],
             check=True, capture_output=True, env={**os.environ, "TMPDIR": os.path.dirname(build)},
         )
         self.assertTrue(os.path.exists(os.path.join(target, "twisted", "plugins", "engage_appliance.py")))
@@ -33,7 +39,7 @@ class InstalledPluginTests(TestCase):
         probe = (
             "import sys; from twisted.application.service import IServiceMaker;"
             "from twisted.plugin import getPlugins;"
-            "import appliance; print(appliance.__file__);"
+            "import appliance, appliance.tap; print(appliance.tap.__file__);"
             "print([p.tapname for p in getPlugins(IServiceMaker)])"
         )
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

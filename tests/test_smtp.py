@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -132,6 +133,7 @@ class ProtocolTests(SynchronousTestCase):
         self.injector = FakeInjector()
         factory = InjectionFactory(listener(**overrides), self.injector, "mx.test", 300)
         proto = factory.buildProtocol(None)
+        proto.callLater = Clock().callLater  # no session clock may outlive the test
         transport = StringTransport(peerAddress=_IPv4(peer))
         proto.makeConnection(transport)
         return proto, transport
