@@ -279,6 +279,11 @@ class SmtpapiConfig:
 _HOST_PORT_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
 
+def is_host_port(value: str) -> bool:
+    """A ``host[:port]`` fit to be put into a tracked link."""
+    return bool(_HOST_PORT_RE.fullmatch(value))
+
+
 def _read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
     """Read ``smtpapi`` keys over ``base``, so a listener inherits what it does not set."""
     schemes = ("http", "https")
@@ -292,7 +297,7 @@ def _read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
         tracking_link_expiry=t.duration("tracking_link_expiry", base.tracking_link_expiry),
         initial_open=t.bool("initial_open", base.initial_open),
     )
-    if t.has("tracking_domain") and not _HOST_PORT_RE.fullmatch(c.tracking_domain):
+    if t.has("tracking_domain") and not is_host_port(c.tracking_domain):
         t.error("tracking_domain", f"expected host[:port], got {_show(c.tracking_domain)}")
         c = replace(c, tracking_domain=base.tracking_domain)
     t.finish()
