@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -132,6 +132,7 @@ class ProtocolTests(SynchronousTestCase):
         self.injector = FakeInjector()
         factory = InjectionFactory(listener(**overrides), self.injector, "mx.test", 300)
         proto = factory.buildProtocol(None)
+        proto.callLater = task.Clock().callLater  # idle timeouts must not leak into the real reactor
         transport = StringTransport(peerAddress=_IPv4(peer))
         proto.makeConnection(transport)
         return proto, transport
