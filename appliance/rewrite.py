@@ -37,7 +37,15 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from appliance.links import MAX_URL_LENGTH, LinkCodec, LinkData, click_url, is_trackable_target, open_url
+from appliance.links import (
+    MAX_URL_LENGTH,
+    LinkCodec,
+    LinkData,
+    click_suffix,
+    click_url,
+    is_trackable_target,
+    open_url,
+)
 from appliance.settings import Tracking
 
 log = Logger()
@@ -61,11 +69,19 @@ class PartSkipped(ValueError):
 
 # A start or end tag under HTML5 tokenizer rules. Every quantifier is possessive, so a
 # tag that never ends costs linear time; a match failure means end of input inside the tag.
-_TAG = re.compile(
-    r"""</?([A-Za-z][^\t\n\f\r />]*+)"""
-    r"""((?:[\t\n\f\r /]*+[^\t\n\f\r />][^\t\n\f\r /=>]*+"""
-    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?:"[^"]*+(?:"|\Z)|'[^']*+(?:'|\Z)|[^\t\n\f\r >]*+))?+)*+)"""
-    r"""[\t\n\f\r /]*+>"""
+_ATTRIBUTES = (
+    r"""(?:[\t\n\f\r /]*+[^\t\n\f\r />][^\t\n\f\r /=>]*+"""
+    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?:"[^"]*+(?:"|\Z)|'[^']*+(?:'|\Z)|[^\t\n\f\r >]*+))?+)*+"""
+)
+_TAG = re.compile(rf"""</?([A-Za-z][^\t\n\f\r />]*+)({_ATTRIBUTES})[\t\n\f\r /]*+>""")
+# Everything the scanner has nothing to do with, in one C-speed run: text, and whole
+# start and end tags other than the few it looks at. Same tag grammar as _TAG.
+_SPECIAL = r"(?i:a|area|body|script|style|xmp|iframe|noembed|noframes|title|textarea|plaintext)"
+_BORING = re.compile(
+    rf"""(?:[^<]++"""
+    rf"""|<(?!{_SPECIAL}[\t\n\f\r />])[A-Za-z][^\t\n\f\r />]*+{_ATTRIBUTES}[\t\n\f\r /]*+>"""
+    rf"""|</(?!(?i:body)[\t\n\f\r />])[A-Za-z][^\t\n\f\r />]*+{_ATTRIBUTES}[\t\n\f\r /]*+>"""
+    rf"""|<(?![!?/A-Za-z]))*+"""
 )
 _ATTR = re.compile(
     r"""[\t\n\f\r /]*+(?P<name>[^\t\n\f\r />][^\t\n\f\r /=>]*+)"""
@@ -103,8 +119,12 @@ class HtmlScan:
 
 
 def _attributes(text: str, start: int, end: int) -> list[Attribute]:
+    """The attributes of a link tag that tracking looks at: ``href`` and ``data-msys-*``."""
     out = []
     for m in _ATTR.finditer(text, start, end):
+        name = m.group("name").lower()
+        if name != "href" and not name.startswith("data-msys-"):
+            continue
         value, vstart, vend, quote = "", m.end(), m.end(), ""
         if m.group("value") is not None:
             vstart, vend = m.span("value")
@@ -113,8 +133,8 @@ def _attributes(text: str, start: int, end: int) -> list[Attribute]:
                 quote, value, vstart, vend = value[0], value[1:-1], vstart + 1, vend - 1
         following = text[m.end()] if m.end() < len(text) else ">"
         glued = following not in _HTML_SPACE and following not in "/>"
-        out.append(Attribute(m.group("name").lower(), value, vstart, vend, quote, m.start("name"),
-                             m.end(), m.start("name") if glued else m.start()))
+        out.append(Attribute(name, value, vstart, vend, quote, m.start("name"), m.end(),
+                             m.start("name") if glued else m.start()))
     return out
 
 
@@ -132,12 +152,13 @@ def scan_html(text: str) -> HtmlScan:
     n = len(text)
     pos = 0
     find = text.find
+    boring = _BORING.match
     while True:
-        lt = find("<", pos)
-        if lt < 0 or lt + 1 >= n:
+        lt = boring(text, pos).end()  # type: ignore[union-attr]  # it always matches
+        if lt >= n:
             return scan
-        c = text[lt + 1]
-        if c == "!" or c == "?" or (c == "/" and not (lt + 2 < n and _ascii_alpha(text[lt + 2]))):
+        c = text[lt + 1] if lt + 1 < n else ""
+        if c == "!" or c == "?" or c == "/" and not (lt + 2 < n and _ascii_alpha(text[lt + 2])):
             if text.startswith("<!--", lt):
                 m = _COMMENT_END.search(text, lt + 2)
                 if m is None:
@@ -151,9 +172,6 @@ def scan_html(text: str) -> HtmlScan:
             if gt < 0:
                 raise PartSkipped("the HTML ends inside a markup declaration")
             pos = gt + 1
-            continue
-        if c != "/" and not _ascii_alpha(c):
-            pos = lt + 1
             continue
         m = _TAG.match(text, lt)
         if m is None:
@@ -256,6 +274,8 @@ class Link:
     name: str = DEFAULT_LINK_NAME
     sublink: str = ""
     unsubscribe: bool = False
+    index: int = field(default=-1, compare=False)  # its place in its part's list of links
+    suffix: bytes = field(default=b"", compare=False)  # its half of every click token's body
 
 
 # Kinds of open slots in a compiled part.
@@ -301,11 +321,14 @@ class PreparedPart:
     charset: str
     template: list[bytes]
     dynamic: list[tuple[int, _Edit]]
+    links: list[Link]  # distinct links, each with its index; rendered once per copy
     originals: dict[int, str]  # template index -> original text, for every edited piece
     static_changes: bool
     has_links: bool
     has_open_pixel: bool
     body_ends_with_crlf: bool
+    bare_newlines: bool  # the decoded text has CR or LF outside CRLF (only base64 can carry them)
+    has_crlf: bool
 
     def changes(self, tracking: Tracking) -> bool:
         return (self.static_changes or (tracking.click_tracking and self.has_links)
@@ -609,26 +632,48 @@ def prepare_part(data: bytes, c: _Candidate, top_level: bool) -> PreparedPart:
         raise PartSkipped("it contains NUL characters")
     edits = html_edits(text) if c.kind == "html" else text_edits(text)
     template, dynamic, originals, static_changes = _compile_text(text, charset, edits)
+    links: dict[Link, Link] = {}
+    for _, e in dynamic:
+        if e.link is not None:
+            known = links.get(e.link)
+            if known is None:
+                link = e.link
+                known = links[link] = Link(link.target, link.name, link.sublink, link.unsubscribe,
+                                           len(links), click_suffix(link.name, link.target,
+                                                                    link.unsubscribe))
+            e.link = known
+    crlf = raw.count(b"\r\n")
     return PreparedPart(
         kind=c.kind, start=c.start, body_start=c.body_start, end=c.end,
         header=data[c.start:c.body_start], qp_header=_qp_header(data, c, top_level),
-        cte=cte, charset=charset, template=template, dynamic=dynamic, originals=originals,
+        cte=cte, charset=charset, template=template, dynamic=dynamic, links=list(links),
+        originals=originals,
         static_changes=static_changes,
         has_links=any(e.slot == _LINK for _, e in dynamic),
         has_open_pixel=any(e.slot == _OPEN for _, e in dynamic),
         body_ends_with_crlf=body.endswith(b"\r\n"),
+        bare_newlines=raw.count(b"\r") != crlf or raw.count(b"\n") != crlf,
+        has_crlf=crlf > 0,
     )
 
 
 # -- re-encoding ------------------------------------------------------------------------------
 
 
-def encode_qp(raw: bytes) -> bytes:
-    """Quoted-printable with CRLF line ends only; bare CR and LF in the text become =0D/=0A."""
-    crlf = raw.count(b"\r\n")
-    if raw.count(b"\r") == crlf and raw.count(b"\n") == crlf:
+def encode_qp(raw: bytes, bare_newlines: bool | None = None, has_crlf: bool | None = None) -> bytes:
+    """
+    Quoted-printable with CRLF line ends only; bare CR and LF in the text become =0D/=0A.
+
+    A caller that knows whether ``raw`` has bare newlines or any CRLF says so,
+    which saves scanning it.
+    """
+    if bare_newlines is None or has_crlf is None:
+        crlf = raw.count(b"\r\n")
+        bare_newlines = raw.count(b"\r") != crlf or raw.count(b"\n") != crlf
+        has_crlf = crlf > 0
+    if not bare_newlines:
         out = binascii.b2a_qp(raw, quotetabs=False, istext=True)
-        if not crlf:
+        if not has_crlf:
             out = out.replace(b"\n", b"\r\n")  # only soft line breaks here, written as LF
         return out
     lines = []
@@ -704,10 +749,15 @@ class Prepared:
     def _render_part(part: PreparedPart, links: _LinkRenderer, tracking: Tracking,
                      changes: list[Change] | None) -> bytes:
         pieces = list(part.template)
+        urls: list[str | None] = [None] * len(part.links)
+        done = [False] * len(part.links)
         for index, edit in part.dynamic:
-            if edit.slot == _LINK:
+            link = edit.link
+            if link is not None:
                 if tracking.click_tracking:
-                    url = links.click(edit.link)  # type: ignore[arg-type]
+                    if not done[link.index]:
+                        urls[link.index], done[link.index] = links.click(link), True
+                    url = urls[link.index]
                     if url is not None:
                         pieces[index] = (_attribute_safe(url) if edit.quote is not None else url).encode()
             elif tracking.open_tracking and (edit.slot == _OPEN or tracking.initial_open):
@@ -722,11 +772,11 @@ class Prepared:
             if not part.body_ends_with_crlf:
                 body = body[:-2]
         elif part.cte == "quoted-printable":
-            body = encode_qp(raw)
+            body = encode_qp(raw, part.bare_newlines, part.has_crlf)
         elif _fits_7bit(raw):
             body = raw
         else:
-            body, header = encode_qp(raw), part.qp_header
+            body, header = encode_qp(raw, part.bare_newlines, part.has_crlf), part.qp_header
         return header + body
 
 
@@ -757,20 +807,12 @@ class _LinkRenderer:
                           identity.rcpt_to, tracking.campaign_id, tracking.tags,
                           tracking.metadata if tracking.include_metadata else None)
         self._encode = codec.click_encoder(common)
-        self._urls: dict[Link, str | None] = {}
+        self._scheme, self._domain = tracking.click_tracking_scheme, tracking.tracking_domain
 
     def click(self, link: Link) -> str | None:
-        try:
-            return self._urls[link]
-        except KeyError:
-            pass
-        t = self.tracking
-        token = self._encode(link.name, link.target, link.unsubscribe)
-        url: str | None = click_url(t.click_tracking_scheme, t.tracking_domain, token, link.sublink)
-        if len(url) > MAX_URL_LENGTH:  # type: ignore[arg-type]
-            url = None
-        self._urls[link] = url
-        return url
+        """The link's tracked URL, or ``None`` if it would be too long to track."""
+        url = click_url(self._scheme, self._domain, self._encode(link.suffix), link.sublink)
+        return url if len(url) <= MAX_URL_LENGTH else None
 
     def open(self, slot: int) -> str:
         t, i = self.tracking, self.identity

@@ -17,6 +17,7 @@ from appliance.links import (
     Keyring,
     LinkCodec,
     LinkData,
+    click_suffix,
     click_url,
     keys_main,
     location_header,
@@ -68,7 +69,7 @@ class CodecTests(SynchronousTestCase):
                                     ("Ünï", "https://例え.jp/パス?q=ü", True),
                                     ("x" * 63, "https://e.com/" + "p" * 2000, False)):
             expected = click(link_name=name, target=target, unsubscribe=unsub)
-            token = encode(name, target, unsub)
+            token = encode(click_suffix(name, target, unsub))
             self.assertEqual(token, CODEC.encode(expected))
             self.assertEqual(CODEC.decode(token), expected)
 
