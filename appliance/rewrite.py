@@ -469,9 +469,15 @@ class HeaderField:
     end: int  # after its CRLF
 
 
-def parse_header_block(data: bytes, start: int, end: int) -> tuple[list[HeaderField], int]:
-    """The fields of the header block at ``start``, and where the body starts."""
-    fields: list[HeaderField] = []
+def parse_header_block(data: bytes, start: int, end: int,
+                       partial: list[HeaderField] | None = None) -> tuple[list[HeaderField], int]:
+    """
+    The fields of the header block at ``start``, and where the body starts.
+
+    Raises ``MimeError`` at a line that is not a field; ``partial``, if
+    given, then holds the fields before it.
+    """
+    fields: list[HeaderField] = [] if partial is None else partial
     pos = start
     while pos < end:
         eol = data.find(b"\r\n", pos, end)
@@ -840,10 +846,13 @@ def strip_header(data: bytes, fields: list[HeaderField], name: str) -> bytes:
 
 def prepare(message: bytes) -> Prepared:
     """Compile a message (the spooled text) for rendering; never raises for bad input."""
+    top: list[HeaderField] = []
     try:
-        top, _ = parse_header_block(message, 0, len(message))
+        parse_header_block(message, 0, len(message), top)
     except MimeError as e:
-        return Prepared(message, [], [f"malformed MIME: {e}"])
+        # What a mail reader would take for the header still loses its X-MSYS-API field.
+        data = strip_header(message, top, "x-msys-api")
+        return Prepared(data, [], [f"malformed MIME: {e}"], had_msys_api=len(data) != len(message))
     data = strip_header(message, top, "x-msys-api")
     prepared = Prepared(data, [], [], had_msys_api=len(data) != len(message))
     for f in top:

@@ -367,6 +367,11 @@ class BadInputTests(SynchronousTestCase):
                                crlf("Content-Type: text/html\n\n<a href='https://x.example/'>x</a>\n"))
             self.unmodified(original, reason)
         self.unmodified(crlf("Not a header line\n\nhttps://x.example/\n"), "malformed MIME")
+        # The header a mail reader would see still loses its X-MSYS-API field.
+        broken = crlf('Subject: x\nX-MSYS-API: {}\nnot a field\n\nhttps://x.example/\n')
+        p = prepare(broken)
+        self.assertEqual(p.render(CODEC, ID, BOTH), broken.replace(crlf("X-MSYS-API: {}\n"), b""))
+        self.assertIn("malformed MIME: not a header field", p.skipped[0])
 
     def test_charset_lies(self) -> None:
         text = crlf("Content-Type: text/plain; charset=utf-8\n\nhttps://text.example/\n")
