@@ -279,6 +279,11 @@ class SmtpapiConfig:
 _HOST_PORT_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
 
+def is_host_port(value: str) -> bool:
+    """A ``host[:port]`` fit to be put into a tracked link."""
+    return bool(_HOST_PORT_RE.fullmatch(value))
+
+
 def _read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
     """Read ``smtpapi`` keys over ``base``, so a listener inherits what it does not set."""
     schemes = ("http", "https")
@@ -292,7 +297,7 @@ def _read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
         tracking_link_expiry=t.duration("tracking_link_expiry", base.tracking_link_expiry),
         initial_open=t.bool("initial_open", base.initial_open),
     )
-    if t.has("tracking_domain") and not _HOST_PORT_RE.fullmatch(c.tracking_domain):
+    if t.has("tracking_domain") and not is_host_port(c.tracking_domain):
         t.error("tracking_domain", f"expected host[:port], got {_show(c.tracking_domain)}")
         c = replace(c, tracking_domain=base.tracking_domain)
     t.finish()
@@ -616,6 +621,33 @@ def _read_links(t: Table) -> LinksConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """The policy hook: a Python callable consulted once per recipient after DATA."""
+
+    hook: str = ""  # "package.module:function", or "" for none
+    path: tuple[str, ...] = ()  # directories searched for the hook's module first
+    timeout: float = 30.0
+
+
+_HOOK_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _read_policy(t: Table) -> PolicyConfig:
+    c = PolicyConfig(
+        hook=t.str("hook", PolicyConfig.hook),
+        path=tuple(os.path.abspath(p) for p in t.str_list("path", PolicyConfig.path)),
+        timeout=t.duration("timeout", PolicyConfig.timeout),
+    )
+    if c.hook and not _HOOK_RE.fullmatch(c.hook):
+        t.error("hook", f"expected \"package.module:function\", got {_show(c.hook)}")
+        c = replace(c, hook="")
+    if t.has("timeout") and c.timeout <= 0:
+        t.error("timeout", "must be more than 0 seconds")
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
 class EventsConfig:
     log_file: str
     customer_id: str = "1"
@@ -643,6 +675,7 @@ class Config:
     tracker: TrackerConfig
     links: LinksConfig
     events: EventsConfig
+    policy: PolicyConfig = PolicyConfig()
     source: str = ""
 
 
@@ -661,6 +694,7 @@ def parse_config(data: dict[str, Any], source: str = "") -> Config:
         tracker=_read_tracker(top.table("tracker")),
         links=_read_links(top.table("links")),
         events=_read_events(top.table("events")),
+        policy=_read_policy(top.table("policy")),
         source=source,
     )
     for name in top.data:

@@ -19,10 +19,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from appliance.config import Config
-from appliance.delivery import DeliveryService, Router, message_from_spool
+from appliance.delivery import DeliveryService, Router
 from appliance.events import EventLog
 from appliance.injection import Injector
 from appliance.links import Keyring, LinkCodec, prepare_keyring
+from appliance.policy import Hook, Policy, load_hook
+from appliance.rewrite import CopyMaker
 from appliance.smtp import ConnectionLimits, listener_factory
 from appliance.spool import Runner, Spool
 from appliance.tracker import make_site
@@ -58,24 +60,37 @@ class Appliance(MultiService):
                 log.failure("stopping {name} failed", name=child.name)
 
     def __init__(self, config: Config, reactor: Any = None, run: Runner | None = None,
-                 keyring: Keyring | None = None, resolver: Any = None) -> None:
+                 keyring: Keyring | None = None, resolver: Any = None,
+                 policy_hook: Hook | None = None) -> None:
         super().__init__()
         self.config = config
         if keyring is None:
             keyring = prepare_keyring(config.links.keys_file, config.links.create_keys_file)
+        if policy_hook is None:
+            policy_hook = load_hook(config.policy.hook, config.policy.path)
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
         self.links = LinkCodec(keyring)
         self.events = EventLog(config.events.log_file, config.node.name,
                                customer_id=config.events.customer_id,
                                fsync_interval=config.events.fsync_interval)
         self.spool = Spool(config.spool.directory, **({"run": run} if run else {}))
         self.router = Router(config.delivery)
+        # Each recipient's copy is made from the spooled text when delivery needs it;
+        # the prepared form of a message is cached, so N copies cost one parse.
+        self.copies = CopyMaker(self.spool.read_message, self.links)
         self.delivery = DeliveryService(
-            config.delivery, self.spool, self.events, message_from_spool(self.spool),
+            config.delivery, self.spool, self.events, self.copies,
             self.router, helo_name=config.delivery.helo_name or config.node.hostname,
             reactor=reactor, resolver=resolver,
         )
+        self.policy = Policy(policy_hook, config.policy.timeout, reactor,
+                             config.engagement_tracker.max_metadata_len)
         self.injector = Injector(self.spool, self.events, self.router, self.delivery,
-                                 hostname=config.node.hostname)
+                                 hostname=config.node.hostname, policy=self.policy,
+                                 copies=self.copies, tracker=config.engagement_tracker)
 
         self.events.setServiceParent(self)
         SpoolService(self.spool).setServiceParent(self)
