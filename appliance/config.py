@@ -279,6 +279,11 @@ class SmtpapiConfig:
 _HOST_PORT_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
 
+def is_host_port(value: str) -> bool:
+    """A ``host[:port]`` fit to be put into a tracked link."""
+    return bool(_HOST_PORT_RE.fullmatch(value))
+
+
 def _read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
     """Read ``smtpapi`` keys over ``base``, so a listener inherits what it does not set."""
     schemes = ("http", "https")
@@ -292,7 +297,7 @@ def _read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
         tracking_link_expiry=t.duration("tracking_link_expiry", base.tracking_link_expiry),
         initial_open=t.bool("initial_open", base.initial_open),
     )
-    if t.has("tracking_domain") and not _HOST_PORT_RE.fullmatch(c.tracking_domain):
+    if t.has("tracking_domain") and not is_host_port(c.tracking_domain):
         t.error("tracking_domain", f"expected host[:port], got {_show(c.tracking_domain)}")
         c = replace(c, tracking_domain=base.tracking_domain)
     t.finish()
@@ -318,6 +323,8 @@ def _read_engagement_tracker(t: Table) -> EngagementTrackerConfig:
 
 LOOPBACK = parse_networks(["127.0.0.0/8", "::1/128"])
 
+TLS_MODES = ("off", "starttls", "required", "implicit")
+
 
 @dataclass(frozen=True)
 class ListenerConfig:
@@ -329,6 +336,13 @@ class ListenerConfig:
     relay_networks: tuple[Network, ...]
     max_message_size: int
     max_recipients: int
+    # "off": no STARTTLS; "starttls": offered; "required": MAIL needs TLS first;
+    # "implicit": TLS from the first byte (RFC 8314, port 465).
+    tls: str = "off"
+    tls_certificate: str = ""
+    tls_key: str = ""
+    # Even clients in relay_networks must authenticate (a submission port).
+    require_auth: bool = False
 
 
 @dataclass(frozen=True)
@@ -338,23 +352,98 @@ class SmtpConfig:
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 1000
     timeout: float = 300.0
+    command_timeout: float = 60.0
+    data_timeout: float = 1800.0
+    max_connections: int = 200
+    max_connections_per_client: int = 20
+    tls_certificate: str = ""
+    tls_key: str = ""
+    users_file: str = ""
+
+
+def _optional_path(t: Table, name: str, default: str) -> str:
+    """A path that may be "" (feature off); absolute against the start-up directory."""
+    value = t.str(name, default)
+    return os.path.abspath(value) if value else ""
+
+
+def _check_tls_pair(t: Table, certificate: str, key: str) -> bool:
+    """Both or neither, and loadable as a matching pair; errors name the key of ``t``."""
+    if bool(certificate) != bool(key):
+        t.error("tls_key" if certificate else "tls_certificate",
+                "tls_certificate and tls_key must be set together")
+        return False
+    if not certificate:
+        return True
+    from appliance.tls import load_server_options
+
+    try:
+        load_server_options(certificate, key)
+    except ValueError as e:
+        t.error("tls_certificate", str(e))
+        return False
+    return True
 
 
 def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
+    d = SmtpConfig
     relay = t.networks("relay_networks", LOOPBACK)
-    size = t.size("max_message_size", SmtpConfig.max_message_size)
-    rcpts = t.int("max_recipients", SmtpConfig.max_recipients, minimum=1)
-    timeout = t.duration("timeout", SmtpConfig.timeout)
+    size = t.size("max_message_size", d.max_message_size)
+    rcpts = t.int("max_recipients", d.max_recipients, minimum=1)
+    timeout = t.duration("timeout", d.timeout)
+    command_timeout = t.duration("command_timeout", d.command_timeout)
+    data_timeout = t.duration("data_timeout", d.data_timeout)
+    max_connections = t.int("max_connections", d.max_connections, minimum=1)
+    per_client = t.int("max_connections_per_client", d.max_connections_per_client, minimum=1)
+    certificate = _optional_path(t, "tls_certificate", "")
+    key = _optional_path(t, "tls_key", "")
+    _check_tls_pair(t, certificate, key)
+    users_file = _optional_path(t, "users_file", "")
+    if users_file:
+        from appliance.users import read_users
+
+        try:
+            read_users(users_file)
+        except ValueError as e:
+            t.error("users_file", str(e))
+    for name, value in (("timeout", timeout), ("command_timeout", command_timeout),
+                        ("data_timeout", data_timeout)):
+        if t.has(name) and value <= 0:
+            t.error(name, "must be more than 0 seconds")
     listeners = []
     for name, lt in t.subtables("listeners"):
+        l_cert = _optional_path(lt, "tls_certificate", certificate)
+        l_key = _optional_path(lt, "tls_key", key)
+        if lt.has("tls_certificate") or lt.has("tls_key"):
+            _check_tls_pair(lt, l_cert, l_key)
+        endpoint = lt.endpoint("endpoint", "")
+        if endpoint.startswith("ssl:"):
+            # TLS comes from the endpoint string itself (its privateKey/certKey).
+            if lt.has("tls"):
+                lt.error("tls", "not with an ssl: endpoint, which is implicit TLS already")
+            lt.known.add("tls")
+            tls = "implicit"
+        else:
+            tls = lt.choice("tls", "starttls" if l_cert else "off", TLS_MODES)
+            if tls != "off" and not (l_cert and l_key):
+                lt.error("tls", f"tls = {_show(tls)} needs smtp.tls_certificate and smtp.tls_key")
+        require_auth = lt.bool("require_auth", False)
+        if require_auth and not users_file:
+            lt.error("require_auth", "needs smtp.users_file")
+        if require_auth and tls == "off":
+            lt.error("require_auth", "needs TLS on this listener: AUTH is only offered over TLS")
         listeners.append(
             ListenerConfig(
                 name=name,
-                endpoint=lt.endpoint("endpoint", ""),
+                endpoint=endpoint,
                 smtpapi=_read_smtpapi(lt.table("smtpapi"), smtpapi),
                 relay_networks=lt.networks("relay_networks", relay),
                 max_message_size=lt.size("max_message_size", size),
                 max_recipients=lt.int("max_recipients", rcpts, minimum=1),
+                tls=tls,
+                tls_certificate=l_cert,
+                tls_key=l_key,
+                require_auth=require_auth,
             )
         )
         if not lt.has("endpoint"):
@@ -364,7 +453,10 @@ def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
         t.error("listeners", "at least one SMTP listener is needed ([smtp.listeners.NAME])")
     t.finish()
     return SmtpConfig(listeners=tuple(listeners), relay_networks=relay, max_message_size=size,
-                      max_recipients=rcpts, timeout=timeout)
+                      max_recipients=rcpts, timeout=timeout, command_timeout=command_timeout,
+                      data_timeout=data_timeout, max_connections=max_connections,
+                      max_connections_per_client=per_client, tls_certificate=certificate,
+                      tls_key=key, users_file=users_file)
 
 
 @dataclass(frozen=True)
@@ -388,13 +480,24 @@ class Route:
 class DeliveryConfig:
     routes: dict[str, Route] = field(default_factory=dict)
     smarthost: Route | None = None
+    smarthost_username: str = ""
+    smarthost_password: str = field(default="", repr=False)  # read from smarthost_password_file
     helo_name: str = ""
+    tls: str = "opportunistic"
+    tls_verify: bool = False
+    tls_ca_file: str = ""
+    dns_servers: tuple[tuple[str, int], ...] = ()
+    address_preference: str = "any"
+    mx_address_limit: int = 5
     retry_initial: float = 300.0
     retry_max: float = 4000.0
     max_queue_lifetime: float = 5 * 86400.0
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    data_timeout: float = 600.0
     max_connections: int = 50
+    max_connections_per_destination: int = 20
+    max_messages_per_connection: int = 100
 
 
 def _read_route(t: Table, name: str, value: object) -> Route | None:
@@ -424,21 +527,69 @@ def _read_delivery(t: Table) -> DeliveryConfig:
     t.known.add("smarthost")
     if t.has("smarthost") and t.data["smarthost"] != "":
         smarthost = _read_route(t, "smarthost", t.data["smarthost"])
+    dns_servers: list[tuple[str, int]] = []
+    for server in t.str_list("dns_servers", ()):
+        try:
+            host, port = host_port(server, default_port=53)
+            ipaddress.ip_address(host)
+        except ValueError:
+            t.error("dns_servers", f"expected IP addresses such as \"192.0.2.53\", got {_show(server)}")
+            continue
+        dns_servers.append((host, port))
+    username = t.str("smarthost_username", d.smarthost_username)
+    password_file = t.str("smarthost_password_file", "")
+    password_file = os.path.abspath(password_file) if password_file else ""
+    password = ""
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                password = f.read().rstrip("\r\n")
+        except (OSError, UnicodeError) as e:
+            t.error("smarthost_password_file", f"cannot read {password_file}: {e}")
+    if bool(username) != bool(password_file):
+        t.error("smarthost_username" if password_file else "smarthost_password_file",
+                "smarthost AUTH needs both smarthost_username and smarthost_password_file")
+    if username and smarthost is None:
+        t.error("smarthost_username", "set, but there is no smarthost")
+    tls_ca_file = t.str("tls_ca_file", "")
+    tls_ca_file = os.path.abspath(tls_ca_file) if tls_ca_file else ""
+    if tls_ca_file and not os.path.isfile(tls_ca_file):
+        t.error("tls_ca_file", f"no such file: {tls_ca_file}")
     c = DeliveryConfig(
         routes=routes,
         smarthost=smarthost,
+        smarthost_username=username,
+        smarthost_password=password,
         helo_name=t.str("helo_name", d.helo_name),
+        tls=t.choice("tls", d.tls, ("opportunistic", "required", "none")),
+        tls_verify=t.bool("tls_verify", d.tls_verify),
+        tls_ca_file=tls_ca_file,
+        dns_servers=tuple(dns_servers),
+        address_preference=t.choice("address_preference", d.address_preference,
+                                    ("any", "ipv4", "ipv6")),
+        mx_address_limit=t.int("mx_address_limit", d.mx_address_limit, minimum=1),
         retry_initial=t.duration("retry_initial", d.retry_initial),
         retry_max=t.duration("retry_max", d.retry_max),
         max_queue_lifetime=t.duration("max_queue_lifetime", d.max_queue_lifetime),
         connect_timeout=t.duration("connect_timeout", d.connect_timeout),
         command_timeout=t.duration("command_timeout", d.command_timeout),
+        data_timeout=t.duration("data_timeout", d.data_timeout),
         max_connections=t.int("max_connections", d.max_connections, minimum=1),
+        max_connections_per_destination=t.int("max_connections_per_destination",
+                                              d.max_connections_per_destination, minimum=1),
+        max_messages_per_connection=t.int("max_messages_per_connection",
+                                          d.max_messages_per_connection, minimum=1),
     )
     if c.retry_initial <= 0:
         t.error("retry_initial", "must be more than 0 seconds")
     if c.retry_max < c.retry_initial:
         t.error("retry_max", "must not be less than retry_initial")
+    for name in ("connect_timeout", "command_timeout", "data_timeout"):
+        if getattr(c, name) <= 0:
+            t.error(name, "must be more than 0 seconds")
+    if c.tls_verify and c.tls != "required":
+        # A failed check would only fall back to plaintext, which no check can make safer.
+        t.error("tls_verify", 'needs tls = "required"')
     t.finish()
     return c
 
@@ -473,6 +624,33 @@ def _read_links(t: Table) -> LinksConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """The policy hook: a Python callable consulted once per recipient after DATA."""
+
+    hook: str = ""  # "package.module:function", or "" for none
+    path: tuple[str, ...] = ()  # directories searched for the hook's module first
+    timeout: float = 30.0
+
+
+_HOOK_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _read_policy(t: Table) -> PolicyConfig:
+    c = PolicyConfig(
+        hook=t.str("hook", PolicyConfig.hook),
+        path=tuple(os.path.abspath(p) for p in t.str_list("path", PolicyConfig.path)),
+        timeout=t.duration("timeout", PolicyConfig.timeout),
+    )
+    if c.hook and not _HOOK_RE.fullmatch(c.hook):
+        t.error("hook", f"expected \"package.module:function\", got {_show(c.hook)}")
+        c = replace(c, hook="")
+    if t.has("timeout") and c.timeout <= 0:
+        t.error("timeout", "must be more than 0 seconds")
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
 class EventsConfig:
     log_file: str
     customer_id: str = "1"
@@ -500,6 +678,7 @@ class Config:
     tracker: TrackerConfig
     links: LinksConfig
     events: EventsConfig
+    policy: PolicyConfig = PolicyConfig()
     source: str = ""
 
 
@@ -518,6 +697,7 @@ def parse_config(data: dict[str, Any], source: str = "") -> Config:
         tracker=_read_tracker(top.table("tracker")),
         links=_read_links(top.table("links")),
         events=_read_events(top.table("events")),
+        policy=_read_policy(top.table("policy")),
         source=source,
     )
     for name in top.data:

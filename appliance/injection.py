@@ -3,8 +3,10 @@ What happens to a message between the injection server's final dot and its ``250
 
 The ``Injector`` is the one place that decides whether a transaction is
 accepted: it checks recipients at ``RCPT``, gives each transaction its
-identity, commits it to the spool (and so to disk) before anything is
-acknowledged, writes the ``injection`` events and hands the message to
+identity, checks ``X-MSYS-API`` and asks the policy about each recipient,
+resolves each recipient's tracking settings, commits the message to the
+spool (and so to disk) before anything is acknowledged, writes the
+``injection`` and ``policy_rejection`` events and hands the message to
 delivery. The SMTP protocol only speaks the dialogue around it.
 """
 
@@ -23,7 +25,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import smtp
 
+from appliance.config import EngagementTrackerConfig
+from appliance.delivery import bounce_class
 from appliance.events import EventLog
+from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
+from appliance.rewrite import CopyMaker, Prepared
+from appliance.settings import MsysApi, MsysApiError, Tracking, header_values, parse_msys_api, resolve
 from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolWriter
 
 if TYPE_CHECKING:
@@ -35,7 +42,7 @@ MAX_HEADER_BYTES = 1024 * 1024  # headers beyond this are not read for events
 
 
 class Router(Protocol):
-    def can_route(self, domain: str) -> bool: ...
+    def undeliverable(self, domain: str) -> str | None: ...
 
 
 class Queue(Protocol):
@@ -114,6 +121,9 @@ class Injector:
         queue: Queue,
         hostname: str,
         now: Callable[[], float] = time.time,
+        policy: Policy | None = None,
+        copies: CopyMaker | None = None,
+        tracker: EngagementTrackerConfig | None = None,
     ) -> None:
         self.spool = spool
         self.events = events
@@ -121,6 +131,9 @@ class Injector:
         self.queue = queue
         self.hostname = hostname
         self.now = now
+        self.policy = policy
+        self.copies = copies
+        self.tracker = tracker or EngagementTrackerConfig()
 
     def check_recipient(self, session: Session, dest: smtp.Address, count: int) -> tuple[int, bytes]:
         """The reply to one ``RCPT``: ``250``, or why not."""
@@ -131,8 +144,9 @@ class Injector:
         domain = dest.domain.decode("ascii", "replace").lower()
         if not domain:
             return 550, b"5.1.3 Recipient address needs a domain"
-        if not self.router.can_route(domain):
-            return 550, f"5.1.2 No route to domain {domain}".encode()
+        problem = self.router.undeliverable(domain)
+        if problem:
+            return 550, f"5.1.2 {problem}".encode()
         return 250, b"2.1.5 Recipient OK"
 
     def begin(self, session: Session, mail_from: smtp.Address, recipients: list[smtp.Address]
@@ -160,12 +174,48 @@ class Injector:
 
     @defer.inlineCallbacks
     def finish(self, transaction: Transaction) -> Any:
-        """Commit an entirely received message; fires with the SMTP reply."""
+        """
+        Decide, commit and announce an entirely received message; fires with the SMTP reply.
+
+        SMTP has one reply for the whole message, so: a bad ``X-MSYS-API``
+        refuses it for everyone (``550 5.6.0``); a temporary policy answer
+        for any recipient refuses it for everyone with that answer, so the
+        client retries and nobody is lost; recipients the policy rejects
+        for good are left out, each with a ``policy_rejection`` event, and
+        if that leaves nobody the first rejection is the reply.
+        """
         headers = transaction.headers()
+        recipients = [self._recipient(transaction, rcpt) for rcpt in transaction.recipients]
+        try:
+            api = parse_msys_api(header_values(headers), self.tracker.max_metadata_len)
+        except MsysApiError as e:
+            return self._refuse(transaction, headers, recipients, [(550, f"5.6.0 {e}")] * len(recipients))
+
+        verdicts = yield self._policy_verdicts(transaction, headers)
+        temporary = next((v for v in verdicts if v.temporary), None)
+        if temporary is not None:
+            return self._refuse(transaction, headers, recipients,
+                                [(temporary.code, temporary.text)] * len(recipients))
+        if not any(v.accepted for v in verdicts):
+            return self._refuse(transaction, headers, recipients, [(v.code, v.text) for v in verdicts])
+
+        smtpapi = transaction.session.listener.smtpapi
+        accepted: list[Recipient] = []
+        rejected: list[tuple[Recipient, Verdict]] = []
+        for rcpt, verdict in zip(recipients, verdicts, strict=True):
+            if not verdict.accepted:
+                rejected.append((rcpt, verdict))
+                continue
+            tracking = resolve(smtpapi, self.tracker, api, verdict.context, transaction.started)
+            rcpt.tracking = tracking.to_dict()
+            rcpt.event_fields.update(campaign_id=tracking.campaign_id, rcpt_meta=tracking.metadata,
+                                     rcpt_tags=list(tracking.tags))
+            accepted.append(rcpt)
+
         envelope = Envelope(
             transmission_id=transaction.transmission_id,
             mail_from=transaction.mail_from,
-            recipients=[self._recipient(transaction, rcpt) for rcpt in transaction.recipients],
+            recipients=accepted,
             received_at=transaction.started,
             client_address=transaction.session.client_address,
             auth_user=transaction.session.auth_user,
@@ -173,9 +223,72 @@ class Injector:
             message_size=transaction.writer.size,
         )
         queued = yield transaction.writer.commit(envelope)
-        self._injection_events(envelope, headers)
+        for rcpt, verdict in rejected:
+            self._rejection_event(transaction, headers, rcpt, verdict.code, verdict.text)
+        self._injection_events(envelope, headers, self._prepared(queued, headers, api))
         self.queue.enqueue(queued)
         return 250, f"2.0.0 OK queued as {envelope.transmission_id}".encode()
+
+    def _policy_verdicts(self, transaction: Transaction, headers: Any) -> defer.Deferred:
+        if self.policy is None:
+            return defer.succeed([ACCEPT] * len(transaction.recipients))
+        session = transaction.session
+        everyone = tuple(transaction.recipients)
+        envelopes = [PolicyEnvelope(transaction.mail_from, rcpt, everyone, transaction.transmission_id,
+                                    session.listener.name, session.helo, session.tls)
+                     for rcpt in transaction.recipients]
+        return self.policy.check_all(envelopes, session.client_address, session.auth_user, headers)
+
+    def _refuse(self, transaction: Transaction, headers: Any, recipients: list[Recipient],
+                replies: list[tuple[int, str]]) -> tuple[int, bytes]:
+        """Nothing is kept; every recipient gets a ``policy_rejection`` event with its reason."""
+        transaction.abort()
+        for rcpt, (code, text) in zip(recipients, replies, strict=True):
+            self._rejection_event(transaction, headers, rcpt, code, text)
+        code, text = replies[0]
+        return code, text.encode("ascii", "replace")
+
+    def _rejection_event(self, transaction: Transaction, headers: Any, rcpt: Recipient,
+                         code: int, text: str) -> None:
+        try:
+            self.events.emit(
+                "policy_rejection",
+                **rcpt.event_fields,
+                routing_domain=rcpt.address.rpartition("@")[2].lower(),
+                msg_from=transaction.mail_from,
+                friendly_from=header_text(headers.get("From")),
+                subject=header_text(headers.get("Subject")),
+                remote_addr=transaction.session.client_address,
+                recv_method="esmtp",
+                error_code=str(code),
+                reason=f"{code} {text}",
+                raw_reason=f"{code} {text}",
+                bounce_class=bounce_class(code, text),
+                injection_time=iso_time(transaction.started),
+            )
+        except OSError:
+            log.failure("could not write the policy_rejection event of {message_id}",
+                        message_id=rcpt.message_id)
+
+    def _prepared(self, queued: QueuedMessage, headers: Any, api: MsysApi) -> Prepared | None:
+        """
+        The message prepared for its copies, when any copy needs it.
+
+        Done now, not only at delivery, so the injection event can say when
+        tracking had to be skipped and whether a DKIM signature is broken;
+        the prepared form stays cached for delivery.
+        """
+        if self.copies is None:
+            return None
+        tracked = any(Tracking.from_dict(r.tracking).enabled for r in queued.envelope.recipients)
+        signed_api = headers.get("DKIM-Signature") is not None and bool(header_values(headers))
+        if not (tracked or signed_api):
+            return None
+        try:
+            return self.copies.prepared(queued)
+        except OSError:
+            log.failure("could not read back message {tid}", tid=queued.envelope.transmission_id)
+            return None
 
     def _recipient(self, transaction: Transaction, rcpt: str) -> Recipient:
         message_id = self.events.ids.message_id()
@@ -193,24 +306,34 @@ class Injector:
             },
         )
 
-    def _injection_events(self, envelope: Envelope, headers: Any) -> None:
+    def _injection_events(self, envelope: Envelope, headers: Any, prepared: Prepared | None) -> None:
         common = {
             "msg_from": envelope.mail_from,
             "friendly_from": header_text(headers.get("From")),
             "subject": header_text(headers.get("Subject")),
             "msg_size": str(envelope.message_size),
             "recv_method": "esmtp",
-            "open_tracking": False,
-            "click_tracking": False,
             "injection_time": iso_time(envelope.received_at),
+            # Not a SparkPost field: the SMTP AUTH user who injected the message, or null.
+            "auth_user": envelope.auth_user,
         }
         for rcpt in envelope.recipients:
+            tracking = Tracking.from_dict(rcpt.tracking)
+            fields: dict[str, Any] = {"open_tracking": tracking.open_tracking,
+                                      "click_tracking": tracking.click_tracking}
+            if prepared is not None:
+                if tracking.enabled and prepared.skipped:
+                    fields["tracking_skipped"] = True
+                    fields["tracking_skipped_reason"] = "; ".join(prepared.skipped)
+                if prepared.dkim_broken(tracking):
+                    fields["dkim_broken"] = True
             try:
                 self.events.emit(
                     "injection",
                     **rcpt.event_fields,
                     routing_domain=rcpt.address.rpartition("@")[2].lower(),
                     **common,
+                    **fields,
                 )
             except OSError:
                 # The message is already safe on disk; a missing event must not lose it.

@@ -4,8 +4,9 @@ Where the parts meet: builds the appliance's service tree from a ``Config``.
 Start order matters and is the order of ``addService`` below: the event log
 opens first (everything writes to it), then the spool is prepared and the
 delivery queue picks up what a previous run left, and only then do the
-listeners accept connections. ``MultiService`` stops them in reverse order, so
-listeners close before the queue and the event log.
+listeners accept connections. Stopping goes the other way, one part at a
+time: ``MultiService`` would stop every child at once, and the event log
+would close while deliveries in flight still had outcomes to write.
 """
 
 from __future__ import annotations
@@ -14,15 +15,22 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.logger import Logger
 
 from appliance.config import Config
-from appliance.delivery import DeliveryService, Router, message_from_spool
+from appliance.delivery import DeliveryService, Router
 from appliance.events import EventLog
 from appliance.injection import Injector
 from appliance.links import Keyring, LinkCodec, prepare_keyring
-from appliance.smtp import InjectionFactory
+from appliance.policy import Hook, Policy, load_hook
+from appliance.rewrite import CopyMaker
+from appliance.smtp import ConnectionLimits, listener_factory
 from appliance.spool import Runner, Spool
 from appliance.tracker import make_site
+from appliance.users import UsersFileChecker
+
+log = Logger()
 
 
 class SpoolService(Service):
@@ -41,33 +49,59 @@ class SpoolService(Service):
 class Appliance(MultiService):
     """The whole appliance; its parts are attributes so tests and tools can reach them."""
 
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop the children in reverse start order, each after the one before has finished."""
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {name} failed", name=child.name)
+
     def __init__(self, config: Config, reactor: Any = None, run: Runner | None = None,
-                 keyring: Keyring | None = None) -> None:
+                 keyring: Keyring | None = None, resolver: Any = None,
+                 policy_hook: Hook | None = None) -> None:
         super().__init__()
         self.config = config
         if keyring is None:
             keyring = prepare_keyring(config.links.keys_file, config.links.create_keys_file)
+        if policy_hook is None:
+            policy_hook = load_hook(config.policy.hook, config.policy.path)
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
         self.links = LinkCodec(keyring)
         self.events = EventLog(config.events.log_file, config.node.name,
                                customer_id=config.events.customer_id,
                                fsync_interval=config.events.fsync_interval)
         self.spool = Spool(config.spool.directory, **({"run": run} if run else {}))
         self.router = Router(config.delivery)
+        # Each recipient's copy is made from the spooled text when delivery needs it;
+        # the prepared form of a message is cached, so N copies cost one parse.
+        self.copies = CopyMaker(self.spool.read_message, self.links)
         self.delivery = DeliveryService(
-            config.delivery, self.spool, self.events, message_from_spool(self.spool),
+            config.delivery, self.spool, self.events, self.copies,
             self.router, helo_name=config.delivery.helo_name or config.node.hostname,
-            reactor=reactor,
+            reactor=reactor, resolver=resolver,
         )
+        self.policy = Policy(policy_hook, config.policy.timeout, reactor,
+                             config.engagement_tracker.max_metadata_len)
         self.injector = Injector(self.spool, self.events, self.router, self.delivery,
-                                 hostname=config.node.hostname)
+                                 hostname=config.node.hostname, policy=self.policy,
+                                 copies=self.copies, tracker=config.engagement_tracker)
 
         self.events.setServiceParent(self)
         SpoolService(self.spool).setServiceParent(self)
         self.delivery.setServiceParent(self)
         self.smtp_listeners = []
+        self.smtp_limits = ConnectionLimits(config.smtp.max_connections,
+                                            config.smtp.max_connections_per_client)
+        self.users = UsersFileChecker(config.smtp.users_file) if config.smtp.users_file else None
         for listener in config.smtp.listeners:
-            factory = InjectionFactory(listener, self.injector, config.node.hostname,
-                                       config.smtp.timeout)
+            factory = listener_factory(listener, self.injector, config.node.hostname, config.smtp,
+                                       self.smtp_limits, self.users)
             svc = strports.service(listener.endpoint, factory)
             svc.setName(f"smtp:{listener.name}")
             svc.setServiceParent(self)

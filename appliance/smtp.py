@@ -12,16 +12,24 @@ disk.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from appliance.config import ListenerConfig
+from appliance.config import ListenerConfig, SmtpConfig
+from appliance.tls import load_server_options
 
 if TYPE_CHECKING:
     from appliance.injection import Injector, Transaction
@@ -104,28 +112,111 @@ class DataReader:
         self.sink(text.replace(b"\r\n.", b"\r\n"))
 
 
+# Replies whose text carries no enhanced status code get this one (RFC 2034, RFC 3463).
+_DEFAULT_ENHANCED = {
+    221: b"2.0.0", 235: b"2.7.0", 250: b"2.0.0", 252: b"2.5.2",
+    421: b"4.3.0", 451: b"4.3.0", 452: b"4.5.3", 454: b"4.7.0",
+    500: b"5.5.2", 501: b"5.5.4", 502: b"5.5.1", 503: b"5.5.1", 504: b"5.5.4",
+    530: b"5.7.0", 535: b"5.7.8", 538: b"5.7.11", 550: b"5.0.0", 552: b"5.3.4",
+    553: b"5.1.7", 554: b"5.0.0", 555: b"5.5.4",
+}
+_ENHANCED_RE = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_MAX_AUTH_FAILURES = 3
+_LOGIN_USERNAME = base64.b64encode(b"Username:")
+_LOGIN_PASSWORD = base64.b64encode(b"Password:")
+
+
+class AuthExchange:
+    """
+    The SASL dialogue of one ``AUTH`` command (PLAIN or LOGIN, RFC 4616 and the
+    LOGIN draft), without I/O: ``step`` takes the client's base64 line and
+    returns the next challenge, or ``None`` once ``username`` and ``password``
+    are known. A malformed response raises ``ValueError``.
+    """
+
+    def __init__(self, mechanism: bytes) -> None:
+        self.mechanism = mechanism
+        self.username: bytes | None = None
+        self.password: bytes | None = None
+
+    def first_challenge(self) -> bytes:
+        return b"" if self.mechanism == b"PLAIN" else _LOGIN_USERNAME
+
+    def step(self, response: bytes) -> bytes | None:
+        decoded = _b64(response)
+        if self.mechanism == b"PLAIN":
+            parts = decoded.split(b"\0")
+            if len(parts) != 3 or not parts[1]:
+                raise ValueError("PLAIN needs authzid NUL authcid NUL password")
+            authzid, self.username, self.password = parts
+            if authzid and authzid != self.username:
+                # Acting for another user is not offered: the refusal is a failed login.
+                self.username = self.password = b""
+            return None
+        if self.username is None:
+            self.username = decoded
+            return _LOGIN_PASSWORD
+        self.password = decoded
+        return None
+
+
+def _b64(text: bytes) -> bytes:
+    if text == b"=":  # RFC 4954: an empty initial response
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64") from None
+
+
 class InjectionESMTP(smtp.ESMTP):
     """
     One injection session.
 
-    Hardening of the stock protocol: no per-envelope log lines (PII), commands
-    sent after STARTTLS in the same packet are dropped and the session reset
-    (CVE-2011-0411), DATA is read raw by ``DataReader``, and input that arrives
-    while a message is being committed waits, so replies stay in order even for
-    a client that pipelines without being offered PIPELINING.
+    Hardening of the stock protocol: no per-envelope log lines (PII); every
+    reply but the greeting and the EHLO answer carries an enhanced status
+    code; commands sent after STARTTLS in the same packet are dropped and the
+    session reset (CVE-2011-0411); AUTH is our own PLAIN/LOGIN dialogue,
+    offered and accepted only under TLS; DATA is read raw by ``DataReader``;
+    input that arrives while a message is committed or a password checked
+    waits, so replies stay in order even for a client that pipelines without
+    being offered PIPELINING. Three clocks guard the session: ``timeout``
+    (no input at all), ``command_timeout`` (a command line, once begun, must
+    be finished) and ``data_timeout`` (the whole message text).
     """
 
     noisy = False
     factory: InjectionFactory
 
-    def __init__(self, listener: ListenerConfig, injector: Injector) -> None:
-        super().__init__()
+    def __init__(self, listener: ListenerConfig, injector: Injector,
+                 tls: Any = None, checker: Any = None) -> None:
+        super().__init__(contextFactory=tls)
         self.listener = listener
         self.injector = injector
+        self.checker = checker
+        self.auth_user: str | None = None
+        self.command_timeout = 60.0
+        self.data_timeout = 1800.0
         self._reader: DataReader | None = None
         self._transaction: Transaction | None = None
+        self._store_error: OSError | None = None
         self._held: list[bytes] | None = None
         self._drop_rest = False
+        self._raw_reply = False
+        self._auth: AuthExchange | None = None
+        self._auth_failures = 0
+        self._command_timer: Any = None
+        self._data_timer: Any = None
+
+    def connectionMade(self) -> None:
+        self._raw_reply = True  # the greeting carries no enhanced code
+        try:
+            super().connectionMade()
+        finally:
+            self._raw_reply = False
+        # A listener with implicit TLS hands us a transport that is TLS already.
+        if ISSLTransport.providedBy(self.transport):
+            self.startedTLS = True
 
     # -- input -------------------------------------------------------------
 
@@ -133,10 +224,10 @@ class InjectionESMTP(smtp.ESMTP):
         if self._held is not None:
             self._held.append(data)
             return
+        self.resetTimeout()
         if self._reader is not None:
             rest = self._reader.feed(data)
             if rest is None:
-                self.resetTimeout()
                 return
             self._end_of_data()
             if self._held is not None:
@@ -154,10 +245,12 @@ class InjectionESMTP(smtp.ESMTP):
             if i > MAX_COMMAND_LINE:
                 self.lineLengthExceeded(line)
                 return
+            self._cancel("_command_timer")
             self.lineReceived(line)
             if self._drop_rest:
                 self._drop_rest, buf = False, b""
-            if self._reader is not None:  # DATA began: what follows is message text
+            if self._reader is not None or self._held is not None:
+                # DATA began (what follows is message text) or we wait on ourselves.
                 self._buffer = b""
                 if buf:
                     self.dataReceived(buf)
@@ -165,30 +258,184 @@ class InjectionESMTP(smtp.ESMTP):
         self._buffer = buf
         if len(buf) > MAX_COMMAND_LINE:
             self.lineLengthExceeded(buf)
+        elif buf and self._command_timer is None and not self.transport.disconnecting:
+            self._command_timer = self.callLater(self.command_timeout, self._command_timed_out)
+
+    def lineReceived(self, line: bytes) -> Any:
+        if self._auth is not None:
+            self.resetTimeout()
+            return self._auth_response(line)
+        return super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.sendCode(500, b"5.5.2 Line too long")
         self.transport.loseConnection()
 
-    # -- the envelope --------------------------------------------------------
+    def _hold(self) -> None:
+        """Wait on ourselves (a commit, a password check): input queues, no clock runs."""
+        self._held = []
+        self.setTimeout(None)
+        self.transport.pauseProducing()
+
+    def _release(self) -> None:
+        held, self._held = self._held or [], None
+        self.setTimeout(self.timeout)
+        self.transport.resumeProducing()
+        if held:
+            self.dataReceived(b"".join(held))
+
+    def _gone(self) -> bool:
+        return bool(getattr(self.transport, "disconnected", False))
+
+    # -- replies -------------------------------------------------------------
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        if not self._raw_reply and (200 <= code < 300 or 400 <= code < 600):
+            default = _DEFAULT_ENHANCED.get(code, b"%d.0.0" % (code // 100))
+            message = b"\n".join(
+                line if _ENHANCED_RE.match(line) else default + (b" " + line if line else b"")
+                for line in (message.splitlines() or [b""])
+            )
+        super().sendCode(code, message)
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP engage-appliance"
 
+    def do_EHLO(self, rest: bytes) -> None:
+        self._raw_reply = True
+        try:
+            super().do_EHLO(rest)
+        finally:
+            self._raw_reply = False
+
+    def do_HELO(self, rest: bytes) -> None:
+        self._raw_reply = True
+        try:
+            super().do_HELO(rest)
+        finally:
+            self._raw_reply = False
+
     def extensions(self) -> dict[bytes, list[bytes] | None]:
-        ext = super().extensions()
-        ext.pop(b"AUTH", None)
+        ext: dict[bytes, list[bytes] | None] = {}
+        if self.canStartTLS and not self.startedTLS and self.listener.tls in ("starttls", "required"):
+            ext[b"STARTTLS"] = None
+        if self.checker is not None and self.startedTLS:
+            ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
         ext[b"SIZE"] = [str(self.listener.max_message_size).encode()]
         ext[b"8BITMIME"] = None
         ext[b"ENHANCEDSTATUSCODES"] = None
         return ext
 
+    def timeoutConnection(self) -> None:
+        self._close_for_time(b"idle for too long")
+
+    def _command_timed_out(self) -> None:
+        self._command_timer = None
+        self._close_for_time(b"command not completed in time")
+
+    def _data_timed_out(self) -> None:
+        self._data_timer = None
+        self._close_for_time(b"message text not completed in time")
+
+    def _close_for_time(self, why: bytes) -> None:
+        if self.transport.disconnecting:
+            return
+        self.sendCode(421, b"4.4.2 " + self.host + b" Timeout: " + why + b", closing connection")
+        self.transport.loseConnection()
+
+    def _cancel(self, name: str) -> None:
+        timer = getattr(self, name)
+        if timer is not None:
+            setattr(self, name, None)
+            if timer.active():
+                timer.cancel()
+
+    # -- TLS and AUTH --------------------------------------------------------------
+
     def ext_STARTTLS(self, rest: bytes) -> None:
-        before = self.startedTLS
-        super().ext_STARTTLS(rest)
-        if self.startedTLS and not before:
+        if rest.strip():
+            self.sendCode(501, b"5.5.4 Syntax: STARTTLS")
+        elif self.startedTLS:
+            self.sendCode(503, b"5.5.1 TLS already active")
+        elif not self.canStartTLS or self.listener.tls not in ("starttls", "required"):
+            self.sendCode(502, b"5.5.1 STARTTLS not available")
+        elif self._from is not None:
+            self.sendCode(503, b"5.5.1 STARTTLS not allowed during a mail transaction")
+        else:
+            self.sendCode(220, b"2.0.0 Ready to start TLS")
+            self.transport.startTLS(self.ctx)
+            self.startedTLS = True
+            # RFC 3207 §4.2: forget everything said in plain text, and anything still unread.
             self._drop_rest = True
             self._helo, self._from, self._to = None, None, []
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        if self.checker is None:
+            self.sendCode(502, b"5.5.1 AUTH not available")
+            return
+        if not self.startedTLS:
+            self.sendCode(538, b"5.7.11 Encryption required for requested authentication mechanism")
+            return
+        if self.auth_user is not None:
+            self.sendCode(503, b"5.5.1 Already authenticated")
+            return
+        if self._from is not None:
+            self.sendCode(503, b"5.5.1 AUTH not allowed during a mail transaction")
+            return
+        parts = rest.split(None, 1)
+        mechanism = parts[0].upper() if parts else b""
+        if mechanism not in (b"PLAIN", b"LOGIN"):
+            self.sendCode(504, b"5.5.4 Unrecognized authentication type")
+            return
+        self._auth = AuthExchange(mechanism)
+        if len(parts) > 1:
+            self._auth_response(parts[1].strip())
+        else:
+            self.sendCode(334, self._auth.first_challenge())
+
+    def _auth_response(self, line: bytes) -> None:
+        exchange = self._auth
+        assert exchange is not None
+        if line.strip() == b"*":
+            self._auth = None
+            self.sendCode(501, b"5.0.0 Authentication cancelled")
+            return
+        try:
+            challenge = exchange.step(line.strip())
+        except ValueError:
+            self._auth = None
+            self.sendCode(501, b"5.5.2 Cannot decode the response")
+            return
+        if challenge is not None:
+            self.sendCode(334, challenge)
+            return
+        self._auth = None
+        assert exchange.username is not None and exchange.password is not None
+        self._hold()
+        try:
+            name = exchange.username.decode("utf-8")
+        except UnicodeDecodeError:
+            d: defer.Deferred = defer.fail(UnauthorizedLogin())
+        else:
+            d = defer.maybeDeferred(self.checker.requestAvatarId,
+                                    UsernamePassword(name, exchange.password))
+        d.addCallbacks(self._authenticated, self._not_authenticated)
+        d.addCallback(self._reply_and_resume)
+
+    def _authenticated(self, user: str) -> tuple[int, bytes]:
+        self.auth_user = user
+        return 235, b"2.7.0 Authentication successful"
+
+    def _not_authenticated(self, failure: Failure) -> tuple[int, bytes]:
+        if not failure.check(UnauthorizedLogin):
+            log.failure("checking a password failed", failure)
+            return 454, b"4.7.0 Temporary authentication failure"
+        self._auth_failures += 1
+        if self._auth_failures >= _MAX_AUTH_FAILURES:
+            return 421, b"4.7.0 Too many authentication failures, closing connection"
+        return 535, b"5.7.8 Authentication credentials invalid"
+
+    # -- the envelope --------------------------------------------------------
 
     def do_RSET(self, rest: bytes) -> None:
         self._from, self._to = None, []
@@ -201,8 +448,60 @@ class InjectionESMTP(smtp.ESMTP):
         self.sendCode(221, b"2.0.0 Bye")
         self.transport.loseConnection()
 
+    def do_VRFY(self, rest: bytes) -> None:
+        self.sendCode(252, b"2.5.2 Cannot VRFY user, but will accept the message and attempt delivery")
+
     def do_UNKNOWN(self, rest: bytes) -> None:
         self.sendCode(500, b"5.5.1 Command not recognised")
+
+    def do_MAIL(self, rest: bytes) -> None:
+        if self._helo is None or self._helo[0] is None:
+            self.sendCode(503, b"5.5.1 Send EHLO first")
+            return
+        if self._from is not None:
+            self.sendCode(503, b"5.5.1 Nested MAIL command")
+            return
+        if self.listener.tls == "required" and not self.startedTLS:
+            self.sendCode(530, b"5.7.0 Must issue a STARTTLS command first")
+            return
+        if self.listener.require_auth and self.auth_user is None:
+            self.sendCode(530, b"5.7.0 Authentication required")
+            return
+        m = self.mail_re.match(rest)
+        if not m:
+            self.sendCode(501, b"5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        refusal = self._mail_parameters(m.group("opts") or b"")
+        if refusal is not None:
+            self.sendCode(*refusal)
+            return
+        super().do_MAIL(rest)
+
+    def _mail_parameters(self, opts: bytes) -> tuple[int, bytes] | None:
+        """Check MAIL's ESMTP parameters: only those of extensions we advertise."""
+        for param in opts.split():
+            key, _, value = param.partition(b"=")
+            key = key.upper()
+            if key == b"SIZE":  # RFC 1870: refuse now what would be refused after DATA
+                if not value.isdigit():
+                    return 501, b"5.5.4 Bad SIZE parameter"
+                if int(value) > self.listener.max_message_size:
+                    return 552, b"5.3.4 Message size exceeds fixed maximum message size"
+            elif key == b"BODY":  # RFC 6152: we take 8-bit text as it is
+                if value.upper() not in (b"7BIT", b"8BITMIME"):
+                    return 555, b"5.5.4 Unsupported BODY type"
+            elif key == b"AUTH" and self.checker is not None and self.startedTLS:
+                pass  # RFC 4954 §5: the identity the message was submitted by; informational
+            else:
+                return 555, b"5.5.4 Unsupported MAIL parameter " + key[:32]
+        return None
+
+    def do_RCPT(self, rest: bytes) -> None:
+        m = self.rcpt_re.match(rest) if self._from is not None else None
+        if m is not None and m.group("opts"):
+            self.sendCode(555, b"5.5.4 Unsupported RCPT parameter")
+            return
+        super().do_RCPT(rest)
 
     def validateFrom(self, helo: tuple[bytes, bytes], origin: smtp.Address) -> smtp.Address:
         return origin
@@ -228,12 +527,15 @@ class InjectionESMTP(smtp.ESMTP):
             client_address=getattr(peer, "host", str(peer)),
             helo=(self._helo[0] or b"").decode("ascii", "replace") if self._helo else "",
             tls=bool(self.startedTLS),
-            auth_user=None,
+            auth_user=self.auth_user,
         )
 
     # -- the message ---------------------------------------------------------
 
     def do_DATA(self, rest: bytes) -> None:
+        if rest.strip():
+            self.sendCode(501, b"5.5.4 Syntax: DATA")
+            return
         if self._from is None or not self._to:
             self.sendCode(503, b"5.5.1 Need MAIL and RCPT before DATA")
             return
@@ -247,13 +549,26 @@ class InjectionESMTP(smtp.ESMTP):
             return
         self._from, self._to = None, []
         self._transaction = transaction
-        self._reader = DataReader(transaction.write, self.listener.max_message_size)
+        self._store_error = None
+        self._reader = DataReader(self._store, self.listener.max_message_size)
+        self._data_timer = self.callLater(self.data_timeout, self._data_timed_out)
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _store(self, data: bytes) -> None:
+        """Pass message text to the spool; a write error is answered at the end of DATA."""
+        if self._store_error is not None or self._transaction is None:
+            return
+        try:
+            self._transaction.write(data)
+        except OSError as e:
+            log.error("cannot write message text to the spool: {e}", e=e)
+            self._store_error = e
 
     def _end_of_data(self) -> None:
         reader, transaction = self._reader, self._transaction
         assert reader is not None and transaction is not None
         self._reader = self._transaction = None
+        self._cancel("_data_timer")
         if reader.refused:
             transaction.abort()
             if reader.too_big:
@@ -263,8 +578,11 @@ class InjectionESMTP(smtp.ESMTP):
             else:
                 self.sendCode(554, b"5.6.0 Message has a line longer than 998 octets")
             return
-        self._held = []
-        self.transport.pauseProducing()
+        if self._store_error is not None:
+            transaction.abort()
+            self.sendCode(451, b"4.3.0 Cannot store the message now, try again later")
+            return
+        self._hold()
         d = defer.maybeDeferred(self.injector.finish, transaction)
         d.addErrback(self._commit_failed, transaction)
         d.addCallback(self._reply_and_resume)
@@ -275,15 +593,20 @@ class InjectionESMTP(smtp.ESMTP):
         return 451, b"4.3.0 Cannot store the message now, try again later"
 
     def _reply_and_resume(self, reply: tuple[int, bytes]) -> None:
-        if getattr(self.transport, "disconnected", False):
+        if self._gone():
             return
         self.sendCode(*reply)
-        held, self._held = self._held or [], None
-        self.transport.resumeProducing()
-        if held:
-            self.dataReceived(b"".join(held))
+        if reply[0] == 421:
+            # Read again, or the client's close (and TLS close_notify) would go unnoticed.
+            self._held = None
+            self.transport.resumeProducing()
+            self.transport.loseConnection()
+            return
+        self._release()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._cancel("_command_timer")
+        self._cancel("_data_timer")
         if self._transaction is not None:
             self._transaction.abort()
             self._transaction = self._reader = None
@@ -291,7 +614,7 @@ class InjectionESMTP(smtp.ESMTP):
 
 
 class Session:
-    """What the injector needs to know of the client behind a transaction."""
+    """What the injector and the policy hook need to know of the client behind a transaction."""
 
     __slots__ = ("listener", "client_address", "helo", "tls", "auth_user")
 
@@ -315,21 +638,120 @@ class Session:
         return any(ip in net for net in self.listener.relay_networks)
 
 
+class ConnectionLimits:
+    """Open injection connections, in total and per client address, across all listeners."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self.open = 0
+        self.by_client: dict[str, int] = {}
+
+    @staticmethod
+    def client_of(addr: Any) -> str:
+        host = getattr(addr, "host", "")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return str(host)
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return str(ip)
+
+    def acquire(self, client: str) -> bytes | None:
+        """Count one more connection, or say why not."""
+        if self.open >= self.total:
+            return b"4.7.0 Too many connections, try again later"
+        if self.by_client.get(client, 0) >= self.per_client:
+            return b"4.7.0 Too many connections from your address, try again later"
+        self.open += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.open -= 1
+        left = self.by_client[client] - 1
+        if left:
+            self.by_client[client] = left
+        else:
+            del self.by_client[client]
+
+
+class _Refuse(protocol.Protocol):
+    """Says 421 and hangs up: the reply RFC 5321 §3.8 gives a server that cannot serve now."""
+
+    def __init__(self, host: bytes, text: bytes) -> None:
+        self.host = host
+        self.text = text
+
+    def connectionMade(self) -> None:
+        code, _, text = self.text.partition(b" ")
+        self.transport.write(b"421 " + code + b" " + self.host + b" " + text + b"\r\n")
+        self.transport.loseConnection()
+
+
 class InjectionFactory(protocol.ServerFactory):
     """Builds sessions for one listener; its protocols share the listener's settings."""
 
     noisy = False
 
     def __init__(self, listener: ListenerConfig, injector: Injector, hostname: str,
-                 timeout: float) -> None:
+                 timeout: float, *, command_timeout: float = 60.0, data_timeout: float = 1800.0,
+                 limits: ConnectionLimits | None = None, tls: Any = None,
+                 checker: Any = None) -> None:
         self.listener = listener
         self.injector = injector
         self.hostname = hostname
         self.timeout = timeout
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout
+        self.limits = limits
+        self.tls = tls
+        self.checker = checker
 
-    def buildProtocol(self, addr: Any) -> InjectionESMTP:
-        p = InjectionESMTP(self.listener, self.injector)
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        host = self.hostname.encode("idna")
+        client = ConnectionLimits.client_of(addr)
+        if self.limits is not None:
+            refusal = self.limits.acquire(client)
+            if refusal is not None:
+                log.info("refused a connection from {client}: {why}", client=client,
+                         why=refusal.decode())
+                return _Refuse(host, refusal)
+        p = _LimitedESMTP(self.listener, self.injector, self.tls, self.checker)
         p.factory = self
-        p.host = self.hostname.encode("idna")
+        p.host = host
         p.timeout = self.timeout
+        p.command_timeout = self.command_timeout
+        p.data_timeout = self.data_timeout
+        p._client = client
         return p
+
+
+class _LimitedESMTP(InjectionESMTP):
+    """A session that gives its place back to the factory's limits when it ends."""
+
+    _client = ""
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            if self.factory.limits is not None:
+                self.factory.limits.release(self._client)
+
+
+def listener_factory(listener: ListenerConfig, injector: Injector, hostname: str, smtp_config: SmtpConfig,
+                     limits: ConnectionLimits, checker: Any = None) -> protocol.Factory:
+    """The factory for one listener, wrapped in TLS from the first byte for ``tls = "implicit"``."""
+    tls = None
+    if listener.tls_certificate and listener.tls != "off":
+        tls = load_server_options(listener.tls_certificate, listener.tls_key)
+    factory = InjectionFactory(
+        listener, injector, hostname, smtp_config.timeout,
+        command_timeout=smtp_config.command_timeout, data_timeout=smtp_config.data_timeout,
+        limits=limits, tls=tls, checker=checker,
+    )
+    if listener.tls == "implicit" and tls is not None and not listener.endpoint.startswith("ssl:"):
+        return TLSMemoryBIOFactory(tls, False, factory)
+    return factory

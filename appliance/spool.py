@@ -16,7 +16,9 @@ renaming its directory from ``incoming/`` into ``active/`` and fsyncing
 The journal records what happened to each recipient's copy. A copy is final
 once a ``done`` line for it is on disk, and the directory is removed only when
 every copy is final, so a crash between "event written" and "spool cleaned"
-costs at most a repeated removal, never a lost copy.
+costs at most a repeated removal, never a lost copy. Removal first renames the
+directory out of ``active/`` (into ``incoming/``, emptied at start-up), so a
+crash during it never leaves a half-deleted entry to be delivered again.
 
 File system calls that block (fsync, rename, removal) go through ``run``,
 which is ``deferToThread`` in the appliance and a synchronous call in tests.
@@ -232,8 +234,16 @@ class Spool:
             os.fsync(f.fileno())
 
     def _remove(self, queued: QueuedMessage) -> None:
-        shutil.rmtree(queued.path, ignore_errors=True)
+        # Leave active/ in one atomic rename, then delete: a crash in the middle of a
+        # removal must not leave an entry there with its message gone but its
+        # envelope still naming copies to deliver. incoming/ is emptied at start-up.
+        trash = os.path.join(self.incoming, os.path.basename(queued.path) + ".removed")
+        try:
+            os.rename(queued.path, trash)
+        except FileNotFoundError:
+            return
         _fsync_path(self.active, directory=True)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def read_message(self, queued: QueuedMessage) -> bytes:
         with open(queued.message_path, "rb") as f:

@@ -6,6 +6,7 @@ from twisted.python import usage
 
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from appliance.links import KeyFileError, Keyring, prepare_keyring
+from appliance.policy import Hook, PolicyError, load_hook
 from appliance.service import Appliance
 
 
@@ -21,6 +22,7 @@ class Options(usage.Options):
 
     config: Config
     keyring: Keyring
+    policy_hook: Hook | None
 
     def postOptions(self) -> None:
         # Validate here, before twistd daemonizes, so a bad file fails the command itself.
@@ -28,9 +30,10 @@ class Options(usage.Options):
             self.config = load_config(self["config"])
             links = self.config.links
             self.keyring = prepare_keyring(links.keys_file, links.create_keys_file)
-        except (ConfigError, KeyFileError) as e:
+            self.policy_hook = load_hook(self.config.policy.hook, self.config.policy.path)
+        except (ConfigError, KeyFileError, PolicyError) as e:
             raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> Appliance:
-    return Appliance(options.config, keyring=options.keyring)
+    return Appliance(options.config, keyring=options.keyring, policy_hook=options.policy_hook)

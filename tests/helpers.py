@@ -12,6 +12,7 @@ from twisted.internet import defer, reactor, threads
 
 from appliance.config import Config, parse_config
 from appliance.service import Appliance
+from tests.fakes import FakeResolver
 from tests.sink import SinkFactory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,13 +67,15 @@ def read_events(config: Config) -> list[dict[str, Any]]:
 class RunningAppliance:
     """An appliance and a sink, both listening on loopback, for integration tests."""
 
-    def __init__(self, directory: str, **changes: Any) -> None:
+    def __init__(self, directory: str, resolver: Any = None, **changes: Any) -> None:
         self.sink = SinkFactory()
         self.sink_port = reactor.listenTCP(0, self.sink, interface="127.0.0.1")
         route = f"127.0.0.1:{self.sink_port.getHost().port}"
         routes = {"example.test": route, "example.org": route}
         self.config = make_config(directory, **merge({"delivery": {"routes": routes}}, changes))
-        self.appliance = Appliance(self.config)
+        # Never the real DNS in tests: a resolver that knows nothing unless told.
+        self.resolver = resolver if resolver is not None else FakeResolver()
+        self.appliance = Appliance(self.config, resolver=self.resolver)
         self.smtp_port = port_of(self.config.smtp.listeners[0].endpoint)
         self.http_port = port_of(self.config.tracker.endpoint)
 

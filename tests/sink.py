@@ -2,8 +2,10 @@
 A real SMTP server that receives what the appliance delivers, for tests and trials.
 
 It speaks enough ESMTP for a delivering client (EHLO, MAIL, RCPT, DATA,
-RSET, NOOP, QUIT) and can be scripted to answer any command with any reply,
-or to drop the connection, so delivery tests can play a difficult MX.
+RSET, NOOP, QUIT, and STARTTLS and AUTH PLAIN when given a certificate and
+accounts) and can be scripted to answer any command with any reply, with a
+raw line that is not SMTP, with silence, or by dropping the connection, so
+delivery tests can play a difficult MX.
 
 Run it by hand to watch what the appliance delivers::
 
@@ -13,15 +15,18 @@ Run it by hand to watch what the appliance delivers::
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.protocols.basic import LineReceiver
 
-# A script answers (command, argument) with a reply, "drop", or None for the default.
-Script = Callable[[str, bytes], "tuple[int, str] | str | None"]
+# A script answers (command, argument) with a reply, raw bytes to send as a line,
+# "drop" (close the connection), "silent" (never answer), or None for the default.
+Script = Callable[[str, bytes], "tuple[int, str] | bytes | str | None"]
 
 
 @dataclass
@@ -30,6 +35,9 @@ class Received:
     rcpt_to: list[str]
     data: bytes  # dot-unstuffed, lines ending in CRLF, as the sink received them
     peer: str = ""
+    tls: bool = False
+    auth_user: str | None = None
+    connection: int = 0  # which connection (1, 2, ...) carried it
 
 
 @dataclass
@@ -47,15 +55,28 @@ class SinkProtocol(LineReceiver):
     def connectionMade(self) -> None:
         self.tx = Transaction()
         self.in_data = False
+        self.tls = False
+        self.auth_user: str | None = None
         self.factory.connections += 1
+        self.number = self.factory.connections
         self.reply("CONNECT", b"", (220, "sink.test ESMTP test sink"))
 
-    def reply(self, command: str, arg: bytes, default: tuple[int, str]) -> bool:
-        """Send the scripted or default reply; False if the script dropped the line."""
+    def reply(self, command: str, arg: bytes, default: tuple[int, str] | list[str]) -> bool:
+        """Send the scripted or default reply; False unless it was a 2xx or 3xx."""
         answer = self.factory.script(command, arg) if self.factory.script else None
         if answer == "drop":
             self.transport.loseConnection()
             return False
+        if answer == "silent":
+            return False
+        if isinstance(answer, bytes):
+            self.sendLine(answer)
+            return False
+        if answer is None and isinstance(default, list):
+            for line in default[:-1]:
+                self.sendLine(f"250-{line}".encode())
+            self.sendLine(f"250 {default[-1]}".encode())
+            return True
         code, text = answer or default
         self.sendLine(f"{code} {text}".encode())
         return 200 <= code < 400
@@ -68,17 +89,33 @@ class SinkProtocol(LineReceiver):
                 if self.reply("EOM", data, (250, "2.0.0 Ok: queued")):
                     peer = self.transport.getPeer()
                     self.factory.deliver(Received(self.tx.mail_from or "", self.tx.rcpt_to, data,
-                                                  getattr(peer, "host", "")))
+                                                  getattr(peer, "host", ""), self.tls,
+                                                  self.auth_user, self.number))
                 self.tx = Transaction()
             else:
                 self.tx.lines.append(line[1:] if line.startswith(b".") else line)
             return
+        self.factory.commands.append((self.number, line))
         command, _, arg = line.partition(b" ")
         verb = command.upper().decode("ascii", "replace")
         if verb in ("EHLO", "HELO"):
-            self.reply(verb, arg, (250, "sink.test"))
+            self.reply(verb, arg, self.ehlo_lines() if verb == "EHLO" else (250, "sink.test"))
+        elif verb == "STARTTLS" and self.factory.broken_tls and not self.tls:
+            # Says yes, then answers the handshake with text: a broken TLS set-up.
+            self.sendLine(b"220 2.0.0 Ready to start TLS")
+            self.sendLine(b"this is not a TLS handshake")
+            self.transport.loseConnection()
+        elif verb == "STARTTLS" and self.factory.tls is not None and not self.tls:
+            if self.reply(verb, arg, (220, "2.0.0 Ready to start TLS")):
+                self.transport.startTLS(self.factory.tls)
+                self.tls = True
+                self.tx = Transaction()
+        elif verb == "AUTH" and self.factory.accounts is not None and self.tls:
+            self.auth(arg)
         elif verb == "MAIL":
-            if self.reply(verb, arg, (250, "2.1.0 Ok")):
+            if self.factory.accounts is not None and self.auth_user is None:
+                self.reply(verb, arg, (530, "5.7.0 Authentication required"))
+            elif self.reply(verb, arg, (250, "2.1.0 Ok")):
                 self.tx.mail_from = _address(arg)
         elif verb == "RCPT":
             if self.reply(verb, arg, (250, "2.1.5 Ok")):
@@ -97,6 +134,28 @@ class SinkProtocol(LineReceiver):
         else:
             self.reply(verb, arg, (502, "5.5.2 Command not recognised"))
 
+    def ehlo_lines(self) -> list[str]:
+        lines = ["sink.test", "SIZE 104857600", "8BITMIME"]
+        if (self.factory.tls is not None or self.factory.broken_tls) and not self.tls:
+            lines.append("STARTTLS")
+        if self.factory.accounts is not None and self.tls:
+            lines.append("AUTH PLAIN")
+        return lines
+
+    def auth(self, arg: bytes) -> None:
+        mechanism, _, initial = arg.partition(b" ")
+        try:
+            _authzid, user, password = base64.b64decode(initial, validate=True).split(b"\0")
+        except ValueError:
+            self.reply("AUTH", arg, (501, "5.5.2 Malformed AUTH PLAIN"))
+            return
+        accounts = self.factory.accounts or {}
+        if mechanism.upper() == b"PLAIN" and accounts.get(user.decode()) == password.decode():
+            self.auth_user = user.decode()
+            self.reply("AUTH", arg, (235, "2.7.0 Authentication successful"))
+        else:
+            self.reply("AUTH", arg, (535, "5.7.8 Authentication credentials invalid"))
+
 
 def _address(arg: bytes) -> str:
     text = arg.decode("utf-8", "replace")
@@ -108,10 +167,16 @@ class SinkFactory(protocol.ServerFactory):
     protocol = SinkProtocol
     noisy = False
 
-    def __init__(self, script: Script | None = None, directory: str | None = None) -> None:
+    def __init__(self, script: Script | None = None, directory: str | None = None,
+                 tls: Any = None, accounts: dict[str, str] | None = None,
+                 broken_tls: bool = False) -> None:
         self.script = script
         self.directory = directory
+        self.tls = tls  # a server TLS context: offer STARTTLS
+        self.accounts = accounts  # user -> password: offer AUTH PLAIN after TLS, and require it
+        self.broken_tls = broken_tls  # offer STARTTLS, then fail every handshake
         self.messages: list[Received] = []
+        self.commands: list[tuple[int, bytes]] = []  # (connection number, command line)
         self.connections = 0
         self._waiting: list[tuple[int, defer.Deferred]] = []
 

@@ -128,3 +128,59 @@ class ListenerOverrideTests(SynchronousTestCase):
         self.assertEqual(bulk.smtpapi.tracking_domain, "t.example.com")
         self.assertEqual(bulk.max_recipients, 5)
         self.assertEqual(default.max_recipients, 1000)
+
+
+class DeliveryConfigTests(SynchronousTestCase):
+    """The delivery table's own keys (routing, TLS, DNS, smarthost AUTH, limits)."""
+
+    def parse(self, **delivery: object) -> object:
+        return parse_config(merge(shipped_toml(), {"delivery": delivery}), "x.toml").delivery
+
+    def problems(self, **delivery: object) -> dict[str, str]:
+        e = self.assertRaises(ConfigError, parse_config, merge(shipped_toml(), {"delivery": delivery}),
+                              "x.toml")
+        return dict(e.problems)
+
+    def test_defaults(self) -> None:
+        d = self.parse()
+        self.assertEqual((d.tls, d.tls_verify, d.address_preference), ("opportunistic", False, "any"))
+        self.assertEqual((d.dns_servers, d.mx_address_limit), ((), 5))
+        self.assertEqual((d.retry_initial, d.retry_max, d.data_timeout), (300, 4000, 600))
+        self.assertEqual((d.max_connections, d.max_connections_per_destination,
+                          d.max_messages_per_connection), (50, 20, 100))
+
+    def test_values(self) -> None:
+        d = self.parse(tls="required", tls_verify=True, dns_servers=["192.0.2.53", "[2001:db8::53]:5353"],
+                       address_preference="ipv6", max_connections_per_destination=2)
+        self.assertEqual(d.dns_servers, (("192.0.2.53", 53), ("2001:db8::53", 5353)))
+        self.assertEqual((d.tls, d.tls_verify, d.address_preference), ("required", True, "ipv6"))
+        self.assertEqual(d.max_connections_per_destination, 2)
+
+    def test_mistakes_named_by_key(self) -> None:
+        p = self.problems(tls="always", tls_verify=True, dns_servers=["ns.example.com"],
+                          address_preference="v6", data_timeout="0s", mx_address_limit=0,
+                          tls_ca_file="/nonexistent/ca.pem", max_messages_per_connection=0)
+        self.assertIn("expected one of 'opportunistic', 'required', 'none'", p["delivery.tls"])
+        self.assertEqual(p["delivery.tls_verify"], 'needs tls = "required"')
+        self.assertIn("expected IP addresses", p["delivery.dns_servers"])
+        self.assertIn("delivery.address_preference", p)
+        self.assertEqual(p["delivery.data_timeout"], "must be more than 0 seconds")
+        self.assertIn("delivery.mx_address_limit", p)
+        self.assertIn("delivery.max_messages_per_connection", p)
+        self.assertEqual(p["delivery.tls_ca_file"], "no such file: /nonexistent/ca.pem")
+
+    def test_smarthost_password_from_its_file(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("s3cret\n")
+        d = self.parse(smarthost="relay.example:587", smarthost_username="u",
+                       smarthost_password_file=path)
+        self.assertEqual((d.smarthost_username, d.smarthost_password), ("u", "s3cret"))
+        self.assertNotIn("s3cret", repr(d))  # never in a log line that prints the config
+
+    def test_smarthost_auth_mistakes(self) -> None:
+        p = self.problems(smarthost="relay.example:587", smarthost_username="u")
+        self.assertIn("needs both", p["delivery.smarthost_password_file"])
+        p = self.problems(smarthost_username="u", smarthost_password_file="/nonexistent/pw")
+        self.assertEqual(p["delivery.smarthost_username"], "set, but there is no smarthost")
+        self.assertIn("cannot read /nonexistent/pw", p["delivery.smarthost_password_file"])

@@ -1,18 +1,36 @@
-"""Delivery: routing, the retry schedule on a fake clock, bounce classes, dot-stuffing."""
+"""Delivery without sockets: routing, DNS ordering, the body encoder, bounce classes, the schedule."""
 
 from __future__ import annotations
 
 import os
+import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.names import dns
+from twisted.names import error as dns_error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.config import DeliveryConfig, Route
-from appliance.delivery import DeliveryService, Router, Sender, bounce_class, message_from_spool
+from appliance.delivery import (
+    BodyEncoder,
+    DeliveryService,
+    Hop,
+    HopFinder,
+    Router,
+    bounce_class,
+    domain_problem,
+    encode_body,
+    message_from_spool,
+)
+from appliance.delivery.outcome import canonical_reason
+from appliance.delivery.routing import Destination, NoHops, order_addresses, order_mx
 from appliance.events import EventLog
 from appliance.spool import Spool, run_synchronously
+from tests.fakes import FakeResolver
 from tests.test_spool import envelope
 
 
@@ -24,31 +42,211 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(router.route("Example.COM."), Route("a", 1))
         self.assertEqual(router.route("mx.deep.example.org"), Route("b", 2))
         self.assertEqual(router.route("example.org"), Route("s", 25))
-        self.assertFalse(Router(DeliveryConfig()).can_route("example.net"))
+        self.assertIsNone(Router(DeliveryConfig()).route("example.net"))
+
+    def test_destinations(self) -> None:
+        config = DeliveryConfig(routes={"example.com": Route("a", 1), "*.example.com": Route("a", 1)})
+        router = Router(config)
+        # One route, one queue, whichever domain led to it.
+        self.assertEqual(router.destination("example.com"), router.destination("x.example.com"))
+        self.assertEqual(router.destination("Example.NET."), Destination("example.net", "example.net"))
+        smart = Router(DeliveryConfig(smarthost=Route("relay.test", 587))).destination("example.net")
+        self.assertTrue(smart.smarthost)
+        self.assertEqual((smart.route, smart.key), (Route("relay.test", 587), "smarthost relay.test:587"))
+
+    def test_only_the_never_deliverable_is_refused(self) -> None:
+        router = Router(DeliveryConfig(routes={"intranet": Route("10.0.0.1", 25)}))
+        for ok in ("example.com", "EXAMPLE.com.", "xn--bcher-kva.example", "bücher.example", "intranet",
+                   "a-b.c"):
+            self.assertIsNone(router.undeliverable(ok), ok)
+        for bad in ("nowhere.invalid", "INVALID", "bad..dots", "-lead.example", "under_score.example",
+                    "[192.0.2.1]", "a" * 64 + ".example", ""):
+            self.assertIsNotNone(router.undeliverable(bad), bad)
+        self.assertIn("RFC 6761", domain_problem("x.invalid") or "")
 
 
 class BounceClassTests(SynchronousTestCase):
     def test_classes(self) -> None:
-        self.assertEqual(bounce_class(550, "550 5.1.1 User unknown"), "10")
-        self.assertEqual(bounce_class(552, "552 5.2.2 Mailbox full"), "22")
-        self.assertEqual(bounce_class(554, "554 5.7.1 Rejected by policy"), "50")
-        self.assertEqual(bounce_class(550, "550 Go away"), "40")
-        self.assertEqual(bounce_class(451, "451 4.7.1 Greylisted"), "20")
-        self.assertEqual(bounce_class(0, "Connection refused"), "1")
+        cases = [
+            (550, "550 5.1.1 User unknown", "10"),
+            (556, "556 5.1.10 [internal] null MX", "10"),
+            (550, "550 5.2.1 Mailbox disabled", "10"),
+            (552, "552 5.2.2 Mailbox full", "22"),
+            (552, "552 5.3.4 Message too big", "23"),
+            (550, "550 5.4.4 [internal] no address", "21"),
+            (554, "554 5.4.7 [internal] message expired", "24"),
+            (554, "554 5.7.1 Rejected by policy", "50"),
+            (550, "550 5.2.10 something new", "40"),  # 5.2.1 is matched exactly, not as a prefix
+            (550, "550 Go away", "40"),
+            (451, "451 4.7.1 Greylisted", "70"),
+            (452, "452 4.2.2 Over quota", "22"),
+            (451, "451 4.4.3 [internal] DNS lookup failed", "21"),
+            (421, "421 Too busy", "70"),
+            (0, "Connection refused", "1"),
+        ]
+        for code, reason, klass in cases:
+            self.assertEqual(bounce_class(code, reason), klass, reason)
+
+    def test_canonical_reason(self) -> None:
+        raw = "550-5.7.1 IP 192.0.2.77 is listed\n550 5.7.1 see http://example/192.0.2.77"
+        self.assertEqual(canonical_reason(raw),
+                         "550-5.7.1 IP a.b.c.d is listed 550 5.7.1 see http://example/a.b.c.d")
+        self.assertEqual(len(canonical_reason("x" * 5000)), 1024)
+        self.assertEqual(canonical_reason("a\x00b\x1bc"), "abc")
 
 
-class SenderTests(SynchronousTestCase):
-    def test_dot_stuffing_across_chunks(self) -> None:
-        sender = Sender(None, None, None, b"helo")
-        sender.makeConnection(StringTransport())
-        chunks = [b".starts\r\n", b"mid\r\n", b".\r\n", b"x\r\n.", b"\r\n..y\r\n"]
-        out = b"".join(sender.transformChunk(c) for c in chunks)
-        self.assertEqual(out, b"..starts\r\nmid\r\n..\r\nx\r\n..\r\n...y\r\n")
-        sender.finishedFileTransfer(b"")
-        sender.setTimeout(None)
+def canonical(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
-class ScheduleTests(SynchronousTestCase):
+def expected(body: bytes) -> bytes:
+    """What should arrive: CRLF everywhere, and a last line that is ended."""
+    if body and not body.endswith((b"\n", b"\r")):
+        body += b"\n"
+    return canonical(body)
+
+
+def unstuff(wire: bytes) -> bytes:
+    """What a receiving server makes of DATA's wire form: the text before the lone dot, unstuffed."""
+    assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n", wire[-20:]
+    body = wire[: -len(b".\r\n")]
+    lines = body.split(b"\r\n")
+    assert lines[-1] == b""
+    for line in lines[:-1]:
+        assert line != b".", "a lone dot inside the body would end DATA early"
+        assert b"\r" not in line and b"\n" not in line
+    return b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines[:-1])
+
+
+class BodyEncoderTests(SynchronousTestCase):
+    def test_dot_lines_at_chunk_boundaries(self) -> None:
+        for offset in (0, 1, 2, 16381, 16382, 16383, 16384, 16385, 32767, 32768, 49152):
+            # A lone "." line that starts exactly at ``offset``.
+            prefix = b"\n" if offset == 1 else b"x" * (offset - 2) + b"\r\n" if offset else b""
+            body = prefix + b".\r\n..\r\n.x\r\nend"
+            self.assertEqual(body.index(b".\r\n.."), offset)
+            self.assertEqual(unstuff(encode_body(body)), expected(body), offset)
+
+    def test_line_endings_are_made_crlf(self) -> None:
+        self.assertEqual(encode_body(b"a\nb\rc\r\nd"), b"a\r\nb\r\nc\r\nd\r\n.\r\n")
+        self.assertEqual(encode_body(b".\n.\r."), b"..\r\n..\r\n..\r\n.\r\n")
+        self.assertEqual(encode_body(b""), b".\r\n")
+
+    def test_cr_split_from_its_lf(self) -> None:
+        encoder = BodyEncoder()
+        out = encoder.encode(b"line\r") + encoder.encode(b"\n.next\r") + encoder.end()
+        self.assertEqual(out, b"line\r\n..next\r\n.\r\n")
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from([b".", b"..", b"x", b"\r\n", b"\n", b"\r", b" "]), max_size=60),
+           st.integers(min_value=1, max_value=7))
+    def test_any_body_any_chunking(self, pieces: list[bytes], chunk: int) -> None:
+        body = b"".join(pieces)
+        self.assertEqual(unstuff(encode_body(body, chunk_size=chunk)), expected(body))
+
+
+class OrderingTests(SynchronousTestCase):
+    def test_mx_by_preference_ties_shuffled(self) -> None:
+        records = [(20, "c"), (10, "b"), (10, "a"), (30, "d"), (10, "e")]
+        seen = set()
+        for seed in range(40):
+            order = order_mx(records, random.Random(seed))
+            self.assertEqual(sorted(order[:3]), ["a", "b", "e"])
+            self.assertEqual(order[3:], ["c", "d"])
+            seen.add(tuple(order[:3]))
+        self.assertGreater(len(seen), 1)  # ties really are shuffled
+
+    def test_address_preference(self) -> None:
+        rng = random.Random(1)
+        self.assertEqual(order_addresses(["::1"], ["127.0.0.1"], "ipv4", rng), ["127.0.0.1", "::1"])
+        self.assertEqual(order_addresses(["::1"], ["127.0.0.1"], "ipv6", rng), ["::1", "127.0.0.1"])
+        both = {tuple(order_addresses(["::1"], ["127.0.0.1"], "any", rng)) for _ in range(40)}
+        self.assertEqual(len(both), 2)
+
+
+class HopFinderTests(SynchronousTestCase):
+    def finder(self, resolver: FakeResolver, **config: object) -> HopFinder:
+        return HopFinder(DeliveryConfig(address_preference="ipv6", **config), resolver,  # type: ignore
+                         random.Random(0))
+
+    def hops(self, resolver: FakeResolver, domain: str = "example.com", **config: object) -> list[Hop]:
+        return self.successResultOf(self.finder(resolver, **config).hops(Destination(domain, domain)))
+
+    def no_hops(self, resolver: FakeResolver, domain: str = "example.com") -> NoHops:
+        return self.failureResultOf(self.finder(resolver).hops(Destination(domain, domain)), NoHops).value
+
+    def test_mx_order_and_addresses(self) -> None:
+        r = (FakeResolver().mx("example.com", (20, "mx2.example.com"), (10, "mx1.example.com"))
+             .host("mx1.example.com", "192.0.2.1", "2001:db8::1").host("mx2.example.com", "192.0.2.2"))
+        self.assertEqual(self.hops(r), [Hop("mx1.example.com", "2001:db8::1"),
+                                        Hop("mx1.example.com", "192.0.2.1"),
+                                        Hop("mx2.example.com", "192.0.2.2")])
+
+    def test_mx_host_without_address_is_skipped(self) -> None:
+        r = (FakeResolver().mx("example.com", (10, "gone.example.com"), (20, "mx2.example.com"))
+             .host("mx2.example.com", "192.0.2.2"))
+        self.assertEqual(self.hops(r), [Hop("mx2.example.com", "192.0.2.2")])
+
+    def test_address_limit(self) -> None:
+        r = FakeResolver().mx("example.com", *[(i, f"mx{i}.example.com") for i in range(9)])
+        for i in range(9):
+            r.host(f"mx{i}.example.com", f"192.0.2.{i + 1}")
+        self.assertEqual([h.address for h in self.hops(r, mx_address_limit=3)],
+                         ["192.0.2.1", "192.0.2.2", "192.0.2.3"])
+
+    def test_no_mx_falls_back_to_the_domain_itself(self) -> None:
+        r = FakeResolver().host("example.com", "192.0.2.9", "2001:db8::9")
+        self.assertEqual(self.hops(r), [Hop("example.com", "2001:db8::9"), Hop("example.com", "192.0.2.9")])
+        self.assertIn(("example.com", dns.MX), r.queries)
+
+    def test_null_mx_bounces(self) -> None:
+        for name in ("", "."):
+            r = FakeResolver().mx("example.com", (0, name))
+            e = self.no_hops(r)
+            self.assertEqual((e.outcome.kind, e.outcome.code), ("bounce", 556))
+            self.assertIn("5.1.10", e.outcome.raw_reason)
+            self.assertIn("null MX", e.outcome.raw_reason)
+            self.assertNotIn(("example.com", dns.A), r.queries)  # no fallback to the A record
+
+    def test_nxdomain_bounces(self) -> None:
+        e = self.no_hops(FakeResolver(), "nowhere.example")
+        self.assertEqual((e.outcome.kind, e.outcome.code), ("bounce", 550))
+        self.assertIn("nowhere.example does not exist", e.outcome.raw_reason)
+        self.assertEqual(bounce_class(e.outcome.code, e.outcome.raw_reason), "10")
+
+    def test_servfail_and_timeout_delay(self) -> None:
+        for exc, text in ((dns_error.DNSServerError("example.com"), "SERVFAIL"),
+                          (dns_error.DNSQueryTimeoutError(1), "no answer in time")):
+            e = self.no_hops(FakeResolver(errors={("example.com", dns.MX): exc}))
+            self.assertEqual((e.outcome.kind, e.outcome.code), ("delay", 451))
+            self.assertIn(text, e.outcome.raw_reason)
+
+    def test_domain_without_any_address_bounces(self) -> None:
+        e = self.no_hops(FakeResolver(nxdomain=False))
+        self.assertEqual(e.outcome.kind, "bounce")
+        self.assertIn("5.4.4", e.outcome.raw_reason)
+
+    def test_mx_hosts_without_addresses_delay(self) -> None:
+        e = self.no_hops(FakeResolver().mx("example.com", (10, "a.example.com")))
+        self.assertEqual(e.outcome.kind, "delay")
+        self.assertIn("a.example.com", e.outcome.raw_reason)
+
+    def test_route_by_name_and_by_address(self) -> None:
+        r = FakeResolver().host("relay.test", "192.0.2.5")
+        finder = self.finder(r)
+        by_name = Destination("route relay.test:2525", "relay.test", Route("relay.test", 2525))
+        self.assertEqual(self.successResultOf(finder.hops(by_name)), [Hop("relay.test", "192.0.2.5", 2525)])
+        by_ip = Destination("route ::1:2525", "::1", Route("::1", 2525))
+        self.assertEqual(self.successResultOf(finder.hops(by_ip)), [Hop("::1", "::1", 2525)])
+        self.assertNotIn(("relay.test", dns.MX), r.queries)  # a route is a host, not a domain
+
+
+class ServiceTestBase(SynchronousTestCase):
+    """A DeliveryService on a memory reactor: connections are recorded, not made."""
+
+    config = DeliveryConfig(routes={"x.test": Route("127.0.0.1", 2526)}, retry_initial=300,
+                            retry_max=1000, max_queue_lifetime=3000)
+
     def setUp(self) -> None:
         base = self.mktemp()
         self.reactor = MemoryReactorClock()
@@ -61,37 +259,142 @@ class ScheduleTests(SynchronousTestCase):
         self.addCleanup(self.events.stopService)
         self.written: list[dict] = []
         self.events.subscribe(self.written.append)
-        config = DeliveryConfig(routes={"x.test": Route("127.0.0.1", 2526)}, retry_initial=300,
-                                retry_max=1000, max_queue_lifetime=3000)
-        self.service = DeliveryService(config, self.spool, self.events, message_from_spool(self.spool),
-                                       Router(config), "me.test", reactor=self.reactor)
+        self.service = DeliveryService(self.config, self.spool, self.events,
+                                       message_from_spool(self.spool), Router(self.config), "me.test",
+                                       reactor=self.reactor, resolver=FakeResolver())
         self.service.startService()
-        w = self.spool.writer("1")
-        w.write(b"Subject: x\r\n\r\nbody\r\n")
-        self.queued = self.successResultOf(w.commit(envelope("1", n=1)))
-        self.service.enqueue(self.queued)
 
+    def queue(self, tid: str = "1", n: int = 1, domain: str = "x.test") -> object:
+        w = self.spool.writer(tid)
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        env = envelope(tid, n=n)
+        for r in env.recipients:
+            r.address = r.address.replace("x.test", domain)
+        queued = self.successResultOf(w.commit(env))
+        self.service.enqueue(queued)
+        return queued
+
+    def connect(self, index: int = -1) -> tuple[object, StringTransport]:
+        """Complete a recorded connection attempt with a StringTransport, as if the server were there."""
+        _host, _port, factory, _timeout, _bind = self.reactor.tcpClients[index]
+        client = factory.buildProtocol(None)
+        transport = StringTransport()
+        client.makeConnection(transport)
+        return client, transport
+
+
+class ScheduleTests(ServiceTestBase):
     def fail_connection(self) -> None:
         self.reactor.advance(0)
         _host, _port, factory, _timeout, _bind = self.reactor.tcpClients.pop()
         factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
 
     def test_backoff_doubles_to_max_then_bounces(self) -> None:
+        queued = self.queue()
         delays = []
         for _ in range(8):
             self.fail_connection()
             if self.written[-1]["type"] == "bounce":
                 break
-            delays.append(self.queued.states[0].next_attempt - self.reactor.seconds())
+            delays.append(queued.states[0].next_attempt - self.reactor.seconds())
             self.reactor.advance(delays[-1])
         # Attempts at 0, 300, 900, 1900 and 2900 s of queue time delay; at 3900 s the
         # 3000 s lifetime is over and the copy bounces.
         self.assertEqual(delays, [300, 600, 1000, 1000, 1000])
         types = [e["type"] for e in self.written]
         self.assertEqual(types, ["delay"] * 5 + ["bounce"])
-        self.assertEqual(self.written[-1]["num_retries"], "5")
-        self.assertEqual(self.written[-1]["bounce_class"], "24")  # 5.4.7: expired in queue
-        self.assertIn("expired", self.written[-1]["reason"])
-        self.assertIn("Connection was refused", self.written[0]["reason"])
-        self.assertFalse(os.path.exists(self.queued.path))
+        self.assertEqual([e["num_retries"] for e in self.written], ["0", "1", "2", "3", "4", "5"])
+        last = self.written[-1]
+        self.assertEqual(last["bounce_class"], "24")  # 5.4.7: expired in queue
+        self.assertEqual(last["error_code"], "554")
+        self.assertIn("expired after 1.08h in the queue", last["reason"])
+        self.assertIn("Connection was refused", last["raw_reason"])
+        self.assertEqual(last["queue_time"], str(3900 * 1000))
+        first = self.written[0]
+        self.assertEqual(first["error_code"], "421")
+        self.assertEqual(first["bounce_class"], "70")
+        self.assertIn("cannot connect to 127.0.0.1:2526", first["reason"])
+        self.assertFalse(os.path.exists(queued.path))
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_retry_schedule_survives_restart(self) -> None:
+        self.queue()
+        self.fail_connection()
+        self.service.stopService()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        again = DeliveryService(self.config, self.spool, self.events, message_from_spool(self.spool),
+                                Router(self.config), "me.test", reactor=self.reactor)
+        again.startService()
+        self.reactor.advance(299)
+        self.assertEqual(self.reactor.tcpClients, [])  # not before its time
+        self.reactor.advance(1)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_dead_destination_costs_one_connection(self) -> None:
+        for tid in "123":
+            self.queue(tid, n=3)
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.tcpClients), 1)  # one probe, not nine
+        self.fail_connection()
+        self.assertEqual([e["type"] for e in self.written], ["delay"] * 9)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+
+class ConcurrencyTests(ServiceTestBase):
+    config = DeliveryConfig(routes={"x.test": Route("127.0.0.1", 2526), "y.test": Route("127.0.0.2", 2526)},
+                            max_connections=4, max_connections_per_destination=3)
+
+    def test_limits_per_destination_and_in_total(self) -> None:
+        self.queue("1", n=10)
+        self.queue("2", n=10, domain="y.test")
+        self.reactor.advance(0)
+        # One probe per destination until it proves reachable.
+        self.assertEqual([c[0] for c in self.reactor.tcpClients], ["127.0.0.1", "127.0.0.2"])
+        client, transport = self.connect(0)
+        client.dataReceived(b"220 hi\r\n")
+        client.dataReceived(b"250-ok\r\n250 SIZE 1000000\r\n")  # EHLO: the session is established
+        self.assertIn(b"MAIL FROM:<a@b.test> SIZE=", transport.value())
+        # x.test may now use its three; the total of four leaves y.test its one.
+        self.assertEqual([c[0] for c in self.reactor.tcpClients],
+                         ["127.0.0.1", "127.0.0.2", "127.0.0.1", "127.0.0.1"])
+        transport.clear()
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        while transport.producer is not None:  # a pull producer: the transport asks for each chunk
+            transport.producer.resumeProducing()
+        self.assertTrue(transport.value().endswith(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n"))
+        transport.clear()
+        client.dataReceived(b"250 2.0.0 queued\r\n")
+        self.assertEqual(self.written[-1]["type"], "delivery")
+        # More copies wait, so the connection is reused after RSET.
+        self.assertTrue(transport.value().endswith(b"RSET\r\n"), transport.value())
+        client.dataReceived(b"250 ok\r\n")
+        self.assertIn(b"MAIL FROM:", transport.value())
+        client.setTimeout(None)
+
+    def test_one_failed_connection_does_not_defer_a_working_destination(self) -> None:
+        self.queue("1", n=10)
+        self.reactor.advance(0)
+        client, _transport = self.connect(0)
+        client.dataReceived(b"220 hi\r\n250 ok\r\n")
+        self.assertEqual(len(self.reactor.tcpClients), 3)
+        _h, _p, factory, _t, _b = self.reactor.tcpClients[1]
+        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        self.assertEqual(self.written, [])  # the established connection takes the waiting copies
+        client.setTimeout(None)
+
+    def test_delivery_stands_when_its_event_cannot_be_written(self) -> None:
+        queued = self.queue("1", n=1)
+        self.reactor.advance(0)
+        client, transport = self.connect(0)
+        self.events.close()  # the event log's disk is gone
+        client.dataReceived(b"220 hi\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        client.dataReceived(b"250 2.0.0 queued\r\n")
+        self.assertTrue(transport.value().endswith(b"QUIT\r\n"))
+        # The copy is final (the journal says so and the spool let it go): never sent twice.
+        self.assertFalse(os.path.exists(queued.path))
+        self.assertEqual(list(self.spool.recover()), [])
+        self.assertEqual(self.service._jobs, {})  # and nothing scheduled for it
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        client.setTimeout(None)

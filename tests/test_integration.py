@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 
 from twisted.internet import defer
+from twisted.names import dns
 from twisted.trial import unittest
 
 from tests.helpers import RunningAppliance, in_thread, wait_until
@@ -85,24 +86,47 @@ class EndToEndTests(unittest.TestCase):
             self.assertEqual(d["delv_method"], "esmtp")
             self.assertEqual(d["num_retries"], "0")
             self.assertIn("queue_time", d)
-            self.assertTrue(d["ip_address"].startswith("127.0.0.1:"))
+            self.assertEqual(d["ip_address"], "127.0.0.1")
+            self.assertEqual(d["outbound_tls"], "0")
         self.assertEqual(len({e["event_id"] for e in events}), 4)
         # Every copy has its final outcome: nothing is left in the spool.
         yield wait_until(lambda: not os.listdir(os.path.join(self.running.config.spool.directory,
                                                              "active")))
 
     @defer.inlineCallbacks
-    def test_unroutable_domain_refused_at_rcpt(self) -> defer.Generator:
-        def attempt() -> tuple[int, bytes]:
+    def test_undeliverable_domain_refused_at_rcpt(self) -> defer.Generator:
+        """Only what no DNS answer could deliver is refused at RCPT; nothing is stored for it."""
+
+        def attempt(rcpt: str) -> tuple[int, bytes]:
             with smtplib.SMTP("127.0.0.1", self.running.smtp_port, timeout=10) as client:
                 client.ehlo()
                 client.mail("sender@example.net")
-                return client.rcpt("someone@nowhere.invalid")
+                return client.rcpt(rcpt)
 
-        code, text = yield in_thread(attempt)
-        self.assertEqual(code, 550)
-        self.assertIn(b"5.1.2", text)
-        self.assertIn(b"nowhere.invalid", text)
+        for rcpt, text in (("someone@nowhere.invalid", b"nowhere.invalid"),
+                           ("someone@bad_name.example", b"not a valid domain name")):
+            code, reply = yield in_thread(attempt, rcpt)
+            self.assertEqual(code, 550, rcpt)
+            self.assertIn(b"5.1.2", reply)
+            self.assertIn(text, reply)
+        self.assertEqual(self.running.events(), [])
+
+    @defer.inlineCallbacks
+    def test_unknown_domain_goes_to_the_dns(self) -> defer.Generator:
+        """A domain no route knows is accepted and asked of the DNS; NXDOMAIN bounces it at once."""
+        refused = yield in_thread(send, self.running.smtp_port, "sender@example.net",
+                                  ["someone@unknown.example"], MESSAGE)
+        self.assertEqual(refused, {})
+        yield wait_until(lambda: len(self.running.events()) >= 2)
+        injection, bounce = self.running.events()
+        self.assertEqual((injection["type"], bounce["type"]), ("injection", "bounce"))
+        self.assertEqual(bounce["message_id"], injection["message_id"])
+        self.assertEqual(bounce["error_code"], "550")
+        self.assertEqual(bounce["bounce_class"], "10")
+        self.assertIn("unknown.example does not exist", bounce["reason"])
+        self.assertIn(("unknown.example", dns.MX), self.running.resolver.queries)
+        yield wait_until(lambda: not os.listdir(os.path.join(self.running.config.spool.directory,
+                                                             "active")))
 
     @defer.inlineCallbacks
     def test_robots_and_not_found(self) -> defer.Generator:

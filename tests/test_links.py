@@ -17,6 +17,7 @@ from appliance.links import (
     Keyring,
     LinkCodec,
     LinkData,
+    click_suffix,
     click_url,
     keys_main,
     location_header,
@@ -60,6 +61,26 @@ class CodecTests(SynchronousTestCase):
         token = CODEC.encode(click())
         self.assertLess(len(token), 500)
         self.assertRegex(token, r"^[A-Za-z0-9_-]+$")
+
+    def test_click_encoder_gives_the_same_tokens(self) -> None:
+        common = click(link_name="ignored", target="ignored", unsubscribe=True)
+        encode = CODEC.click_encoder(common)
+        for name, target, unsub in (("Raw URL", "https://e.com/a?b=1&c=2#f", False),
+                                    ("Ünï", "https://例え.jp/パス?q=ü", True),
+                                    ("x" * 63, "https://e.com/" + "p" * 2000, False)):
+            expected = click(link_name=name, target=target, unsubscribe=unsub)
+            token = encode(click_suffix(name, target, unsub))
+            self.assertEqual(token, CODEC.encode(expected))
+            self.assertEqual(CODEC.decode(token), expected)
+
+    def test_long_bodies_are_deflated(self) -> None:
+        short = CODEC.encode(click())
+        self.assertEqual(base64.urlsafe_b64decode(short + "==")[0], 0x10)
+        data = click(metadata={f"key{i}": "value" for i in range(60)})
+        token = CODEC.encode(data)
+        self.assertEqual(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))[0], 0x11)
+        self.assertLess(len(token), 500)
+        self.assertEqual(CODEC.decode(token), data)
 
     def test_padding_forms_accepted(self) -> None:
         token = CODEC.encode(click())

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import REPO
+
+# The twistd script of the interpreter running the tests (the venv's).
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
 class InstalledPluginTests(TestCase):
@@ -18,9 +22,14 @@ class InstalledPluginTests(TestCase):
         """Install the package into an empty directory and ask twistd for its subcommands there."""
         target = os.path.abspath(self.mktemp())
         build = os.path.abspath(self.mktemp())
+        # Install from a copy of the sources alone: a checkout's build/ directory may hold
+        # files from an older layout that would hide a package missing from the wheel.
+        source = os.path.abspath(self.mktemp())
+        shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "var", "_trial_temp*", "*.egg-info", "__pycache__"))
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-             "--target", target, REPO],
+             "--target", target, source],
             check=True, capture_output=True, env={**os.environ, "TMPDIR": os.path.dirname(build)},
         )
         self.assertTrue(os.path.exists(os.path.join(target, "twisted", "plugins", "engage_appliance.py")))
@@ -30,7 +39,7 @@ class InstalledPluginTests(TestCase):
         probe = (
             "import sys; from twisted.application.service import IServiceMaker;"
             "from twisted.plugin import getPlugins;"
-            "import appliance; print(appliance.__file__);"
+            "import appliance, appliance.tap; print(appliance.tap.__file__);"
             "print([p.tapname for p in getPlugins(IServiceMaker)])"
         )
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -41,7 +50,7 @@ class InstalledPluginTests(TestCase):
         self.assertTrue(where.startswith(target), where)
         self.assertIn("'engage-appliance'", names)
         twistd = subprocess.run(
-            [sys.executable, "-m", "twisted", "engage-appliance", "--help"], cwd=build, env=env,
+            [TWISTD, "engage-appliance", "--help"], cwd=build, env=env,
             capture_output=True, text=True,
         )
         self.assertEqual(twistd.returncode, 0, twistd.stderr)
@@ -56,7 +65,7 @@ class BadConfigStopsStartTests(TestCase):
         with open(path, "w") as f:
             f.write('[smtpapi]\ntracking_link_expiry = "soon"\nbogus = 1\n')
         proc = subprocess.run(
-            [sys.executable, "-m", "twisted", "engage-appliance", "--config", path],
+            [TWISTD, "-n", "--pidfile=", "engage-appliance", "--config", path],
             cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO},
         )
         self.assertNotEqual(proc.returncode, 0)

@@ -133,7 +133,7 @@ class ProtocolTests(SynchronousTestCase):
         self.injector = FakeInjector()
         factory = InjectionFactory(listener(**overrides), self.injector, "mx.test", 300)
         proto = factory.buildProtocol(None)
-        proto.callLater = Clock().callLater  # the idle timeout must not land in the real reactor
+        proto.callLater = Clock().callLater  # no session clock may outlive the test
         transport = StringTransport(peerAddress=_IPv4(peer))
         proto.makeConnection(transport)
         return proto, transport

@@ -1,0 +1,388 @@
+"""
+The SMTP client side of delivery: one connection that carries many copies.
+
+``DeliveryClient`` is Twisted's ``ESMTPClient`` (EHLO, STARTTLS, AUTH) with
+the mail transaction written anew, because the stock one takes one message
+and its recipients up front. Here the connection asks its ``Attempt`` for the
+next copy after every transaction (``RSET`` in between), so one connection
+carries as many copies as are ready for its destination, and every reply is
+reported, per copy, as an ``Outcome``.
+
+The client never decides what to do next about a failure; it reports:
+before the session is established (greeting, EHLO, STARTTLS, AUTH) a failure
+belongs to the *host* and the attempt moves on to the next one; during a
+transaction it belongs to the copy being sent.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet import protocol
+from twisted.mail import smtp
+from twisted.protocols import basic
+from twisted.python.failure import Failure
+
+from appliance.delivery.outcome import DELAY, Outcome, internal, reply_outcome
+
+if TYPE_CHECKING:
+    from appliance.delivery.routing import Hop
+
+MAX_REPLY_LINES = 1000  # a multi-line reply longer than this is not SMTP
+_REPLY = re.compile(rb"[2-5][0-9][0-9]([ -].*)?")
+_STAGES = {b"EHLO", b"HELO", b"STARTTLS", b"AUTH", b"MAIL", b"RCPT", b"DATA", b"RSET", b"QUIT"}
+_STAGE_NAMES = {b"MAIL": "MAIL FROM", b"RCPT": "RCPT TO"}
+
+
+class BodyEncoder:
+    """
+    Turns a message, chunk by chunk, into DATA's wire form: CRLF line ends and dot-stuffing.
+
+    Any line ending (CRLF, bare LF, bare CR) becomes CRLF, and a "." at the
+    start of a line is doubled, whatever the chunk boundaries: a CR that ends
+    one chunk is held back until the next shows whether an LF follows, and
+    whether the next chunk starts a line is remembered. Twisted's stock
+    ``transformChunk`` does neither, so CRLF input became CR CR LF and a "."
+    line that started a 16 KiB chunk ended the message early.
+    """
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+        self._pending_cr = False
+
+    def encode(self, chunk: bytes) -> bytes:
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._pending_cr = True
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        chunk = chunk.replace(b"\n", b"\r\n")
+        if not chunk:
+            return chunk
+        if self.at_line_start and chunk[:1] == b".":
+            chunk = b"." + chunk
+        chunk = chunk.replace(b"\n.", b"\n..")
+        self.at_line_start = chunk.endswith(b"\n")
+        return chunk
+
+    def end(self) -> bytes:
+        """What ends the body: the last line's CRLF if it had none, then the lone dot."""
+        if self._pending_cr:
+            self._pending_cr = False
+            return b"\r\n.\r\n"
+        return b".\r\n" if self.at_line_start else b"\r\n.\r\n"
+
+
+def encode_body(data: bytes, chunk_size: int = basic.FileSender.CHUNK_SIZE) -> bytes:
+    """A whole message in wire form, chunked as the client sends it (for tests and tools)."""
+    encoder = BodyEncoder()
+    out = [encoder.encode(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size)]
+    return b"".join(out) + encoder.end()
+
+
+class Job(Protocol):
+    """What the client needs of one copy."""
+
+    mail_from: str
+    address: str
+    data: bytes
+
+
+class Attempt(Protocol):
+    """The client's view of whoever opened the connection (``queue._HopAttempt``)."""
+
+    hop: Hop
+
+    def connected(self, client: DeliveryClient) -> None: ...
+    def established(self) -> None: ...
+    def next_job(self) -> Job | None: ...
+    def has_more(self) -> bool: ...
+    def job_done(self, job: Job, outcome: Outcome) -> None: ...
+    def hop_failed(self, outcome: Outcome, tls_failed: bool) -> None: ...
+    def closed(self) -> None: ...
+
+
+class DeliveryClient(smtp.ESMTPClient):
+    debug = False  # no line log kept: it would hold message envelopes (PII)
+
+    def __init__(self, attempt: Attempt, identity: bytes, context: Any, clock: Any,
+                 command_timeout: float, data_timeout: float,
+                 username: bytes | None = None, password: bytes | None = None,
+                 require_tls: bool = False) -> None:
+        super().__init__(password, context, identity)
+        self.attempt = attempt
+        self.hop = attempt.hop
+        self.callLater = clock.callLater
+        self.timeout = command_timeout
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout
+        self.requireTransportSecurity = require_tls
+        if username is not None:
+            self.requireAuthentication = True
+            self.registerAuthenticator(smtp.PLAINAuthenticator(username))
+            self.registerAuthenticator(smtp.LOGINAuthenticator(username))
+        self.stage = "greeting"
+        self.job: Job | None = None
+        self.extensions: dict[bytes, bytes | None] = {}
+        self.is_established = False
+        self._failed = False
+        self._tls_started = False
+        self._tls_confirmed = False
+        self._sending = False
+        self._encoder = BodyEncoder()
+
+    # -- the line level ------------------------------------------------------
+
+    def sendLine(self, line: bytes) -> None:
+        verb = line.split(b" ", 1)[0].upper()
+        if verb in _STAGES:
+            self.stage = _STAGE_NAMES.get(verb, verb.decode())
+            if verb == b"EHLO" and self._tls_started:
+                self.stage = "EHLO after STARTTLS"
+        super().sendLine(line)
+
+    def lineReceived(self, line: bytes) -> Any:
+        if not _REPLY.fullmatch(line):
+            shown = line[:80].decode("ascii", "backslashreplace")
+            return self.sendError(smtp.SMTPProtocolError(-1, f"not an SMTP reply: {shown!r}"))
+        if len(self.resp) >= MAX_REPLY_LINES:
+            return self.sendError(smtp.SMTPProtocolError(-1, "a reply of more than 1000 lines"))
+        return super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.sendError(smtp.SMTPProtocolError(-1, f"a reply line over {self.MAX_LENGTH} bytes"))
+
+    # -- session set-up (greeting, EHLO, STARTTLS, AUTH) --------------------------
+
+    def smtpState_helo(self, code: int, resp: bytes) -> None:
+        # EHLO was refused and HELO is the fallback; the stock client would send
+        # HELO again after every refusal of HELO, for ever.
+        super().smtpState_helo(code, resp)
+        self._failresponse = self._refused
+
+    def _refused(self, code: int, resp: bytes) -> None:
+        self.sendError(smtp.SMTPClientError(code, resp))
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        items: dict[bytes, bytes | None] = {}
+        for line in resp.splitlines():
+            key, _, value = line.partition(b" ")
+            items[key.upper()] = value or None
+        self.extensions = items
+        if self._tls_started:
+            self._tls_confirmed = True
+        self.tryTLS(code, resp, items)
+
+    def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
+        # The stock method replaces the server's refusal (say "454 4.7.0 TLS not available")
+        # with a text of its own; the server's words are the better reason.
+        self.sendError(smtp.TLSError(code, resp or b"STARTTLS refused"))
+
+    def esmtpState_starttls(self, code: int, resp: bytes) -> None:
+        try:
+            self.transport.startTLS(self.context)
+        except Exception as e:
+            return self.sendError(smtp.TLSError(code, f"could not start TLS: {e}".encode()))
+        self._tlsMode = True
+        self._tls_started = True
+        # Whatever came after the 220 in the same read was sent in plaintext and must not be
+        # taken for the server's answers inside TLS (the client side of CVE-2011-0411).
+        self._buffer = b""
+        self.esmtpState_ehlo(code, resp)
+
+    # -- the mail transactions -------------------------------------------------
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        self.setTimeout(self.command_timeout)
+        job = self.attempt.next_job()
+        if not self.is_established:
+            self.is_established = True
+            self.attempt.established()
+        if job is None:
+            self._from = None
+            return self._disconnectFromServer()
+        self.job = job
+        self._from = job.mail_from
+        params = b""
+        if b"SIZE" in self.extensions:
+            params += b" SIZE=%d" % len(job.data)
+        if b"8BITMIME" in self.extensions and not job.data.isascii():
+            params += b" BODY=8BITMIME"
+        self._expected = [250]
+        self._okresponse = self.smtpState_to
+        self._failresponse = self.smtpTransferFailed
+        self.sendLine(b"MAIL FROM:<" + job.mail_from.encode("utf-8") + b">" + params)
+
+    def smtpState_to(self, code: int, resp: bytes) -> None:
+        assert self.job is not None
+        self._expected = [250, 251]
+        self._okresponse = self._rcpt_accepted
+        self._failresponse = self.smtpTransferFailed
+        self.sendLine(b"RCPT TO:<" + self.job.address.encode("utf-8") + b">")
+
+    def _rcpt_accepted(self, code: int, resp: bytes) -> None:
+        self._expected = [354]
+        self._okresponse = self.smtpState_data
+        self._failresponse = self.smtpTransferFailed
+        self.sendLine(b"DATA")
+
+    def smtpState_data(self, code: int, resp: bytes) -> None:
+        assert self.job is not None
+        self._expected = smtp.SUCCESS
+        self._okresponse = self.smtpState_msgSent
+        self._failresponse = self.smtpTransferFailed
+        self._encoder = BodyEncoder()
+        self._sending = True
+        self.stage = "the message"
+        sender = basic.FileSender()
+        d = sender.beginFileTransfer(io.BytesIO(self.job.data), self.transport, self.transformChunk)
+        d.addCallbacks(self.finishedFileTransfer, self._transfer_failed)
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        self.resetTimeout()
+        return self._encoder.encode(chunk)
+
+    def finishedFileTransfer(self, lastsent: bytes) -> None:
+        self._sending = False
+        if self._failed or self.transport is None:
+            return
+        self.stage = "end of data"
+        self.setTimeout(self.data_timeout)  # RFC 5321 §4.5.3.2.6: ten minutes for the reply to "."
+        self.transport.write(self._encoder.end())
+
+    def _transfer_failed(self, failure: Failure) -> None:
+        # The transport stopped the producer because the connection went away;
+        # connectionLost tells the copy's story.
+        self._sending = False
+
+    def smtpState_msgSent(self, code: int, resp: bytes) -> None:
+        job, self.job = self.job, None
+        self._from = None
+        if job is not None:
+            text = b" ".join(resp.splitlines()).decode("utf-8", "replace")
+            self.attempt.job_done(job, reply_outcome(code, text, self.hop.address, self._tlsMode))
+        if self._sending:
+            # A reply before the message was sent whole: the dialogue is out of step.
+            self._failed = True
+            self.transport.abortConnection()
+            return
+        self.setTimeout(self.command_timeout)
+        if self.attempt.has_more():
+            self._expected = smtp.SUCCESS
+            self._okresponse = self.smtpState_from
+            self._failresponse = self._refused
+            self.sendLine(b"RSET")
+        else:
+            self._disconnectFromServer()
+
+    # -- failures -------------------------------------------------------------
+
+    def sendError(self, exc: Exception) -> None:
+        outcome, tls_failed = self._describe(exc)
+        self._fail(outcome, tls_failed)
+        if self.transport is None:
+            return
+        if isinstance(exc, smtp.SMTPTimeoutError | smtp.SMTPProtocolError):
+            self.transport.abortConnection()  # it does not listen: a QUIT would wait for ever
+        else:
+            self._expected = range(0, 1000)
+            self._okresponse = self._failresponse = self.smtpState_disconnect
+            super().sendLine(b"QUIT")
+            self.transport.loseConnection()
+
+    def _describe(self, exc: Exception) -> tuple[Outcome, bool]:
+        """What went wrong, as a delay the operator can read, and whether it was TLS."""
+        where, ip, tls = str(self.hop), self.hop.address, self._tlsMode
+        if isinstance(exc, smtp.SMTPTimeoutError):
+            wait = self.data_timeout if self.stage == "end of data" else self.command_timeout
+            return internal(421, "4.4.2", f"no reply from {where} within {wait:g}s "
+                            f"(waiting for the reply to {self.stage})", ip, tls), False
+        if isinstance(exc, smtp.SMTPProtocolError):
+            return internal(421, "4.5.0", f"{where} answered {self.stage} with {_text(exc.resp)}",
+                            ip, tls), False
+        if isinstance(exc, smtp.TLSRequiredError):
+            return internal(421, "4.7.4", f"{where} does not offer STARTTLS, and TLS is required",
+                            ip, tls), True
+        if isinstance(exc, smtp.TLSError):
+            return Outcome(DELAY, exc.code if exc.code > 0 else 421,
+                           f"{exc.code} {_text(exc.resp)}" if exc.code > 0 else
+                           f"421 4.7.0 [internal] STARTTLS with {where} failed: {_text(exc.resp)}",
+                           ip, tls), True
+        if isinstance(exc, smtp.AUTHRequiredError):
+            return internal(421, "4.7.0", f"{where} offers no AUTH mechanism the appliance can use "
+                            "(PLAIN or LOGIN)", ip, tls), False
+        if isinstance(exc, smtp.SMTPClientError) and exc.code > 0:
+            return Outcome(DELAY, exc.code, f"{exc.code} {_text(exc.resp)}", ip, tls), False
+        return internal(421, "4.4.2", f"delivery to {where} failed during {self.stage}: {exc}",
+                        ip, tls), False
+
+    def _fail(self, outcome: Outcome, tls_failed: bool = False) -> None:
+        if self._failed:
+            return
+        self._failed = True
+        job, self.job = self.job, None
+        if job is not None:
+            self.attempt.job_done(job, outcome.with_kind(DELAY))
+        elif not self.is_established:
+            # Anything that ends a session between STARTTLS and the EHLO after it is TLS's fault.
+            tls_failed = tls_failed or (self._tls_started and not self._tls_confirmed)
+            self.attempt.hop_failed(outcome, tls_failed)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        super().connectionLost(reason)
+        if not self._failed and (self.job is not None or not self.is_established):
+            where = str(self.hop)
+            tls_failed = self._tls_started and not self._tls_confirmed
+            if tls_failed:
+                text = f"TLS handshake with {where} failed: {_reason_text(reason)}"
+                outcome = internal(421, "4.7.0", text, self.hop.address, False)
+            else:
+                doing = ("sending the message" if self._sending
+                         else f"waiting for the reply to {self.stage}")
+                text = f"connection to {where} lost while {doing}"
+                if not reason.check(protocol.connectionDone.type):
+                    text += f": {_reason_text(reason)}"
+                outcome = internal(421, "4.4.2", text, self.hop.address, self._tlsMode)
+            self._fail(outcome, tls_failed)
+        self.attempt.closed()
+
+
+def _text(resp: object) -> str:
+    if isinstance(resp, bytes):
+        resp = resp.decode("utf-8", "replace")
+    return " ".join(str(resp).split())
+
+
+def _reason_text(reason: Failure) -> str:
+    value = reason.value
+    text = str(value).strip() or type(value).__name__
+    return " ".join(text.split())[:300]
+
+
+class ClientFactory(protocol.ClientFactory):
+    """Connects one ``DeliveryClient`` for one attempt; a refused connect fails the hop."""
+
+    noisy = False
+
+    def __init__(self, attempt: Attempt, **client_args: Any) -> None:
+        self.attempt = attempt
+        self.client_args = client_args
+        self.client: DeliveryClient | None = None
+
+    def buildProtocol(self, addr: Any) -> DeliveryClient:
+        self.client = DeliveryClient(self.attempt, **self.client_args)
+        self.client.factory = self
+        self.attempt.connected(self.client)
+        return self.client
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        hop = self.attempt.hop
+        self.attempt.hop_failed(
+            internal(421, "4.4.1", f"cannot connect to {hop}: {_reason_text(reason)}", hop.address),
+            False)
+        self.attempt.closed()

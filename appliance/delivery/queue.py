@@ -1,0 +1,432 @@
+"""
+The delivery queue: which copy is tried when, over which connection, and what is written after.
+
+Every copy the spool says is not final is a ``Job``. A job waits on a timer
+(its next attempt), then joins the ready list of its *destination* (a route,
+the smarthost, or a recipient domain). Each destination opens sessions, up to
+its concurrency limit and within the total limit; a session resolves the
+destination into hops, tries them in order until one holds an SMTP session,
+and then carries ready jobs of its destination one after another, ``RSET`` in
+between, until none is left.
+
+A destination that has not yet shown itself reachable gets one session at a
+time: a dead domain costs one failing connection per retry round, not one
+per copy, and when no hop can be reached every copy waiting for it is
+deferred together, with the reason of the last hop.
+
+Every outcome is written as an event *before* the spool's journal records
+it, so a crash can repeat an attempt but never lose one; a copy leaves the
+spool only once its final event is written.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer, ssl
+from twisted.logger import Logger
+
+from appliance.config import DeliveryConfig
+from appliance.delivery.client import ClientFactory, DeliveryClient
+from appliance.delivery.outcome import (
+    BOUNCE,
+    DELAY,
+    DELIVERY,
+    Outcome,
+    bounce_class,
+    canonical_reason,
+    internal,
+)
+from appliance.delivery.routing import Destination, Hop, HopFinder, NoHops, Router
+from appliance.events import EventLog
+from appliance.spool import QueuedMessage, Spool
+
+log = Logger()
+
+CopyRenderer = Callable[[QueuedMessage, int], bytes]
+
+
+class Job:
+    """One recipient's copy while it is not final."""
+
+    __slots__ = ("queued", "index", "data", "destination")
+
+    def __init__(self, queued: QueuedMessage, index: int) -> None:
+        self.queued = queued
+        self.index = index
+        self.data = b""  # the rendered copy, only while it is being sent
+        self.destination: Destination | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.queued.envelope.transmission_id, self.index
+
+    @property
+    def mail_from(self) -> str:
+        return self.queued.envelope.mail_from
+
+    @property
+    def address(self) -> str:
+        return self.queued.envelope.recipients[self.index].address
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower().rstrip(".")
+
+
+class _Queue:
+    """The jobs of one destination that are due, and its sessions."""
+
+    def __init__(self, destination: Destination) -> None:
+        self.destination = destination
+        self.ready: deque[Job] = deque()
+        self.sessions = 0  # resolving, connecting or connected
+        self.connected = 0  # sessions past EHLO (and STARTTLS and AUTH)
+        self.busy = 0  # sessions in the middle of a transaction
+        self.healthy = False  # a session got through since the last failure
+
+    def wants_session(self, limit: int) -> bool:
+        allowed = limit if self.healthy else 1
+        idle = self.sessions - self.busy
+        return bool(self.ready) and self.sessions < allowed and len(self.ready) > idle
+
+
+@dataclass
+class _HopResult:
+    established: bool = False
+    outcome: Outcome | None = None
+    tls_failed: bool = False
+
+
+class _HopAttempt:
+    """One connection to one hop, from connect to close; what ``DeliveryClient`` reports to."""
+
+    def __init__(self, service: DeliveryService, queue: _Queue, hop: Hop) -> None:
+        self.service = service
+        self.queue = queue
+        self.hop = hop
+        self.result = _HopResult()
+        self.done: defer.Deferred = defer.Deferred()
+        self.sent = 0
+        self.client: DeliveryClient | None = None
+
+    def connected(self, client: DeliveryClient) -> None:
+        self.client = client
+        self.service._clients.add(client)
+
+    def established(self) -> None:
+        self.result.established = True
+        self.queue.connected += 1
+        self.queue.healthy = True
+        self.service._pump()  # a reachable destination may now use more connections
+
+    def has_more(self) -> bool:
+        return (bool(self.queue.ready) and self.service.running
+                and self.sent < self.service.config.max_messages_per_connection)
+
+    def next_job(self) -> Job | None:
+        while self.has_more():
+            job = self.queue.ready.popleft()
+            try:
+                job.data = self.service.render(job.queued, job.index)
+            except Exception as e:
+                log.failure("could not make the copy for {rcpt}", rcpt=job.address)
+                self.service._settle(job, internal(451, "4.3.0", f"could not make the copy: {e}"))
+                continue
+            self.sent += 1
+            self.queue.busy += 1
+            return job
+        return None
+
+    def job_done(self, job: Any, outcome: Outcome) -> None:
+        job.data = b""
+        self.queue.busy -= 1
+        self.service._settle(job, outcome)
+
+    def hop_failed(self, outcome: Outcome, tls_failed: bool) -> None:
+        self.result.outcome = outcome
+        self.result.tls_failed = tls_failed
+
+    def closed(self) -> None:
+        if self.done.called:
+            return
+        self.service._clients.discard(self.client)
+        if self.result.established:
+            self.queue.connected -= 1
+        self.done.callback(self.result)
+
+
+class DeliveryService(Service):
+    name = "delivery"
+    stop_grace = 10.0  # seconds a stop waits for transactions in flight before cutting them off
+
+    def __init__(
+        self,
+        config: DeliveryConfig,
+        spool: Spool,
+        events: EventLog,
+        render: CopyRenderer,
+        router: Router,
+        helo_name: str,
+        reactor: Any = None,
+        clock: Any = None,
+        resolver: Any = None,
+        rng: Any = None,
+        mx_port: int = 25,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.spool = spool
+        self.events = events
+        self.render = render
+        self.router = router
+        self.helo_name = helo_name.encode("idna")
+        self.reactor = reactor  # connectTCP
+        self.clock = clock or reactor  # callLater, seconds: timers, timeouts, queue times
+        self.hop_finder = HopFinder(config, resolver, rng, mx_port)
+        self._jobs: dict[tuple[str, int], Job] = {}
+        self._timers: dict[tuple[str, int], Any] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._connections = 0
+        self._sessions: set[defer.Deferred] = set()
+        self._settling: set[defer.Deferred] = set()
+        self._clients: set[DeliveryClient | None] = set()  # connected, for a stop to cut off
+        self._plain_tls = ssl.CertificateOptions()
+        self._trust: Any = None
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    # -- the schedule ------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        recovered = 0
+        for queued in self.spool.recover():
+            recovered += 1
+            self.enqueue(queued)
+        if recovered:
+            log.info("picked up {n} spooled message(s) from before the restart", n=recovered)
+
+    def stopService(self) -> defer.Deferred:
+        """Stop starting anything; wait for transactions in flight, cut them off after ``stop_grace``."""
+        super().stopService()
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+
+        def cut_off() -> None:
+            for client in list(self._clients):
+                if client is not None and client.transport is not None:
+                    client.transport.abortConnection()
+
+        timer = self.clock.callLater(self.stop_grace, cut_off)
+        waiting = defer.DeferredList(list(self._sessions), consumeErrors=True)
+        waiting.addCallback(lambda _: defer.DeferredList(list(self._settling), consumeErrors=True))
+        waiting.addBoth(lambda _: timer.cancel() if timer.active() else None)
+        return waiting
+
+    def enqueue(self, queued: QueuedMessage) -> None:
+        """Schedule every copy of ``queued`` that is not final (and not scheduled already)."""
+        for index, state in enumerate(queued.states):
+            job = Job(queued, index)
+            if state.done or job.key in self._jobs:
+                continue
+            self._jobs[job.key] = job
+            self._schedule(job, max(0.0, state.next_attempt - self.now()))
+
+    def _schedule(self, job: Job, delay: float) -> None:
+        self._timers[job.key] = self.clock.callLater(delay, self._due, job)
+
+    def _due(self, job: Job) -> None:
+        self._timers.pop(job.key, None)
+        problem = self.router.undeliverable(job.domain)
+        if problem:  # refused at RCPT nowadays, but the spool may hold older mail
+            self._settle(job, internal(550, "5.1.2", problem))
+            return
+        destination = self.router.destination(job.domain)
+        job.destination = destination
+        queue = self._queues.get(destination.key)
+        if queue is None:
+            queue = self._queues[destination.key] = _Queue(destination)
+        queue.ready.append(job)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Open sessions where jobs wait, fairly across destinations, within both limits."""
+        if not self.running:
+            return
+        limit = self.config.max_connections_per_destination
+        opened = True
+        while opened and self._connections < self.config.max_connections:
+            opened = False
+            for queue in list(self._queues.values()):
+                if self._connections >= self.config.max_connections:
+                    break
+                if queue.wants_session(limit):
+                    self._open_session(queue)
+                    opened = True
+
+    def _open_session(self, queue: _Queue) -> None:
+        queue.sessions += 1
+        self._connections += 1
+        d = self._session(queue)
+        self._sessions.add(d)
+        d.addErrback(lambda f: log.failure("delivery session for {key} crashed", f,
+                                           key=queue.destination.key))
+        d.addBoth(self._session_ended, queue, d)
+
+    def _session_ended(self, _: object, queue: _Queue, d: defer.Deferred) -> None:
+        self._sessions.discard(d)
+        queue.sessions -= 1
+        self._connections -= 1
+        if not queue.ready and not queue.sessions:
+            self._queues.pop(queue.destination.key, None)
+        self._pump()
+
+    # -- one session: resolve, then try each hop until one takes mail ------------
+
+    @defer.inlineCallbacks
+    def _session(self, queue: _Queue) -> Any:
+        try:
+            hops = yield self.hop_finder.hops(queue.destination)
+        except NoHops as e:
+            queue.healthy = False
+            self._fail_ready(queue, e.outcome)
+            return
+        last: Outcome | None = None
+        for hop in hops:
+            if not self.running or not queue.ready:
+                return
+            result = yield self._connect(queue, hop, tls=self.config.tls != "none")
+            if result.tls_failed and self.config.tls == "opportunistic" and not result.established:
+                log.info("TLS with {hop} failed; trying it again without TLS", hop=str(hop))
+                result = yield self._connect(queue, hop, tls=False)
+            if result.established:
+                return
+            last = result.outcome
+            if last is not None:
+                log.info("{hop}: {reason}", hop=str(hop), reason=last.raw_reason)
+        if last is None:
+            return  # stopped, or nothing left to send
+        if queue.connected:
+            return  # other connections to this destination work: they take the waiting copies
+        queue.healthy = False
+        if len(hops) > 1:
+            last = Outcome(DELAY, last.code, f"{last.raw_reason} (and {len(hops) - 1} other "
+                           f"address(es) of {queue.destination.domain} failed too)",
+                           last.ip_address, last.tls)
+        self._fail_ready(queue, last.with_kind(DELAY))
+
+    def _connect(self, queue: _Queue, hop: Hop, tls: bool) -> defer.Deferred:
+        attempt = _HopAttempt(self, queue, hop)
+        smarthost = queue.destination.smarthost
+        auth = smarthost and self.config.smarthost_username
+        factory = ClientFactory(
+            attempt,
+            identity=self.helo_name,
+            context=self._tls_context(hop) if tls else None,
+            clock=self.clock,
+            command_timeout=self.config.command_timeout,
+            data_timeout=self.config.data_timeout,
+            username=self.config.smarthost_username.encode() if auth else None,
+            password=self.config.smarthost_password.encode() if auth else None,
+            require_tls=tls and (self.config.tls == "required" or bool(auth)),
+        )
+        self.reactor.connectTCP(hop.address, hop.port, factory, timeout=self.config.connect_timeout)
+        return attempt.done
+
+    def _tls_context(self, hop: Hop) -> Any:
+        """Unverified TLS (Postfix's ``may``) unless ``delivery.tls_verify`` asks for a checked name."""
+        if not self.config.tls_verify:
+            return self._plain_tls
+        if self._trust is None:
+            if self.config.tls_ca_file:
+                with open(self.config.tls_ca_file, "rb") as f:
+                    self._trust = ssl.Certificate.loadPEM(f.read())
+            else:
+                self._trust = ssl.platformTrust()
+        return ssl.optionsForClientTLS(hop.name, trustRoot=self._trust)
+
+    def _fail_ready(self, queue: _Queue, outcome: Outcome) -> None:
+        """Give every copy waiting for ``queue`` the same outcome (the destination is down or gone)."""
+        while queue.ready:
+            self._settle(queue.ready.popleft(), outcome)
+
+    # -- outcomes -------------------------------------------------------------
+
+    def _backoff(self, attempts: int) -> float:
+        return min(self.config.retry_initial * 2 ** max(attempts - 1, 0), self.config.retry_max)
+
+    def _settle(self, job: Job, outcome: Outcome) -> None:
+        """Write the outcome's event, then journal it, then schedule the next attempt if any."""
+        queued, index = job.queued, job.index
+        state = queued.states[index]
+        state.attempts += 1
+        now = self.now()
+        queue_time = max(0.0, now - queued.envelope.received_at)
+        if outcome.kind == DELAY and queue_time >= self.config.max_queue_lifetime:
+            outcome = Outcome(BOUNCE, 554, f"554 5.4.7 [internal] message expired after "
+                              f"{_duration(queue_time)} in the queue; last error: {outcome.raw_reason}",
+                              outcome.ip_address, outcome.tls)
+        recipient = queued.envelope.recipients[index]
+        fields: dict[str, Any] = {
+            **recipient.event_fields,
+            "msg_from": queued.envelope.mail_from,
+            "routing_domain": job.domain,
+            "ip_address": outcome.ip_address,
+            "queue_time": str(int(queue_time * 1000)),
+            "num_retries": str(state.attempts - 1),
+            "delv_method": "esmtp",
+            "outbound_tls": "1" if outcome.tls else "0",
+        }
+        if outcome.kind != DELIVERY:
+            fields.update(
+                error_code=str(outcome.code) if outcome.code else "",
+                reason=canonical_reason(outcome.raw_reason),
+                raw_reason=outcome.raw_reason,
+                bounce_class=bounce_class(outcome.code, outcome.raw_reason),
+            )
+        final = outcome.final
+        if not final:
+            state.next_attempt = now + self._backoff(state.attempts)
+        try:
+            self.events.emit(outcome.kind, **fields)
+        except OSError:
+            # Sending the copy again to get its event written would be worse than a missing
+            # line: the outcome stands, and the event goes to the operational log instead.
+            log.failure("could not write the {kind} event of {message_id}: {event}",
+                        kind=outcome.kind, message_id=recipient.message_id, event=fields)
+        d = self.spool.record(queued, index, done=final)
+        self._settling.add(d)
+        d.addErrback(lambda f: log.failure("could not journal the outcome of {message_id}", f,
+                                           message_id=recipient.message_id))
+        d.addBoth(lambda _: self._settling.discard(d))
+        if final:
+            self._jobs.pop(job.key, None)
+        elif self.running:
+            self._schedule(job, state.next_attempt - now)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def message_from_spool(spool: Spool) -> CopyRenderer:
+    """The copy renderer used while no rewriting is configured: the spooled text itself."""
+
+    def render(queued: QueuedMessage, index: int) -> bytes:
+        return spool.read_message(queued)
+
+    return render

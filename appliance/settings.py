@@ -1,0 +1,358 @@
+"""
+Per-message tracking settings: the ``X-MSYS-API`` header and the precedence rules.
+
+Each setting is resolved on its own, highest first: the policy's ``smtpapi_*``
+context variable, then the ``X-MSYS-API`` field, then the listener's
+``smtpapi`` configuration (SPEC §4). Everything here is a pure function of its
+inputs, so every rule can be tested without a server.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import quopri
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from email.message import Message
+from typing import Any
+
+from appliance.config import EngagementTrackerConfig, SmtpapiConfig, is_host_port, parse_duration
+
+HEADER = "X-MSYS-API"
+MAX_CAMPAIGN_ID_BYTES = 64
+MAX_TAGS = 10  # Momentum keeps the first ten and ignores the rest
+
+
+class MsysApiError(ValueError):
+    """A refused ``X-MSYS-API`` header; ``str()`` is the SMTP reply text after ``5.6.0``."""
+
+
+class PolicyValueError(ValueError):
+    """A policy set an ``smtpapi_*`` context variable to a value that is not allowed."""
+
+
+@dataclass(frozen=True)
+class MsysApi:
+    """What a valid ``X-MSYS-API`` header says; ``None`` where it says nothing."""
+
+    open_tracking: bool | None = None
+    click_tracking: bool | None = None
+    campaign_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    tags: tuple[str, ...] | None = None
+
+
+# -- X-MSYS-API -------------------------------------------------------------------
+
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
+
+
+def unfold(value: str) -> str:
+    """RFC 5322 §2.2.3: a folded line break is removed, the white space after it stays."""
+    return _FOLD.sub("", value)
+
+
+def decode_encoded_words(value: str) -> str:
+    """
+    RFC 2047 encoded words decoded in place.
+
+    White space between two adjacent encoded words is dropped (§6.2); all
+    other text is kept exactly, which ``email.header`` does not promise.
+    An encoded word that cannot be decoded raises ``ValueError``.
+    """
+    if "=?" not in value:
+        return value
+    parts: list[str] = []
+    pos = 0
+    for m in _ENCODED_WORD.finditer(value):
+        gap = value[pos : m.start()]
+        if not (pos and gap and not gap.strip(" \t") and value[pos - 2 : pos] == "?="):
+            parts.append(gap)
+        parts.append(_decode_word(m))
+        pos = m.end()
+    parts.append(value[pos:])
+    return "".join(parts)
+
+
+def _decode_word(m: re.Match[str]) -> str:
+    charset, encoding, text = m.group(1).split("*", 1)[0], m.group(2).upper(), m.group(3)
+    try:
+        if encoding == "B":
+            raw = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+        else:
+            raw = quopri.decodestring(text.encode("ascii"), header=True)
+        return raw.decode(charset)
+    except (binascii.Error, UnicodeError, LookupError) as e:
+        raise ValueError(f"undecodable encoded word {m.group()[:40]!r}: {e}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def _compact_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def _has_newline(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\r" in value or "\n" in value
+    if isinstance(value, dict):
+        return any(_has_newline(k) or _has_newline(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_newline(v) for v in value)
+    return False
+
+
+def _field_name(name: str) -> str:
+    """A field name fit for an SMTP reply: printable ASCII, not too long."""
+    clean = "".join(c if " " <= c <= "~" and c != "'" else "?" for c in name)
+    return clean[:64]
+
+
+def header_values(headers: Message) -> list[str]:
+    """The raw values of every ``X-MSYS-API`` field (``get_all`` would wrap 8-bit ones)."""
+    return [v for k, v in headers.raw_items() if k.lower() == "x-msys-api"]
+
+
+def parse_msys_api(values: list[str], max_metadata_len: int) -> MsysApi:
+    """
+    The header's settings, or ``MsysApiError`` naming the field at fault.
+
+    ``values`` are the raw values of every ``X-MSYS-API`` field of the
+    message, as the header parser gives them (folding intact, 8-bit text as
+    surrogate escapes).
+    """
+    if not values:
+        return MsysApi()
+    if len(values) > 1:
+        raise MsysApiError(f"{HEADER} must not appear more than once")
+    raw = values[0]
+    try:
+        raw = raw.encode("ascii", "surrogateescape").decode("utf-8")
+    except UnicodeError:
+        raise MsysApiError(f"{HEADER} is not valid UTF-8") from None
+    try:
+        text = decode_encoded_words(unfold(raw))
+    except ValueError:
+        raise MsysApiError(f"{HEADER} has an encoded word that cannot be decoded") from None
+    try:
+        data = _loads(text)
+    except ValueError:
+        raise MsysApiError(f"{HEADER} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise MsysApiError(f"{HEADER} must be of type 'json object'")
+
+    def wrong(name: str, kind: str) -> MsysApiError:
+        return MsysApiError(f"{HEADER} '{name}' must be of type '{kind}'")
+
+    for name, value in data.items():
+        if _has_newline(name) or _has_newline(value):
+            raise MsysApiError(f"{HEADER} '{_field_name(name)}' must not contain CR or LF")
+
+    options = data.get("options", {})
+    if not isinstance(options, dict):
+        raise wrong("options", "json object")
+    flags: dict[str, bool | None] = {}
+    for name in ("open_tracking", "click_tracking"):
+        value = options.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise wrong(f"options.{name}", "boolean")
+        flags[name] = value
+
+    campaign_id = data.get("campaign_id")
+    if campaign_id is not None:
+        if not isinstance(campaign_id, str):
+            raise wrong("campaign_id", "string")
+        if len(campaign_id.encode()) > MAX_CAMPAIGN_ID_BYTES:
+            raise MsysApiError(f"{HEADER} 'campaign_id' must not be longer than "
+                               f"{MAX_CAMPAIGN_ID_BYTES} bytes")
+
+    metadata = data.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise wrong("metadata", "json object")
+        if _compact_size(metadata) > max_metadata_len:
+            raise MsysApiError(f"{HEADER} 'metadata' must not be longer than "
+                               f"{max_metadata_len} bytes")
+
+    tags = data.get("tags")
+    if tags is not None:
+        if not isinstance(tags, list):
+            raise wrong("tags", "array")
+        if not all(isinstance(t, str) for t in tags):
+            raise MsysApiError(f"{HEADER} 'tags' must be an array of strings")
+        tags = tuple(tags[:MAX_TAGS])
+
+    return MsysApi(open_tracking=flags["open_tracking"], click_tracking=flags["click_tracking"],
+                   campaign_id=campaign_id, metadata=metadata, tags=tags)
+
+
+# -- policy context variables ---------------------------------------------------------
+
+CONTEXT_VARIABLES = (
+    "smtpapi_open_tracking",
+    "smtpapi_click_tracking",
+    "smtpapi_campaign_id",
+    "smtpapi_metadata",
+    "smtpapi_tags",
+    "smtpapi_open_tracking_scheme",
+    "smtpapi_click_tracking_scheme",
+    "smtpapi_tracking_domain",
+    "smtpapi_tracking_link_expiry",
+)
+
+_TRUE = ("1", "true")
+_FALSE = ("0", "false")
+
+
+def _context_bool(name: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise PolicyValueError(f"{name} must be \"1\", \"0\", \"true\" or \"false\", got {value!r}")
+
+
+def _context_json(name: str, value: str, kind: type) -> Any:
+    try:
+        data = _loads(value)
+    except ValueError:
+        raise PolicyValueError(f"{name} is not valid JSON: {value[:80]!r}") from None
+    if not isinstance(data, kind):
+        raise PolicyValueError(f"{name} must be a JSON {'object' if kind is dict else 'array'}")
+    if _has_newline(data):
+        raise PolicyValueError(f"{name} must not contain CR or LF")
+    return data
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """The policy's ``smtpapi_*`` variables, checked and typed; ``None`` where unset."""
+
+    open_tracking: bool | None = None
+    click_tracking: bool | None = None
+    campaign_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    tags: tuple[str, ...] | None = None
+    open_tracking_scheme: str | None = None
+    click_tracking_scheme: str | None = None
+    tracking_domain: str | None = None
+    tracking_link_expiry: float | None = None
+
+
+def parse_context(context: Mapping[str, Any], max_metadata_len: int) -> ContextSettings:
+    """Check the variables a policy set; raises ``PolicyValueError`` naming the first bad one."""
+    values: dict[str, Any] = {}
+    for name in CONTEXT_VARIABLES:
+        if name not in context:
+            continue
+        value = context[name]
+        if not isinstance(value, str):
+            raise PolicyValueError(f"{name} must be a string, got {type(value).__name__}")
+        key = name.removeprefix("smtpapi_")
+        if key in ("open_tracking", "click_tracking"):
+            values[key] = _context_bool(name, value)
+        elif key == "campaign_id":
+            if "\r" in value or "\n" in value:
+                raise PolicyValueError(f"{name} must not contain CR or LF")
+            if len(value.encode()) > MAX_CAMPAIGN_ID_BYTES:
+                raise PolicyValueError(f"{name} must not be longer than {MAX_CAMPAIGN_ID_BYTES} bytes")
+            values[key] = value
+        elif key == "metadata":
+            metadata = _context_json(name, value, dict)
+            if _compact_size(metadata) > max_metadata_len:
+                raise PolicyValueError(f"{name} must not be longer than {max_metadata_len} bytes")
+            values[key] = metadata
+        elif key == "tags":
+            tags = _context_json(name, value, list)
+            if not all(isinstance(t, str) for t in tags):
+                raise PolicyValueError(f"{name} must be a JSON array of strings")
+            values[key] = tuple(tags[:MAX_TAGS])
+        elif key in ("open_tracking_scheme", "click_tracking_scheme"):
+            if value not in ("http", "https"):
+                raise PolicyValueError(f"{name} must be \"http\" or \"https\", got {value!r}")
+            values[key] = value
+        elif key == "tracking_domain":
+            if not is_host_port(value):
+                raise PolicyValueError(f"{name} must be host[:port], got {value!r}")
+            values[key] = value
+        elif key == "tracking_link_expiry":
+            try:
+                values[key] = parse_duration(value)
+            except ValueError as e:
+                raise PolicyValueError(f"{name}: {e}") from None
+    return ContextSettings(**values)
+
+
+# -- resolution -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """
+    One recipient's resolved settings: what its copy is made with.
+
+    Stored in the spool envelope (``Recipient.tracking``), so a copy made
+    after a restart is the same copy.
+    """
+
+    open_tracking: bool = False
+    click_tracking: bool = False
+    campaign_id: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    open_tracking_scheme: str = "http"
+    click_tracking_scheme: str = "http"
+    tracking_domain: str = "localhost:8080"
+    expiry: int = 0  # absolute Unix time at which the copy's links stop producing events
+    initial_open: bool = True
+    include_metadata: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.open_tracking or self.click_tracking
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tags"] = list(self.tags)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Tracking:
+        if not d:
+            return cls()
+        d = dict(d)
+        d["tags"] = tuple(d.get("tags", ()))
+        return cls(**d)
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)
+
+
+def resolve(config: SmtpapiConfig, tracker: EngagementTrackerConfig, header: MsysApi,
+            context: ContextSettings, received_at: float) -> Tracking:
+    """Each setting on its own: policy, then header, then configuration."""
+    return Tracking(
+        open_tracking=_first(context.open_tracking, header.open_tracking, config.open_tracking_enabled),
+        click_tracking=_first(context.click_tracking, header.click_tracking,
+                              config.click_tracking_enabled),
+        campaign_id=_first(context.campaign_id, header.campaign_id, ""),
+        metadata=_first(context.metadata, header.metadata, {}),
+        tags=_first(context.tags, header.tags, ()),
+        open_tracking_scheme=_first(context.open_tracking_scheme, config.open_tracking_scheme),
+        click_tracking_scheme=_first(context.click_tracking_scheme, config.click_tracking_scheme),
+        tracking_domain=_first(context.tracking_domain, config.tracking_domain),
+        expiry=int(received_at + _first(context.tracking_link_expiry, config.tracking_link_expiry)),
+        initial_open=config.initial_open,
+        include_metadata=tracker.click_tracking_include_metadata,
+    )

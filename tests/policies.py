@@ -1,0 +1,44 @@
+"""Policy hooks that the integration tests name in their configurations (``tests.policies:...``)."""
+
+from __future__ import annotations
+
+from email.message import Message
+from typing import Any
+
+from twisted.internet import defer, reactor
+
+from appliance.policy import PolicyEnvelope, Reject
+
+calls: list[tuple[PolicyEnvelope, str, str | None, str]] = []
+
+
+def per_recipient(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
+                  headers: Message, context: dict[str, str]) -> Any:
+    """Rejects no@, turns click tracking off for plain@, answers the others later."""
+    calls.append((envelope, client_address, auth_user, str(headers.get("Subject"))))
+    local = envelope.rcpt_to.partition("@")[0].lower()
+    if local == "no":
+        raise Reject(550, "5.7.1 Not this one")
+    if local == "plain":
+        context["smtpapi_click_tracking"] = "0"
+        return None
+    d: defer.Deferred = defer.Deferred()
+
+    def decide() -> None:
+        context["smtpapi_campaign_id"] = "from-policy"
+        context["smtpapi_tags"] = '["policy"]'
+        d.callback(None)
+
+    reactor.callLater(0.01, decide)
+    return d
+
+
+def reject_all(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
+               headers: Message, context: dict[str, str]) -> Reject:
+    return Reject(554, "Go away")
+
+
+def broken(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
+           headers: Message, context: dict[str, str]) -> None:
+    if envelope.rcpt_to.startswith("b"):
+        raise RuntimeError("the policy database is down")

@@ -1,0 +1,32 @@
+"""CI's small run of the crash durability script (tests/crash_durability.py); run it larger by hand."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from twisted.trial.unittest import TestCase
+
+from tests.helpers import REPO
+
+
+class CrashDurabilityTests(TestCase):
+    timeout = 180
+
+    def test_kill_9_under_load_loses_nothing(self) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.crash_durability", "--messages", "120", "--kills", "4",
+             "--clients", "4"],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+            timeout=170,
+        )
+        output = proc.stdout + proc.stderr
+        self.assertEqual(proc.returncode, 0, output)
+        counts = dict(re.findall(r"(\w+)=(\d+)", output.splitlines()[-1]))
+        self.assertEqual(counts["lost"], "0", output)
+        self.assertEqual(counts["kills"], "4", output)
+        self.assertEqual(int(counts["accepted"]), 108, output)  # all but the 12 refused by design
+        self.assertEqual(counts["refused"], "12", output)
+        self.assertGreaterEqual(int(counts["delivered"]), 108, output)

@@ -1,0 +1,244 @@
+"""X-MSYS-API parsing and the per-setting precedence of SPEC §4, rule by rule and row by row."""
+
+from __future__ import annotations
+
+import base64
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from appliance.config import EngagementTrackerConfig, SmtpapiConfig
+from appliance.settings import (
+    ContextSettings,
+    MsysApi,
+    MsysApiError,
+    PolicyValueError,
+    Tracking,
+    decode_encoded_words,
+    header_values,
+    parse_context,
+    parse_msys_api,
+    resolve,
+    unfold,
+)
+from tests.helpers import make_config
+
+
+def values(raw: bytes) -> list[str]:
+    """The values the injection server's header parser gives for a real header block."""
+    return header_values(BytesHeaderParser(policy=compat32).parsebytes(raw + b"\r\n"))
+
+
+def parse(raw: bytes, max_metadata_len: int = 1000) -> MsysApi:
+    return parse_msys_api(values(raw), max_metadata_len)
+
+
+class MsysApiTests(SynchronousTestCase):
+    def refused(self, raw: bytes, text: str, max_metadata_len: int = 1000) -> None:
+        e = self.assertRaises(MsysApiError, parse, raw, max_metadata_len)
+        self.assertEqual(str(e), text)
+
+    def test_absent(self) -> None:
+        self.assertEqual(parse(b"Subject: x\r\n"), MsysApi())
+
+    def test_full_header(self) -> None:
+        api = parse(b'X-MSYS-API: {"campaign_id":"spring","metadata":{"user":"42","n":[1,2]},'
+                    b'"tags":["a","b"],"options":{"open_tracking":true,"click_tracking":false}}\r\n')
+        self.assertEqual(api, MsysApi(True, False, "spring", {"user": "42", "n": [1, 2]}, ("a", "b")))
+
+    def test_unfolding(self) -> None:
+        api = parse(b'X-MSYS-API: {"campaign_id":\r\n  "a b",\r\n\t"tags": ["x"]}\r\n')
+        self.assertEqual((api.campaign_id, api.tags), ("a b", ("x",)))
+        self.assertEqual(unfold("a\r\n b\r\n\tc"), "a b\tc")
+
+    def test_rfc2047(self) -> None:
+        json_text = '{"campaign_id":"Été","metadata":{"k":"ü"}}'
+        b64 = base64.b64encode(json_text.encode()).decode()
+        api = parse(f"X-MSYS-API: =?utf-8?B?{b64}?=\r\n".encode())
+        self.assertEqual((api.campaign_id, api.metadata), ("Été", {"k": "ü"}))
+        # Two adjacent words: the white space between them is not part of the value.
+        first, second = json_text[:10].encode(), json_text[10:].encode()
+        raw = (f"X-MSYS-API: =?utf-8?B?{base64.b64encode(first).decode()}?=\r\n"
+               f" =?utf-8?B?{base64.b64encode(second).decode()}?=\r\n").encode()
+        self.assertEqual(parse(raw).campaign_id, "Été")
+        # Q encoding, mixed with plain text whose spaces are kept.
+        self.assertEqual(decode_encoded_words('{"a": "=?iso-8859-1?Q?caf=E9_au_lait?= x"}'),
+                         '{"a": "café au lait x"}')
+
+    def test_raw_utf8(self) -> None:
+        self.assertEqual(parse('X-MSYS-API: {"campaign_id":"naïve"}\r\n'.encode()).campaign_id, "naïve")
+        self.refused(b'X-MSYS-API: {"campaign_id":"\xff"}\r\n', "X-MSYS-API is not valid UTF-8")
+
+    def test_bad_encoded_word(self) -> None:
+        self.refused(b"X-MSYS-API: =?x-no-such-charset?B?e30=?=\r\n",
+                     "X-MSYS-API has an encoded word that cannot be decoded")
+
+    def test_unknown_fields_and_options_ignored(self) -> None:
+        api = parse(b'X-MSYS-API: {"transactional":true,"ip_pool":"x","options":'
+                    b'{"transactional":true,"sandbox":1,"open_tracking":true}}\r\n')
+        self.assertEqual(api, MsysApi(open_tracking=True))
+
+    def test_every_type_rule(self) -> None:
+        cases = {
+            b"{": "X-MSYS-API is not valid JSON",
+            b'{"a":NaN}': "X-MSYS-API is not valid JSON",
+            b"[]": "X-MSYS-API must be of type 'json object'",
+            b'"x"': "X-MSYS-API must be of type 'json object'",
+            b'{"options":[]}': "X-MSYS-API 'options' must be of type 'json object'",
+            b'{"options":{"open_tracking":"true"}}':
+                "X-MSYS-API 'options.open_tracking' must be of type 'boolean'",
+            b'{"options":{"click_tracking":1}}':
+                "X-MSYS-API 'options.click_tracking' must be of type 'boolean'",
+            b'{"campaign_id":5}': "X-MSYS-API 'campaign_id' must be of type 'string'",
+            b'{"metadata":"x"}': "X-MSYS-API 'metadata' must be of type 'json object'",
+            b'{"metadata":[1]}': "X-MSYS-API 'metadata' must be of type 'json object'",
+            b'{"tags":"a"}': "X-MSYS-API 'tags' must be of type 'array'",
+            b'{"tags":["a",1]}': "X-MSYS-API 'tags' must be an array of strings",
+        }
+        for value, text in cases.items():
+            self.refused(b"X-MSYS-API: " + value + b"\r\n", text)
+
+    def test_campaign_id_limit_in_bytes(self) -> None:
+        ok = "é" * 32  # 64 bytes
+        self.assertEqual(parse(f'X-MSYS-API: {{"campaign_id":"{ok}"}}\r\n'.encode()).campaign_id, ok)
+        self.refused(f'X-MSYS-API: {{"campaign_id":"{ok}x"}}\r\n'.encode(),
+                     "X-MSYS-API 'campaign_id' must not be longer than 64 bytes")
+
+    def test_metadata_limit(self) -> None:
+        meta = b'{"k":"' + b"v" * 22 + b'"}'  # 30 bytes of compact JSON
+        self.assertEqual(parse(b'X-MSYS-API: {"metadata": ' + meta + b"}\r\n", 30).metadata,
+                         {"k": "v" * 22})
+        self.refused(b'X-MSYS-API: {"metadata":' + meta + b"}\r\n",
+                     "X-MSYS-API 'metadata' must not be longer than 29 bytes", 29)
+
+    def test_cr_lf_in_any_string(self) -> None:
+        for value, name in ((b'{"campaign_id":"a\\r\\nBcc: x"}', "campaign_id"),
+                            (b'{"metadata":{"k":["ok","a\\nb"]}}', "metadata"),
+                            (b'{"metadata":{"a\\rb":1}}', "metadata"),
+                            (b'{"tags":["x\\n"]}', "tags"),
+                            (b'{"ignored_field":"x\\ny"}', "ignored_field")):
+            self.refused(b"X-MSYS-API: " + value + b"\r\n",
+                         f"X-MSYS-API '{name}' must not contain CR or LF")
+
+    def test_more_than_ten_tags(self) -> None:
+        tags = [f"t{i}" for i in range(14)]
+        raw = ('X-MSYS-API: {"tags":[' + ",".join(f'"{t}"' for t in tags) + "]}\r\n").encode()
+        self.assertEqual(parse(raw).tags, tuple(tags[:10]))
+
+    def test_twice(self) -> None:
+        self.refused(b'X-MSYS-API: {}\r\nX-MSYS-API: {"campaign_id":"x"}\r\n',
+                     "X-MSYS-API must not appear more than once")
+
+
+class ContextTests(SynchronousTestCase):
+    def test_values(self) -> None:
+        c = parse_context({
+            "smtpapi_open_tracking": "true", "smtpapi_click_tracking": "0",
+            "smtpapi_campaign_id": "c", "smtpapi_metadata": '{"a":1}', "smtpapi_tags": '["x"]',
+            "smtpapi_open_tracking_scheme": "https", "smtpapi_click_tracking_scheme": "https",
+            "smtpapi_tracking_domain": "t.example.com:8443", "smtpapi_tracking_link_expiry": "5d",
+            "unrelated": "kept out",
+        }, 1000)
+        self.assertEqual(c, ContextSettings(True, False, "c", {"a": 1}, ("x",), "https", "https",
+                                            "t.example.com:8443", 5 * 86400.0))
+        for text, value in (("1", True), ("0", False), ("TRUE", True), (" false ", False)):
+            self.assertEqual(parse_context({"smtpapi_open_tracking": text}, 10).open_tracking, value)
+
+    def test_bad_values_name_the_variable(self) -> None:
+        for name, value in (("smtpapi_open_tracking", "yes"), ("smtpapi_click_tracking", 1),
+                            ("smtpapi_campaign_id", "x" * 65), ("smtpapi_campaign_id", "a\nb"),
+                            ("smtpapi_metadata", "[1]"), ("smtpapi_metadata", "{"),
+                            ("smtpapi_metadata", '{"k":"' + "v" * 200 + '"}'),
+                            ("smtpapi_tags", '{"a":1}'), ("smtpapi_tags", "[1]"),
+                            ("smtpapi_open_tracking_scheme", "ftp"),
+                            ("smtpapi_tracking_domain", "a b"),
+                            ("smtpapi_tracking_link_expiry", "soon")):
+            e = self.assertRaises(PolicyValueError, parse_context, {name: value}, 100)
+            self.assertIn(name, str(e))
+
+    def test_more_than_ten_tags(self) -> None:
+        tags = parse_context({"smtpapi_tags": str([f"t{i}" for i in range(12)]).replace("'", '"')},
+                             100).tags
+        self.assertEqual(tags, tuple(f"t{i}" for i in range(10)))
+
+
+CONFIG = SmtpapiConfig(open_tracking_enabled=False, click_tracking_enabled=True,
+                       open_tracking_scheme="http", click_tracking_scheme="http",
+                       tracking_domain="config.example", tracking_link_expiry=100.0)
+TRACKER = EngagementTrackerConfig()
+
+
+class PrecedenceTests(SynchronousTestCase):
+    """Every row of SPEC §4's table: policy beats header beats configuration."""
+
+    def rows(self) -> list[tuple[str, object, object, object, object]]:
+        # (setting, policy value, header value or None where the header has no field,
+        #  the value when neither says anything: CONFIG's, or empty)
+        return [
+            ("open_tracking", True, True, False),
+            ("click_tracking", False, False, True),
+            ("campaign_id", "from-policy", "from-header", ""),
+            ("metadata", {"p": 1}, {"h": 1}, {}),
+            ("tags", ("p",), ("h",), ()),
+            ("open_tracking_scheme", "https", None, "http"),
+            ("click_tracking_scheme", "https", None, "http"),
+            ("tracking_domain", "policy.example", None, "config.example"),
+        ]
+
+    def test_each_row(self) -> None:
+        for name, policy, header, default in self.rows():
+            with_header = MsysApi(**{name: header}) if header is not None else MsysApi()
+            # Nothing set: configuration (or empty).
+            self.assertEqual(getattr(resolve(CONFIG, TRACKER, MsysApi(), ContextSettings(), 0), name),
+                             default, name)
+            if header is not None:
+                got = resolve(CONFIG, TRACKER, with_header, ContextSettings(), 0)
+                self.assertEqual(getattr(got, name), header, name)
+            got = resolve(CONFIG, TRACKER, with_header, ContextSettings(**{name: policy}), 0)
+            self.assertEqual(getattr(got, name), policy, name)
+            self.assertNotEqual(policy, default, name)  # each row really changes the outcome
+
+    def test_flags_every_combination(self) -> None:
+        """An explicit false is a setting, not an absence; each level beats the ones below."""
+        for name in ("open_tracking", "click_tracking"):
+            for config_value in (False, True):
+                config = SmtpapiConfig(**{f"{name}_enabled": config_value})
+                for header in (None, False, True):
+                    for policy in (None, False, True):
+                        got = getattr(resolve(config, TRACKER, MsysApi(**{name: header}),
+                                              ContextSettings(**{name: policy}), 0), name)
+                        expected = next(v for v in (policy, header, config_value) if v is not None)
+                        self.assertEqual(got, expected, (name, config_value, header, policy))
+
+    def test_expiry_row(self) -> None:
+        self.assertEqual(resolve(CONFIG, TRACKER, MsysApi(), ContextSettings(), 1000.5).expiry, 1100)
+        got = resolve(CONFIG, TRACKER, MsysApi(), ContextSettings(tracking_link_expiry=7.0), 1000)
+        self.assertEqual(got.expiry, 1007)
+
+    def test_settings_are_independent(self) -> None:
+        """A policy that sets one variable leaves the others to the header and configuration."""
+        got = resolve(CONFIG, TRACKER, MsysApi(open_tracking=True, campaign_id="h"),
+                      ContextSettings(click_tracking=False), 0)
+        self.assertEqual((got.open_tracking, got.click_tracking, got.campaign_id), (True, False, "h"))
+
+    def test_per_listener_configuration(self) -> None:
+        config = make_config(self.mktemp(), smtpapi={"click_tracking_enabled": False},
+                             smtp={"listeners": {"marketing": {
+                                 "endpoint": "tcp:0:interface=127.0.0.1",
+                                 "smtpapi": {"click_tracking_enabled": True,
+                                             "tracking_domain": "m.example"}}}})
+        by_name = {lc.name: lc.smtpapi for lc in config.smtp.listeners}
+        default = resolve(by_name["default"], TRACKER, MsysApi(), ContextSettings(), 0)
+        marketing = resolve(by_name["marketing"], TRACKER, MsysApi(), ContextSettings(), 0)
+        self.assertEqual((default.click_tracking, default.tracking_domain), (False, "localhost:8080"))
+        self.assertEqual((marketing.click_tracking, marketing.tracking_domain), (True, "m.example"))
+        # The header still beats the listener's configuration.
+        off = resolve(by_name["marketing"], TRACKER, MsysApi(click_tracking=False), ContextSettings(), 0)
+        self.assertFalse(off.click_tracking)
+
+    def test_round_trip_through_the_envelope(self) -> None:
+        t = resolve(CONFIG, TRACKER, MsysApi(tags=("a",), metadata={"x": [1]}),
+                    ContextSettings(open_tracking=True), 5)
+        self.assertEqual(Tracking.from_dict(t.to_dict()), t)
+        self.assertEqual(Tracking.from_dict({}), Tracking())

@@ -1,0 +1,222 @@
+"""Tracking end to end over real sockets: X-MSYS-API, the policy hook, tracked copies at the sink."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import smtplib
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from appliance.links import LinkCodec, LinkData, read_keyring
+from tests import policies
+from tests.helpers import RunningAppliance, in_thread, wait_until
+
+HTML = (
+    b'<html><body><p>Hello</p><a href="https://shop.example/p?id=1&amp;x=2#top" '
+    b'data-msys-linkname="Hero">buy</a> <a href="mailto:s@example.net">mail</a></body></html>\r\n'
+)
+
+
+def message(api: str | None = None, extra: bytes = b"", html: bytes = HTML) -> bytes:
+    head = b"From: Sender <s@example.net>\r\nSubject: Tracked\r\n"
+    if api is not None:
+        head += b"X-MSYS-API: " + api.encode() + b"\r\n"
+    return (head + extra + b"MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=b\r\n"
+            b"\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nSee https://shop.example/t\r\n"
+            b"--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + html + b"--b--\r\n")
+
+
+TRACK_ALL = json.dumps({"campaign_id": "spring", "metadata": {"user": "42"}, "tags": ["a", "b"],
+                        "options": {"open_tracking": True, "click_tracking": True}})
+TOKEN = re.compile(rb"http://localhost:8080/(?:f/[^/]+|q)/([A-Za-z0-9_-]+)")
+
+
+def send(port: int, recipients: list[str], data: bytes) -> Any:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        return client.sendmail("s@example.net", recipients, data)
+
+
+def send_expecting_refusal(port: int, recipients: list[str], data: bytes) -> tuple[int, bytes]:
+    try:
+        send(port, recipients, data)
+    except smtplib.SMTPDataError as e:
+        return e.smtp_code, e.smtp_error
+    raise AssertionError("the message was accepted")
+
+
+class TrackingTestCase(unittest.TestCase):
+    changes: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.running = RunningAppliance(self.mktemp(), **self.changes)
+        self.codec = LinkCodec(read_keyring(self.running.config.links.keys_file))
+        return self.running.start()
+
+    def tearDown(self) -> defer.Deferred:
+        return self.running.stop()
+
+    def events(self, type_: str) -> list[dict[str, Any]]:
+        return [e for e in self.running.events() if e["type"] == type_]
+
+    def spool_is_empty(self) -> bool:
+        spool = self.running.config.spool.directory
+        return not any(os.listdir(os.path.join(spool, d)) for d in ("active", "incoming"))
+
+    def delivered(self, count: int) -> defer.Deferred:
+        """Wait for the outcome events too: a test must not end while a delivery is in flight."""
+        return wait_until(lambda: len(self.events("delivery")) == count)
+
+    def tokens(self, data: bytes) -> list[LinkData]:
+        return [self.codec.decode(t) for t in TOKEN.findall(data.replace(b"=\r\n", b""))]
+
+
+class HeaderTests(TrackingTestCase):
+    @defer.inlineCallbacks
+    def test_tracked_copies(self) -> defer.Generator:
+        yield in_thread(send, self.running.smtp_port, ["a@example.test", "B@example.org"],
+                        message(TRACK_ALL))
+        copies = yield self.running.sink.wait_for(2)
+        by_rcpt = {c.rcpt_to[0]: c.data for c in copies}
+        injections = {e["raw_rcpt_to"]: e for e in self.events("injection")}
+        for rcpt, data in by_rcpt.items():
+            self.assertNotIn(b"X-MSYS-API", data)
+            links = self.tokens(data)
+            kinds = sorted(d.kind for d in links)
+            self.assertEqual(kinds, ["click", "click", "initial_open", "open"])
+            event = injections[rcpt]
+            for d in links:
+                self.assertEqual((d.message_id, d.rcpt_to, d.campaign_id, d.tags, d.metadata),
+                                 (event["message_id"], rcpt.lower(), "spring", ("a", "b"), {"user": "42"}))
+            self.assertEqual(sorted(d.target for d in links if d.kind == "click"),
+                             ["https://shop.example/p?id=1&x=2#top", "https://shop.example/t"])
+            self.assertIn(b'href="mailto:s@example.net"', data)
+            self.assertEqual((event["open_tracking"], event["click_tracking"]), (True, True))
+            self.assertEqual((event["campaign_id"], event["rcpt_meta"], event["rcpt_tags"]),
+                             ("spring", {"user": "42"}, ["a", "b"]))
+            self.assertNotIn("tracking_skipped", event)
+            self.assertNotIn("dkim_broken", event)
+        yield self.delivered(2)
+        for delivery in self.events("delivery"):
+            self.assertEqual((delivery["campaign_id"], delivery["rcpt_meta"], delivery["rcpt_tags"]),
+                             ("spring", {"user": "42"}, ["a", "b"]))
+
+    @defer.inlineCallbacks
+    def test_bad_header_refuses_the_message(self) -> defer.Generator:
+        code, text = yield in_thread(send_expecting_refusal, self.running.smtp_port,
+                                     ["a@example.test", "b@example.org"],
+                                     message('{"metadata": ["not", "an", "object"]}'))
+        self.assertEqual((code, text), (550, b"5.6.0 X-MSYS-API 'metadata' must be of type 'json object'"))
+        rejections = self.events("policy_rejection")
+        self.assertEqual(sorted(e["rcpt_to"] for e in rejections), ["a@example.test", "b@example.org"])
+        for e in rejections:
+            self.assertEqual(e["error_code"], "550")
+            self.assertEqual(e["reason"], "550 5.6.0 X-MSYS-API 'metadata' must be of type 'json object'")
+            self.assertEqual(e["subject"], "Tracked")
+        self.assertEqual(self.events("injection"), [])
+        self.assertTrue(self.spool_is_empty())
+        self.assertEqual(self.running.sink.messages, [])
+
+    @defer.inlineCallbacks
+    def test_skipped_tracking_and_dkim_are_reported(self) -> defer.Generator:
+        lying = (b"<a href='https://x.example/'>caf\xe9</a>\r\n")
+        data = message(TRACK_ALL, b"DKIM-Signature: v=1; d=example.net; h=from:subject; b=x\r\n", lying)
+        yield in_thread(send, self.running.smtp_port, ["a@example.test"], data)
+        [copy] = yield self.running.sink.wait_for(1)
+        [event] = self.events("injection")
+        self.assertTrue(event["tracking_skipped"])
+        self.assertEqual(event["tracking_skipped_reason"], "text/html part: it is not valid utf-8")
+        self.assertTrue(event["dkim_broken"])  # the text part was still rewritten
+        self.assertIn(lying, copy.data)  # the bad part exactly as it came
+        self.assertEqual([d.target for d in self.tokens(copy.data)], ["https://shop.example/t"])
+        yield self.delivered(1)
+
+
+class PolicyTests(TrackingTestCase):
+    changes = {"policy": {"hook": "tests.policies:per_recipient"},
+               "smtpapi": {"open_tracking_enabled": True, "click_tracking_enabled": True}}
+
+    @defer.inlineCallbacks
+    def test_per_recipient_verdicts(self) -> defer.Generator:
+        del policies.calls[:]
+        yield in_thread(send, self.running.smtp_port,
+                        ["yes@example.test", "no@example.test", "plain@example.org"],
+                        message('{"campaign_id": "from-header"}'))
+        self.assertEqual([(c[0].rcpt_to, c[1], c[2], c[3]) for c in policies.calls],
+                         [(r, "127.0.0.1", None, "Tracked")
+                          for r in ("yes@example.test", "no@example.test", "plain@example.org")])
+        copies = yield self.running.sink.wait_for(2)
+        by_rcpt = {c.rcpt_to[0]: c.data for c in copies}
+        self.assertEqual(sorted(by_rcpt), ["plain@example.org", "yes@example.test"])
+        yes = self.tokens(by_rcpt["yes@example.test"])
+        self.assertEqual({(d.campaign_id, d.tags) for d in yes}, {("from-policy", ("policy",))})
+        plain = self.tokens(by_rcpt["plain@example.org"])
+        self.assertEqual(sorted(d.kind for d in plain), ["initial_open", "open"])  # no clicks
+        self.assertEqual({d.campaign_id for d in plain}, {"from-header"})
+        [rejection] = self.events("policy_rejection")
+        self.assertEqual((rejection["rcpt_to"], rejection["error_code"], rejection["reason"]),
+                         ("no@example.test", "550", "550 5.7.1 Not this one"))
+        injections = {e["rcpt_to"]: e for e in self.events("injection")}
+        self.assertEqual(sorted(injections), ["plain@example.org", "yes@example.test"])
+        self.assertEqual(injections["plain@example.org"]["click_tracking"], False)
+        self.assertEqual(injections["yes@example.test"]["campaign_id"], "from-policy")
+        yield self.delivered(2)
+
+
+class RejectAllTests(TrackingTestCase):
+    changes = {"policy": {"hook": "tests.policies:reject_all"}}
+
+    @defer.inlineCallbacks
+    def test_everyone_rejected(self) -> defer.Generator:
+        code, text = yield in_thread(send_expecting_refusal, self.running.smtp_port,
+                                     ["a@example.test", "b@example.org"], message())
+        self.assertEqual((code, text), (554, b"5.7.1 Go away"))
+        self.assertEqual(len(self.events("policy_rejection")), 2)
+        self.assertTrue(self.spool_is_empty())
+
+
+class BrokenPolicyTests(TrackingTestCase):
+    changes = {"policy": {"hook": "tests.policies:broken"}}
+
+    @defer.inlineCallbacks
+    def test_failure_is_temporary_for_everyone(self) -> defer.Generator:
+        code, text = yield in_thread(send_expecting_refusal, self.running.smtp_port,
+                                     ["a@example.test", "b@example.org"], message())
+        self.assertEqual((code, text), (451, b"4.3.5 Policy not available, try again later"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(self.spool_is_empty())  # a@ was fine, but nobody is half-accepted
+        self.assertEqual({e["error_code"] for e in self.events("policy_rejection")}, {"451"})
+
+
+class RestartTests(unittest.TestCase):
+    """A copy made after a restart is prepared again from the spooled text."""
+
+    @defer.inlineCallbacks
+    def test_copy_after_restart(self) -> defer.Generator:
+        directory = self.mktemp()
+        # First run: the destination refuses connections, so the copy waits in the spool.
+        first = RunningAppliance(directory, delivery={"retry_initial": "1s"})
+        dead = first.config.delivery.routes["example.test"]
+        yield first.sink_port.stopListening()
+        yield first.start()
+        yield in_thread(send, first.smtp_port, ["a@example.test"], message(TRACK_ALL))
+        yield wait_until(lambda: any(e["type"] == "delay" for e in first.events()))
+        yield first.appliance.stopService()
+        [injection] = [e for e in first.events() if e["type"] == "injection"]
+
+        second = RunningAppliance(directory, delivery={"retry_initial": "1s"})
+        self.assertNotEqual(second.config.delivery.routes["example.test"], dead)
+        yield second.start()
+        try:
+            [copy] = yield second.sink.wait_for(1)
+            yield wait_until(lambda: any(e["type"] == "delivery" for e in second.events()))
+        finally:
+            yield second.stop()
+        codec = LinkCodec(read_keyring(second.config.links.keys_file))
+        links = [codec.decode(t) for t in TOKEN.findall(copy.data)]
+        self.assertEqual(len(links), 4)
+        self.assertEqual({d.message_id for d in links}, {injection["message_id"]})
+        self.assertNotIn(b"X-MSYS-API", copy.data)
