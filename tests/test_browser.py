@@ -1,7 +1,8 @@
 """
 A real browser against the tracker.
 
-Headless Chromium opens a recipient's copy, loads its pixels, follows one of
+A message is injected with open and click tracking on; headless Chromium
+opens the recipient's copy as delivered, loads its pixels, follows one of
 its tracked links through the appliance's tracker and must land on exactly the
 URL the sender wrote; the appliance's event log must then hold the ``open``,
 ``initial_open`` and ``click`` that the browser caused.
@@ -9,19 +10,22 @@ URL the sender wrote; the appliance's event log must then hold the ``open``,
 
 from __future__ import annotations
 
+import email
+import email.policy
 import html
+import json
 import os
 import re
 import shutil
-import time
+import smtplib
+from email.message import EmailMessage
 from typing import Any
 
 from twisted.internet import defer, reactor, utils
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from appliance.links import LinkData, click_url, open_url
-from tests.helpers import RunningAppliance, free_port
+from tests.helpers import RunningAppliance, free_port, in_thread, wait_until
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -45,40 +49,39 @@ LANDING_PAGE = b"""<!doctype html><html><body><p id="landed"></p>
 <script>document.getElementById("landed").textContent = location.href;</script></body></html>"""
 
 
-def delivered_html(running: RunningAppliance, target: str) -> defer.Deferred:
+@defer.inlineCallbacks
+def delivered_html(running: RunningAppliance, target: str) -> Any:
     """
-    The HTML of one recipient's copy of a message that links to ``target``,
-    and the identity its events must carry (``message_id``, ``rcpt_to``,
-    ``rcpt_meta``).
-
-    Made here with the appliance's own link codec and tracking settings, in
-    the shape the rewriter gives a copy: the ``initial_open`` pixel in a
-    hidden block after ``<body>``, the tracked link, the ``open`` pixel before
-    ``</body>``. Once the rewriter is in place this becomes: inject the
-    message with open and click tracking on, and take the copy from the sink.
+    The HTML of a recipient's copy of a message that links to ``target``, as
+    delivered: injected over SMTP with open and click tracking on, rewritten by
+    the appliance and taken from the sink. Also the identity the copy's events
+    must carry (``message_id``, ``rcpt_to``, ``rcpt_meta``).
     """
-    smtpapi = running.config.smtpapi
-    codec = running.appliance.links
-    identity: dict[str, Any] = dict(
-        expiry=int(time.time() + smtpapi.tracking_link_expiry), message_id="0badc0ffee0badc0ffee",
-        transmission_id="271828", rcpt_to="reader@example.test", campaign_id="browser",
-        tags=("t1",), metadata={"cohort": "b"},
-    )
+    message = EmailMessage()
+    message["From"] = "Sender <sender@example.net>"
+    message["To"] = "reader@example.test"
+    message["Subject"] = "Hello"
+    message["X-MSYS-API"] = json.dumps({"campaign_id": "browser", "metadata": {"cohort": "b"},
+                                        "options": {"open_tracking": True, "click_tracking": True}})
+    message.set_content(
+        "<!doctype html>\n<html><head><title>Hello</title></head><body>\n"
+        f'<p>Hello! <a href="{html.escape(target)}" data-msys-linkname="Landing">See the offer</a>.'
+        "</p>\n</body></html>\n", subtype="html", cte="quoted-printable")
 
-    def pixel(kind: str) -> str:
-        url = open_url(smtpapi.open_tracking_scheme, smtpapi.tracking_domain,
-                       codec.encode(LinkData(kind, **identity)))
-        return f'<img border="0" width="1" height="1" alt="" src="{html.escape(url)}">'
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", running.smtp_port, timeout=10) as client:
+            client.sendmail("sender@example.net", ["reader@example.test"],
+                            message.as_bytes(policy=email.policy.SMTP))
 
-    link = click_url(smtpapi.click_tracking_scheme, smtpapi.tracking_domain,
-                     codec.encode(LinkData("click", **identity, link_name="Landing", target=target)))
-    copy = ("<!doctype html>\n<html><head><title>Hello</title></head><body>"
-            f'<div style="display:none">{pixel("initial_open")}</div>\n'
-            f'<p>Hello! <a href="{html.escape(link)}">See the offer</a>.</p>\n'
-            f"{pixel('open')}</body></html>\n")
-    expected = {"message_id": identity["message_id"], "rcpt_to": identity["rcpt_to"],
-                "rcpt_meta": identity["metadata"]}
-    return defer.succeed((copy, expected))
+    yield in_thread(send)
+    [copy] = yield running.sink.wait_for(1)
+    # The test must not end while the delivery's outcome is still being written.
+    yield wait_until(lambda: any(e["type"] == "delivery" for e in running.events()))
+    [injection] = [e for e in running.events() if e["type"] == "injection"]
+    body = email.message_from_bytes(copy.data, policy=email.policy.default).get_body(("html",))
+    expected = {"message_id": injection["message_id"], "rcpt_to": "reader@example.test",
+                "rcpt_meta": {"cohort": "b"}, "campaign_id": "browser"}
+    return body.get_content(), expected
 
 
 class PageServer(resource.Resource):
@@ -148,8 +151,9 @@ class BrowserTests(unittest.TestCase):
         # ... and the site received exactly its path and query, once.
         self.assertEqual(self.pages.landings, [LANDED.split("#")[0].encode()])
 
-        events = {e["type"]: e for e in self.running.events()}
-        self.assertEqual(sorted(events), ["click", "initial_open", "open"])
+        engagement = [e for e in self.running.events() if e["type"] in ("open", "initial_open", "click")]
+        events = {e["type"]: e for e in engagement}
+        self.assertEqual(sorted(e["type"] for e in engagement), ["click", "initial_open", "open"])
         for event in events.values():
             for key, value in expected.items():
                 self.assertEqual(event[key], value, (event["type"], key))
