@@ -7,7 +7,7 @@ import ipaddress
 import json
 import os
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -529,12 +529,12 @@ class ApplianceTrackerTests(unittest.TestCase):
         codec = self.running.appliance.links
         port = self.running.http_port
         expiry = int(reactor.seconds()) + 3600
-        click = replace(link(), expiry=expiry)
+        click = link()._replace(expiry=expiry)
         r = yield in_thread(http, port, "GET", f"/f/a/{codec.encode(click)}",
                             {"X-Forwarded-For": "198.51.100.7"})
         self.assertEqual(r.status, 302)
         self.assertEqual(r.header(b"location"), b"https://shop.example/p?a=1&b=%2F#top")
-        r = yield in_thread(http, port, "GET", f"/q/{codec.encode(replace(link('open'), expiry=expiry))}")
+        r = yield in_thread(http, port, "GET", f"/q/{codec.encode(link('open')._replace(expiry=expiry))}")
         self.assertEqual(r.status, 200)
         # A link signed with keys this appliance does not hold.
         r = yield in_thread(http, port, "GET", f"/f/a/{CODEC.encode(click)}")
