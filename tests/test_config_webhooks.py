@@ -7,7 +7,7 @@ import tomllib
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.config import EVENT_TYPES, Config, ConfigError, parse_config
-from tests.helpers import merge, shipped_toml
+from tests.helpers import SHIPPED_CONFIG, merge, shipped_toml
 
 
 class WebhookConfigTests(SynchronousTestCase):
@@ -99,3 +99,16 @@ retry_lifetime = "8h"
         e = self.assertRaises(ConfigError, parse_config,
                               merge(shipped_toml(), {"webhooks": {"target": "http://x/"}}))
         self.assertEqual(e.problems, [("webhooks", "expected an array of tables, written [[webhooks]]")])
+
+    def test_shipped_example_is_valid(self) -> None:
+        """The commented-out [[webhooks]] example in etc/appliance.toml loads when uncommented."""
+        with open(SHIPPED_CONFIG, encoding="utf-8") as f:
+            text = f.read()
+        example = text[text.index("# [[webhooks]]"):]
+        uncommented = "\n".join(line[2:] for line in example.splitlines() if line.startswith("# "))
+        [hook] = parse_config(merge(shipped_toml(), tomllib.loads(uncommented))).webhooks
+        self.assertEqual((hook.name, hook.target, hook.auth_token),
+                         ("hooks", "https://hooks.example.com/sparkpost", "secret"))
+        self.assertEqual(hook.events, frozenset({"delivery", "bounce", "open", "click"}))
+        self.assertEqual((hook.max_batch_size, hook.batch_interval, hook.retry_lifetime),
+                         (10000, 30, 4 * 3600))
