@@ -683,6 +683,7 @@ class WebhookConfig:
     target: str
     events: frozenset[str] = frozenset(EVENT_TYPES)
     auth_token: str = ""  # sent as X-MessageSystems-Webhook-Token, as SparkPost does
+    tls_ca_file: str = ""  # PEM certificate trusted for https targets; "" = the system's CAs
     max_batch_size: int = 10000
     batch_interval: float = 30.0
     timeout: float = 10.0
@@ -740,6 +741,19 @@ def _read_webhook(t: Table) -> WebhookConfig | None:
     token = t.str("auth_token", d.auth_token)
     if any(not (32 <= ord(c) < 127) for c in token):
         t.error("auth_token", "must be printable ASCII (it is sent as an HTTP header)")
+    tls_ca_file = _optional_path(t, "tls_ca_file", "")
+    if tls_ca_file:
+        from twisted.internet.ssl import Certificate
+
+        try:
+            with open(tls_ca_file, "rb") as f:
+                Certificate.loadPEM(f.read())
+        except OSError as e:
+            t.error("tls_ca_file", f"cannot read {tls_ca_file}: {e.strerror}")
+        except Exception:
+            t.error("tls_ca_file", f"not a PEM certificate: {tls_ca_file}")
+        if target and not target.lower().startswith("https:"):
+            t.error("tls_ca_file", "set, but the target is not an https:// URL")
     name = t.str("name", "", allow_empty=False)
     if name and not _WEBHOOK_NAME_RE.fullmatch(name):
         t.error("name", f"expected letters, digits, '.', '_' or '-' (at most 64), got {_show(name)}")
@@ -748,6 +762,7 @@ def _read_webhook(t: Table) -> WebhookConfig | None:
         target=target,
         events=frozenset(events),
         auth_token=token,
+        tls_ca_file=tls_ca_file,
         max_batch_size=t.int("max_batch_size", d.max_batch_size, minimum=1, maximum=10000),
         batch_interval=t.duration("batch_interval", d.batch_interval),
         timeout=t.duration("timeout", d.timeout),

@@ -35,14 +35,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, ssl, task, threads
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from appliance.config import WebhookConfig
@@ -105,8 +105,11 @@ class Batch:
     path: str
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync_path(path: str, directory: bool = False) -> None:
+    _fsync_and_close(os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0)))
+
+
+def _fsync_and_close(fd: int) -> None:
     try:
         os.fsync(fd)
     finally:
@@ -181,7 +184,7 @@ class QueueDirectory:
             batch = self._recover_open(seq, path, int(now))
             if batch is not None:
                 batches[seq] = batch
-        _fsync_directory(self.path)
+        _fsync_path(self.path, directory=True)
         return [batches[s] for s in sorted(batches)], highest + 1
 
     def _recover_open(self, seq: int, path: str, now: int) -> Batch | None:
@@ -206,23 +209,16 @@ class QueueDirectory:
             os.rename(tmp, final)
             os.unlink(path)
         else:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_path(path)
             os.rename(path, final)
         return Batch(seq, now, batch_id, final)
 
     def seal(self, seq: int, fd: int, sealed_at: int, batch_id: str) -> Batch:
         """Make the ``.open`` file of ``seq`` (written through ``fd``) a batch; closes ``fd``."""
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_and_close(fd)
         final = self.batch_path(seq, sealed_at, batch_id)
         os.rename(self.open_path(seq), final)
-        _fsync_directory(self.path)
+        _fsync_path(self.path, directory=True)
         return Batch(seq, sealed_at, batch_id, final)
 
     @staticmethod
@@ -233,13 +229,6 @@ class QueueDirectory:
     @staticmethod
     def remove(batch: Batch) -> None:
         os.unlink(batch.path)
-
-
-def _fsync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- HTTP ------------------------------------------------------------------------------
@@ -282,7 +271,8 @@ class _Prefix(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         # A body cut short does not change the status the receiver already gave.
-        self.finished.callback(self.data)
+        if not self.finished.called:  # not cancelled
+            self.finished.callback(self.data)
 
 
 def read_prefix(response: IResponse) -> defer.Deferred:
@@ -297,6 +287,18 @@ def read_prefix(response: IResponse) -> defer.Deferred:
     protocol = _Prefix(d)
     response.deliverBody(protocol)
     return d
+
+
+@implementer(IPolicyForHTTPS)
+class TrustFile:
+    """HTTPS that trusts only the certificate in one PEM file (a private CA, a self-signed receiver)."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "rb") as f:
+            self._trust = ssl.Certificate.loadPEM(f.read())
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
 
 
 def _describe_failure(failure: Failure) -> str:
@@ -334,7 +336,8 @@ class WebhookService(Service):
         self._pool: HTTPConnectionPool | None = None
         if agent is None:
             self._pool = HTTPConnectionPool(clock, persistent=False)
-            agent = Agent(clock, connectTimeout=config.timeout, pool=self._pool)
+            tls = {"contextFactory": TrustFile(config.tls_ca_file)} if config.tls_ca_file else {}
+            agent = Agent(clock, connectTimeout=config.timeout, pool=self._pool, **tls)
         self._agent = agent
         self._run = run
         self._fsync_interval = fsync_interval
@@ -544,7 +547,7 @@ class WebhookService(Service):
         head = self.batches[0]
         delay = min(self.schedule.delay(self.failures), head.sealed_at + lifetime - now)
         log.warn("webhook {name}: batch {batch_id} not accepted by {target} ({why}); "
-                 "next attempt in {delay:.0f}s", name=self.config.name, batch_id=batch.batch_id,
+                 "next attempt in {delay:g}s", name=self.config.name, batch_id=batch.batch_id,
                  target=self.config.target, why=why, delay=delay)
         self._retry_timer = self._clock.callLater(max(delay, 0.0), self._retry)
 

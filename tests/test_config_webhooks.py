@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.config import EVENT_TYPES, Config, ConfigError, parse_config
+from tests.fakes import self_signed
 from tests.helpers import SHIPPED_CONFIG, merge, shipped_toml
 
 
@@ -112,3 +114,23 @@ retry_lifetime = "8h"
         self.assertEqual(hook.events, frozenset({"delivery", "bounce", "open", "click"}))
         self.assertEqual((hook.max_batch_size, hook.batch_interval, hook.retry_lifetime),
                          (10000, 30, 4 * 3600))
+
+    def test_tls_ca_file(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        _, certificate = self_signed(directory)
+        garbage = os.path.join(directory, "garbage.pem")
+        with open(garbage, "w") as f:
+            f.write("not a certificate\n")
+        [hook] = self.parse({"target": "https://127.0.0.1:8443/", "tls_ca_file": certificate}).webhooks
+        self.assertEqual(hook.tls_ca_file, certificate)
+        missing = os.path.join(directory, "missing.pem")
+        problems = self.problems(
+            {"target": "https://127.0.0.1/", "tls_ca_file": missing},
+            {"target": "https://127.0.0.1/", "tls_ca_file": garbage},
+            {"target": "http://127.0.0.1/", "tls_ca_file": certificate},
+        )
+        self.assertEqual(problems, {
+            "webhooks[0].tls_ca_file": f"cannot read {missing}: No such file or directory",
+            "webhooks[1].tls_ca_file": f"not a PEM certificate: {garbage}",
+            "webhooks[2].tls_ca_file": "set, but the target is not an https:// URL",
+        })

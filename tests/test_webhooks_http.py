@@ -8,10 +8,12 @@ import smtplib
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import resource, server
 
 from appliance.service import Appliance
+from tests.fakes import self_signed
 from tests.helpers import RunningAppliance, deferred_sleep, in_thread, wait_until
 
 MESSAGE = b"From: sender@example.net\r\nTo: a@example.test\r\nSubject: hooks\r\n\r\nHello.\r\n"
@@ -129,3 +131,48 @@ class WebhookHttpTests(unittest.TestCase):
         self.assertIn(refused[0], accepted)
         yield wait_until(lambda: self.pending_batches() == [])
         yield deferred_sleep(0.05)
+
+
+class WebhookHttpsTests(unittest.TestCase):
+    """An https:// receiver with a self-signed certificate: trusted only through tls_ca_file."""
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        context, self.certificate = self_signed(os.path.join(directory, "tls"))
+        self.receiver = Receiver()
+        self.port = reactor.listenSSL(0, server.Site(self.receiver), context, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.directory = directory
+
+    @defer.inlineCallbacks
+    def run_appliance(self, **hook: Any) -> defer.Generator:
+        running = RunningAppliance(self.directory, webhooks=[{
+            "name": "tls",
+            "target": f"https://127.0.0.1:{self.port.getHost().port}/hook",
+            "batch_interval": "100ms",
+            "retry_initial": "200ms",
+            **hook,
+        }])
+        yield running.start()
+        self.addCleanup(running.stop)
+        yield in_thread(send, running.smtp_port)
+        return running
+
+    @defer.inlineCallbacks
+    def test_trusted_certificate(self) -> defer.Generator:
+        yield self.run_appliance(tls_ca_file=self.certificate)
+        yield wait_until(lambda: {e["msys"]["message_event"]["type"] for e in self.receiver.events()}
+                         == {"injection", "delivery"})
+
+    @defer.inlineCallbacks
+    def test_untrusted_certificate_is_a_failure(self) -> defer.Generator:
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        running = yield self.run_appliance()
+        [hook] = running.appliance.webhooks.webhooks
+        yield wait_until(lambda: hook.failures >= 2)
+        self.assertEqual(self.receiver.received, [])
+        self.assertTrue(hook.batches)
+        warnings = [formatEvent(e) for e in logged if "not accepted by" in e.get("log_format", "")]
+        self.assertIn("certificate verify failed", warnings[0])
