@@ -589,6 +589,9 @@ def _read_delivery(t: Table) -> DeliveryConfig:
     for name in ("connect_timeout", "command_timeout", "data_timeout"):
         if getattr(c, name) <= 0:
             t.error(name, "must be more than 0 seconds")
+    if c.smarthost_username and c.tls == "none":
+        t.error("smarthost_username", 'credentials are only sent over TLS, and tls = "none"; '
+                                      'use "opportunistic" or "required"')
     if c.tls_verify and c.tls != "required":
         # A failed check would only fall back to plaintext, which no check can make safer.
         t.error("tls_verify", 'needs tls = "required"')

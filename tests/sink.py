@@ -3,7 +3,7 @@ A real SMTP server that receives what the appliance delivers, for tests and tria
 
 It speaks enough ESMTP for a delivering client (EHLO, MAIL, RCPT, DATA,
 RSET, NOOP, QUIT, and STARTTLS and AUTH PLAIN when given a certificate and
-accounts) and can be scripted to answer any command with any reply, with a
+accounts; AUTH even without TLS if told to) and can be scripted to answer any command with any reply, with a
 raw line that is not SMTP, with silence, or by dropping the connection, so
 delivery tests can play a difficult MX.
 
@@ -110,7 +110,7 @@ class SinkProtocol(LineReceiver):
                 self.transport.startTLS(self.factory.tls)
                 self.tls = True
                 self.tx = Transaction()
-        elif verb == "AUTH" and self.factory.accounts is not None and self.tls:
+        elif verb == "AUTH" and self.factory.accounts is not None and self.offers_auth():
             self.auth(arg)
         elif verb == "MAIL":
             if self.factory.accounts is not None and self.auth_user is None:
@@ -138,9 +138,12 @@ class SinkProtocol(LineReceiver):
         lines = ["sink.test", "SIZE 104857600", "8BITMIME"]
         if (self.factory.tls is not None or self.factory.broken_tls) and not self.tls:
             lines.append("STARTTLS")
-        if self.factory.accounts is not None and self.tls:
+        if self.factory.accounts is not None and self.offers_auth():
             lines.append("AUTH PLAIN")
         return lines
+
+    def offers_auth(self) -> bool:
+        return self.tls or self.factory.plaintext_auth
 
     def auth(self, arg: bytes) -> None:
         mechanism, _, initial = arg.partition(b" ")
@@ -169,12 +172,15 @@ class SinkFactory(protocol.ServerFactory):
 
     def __init__(self, script: Script | None = None, directory: str | None = None,
                  tls: Any = None, accounts: dict[str, str] | None = None,
-                 broken_tls: bool = False) -> None:
+                 broken_tls: bool = False, plaintext_auth: bool = False) -> None:
         self.script = script
         self.directory = directory
         self.tls = tls  # a server TLS context: offer STARTTLS
         self.accounts = accounts  # user -> password: offer AUTH PLAIN after TLS, and require it
         self.broken_tls = broken_tls  # offer STARTTLS, then fail every handshake
+        # Offer and take AUTH before TLS as well: a careless smarthost, or a man in the
+        # middle who strips STARTTLS to read the password.
+        self.plaintext_auth = plaintext_auth
         self.messages: list[Received] = []
         self.commands: list[tuple[int, bytes]] = []  # (connection number, command line)
         self.connections = 0

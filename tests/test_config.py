@@ -184,3 +184,18 @@ class DeliveryConfigTests(SynchronousTestCase):
         p = self.problems(smarthost_username="u", smarthost_password_file="/nonexistent/pw")
         self.assertEqual(p["delivery.smarthost_username"], "set, but there is no smarthost")
         self.assertIn("cannot read /nonexistent/pw", p["delivery.smarthost_password_file"])
+
+    def test_smarthost_auth_needs_tls(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("s3cret\n")
+        p = self.problems(smarthost="relay.example:587", smarthost_username="u",
+                          smarthost_password_file=path, tls="none")
+        self.assertEqual(p, {"delivery.smarthost_username":
+                             'credentials are only sent over TLS, and tls = "none"; '
+                             'use "opportunistic" or "required"'})
+        for tls in ("opportunistic", "required"):
+            d = self.parse(smarthost="relay.example:587", smarthost_username="u",
+                           smarthost_password_file=path, tls=tls)
+            self.assertEqual((d.smarthost_username, d.tls), ("u", tls))
+        self.assertEqual(self.parse(smarthost="relay.example:587", tls="none").tls, "none")

@@ -392,16 +392,71 @@ class TlsTests(DeliveryCase):
         self.assertEqual(self.written[0]["type"], "delay")
         self.assertEqual(self.written[0]["raw_reason"], "535 5.7.8 Authentication credentials invalid")
 
-    @defer.inlineCallbacks
-    def test_smarthost_auth_never_in_plaintext(self) -> Any:
-        sink = SinkFactory(accounts={"relay-user": "s3cret"})
+    def start_auth_smarthost(self, sink: SinkFactory, **config: Any) -> int:
         port = self.listen(sink)
         self.start(smarthost=Route("127.0.0.1", port), smarthost_username="relay-user",
-                   smarthost_password="s3cret")
+                   smarthost_password="s3cret", **config)
+        return port
+
+    def assert_no_plaintext_auth(self, sink: SinkFactory) -> None:
+        self.assertEqual(sink.connections, 1)  # the connection with TLS was not tried again without
+        self.assertFalse(any(c.startswith(b"AUTH") for _n, c in sink.commands), sink.commands)
+        self.assertFalse(any(b"dXNlcgB" in c or b"s3cret" in c for _n, c in sink.commands))
+        self.assertEqual(sink.messages, [])
+
+    @defer.inlineCallbacks
+    def test_smarthost_auth_never_in_plaintext(self) -> Any:
+        """A smarthost (or a man in the middle) that offers AUTH but no STARTTLS gets no password."""
+        sink = SinkFactory(accounts={"relay-user": "s3cret"}, plaintext_auth=True)
+        port = self.start_auth_smarthost(sink)
+        queued = self.queue(["a@anywhere.example"])
+        yield self.wait_events(1)
+        yield deferred_sleep(0.05)  # time for a second connection, were one made
+        event = self.written[0]
+        self.assertEqual(event["type"], "delay")
+        self.assertEqual(event["raw_reason"],
+                         f"421 4.7.4 [internal] 127.0.0.1:{port} does not offer STARTTLS, and TLS is "
+                         "required (not tried without TLS: the smarthost AUTH credentials are only "
+                         "sent over TLS)")
+        self.assert_no_plaintext_auth(sink)
+        self.assertEqual(self.active(), [queued.envelope.transmission_id])
+
+    @defer.inlineCallbacks
+    def test_smarthost_auth_not_retried_in_plaintext_after_a_failed_handshake(self) -> Any:
+        sink = SinkFactory(accounts={"relay-user": "s3cret"}, plaintext_auth=True, broken_tls=True)
+        self.start_auth_smarthost(sink)
         self.queue(["a@anywhere.example"])
         yield self.wait_events(1)
+        yield deferred_sleep(0.05)
         self.assertEqual(self.written[0]["type"], "delay")
-        self.assertFalse(any(c.startswith(b"AUTH") for _n, c in sink.commands))
+        self.assertIn("TLS handshake with 127.0.0.1", self.written[0]["reason"])
+        self.assertIn("only sent over TLS", self.written[0]["reason"])
+        self.assert_no_plaintext_auth(sink)
+
+    @defer.inlineCallbacks
+    def test_smarthost_auth_not_retried_in_plaintext_after_starttls_is_refused(self) -> Any:
+        def script(cmd: str, arg: bytes) -> Any:
+            return (454, "4.7.0 TLS not available") if cmd == "STARTTLS" else None
+
+        sink = SinkFactory(script, tls=self.tls, accounts={"relay-user": "s3cret"}, plaintext_auth=True)
+        self.start_auth_smarthost(sink)
+        self.queue(["a@anywhere.example"])
+        yield self.wait_events(1)
+        yield deferred_sleep(0.05)
+        self.assertEqual(self.written[0]["type"], "delay")
+        self.assertTrue(self.written[0]["raw_reason"].startswith("454 4.7.0 TLS not available ("))
+        self.assert_no_plaintext_auth(sink)
+
+    @defer.inlineCallbacks
+    def test_smarthost_without_auth_still_falls_back_to_plaintext(self) -> Any:
+        """Only the password forbids the fallback: a smarthost without AUTH gets the mail."""
+        sink = SinkFactory(broken_tls=True)
+        port = self.listen(sink)
+        self.start(smarthost=Route("127.0.0.1", port))
+        self.queue(["a@anywhere.example"])
+        yield self.wait_events(1)
+        self.assertEqual(self.written[0]["type"], "delivery")
+        self.assertEqual([(m.tls, m.connection) for m in sink.messages], [(False, 2)])
 
 
 class DnsTests(DeliveryCase):

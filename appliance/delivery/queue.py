@@ -303,13 +303,19 @@ class DeliveryService(Service):
             self._fail_ready(queue, e.outcome)
             return
         last: Outcome | None = None
+        auth = self._uses_auth(queue.destination)
         for hop in hops:
             if not self.running or not queue.ready:
                 return
             result = yield self._connect(queue, hop, tls=self.config.tls != "none")
             if result.tls_failed and self.config.tls == "opportunistic" and not result.established:
-                log.info("TLS with {hop} failed; trying it again without TLS", hop=str(hop))
-                result = yield self._connect(queue, hop, tls=False)
+                if auth:
+                    # Without TLS the password would cross the wire in the clear, to whoever
+                    # stripped STARTTLS from the server's answer: the copies wait instead.
+                    result.outcome = _no_plaintext_auth(result.outcome)
+                else:
+                    log.info("TLS with {hop} failed; trying it again without TLS", hop=str(hop))
+                    result = yield self._connect(queue, hop, tls=False)
             if result.established:
                 return
             last = result.outcome
@@ -326,10 +332,14 @@ class DeliveryService(Service):
                            last.ip_address, last.tls)
         self._fail_ready(queue, last.with_kind(DELAY))
 
+    def _uses_auth(self, destination: Destination) -> bool:
+        return destination.smarthost and bool(self.config.smarthost_username)
+
     def _connect(self, queue: _Queue, hop: Hop, tls: bool) -> defer.Deferred:
         attempt = _HopAttempt(self, queue, hop)
-        smarthost = queue.destination.smarthost
-        auth = smarthost and self.config.smarthost_username
+        # Credentials go only on a connection that is to start TLS, and that one must:
+        # AUTH before (or without) STARTTLS would show the password to the network.
+        auth = tls and self._uses_auth(queue.destination)
         factory = ClientFactory(
             attempt,
             identity=self.helo_name,
@@ -339,7 +349,7 @@ class DeliveryService(Service):
             data_timeout=self.config.data_timeout,
             username=self.config.smarthost_username.encode() if auth else None,
             password=self.config.smarthost_password.encode() if auth else None,
-            require_tls=tls and (self.config.tls == "required" or bool(auth)),
+            require_tls=tls and (self.config.tls == "required" or auth),
         )
         self.reactor.connectTCP(hop.address, hop.port, factory, timeout=self.config.connect_timeout)
         return attempt.done
@@ -414,6 +424,15 @@ class DeliveryService(Service):
             self._jobs.pop(job.key, None)
         elif self.running:
             self._schedule(job, state.next_attempt - now)
+
+
+def _no_plaintext_auth(outcome: Outcome | None) -> Outcome | None:
+    """A failed TLS set-up with the smarthost, told as the reason the copies wait."""
+    if outcome is None:
+        return None
+    return Outcome(outcome.kind, outcome.code, f"{outcome.raw_reason} (not tried without TLS: "
+                   "the smarthost AUTH credentials are only sent over TLS)",
+                   outcome.ip_address, outcome.tls)
 
 
 def _duration(seconds: float) -> str:
