@@ -398,3 +398,122 @@ class ConcurrencyTests(ServiceTestBase):
         self.assertEqual(self.service._jobs, {})  # and nothing scheduled for it
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         client.setTimeout(None)
+
+
+class SessionFailureTests(ServiceTestBase):
+    """A bug or a bad file on the session path costs the waiting copies a delay, never the destination."""
+
+    def assert_idle(self) -> None:
+        """No session, connection or queue is left counted: the destination can be tried again."""
+        self.assertEqual((self.service._connections, self.service._sessions), (0, set()))
+        self.assertEqual(self.service._queues, {})
+
+    def test_a_connection_that_cannot_be_opened_delays_and_is_retried(self) -> None:
+        """A synchronous error (say, a CA file that will not load) is one delay, not a recursion."""
+        calls = []
+        real_connect = self.service._connect
+
+        def broken(queue: object, hop: Hop, tls: bool) -> object:
+            calls.append(hop)
+            raise ValueError("no certificate in ca.pem")
+
+        self.service._connect = broken  # type: ignore[method-assign]
+        queued = self.queue(n=2)
+        self.reactor.advance(0)
+        # Each copy fell due on its own and its session failed at once: one try each, then rest.
+        self.assertEqual(len(calls), 2)
+        self.assertEqual([e["type"] for e in self.written], ["delay", "delay"])
+        self.assertEqual(self.written[0]["raw_reason"],
+                         "451 4.3.0 [internal] delivery to route 127.0.0.1:2526 failed: ValueError: "
+                         "no certificate in ca.pem")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
+        self.assert_idle()
+        self.assertEqual([s.attempts for s in queued.states], [1, 1])
+        self.service._connect = real_connect  # type: ignore[method-assign]
+        self.reactor.advance(299)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.reactor.advance(1)
+        self.assertEqual(len(self.reactor.tcpClients), 1)  # the retry, on its schedule
+
+    def test_a_crash_beside_a_working_connection_leaves_the_copies_to_it(self) -> None:
+        self.service.config = DeliveryConfig(routes=self.config.routes, max_connections_per_destination=3)
+        self.queue(n=5)
+        self.reactor.advance(0)
+        client, transport = self.connect(0)
+        calls = []
+
+        def broken(queue: object, hop: Hop, tls: bool) -> object:
+            calls.append(hop)
+            raise ValueError("cannot open")
+
+        self.service._connect = broken  # type: ignore[method-assign]
+        client.dataReceived(b"220 hi\r\n250 ok\r\n")  # established: more connections are wanted
+        self.reactor.advance(0)
+        self.reactor.advance(0)
+        # One crash, and the destination is back to the one connection that works; no copy deferred.
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(self.written, [])
+        self.assertEqual((self.service._connections, len(self.service._queues["route 127.0.0.1:2526"].ready)),
+                         (1, 4))
+        self.assertIn(b"MAIL FROM:", transport.value())
+        client.setTimeout(None)
+
+    def test_a_session_opener_that_raises_delays_and_is_retried(self) -> None:
+        calls = []
+        real_session = self.service._session
+
+        def broken(queue: object) -> object:
+            calls.append(queue)
+            raise RuntimeError("session opener broke")
+
+        self.service._session = broken  # type: ignore[method-assign]
+        self.queue(n=1)
+        self.reactor.advance(0)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual([e["type"] for e in self.written], ["delay"])
+        self.assertIn("RuntimeError: session opener broke", self.written[0]["raw_reason"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assert_idle()
+        self.service._session = real_session  # type: ignore[method-assign]
+        self.reactor.advance(300)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_an_outcome_whose_event_cannot_be_made_still_ends_the_session(self) -> None:
+        """An unexpected error writing a copy's event must not leave its connection counted for ever."""
+        queued = self.queue(n=1)
+        self.reactor.advance(0)
+        client, _transport = self.connect(0)
+        client.dataReceived(b"220 hi\r\n250 ok\r\n")  # EHLO answered: MAIL FROM is out, the copy in flight
+        self.assertEqual(self.service._queues["route 127.0.0.1:2526"].busy, 1)
+        real_emit = self.events.emit
+
+        def broken(type_: str, **fields: object) -> object:
+            raise ValueError("cannot encode the event")
+
+        self.events.emit = broken  # type: ignore[method-assign]
+        client.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assert_idle()
+        self.assertEqual(queued.states[0].attempts, 1)  # the delay stands and is journalled
+        self.assertEqual(len(list(self.spool.recover())), 1)
+        self.events.emit = real_emit  # type: ignore[method-assign]
+        self.reactor.advance(300)
+        self.assertEqual(len(self.reactor.tcpClients), 2)  # and the copy is tried again
+
+    def test_a_journal_that_fails_at_once_still_schedules_the_retry(self) -> None:
+        queued = self.queue(n=1)
+
+        def broken(queued: object, index: int, done: bool) -> object:
+            raise OSError("journal: no space left on device")
+
+        self.spool.record = broken  # type: ignore[method-assign]
+        self.reactor.advance(0)
+        _h, _p, factory, _t, _b = self.reactor.tcpClients.pop()
+        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        self.assertEqual([e["type"] for e in self.written], ["delay"])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assert_idle()
+        self.assertEqual(queued.states[0].attempts, 1)
+        self.reactor.advance(300)
+        self.assertEqual(len(self.reactor.tcpClients), 1)

@@ -29,6 +29,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer, ssl
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from appliance.config import DeliveryConfig
 from appliance.delivery.client import ClientFactory, DeliveryClient
@@ -200,6 +201,7 @@ class DeliveryService(Service):
         self._clients: set[DeliveryClient | None] = set()  # connected, for a stop to cut off
         self._plain_tls = ssl.CertificateOptions()
         self._trust: Any = None
+        self._pump_call: Any = None  # a _pump() due once the current call stack has unwound
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -222,6 +224,9 @@ class DeliveryService(Service):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        if self._pump_call is not None and self._pump_call.active():
+            self._pump_call.cancel()
+        self._pump_call = None
 
         def cut_off() -> None:
             for client in list(self._clients):
@@ -278,11 +283,23 @@ class DeliveryService(Service):
     def _open_session(self, queue: _Queue) -> None:
         queue.sessions += 1
         self._connections += 1
-        d = self._session(queue)
+        try:
+            d = self._session(queue)
+        except Exception:
+            d = defer.fail()  # counted above, so it must end like any other session
         self._sessions.add(d)
-        d.addErrback(lambda f: log.failure("delivery session for {key} crashed", f,
-                                           key=queue.destination.key))
+        d.addErrback(self._session_crashed, queue)
         d.addBoth(self._session_ended, queue, d)
+
+    def _session_crashed(self, failure: Failure, queue: _Queue) -> None:
+        """A session that raised (a bug, a CA file gone bad) defers what waits, as a failed hop would."""
+        key = queue.destination.key
+        log.failure("delivery session for {key} crashed", failure, key=key)
+        queue.healthy = False  # one session at a time until one gets through again
+        if queue.connected:
+            return  # other connections to this destination work: they take the waiting copies
+        self._fail_ready(queue, internal(451, "4.3.0", f"delivery to {key} failed: "
+                                         f"{failure.type.__name__}: {failure.getErrorMessage()}"))
 
     def _session_ended(self, _: object, queue: _Queue, d: defer.Deferred) -> None:
         self._sessions.discard(d)
@@ -290,6 +307,13 @@ class DeliveryService(Service):
         self._connections -= 1
         if not queue.ready and not queue.sessions:
             self._queues.pop(queue.destination.key, None)
+        # Not ``_pump()`` here: a session that ends at once (it failed before it could
+        # wait for anything) would open the next one inside this call, and so on down.
+        if self.running and self._pump_call is None and any(q.ready for q in self._queues.values()):
+            self._pump_call = self.clock.callLater(0, self._pump_later)
+
+    def _pump_later(self) -> None:
+        self._pump_call = None
         self._pump()
 
     # -- one session: resolve, then try each hop until one takes mail ------------
@@ -410,12 +434,14 @@ class DeliveryService(Service):
             state.next_attempt = now + self._backoff(state.attempts)
         try:
             self.events.emit(outcome.kind, **fields)
-        except OSError:
+        except Exception:
             # Sending the copy again to get its event written would be worse than a missing
             # line: the outcome stands, and the event goes to the operational log instead.
+            # (Whatever the error: raised from here it would leave the copy unscheduled and,
+            # from a connection's end, the connection counted for ever.)
             log.failure("could not write the {kind} event of {message_id}: {event}",
                         kind=outcome.kind, message_id=recipient.message_id, event=fields)
-        d = self.spool.record(queued, index, done=final)
+        d = defer.maybeDeferred(self.spool.record, queued, index, done=final)
         self._settling.add(d)
         d.addErrback(lambda f: log.failure("could not journal the outcome of {message_id}", f,
                                            message_id=recipient.message_id))
