@@ -557,6 +557,13 @@ def _read_delivery(t: Table) -> DeliveryConfig:
     tls_ca_file = os.path.abspath(tls_ca_file) if tls_ca_file else ""
     if tls_ca_file and not os.path.isfile(tls_ca_file):
         t.error("tls_ca_file", f"no such file: {tls_ca_file}")
+    elif tls_ca_file:
+        from appliance.tls import load_trust_root
+
+        try:
+            load_trust_root(tls_ca_file)
+        except ValueError as e:
+            t.error("tls_ca_file", str(e))
     c = DeliveryConfig(
         routes=routes,
         smarthost=smarthost,

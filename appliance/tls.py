@@ -58,6 +58,27 @@ def load_server_options(certificate_path: str, key_path: str) -> ssl.Certificate
     )
 
 
+def load_trust_root(path: str) -> ssl.IOpenSSLTrustRoot:
+    """
+    Every certificate in a PEM bundle, as the roots a client checks servers against.
+
+    A bundle is the usual form of a private CA with an intermediate, or of two
+    CAs while one replaces the other; trusting only its first certificate would
+    fail the servers of the others. Raises ValueError with a readable reason.
+    """
+    blocks = _PEM_CERT.findall(_read(path, "CA"))
+    if not blocks:
+        raise ValueError(f"{path}: no PEM certificate found")
+    certificates = []
+    for number, block in enumerate(blocks, 1):
+        try:
+            certificates.append(ssl.Certificate.loadPEM(block))
+        except Exception as e:  # pyOpenSSL raises its own Error types and ValueError
+            raise ValueError(f"{path}: certificate {number} is not a valid PEM certificate "
+                             f"({_reason(e)})") from None
+    return ssl.trustRootFromCertificates(certificates)
+
+
 def _read(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as f:

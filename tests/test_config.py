@@ -169,6 +169,30 @@ class DeliveryConfigTests(SynchronousTestCase):
         self.assertIn("delivery.max_messages_per_connection", p)
         self.assertEqual(p["delivery.tls_ca_file"], "no such file: /nonexistent/ca.pem")
 
+    def test_tls_ca_file_must_hold_certificates(self) -> None:
+        from tests.fakes import self_signed
+
+        base = os.path.abspath(self.mktemp())
+        _one, first = self_signed(os.path.join(base, "one"))
+        _two, second = self_signed(os.path.join(base, "two"))
+        bundle = os.path.join(base, "bundle.pem")
+        with open(bundle, "wb") as out:
+            for path in (first, second):
+                with open(path, "rb") as f:
+                    out.write(f.read())
+        self.assertEqual(self.parse(tls_ca_file=bundle).tls_ca_file, bundle)
+        not_pem = os.path.join(base, "not-pem.pem")
+        with open(not_pem, "wb") as f:
+            f.write(b"this is not a certificate\n")
+        p = self.problems(tls_ca_file=not_pem)
+        self.assertEqual(p["delivery.tls_ca_file"], f"{not_pem}: no PEM certificate found")
+        broken = os.path.join(base, "broken.pem")
+        with open(first, "rb") as f, open(broken, "wb") as out:
+            out.write(f.read() + b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        p = self.problems(tls_ca_file=broken)
+        self.assertTrue(p["delivery.tls_ca_file"].startswith(
+            f"{broken}: certificate 2 is not a valid PEM certificate ("), p)
+
     def test_smarthost_password_from_its_file(self) -> None:
         path = self.mktemp()
         with open(path, "w") as f:

@@ -435,6 +435,16 @@ class SessionFailureTests(ServiceTestBase):
         self.reactor.advance(1)
         self.assertEqual(len(self.reactor.tcpClients), 1)  # the retry, on its schedule
 
+    def test_a_ca_file_that_will_not_load_stops_the_start(self) -> None:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        config = DeliveryConfig(routes=self.config.routes, tls="required", tls_verify=True, tls_ca_file=path)
+        e = self.assertRaises(ValueError, DeliveryService, config, self.spool, self.events,
+                              message_from_spool(self.spool), Router(config), "me.test",
+                              reactor=self.reactor, resolver=FakeResolver())
+        self.assertIn(f"{path}: certificate 1 is not a valid PEM certificate", str(e))
+
     def test_a_crash_beside_a_working_connection_leaves_the_copies_to_it(self) -> None:
         self.service.config = DeliveryConfig(routes=self.config.routes, max_connections_per_destination=3)
         self.queue(n=5)

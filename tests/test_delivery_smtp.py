@@ -356,6 +356,25 @@ class TlsTests(DeliveryCase):
         self.assertEqual(self.written[0]["outbound_tls"], "1")
 
     @defer.inlineCallbacks
+    def test_verified_tls_with_a_ca_bundle_read_once(self) -> Any:
+        """Every certificate of the bundle is trusted, and the file is read at start, not per connection."""
+        _other, other_path = self_signed(os.path.join(self.base, "other"), names=("other.test",))
+        bundle = os.path.join(self.base, "bundle.pem")
+        with open(bundle, "wb") as out:
+            for path in (other_path, self.cert_path):  # the server's issuer second
+                with open(path, "rb") as f:
+                    out.write(f.read())
+        sink = SinkFactory(tls=self.tls)
+        port = self.listen(sink)
+        self.start(routes={"x.test": Route("127.0.0.1", port)}, tls="required", tls_verify=True,
+                   tls_ca_file=bundle)
+        os.remove(bundle)
+        self.queue(["a@x.test"])
+        yield self.wait_events(1)
+        self.assertEqual(self.written[0]["type"], "delivery")
+        self.assertEqual(self.written[0]["outbound_tls"], "1")
+
+    @defer.inlineCallbacks
     def test_unverifiable_certificate_delays(self) -> Any:
         _other, other_path = self_signed(os.path.join(self.base, "other"))
         sink = SinkFactory(tls=self.tls)

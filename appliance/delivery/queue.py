@@ -45,6 +45,7 @@ from appliance.delivery.outcome import (
 from appliance.delivery.routing import Destination, Hop, HopFinder, NoHops, Router
 from appliance.events import EventLog
 from appliance.spool import QueuedMessage, Spool
+from appliance.tls import load_trust_root
 
 log = Logger()
 
@@ -200,7 +201,9 @@ class DeliveryService(Service):
         self._settling: set[defer.Deferred] = set()
         self._clients: set[DeliveryClient | None] = set()  # connected, for a stop to cut off
         self._plain_tls = ssl.CertificateOptions()
-        self._trust: Any = None
+        self._trust: Any = None  # what tls_verify checks against: read once, here, at start-up
+        if config.tls_verify:
+            self._trust = load_trust_root(config.tls_ca_file) if config.tls_ca_file else ssl.platformTrust()
         self._pump_call: Any = None  # a _pump() due once the current call stack has unwound
 
     def now(self) -> float:
@@ -382,12 +385,6 @@ class DeliveryService(Service):
         """Unverified TLS (Postfix's ``may``) unless ``delivery.tls_verify`` asks for a checked name."""
         if not self.config.tls_verify:
             return self._plain_tls
-        if self._trust is None:
-            if self.config.tls_ca_file:
-                with open(self.config.tls_ca_file, "rb") as f:
-                    self._trust = ssl.Certificate.loadPEM(f.read())
-            else:
-                self._trust = ssl.platformTrust()
         return ssl.optionsForClientTLS(hop.name, trustRoot=self._trust)
 
     def _fail_ready(self, queue: _Queue, outcome: Outcome) -> None:
