@@ -137,6 +137,9 @@ class SpoolWriter:
             f.write(envelope.to_json())
             f.flush()
             os.fsync(f.fileno())
+        # The entries of both files must be durable too, or a power loss could leave a
+        # committed directory without its envelope (moved aside at start) or its text.
+        _fsync_path(self.path, directory=True)
         final = os.path.join(self.spool.active, self.transmission_id)
         os.rename(self.path, final)
         _fsync_path(self.spool.active, directory=True)
@@ -228,10 +231,14 @@ class Spool:
         if all(s.done for s in queued.states):
             self._remove(queued)
             return
-        with open(os.path.join(queued.path, "journal"), "ab") as f:
+        path = os.path.join(queued.path, "journal")
+        new = not os.path.exists(path)
+        with open(path, "ab") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        if new:  # the journal's directory entry must survive a power loss too
+            _fsync_path(queued.path, directory=True)
 
     def _remove(self, queued: QueuedMessage) -> None:
         # Leave active/ in one atomic rename, then delete: a crash in the middle of a

@@ -35,6 +35,33 @@ class SpoolTests(SynchronousTestCase):
         [recovered] = list(self.spool.recover())
         self.assertEqual(recovered.envelope, queued.envelope)
 
+    def record_fsyncs(self) -> list[str]:
+        """The paths fsynced from now on, in order (Linux: read back through /proc)."""
+        calls: list[str] = []
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            calls.append(os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), self.spool.directory))
+            real(fd)
+
+        self.patch(os, "fsync", fsync)
+        return calls
+
+    def test_commit_fsyncs_files_then_their_directory_then_active(self) -> None:
+        calls = self.record_fsyncs()
+        self.commit("9")
+        entry = os.path.join("incoming", "9")
+        self.assertEqual(calls, [os.path.join(entry, "message"), os.path.join(entry, "envelope.json"),
+                                 entry, "active"])
+
+    def test_new_journal_fsyncs_its_directory(self) -> None:
+        queued = self.commit()
+        calls = self.record_fsyncs()
+        self.successResultOf(self.spool.record(queued, 0, done=False))
+        self.successResultOf(self.spool.record(queued, 0, done=False))
+        journal = os.path.join("active", "1", "journal")
+        self.assertEqual(calls, [journal, os.path.join("active", "1"), journal])
+
     def test_abort_leaves_nothing(self) -> None:
         w = self.spool.writer("2")
         w.write(b"partial")
