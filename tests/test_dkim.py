@@ -470,3 +470,23 @@ class ConfigTests(SynchronousTestCase):
                                         "headers": ["from", "From"]}),
                          ["dkim.headers: lists a field twice (every instance of a field is signed anyway)"])
         self.assertEqual(self.problems("yes"), ['dkim: expected a table or an array of tables, got a string'])
+
+    def test_the_service_warns_about_short_keys(self) -> None:
+        from twisted.logger import capturedLogs
+
+        from appliance.service import dkim_signer
+
+        short = os.path.join(self.directory, "rfc.pem")
+        with open(short, "wb") as f:
+            f.write(RFC8463_RSA_PEM)
+        config = make_config(self.directory, dkim=[
+            {"domain": "example.com", "selector": "old", "key_file": short},
+            {"domain": "example.com", "selector": "new", "key_file": self.key}])
+        with capturedLogs() as captured:
+            signer = dkim_signer(config)
+        self.assertEqual([e["log_format"].format(**e) for e in captured],
+                         [f"DKIM key {short}: 1024-bit RSA; RFC 8301 asks for 2048 bits or more"])
+        assert signer is not None
+        message = crlf("From: a@example.com\n\nbody\n")
+        self.assertEqual(len(verify(signer.sign(message), lambda d, s: None)), 2)
+        self.assertIsNone(dkim_signer(make_config(self.directory)))
