@@ -106,6 +106,7 @@ def from_domain(fields: Iterable[tuple[str, bytes]]) -> str | None:
 
 _WSP = re.compile(rb"[ \t]+")
 _WSP_BEFORE_CRLF = re.compile(rb"[ \t]+\r\n")
+_WSP_TO_SPACE = re.compile(rb"\t[ \t]*| [ \t]+")  # white space runs that are not one space already
 
 
 def relaxed_header(field: bytes) -> bytes:
@@ -123,7 +124,12 @@ def relaxed_body(body: bytes) -> bytes:
     """§3.4.4: no white space at line ends, runs of it as one space, no empty lines at the end."""
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
-    body = _WSP.sub(b" ", _WSP_BEFORE_CRLF.sub(b"\r\n", body))
+    # The substitutions run only where they have something to do: most bodies are
+    # quoted-printable or base64, with no tabs and no white space at line ends.
+    if b"\t" in body or b" \r\n" in body:
+        body = _WSP_BEFORE_CRLF.sub(b"\r\n", body)
+    if b"\t" in body or b"  " in body:
+        body = _WSP_TO_SPACE.sub(b" ", body)
     body = _strip_empty_lines(body)
     return b"" if body == b"\r\n" else body
 
