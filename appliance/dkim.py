@@ -9,7 +9,7 @@ the key: ``rsa-sha256`` or ``ed25519-sha256``. There is never an ``l=``:
 a body-length limit would let anyone append to a signed message.
 
 Everything here is a plain function of bytes and keys. ``verify`` is the
-other half, for tests and for checking a copy by hand; it takes the key
+other half, for tests and for checking a copy from Python; it takes the key
 records from a function instead of the DNS.
 """
 
