@@ -33,6 +33,8 @@ from hashlib import sha256
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
+from appliance.files import write_atomically
+
 TAG_BYTES = 16
 MAX_URL_LENGTH = 4096
 _VERSION = 0x10
@@ -293,14 +295,7 @@ def read_keyring(path: str) -> Keyring:
 
 def write_keyring(path: str, keyring: Keyring) -> None:
     """Replace the file atomically, readable by its owner only."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(format_keyring(keyring))
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    write_atomically(path, format_keyring(keyring).encode("ascii"), 0o600)
 
 
 def prepare_keyring(path: str, create: bool) -> Keyring:

@@ -1,8 +1,9 @@
 """
 Where the parts meet: builds the appliance's service tree from a ``Config``.
 
-Start order matters and is the order of ``addService`` below: the event log
-opens first (everything writes to it), then the spool is prepared and the
+Start order matters and is the order of ``addService`` below: the webhooks
+recover their queues first (they hear of every event written), the event log
+opens next (everything writes to it), then the spool is prepared and the
 delivery queue picks up what a previous run left, and only then do the
 listeners accept connections. Stopping goes the other way, one part at a
 time: ``MultiService`` would stop every child at once, and the event log
@@ -11,6 +12,7 @@ would close while deliveries in flight still had outcomes to write.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application import strports
@@ -30,6 +32,7 @@ from appliance.smtp import ConnectionLimits, listener_factory
 from appliance.spool import Runner, Spool
 from appliance.tracker import make_site
 from appliance.users import UsersFileChecker
+from appliance.webhooks import Webhooks
 
 log = Logger()
 
@@ -107,6 +110,14 @@ class Appliance(MultiService):
                                  hostname=config.node.hostname, policy=self.policy,
                                  copies=self.copies, tracker=config.engagement_tracker)
 
+        # Each webhook queues the events it wants under the spool; batches are
+        # posted from there, so the event log never waits for a receiver.
+        self.webhooks = Webhooks(config.webhooks, os.path.join(config.spool.directory, "webhooks"),
+                                 clock=reactor, fsync_interval=config.events.fsync_interval,
+                                 **({"run": run} if run else {}))
+        self.webhooks.subscribe_to(self.events)
+
+        self.webhooks.setServiceParent(self)
         self.events.setServiceParent(self)
         SpoolService(self.spool).setServiceParent(self)
         self.delivery.setServiceParent(self)

@@ -23,6 +23,8 @@ import sys
 from OpenSSL import crypto
 from twisted.internet import ssl
 
+from appliance.files import write_atomically
+
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
@@ -108,25 +110,8 @@ def write_pair(certificate_path: str, key_path: str, hostname: str, days: int,
         if os.path.exists(path) and not force:
             raise FileExistsError(f"{path} exists; use --force to replace it")
     cert_pem, key_pem = make_self_signed(hostname, days)
-    for path in (certificate_path, key_path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _write_new(key_path, key_pem, 0o600)
-    _write_new(certificate_path, cert_pem, 0o644)
-
-
-def _write_new(path: str, data: bytes, mode: int) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(key_path, key_pem, 0o600)
+    write_atomically(certificate_path, cert_pem, 0o644)
 
 
 def main(argv: list[str] | None = None) -> int:

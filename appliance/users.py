@@ -35,6 +35,8 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from appliance.files import write_atomically
+
 log = Logger()
 
 DEFAULT_COST = 15  # log2 of scrypt's N: 32 MiB and some tens of milliseconds per check
@@ -189,20 +191,7 @@ def _rewrite(path: str, update: Callable[[list[str]], list[str]]) -> None:
                  "# Edit with engage-appliance-users."]
     new = update(lines)
     parse_users("\n".join(new))  # never write a file the appliance would refuse
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(new) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, ("\n".join(new) + "\n").encode("utf-8"), 0o600)
 
 
 def _name_of(line: str) -> str | None:

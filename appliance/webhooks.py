@@ -1,0 +1,596 @@
+"""
+Webhooks: the event log's events, batched and POSTed to HTTP receivers as SparkPost does.
+
+Each ``[[webhooks]]`` table gets a queue directory, ``<spool>/webhooks/<name>/``::
+
+    0000000007.open                               events being collected, one line each
+    0000000006.1767225600.<batch id>.batch        sealed: waiting to be posted
+
+An accepted event is appended to the ``.open`` file as the JSON line it will be
+in the batch (``{"msys": {"message_event": {...}}}``), with one ``write`` and no
+fsync; that file is fsynced about once a second, like the event log. A batch is
+sealed when it has ``max_batch_size`` events or ``batch_interval`` after its first
+one: the file is fsynced and renamed to its ``.batch`` name, which carries the
+time it was sealed and its batch id. The rename is the whole commit, so an event
+is in exactly one batch and a batch's body and id never change: a receiver that
+sees the same ``X-MessageSystems-Batch-ID`` twice may drop the second. At
+start-up every ``.open`` file left by the last run is sealed.
+
+One batch per webhook is in flight at a time, oldest first; its file is removed
+after a ``2xx``. Anything else (another status, no connection, no answer within
+``timeout``) puts the webhook into back-off, ``retry_initial`` doubling up to
+``retry_max``; after a failed attempt, batches sealed more than
+``retry_lifetime`` ago are dropped with an error in the operational log. Nothing
+here runs inside the SMTP or HTTP request paths but the append.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, ssl, task, threads
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
+
+from appliance.config import WebhookConfig
+from appliance.events import Event, encode_event
+
+log = Logger()
+
+Runner = Callable[..., defer.Deferred]
+
+# -- SparkPost's envelope --------------------------------------------------------------
+
+# SparkPost's event classes; every other type is a message_event (injection,
+# delivery, delay, bounce, policy_rejection, ...).
+TRACK_EVENTS = frozenset({"open", "initial_open", "click", "amp_open", "amp_initial_open",
+                          "amp_click"})
+UNSUBSCRIBE_EVENTS = frozenset({"link_unsubscribe", "list_unsubscribe"})
+
+
+def event_class(event_type: str) -> str:
+    """The key under ``msys`` that SparkPost files an event of this type under."""
+    if event_type in TRACK_EVENTS:
+        return "track_event"
+    if event_type in UNSUBSCRIBE_EVENTS:
+        return "unsubscribe_event"
+    return "message_event"
+
+
+def envelope_line(event: Event) -> bytes:
+    """The event as one batch element, ``{"msys": {"<class>": event}}``, LF-terminated."""
+    return encode_event({"msys": {event_class(event["type"]): event}})
+
+
+def batch_body(lines: bytes) -> tuple[bytes, int]:
+    """The POST body for a batch file's lines, and its number of events."""
+    items = lines.rstrip(b"\n").split(b"\n") if lines.strip() else []
+    return b"[" + b",".join(items) + b"]", len(items)
+
+
+@dataclass(frozen=True)
+class RetrySchedule:
+    initial: float
+    maximum: float
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failure in a row (1, 2, ...)."""
+        return min(self.initial * 2.0 ** max(failures - 1, 0), self.maximum)
+
+
+# -- the queue directory ---------------------------------------------------------------
+
+_OPEN_RE = re.compile(r"(\d{10})\.open")
+_BATCH_RE = re.compile(r"(\d{10})\.(\d+)\.([0-9a-f-]{36})\.batch")
+
+
+@dataclass(frozen=True)
+class Batch:
+    seq: int
+    sealed_at: int
+    batch_id: str
+    path: str
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    _fsync_and_close(os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0)))
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _valid_lines(data: bytes) -> tuple[bytes, int]:
+    """
+    The complete JSON lines of ``data``, and how many lines were not.
+
+    Only the tail can be damaged (a line cut short, or zeros where a power
+    loss left the file longer than what reached the disk), but every line is
+    checked: a batch must be valid JSON or it would be refused for hours.
+    """
+    *complete, tail = data.split(b"\n")
+    kept: list[bytes] = []
+    bad = 1 if tail.strip(b"\0") else 0
+    for line in complete:
+        try:
+            if isinstance(json.loads(line), dict):
+                kept.append(line + b"\n")
+                continue
+        except ValueError:
+            pass
+        bad += 1 if line.strip(b"\0") else 0
+    return b"".join(kept), bad
+
+
+class QueueDirectory:
+    """The files of one webhook's queue; blocking calls, meant to run in a thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def open_path(self, seq: int) -> str:
+        return os.path.join(self.path, f"{seq:010d}.open")
+
+    def batch_path(self, seq: int, sealed_at: int, batch_id: str) -> str:
+        return os.path.join(self.path, f"{seq:010d}.{sealed_at}.{batch_id}.batch")
+
+    def recover(self, now: float) -> tuple[list[Batch], int]:
+        """
+        The sealed batches, oldest first, and the next sequence number.
+
+        ``.open`` files a previous run left are sealed now, keeping only their
+        complete lines; an ``.open`` file whose batch already exists was
+        sealed just before a crash and is removed.
+        """
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        batches: dict[int, Batch] = {}
+        opened: list[int] = []
+        highest = -1
+        for name in os.listdir(self.path):
+            full = os.path.join(self.path, name)
+            if m := _BATCH_RE.fullmatch(name):
+                seq = int(m.group(1))
+                batches[seq] = Batch(seq, int(m.group(2)), m.group(3), full)
+                highest = max(highest, seq)
+            elif m := _OPEN_RE.fullmatch(name):
+                opened.append(int(m.group(1)))
+                highest = max(highest, int(m.group(1)))
+            elif name.endswith(".tmp"):
+                os.unlink(full)
+            else:
+                log.warn("webhook queue {path}: ignoring unexpected file {name}",
+                         path=self.path, name=name)
+        for seq in sorted(opened):
+            path = self.open_path(seq)
+            if seq in batches:
+                os.unlink(path)
+                continue
+            batch = self._recover_open(seq, path, int(now))
+            if batch is not None:
+                batches[seq] = batch
+        _fsync_path(self.path, directory=True)
+        return [batches[s] for s in sorted(batches)], highest + 1
+
+    def _recover_open(self, seq: int, path: str, now: int) -> Batch | None:
+        with open(path, "rb") as f:
+            data = f.read()
+        lines, bad = _valid_lines(data)
+        if bad:
+            log.warn("webhook queue {path}: {bad} incomplete event line(s) in {name} "
+                     "from before the restart were dropped", path=self.path, bad=bad,
+                     name=os.path.basename(path))
+        if not lines:
+            os.unlink(path)
+            return None
+        batch_id = str(uuid.uuid4())
+        final = self.batch_path(seq, now, batch_id)
+        if lines != data:
+            tmp = path[: -len(".open")] + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+            os.unlink(path)
+        else:
+            _fsync_path(path)
+            os.rename(path, final)
+        return Batch(seq, now, batch_id, final)
+
+    def seal(self, seq: int, fd: int, sealed_at: int, batch_id: str) -> Batch:
+        """Make the ``.open`` file of ``seq`` (written through ``fd``) a batch; closes ``fd``."""
+        _fsync_and_close(fd)
+        final = self.batch_path(seq, sealed_at, batch_id)
+        os.rename(self.open_path(seq), final)
+        _fsync_path(self.path, directory=True)
+        return Batch(seq, sealed_at, batch_id, final)
+
+    @staticmethod
+    def read(batch: Batch) -> bytes:
+        with open(batch.path, "rb") as f:
+            return f.read()
+
+    @staticmethod
+    def remove(batch: Batch) -> None:
+        os.unlink(batch.path)
+
+
+# -- HTTP ------------------------------------------------------------------------------
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written in one go."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Prefix(Protocol):
+    """Keeps the start of a response body for the log and discards the rest."""
+
+    limit = 200
+
+    def __init__(self, finished: defer.Deferred) -> None:
+        self.finished = finished
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(self.data) < self.limit:
+            self.data += data[: self.limit - len(self.data)]
+
+    def connectionLost(self, reason: Failure) -> None:
+        # A body cut short does not change the status the receiver already gave.
+        if not self.finished.called:  # not cancelled
+            self.finished.callback(self.data)
+
+
+def read_prefix(response: IResponse) -> defer.Deferred:
+    """The first bytes of ``response``'s body; cancelling closes the connection."""
+
+    def cancel(_: defer.Deferred) -> None:
+        abort = getattr(protocol.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+
+    d: defer.Deferred = defer.Deferred(cancel)
+    protocol = _Prefix(d)
+    response.deliverBody(protocol)
+    return d
+
+
+@implementer(IPolicyForHTTPS)
+class TrustFile:
+    """HTTPS that trusts only the certificate in one PEM file (a private CA, a self-signed receiver)."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "rb") as f:
+            self._trust = ssl.Certificate.loadPEM(f.read())
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
+
+
+def _describe_failure(failure: Failure) -> str:
+    if failure.check(defer.TimeoutError, defer.CancelledError):
+        return "no answer in time"
+    message = failure.getErrorMessage()
+    reasons = getattr(failure.value, "reasons", None)  # ResponseNeverReceived and friends
+    if reasons:
+        message = "; ".join(r.getErrorMessage() for r in reasons)
+    return f"{failure.type.__name__}: {message}" if message else failure.type.__name__
+
+
+# -- the service -----------------------------------------------------------------------
+
+
+class WebhookService(Service):
+    """
+    One webhook: collects its events into batches on disk and posts them.
+
+    ``accept`` is the event log subscriber; it appends one line and returns.
+    ``clock``, ``agent`` and ``run`` are injected so tests drive time, HTTP
+    and the file system calls that would block.
+    """
+
+    def __init__(self, config: WebhookConfig, directory: str, clock: Any = None,
+                 agent: Any = None, run: Runner = threads.deferToThread,
+                 fsync_interval: float = 1.0, user_agent: bytes = b"engage-appliance") -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.config = config
+        self.name = f"webhook:{config.name}"
+        self.queue = QueueDirectory(directory)
+        self.schedule = RetrySchedule(config.retry_initial, config.retry_max)
+        self._clock = clock
+        self._pool: HTTPConnectionPool | None = None
+        if agent is None:
+            self._pool = HTTPConnectionPool(clock, persistent=False)
+            tls = {"contextFactory": TrustFile(config.tls_ca_file)} if config.tls_ca_file else {}
+            agent = Agent(clock, connectTimeout=config.timeout, pool=self._pool, **tls)
+        self._agent = agent
+        self._run = run
+        self._fsync_interval = fsync_interval
+        self._user_agent = user_agent
+        self._target = config.target.encode("ascii")
+
+        self.batches: list[Batch] = []  # sealed, oldest first
+        self._seq = 0
+        self._file: Any = None
+        self._count = 0  # events in the open file
+        self._dirty = False
+        self._seal_timer: Any = None
+        self._syncer: task.LoopingCall | None = None
+        self._inflight: defer.Deferred | None = None
+        self._retry_timer: Any = None
+        self.failures = 0  # failed attempts in a row
+        self._io: set[defer.Deferred] = set()
+
+    # -- life cycle
+
+    def startService(self) -> None:
+        self.batches, self._seq = self.queue.recover(self._clock.seconds())
+        if self.batches:
+            log.info("webhook {name}: {n} batch(es) from before the restart to post",
+                     name=self.config.name, n=len(self.batches))
+        self._open_next()
+        if self._fsync_interval > 0:
+            self._syncer = task.LoopingCall(self._sync)
+            self._syncer.clock = self._clock
+            self._syncer.start(self._fsync_interval, now=False)
+        super().startService()
+        self._kick()
+
+    def stopService(self) -> defer.Deferred:
+        """Stop posting; the open file stays behind, to be sealed at the next start."""
+        super().stopService()
+        for timer in (self._seal_timer, self._retry_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._seal_timer = self._retry_timer = None
+        if self._syncer is not None and self._syncer.running:
+            self._syncer.stop()
+        if self._inflight is not None:
+            self._inflight.cancel()
+        if self._file is not None:
+            try:
+                os.fsync(self._file.fileno())
+            except OSError:
+                log.failure("webhook {name}: could not sync its open batch", name=self.config.name)
+            self._file.close()
+            self._file = None
+        d = defer.DeferredList(list(self._io), consumeErrors=True)
+        if self._pool is not None:
+            d.addCallback(lambda _: self._pool.closeCachedConnections())
+        return d
+
+    def _track(self, d: defer.Deferred) -> defer.Deferred:
+        """Remember file work in a thread, so a stop can wait for it."""
+        self._io.add(d)
+
+        def done(result: Any) -> Any:
+            self._io.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    # -- collecting
+
+    def accept(self, event: Event) -> None:
+        """The event log subscriber: one line appended, nothing that waits."""
+        if event.get("type") not in self.config.events:
+            return
+        if not self.running:
+            log.error("webhook {name}: event {event_id} arrived while stopped; not queued",
+                      name=self.config.name, event_id=event.get("event_id"))
+            return
+        try:
+            if self._file is None:  # a seal could not open the next file; try again
+                self._open_next()
+            self._file.write(envelope_line(event))
+        except OSError:
+            log.failure("webhook {name}: could not queue event {event_id}",
+                        name=self.config.name, event_id=event.get("event_id"))
+            return
+        self._dirty = True
+        self._count += 1
+        if self._count >= self.config.max_batch_size:
+            self.seal()
+        elif self._count == 1:
+            self._seal_timer = self._clock.callLater(self.config.batch_interval, self.seal)
+
+    def _open_next(self) -> None:
+        path = self.queue.open_path(self._seq)
+        self._file = open(path, "ab", buffering=0)
+        self._count = 0
+        self._dirty = False
+
+    def _sync(self) -> None:
+        if self._file is not None and self._dirty:
+            self._dirty = False
+            d = self._run(_fsync_and_close, os.dup(self._file.fileno()))
+            d.addErrback(lambda f: log.failure("webhook {name}: fsync failed", f,
+                                               name=self.config.name))
+            self._track(d)
+
+    def seal(self) -> None:
+        """End the batch being collected (if it has events) and queue it for posting."""
+        if self._seal_timer is not None and self._seal_timer.active():
+            self._seal_timer.cancel()
+        self._seal_timer = None
+        if self._file is None or self._count == 0:
+            return
+        seq, fd = self._seq, os.dup(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self._seq += 1
+        try:
+            self._open_next()
+        except OSError:
+            log.failure("webhook {name}: could not open its next batch file", name=self.config.name)
+        d = self._run(self.queue.seal, seq, fd, int(self._clock.seconds()), str(uuid.uuid4()))
+        d.addCallbacks(self._sealed, self._seal_failed, errbackArgs=(seq,))
+        self._track(d)
+
+    def _sealed(self, batch: Batch) -> None:
+        # Seals finish in order almost always; keep the queue sorted in any case.
+        self.batches.append(batch)
+        self.batches.sort(key=lambda b: b.seq)
+        self._kick()
+
+    def _seal_failed(self, failure: Failure, seq: int) -> None:
+        log.failure("webhook {name}: could not seal batch {seq}; it is sealed at the next start",
+                    failure, name=self.config.name, seq=seq)
+
+    # -- posting
+
+    def _kick(self) -> None:
+        if not self.running or self._inflight is not None or self._retry_timer is not None:
+            return
+        if not self.batches:
+            return
+        batch = self.batches[0]
+        d = self._run(self.queue.read, batch)
+        d.addCallback(self._post, batch)
+        self._inflight = d
+        d.addBoth(self._posted, batch)
+
+    def _post(self, lines: bytes, batch: Batch) -> defer.Deferred:
+        body, count = batch_body(lines)
+        headers = Headers({
+            b"Content-Type": [b"application/json"],
+            b"User-Agent": [self._user_agent],
+            b"X-MessageSystems-Batch-ID": [batch.batch_id.encode("ascii")],
+        })
+        if self.config.auth_token:
+            headers.addRawHeader(b"X-MessageSystems-Webhook-Token",
+                                 self.config.auth_token.encode("ascii"))
+        d = self._agent.request(b"POST", self._target, headers, BytesProducer(body))
+
+        def answered(response: IResponse) -> defer.Deferred:
+            return read_prefix(response).addCallback(
+                lambda prefix: (response.code, response.phrase, prefix, count))
+
+        d.addCallback(answered)
+        d.addTimeout(self.config.timeout, self._clock)
+        return d
+
+    def _posted(self, result: Any, batch: Batch) -> None:
+        self._inflight = None
+        if not self.running:
+            return  # stopped mid-attempt: the batch is posted again after the next start
+        if isinstance(result, Failure):
+            if result.check(FileNotFoundError):
+                self.batches.remove(batch)
+                log.error("webhook {name}: batch file {path} has disappeared; its events are lost",
+                          name=self.config.name, path=batch.path)
+                self._kick()
+                return
+            self._failed(batch, _describe_failure(result))
+            return
+        code, phrase, prefix, count = result
+        if 200 <= code < 300:
+            if self.failures:
+                log.info("webhook {name}: {target} accepts batches again after {n} failure(s)",
+                         name=self.config.name, target=self.config.target, n=self.failures)
+            self.failures = 0
+            self.batches.remove(batch)
+            d = self._run(self.queue.remove, batch)
+            d.addErrback(lambda f: log.failure(
+                "webhook {name}: could not remove posted batch {batch_id}; it will be posted "
+                "again after a restart", f, name=self.config.name, batch_id=batch.batch_id))
+            self._track(d)
+            self._kick()
+            return
+        text = prefix.decode("utf-8", "replace").strip().replace("\n", " ")
+        why = f"HTTP {code} {phrase.decode('latin-1')}" + (f": {text}" if text else "")
+        self._failed(batch, why)
+
+    def _failed(self, batch: Batch, why: str) -> None:
+        self.failures += 1
+        now = self._clock.seconds()
+        lifetime = self.config.retry_lifetime
+        for old in [b for b in self.batches if now >= b.sealed_at + lifetime]:
+            self._drop(old, why)
+        if not self.batches:
+            return
+        head = self.batches[0]
+        delay = min(self.schedule.delay(self.failures), head.sealed_at + lifetime - now)
+        log.warn("webhook {name}: batch {batch_id} not accepted by {target} ({why}); "
+                 "next attempt in {delay:g}s", name=self.config.name, batch_id=batch.batch_id,
+                 target=self.config.target, why=why, delay=delay)
+        self._retry_timer = self._clock.callLater(max(delay, 0.0), self._retry)
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self._kick()
+
+    def _drop(self, batch: Batch, why: str) -> None:
+        self.batches.remove(batch)
+        log.error("webhook {name}: dropping batch {batch_id} (sealed at {sealed_at}): not accepted "
+                  "by {target} within {hours:g} hours; last answer: {why}", name=self.config.name,
+                  batch_id=batch.batch_id, sealed_at=batch.sealed_at, target=self.config.target,
+                  hours=self.config.retry_lifetime / 3600, why=why)
+        d = self._run(self.queue.remove, batch)
+        d.addErrback(lambda f: log.failure("webhook {name}: could not remove dropped batch",
+                                           f, name=self.config.name))
+        self._track(d)
+
+
+class Webhooks(MultiService):
+    """Every configured webhook, each with its queue under ``root``."""
+
+    name = "webhooks"
+
+    def __init__(self, configs: tuple[WebhookConfig, ...], root: str, **kwargs: Any) -> None:
+        super().__init__()
+        self.root = root
+        self.webhooks: list[WebhookService] = []
+        for config in configs:
+            svc = WebhookService(config, os.path.join(root, config.name), **kwargs)
+            svc.setServiceParent(self)
+            self.webhooks.append(svc)
+
+    def subscribe_to(self, events: Any) -> None:
+        for svc in self.webhooks:
+            events.subscribe(svc.accept)
+
+    def startService(self) -> None:
+        if os.path.isdir(self.root):
+            known = {svc.config.name for svc in self.webhooks}
+            for name in sorted(set(os.listdir(self.root)) - known):
+                left = os.path.join(self.root, name)
+                if os.path.isdir(left) and os.listdir(left):
+                    log.warn("{path} holds batches of a webhook that is no longer configured; "
+                             "they are not posted", path=left)
+        super().startService()

@@ -1,0 +1,136 @@
+"""The [[webhooks]] tables: defaults, and every mistake named as webhooks[i].key."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from appliance.config import EVENT_TYPES, Config, ConfigError, parse_config
+from tests.fakes import self_signed
+from tests.helpers import SHIPPED_CONFIG, merge, shipped_toml
+
+
+class WebhookConfigTests(SynchronousTestCase):
+    def parse(self, *webhooks: object) -> Config:
+        return parse_config(merge(shipped_toml(), {"webhooks": list(webhooks)}), "x.toml")
+
+    def problems(self, *webhooks: object) -> dict[str, str]:
+        e = self.assertRaises(ConfigError, self.parse, *webhooks)
+        return dict(e.problems)
+
+    def test_none_by_default(self) -> None:
+        self.assertEqual(parse_config(shipped_toml()).webhooks, ())
+
+    def test_defaults(self) -> None:
+        [hook] = self.parse({"target": "https://hooks.example.com/sparkpost?x=1"}).webhooks
+        self.assertEqual(hook.events, frozenset(EVENT_TYPES))
+        self.assertEqual(hook.auth_token, "")
+        self.assertEqual((hook.max_batch_size, hook.batch_interval, hook.timeout), (10000, 30, 10))
+        self.assertEqual((hook.retry_initial, hook.retry_max, hook.retry_lifetime),
+                         (30, 1800, 4 * 3600))
+        # The queue is named after the target, so it is the same across restarts.
+        self.assertRegex(hook.name, r"^hooks\.example\.com-[0-9a-f]{8}$")
+        [again] = self.parse({"target": "https://hooks.example.com/sparkpost?x=1"}).webhooks
+        self.assertEqual(again.name, hook.name)
+        [other] = self.parse({"target": "https://hooks.example.com/other"}).webhooks
+        self.assertNotEqual(other.name, hook.name)
+
+    def test_written_as_toml_array_of_tables(self) -> None:
+        text = """
+[[webhooks]]
+target = "http://127.0.0.1:8000/a"
+events = ["click", "open", "click"]
+auth_token = "abc"
+batch_interval = "5s"
+
+[[webhooks]]
+name = "audit"
+target = "http://127.0.0.1:8000/b"
+retry_lifetime = "8h"
+"""
+        a, b = parse_config(merge(shipped_toml(), tomllib.loads(text))).webhooks
+        self.assertEqual((a.events, a.auth_token, a.batch_interval), (frozenset({"click", "open"}), "abc", 5))
+        self.assertEqual((b.name, b.retry_lifetime), ("audit", 8 * 3600))
+
+    def test_every_mistake_named_at_once(self) -> None:
+        problems = self.problems(
+            {"events": ["open"]},
+            {"target": "ftp://example.com/"},
+            {"target": "http://u:p@example.com/"},
+            {"target": "http://example.com/ x"},
+            {"target": "http://example.com:99999/"},
+            {"target": "http://example.com/#frag"},
+            {"target": "http://example.com/", "events": ["opne", "click"]},
+            {"target": "http://example.com/", "events": []},
+            {"target": "http://example.com/", "auth_token": "a\r\nX-Evil: 1"},
+            {"target": "http://example.com/", "max_batch_size": 20000, "batch_interval": "0s",
+             "retry_initial": "1h", "retry_max": "1m", "bogus": 1},
+            {"target": "http://example.com/", "name": "../up"},
+            "not a table",
+        )
+        self.assertEqual(problems, {
+            "webhooks[0].target": "missing: the http(s) URL that receives the batches",
+            "webhooks[1].target": 'expected an http:// or https:// URL, got "ftp://example.com/"',
+            "webhooks[2].target": "credentials in the URL are not supported; use auth_token",
+            "webhooks[3].target": "expected an http(s) URL without spaces or non-ASCII characters, "
+                                  'got "http://example.com/ x"',
+            "webhooks[4].target": 'bad port in "http://example.com:99999/"',
+            "webhooks[5].target": 'a URL fragment is never sent; remove it from "http://example.com/#frag"',
+            "webhooks[6].events": 'unknown event type(s) "opne"; expected some of ' + ", ".join(EVENT_TYPES),
+            "webhooks[7].events": "must name at least one event type",
+            "webhooks[8].auth_token": "must be printable ASCII (it is sent as an HTTP header)",
+            "webhooks[9].max_batch_size": "expected an integer from 1 to 10000, got 20000",
+            "webhooks[9].batch_interval": "must be more than 0 seconds",
+            "webhooks[9].retry_max": "must not be less than retry_initial",
+            "webhooks[9].bogus": "unknown key",
+            "webhooks[10].name": "expected letters, digits, '.', '_' or '-' (at most 64), got \"../up\"",
+            "webhooks[11]": "expected a table, got a string",
+        })
+
+    def test_names_must_differ(self) -> None:
+        target = "http://example.com/"
+        problems = self.problems({"target": target}, {"target": target, "events": ["click"]})
+        self.assertEqual(list(problems), ["webhooks[1].name"])
+        self.assertIn("is also the name of webhooks[0]", problems["webhooks[1].name"])
+        # Two webhooks to one target are fine with their own names.
+        self.assertEqual(len(self.parse({"target": target}, {"target": target, "name": "x"}).webhooks), 2)
+
+    def test_webhooks_must_be_an_array(self) -> None:
+        e = self.assertRaises(ConfigError, parse_config,
+                              merge(shipped_toml(), {"webhooks": {"target": "http://x/"}}))
+        self.assertEqual(e.problems, [("webhooks", "expected an array of tables, written [[webhooks]]")])
+
+    def test_shipped_example_is_valid(self) -> None:
+        """The commented-out [[webhooks]] example in etc/appliance.toml loads when uncommented."""
+        with open(SHIPPED_CONFIG, encoding="utf-8") as f:
+            text = f.read()
+        example = text[text.index("# [[webhooks]]"):]
+        uncommented = "\n".join(line[2:] for line in example.splitlines() if line.startswith("# "))
+        [hook] = parse_config(merge(shipped_toml(), tomllib.loads(uncommented))).webhooks
+        self.assertEqual((hook.name, hook.target, hook.auth_token),
+                         ("hooks", "https://hooks.example.com/sparkpost", "secret"))
+        self.assertEqual(hook.events, frozenset({"delivery", "bounce", "open", "click"}))
+        self.assertEqual((hook.max_batch_size, hook.batch_interval, hook.retry_lifetime),
+                         (10000, 30, 4 * 3600))
+
+    def test_tls_ca_file(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        _, certificate = self_signed(directory)
+        garbage = os.path.join(directory, "garbage.pem")
+        with open(garbage, "w") as f:
+            f.write("not a certificate\n")
+        [hook] = self.parse({"target": "https://127.0.0.1:8443/", "tls_ca_file": certificate}).webhooks
+        self.assertEqual(hook.tls_ca_file, certificate)
+        missing = os.path.join(directory, "missing.pem")
+        problems = self.problems(
+            {"target": "https://127.0.0.1/", "tls_ca_file": missing},
+            {"target": "https://127.0.0.1/", "tls_ca_file": garbage},
+            {"target": "http://127.0.0.1/", "tls_ca_file": certificate},
+        )
+        self.assertEqual(problems, {
+            "webhooks[0].tls_ca_file": f"cannot read {missing}: No such file or directory",
+            "webhooks[1].tls_ca_file": f"not a PEM certificate: {garbage}",
+            "webhooks[2].tls_ca_file": "set, but the target is not an https:// URL",
+        })

@@ -1,0 +1,483 @@
+"""Webhooks on a test clock with a fake HTTP agent: batching, envelopes, retries, restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+
+from appliance.config import EVENT_TYPES, WebhookConfig
+from appliance.spool import run_synchronously
+from appliance.webhooks import (
+    QueueDirectory,
+    RetrySchedule,
+    Webhooks,
+    WebhookService,
+    batch_body,
+    envelope_line,
+    event_class,
+)
+
+START = 1_700_000_000.0
+BATCH_FILE = r"^\d{10}\.\d+\.[0-9a-f-]{36}\.batch$"
+
+
+class Request:
+    def __init__(self, method: bytes, uri: bytes, headers: Headers, body: bytes) -> None:
+        self.method = method
+        self.uri = uri
+        self.headers = headers
+        self.body = body
+        self.cancelled = False
+
+        def cancel(_: defer.Deferred) -> None:
+            self.cancelled = True
+
+        self.deferred: defer.Deferred = defer.Deferred(cancel)
+
+    def header(self, name: bytes) -> str | None:
+        values = self.headers.getRawHeaders(name)
+        return values[0].decode() if values else None
+
+    @property
+    def batch_id(self) -> str | None:
+        return self.header(b"X-MessageSystems-Batch-ID")
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return json.loads(self.body)
+
+    def answer(self, code: int, body: bytes = b"") -> None:
+        self.deferred.callback(FakeResponse(code, body))
+
+    def fail(self, exception: Exception) -> None:
+        self.deferred.errback(Failure(exception))
+
+
+class FakeResponse:
+    def __init__(self, code: int, body: bytes) -> None:
+        self.code = code
+        self.phrase = b"OK" if code < 300 else b"Internal Server Error"
+        self.body = body
+        self.length = len(body)
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(StringTransport())
+        for i in range(0, len(self.body), 7):
+            protocol.dataReceived(self.body[i:i + 7])
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class FakeAgent:
+    """Records each request and leaves its answer to the test."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: Any = None) -> defer.Deferred:
+        consumer = StringTransport()
+        bodyProducer.startProducing(consumer)
+        self.length_matches = bodyProducer.length == len(consumer.value())
+        request = Request(method, uri, headers or Headers(), consumer.value())
+        self.requests.append(request)
+        return request.deferred
+
+    @property
+    def last(self) -> Request:
+        return self.requests[-1]
+
+
+def config(**changes: Any) -> WebhookConfig:
+    return replace(WebhookConfig(name="hook", target="http://127.0.0.1:9/events"), **changes)
+
+
+def event(type_: str = "injection", n: int = 0) -> dict[str, Any]:
+    return {"type": type_, "event_id": str(1000 + n), "timestamp": "1700000000",
+            "rcpt_to": f"r{n}@example.test", "subject": "Grüße"}
+
+
+class EnvelopeTests(SynchronousTestCase):
+    def test_classes_follow_sparkpost(self) -> None:
+        classes = {t: event_class(t) for t in EVENT_TYPES}
+        self.assertEqual(classes, {
+            "injection": "message_event", "policy_rejection": "message_event",
+            "delivery": "message_event", "delay": "message_event", "bounce": "message_event",
+            "open": "track_event", "initial_open": "track_event", "click": "track_event",
+            "link_unsubscribe": "unsubscribe_event",
+        })
+        self.assertEqual(event_class("list_unsubscribe"), "unsubscribe_event")
+        self.assertEqual(event_class("out_of_band"), "message_event")
+
+    def test_line_and_body(self) -> None:
+        lines = envelope_line(event("click", 1)) + envelope_line(event("delivery", 2))
+        self.assertEqual(lines.count(b"\n"), 2)
+        self.assertIn("Grüße".encode(), lines)
+        body, count = batch_body(lines)
+        self.assertEqual(count, 2)
+        self.assertEqual(json.loads(body), [
+            {"msys": {"track_event": event("click", 1)}},
+            {"msys": {"message_event": event("delivery", 2)}},
+        ])
+        self.assertEqual(batch_body(b""), (b"[]", 0))
+
+    def test_retry_schedule(self) -> None:
+        schedule = RetrySchedule(30, 1800)
+        self.assertEqual([schedule.delay(n) for n in range(1, 9)],
+                         [30, 60, 120, 240, 480, 960, 1800, 1800])
+
+
+class ServiceTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = os.path.join(self.mktemp(), "hook")
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.agent = FakeAgent()
+        self.logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def service(self, start: bool = True, **changes: Any) -> WebhookService:
+        svc = WebhookService(config(**changes), self.directory, clock=self.clock,
+                             agent=self.agent, run=run_synchronously, fsync_interval=1.0)
+        if start:
+            svc.startService()
+            self.addCleanup(lambda: svc.running and svc.stopService())
+        return svc
+
+    def files(self) -> list[str]:
+        return sorted(os.listdir(self.directory))
+
+    def batch_files(self) -> list[str]:
+        return [f for f in self.files() if f.endswith(".batch")]
+
+    def messages(self, level: str) -> list[str]:
+        return [formatEvent(e) for e in self.logged
+                if e.get("log_level") is not None and e["log_level"].name == level
+                and e.get("log_namespace") == "appliance.webhooks"]
+
+
+class BatchingTests(ServiceTestCase):
+    def test_batches_by_size(self) -> None:
+        """max_batch_size events seal a batch at once; one batch is in flight at a time."""
+        svc = self.service(max_batch_size=3)
+        for n in range(7):
+            svc.accept(event("delivery", n))
+        self.assertEqual(len(self.agent.requests), 1)
+        first = self.agent.last
+        self.assertEqual([e["msys"]["message_event"]["event_id"] for e in first.events],
+                         ["1000", "1001", "1002"])
+        self.assertEqual(len(self.batch_files()), 2)
+        first.answer(200)
+        self.assertEqual(len(self.agent.requests), 2)
+        self.assertEqual([e["msys"]["message_event"]["rcpt_to"] for e in self.agent.last.events],
+                         ["r3@example.test", "r4@example.test", "r5@example.test"])
+        self.assertNotEqual(self.agent.last.batch_id, first.batch_id)
+        self.agent.last.answer(204)
+        self.assertEqual(self.batch_files(), [])
+        # The seventh event waits for the interval.
+        self.assertEqual(len(self.agent.requests), 2)
+        self.clock.advance(30)
+        self.assertEqual([e["msys"]["message_event"]["event_id"] for e in self.agent.last.events],
+                         ["1006"])
+
+    def test_batches_by_time(self) -> None:
+        """A batch is sealed batch_interval after its first event, however few it has."""
+        svc = self.service()
+        svc.accept(event("open", 1))
+        self.clock.advance(20)
+        svc.accept(event("click", 2))
+        self.clock.advance(9.9)
+        self.assertEqual(self.agent.requests, [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.agent.requests), 1)
+        self.assertEqual(self.agent.last.events, [{"msys": {"track_event": event("open", 1)}},
+                                                  {"msys": {"track_event": event("click", 2)}}])
+        # The next batch's clock starts at its own first event.
+        self.clock.advance(100)
+        svc.accept(event("bounce", 3))
+        self.clock.advance(29)
+        self.assertEqual(len(self.agent.requests), 1)
+
+    def test_request_shape(self) -> None:
+        svc = self.service(auth_token="s3cret-token")
+        svc.accept(event("link_unsubscribe", 1))
+        svc.seal()
+        request = self.agent.last
+        self.assertEqual(request.method, b"POST")
+        self.assertEqual(request.uri, b"http://127.0.0.1:9/events")
+        self.assertEqual(request.header(b"Content-Type"), "application/json")
+        self.assertEqual(request.header(b"X-MessageSystems-Webhook-Token"), "s3cret-token")
+        self.assertTrue(self.agent.length_matches)
+        [name] = self.batch_files()
+        self.assertRegex(name, BATCH_FILE)
+        self.assertEqual(request.batch_id, name.split(".")[2])
+        self.assertEqual(request.events, [{"msys": {"unsubscribe_event": event("link_unsubscribe", 1)}}])
+
+    def test_no_token_no_header(self) -> None:
+        svc = self.service()
+        svc.accept(event())
+        svc.seal()
+        self.assertIsNone(self.agent.last.header(b"X-MessageSystems-Webhook-Token"))
+
+    def test_filter_by_type(self) -> None:
+        svc = self.service(events=frozenset({"click", "bounce"}))
+        for n, type_ in enumerate(("injection", "open", "click", "delivery", "bounce")):
+            svc.accept(event(type_, n))
+        self.clock.advance(30)
+        self.assertEqual([list(e["msys"].values())[0]["type"] for e in self.agent.last.events],
+                         ["click", "bounce"])
+
+    def test_filtered_out_events_post_nothing(self) -> None:
+        svc = self.service(events=frozenset({"click"}))
+        svc.accept(event("injection"))
+        self.clock.advance(60)
+        self.assertEqual(self.agent.requests, [])
+        self.assertEqual(self.batch_files(), [])
+
+    def test_open_file_synced_and_appended_whole(self) -> None:
+        svc = self.service()
+        svc.accept(event("delivery", 1))
+        [open_file] = [f for f in self.files() if f.endswith(".open")]
+        with open(os.path.join(self.directory, open_file), "rb") as f:
+            self.assertEqual(f.read(), envelope_line(event("delivery", 1)))
+        self.clock.advance(1)  # the fsync timer runs without error
+        self.assertEqual(self.messages("error"), [])
+
+    def test_event_while_stopped_is_logged(self) -> None:
+        svc = self.service(start=False)
+        svc.accept(event())
+        self.assertIn("arrived while stopped", self.messages("error")[0])
+
+
+class RetryTests(ServiceTestCase):
+    def test_failure_backs_off_and_resends_the_same_batch(self) -> None:
+        svc = self.service()
+        svc.accept(event("delivery", 1))
+        svc.seal()
+        first = self.agent.last
+        first.answer(500, b"database\ndown")
+        self.assertEqual(svc.failures, 1)
+        self.assertIn("HTTP 500 Internal Server Error: database down", self.messages("warn")[0])
+        self.clock.advance(29.9)
+        self.assertEqual(len(self.agent.requests), 1)
+        # Batches sealed meanwhile wait behind the failing one.
+        svc.accept(event("delivery", 2))
+        svc.seal()
+        self.assertEqual(len(self.agent.requests), 1)
+        self.clock.advance(0.1)
+        second = self.agent.last
+        self.assertEqual((second.batch_id, second.body), (first.batch_id, first.body))
+        second.fail(ConnectionRefusedError("refused"))
+        self.clock.advance(59.9)
+        self.assertEqual(len(self.agent.requests), 2)
+        self.clock.advance(0.1)
+        self.assertEqual(self.agent.last.batch_id, first.batch_id)
+        self.agent.last.answer(200)
+        self.assertEqual(svc.failures, 0)
+        # The next batch goes at once, and a later failure starts over at retry_initial.
+        self.assertEqual(len(self.agent.requests), 4)
+        self.assertNotEqual(self.agent.last.batch_id, first.batch_id)
+        self.agent.last.answer(404)
+        self.clock.advance(30)
+        self.assertEqual(len(self.agent.requests), 5)
+
+    def test_no_answer_in_time_is_a_failure(self) -> None:
+        svc = self.service(timeout=10.0)
+        svc.accept(event())
+        svc.seal()
+        first = self.agent.last
+        self.clock.advance(10)
+        self.assertTrue(first.cancelled)
+        self.assertIn("no answer in time", self.messages("warn")[0])
+        self.clock.advance(30)
+        self.assertEqual(self.agent.last.batch_id, first.batch_id)
+        self.assertEqual(len(self.agent.requests), 2)
+
+    def test_redirect_is_a_failure(self) -> None:
+        svc = self.service()
+        svc.accept(event())
+        svc.seal()
+        self.agent.last.answer(302)
+        self.assertEqual(svc.failures, 1)
+        self.assertEqual(len(self.batch_files()), 1)
+
+    def test_dropped_after_the_retry_lifetime(self) -> None:
+        """Failing for 4 hours from its seal drops a batch, with an error; younger ones stay."""
+        svc = self.service()
+        svc.accept(event("delivery", 1))
+        svc.seal()
+        old = self.agent.last.batch_id
+        attempts_at = []
+        for second in range(4 * 3600 + 1):
+            if second == 3600:
+                svc.accept(event("delivery", 2))
+                svc.seal()
+            if not self.agent.last.deferred.called:
+                attempts_at.append(second)
+                self.assertEqual(self.agent.last.batch_id, old)
+                self.agent.last.answer(503)
+            self.clock.advance(1)
+        self.assertEqual(attempts_at, [0, 30, 90, 210, 450, 930, 1890, 3690, 5490, 7290, 9090,
+                                       10890, 12690, 14400])
+        # The last attempt was at the deadline itself, and then the batch was dropped.
+        self.assertEqual([b.batch_id for b in svc.batches], [self.batch_files()[0].split(".")[2]])
+        self.assertNotEqual(svc.batches[0].batch_id, old)
+        [dropped] = self.messages("error")
+        self.assertIn(f"dropping batch {old}", dropped)
+        self.assertIn("within 4 hours; last answer: HTTP 503", dropped)
+        # The younger batch is tried next, when the back-off says (the clock is at 4 h + 1 s).
+        self.clock.advance(1798)
+        self.assertEqual(len(self.agent.requests), len(attempts_at))
+        self.clock.advance(1)
+        self.assertNotEqual(self.agent.last.batch_id, old)
+        self.assertEqual(len(self.agent.requests), len(attempts_at) + 1)
+
+    def test_drop_without_later_batches_stops_retrying(self) -> None:
+        svc = self.service(retry_lifetime=60.0)
+        svc.accept(event())
+        svc.seal()
+        for _ in range(3):
+            self.agent.last.answer(500)
+            self.clock.advance(30)
+        self.assertEqual(len(self.agent.requests), 3)
+        self.assertEqual(svc.batches, [])
+        self.assertEqual(self.batch_files(), [])
+        self.clock.advance(3600)
+        self.assertEqual(len(self.agent.requests), 3)
+
+
+class RestartTests(ServiceTestCase):
+    def test_collected_events_survive_a_restart(self) -> None:
+        """Events not yet sealed are sealed at the next start and posted, in order."""
+        svc = self.service()
+        svc.accept(event("injection", 1))
+        svc.accept(event("delivery", 2))
+        svc.stopService()
+        self.assertEqual(self.agent.requests, [])
+        self.assertEqual([f for f in self.files() if f.endswith(".open")], ["0000000000.open"])
+
+        again = self.service()
+        self.assertEqual(len(self.agent.requests), 1)
+        self.assertEqual([list(e["msys"].values())[0]["event_id"] for e in self.agent.last.events],
+                         ["1001", "1002"])
+        self.agent.last.answer(200)
+        self.assertEqual(self.batch_files(), [])
+        # New events go to a new file after the recovered one.
+        again.accept(event("open", 3))
+        self.assertIn("0000000001.open", self.files())
+
+    def test_unposted_batch_keeps_its_id_across_a_restart(self) -> None:
+        svc = self.service()
+        svc.accept(event())
+        svc.seal()
+        first = self.agent.last
+        svc.stopService()  # the POST in flight is abandoned
+        self.assertTrue(first.cancelled)
+        self.service()
+        self.assertEqual((self.agent.last.batch_id, self.agent.last.body),
+                         (first.batch_id, first.body))
+
+    def test_old_batches_are_posted_to_a_working_target(self) -> None:
+        """Being down longer than the retry lifetime loses nothing if the target answers."""
+        svc = self.service()
+        svc.accept(event())
+        svc.seal()
+        svc.stopService()
+        self.clock.advance(24 * 3600)
+        self.service()
+        self.agent.requests[-1].answer(200)
+        self.assertEqual(self.batch_files(), [])
+        self.assertEqual(self.messages("error"), [])
+
+    def test_torn_tail_is_dropped(self) -> None:
+        os.makedirs(self.directory)
+        good = envelope_line(event("delivery", 1))
+        with open(os.path.join(self.directory, "0000000004.open"), "wb") as f:
+            f.write(good + b'{"msys":{"message_event":{"type":"deliv' + b"\n" + b"\0" * 20)
+        self.service()
+        self.assertEqual(self.agent.last.events, [json.loads(good)])
+        self.assertIn("1 incomplete event line(s)", self.messages("warn")[0])
+        self.assertRegex(self.batch_files()[0], r"^0000000004\.")
+        self.assertIn("0000000005.open", self.files())
+        self.assertNotIn("0000000004.tmp", self.files())
+
+    def test_empty_open_files_are_removed(self) -> None:
+        os.makedirs(self.directory)
+        open(os.path.join(self.directory, "0000000002.open"), "wb").close()
+        with open(os.path.join(self.directory, "0000000003.open"), "wb") as f:
+            f.write(b"\0\0\0")
+        self.service()
+        self.assertEqual(self.agent.requests, [])
+        self.assertEqual(self.files(), ["0000000004.open"])
+
+    def test_open_file_of_a_sealed_batch_is_not_posted_twice(self) -> None:
+        """A crash between writing a cleaned batch and removing its .open file."""
+        os.makedirs(self.directory)
+        line = envelope_line(event())
+        batch_id = "00000000-0000-4000-8000-000000000000"
+        batch = QueueDirectory(self.directory).batch_path(7, int(START), batch_id)
+        for path in (batch, os.path.join(self.directory, "0000000007.open")):
+            with open(path, "wb") as f:
+                f.write(line)
+        with open(os.path.join(self.directory, "0000000007.tmp"), "wb") as f:
+            f.write(line)
+        self.service()
+        self.assertEqual(len(self.agent.requests), 1)
+        self.assertEqual(self.agent.last.batch_id, batch_id)
+        self.assertEqual(self.files(), [os.path.basename(batch), "0000000008.open"])
+
+    def test_batches_are_posted_oldest_first(self) -> None:
+        q = QueueDirectory(self.directory)
+        os.makedirs(self.directory)
+        for seq, n in ((12, 2), (3, 1)):
+            with open(q.batch_path(seq, int(START), f"{seq:08d}-0000-4000-8000-000000000000"), "wb") as f:
+                f.write(envelope_line(event("delivery", n)))
+        self.service()
+        self.assertEqual(self.agent.last.events[0]["msys"]["message_event"]["event_id"], "1001")
+        self.agent.last.answer(200)
+        self.assertEqual(self.agent.last.events[0]["msys"]["message_event"]["event_id"], "1002")
+
+
+class WebhooksTests(ServiceTestCase):
+    def test_each_webhook_has_its_queue_and_filter(self) -> None:
+        root = os.path.dirname(self.directory)
+        os.makedirs(os.path.join(root, "gone"))
+        with open(os.path.join(root, "gone", "0000000001.open"), "wb") as f:
+            f.write(envelope_line(event()))
+
+        class Log:
+            def __init__(self) -> None:
+                self.subscribers: list[Any] = []
+
+            def subscribe(self, callback: Any) -> None:
+                self.subscribers.append(callback)
+
+        hooks = Webhooks((config(name="a", events=frozenset({"open"})),
+                          config(name="b", target="https://127.0.0.1:9/b")),
+                         root, clock=self.clock, agent=self.agent, run=run_synchronously)
+        events = Log()
+        hooks.subscribe_to(events)
+        hooks.startService()
+        self.addCleanup(hooks.stopService)
+        for type_ in ("injection", "open"):
+            for callback in events.subscribers:
+                callback(event(type_))
+        self.clock.advance(30)
+        posted = {r.uri: [list(e["msys"].values())[0]["type"] for e in r.events]
+                  for r in self.agent.requests}
+        self.assertEqual(posted, {b"http://127.0.0.1:9/events": ["open"],
+                                  b"https://127.0.0.1:9/b": ["injection", "open"]})
+        self.assertTrue(os.path.isdir(os.path.join(root, "a")))
+        self.assertTrue(any("no longer configured" in m and "gone" in m
+                            for m in self.messages("warn")))
