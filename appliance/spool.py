@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -92,6 +93,9 @@ class QueuedMessage:
     envelope: Envelope
     path: str
     states: list[CopyState]
+    # Journal writes of one message run in pool threads; they take turns, so the last
+    # copy's removal never pulls the directory from under another copy's append.
+    journal_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def message_path(self) -> str:
@@ -228,6 +232,10 @@ class Spool:
         return self.run(self._append, queued, line)
 
     def _append(self, queued: QueuedMessage, line: bytes) -> None:
+        with queued.journal_lock:
+            self._append_locked(queued, line)
+
+    def _append_locked(self, queued: QueuedMessage, line: bytes) -> None:
         if all(s.done for s in queued.states):
             self._remove(queued)
             return

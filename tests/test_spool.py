@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance import spool as spool_module
 from appliance.spool import Envelope, Recipient, Spool, run_synchronously
 
 
@@ -61,6 +64,42 @@ class SpoolTests(SynchronousTestCase):
         self.successResultOf(self.spool.record(queued, 0, done=False))
         journal = os.path.join("active", "1", "journal")
         self.assertEqual(calls, [journal, os.path.join("active", "1"), journal])
+
+    def test_last_copy_waits_for_another_copys_journal_write(self) -> None:
+        """Copy 0's append (new journal, directory fsync) and copy 1's final removal in two threads."""
+        queued = self.commit()
+        in_append, release = threading.Event(), threading.Event()
+        real = spool_module._fsync_path
+
+        def slow_fsync(path: str, directory: bool = False) -> None:
+            if path == queued.path:  # copy 0 is between its journal write and the dir fsync
+                in_append.set()
+                release.wait(10)
+            real(path, directory)
+
+        self.patch(spool_module, "_fsync_path", slow_fsync)
+        errors: list[BaseException] = []
+
+        def run(f: Any, *args: Any) -> None:
+            try:
+                f(*args)
+            except BaseException as e:  # noqa: BLE001 - the test reports any failure
+                errors.append(e)
+
+        queued.states[0].attempts = 1  # copy 0 deferred: it journals
+        a = threading.Thread(target=run, args=(self.spool._append, queued, b'{"i":0}\n'))
+        a.start()
+        self.assertTrue(in_append.wait(10))
+        queued.states[0].done = queued.states[1].done = True  # then both become final
+        b = threading.Thread(target=run, args=(self.spool._append, queued, b'{"i":1}\n'))
+        b.start()
+        b.join(0.2)
+        self.assertTrue(os.path.exists(queued.path))  # the removal waits its turn
+        release.set()
+        a.join(10)
+        b.join(10)
+        self.assertEqual(errors, [])
+        self.assertFalse(os.path.exists(queued.path))
 
     def test_abort_leaves_nothing(self) -> None:
         w = self.spool.writer("2")
