@@ -815,6 +815,86 @@ def _read_webhooks(top: Table) -> tuple[WebhookConfig, ...]:
 
 
 @dataclass(frozen=True)
+class DkimKeyConfig:
+    """One DKIM signing identity: copies From ``domain`` (or under it) get its signature."""
+
+    domain: str
+    selector: str
+    key_file: str
+    headers: tuple[str, ...]
+
+
+_DOMAIN_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+_SELECTOR_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_SELECTOR_RE = re.compile(rf"{_SELECTOR_LABEL}(\.{_SELECTOR_LABEL})*")
+_FIELD_NAME_RE = re.compile(r"[!-9;-~]+")
+
+
+def _read_dkim_key(t: Table) -> DkimKeyConfig | None:
+    from appliance.dkim import DEFAULT_HEADERS, DkimError, load_private_key
+
+    domain = t.str("domain", "", allow_empty=False).lower().rstrip(".")
+    selector = t.str("selector", "", allow_empty=False)
+    key_file = _optional_path(t, "key_file", "")
+    headers = tuple(h.strip().lower() for h in t.str_list("headers", DEFAULT_HEADERS))
+    ok = True
+    for name in ("domain", "selector", "key_file"):
+        if not t.has(name):
+            t.error(name, "missing: a DKIM key needs domain, selector and key_file")
+            ok = False
+    if domain and not _DOMAIN_RE.fullmatch(domain):
+        t.error("domain", f"expected a domain name such as \"example.com\", got {_show(domain)}")
+        ok = False
+    if selector and not _SELECTOR_RE.fullmatch(selector):
+        t.error("selector", f"expected a selector such as \"s2025\", got {_show(selector)}")
+        ok = False
+    bad = [h for h in headers if not _FIELD_NAME_RE.fullmatch(h)]
+    if bad:
+        t.error("headers", f"not header field names: {', '.join(map(_show, bad))}")
+        ok = False
+    elif "from" not in headers:
+        t.error("headers", "must include \"From\" (RFC 6376 requires it to be signed)")
+        ok = False
+    elif len(set(headers)) != len(headers):
+        t.error("headers", "lists a field twice (every instance of a field is signed anyway)")
+        ok = False
+    if key_file:
+        try:
+            load_private_key(key_file)
+        except DkimError as e:
+            t.error("key_file", str(e))
+            ok = False
+    t.finish()
+    return DkimKeyConfig(domain, selector, key_file, headers) if ok else None
+
+
+def _read_dkim(top: Table) -> tuple[DkimKeyConfig, ...]:
+    """``[dkim]`` for one signing key, or ``[[dkim]]`` tables for several; absent: no signing."""
+    top.known.add("dkim")
+    data = top.data.get("dkim")
+    if data is None:
+        return ()
+    if isinstance(data, dict):
+        entries = [("dkim", data)]
+    elif isinstance(data, list):
+        entries = [(f"dkim[{i}]", item) for i, item in enumerate(data)]
+    else:
+        top.error("dkim", f"expected a table or an array of tables, got {_describe(data)}")
+        return ()
+    keys: list[DkimKeyConfig] = []
+    for path, item in entries:
+        t = Table(item, path, top.problems)
+        key = _read_dkim_key(t)
+        if key is None:
+            continue
+        if any((k.domain, k.selector) == (key.domain, key.selector) for k in keys):
+            t.error("selector", f"{key.selector}._domainkey.{key.domain} has a key already")
+            continue
+        keys.append(key)
+    return tuple(keys)
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig
     smtpapi: SmtpapiConfig
@@ -827,6 +907,7 @@ class Config:
     events: EventsConfig
     policy: PolicyConfig = PolicyConfig()
     webhooks: tuple[WebhookConfig, ...] = ()
+    dkim: tuple[DkimKeyConfig, ...] = ()  # signing keys; empty: copies are not signed
     source: str = ""
 
 
@@ -847,6 +928,7 @@ def parse_config(data: dict[str, Any], source: str = "") -> Config:
         events=_read_events(top.table("events")),
         policy=_read_policy(top.table("policy")),
         webhooks=_read_webhooks(top),
+        dkim=_read_dkim(top),
         source=source,
     )
     for name in top.data:

@@ -317,6 +317,9 @@ class Injector:
             # Not a SparkPost field: the SMTP AUTH user who injected the message, or null.
             "auth_user": envelope.auth_user,
         }
+        # A copy the appliance signs itself carries a valid signature: SPEC §5 asks for
+        # dkim_broken only when it does not re-sign.
+        resigned = prepared is not None and self.copies is not None and self.copies.resigns(prepared)
         for rcpt in envelope.recipients:
             tracking = Tracking.from_dict(rcpt.tracking)
             fields: dict[str, Any] = {"open_tracking": tracking.open_tracking,
@@ -325,7 +328,7 @@ class Injector:
                 if tracking.enabled and prepared.skipped:
                     fields["tracking_skipped"] = True
                     fields["tracking_skipped_reason"] = "; ".join(prepared.skipped)
-                if prepared.dkim_broken(tracking):
+                if prepared.dkim_broken(tracking) and not resigned:
                     fields["dkim_broken"] = True
             try:
                 self.events.emit(

@@ -37,6 +37,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from appliance.dkim import Signer
 from appliance.links import (
     MAX_URL_LENGTH,
     LinkCodec,
@@ -728,7 +729,12 @@ class Prepared:
         return tracking.enabled and any(p.changes(tracking) for p in self.parts)
 
     def dkim_broken(self, tracking: Tracking) -> bool:
-        """Whether this copy no longer matches a DKIM signature it arrived with."""
+        """
+        Whether this copy no longer matches a DKIM signature it arrived with.
+
+        The copy may still carry a valid signature: the appliance's own
+        (``CopyMaker.resigns``), which the caller weighs.
+        """
         if not self.dkim_signed:
             return False
         return self.changes_body(tracking) or (self.had_msys_api and self.dkim_signs_msys_api)
@@ -885,10 +891,11 @@ class CopyMaker:
     """
 
     def __init__(self, read: Callable[[Any], bytes], codec: LinkCodec,
-                 max_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_bytes: int = 64 * 1024 * 1024, signer: Signer | None = None) -> None:
         self.read = read
         self.codec = codec
         self.max_bytes = max_bytes
+        self.signer = signer  # DKIM: each copy is signed after its rewrite
         self._cache: OrderedDict[str, Prepared] = OrderedDict()
         self._bytes = 0
 
@@ -923,8 +930,15 @@ class CopyMaker:
         identity = Identity(recipient.message_id, queued.envelope.transmission_id,
                             recipient.event_fields.get("rcpt_to", recipient.address.lower()))
         try:
-            return prepared.render(self.codec, identity, tracking)
+            copy = prepared.render(self.codec, identity, tracking)
         except Exception:
             log.failure("could not render the copy {mid}; delivering it untracked",
                         mid=recipient.message_id)
-            return prepared.data
+            copy = prepared.data
+        # Signing is last: nothing may change the copy after it. A failure here is not
+        # caught: the copy is deferred rather than sent without the signature it should have.
+        return copy if self.signer is None else self.signer.sign(copy)
+
+    def resigns(self, prepared: Prepared) -> bool:
+        """Whether the copies of this message get the appliance's own DKIM signature."""
+        return self.signer is not None and self.signer.signs(prepared.data)

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from appliance.config import Config
 from appliance.delivery import DeliveryService, Router
+from appliance.dkim import Signer, SigningKey, load_private_key, weakness
 from appliance.events import EventLog
 from appliance.injection import Injector
 from appliance.links import Keyring, LinkCodec, prepare_keyring
@@ -34,6 +35,20 @@ from appliance.users import UsersFileChecker
 from appliance.webhooks import Webhooks
 
 log = Logger()
+
+
+def dkim_signer(config: Config) -> Signer | None:
+    """The DKIM signer of the configured keys, or ``None`` when no key is configured."""
+    if not config.dkim:
+        return None
+    keys = []
+    for c in config.dkim:
+        key = load_private_key(c.key_file)
+        weak = weakness(key)
+        if weak:
+            log.warn("DKIM key {path}: {weak}", path=c.key_file, weak=weak)
+        keys.append(SigningKey(c.domain, c.selector, key, c.headers))
+    return Signer(keys)
 
 
 class SpoolService(Service):
@@ -83,7 +98,7 @@ class Appliance(MultiService):
         self.router = Router(config.delivery)
         # Each recipient's copy is made from the spooled text when delivery needs it;
         # the prepared form of a message is cached, so N copies cost one parse.
-        self.copies = CopyMaker(self.spool.read_message, self.links)
+        self.copies = CopyMaker(self.spool.read_message, self.links, signer=dkim_signer(config))
         self.delivery = DeliveryService(
             config.delivery, self.spool, self.events, self.copies,
             self.router, helo_name=config.delivery.helo_name or config.node.hostname,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -92,6 +93,9 @@ class QueuedMessage:
     envelope: Envelope
     path: str
     states: list[CopyState]
+    # Journal writes of one message run in pool threads; they take turns, so the last
+    # copy's removal never pulls the directory from under another copy's append.
+    journal_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def message_path(self) -> str:
@@ -137,6 +141,9 @@ class SpoolWriter:
             f.write(envelope.to_json())
             f.flush()
             os.fsync(f.fileno())
+        # The entries of both files must be durable too, or a power loss could leave a
+        # committed directory without its envelope (moved aside at start) or its text.
+        _fsync_path(self.path, directory=True)
         final = os.path.join(self.spool.active, self.transmission_id)
         os.rename(self.path, final)
         _fsync_path(self.spool.active, directory=True)
@@ -225,13 +232,21 @@ class Spool:
         return self.run(self._append, queued, line)
 
     def _append(self, queued: QueuedMessage, line: bytes) -> None:
+        with queued.journal_lock:
+            self._append_locked(queued, line)
+
+    def _append_locked(self, queued: QueuedMessage, line: bytes) -> None:
         if all(s.done for s in queued.states):
             self._remove(queued)
             return
-        with open(os.path.join(queued.path, "journal"), "ab") as f:
+        path = os.path.join(queued.path, "journal")
+        new = not os.path.exists(path)
+        with open(path, "ab") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        if new:  # the journal's directory entry must survive a power loss too
+            _fsync_path(queued.path, directory=True)
 
     def _remove(self, queued: QueuedMessage) -> None:
         # Leave active/ in one atomic rename, then delete: a crash in the middle of a

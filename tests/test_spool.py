@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance import spool as spool_module
 from appliance.spool import Envelope, Recipient, Spool, run_synchronously
 
 
@@ -34,6 +37,69 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual(self.spool.read_message(queued), b"hello")
         [recovered] = list(self.spool.recover())
         self.assertEqual(recovered.envelope, queued.envelope)
+
+    def record_fsyncs(self) -> list[str]:
+        """The paths fsynced from now on, in order (Linux: read back through /proc)."""
+        calls: list[str] = []
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            calls.append(os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), self.spool.directory))
+            real(fd)
+
+        self.patch(os, "fsync", fsync)
+        return calls
+
+    def test_commit_fsyncs_files_then_their_directory_then_active(self) -> None:
+        calls = self.record_fsyncs()
+        self.commit("9")
+        entry = os.path.join("incoming", "9")
+        self.assertEqual(calls, [os.path.join(entry, "message"), os.path.join(entry, "envelope.json"),
+                                 entry, "active"])
+
+    def test_new_journal_fsyncs_its_directory(self) -> None:
+        queued = self.commit()
+        calls = self.record_fsyncs()
+        self.successResultOf(self.spool.record(queued, 0, done=False))
+        self.successResultOf(self.spool.record(queued, 0, done=False))
+        journal = os.path.join("active", "1", "journal")
+        self.assertEqual(calls, [journal, os.path.join("active", "1"), journal])
+
+    def test_last_copy_waits_for_another_copys_journal_write(self) -> None:
+        """Copy 0's append (new journal, directory fsync) and copy 1's final removal in two threads."""
+        queued = self.commit()
+        in_append, release = threading.Event(), threading.Event()
+        real = spool_module._fsync_path
+
+        def slow_fsync(path: str, directory: bool = False) -> None:
+            if path == queued.path:  # copy 0 is between its journal write and the dir fsync
+                in_append.set()
+                release.wait(10)
+            real(path, directory)
+
+        self.patch(spool_module, "_fsync_path", slow_fsync)
+        errors: list[BaseException] = []
+
+        def run(f: Any, *args: Any) -> None:
+            try:
+                f(*args)
+            except BaseException as e:  # noqa: BLE001 - the test reports any failure
+                errors.append(e)
+
+        queued.states[0].attempts = 1  # copy 0 deferred: it journals
+        a = threading.Thread(target=run, args=(self.spool._append, queued, b'{"i":0}\n'))
+        a.start()
+        self.assertTrue(in_append.wait(10))
+        queued.states[0].done = queued.states[1].done = True  # then both become final
+        b = threading.Thread(target=run, args=(self.spool._append, queued, b'{"i":1}\n'))
+        b.start()
+        b.join(0.2)
+        self.assertTrue(os.path.exists(queued.path))  # the removal waits its turn
+        release.set()
+        a.join(10)
+        b.join(10)
+        self.assertEqual(errors, [])
+        self.assertFalse(os.path.exists(queued.path))
 
     def test_abort_leaves_nothing(self) -> None:
         w = self.spool.writer("2")

@@ -1,0 +1,106 @@
+"""DKIM end to end: copies signed by a running appliance, checked as the sink received them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.internet import defer
+
+from appliance.dkim import Signer, SigningKey, body_hash, parse_tags, split_message, verify
+from appliance.links import LinkCodec, read_keyring
+from tests.helpers import RunningAppliance, in_thread, wait_until
+from tests.test_dkim import fresh_rsa, record_of, write_pem
+from tests.test_tracking import TRACK_ALL, TrackingTestCase, message, send
+
+# The sender's own signature, as a message arrives with it; the rewrite breaks it.
+SENDERS_SIGNATURE = (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.net; s=sender; h=from:subject;\r\n"
+                     b"\tbh=x; b=y\r\n")
+
+
+class DkimDeliveryTests(TrackingTestCase):
+    """The appliance signs for example.net with an RSA and an Ed25519 key."""
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.keys = {"rsa": fresh_rsa(), "ed": ed25519.Ed25519PrivateKey.generate()}
+        dkim = [{"domain": "example.net", "selector": name,
+                 "key_file": write_pem(os.path.join(directory, f"{name}.pem"), key)}
+                for name, key in self.keys.items()]
+        self.running = RunningAppliance(os.path.join(directory, "appliance"), dkim=dkim)
+        self.codec = LinkCodec(read_keyring(self.running.config.links.keys_file))
+        return self.running.start()
+
+    def lookup(self, domain: str, selector: str) -> str | None:
+        key = self.keys.get(selector) if domain == "example.net" else None
+        return record_of(key) if key is not None else None
+
+    def ours(self, data: bytes) -> list[Any]:
+        return [r for r in verify(data, self.lookup) if r.selector in self.keys]
+
+    @defer.inlineCallbacks
+    def test_tracked_copies_are_signed_after_the_rewrite(self) -> defer.Generator:
+        yield in_thread(send, self.running.smtp_port, ["a@example.test", "b@example.org"],
+                        message(TRACK_ALL, SENDERS_SIGNATURE))
+        copies = yield self.running.sink.wait_for(2)
+        tokens = []
+        for copy in copies:
+            self.assertEqual([(r.selector, r.ok, r.reason) for r in self.ours(copy.data)],
+                             [("rsa", True, ""), ("ed", True, "")])
+            fields, body = split_message(copy.data)
+            signatures = [parse_tags(raw.partition(b":")[2].decode()) for name, raw in fields
+                          if name == "dkim-signature"]
+            # Ours on top, then the sender's own, kept as it came.
+            self.assertEqual([s["s"] for s in signatures], ["rsa", "ed", "sender"])
+            # The body hash is the hash of the body as delivered: the rewritten one.
+            self.assertEqual({s["bh"] for s in signatures[:2]}, {body_hash(body)})
+            links = self.tokens(copy.data)
+            self.assertEqual(len(links), 4)
+            self.assertEqual({d.rcpt_to for d in links}, {copy.rcpt_to[0]})
+            tokens.append(body)
+        self.assertNotEqual(tokens[0], tokens[1])  # two different copies, each signed on its own
+        injections = self.events("injection")
+        self.assertEqual(len(injections), 2)
+        for event in injections:
+            self.assertNotIn("dkim_broken", event)  # the appliance re-signs (SPEC §5)
+        yield self.delivered(2)
+
+    @defer.inlineCallbacks
+    def test_untracked_copies_are_signed_too(self) -> defer.Generator:
+        data = message(None)
+        yield in_thread(send, self.running.smtp_port, ["a@example.test"], data)
+        [copy] = yield self.running.sink.wait_for(1)
+        self.assertEqual([r.ok for r in self.ours(copy.data)], [True, True])
+        self.assertTrue(copy.data.endswith(data))  # signatures and Received on top, nothing else changed
+        yield self.delivered(1)
+
+    @defer.inlineCallbacks
+    def test_other_from_domains_are_not_signed(self) -> defer.Generator:
+        data = message(TRACK_ALL, SENDERS_SIGNATURE).replace(b"<s@example.net>", b"<s@elsewhere.example>")
+        yield in_thread(send, self.running.smtp_port, ["a@example.test"], data)
+        [copy] = yield self.running.sink.wait_for(1)
+        self.assertEqual(self.ours(copy.data), [])
+        self.assertEqual(len(self.tokens(copy.data)), 4)
+        [event] = self.events("injection")
+        self.assertTrue(event["dkim_broken"])  # the sender's signature is broken, and not replaced
+        yield self.delivered(1)
+
+    @defer.inlineCallbacks
+    def test_a_copy_that_cannot_be_signed_waits(self) -> defer.Generator:
+        """A signing failure defers the copy: it is never sent without the signature it should have."""
+
+        class BrokenKey:
+            def sign(self, data: bytes) -> bytes:
+                raise RuntimeError("the key is gone")
+
+        self.patch(self.running.appliance.copies, "signer",
+                   Signer([SigningKey("example.net", "broken", BrokenKey())]))  # type: ignore[arg-type]
+        yield in_thread(send, self.running.smtp_port, ["a@example.test"], message(None))
+        yield wait_until(lambda: self.events("delay"))
+        [delay] = self.events("delay")
+        self.assertEqual(delay["error_code"], "451")
+        self.assertIn("could not make the copy: the key is gone", delay["reason"])
+        self.assertEqual(self.running.sink.messages, [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
