@@ -753,15 +753,12 @@ def _read_webhook(t: Table) -> WebhookConfig | None:
         t.error("auth_token", "must be printable ASCII (it is sent as an HTTP header)")
     tls_ca_file = _optional_path(t, "tls_ca_file", "")
     if tls_ca_file:
-        from twisted.internet.ssl import Certificate
+        from appliance.tls import load_trust_root
 
         try:
-            with open(tls_ca_file, "rb") as f:
-                Certificate.loadPEM(f.read())
-        except OSError as e:
-            t.error("tls_ca_file", f"cannot read {tls_ca_file}: {e.strerror}")
-        except Exception:
-            t.error("tls_ca_file", f"not a PEM certificate: {tls_ca_file}")
+            load_trust_root(tls_ca_file)
+        except ValueError as e:
+            t.error("tls_ca_file", str(e))
         if target and not target.lower().startswith("https:"):
             t.error("tls_ca_file", "set, but the target is not an https:// URL")
     name = t.str("name", "", allow_empty=False)

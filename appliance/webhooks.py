@@ -47,6 +47,7 @@ from zope.interface import implementer
 
 from appliance.config import WebhookConfig
 from appliance.events import Event, encode_event
+from appliance.tls import load_trust_root
 
 log = Logger()
 
@@ -291,11 +292,10 @@ def read_prefix(response: IResponse) -> defer.Deferred:
 
 @implementer(IPolicyForHTTPS)
 class TrustFile:
-    """HTTPS that trusts only the certificate in one PEM file (a private CA, a self-signed receiver)."""
+    """HTTPS that trusts only the certificates of one PEM file (a private CA, a self-signed receiver)."""
 
     def __init__(self, path: str) -> None:
-        with open(path, "rb") as f:
-            self._trust = ssl.Certificate.loadPEM(f.read())
+        self._trust = load_trust_root(path)
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
