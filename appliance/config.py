@@ -416,16 +416,22 @@ def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
     for name, lt in t.subtables("listeners"):
         l_cert = _optional_path(lt, "tls_certificate", certificate)
         l_key = _optional_path(lt, "tls_key", key)
-        if lt.has("tls_certificate") or lt.has("tls_key"):
-            _check_tls_pair(lt, l_cert, l_key)
         endpoint = lt.endpoint("endpoint", "")
         if endpoint.startswith("ssl:"):
-            # TLS comes from the endpoint string itself (its privateKey/certKey).
+            # TLS comes from the endpoint string itself (its privateKey/certKey): a pair
+            # named here would be checked and then never served, so it is refused.
+            for pair_key in ("tls_certificate", "tls_key"):
+                if lt.has(pair_key):
+                    lt.error(pair_key, "not with an ssl: endpoint, whose privateKey= and certKey= give "
+                                   'the certificate (or use a tcp: endpoint with tls = "implicit")')
+            l_cert = l_key = ""
             if lt.has("tls"):
                 lt.error("tls", "not with an ssl: endpoint, which is implicit TLS already")
             lt.known.add("tls")
             tls = "implicit"
         else:
+            if lt.has("tls_certificate") or lt.has("tls_key"):
+                _check_tls_pair(lt, l_cert, l_key)
             tls = lt.choice("tls", "starttls" if l_cert else "off", TLS_MODES)
             if tls != "off" and not (l_cert and l_key):
                 lt.error("tls", f"tls = {_show(tls)} needs smtp.tls_certificate and smtp.tls_key")
