@@ -169,6 +169,8 @@ class Transaction:
         self.mail_from = mail_from
         self.recipients = recipients
         self.started = now
+        # Set by the session when its connection drops before the reply: nothing is committed then.
+        self.client_gone = False
         self._head: list[bytes] = [received]
         self._head_size = len(received)
         self._head_done = False
@@ -308,11 +310,27 @@ class Injector:
             listener=transaction.session.listener.name,
             message_size=transaction.writer.size,
         )
+        if transaction.client_gone:
+            # Nobody would hear the 250: committing would deliver a message the client
+            # believes failed, and sends again.
+            log.info("client {client} left before transaction {tid} was committed; discarded",
+                     client=transaction.session.client_address, tid=transaction.transmission_id)
+            transaction.abort()
+            return 421, b"4.4.2 Connection lost before the message was committed"
         queued = yield transaction.writer.commit(envelope)
-        for rcpt, verdict in rejected:
-            self._rejection_event(transaction, headers, rcpt, verdict.code, verdict.text)
-        self._injection_events(envelope, headers, self._prepared(queued, headers, api))
-        self.queue.enqueue(queued)
+        # The message is durable now and its 250 stands: nothing below may change the reply.
+        try:
+            for rcpt, verdict in rejected:
+                self._rejection_event(transaction, headers, rcpt, verdict.code, verdict.text)
+            self._injection_events(envelope, headers, self._prepared(queued, headers, api))
+        except Exception:
+            log.failure("announcing message {tid} failed; it is queued all the same",
+                        tid=envelope.transmission_id)
+        try:
+            self.queue.enqueue(queued)
+        except Exception:
+            log.failure("could not queue message {tid}; it is on disk and is delivered after a restart",
+                        tid=envelope.transmission_id)
         return 250, f"2.0.0 OK queued as {envelope.transmission_id}".encode()
 
     def _policy_verdicts(self, transaction: Transaction, headers: Any) -> defer.Deferred:
@@ -372,8 +390,9 @@ class Injector:
             return None
         try:
             return self.copies.prepared(queued)
-        except OSError:
-            log.failure("could not read back message {tid}", tid=queued.envelope.transmission_id)
+        except Exception:
+            # Committed already: the event goes out without what the rewrite would have told.
+            log.failure("could not prepare message {tid}", tid=queued.envelope.transmission_id)
             return None
 
     def _recipient(self, transaction: Transaction, rcpt: str) -> Recipient:

@@ -199,6 +199,7 @@ class InjectionESMTP(smtp.ESMTP):
         self.data_timeout = 1800.0
         self._reader: DataReader | None = None
         self._transaction: Transaction | None = None
+        self._deciding: Transaction | None = None  # received whole, its reply not yet known
         self._store_error: OSError | None = None
         self._held: list[bytes] | None = None
         self._drop_rest = False
@@ -583,9 +584,15 @@ class InjectionESMTP(smtp.ESMTP):
             self.sendCode(451, b"4.3.0 Cannot store the message now, try again later")
             return
         self._hold()
+        self._deciding = transaction
         d = defer.maybeDeferred(self.injector.finish, transaction)
         d.addErrback(self._commit_failed, transaction)
+        d.addBoth(self._decided)
         d.addCallback(self._reply_and_resume)
+
+    def _decided(self, reply: Any) -> Any:
+        self._deciding = None
+        return reply
 
     def _commit_failed(self, failure: Failure, transaction: Transaction) -> tuple[int, bytes]:
         log.failure("message could not be stored", failure)
@@ -610,6 +617,9 @@ class InjectionESMTP(smtp.ESMTP):
         if self._transaction is not None:
             self._transaction.abort()
             self._transaction = self._reader = None
+        if self._deciding is not None:
+            # The injector checks this before it commits: a 250 nobody hears is a duplicate later.
+            self._deciding.client_gone = True
         super().connectionLost(reason)
 
 

@@ -11,11 +11,13 @@ import json
 import os
 from typing import Any
 
+from twisted.internet import defer
 from twisted.mail import smtp
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.events import EventLog
 from appliance.injection import Injector, header_text
+from appliance.policy import ACCEPT
 from appliance.smtp import Session
 from appliance.spool import QueuedMessage, Spool, run_synchronously
 from tests.test_smtp import listener
@@ -37,6 +39,25 @@ class RecordingQueue:
         if self.error is not None:
             raise self.error
         self.queued.append(queued)
+
+
+class PendingPolicy:
+    """A policy whose verdicts the test gives, after doing whatever it likes meanwhile."""
+
+    def __init__(self) -> None:
+        self.pending: defer.Deferred | None = None
+
+    def check_all(self, envelopes: list[Any], *args: Any) -> defer.Deferred:
+        self.pending = defer.Deferred()
+        self.count = len(envelopes)
+        return self.pending
+
+
+class BrokenCopies:
+    """Stands for a rewriter that fails on a message: a bug, not a disk error."""
+
+    def prepared(self, queued: QueuedMessage) -> Any:
+        raise RuntimeError("rewriter bug")
 
 
 class InjectorCase(SynchronousTestCase):
@@ -71,6 +92,50 @@ class InjectorCase(SynchronousTestCase):
 
     def stored(self) -> tuple[list[str], list[str]]:
         return os.listdir(self.spool.incoming), os.listdir(self.spool.active)
+
+
+class AfterCommitTests(InjectorCase):
+    """Once the message is on disk its 250 stands: nothing after the commit may turn it into 451."""
+
+    def test_rewriter_failure_after_commit_still_answers_250_and_enqueues(self) -> None:
+        _, d = self.send(self.injector(copies=BrokenCopies()), MESSAGE.replace(
+            b"\r\n\r\n", b"\r\nX-MSYS-API: {\"options\": {\"open_tracking\": true}}\r\n\r\n"))
+        code, text = self.successResultOf(d)
+        self.assertEqual(code, 250, text)
+        self.assertEqual(len(self.queue.queued), 1)
+        self.assertEqual(len(self.stored()[1]), 1)
+        self.assertEqual([e["type"] for e in self.events_written()], ["injection"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_event_failure_of_any_kind_still_enqueues(self) -> None:
+        def broken(event: Any) -> None:
+            raise TypeError("not serialisable")
+
+        self.events.write = broken  # type: ignore[method-assign]
+        _, d = self.send(self.injector())
+        self.assertEqual(self.successResultOf(d)[0], 250)
+        self.assertEqual(len(self.queue.queued), 1)
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+
+    def test_enqueue_failure_still_answers_250(self) -> None:
+        queue = RecordingQueue(RuntimeError("queue bug"))
+        _, d = self.send(self.injector(queue=queue))
+        self.assertEqual(self.successResultOf(d)[0], 250)
+        # Durable in active/: a restart picks it up, so the client must not send it again.
+        self.assertEqual(self.stored(), ([], os.listdir(self.spool.active)))
+        self.assertEqual(len(self.stored()[1]), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_client_gone_during_policy_nothing_committed(self) -> None:
+        policy = PendingPolicy()
+        transaction, d = self.send(self.injector(policy=policy))
+        transaction.client_gone = True  # what the session does when the connection drops
+        assert policy.pending is not None
+        policy.pending.callback([ACCEPT])
+        self.assertEqual(self.successResultOf(d)[0], 421)
+        self.assertEqual(self.stored(), ([], []))
+        self.assertEqual(self.queue.queued, [])
+        self.assertEqual(self.events_written(), [])
 
 
 class HeaderTextTests(SynchronousTestCase):

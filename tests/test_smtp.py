@@ -89,6 +89,7 @@ class FakeTransaction:
     def __init__(self) -> None:
         self.data: list[bytes] = []
         self.aborted = False
+        self.client_gone = False
 
     def write(self, data: bytes) -> None:
         self.data.append(data)
@@ -209,6 +210,19 @@ class ProtocolTests(SynchronousTestCase):
         self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\nhalf")
         proto.connectionLost(None)
         self.assertTrue(self.injector.transactions[0].aborted)
+
+    def test_client_gone_while_message_is_decided_is_told_to_the_transaction(self) -> None:
+        proto, transport = self.connect()
+        self.injector.result = defer.Deferred()
+        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
+        self.talk(proto, transport, b"hi\r\n.\r\n")
+        self.assertFalse(self.injector.transactions[0].client_gone)
+        transport.disconnected = True
+        proto.connectionLost(None)
+        self.assertTrue(self.injector.transactions[0].client_gone)
+        transport.clear()
+        self.injector.result.callback((421, b"4.4.2 Connection lost"))
+        self.assertEqual(transport.value(), b"")
 
     def test_data_without_recipients(self) -> None:
         proto, transport = self.connect()
