@@ -361,6 +361,8 @@ class SmtpConfig:
     tls_certificate: str = ""
     tls_key: str = ""
     users_file: str = ""
+    # Received: headers a message may carry, the appliance's own included (mail loops).
+    max_hops: int = 50
 
 
 def _optional_path(t: Table, name: str, default: str) -> str:
@@ -392,6 +394,7 @@ def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
     relay = t.networks("relay_networks", LOOPBACK)
     size = t.size("max_message_size", d.max_message_size)
     rcpts = t.int("max_recipients", d.max_recipients, minimum=1)
+    max_hops = t.int("max_hops", d.max_hops, minimum=1)
     timeout = t.duration("timeout", d.timeout)
     command_timeout = t.duration("command_timeout", d.command_timeout)
     data_timeout = t.duration("data_timeout", d.data_timeout)
@@ -464,7 +467,7 @@ def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
                       max_recipients=rcpts, timeout=timeout, command_timeout=command_timeout,
                       data_timeout=data_timeout, max_connections=max_connections,
                       max_connections_per_client=per_client, tls_certificate=certificate,
-                      tls_key=key, users_file=users_file)
+                      tls_key=key, users_file=users_file, max_hops=max_hops)
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,7 @@ class Injector:
         policy: Policy | None = None,
         copies: CopyMaker | None = None,
         tracker: EngagementTrackerConfig | None = None,
+        max_hops: int = 50,
     ) -> None:
         self.spool = spool
         self.events = events
@@ -222,6 +223,7 @@ class Injector:
         self.policy = policy
         self.copies = copies
         self.tracker = tracker or EngagementTrackerConfig()
+        self.max_hops = max_hops
 
     def check_recipient(self, session: Session, dest: smtp.Address, count: int) -> tuple[int, bytes]:
         """The reply to one ``RCPT``: ``250``, or why not."""
@@ -274,6 +276,11 @@ class Injector:
         """
         headers = transaction.headers()
         recipients = [self._recipient(transaction, rcpt) for rcpt in transaction.recipients]
+        hops = len(headers.get_all("Received") or ())  # our own trace header is the first
+        if hops > self.max_hops:
+            return self._refuse(transaction, headers, recipients, [
+                (554, f"5.4.6 Too many hops ({hops} Received: headers, at most {self.max_hops}): "
+                      "a mail loop?")] * len(recipients))
         try:
             api = parse_msys_api(header_values(headers), self.tracker.max_metadata_len)
         except MsysApiError as e:

@@ -107,3 +107,8 @@ class SmtpConfigTests(SynchronousTestCase):
         self.assertEqual({li.name: (li.tls, li.tls_certificate) for li in c.listeners},
                          {"default": ("starttls", self.cert), "smtps": ("implicit", "")})
 
+    def test_max_hops(self) -> None:
+        self.assertEqual(self.parse().smtp.max_hops, 50)
+        self.assertEqual(self.parse(max_hops=100).smtp.max_hops, 100)
+        self.assertEqual(self.problems(max_hops=0), {"smtp.max_hops": "expected an integer >= 1, got 0"})
+        self.assertEqual(self.problems(max_hops="50"), {"smtp.max_hops": 'expected an integer, got "50"'})

@@ -138,6 +138,34 @@ class AfterCommitTests(InjectorCase):
         self.assertEqual(self.events_written(), [])
 
 
+class HopCountTests(InjectorCase):
+    def message_with(self, hops: int) -> bytes:
+        received = b"".join(b"Received: from h%d.example by h%d.example; Tue, 1 Jan 2030 00:00:00 +0000\r\n"
+                            % (i, i + 1) for i in range(hops))
+        return received + MESSAGE
+
+    def test_more_than_max_hops_refused_as_a_loop(self) -> None:
+        # The appliance's own Received: makes 51 of the 50 that arrived.
+        _, d = self.send(self.injector(max_hops=50), self.message_with(50))
+        code, text = self.successResultOf(d)
+        self.assertEqual(code, 554)
+        self.assertEqual(text, b"5.4.6 Too many hops (51 Received: headers, at most 50): a mail loop?")
+        self.assertEqual(self.stored(), ([], []))
+        self.assertEqual(self.queue.queued, [])
+        [event] = self.events_written()
+        self.assertEqual((event["type"], event["error_code"]), ("policy_rejection", "554"))
+
+    def test_max_hops_accepted(self) -> None:
+        _, d = self.send(self.injector(max_hops=50), self.message_with(49))
+        self.assertEqual(self.successResultOf(d)[0], 250)
+        self.assertEqual(len(self.queue.queued), 1)
+
+    def test_folded_and_lower_case_received_headers_count(self) -> None:
+        hops = b"received: from a\r\n\tby b; Tue, 1 Jan 2030 00:00:00 +0000\r\n" * 3
+        _, d = self.send(self.injector(max_hops=3), hops + MESSAGE)
+        self.assertEqual(self.successResultOf(d)[0], 554)
+
+
 class HeaderTextTests(SynchronousTestCase):
     """``subject`` and ``friendly_from`` as a person would read them."""
 
