@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -270,6 +272,19 @@ class ProtocolTests(SynchronousTestCase):
         lines = self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
                                             b"RCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\n")
         self.assertEqual(lines[-3:], [b"250 2.1.5 Recipient OK"] * 2 + [b"452 4.5.3 Too many recipients"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\r\n", b"")), max_size=6),
+           st.sampled_from([b"", b"MAIL FROM:", b"RCPT TO:", b"EHLO ", b"MAIL FROM:<", b'RCPT TO:<"']))
+    def test_any_command_line_gets_an_answer(self, lines: list[bytes], prefix: bytes) -> None:
+        proto, transport = self.connect()
+        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+        for line in lines:
+            transport.clear()
+            proto.dataReceived(prefix + line + b"\r\n")  # never raises
+            if transport.disconnecting or proto._reader is not None:
+                return  # QUIT, or DATA began
+            self.assertRegex(transport.value(), rb"^(\d{3}[ -].*\r\n)+$", line)
 
     def test_data_without_recipients(self) -> None:
         proto, transport = self.connect()
