@@ -361,6 +361,8 @@ class SmtpConfig:
     tls_certificate: str = ""
     tls_key: str = ""
     users_file: str = ""
+    # Received: headers a message may carry, the appliance's own included (mail loops).
+    max_hops: int = 50
 
 
 def _optional_path(t: Table, name: str, default: str) -> str:
@@ -392,6 +394,7 @@ def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
     relay = t.networks("relay_networks", LOOPBACK)
     size = t.size("max_message_size", d.max_message_size)
     rcpts = t.int("max_recipients", d.max_recipients, minimum=1)
+    max_hops = t.int("max_hops", d.max_hops, minimum=1)
     timeout = t.duration("timeout", d.timeout)
     command_timeout = t.duration("command_timeout", d.command_timeout)
     data_timeout = t.duration("data_timeout", d.data_timeout)
@@ -416,16 +419,22 @@ def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
     for name, lt in t.subtables("listeners"):
         l_cert = _optional_path(lt, "tls_certificate", certificate)
         l_key = _optional_path(lt, "tls_key", key)
-        if lt.has("tls_certificate") or lt.has("tls_key"):
-            _check_tls_pair(lt, l_cert, l_key)
         endpoint = lt.endpoint("endpoint", "")
         if endpoint.startswith("ssl:"):
-            # TLS comes from the endpoint string itself (its privateKey/certKey).
+            # TLS comes from the endpoint string itself (its privateKey/certKey): a pair
+            # named here would be checked and then never served, so it is refused.
+            for pair_key in ("tls_certificate", "tls_key"):
+                if lt.has(pair_key):
+                    lt.error(pair_key, "not with an ssl: endpoint, whose privateKey= and certKey= give "
+                                   'the certificate (or use a tcp: endpoint with tls = "implicit")')
+            l_cert = l_key = ""
             if lt.has("tls"):
                 lt.error("tls", "not with an ssl: endpoint, which is implicit TLS already")
             lt.known.add("tls")
             tls = "implicit"
         else:
+            if lt.has("tls_certificate") or lt.has("tls_key"):
+                _check_tls_pair(lt, l_cert, l_key)
             tls = lt.choice("tls", "starttls" if l_cert else "off", TLS_MODES)
             if tls != "off" and not (l_cert and l_key):
                 lt.error("tls", f"tls = {_show(tls)} needs smtp.tls_certificate and smtp.tls_key")
@@ -458,7 +467,7 @@ def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
                       max_recipients=rcpts, timeout=timeout, command_timeout=command_timeout,
                       data_timeout=data_timeout, max_connections=max_connections,
                       max_connections_per_client=per_client, tls_certificate=certificate,
-                      tls_key=key, users_file=users_file)
+                      tls_key=key, users_file=users_file, max_hops=max_hops)
 
 
 @dataclass(frozen=True)

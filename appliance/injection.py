@@ -12,11 +12,15 @@ delivery. The SMTP protocol only speaks the dialogue around it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
+import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.header import decode_header, make_header
+from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import TYPE_CHECKING, Any, Protocol
@@ -62,15 +66,97 @@ def iso_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
-def header_text(value: str | None) -> str:
-    """A header's value as text: RFC 2047 decoded, unfolded; empty when absent."""
-    if value is None:
+def header_text(headers: Message, name: str) -> str:
+    """
+    A header's value as a person reads it: unfolded, raw 8-bit text and RFC 2047 words decoded.
+
+    Under 8BITMIME clients send raw UTF-8 in headers (RFC 6532); compat32
+    keeps those bytes as surrogate escapes and its own decoding turns them
+    into U+FFFD, so the raw value is decoded here: UTF-8, else Latin-1
+    (which never fails), then its encoded words. Empty when absent.
+    """
+    wanted = name.lower()
+    raw = next((str(v) for k, v in headers.raw_items() if k.lower() == wanted), None)
+    if raw is None:
         return ""
+    data = raw.encode("utf-8", "surrogateescape")
     try:
-        text = str(make_header(decode_header(value)))
-    except (ValueError, LookupError, UnicodeError):
-        text = value
-    return " ".join(text.split())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    return " ".join(decode_words(" ".join(text.split())).split())
+
+
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
+
+
+@dataclass
+class _Word:
+    charset: str
+    data: bytes | None  # None: the word's own encoding is broken
+    written: str
+    joined: bool = False  # follows a decodable word with nothing but whitespace between
+    lead: str = ""  # that whitespace, dropped unless this word fails to decode
+
+
+def _word(m: re.Match[str]) -> _Word:
+    charset, encoding, text = m.groups()
+    charset = charset.partition("*")[0]  # RFC 2231 §5: charset*language
+    try:
+        raw = text.encode("ascii")
+        if encoding in "Bb":
+            data = base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True)
+        else:
+            data = binascii.a2b_qp(raw, header=True)
+    except (ValueError, UnicodeError):
+        data = None
+    return _Word(charset, data, m.group(0))
+
+
+def decode_words(text: str) -> str:
+    """
+    ``text`` with its RFC 2047 encoded words decoded; a word that cannot be decoded stays as written.
+
+    Whitespace between two encoded words goes (RFC 2047 §6.2), and adjacent
+    words of one charset are decoded together: mailers split a multi-byte
+    character across two words.
+    """
+    pieces: list[str | _Word] = []
+    pos = 0
+    for m in _ENCODED_WORD.finditer(text):
+        word = _word(m)
+        gap = text[pos : m.start()]
+        last = pieces[-1] if pieces else None
+        if ((not gap or gap.isspace()) and isinstance(last, _Word) and last.data is not None
+                and word.data is not None):
+            word.joined, word.lead = True, gap
+        elif gap:
+            pieces.append(gap)
+        pieces.append(word)
+        pos = m.end()
+    pieces.append(text[pos:])
+    out: list[str] = []
+    i = 0
+    while i < len(pieces):
+        piece = pieces[i]
+        i += 1
+        if isinstance(piece, str):
+            out.append(piece)
+            continue
+        run = [piece]
+        while (piece.data is not None and i < len(pieces) and isinstance(nxt := pieces[i], _Word)
+               and nxt.joined and nxt.charset.lower() == piece.charset.lower()):
+            run.append(nxt)
+            i += 1
+        try:
+            if piece.data is None:
+                raise ValueError
+            decoded = b"".join(w.data or b"" for w in run).decode(piece.charset)
+        except (ValueError, LookupError):
+            out.append("".join(w.lead + w.written for w in run))
+        else:
+            out.append(decoded)
+    return "".join(out)
 
 
 class Transaction:
@@ -83,6 +169,8 @@ class Transaction:
         self.mail_from = mail_from
         self.recipients = recipients
         self.started = now
+        # Set by the session when its connection drops before the reply: nothing is committed then.
+        self.client_gone = False
         self._head: list[bytes] = [received]
         self._head_size = len(received)
         self._head_done = False
@@ -124,6 +212,7 @@ class Injector:
         policy: Policy | None = None,
         copies: CopyMaker | None = None,
         tracker: EngagementTrackerConfig | None = None,
+        max_hops: int = 50,
     ) -> None:
         self.spool = spool
         self.events = events
@@ -134,6 +223,7 @@ class Injector:
         self.policy = policy
         self.copies = copies
         self.tracker = tracker or EngagementTrackerConfig()
+        self.max_hops = max_hops
 
     def check_recipient(self, session: Session, dest: smtp.Address, count: int) -> tuple[int, bytes]:
         """The reply to one ``RCPT``: ``250``, or why not."""
@@ -186,6 +276,11 @@ class Injector:
         """
         headers = transaction.headers()
         recipients = [self._recipient(transaction, rcpt) for rcpt in transaction.recipients]
+        hops = len(headers.get_all("Received") or ())  # our own trace header is the first
+        if hops > self.max_hops:
+            return self._refuse(transaction, headers, recipients, [
+                (554, f"5.4.6 Too many hops ({hops} Received: headers, at most {self.max_hops}): "
+                      "a mail loop?")] * len(recipients))
         try:
             api = parse_msys_api(header_values(headers), self.tracker.max_metadata_len)
         except MsysApiError as e:
@@ -222,11 +317,27 @@ class Injector:
             listener=transaction.session.listener.name,
             message_size=transaction.writer.size,
         )
+        if transaction.client_gone:
+            # Nobody would hear the 250: committing would deliver a message the client
+            # believes failed, and sends again.
+            log.info("client {client} left before transaction {tid} was committed; discarded",
+                     client=transaction.session.client_address, tid=transaction.transmission_id)
+            transaction.abort()
+            return 421, b"4.4.2 Connection lost before the message was committed"
         queued = yield transaction.writer.commit(envelope)
-        for rcpt, verdict in rejected:
-            self._rejection_event(transaction, headers, rcpt, verdict.code, verdict.text)
-        self._injection_events(envelope, headers, self._prepared(queued, headers, api))
-        self.queue.enqueue(queued)
+        # The message is durable now and its 250 stands: nothing below may change the reply.
+        try:
+            for rcpt, verdict in rejected:
+                self._rejection_event(transaction, headers, rcpt, verdict.code, verdict.text)
+            self._injection_events(envelope, headers, self._prepared(queued, headers, api))
+        except Exception:
+            log.failure("announcing message {tid} failed; it is queued all the same",
+                        tid=envelope.transmission_id)
+        try:
+            self.queue.enqueue(queued)
+        except Exception:
+            log.failure("could not queue message {tid}; it is on disk and is delivered after a restart",
+                        tid=envelope.transmission_id)
         return 250, f"2.0.0 OK queued as {envelope.transmission_id}".encode()
 
     def _policy_verdicts(self, transaction: Transaction, headers: Any) -> defer.Deferred:
@@ -256,8 +367,8 @@ class Injector:
                 **rcpt.event_fields,
                 routing_domain=rcpt.address.rpartition("@")[2].lower(),
                 msg_from=transaction.mail_from,
-                friendly_from=header_text(headers.get("From")),
-                subject=header_text(headers.get("Subject")),
+                friendly_from=header_text(headers, "From"),
+                subject=header_text(headers, "Subject"),
                 remote_addr=transaction.session.client_address,
                 recv_method="esmtp",
                 error_code=str(code),
@@ -286,8 +397,9 @@ class Injector:
             return None
         try:
             return self.copies.prepared(queued)
-        except OSError:
-            log.failure("could not read back message {tid}", tid=queued.envelope.transmission_id)
+        except Exception:
+            # Committed already: the event goes out without what the rewrite would have told.
+            log.failure("could not prepare message {tid}", tid=queued.envelope.transmission_id)
             return None
 
     def _recipient(self, transaction: Transaction, rcpt: str) -> Recipient:
@@ -309,8 +421,8 @@ class Injector:
     def _injection_events(self, envelope: Envelope, headers: Any, prepared: Prepared | None) -> None:
         common = {
             "msg_from": envelope.mail_from,
-            "friendly_from": header_text(headers.get("From")),
-            "subject": header_text(headers.get("Subject")),
+            "friendly_from": header_text(headers, "From"),
+            "subject": header_text(headers, "Subject"),
             "msg_size": str(envelope.message_size),
             "recv_method": "esmtp",
             "injection_time": iso_time(envelope.received_at),

@@ -108,7 +108,8 @@ class Appliance(MultiService):
                              config.engagement_tracker.max_metadata_len)
         self.injector = Injector(self.spool, self.events, self.router, self.delivery,
                                  hostname=config.node.hostname, policy=self.policy,
-                                 copies=self.copies, tracker=config.engagement_tracker)
+                                 copies=self.copies, tracker=config.engagement_tracker,
+                                 max_hops=config.smtp.max_hops)
 
         # Each webhook queues the events it wants under the spool; batches are
         # posted from there, so the event log never waits for a receiver.

@@ -121,6 +121,11 @@ _DEFAULT_ENHANCED = {
     553: b"5.1.7", 554: b"5.0.0", 555: b"5.5.4",
 }
 _ENHANCED_RE = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# What an address may hold: printable ASCII, and the space only Twisted's grammar lets in
+# inside quotes. Its qstring takes anything between quotes (LF, CR, NUL, 8-bit): written
+# into a Received: header or a MAIL command, an LF would start a header or a command.
+_ADDRESS = re.compile(rb"[\x20-\x7e]*")
+_DUPLICATE = object()  # validateTo's answer for a recipient the transaction already has
 _MAX_AUTH_FAILURES = 3
 _LOGIN_USERNAME = base64.b64encode(b"Username:")
 _LOGIN_PASSWORD = base64.b64encode(b"Password:")
@@ -199,6 +204,7 @@ class InjectionESMTP(smtp.ESMTP):
         self.data_timeout = 1800.0
         self._reader: DataReader | None = None
         self._transaction: Transaction | None = None
+        self._deciding: Transaction | None = None  # received whole, its reply not yet known
         self._store_error: OSError | None = None
         self._held: list[bytes] | None = None
         self._drop_rest = False
@@ -266,6 +272,15 @@ class InjectionESMTP(smtp.ESMTP):
             self.resetTimeout()
             return self._auth_response(line)
         return super().lineReceived(line)
+
+    def lookupMethod(self, command: bytes) -> Any:
+        # Twisted decodes the verb as ASCII and would raise out of dataReceived on any other byte.
+        if not command.isascii():
+            return self._not_a_command
+        return super().lookupMethod(command)
+
+    def _not_a_command(self, rest: bytes) -> None:
+        self.sendCode(500, b"5.5.2 Command not recognised")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.sendCode(500, b"5.5.2 Line too long")
@@ -471,6 +486,9 @@ class InjectionESMTP(smtp.ESMTP):
         if not m:
             self.sendCode(501, b"5.5.4 Syntax: MAIL FROM:<address>")
             return
+        if not _ADDRESS.fullmatch(m.group("path")):
+            self.sendCode(553, b"5.1.7 Sender address contains characters that are not allowed")
+            return
         refusal = self._mail_parameters(m.group("opts") or b"")
         if refusal is not None:
             self.sendCode(*refusal)
@@ -501,12 +519,18 @@ class InjectionESMTP(smtp.ESMTP):
         if m is not None and m.group("opts"):
             self.sendCode(555, b"5.5.4 Unsupported RCPT parameter")
             return
+        if m is not None and not _ADDRESS.fullmatch(m.group("path")):
+            self.sendCode(553, b"5.1.3 Recipient address contains characters that are not allowed")
+            return
         super().do_RCPT(rest)
 
     def validateFrom(self, helo: tuple[bytes, bytes], origin: smtp.Address) -> smtp.Address:
         return origin
 
-    def validateTo(self, user: smtp.User) -> Callable[[], None]:
+    def validateTo(self, user: smtp.User) -> Any:
+        if any(_same_mailbox(user.dest, known.dest) for known, _ in self._to):
+            # Accepted again, queued once (Postfix's cleanup does the same).
+            return _DUPLICATE
         code, text = self.injector.check_recipient(self.session(), user.dest, len(self._to))
         if code >= 400:
             raise smtp.SMTPServerError(code, text.decode("utf-8", "replace"))
@@ -518,6 +542,9 @@ class InjectionESMTP(smtp.ESMTP):
 
     def _cbToValidate(self, to: Any, user: Any = None, code: int = 250,
                       msg: bytes = b"2.1.5 Recipient OK") -> None:
+        if to is _DUPLICATE:
+            self.sendCode(code, msg)
+            return
         super()._cbToValidate(to, user, code, msg)
 
     def session(self) -> Session:
@@ -583,9 +610,15 @@ class InjectionESMTP(smtp.ESMTP):
             self.sendCode(451, b"4.3.0 Cannot store the message now, try again later")
             return
         self._hold()
+        self._deciding = transaction
         d = defer.maybeDeferred(self.injector.finish, transaction)
         d.addErrback(self._commit_failed, transaction)
+        d.addBoth(self._decided)
         d.addCallback(self._reply_and_resume)
+
+    def _decided(self, reply: Any) -> Any:
+        self._deciding = None
+        return reply
 
     def _commit_failed(self, failure: Failure, transaction: Transaction) -> tuple[int, bytes]:
         log.failure("message could not be stored", failure)
@@ -610,7 +643,21 @@ class InjectionESMTP(smtp.ESMTP):
         if self._transaction is not None:
             self._transaction.abort()
             self._transaction = self._reader = None
+        if self._deciding is not None:
+            # The injector checks this before it commits: a 250 nobody hears is a duplicate later.
+            self._deciding.client_gone = True
         super().connectionLost(reason)
+
+
+def _same_mailbox(a: smtp.Address, b: smtp.Address) -> bool:
+    """
+    One mailbox twice in a transaction: the domain compared without case, the local part exactly.
+
+    RFC 5321 §2.4 lets a local part be case-sensitive, so ``Joe@`` and ``joe@``
+    may be two people; dropping one would lose mail, while a duplicate copy
+    of one mailbox only costs a second message.
+    """
+    return a.local == b.local and a.domain.lower() == b.domain.lower()
 
 
 class Session:

@@ -91,3 +91,24 @@ class SmtpConfigTests(SynchronousTestCase):
                          'tls = "starttls" needs smtp.tls_certificate and smtp.tls_key')
         p = self.problems(users_file=os.path.join(self.dir, "missing"))
         self.assertIn("cannot read", p["smtp.users_file"])
+
+    def test_ssl_endpoint_refuses_a_certificate_of_its_own(self) -> None:
+        # The connection would use the endpoint's certKey, whatever these said.
+        endpoint = f"ssl:2465:privateKey={self.key}:certKey={self.cert}"
+        p = self.problems(listeners={"smtps": {"endpoint": endpoint, "tls_certificate": self.cert,
+                                               "tls_key": self.key}})
+        expected = ("not with an ssl: endpoint, whose privateKey= and certKey= give the certificate "
+                    '(or use a tcp: endpoint with tls = "implicit")')
+        self.assertEqual(p, {"smtp.listeners.smtps.tls_certificate": expected,
+                             "smtp.listeners.smtps.tls_key": expected})
+        # The [smtp] pair stays meaningful for the other listeners and is no error here.
+        c = self.parse(tls_certificate=self.cert, tls_key=self.key,
+                       listeners={"smtps": {"endpoint": endpoint}}).smtp
+        self.assertEqual({li.name: (li.tls, li.tls_certificate) for li in c.listeners},
+                         {"default": ("starttls", self.cert), "smtps": ("implicit", "")})
+
+    def test_max_hops(self) -> None:
+        self.assertEqual(self.parse().smtp.max_hops, 50)
+        self.assertEqual(self.parse(max_hops=100).smtp.max_hops, 100)
+        self.assertEqual(self.problems(max_hops=0), {"smtp.max_hops": "expected an integer >= 1, got 0"})
+        self.assertEqual(self.problems(max_hops="50"), {"smtp.max_hops": 'expected an integer, got "50"'})

@@ -71,7 +71,8 @@ class DeliveryCase(unittest.TestCase):
         self.clock.advance(self.service.stop_grace)
         return d
 
-    def queue(self, recipients: list[str], message: bytes = MESSAGE) -> QueuedMessage:
+    def queue(self, recipients: list[str], message: bytes = MESSAGE,
+              mail_from: str = "sender@sender.test") -> QueuedMessage:
         tid = str(next(self._tids))
         writer = self.spool.writer(tid)
         writer.write(message)
@@ -79,7 +80,7 @@ class DeliveryCase(unittest.TestCase):
         rcpts = [Recipient(r, mid, {"message_id": mid, "rcpt_to": r.lower()})
                  for r, mid in zip(recipients, ids, strict=True)]
         queued = self.successResultOf(writer.commit(
-            Envelope(tid, "sender@sender.test", rcpts, received_at=self.clock.seconds())))
+            Envelope(tid, mail_from, rcpts, received_at=self.clock.seconds())))
         assert self.service is not None
         self.service.enqueue(queued)
         self.clock.advance(0)
@@ -103,6 +104,8 @@ class OutcomeTests(DeliveryCase):
         self.assertEqual([m.rcpt_to for m in sink.messages], [["a@x.test"], ["b@x.test"], ["c@x.test"]])
         self.assertEqual({m.connection for m in sink.messages}, {1})  # one connection carried all
         self.assertEqual([m.data for m in sink.messages], [MESSAGE] * 3)
+        # The QUIT follows the last reply, and so the last event: it may still be on its way.
+        yield wait_until(lambda: sink.commands[-1][1] == b"QUIT")
         verbs = [line.split(b" ")[0].split(b":")[0] for _n, line in sink.commands]
         self.assertEqual(verbs, [b"EHLO"] + [b"MAIL", b"RCPT", b"DATA", b"RSET"] * 2
                          + [b"MAIL", b"RCPT", b"DATA", b"QUIT"])
@@ -172,6 +175,30 @@ class OutcomeTests(DeliveryCase):
         self.assertEqual([m.rcpt_to for m in sink.messages], [["ok@x.test"]])
         # The same connection went on after each refusal.
         self.assertEqual(sink.connections, 1)
+        yield wait_until(lambda: not self.active())
+
+    @defer.inlineCallbacks
+    def test_address_with_a_line_break_is_never_sent(self) -> Any:
+        # Injection refuses such addresses; a spool written by anything else must not smuggle.
+        sink = SinkFactory()
+        port = self.listen(sink)
+        self.start(routes={"x.test": Route("127.0.0.1", port)}, max_connections_per_destination=1)
+        self.queue(["a@x.test", '"y\r\nRCPT TO:<hidden@x.test>"@x.test', '"z\x00"@x.test', "b@x.test"])
+        self.queue(["c@x.test"], mail_from='"s\nRCPT TO:<hidden@x.test>"@sender.test')
+        yield self.wait_events(5)
+        self.assertEqual([m.rcpt_to for m in sink.messages], [["a@x.test"], ["b@x.test"]])
+        self.assertFalse([line for _n, line in sink.commands if b"hidden" in line or b"\0" in line])
+        self.assertEqual(sink.connections, 1)  # the good copies went on over the same connection
+        bounces = {e["rcpt_to"]: e for e in self.written if e["type"] == "bounce"}
+        self.assertEqual(len(bounces), 3)
+        rcpt = bounces['"y\r\nrcpt to:<hidden@x.test>"@x.test']
+        self.assertEqual((rcpt["error_code"], rcpt["bounce_class"]), ("550", "10"))
+        self.assertEqual(rcpt["raw_reason"], "550 5.1.3 [internal] the recipient address holds a CR, LF "
+                                             "or NUL and cannot be sent in RCPT TO")
+        self.assertEqual(bounces['"z\x00"@x.test']["raw_reason"], rcpt["raw_reason"])
+        self.assertEqual(bounces["c@x.test"]["raw_reason"],
+                         "550 5.1.7 [internal] the sender address holds a CR, LF or NUL and cannot be sent "
+                         "in MAIL FROM")
         yield wait_until(lambda: not self.active())
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -89,6 +91,9 @@ class FakeTransaction:
     def __init__(self) -> None:
         self.data: list[bytes] = []
         self.aborted = False
+        self.client_gone = False
+        self.mail_from = b""
+        self.recipients: list[bytes] = []
 
     def write(self, data: bytes) -> None:
         self.data.append(data)
@@ -104,14 +109,18 @@ class FakeInjector:
         self.transactions: list[FakeTransaction] = []
         self.result: defer.Deferred | None = None
         self.refuse: tuple[int, bytes] | None = None
+        self.limit = 1000
 
     def check_recipient(self, session: Any, dest: Any, count: int) -> tuple[int, bytes]:
         if not session.may_relay():
             return 554, b"5.7.1 Relay access denied"
+        if count >= self.limit:
+            return 452, b"4.5.3 Too many recipients"
         return self.refuse or (250, b"2.1.5 OK")
 
     def begin(self, session: Any, mail_from: Any, recipients: list[Any]) -> FakeTransaction:
         t = FakeTransaction()
+        t.mail_from, t.recipients = bytes(mail_from), [bytes(r) for r in recipients]
         self.transactions.append(t)
         return t
 
@@ -209,6 +218,73 @@ class ProtocolTests(SynchronousTestCase):
         self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\nhalf")
         proto.connectionLost(None)
         self.assertTrue(self.injector.transactions[0].aborted)
+
+    def test_client_gone_while_message_is_decided_is_told_to_the_transaction(self) -> None:
+        proto, transport = self.connect()
+        self.injector.result = defer.Deferred()
+        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
+        self.talk(proto, transport, b"hi\r\n.\r\n")
+        self.assertFalse(self.injector.transactions[0].client_gone)
+        transport.disconnected = True
+        proto.connectionLost(None)
+        self.assertTrue(self.injector.transactions[0].client_gone)
+        transport.clear()
+        self.injector.result.callback((421, b"4.4.2 Connection lost"))
+        self.assertEqual(transport.value(), b"")
+
+    def test_control_characters_and_8bit_in_addresses_refused(self) -> None:
+        proto, transport = self.connect()
+        self.talk(proto, transport, b"EHLO c\r\n")
+        for bad in (b'"x\nRCPT TO:<hidden@example.org>"@example.net', b'"x\ry"@example.net',
+                    b'"x\x00y"@example.net', b'"x\ty"@example.net', b'"x\x7fy"@example.net',
+                    b'"caf\xc3\xa9"@example.net', b"x\\\ry@example.net"):
+            self.assertEqual(self.talk(proto, transport, b"MAIL FROM:<" + bad + b">\r\n"),
+                             [b"553 5.1.7 Sender address contains characters that are not allowed"], bad)
+            self.assertEqual(self.talk(proto, transport, b"MAIL FROM:<a@b.test>\r\n"),
+                             [b"250 2.1.0 Sender OK"], bad)
+            rcpt = b"RCPT TO:<" + bad.replace(b".net", b".test") + b">\r\n"
+            self.assertEqual(self.talk(proto, transport, rcpt),
+                             [b"553 5.1.3 Recipient address contains characters that are not allowed"], bad)
+            self.talk(proto, transport, b"RSET\r\n")
+        # A space inside quotes is printable ASCII, and allowed (RFC 5321 qtextSMTP).
+        lines = self.talk(proto, transport, b'MAIL FROM:<"a b"@b.test>\r\nRCPT TO:<"c d"@y.test>\r\n')
+        self.assertEqual(lines, [b"250 2.1.0 Sender OK", b"250 2.1.5 Recipient OK"])
+
+    def test_non_ascii_command_verb(self) -> None:
+        proto, transport = self.connect()
+        lines = self.talk(proto, transport, b"\xff\xfe\r\nNOOP\r\nNO\xffOP x\r\n")
+        self.assertEqual(lines, [b"500 5.5.2 Command not recognised", b"250 2.0.0 OK",
+                                 b"500 5.5.2 Command not recognised"])
+        self.assertFalse(transport.disconnecting)
+
+    def test_duplicate_recipients_accepted_once(self) -> None:
+        proto, transport = self.connect()
+        lines = self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+                                            b"RCPT TO:<x@Y.Test>\r\nRCPT TO:<X@y.test>\r\n"
+                                            b"RCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\nDATA\r\n")
+        self.assertEqual(lines[-6:-1], [b"250 2.1.5 Recipient OK"] * 5)
+        # The local part may be case-sensitive (RFC 5321 2.4); the domain is not.
+        self.assertEqual(self.injector.transactions[0].recipients, [b"x@y.test", b"X@y.test", b"z@y.test"])
+
+    def test_duplicate_recipient_at_the_limit_is_still_250(self) -> None:
+        proto, transport = self.connect(max_recipients=1)
+        self.injector.limit = 1
+        lines = self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+                                            b"RCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\n")
+        self.assertEqual(lines[-3:], [b"250 2.1.5 Recipient OK"] * 2 + [b"452 4.5.3 Too many recipients"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\r\n", b"")), max_size=6),
+           st.sampled_from([b"", b"MAIL FROM:", b"RCPT TO:", b"EHLO ", b"MAIL FROM:<", b'RCPT TO:<"']))
+    def test_any_command_line_gets_an_answer(self, lines: list[bytes], prefix: bytes) -> None:
+        proto, transport = self.connect()
+        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+        for line in lines:
+            transport.clear()
+            proto.dataReceived(prefix + line + b"\r\n")  # never raises
+            if transport.disconnecting or proto._reader is not None:
+                return  # QUIT, or DATA began
+            self.assertRegex(transport.value(), rb"^(\d{3}[ -].*\r\n)+$", line)
 
     def test_data_without_recipients(self) -> None:
         proto, transport = self.connect()

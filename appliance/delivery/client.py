@@ -34,6 +34,7 @@ MAX_REPLY_LINES = 1000  # a multi-line reply longer than this is not SMTP
 _REPLY = re.compile(rb"[2-5][0-9][0-9]([ -].*)?")
 _STAGES = {b"EHLO", b"HELO", b"STARTTLS", b"AUTH", b"MAIL", b"RCPT", b"DATA", b"RSET", b"QUIT"}
 _STAGE_NAMES = {b"MAIL": "MAIL FROM", b"RCPT": "RCPT TO"}
+_LINE_BREAKERS = re.compile(r"[\r\n\0]")  # would end or cut a command line: never sent
 
 
 class BodyEncoder:
@@ -203,6 +204,9 @@ class DeliveryClient(smtp.ESMTPClient):
         if not self.is_established:
             self.is_established = True
             self.attempt.established()
+        while job is not None and (refusal := self._unsendable(job)) is not None:
+            self.attempt.job_done(job, refusal)
+            job = self.attempt.next_job()
         if job is None:
             self._from = None
             return self._disconnectFromServer()
@@ -217,6 +221,16 @@ class DeliveryClient(smtp.ESMTPClient):
         self._okresponse = self.smtpState_to
         self._failresponse = self.smtpTransferFailed
         self.sendLine(b"MAIL FROM:<" + job.mail_from.encode("utf-8") + b">" + params)
+
+    def _unsendable(self, job: Job) -> Outcome | None:
+        """A bounce for a copy whose addresses would smuggle a command into the dialogue."""
+        if _LINE_BREAKERS.search(job.mail_from):
+            return internal(550, "5.1.7", "the sender address holds a CR, LF or NUL and cannot be sent "
+                            "in MAIL FROM", self.hop.address, self._tlsMode)
+        if _LINE_BREAKERS.search(job.address):
+            return internal(550, "5.1.3", "the recipient address holds a CR, LF or NUL and cannot be sent "
+                            "in RCPT TO", self.hop.address, self._tlsMode)
+        return None
 
     def smtpState_to(self, code: int, resp: bytes) -> None:
         assert self.job is not None
