@@ -87,6 +87,17 @@ def header_text(headers: Message, name: str) -> str:
     return " ".join(decode_words(" ".join(text.split())).split())
 
 
+def friendly_from(headers: Message) -> str:
+    """
+    SparkPost's ``friendly_from``: the address of the ``From`` header (``sender@example.com``).
+
+    Falls back to the decoded header text when no address can be parsed out of it.
+    """
+    text = header_text(headers, "From")
+    _name, address = email.utils.parseaddr(text)
+    return address if "@" in address else text
+
+
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
 
 
@@ -367,7 +378,7 @@ class Injector:
                 **rcpt.event_fields,
                 routing_domain=rcpt.address.rpartition("@")[2].lower(),
                 msg_from=transaction.mail_from,
-                friendly_from=header_text(headers, "From"),
+                friendly_from=friendly_from(headers),
                 subject=header_text(headers, "Subject"),
                 remote_addr=transaction.session.client_address,
                 recv_method="esmtp",
@@ -421,7 +432,7 @@ class Injector:
     def _injection_events(self, envelope: Envelope, headers: Any, prepared: Prepared | None) -> None:
         common = {
             "msg_from": envelope.mail_from,
-            "friendly_from": header_text(headers, "From"),
+            "friendly_from": friendly_from(headers),
             "subject": header_text(headers, "Subject"),
             "msg_size": str(envelope.message_size),
             "recv_method": "esmtp",

@@ -16,7 +16,7 @@ from twisted.mail import smtp
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.events import EventLog
-from appliance.injection import Injector, header_text
+from appliance.injection import Injector, friendly_from, header_text
 from appliance.policy import ACCEPT
 from appliance.smtp import Session
 from appliance.spool import QueuedMessage, Spool, run_synchronously
@@ -207,6 +207,14 @@ class HeaderTextTests(SynchronousTestCase):
             headers = self.parsed(f"Subject: before {word} after\r\n".encode())
             self.assertEqual(header_text(headers, "Subject"), f"before {word} after", word)
 
+    def test_friendly_from_is_the_address(self) -> None:
+        for raw, expected in ((b"From: =?utf-8?q?J=C3=BCrgen?= <j@example.net>", "j@example.net"),
+                              (b"From: plain@example.org", "plain@example.org"),
+                              (b'From: "Doe, Jane" <jane@example.com>', "jane@example.com"),
+                              (b"From: not an address", "not an address"),
+                              (b"X: y", "")):
+            self.assertEqual(friendly_from(self.parsed(raw + b"\r\n")), expected, raw)
+
     def test_absent_header(self) -> None:
         self.assertEqual(header_text(self.parsed(b"X: y\r\n"), "Subject"), "")
 
@@ -217,5 +225,4 @@ class EventTextTests(InjectorCase):
         _, d = self.send(self.injector(), message)
         self.assertEqual(self.successResultOf(d)[0], 250)
         [event] = self.events_written()
-        self.assertEqual((event["subject"], event["friendly_from"]),
-                         ("Caf\u00e9", "J\u00fcrgen <j@example.net>"))
+        self.assertEqual((event["subject"], event["friendly_from"]), ("Caf\u00e9", "j@example.net"))

@@ -68,7 +68,7 @@ class EndToEndTests(unittest.TestCase):
         b = injections["b@example.org"]
         self.assertEqual(b["raw_rcpt_to"], "B@Example.org")
         self.assertEqual(b["msg_from"], "sender@example.net")
-        self.assertEqual(b["friendly_from"], "Sender <sender@example.net>")
+        self.assertEqual(b["friendly_from"], "sender@example.net")
         self.assertEqual(b["subject"], "Hello there")
         self.assertEqual(b["routing_domain"], "example.org")
         self.assertEqual(b["recv_method"], "esmtp")
