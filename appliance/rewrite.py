@@ -201,6 +201,22 @@ def _ascii_alpha(c: str) -> bool:
 
 
 _CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[A-Za-z][A-Za-z0-9]*;?)")
+# No entity name is longer than this (``CounterClockwiseContourIntegral;``), so the
+# search for the longest one that prefixes a run of letters never looks further.
+_MAX_ENTITY = max(map(len, _HTML5_ENTITIES))
+# A numeric reference's value past this many significant digits is beyond U+10FFFF in
+# any base; ``int`` is not asked to convert such a number (it is slow, and refuses past
+# 4300 decimal digits).
+_MAX_NUMERIC_DIGITS = 8
+
+
+def _numeric_reference(ref: str) -> str:
+    """``&#...`` decoded as ``html.unescape`` does, for any number of digits."""
+    hexadecimal = ref[1:2] in ("x", "X")
+    digits = ref[2 if hexadecimal else 1:].rstrip(";").lstrip("0") or "0"
+    if len(digits) > _MAX_NUMERIC_DIGITS:
+        digits = "110000" if hexadecimal else "1114112"  # out of range: U+FFFD, as browsers do
+    return html.unescape(f"&#{'x' if hexadecimal else ''}{digits};")
 
 
 def unescape_attribute(value: str) -> str:
@@ -209,7 +225,8 @@ def unescape_attribute(value: str) -> str:
 
     Unlike ``html.unescape``, a named reference without ``;`` followed by
     ``=`` or a letter or digit stays literal in an attribute (HTML5 §13.2.5.73),
-    so ``?a=1&copy=2`` keeps its ``&copy``.
+    so ``?a=1&copy=2`` keeps its ``&copy``. Linear in the length of the value,
+    however long its runs of letters after ``&``.
     """
     if "&" not in value:
         return value
@@ -217,8 +234,8 @@ def unescape_attribute(value: str) -> str:
     def decode(m: re.Match[str]) -> str:
         ref = m.group(1)
         if ref[0] == "#":
-            return html.unescape(m.group(0))
-        for i in range(len(ref), 0, -1):
+            return _numeric_reference(ref)
+        for i in range(min(len(ref), _MAX_ENTITY), 0, -1):
             name = ref[:i]
             if name in _HTML5_ENTITIES:
                 if not name.endswith(";"):
@@ -251,16 +268,24 @@ _CLOSERS = {")": "(", "]": "[", "}": "{"}
 
 
 def _trim_url(url: str) -> str:
-    """Drop sentence punctuation after a URL in running text, and unbalanced closers."""
-    while url:
-        last = url[-1]
+    """
+    Drop sentence punctuation after a URL in running text, and unbalanced closers.
+
+    One pass from the end: a closer is dropped while the URL has more of it
+    than of its opener, counted once and updated as closers go.
+    """
+    excess = {closer: url.count(closer) - url.count(opener) for closer, opener in _CLOSERS.items()}
+    end = len(url)
+    while end:
+        last = url[end - 1]
         if last in _TRAILING:
-            url = url[:-1]
-        elif last in _CLOSERS and url.count(last) > url.count(_CLOSERS[last]):
-            url = url[:-1]
+            end -= 1
+        elif last in excess and excess[last] > 0:
+            excess[last] -= 1
+            end -= 1
         else:
-            return url
-    return url
+            break
+    return url[:end]
 
 
 # -- the compiled form ------------------------------------------------------------------------
@@ -405,8 +430,8 @@ def html_edits(text: str) -> list[_Edit]:
             if a.name.startswith("data-msys-"):
                 edits.append(_Edit(a.removal_start, a.end))
         href = first.get("href")
-        if href is None:
-            continue
+        if href is None or len(href.value) > MAX_URL_LENGTH:
+            continue  # nothing to track; a URL that long could never be tracked
         raw = expand_macros(href.value)
         target = unescape_attribute(raw).strip(_HTML_SPACE)
         track = first.get("data-msys-clicktrack")
@@ -442,10 +467,12 @@ def text_edits(text: str) -> list[_Edit]:
             attrs.setdefault(s.group(1), s.group(2))
             end = s.end()
             s = _SUFFIX.match(text, end)
+        if end != suffix_start:
+            edits.append(_Edit(suffix_start, end))
+        if len(url) > MAX_URL_LENGTH:
+            continue  # a URL that long could never be tracked; its text stays as it is
         if end == suffix_start:
             url = _trim_url(url)
-        else:
-            edits.append(_Edit(suffix_start, end))
         start = m.start()
         raw = expand_macros(url)
         if attrs.get("clicktrack") == "0" or not is_trackable_target(raw) or len(raw) > MAX_URL_LENGTH:
@@ -478,27 +505,35 @@ def parse_header_block(data: bytes, start: int, end: int,
     given, then holds the fields before it.
     """
     fields: list[HeaderField] = [] if partial is None else partial
-    pos = start
-    while pos < end:
-        eol = data.find(b"\r\n", pos, end)
-        line_end = eol + 2 if eol >= 0 else end
-        line = data[pos:eol if eol >= 0 else end]
-        if not line:
-            return fields, line_end
-        if line[:1] in (b" ", b"\t"):
-            if not fields:
-                raise MimeError("a header block starts with a continuation line")
-            f = fields[-1]
-            f.value += line.decode("latin-1")
-            f.end = line_end
-        else:
-            colon = line.find(b":")
-            if colon <= 0 or not re.fullmatch(rb"[!-9;-~]+", line[:colon].rstrip(b" \t")):
-                raise MimeError(f"not a header field: {line[:40]!r}")
-            fields.append(HeaderField(line[:colon].rstrip(b" \t").decode("ascii").lower(),
-                                      line[colon + 1:].decode("latin-1"), pos, line_end))
-        pos = line_end
-    return fields, end
+    folded: list[tuple[HeaderField, int]] = []  # fields with continuation lines, value start
+    value_start = pos = start
+    try:
+        while pos < end:
+            eol = data.find(b"\r\n", pos, end)
+            line_end = eol + 2 if eol >= 0 else end
+            line = data[pos:eol if eol >= 0 else end]
+            if not line:
+                return fields, line_end
+            if line[:1] in (b" ", b"\t"):
+                if not fields:
+                    raise MimeError("a header block starts with a continuation line")
+                f = fields[-1]
+                if not folded or folded[-1][0] is not f:
+                    folded.append((f, value_start))
+                f.end = line_end
+            else:
+                colon = line.find(b":")
+                if colon <= 0 or not re.fullmatch(rb"[!-9;-~]+", line[:colon].rstrip(b" \t")):
+                    raise MimeError(f"not a header field: {line[:40]!r}")
+                value_start = pos + colon + 1
+                fields.append(HeaderField(line[:colon].rstrip(b" \t").decode("ascii").lower(),
+                                          line[colon + 1:].decode("latin-1"), pos, line_end))
+            pos = line_end
+        return fields, end
+    finally:
+        # Unfolded once at the end: appending line by line costs quadratic time.
+        for f, value_start in folded:
+            f.value = data[value_start:f.end].replace(b"\r\n", b"").decode("latin-1")
 
 
 @dataclass

@@ -7,6 +7,8 @@ import binascii
 import email
 import email.policy
 import re
+import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any
 
@@ -450,6 +452,126 @@ class CacheTests(SynchronousTestCase):
         maker(Queued("2"), 0)  # the cache holds one message of this size: "1" is evicted
         self.assertEqual(maker(first, 1), copies[1])  # prepared again: the same copy
         self.assertEqual(reads, ["1", "2", "1"])
+
+
+# -- adversarial input ---------------------------------------------------------------------------
+
+ADVERSARIAL_SIZE = 1024 * 1024
+
+
+def cpu_seconds(work: Callable[[], object], runs: int = 3) -> float:
+    """The least CPU time of some runs: the figure least disturbed by other work on the machine."""
+    best = float("inf")
+    for _ in range(runs):
+        start = time.process_time()
+        work()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def base64_message(text: str) -> bytes:
+    """Both parts carry ``text``, base64-encoded, so no line length limit applies to it."""
+    body = base64.encodebytes(text.encode()).replace(b"\n", b"\r\n")
+    return message(crlf("MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary=b\n\n"
+                        "--b\nContent-Type: text/plain; charset=utf-8\n"
+                        "Content-Transfer-Encoding: base64\n\n"), body,
+                   crlf("--b\nContent-Type: text/html; charset=utf-8\n"
+                        "Content-Transfer-Encoding: base64\n\n"), body, crlf("--b--\n"))
+
+
+def repeated(piece: str, size: int = ADVERSARIAL_SIZE) -> str:
+    return piece * (size // len(piece))
+
+
+# What an ordinary newsletter looks like, at the same size: many links, entities, tags.
+BENIGN = repeated('<p class="x">Our offer &amp; more: <a href="https://shop.example/p?id=1&amp;u=2">'
+                  'buy</a> or read https://shop.example/t, (see https://x.example/a_(b)).</p>\n')
+
+# Inputs built to find super-linear paths in the scanner, the entity decoder, the text URL
+# finder and its trimming; each is about as large as BENIGN.
+ADVERSARIAL = {
+    "runs of <": repeated("<"),
+    "runs of &": repeated("&"),
+    'runs of "': repeated('"'),
+    "runs of '": repeated("'"),
+    "runs of [[": repeated("[["),
+    "runs of {{": repeated("{{"),
+    "{{ and white space": repeated("{{" + " " * 60),
+    "runs of http://": repeated("http://"),
+    "nested brackets": "https://x/" + "(" * (ADVERSARIAL_SIZE // 2) + ")" * (ADVERSARIAL_SIZE // 2),
+    "a URL and closers": "https://x/" + repeated(")"),
+    "a URL and punctuation": "https://x/" + repeated(".)]}"),
+    "many URLs and closers": repeated("https://x/))))))) "),
+    "suffixes that never close": repeated('https://x/[[data-msys-clicktrack="' + "y" * 40),
+    "a long entity name in href": '<a href="&' + repeated("a") + '">x</a>',
+    "a long entity name in an attribute": '<a href="https://x/" data-msys-linkname="&'
+                                          + repeated("a") + '">x</a>',
+    "a long numeric reference": '<a href="https://x/&#' + repeated("1") + ';">x</a>',
+    "many numeric references": repeated('<a href="https://x/&#00000000000000000000065;">x</a>'),
+    "runs of <a": repeated("<a ") + ">",
+    "runs of <!": repeated("<!") + ">",
+    "runs of <!--": repeated("<!-") + "-->",
+    "runs of </": repeated("</") + ">",
+    "runs of <script>": repeated("<script>") + "</script>",
+    "an unclosed quote in a tag": '<a href="' + repeated("<a ") + "\">",
+}
+
+
+class AdversarialInputTests(SynchronousTestCase):
+    """
+    Preparing a message runs on the reactor thread: its cost must be linear in its size.
+
+    Each adversarial input of about 1 MiB must cost at most a generous multiple of an
+    ordinary message of the same size, measured in the same test; a quadratic path
+    costs thousands of times more at this size (minutes instead of milliseconds).
+    """
+
+    BOUND = 20  # the worst of these measures about 2
+
+    def assertLinear(self, label: str, work: Callable[[], object], baseline: float) -> None:
+        limit = self.BOUND * max(baseline, 0.005)
+        cost = cpu_seconds(work, runs=1)
+        if cost > limit:  # perhaps disturbed: the least of three runs decides
+            cost = min(cost, cpu_seconds(work, runs=2))
+        self.assertLessEqual(cost, limit,
+                             f"{label}: {cost:.3f} s against {baseline:.3f} s for ordinary input")
+
+    def test_prepare(self) -> None:
+        baseline = cpu_seconds(lambda: prepare(base64_message(BENIGN)))
+        for label, text in ADVERSARIAL.items():
+            data = base64_message(text)
+            self.assertLinear(label, lambda data=data: prepare(data), baseline)  # type: ignore[misc]
+
+    def test_unescape_attribute(self) -> None:
+        baseline = cpu_seconds(lambda: unescape_attribute(repeated("a&amp;b&copy=")))
+        for label, value in [("a run of letters", "&" + repeated("a")),
+                             ("runs of letters", repeated("&" + "a" * 200 + " ")),
+                             ("a long number", "&#" + repeated("1")),
+                             ("a long hexadecimal number", "&#x" + repeated("f"))]:
+            self.assertLinear(label, lambda value=value: unescape_attribute(value),  # type: ignore[misc]
+                              baseline)
+
+    def test_header_with_many_continuation_lines(self) -> None:
+        ordinary = base64_message(BENIGN)
+        per_byte = cpu_seconds(lambda: prepare(ordinary)) / len(ordinary)
+        folded = message(crlf("X-Long: a\n" + repeated(" b\n", 4 * ADVERSARIAL_SIZE) + "\n"),
+                         crlf("https://x.example/\n"))
+        self.assertLinear("continuation lines", lambda: prepare(folded), per_byte * len(folded))
+
+    def test_long_numeric_references_decode(self) -> None:
+        self.assertEqual(unescape_attribute("&#" + "0" * 5000 + "65;"), "A")
+        self.assertEqual(unescape_attribute("&#x" + "0" * 5000 + "41"), "A")
+        self.assertEqual(unescape_attribute("&#" + "9" * 5000 + ";x"), "\ufffdx")
+        self.assertEqual(unescape_attribute("&#x110000;"), "\ufffd")
+
+    def test_long_text_urls_are_left_alone(self) -> None:
+        """A URL too long to track stays exactly as written: not trimmed, not tracked."""
+        long_url = "https://x.example/" + "a" * 5000 + ")."
+        data = message(crlf(f"Content-Type: text/plain\n\nsee {long_url} and https://y.example/.\n"))
+        text = part_text(render(data), "text/plain")
+        assert text is not None
+        self.assertIn(f"see {long_url} and", text)
+        self.assertEqual(targets(text), ["https://y.example/"])
 
 
 # -- properties ------------------------------------------------------------------------------
