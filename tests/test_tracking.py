@@ -121,6 +121,31 @@ class HeaderTests(TrackingTestCase):
         self.assertEqual(self.running.sink.messages, [])
 
     @defer.inlineCallbacks
+    def test_headers_that_could_not_be_stored_are_refused(self) -> defer.Generator:
+        """Half characters, nesting past what JSON tools recurse on, tags too long to carry."""
+        deep = '{"x":' + "[" * 3000 + "]" * 3000 + "}"
+        cases = [
+            (r'{"campaign_id":"\ud800"}',
+             "X-MSYS-API 'campaign_id' must not contain a lone surrogate (not Unicode text)"),
+            (r'{"tags":["\ud800"]}',
+             "X-MSYS-API 'tags' must not contain a lone surrogate (not Unicode text)"),
+            ("\r\n ".join(deep[i:i + 900] for i in range(0, len(deep), 900)),
+             "X-MSYS-API is nested too deeply"),
+            ('{"tags":["' + "t" * 65 + '"]}',
+             "X-MSYS-API 'tags' must not contain a tag longer than 64 bytes"),
+        ]
+        for api, text in cases:
+            code, reply = yield in_thread(send_expecting_refusal, self.running.smtp_port,
+                                          ["a@example.test"], message(api))
+            self.assertEqual((code, reply.decode()), (550, f"5.6.0 {text}"))
+            rejection = self.events("policy_rejection")[-1]
+            self.assertEqual(rejection["reason"], f"550 5.6.0 {text}")
+        self.assertEqual(len(self.events("policy_rejection")), len(cases))
+        self.assertEqual(self.events("injection"), [])
+        self.assertTrue(self.spool_is_empty())
+        self.assertEqual(self.running.sink.messages, [])
+
+    @defer.inlineCallbacks
     def test_skipped_tracking_and_dkim_are_reported(self) -> defer.Generator:
         lying = (b"<a href='https://x.example/'>caf\xe9</a>\r\n")
         data = message(TRACK_ALL, b"DKIM-Signature: v=1; d=example.net; h=from:subject; b=x\r\n", lying)
