@@ -27,6 +27,7 @@ import binascii
 import bisect
 import codecs
 import html
+import json
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from twisted.logger import Logger
 
 from appliance.links import (
     MAX_URL_LENGTH,
+    TAG_BYTES,
     LinkCodec,
     LinkData,
     click_suffix,
@@ -348,6 +350,7 @@ class PreparedPart:
     dynamic: list[tuple[int, _Edit]]
     links: list[Link]  # distinct links, each with its index; rendered once per copy
     originals: dict[int, str]  # template index -> original text, for every edited piece
+    too_long: int  # links left untracked because their target is over MAX_URL_LENGTH
     static_changes: bool
     has_links: bool
     has_open_pixel: bool
@@ -419,10 +422,11 @@ def _link_name(value: str) -> str:
     return name.encode()[:MAX_LINK_NAME_BYTES].decode("utf-8", "ignore") or DEFAULT_LINK_NAME
 
 
-def html_edits(text: str) -> list[_Edit]:
-    """Every change tracking may make to an HTML text, in order."""
+def html_edits(text: str) -> tuple[list[_Edit], int]:
+    """Every change tracking may make to an HTML text, in order; and how many links are too long."""
     scan = scan_html(text)
     edits: list[_Edit] = []
+    too_long = 0
     for tag in scan.links:
         first: dict[str, Attribute] = {}
         for a in tag.attributes:
@@ -430,13 +434,17 @@ def html_edits(text: str) -> list[_Edit]:
             if a.name.startswith("data-msys-"):
                 edits.append(_Edit(a.removal_start, a.end))
         href = first.get("href")
-        if href is None or len(href.value) > MAX_URL_LENGTH:
-            continue  # nothing to track; a URL that long could never be tracked
+        if href is None:
+            continue
+        track = first.get("data-msys-clicktrack")
+        untracked = track is not None and unescape_attribute(track.value).strip() == "0"
+        if len(href.value) > MAX_URL_LENGTH:  # could never be tracked: not even decoded
+            too_long += not untracked and href.value.lstrip(_HTML_SPACE)[:8].lower().startswith(
+                ("http://", "https://"))
+            continue
         raw = expand_macros(href.value)
         target = unescape_attribute(raw).strip(_HTML_SPACE)
-        track = first.get("data-msys-clicktrack")
-        if ((track is not None and unescape_attribute(track.value).strip() == "0")
-                or not is_trackable_target(target) or len(target) > MAX_URL_LENGTH):
+        if untracked or not is_trackable_target(target):
             if raw != href.value:
                 edits.append(_Edit(href.value_start, href.value_end, raw))
             continue
@@ -452,12 +460,14 @@ def html_edits(text: str) -> list[_Edit]:
         edits.append(_Edit(scan.body_open_end, scan.body_open_end, slot=_INITIAL))
     close = scan.body_close if scan.body_close is not None else len(text)
     edits.append(_Edit(close, close, slot=_OPEN))
-    return _without_overlaps(edits, _macro_edits(text))
+    return _without_overlaps(edits, _macro_edits(text)), too_long
 
 
-def text_edits(text: str) -> list[_Edit]:
-    """Every change tracking may make to a plain text: URLs and their ``[[...]]`` suffixes."""
+def text_edits(text: str) -> tuple[list[_Edit], int]:
+    """Every change tracking may make to a plain text (URLs, ``[[...]]`` suffixes); and how many
+    URLs are too long to track."""
     edits: list[_Edit] = []
+    too_long = 0
     for m in _TEXT_URL.finditer(text):
         url, end = m.group(), m.end()
         attrs: dict[str, str] = {}
@@ -469,20 +479,21 @@ def text_edits(text: str) -> list[_Edit]:
             s = _SUFFIX.match(text, end)
         if end != suffix_start:
             edits.append(_Edit(suffix_start, end))
-        if len(url) > MAX_URL_LENGTH:
-            continue  # a URL that long could never be tracked; its text stays as it is
+        if len(url) > MAX_URL_LENGTH:  # could never be tracked; its text stays as it is
+            too_long += attrs.get("clicktrack") != "0"
+            continue
         if end == suffix_start:
             url = _trim_url(url)
         start = m.start()
         raw = expand_macros(url)
-        if attrs.get("clicktrack") == "0" or not is_trackable_target(raw) or len(raw) > MAX_URL_LENGTH:
+        if attrs.get("clicktrack") == "0" or not is_trackable_target(raw):
             if raw != url:
                 edits.append(_Edit(start, start + len(url), raw))
             continue
         link = Link(raw, DEFAULT_LINK_NAME, attrs.get("sublink", "").strip(),
                     attrs.get("unsubscribe") == "1")
         edits.append(_Edit(start, start + len(url), raw, _LINK, link, quote=None))
-    return _without_overlaps(edits, _macro_edits(text))
+    return _without_overlaps(edits, _macro_edits(text)), too_long
 
 
 # -- MIME ---------------------------------------------------------------------------------------
@@ -671,7 +682,7 @@ def prepare_part(data: bytes, c: _Candidate, top_level: bool) -> PreparedPart:
         raise PartSkipped(f"it is not valid {c.info.get_content_charset() or 'us-ascii'}") from None
     if "\x00" in text:
         raise PartSkipped("it contains NUL characters")
-    edits = html_edits(text) if c.kind == "html" else text_edits(text)
+    edits, too_long = html_edits(text) if c.kind == "html" else text_edits(text)
     template, dynamic, originals, static_changes = _compile_text(text, charset, edits)
     links: dict[Link, Link] = {}
     for _, e in dynamic:
@@ -687,8 +698,9 @@ def prepare_part(data: bytes, c: _Candidate, top_level: bool) -> PreparedPart:
     return PreparedPart(
         kind=c.kind, start=c.start, body_start=c.body_start, end=c.end,
         header=data[c.start:c.body_start], qp_header=_qp_header(data, c, top_level),
-        cte=cte, charset=charset, template=template, dynamic=dynamic, links=list(links),
+        cte=cte, charset=charset, template=template, dynamic=dynamic, links=list(links.values()),
         originals=originals,
+        too_long=too_long,
         static_changes=static_changes,
         has_links=any(e.slot == _LINK for _, e in dynamic),
         has_open_pixel=any(e.slot == _OPEN for _, e in dynamic),
@@ -768,6 +780,36 @@ class Prepared:
             return False
         return self.changes_body(tracking) or (self.had_msys_api and self.dkim_signs_msys_api)
 
+    def tracking_notes(self, codec: LinkCodec, identity: Identity, tracking: Tracking) -> list[str]:
+        """
+        Why one recipient's copy is tracked less than its settings ask, if it is.
+
+        The message's skipped parts, and the links and pixels whose URLs would
+        be over 4096 characters with this recipient's campaign, tags and
+        metadata (SPEC §6: such a link is never produced).
+        """
+        if not tracking.enabled:
+            return []
+        notes = list(self.skipped)
+        if not self.changes_body(tracking) and not any(p.too_long for p in self.parts):
+            return notes
+        links = _LinkRenderer(codec, identity, tracking)
+        if tracking.click_tracking:
+            untracked = sum(part.too_long for part in self.parts) + sum(
+                links.click_too_long(link) for part in self.parts for link in part.links)
+            if untracked:
+                notes.append(f"{untracked} link{'s' if untracked > 1 else ''} left untracked: "
+                             f"the tracked URL would be over {MAX_URL_LENGTH} characters")
+        if tracking.open_tracking:
+            slots = {e.slot for part in self.parts for _, e in part.dynamic
+                     if e.slot == _OPEN or e.slot == _INITIAL and tracking.initial_open}
+            left_out = [slot for slot in sorted(slots) if links.open_too_long(slot)]
+            if left_out:
+                names = " and ".join("open" if slot == _OPEN else "initial_open" for slot in left_out)
+                notes.append(f"{names} pixel left out: its URL would be over "
+                             f"{MAX_URL_LENGTH} characters")
+        return notes
+
     def render(self, codec: LinkCodec, identity: Identity, tracking: Tracking,
                changes: list[Change] | None = None) -> bytes:
         """One recipient's copy; ``changes`` (if given) receives every difference made."""
@@ -802,8 +844,10 @@ class Prepared:
                     if url is not None:
                         pieces[index] = (_attribute_safe(url) if edit.quote is not None else url).encode()
             elif tracking.open_tracking and (edit.slot == _OPEN or tracking.initial_open):
-                pixel = OPEN_PIXEL if edit.slot == _OPEN else INITIAL_PIXEL
-                pieces[index] = pixel.format(links.open(edit.slot)).encode()
+                url = links.open(edit.slot)
+                if url is not None:  # else left out: tracking_notes says so
+                    pixel = OPEN_PIXEL if edit.slot == _OPEN else INITIAL_PIXEL
+                    pieces[index] = pixel.format(url).encode()
         raw = b"".join(pieces)
         if changes is not None:
             _record(part, pieces, changes)
@@ -847,6 +891,8 @@ class _LinkRenderer:
         common = LinkData("click", tracking.expiry, identity.message_id, identity.transmission_id,
                           identity.rcpt_to, tracking.campaign_id, tracking.tags,
                           tracking.metadata if tracking.include_metadata else None)
+        self._common = common
+        self._shared_length: int | None = None
         self._encode = codec.click_encoder(common)
         self._scheme, self._domain = tracking.click_tracking_scheme, tracking.tracking_domain
 
@@ -855,11 +901,43 @@ class _LinkRenderer:
         url = click_url(self._scheme, self._domain, self._encode(link.suffix), link.sublink)
         return url if len(url) <= MAX_URL_LENGTH else None
 
-    def open(self, slot: int) -> str:
+    def open(self, slot: int) -> str | None:
+        """The pixel's URL, or ``None`` if it would be too long (the pixel is then left out)."""
+        t = self.tracking
+        url = open_url(t.open_tracking_scheme, t.tracking_domain, self.codec.encode(self._open_data(slot)))
+        return url if len(url) <= MAX_URL_LENGTH else None
+
+    def _open_data(self, slot: int) -> LinkData:
         t, i = self.tracking, self.identity
-        data = LinkData("open" if slot == _OPEN else "initial_open", t.expiry, i.message_id,
+        return LinkData("open" if slot == _OPEN else "initial_open", t.expiry, i.message_id,
                         i.transmission_id, i.rcpt_to, t.campaign_id, t.tags, t.metadata)
-        return open_url(t.open_tracking_scheme, t.tracking_domain, self.codec.encode(data))
+
+    # Whether a URL would be too long, cheaply: a token is the unpadded base64 of a
+    # version and key id byte, its body and a 16-byte tag, and its body is the compact
+    # JSON of its fields, deflated only where that is shorter. So a URL whose
+    # undeflated length fits needs no encoding to know; only the others are encoded.
+
+    def click_too_long(self, link: Link) -> bool:
+        if self._shared_length is None:
+            self._shared_length = _json_length(self._common.to_array()[:8])
+        bound = (len(click_url(self._scheme, self._domain, "", link.sublink))
+                 + _token_length(self._shared_length + len(link.suffix)))
+        return bound > MAX_URL_LENGTH and self.click(link) is None
+
+    def open_too_long(self, slot: int) -> bool:
+        t = self.tracking
+        bound = (len(open_url(t.open_tracking_scheme, t.tracking_domain, ""))
+                 + _token_length(_json_length(self._open_data(slot).to_array())))
+        return bound > MAX_URL_LENGTH and self.open(slot) is None
+
+
+def _json_length(fields: list[Any]) -> int:
+    return len(json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def _token_length(body: int) -> int:
+    """The longest token a body of this many bytes gives (undeflated)."""
+    return -(-(2 + body + TAG_BYTES) * 4 // 3)
 
 
 # -- preparing a message --------------------------------------------------------------------------
@@ -938,7 +1016,9 @@ class CopyMaker:
             prepared = prepare(message)
         except Exception as e:  # a bug must not cost a message: deliver it as it came
             log.failure("could not prepare message {tid} for tracking", tid=key)
-            prepared = Prepared(message, [], [f"internal error: {type(e).__name__}"])
+            data = _without_msys_api(message)
+            prepared = Prepared(data, [], [f"internal error: {type(e).__name__}"],
+                                had_msys_api=len(data) != len(message))
         self._cache[key] = prepared
         self._bytes += prepared.size
         while self._bytes > self.max_bytes and len(self._cache) > 1:
@@ -951,15 +1031,36 @@ class CopyMaker:
         if old is not None:
             self._bytes -= old.size
 
+    def tracking_notes(self, prepared: Prepared, transmission_id: str, recipient: Any) -> list[str]:
+        """``Prepared.tracking_notes`` for one recipient of the spool's envelope."""
+        return prepared.tracking_notes(self.codec, _identity(transmission_id, recipient),
+                                       Tracking.from_dict(recipient.tracking))
+
     def __call__(self, queued: Any, index: int) -> bytes:
         prepared = self.prepared(queued)
         recipient = queued.envelope.recipients[index]
         tracking = Tracking.from_dict(recipient.tracking)
-        identity = Identity(recipient.message_id, queued.envelope.transmission_id,
-                            recipient.event_fields.get("rcpt_to", recipient.address.lower()))
+        identity = _identity(queued.envelope.transmission_id, recipient)
         try:
             return prepared.render(self.codec, identity, tracking)
         except Exception:
             log.failure("could not render the copy {mid}; delivering it untracked",
                         mid=recipient.message_id)
             return prepared.data
+
+
+def _identity(transmission_id: str, recipient: Any) -> Identity:
+    return Identity(recipient.message_id, transmission_id,
+                    recipient.event_fields.get("rcpt_to", recipient.address.lower()))
+
+
+def _without_msys_api(message: bytes) -> bytes:
+    """The message without its X-MSYS-API header, as far as its header can be read at all."""
+    fields: list[HeaderField] = []
+    try:
+        parse_header_block(message, 0, len(message), fields)
+    except MimeError:
+        pass  # the fields before the line that is not one
+    except Exception:
+        log.failure("could not read the header of a message to remove X-MSYS-API")
+    return strip_header(message, fields, "x-msys-api")

@@ -6,6 +6,7 @@ import base64
 import binascii
 import email
 import email.policy
+import hashlib
 import re
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance import rewrite
 from appliance.links import InvalidToken, Keyring, LinkCodec, LinkData
 from appliance.rewrite import (
     Change,
@@ -421,6 +423,112 @@ class BadInputTests(SynchronousTestCase):
         self.patch(maker, "codec", None)  # rendering now fails inside: the copy goes out untracked
         self.assertEqual(maker(Queued, 0), b"\r\nhttps://x.example/\r\n")
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
+    def test_copy_maker_survives_a_bug_in_prepare(self) -> None:
+        """The copy goes out untracked, and still without its X-MSYS-API header."""
+        class Queued:
+            class envelope:  # noqa: N801 - shaped like the spool's objects
+                transmission_id = "1"
+                recipients = [type("R", (), {"tracking": BOTH.to_dict(), "message_id": "m",
+                                             "address": "a@b", "event_fields": {}})()]
+
+        def broken(message: bytes) -> None:
+            raise ZeroDivisionError
+
+        self.patch(rewrite, "prepare", broken)
+        original = crlf('Subject: s\nX-MSYS-API: {"tags":\n ["a"]}\nTo: b@x\n\nhttps://x.example/\n')
+        maker = CopyMaker(lambda q: original, CODEC)
+        self.assertEqual(maker(Queued, 0), crlf("Subject: s\nTo: b@x\n\nhttps://x.example/\n"))
+        self.assertEqual(maker.prepared(Queued).skipped, ["internal error: ZeroDivisionError"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+def incompressible(length: int, seed: str = "", ascii: bool = False) -> str:
+    """Text that deflate can hardly shorten, so a token's length follows it."""
+    out: list[str] = []
+    block = seed.encode()
+    while len(out) < length:
+        block = hashlib.sha256(block).digest()
+        if ascii:  # six bits of chance in every character
+            out.extend(base64.urlsafe_b64encode(block).decode())
+        else:  # eight bits
+            out.extend(chr(0x100 + b) for b in block)
+    return "".join(out[:length])
+
+
+class LengthLimitTests(SynchronousTestCase):
+    """SPEC §6: a link over 4096 characters is never produced, and the copy's notes say why."""
+
+    PAGE = message(crlf("MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary=b\n\n--b\n"
+                        "Content-Type: text/plain\n\nhttps://x.example/t\n--b\n"),
+                   html_part('<html><body><a href="https://x.example/h">h</a></body></html>'),
+                   crlf("\n--b--\n"))
+
+    def test_large_metadata_leaves_the_pixels_out(self) -> None:
+        big = Tracking(**{**BOTH.__dict__, "metadata": {"k": incompressible(4000)}})
+        prepared = prepare(self.PAGE)
+        copy = prepared.render(CODEC, ID, big)
+        html = part_text(copy, "text/html")
+        assert html is not None
+        self.assertNotIn("<img", html)  # left out, not cut short
+        self.assertNotIn("/q/", html)
+        self.assertEqual(targets(html), [])  # click links carry the metadata too
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, big), [
+            "2 links left untracked: the tracked URL would be over 4096 characters",
+            "open and initial_open pixel left out: its URL would be over 4096 characters"])
+        for url in re.findall(r"https?://\S+", copy.decode()):
+            self.assertLessEqual(len(url), 4096)
+        # Without metadata in click links, the clicks are tracked and only the pixels go.
+        no_meta = Tracking(**{**big.__dict__, "include_metadata": False})
+        html = part_text(prepared.render(CODEC, ID, no_meta), "text/html")
+        assert html is not None
+        self.assertEqual(targets(html), ["https://x.example/h"])
+        self.assertNotIn("<img", html)
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, no_meta), [
+            "open and initial_open pixel left out: its URL would be over 4096 characters"])
+        # Nothing to say when everything fits, or when tracking is off.
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, BOTH), [])
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, OFF), [])
+
+    def test_long_targets_are_left_untracked(self) -> None:
+        tracked_too_long = "https://x.example/" + incompressible(3500)
+        over_the_limit = "https://x.example/" + "a" * 4100
+        data = message(crlf(
+            "MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary=b\n\n--b\n"
+            f"Content-Type: text/plain; charset=utf-8\n\n{tracked_too_long} {over_the_limit} "
+            f'{over_the_limit}[[data-msys-clicktrack="0"]] https://y.example/\n--b\n'),
+            html_part(f'<a href="{over_the_limit}">a</a><a href="https://z.example/">z</a>'
+                      f'<a href="{over_the_limit}" data-msys-clicktrack="0">b</a>'
+                      f'<a href="mailto:{over_the_limit}">c</a>'),
+            crlf("\n--b--\n"))
+        prepared = prepare(data)
+        copy = prepared.render(CODEC, ID, CLICK)
+        text, html = part_text(copy, "text/plain"), part_text(copy, "text/html")
+        assert text is not None and html is not None
+        self.assertIn(f"{tracked_too_long} {over_the_limit} {over_the_limit} ", text)
+        self.assertEqual(targets(text), ["https://y.example/"])
+        self.assertEqual(targets(html), ["https://z.example/"])
+        self.assertEqual(html.count(over_the_limit), 3)
+        # The links that would be tracked but for their length: one in text, then one of each.
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, CLICK), [
+            "3 links left untracked: the tracked URL would be over 4096 characters"])
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, OPEN), [])
+
+    def test_quick_length_check_agrees_with_encoding(self) -> None:
+        """Links are only encoded at injection when their undeflated length could be too long."""
+        outcomes = set()
+        for size in range(1200, 4100, 23):
+            for target in ("https://x.example/" + incompressible(size, str(size)),
+                           "https://x.example/" + incompressible(size, str(size), ascii=True),
+                           "https://x.example/" + "a" * size):
+                prepared = prepare(message(crlf(f"Content-Type: text/plain; charset=utf-8\n\n"
+                                                f"{target}\n")))
+                rendered = part_text(prepared.render(CODEC, ID, CLICK), "text/plain")
+                assert rendered is not None
+                tracked = targets(rendered) == [target]
+                self.assertEqual(prepared.tracking_notes(CODEC, ID, CLICK) == [], tracked, size)
+                outcomes.add((target.isascii(), tracked))
+        self.assertEqual(outcomes, {(True, True), (True, False), (False, True), (False, False)})
 
 
 class CacheTests(SynchronousTestCase):
