@@ -447,10 +447,11 @@ class Injector:
             tracking = Tracking.from_dict(rcpt.tracking)
             fields: dict[str, Any] = {"open_tracking": tracking.open_tracking,
                                       "click_tracking": tracking.click_tracking}
-            if prepared is not None:
-                if tracking.enabled and prepared.skipped:
+            if prepared is not None and self.copies is not None:
+                skipped = self.copies.tracking_notes(prepared, envelope.transmission_id, rcpt)
+                if skipped:
                     fields["tracking_skipped"] = True
-                    fields["tracking_skipped_reason"] = "; ".join(prepared.skipped)
+                    fields["tracking_skipped_reason"] = "; ".join(skipped)
                 if prepared.dkim_broken(tracking) and not resigned:
                     fields["dkim_broken"] = True
             try:

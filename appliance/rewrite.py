@@ -27,6 +27,7 @@ import binascii
 import bisect
 import codecs
 import html
+import json
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from twisted.logger import Logger
 from appliance.dkim import Signer
 from appliance.links import (
     MAX_URL_LENGTH,
+    TAG_BYTES,
     LinkCodec,
     LinkData,
     click_suffix,
@@ -202,6 +204,22 @@ def _ascii_alpha(c: str) -> bool:
 
 
 _CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[A-Za-z][A-Za-z0-9]*;?)")
+# No entity name is longer than this (``CounterClockwiseContourIntegral;``), so the
+# search for the longest one that prefixes a run of letters never looks further.
+_MAX_ENTITY = max(map(len, _HTML5_ENTITIES))
+# A numeric reference's value past this many significant digits is beyond U+10FFFF in
+# any base; ``int`` is not asked to convert such a number (it is slow, and refuses past
+# 4300 decimal digits).
+_MAX_NUMERIC_DIGITS = 8
+
+
+def _numeric_reference(ref: str) -> str:
+    """``&#...`` decoded as ``html.unescape`` does, for any number of digits."""
+    hexadecimal = ref[1:2] in ("x", "X")
+    digits = ref[2 if hexadecimal else 1:].rstrip(";").lstrip("0") or "0"
+    if len(digits) > _MAX_NUMERIC_DIGITS:
+        digits = "110000" if hexadecimal else "1114112"  # out of range: U+FFFD, as browsers do
+    return html.unescape(f"&#{'x' if hexadecimal else ''}{digits};")
 
 
 def unescape_attribute(value: str) -> str:
@@ -210,7 +228,8 @@ def unescape_attribute(value: str) -> str:
 
     Unlike ``html.unescape``, a named reference without ``;`` followed by
     ``=`` or a letter or digit stays literal in an attribute (HTML5 §13.2.5.73),
-    so ``?a=1&copy=2`` keeps its ``&copy``.
+    so ``?a=1&copy=2`` keeps its ``&copy``. Linear in the length of the value,
+    however long its runs of letters after ``&``.
     """
     if "&" not in value:
         return value
@@ -218,8 +237,8 @@ def unescape_attribute(value: str) -> str:
     def decode(m: re.Match[str]) -> str:
         ref = m.group(1)
         if ref[0] == "#":
-            return html.unescape(m.group(0))
-        for i in range(len(ref), 0, -1):
+            return _numeric_reference(ref)
+        for i in range(min(len(ref), _MAX_ENTITY), 0, -1):
             name = ref[:i]
             if name in _HTML5_ENTITIES:
                 if not name.endswith(";"):
@@ -252,16 +271,24 @@ _CLOSERS = {")": "(", "]": "[", "}": "{"}
 
 
 def _trim_url(url: str) -> str:
-    """Drop sentence punctuation after a URL in running text, and unbalanced closers."""
-    while url:
-        last = url[-1]
+    """
+    Drop sentence punctuation after a URL in running text, and unbalanced closers.
+
+    One pass from the end: a closer is dropped while the URL has more of it
+    than of its opener, counted once and updated as closers go.
+    """
+    excess = {closer: url.count(closer) - url.count(opener) for closer, opener in _CLOSERS.items()}
+    end = len(url)
+    while end:
+        last = url[end - 1]
         if last in _TRAILING:
-            url = url[:-1]
-        elif last in _CLOSERS and url.count(last) > url.count(_CLOSERS[last]):
-            url = url[:-1]
+            end -= 1
+        elif last in excess and excess[last] > 0:
+            excess[last] -= 1
+            end -= 1
         else:
-            return url
-    return url
+            break
+    return url[:end]
 
 
 # -- the compiled form ------------------------------------------------------------------------
@@ -324,6 +351,7 @@ class PreparedPart:
     dynamic: list[tuple[int, _Edit]]
     links: list[Link]  # distinct links, each with its index; rendered once per copy
     originals: dict[int, str]  # template index -> original text, for every edited piece
+    too_long: int  # links left untracked because their target is over MAX_URL_LENGTH
     static_changes: bool
     has_links: bool
     has_open_pixel: bool
@@ -395,10 +423,11 @@ def _link_name(value: str) -> str:
     return name.encode()[:MAX_LINK_NAME_BYTES].decode("utf-8", "ignore") or DEFAULT_LINK_NAME
 
 
-def html_edits(text: str) -> list[_Edit]:
-    """Every change tracking may make to an HTML text, in order."""
+def html_edits(text: str) -> tuple[list[_Edit], int]:
+    """Every change tracking may make to an HTML text, in order; and how many links are too long."""
     scan = scan_html(text)
     edits: list[_Edit] = []
+    too_long = 0
     for tag in scan.links:
         first: dict[str, Attribute] = {}
         for a in tag.attributes:
@@ -408,11 +437,15 @@ def html_edits(text: str) -> list[_Edit]:
         href = first.get("href")
         if href is None:
             continue
+        track = first.get("data-msys-clicktrack")
+        untracked = track is not None and unescape_attribute(track.value).strip() == "0"
+        if len(href.value) > MAX_URL_LENGTH:  # could never be tracked: not even decoded
+            too_long += not untracked and href.value.lstrip(_HTML_SPACE)[:8].lower().startswith(
+                ("http://", "https://"))
+            continue
         raw = expand_macros(href.value)
         target = unescape_attribute(raw).strip(_HTML_SPACE)
-        track = first.get("data-msys-clicktrack")
-        if ((track is not None and unescape_attribute(track.value).strip() == "0")
-                or not is_trackable_target(target) or len(target) > MAX_URL_LENGTH):
+        if untracked or not is_trackable_target(target):
             if raw != href.value:
                 edits.append(_Edit(href.value_start, href.value_end, raw))
             continue
@@ -428,12 +461,14 @@ def html_edits(text: str) -> list[_Edit]:
         edits.append(_Edit(scan.body_open_end, scan.body_open_end, slot=_INITIAL))
     close = scan.body_close if scan.body_close is not None else len(text)
     edits.append(_Edit(close, close, slot=_OPEN))
-    return _without_overlaps(edits, _macro_edits(text))
+    return _without_overlaps(edits, _macro_edits(text)), too_long
 
 
-def text_edits(text: str) -> list[_Edit]:
-    """Every change tracking may make to a plain text: URLs and their ``[[...]]`` suffixes."""
+def text_edits(text: str) -> tuple[list[_Edit], int]:
+    """Every change tracking may make to a plain text (URLs, ``[[...]]`` suffixes); and how many
+    URLs are too long to track."""
     edits: list[_Edit] = []
+    too_long = 0
     for m in _TEXT_URL.finditer(text):
         url, end = m.group(), m.end()
         attrs: dict[str, str] = {}
@@ -443,20 +478,23 @@ def text_edits(text: str) -> list[_Edit]:
             attrs.setdefault(s.group(1), s.group(2))
             end = s.end()
             s = _SUFFIX.match(text, end)
+        if end != suffix_start:
+            edits.append(_Edit(suffix_start, end))
+        if len(url) > MAX_URL_LENGTH:  # could never be tracked; its text stays as it is
+            too_long += attrs.get("clicktrack") != "0"
+            continue
         if end == suffix_start:
             url = _trim_url(url)
-        else:
-            edits.append(_Edit(suffix_start, end))
         start = m.start()
         raw = expand_macros(url)
-        if attrs.get("clicktrack") == "0" or not is_trackable_target(raw) or len(raw) > MAX_URL_LENGTH:
+        if attrs.get("clicktrack") == "0" or not is_trackable_target(raw):
             if raw != url:
                 edits.append(_Edit(start, start + len(url), raw))
             continue
         link = Link(raw, DEFAULT_LINK_NAME, attrs.get("sublink", "").strip(),
                     attrs.get("unsubscribe") == "1")
         edits.append(_Edit(start, start + len(url), raw, _LINK, link, quote=None))
-    return _without_overlaps(edits, _macro_edits(text))
+    return _without_overlaps(edits, _macro_edits(text)), too_long
 
 
 # -- MIME ---------------------------------------------------------------------------------------
@@ -479,27 +517,35 @@ def parse_header_block(data: bytes, start: int, end: int,
     given, then holds the fields before it.
     """
     fields: list[HeaderField] = [] if partial is None else partial
-    pos = start
-    while pos < end:
-        eol = data.find(b"\r\n", pos, end)
-        line_end = eol + 2 if eol >= 0 else end
-        line = data[pos:eol if eol >= 0 else end]
-        if not line:
-            return fields, line_end
-        if line[:1] in (b" ", b"\t"):
-            if not fields:
-                raise MimeError("a header block starts with a continuation line")
-            f = fields[-1]
-            f.value += line.decode("latin-1")
-            f.end = line_end
-        else:
-            colon = line.find(b":")
-            if colon <= 0 or not re.fullmatch(rb"[!-9;-~]+", line[:colon].rstrip(b" \t")):
-                raise MimeError(f"not a header field: {line[:40]!r}")
-            fields.append(HeaderField(line[:colon].rstrip(b" \t").decode("ascii").lower(),
-                                      line[colon + 1:].decode("latin-1"), pos, line_end))
-        pos = line_end
-    return fields, end
+    folded: list[tuple[HeaderField, int]] = []  # fields with continuation lines, value start
+    value_start = pos = start
+    try:
+        while pos < end:
+            eol = data.find(b"\r\n", pos, end)
+            line_end = eol + 2 if eol >= 0 else end
+            line = data[pos:eol if eol >= 0 else end]
+            if not line:
+                return fields, line_end
+            if line[:1] in (b" ", b"\t"):
+                if not fields:
+                    raise MimeError("a header block starts with a continuation line")
+                f = fields[-1]
+                if not folded or folded[-1][0] is not f:
+                    folded.append((f, value_start))
+                f.end = line_end
+            else:
+                colon = line.find(b":")
+                if colon <= 0 or not re.fullmatch(rb"[!-9;-~]+", line[:colon].rstrip(b" \t")):
+                    raise MimeError(f"not a header field: {line[:40]!r}")
+                value_start = pos + colon + 1
+                fields.append(HeaderField(line[:colon].rstrip(b" \t").decode("ascii").lower(),
+                                          line[colon + 1:].decode("latin-1"), pos, line_end))
+            pos = line_end
+        return fields, end
+    finally:
+        # Unfolded once at the end: appending line by line costs quadratic time.
+        for f, value_start in folded:
+            f.value = data[value_start:f.end].replace(b"\r\n", b"").decode("latin-1")
 
 
 @dataclass
@@ -637,7 +683,7 @@ def prepare_part(data: bytes, c: _Candidate, top_level: bool) -> PreparedPart:
         raise PartSkipped(f"it is not valid {c.info.get_content_charset() or 'us-ascii'}") from None
     if "\x00" in text:
         raise PartSkipped("it contains NUL characters")
-    edits = html_edits(text) if c.kind == "html" else text_edits(text)
+    edits, too_long = html_edits(text) if c.kind == "html" else text_edits(text)
     template, dynamic, originals, static_changes = _compile_text(text, charset, edits)
     links: dict[Link, Link] = {}
     for _, e in dynamic:
@@ -653,8 +699,9 @@ def prepare_part(data: bytes, c: _Candidate, top_level: bool) -> PreparedPart:
     return PreparedPart(
         kind=c.kind, start=c.start, body_start=c.body_start, end=c.end,
         header=data[c.start:c.body_start], qp_header=_qp_header(data, c, top_level),
-        cte=cte, charset=charset, template=template, dynamic=dynamic, links=list(links),
+        cte=cte, charset=charset, template=template, dynamic=dynamic, links=list(links.values()),
         originals=originals,
+        too_long=too_long,
         static_changes=static_changes,
         has_links=any(e.slot == _LINK for _, e in dynamic),
         has_open_pixel=any(e.slot == _OPEN for _, e in dynamic),
@@ -739,6 +786,36 @@ class Prepared:
             return False
         return self.changes_body(tracking) or (self.had_msys_api and self.dkim_signs_msys_api)
 
+    def tracking_notes(self, codec: LinkCodec, identity: Identity, tracking: Tracking) -> list[str]:
+        """
+        Why one recipient's copy is tracked less than its settings ask, if it is.
+
+        The message's skipped parts, and the links and pixels whose URLs would
+        be over 4096 characters with this recipient's campaign, tags and
+        metadata (SPEC §6: such a link is never produced).
+        """
+        if not tracking.enabled:
+            return []
+        notes = list(self.skipped)
+        if not self.changes_body(tracking) and not any(p.too_long for p in self.parts):
+            return notes
+        links = _LinkRenderer(codec, identity, tracking)
+        if tracking.click_tracking:
+            untracked = sum(part.too_long for part in self.parts) + sum(
+                links.click_too_long(link) for part in self.parts for link in part.links)
+            if untracked:
+                notes.append(f"{untracked} link{'s' if untracked > 1 else ''} left untracked: "
+                             f"the tracked URL would be over {MAX_URL_LENGTH} characters")
+        if tracking.open_tracking:
+            slots = {e.slot for part in self.parts for _, e in part.dynamic
+                     if e.slot == _OPEN or e.slot == _INITIAL and tracking.initial_open}
+            left_out = [slot for slot in sorted(slots) if links.open_too_long(slot)]
+            if left_out:
+                names = " and ".join("open" if slot == _OPEN else "initial_open" for slot in left_out)
+                notes.append(f"{names} pixel left out: its URL would be over "
+                             f"{MAX_URL_LENGTH} characters")
+        return notes
+
     def render(self, codec: LinkCodec, identity: Identity, tracking: Tracking,
                changes: list[Change] | None = None) -> bytes:
         """One recipient's copy; ``changes`` (if given) receives every difference made."""
@@ -773,8 +850,10 @@ class Prepared:
                     if url is not None:
                         pieces[index] = (_attribute_safe(url) if edit.quote is not None else url).encode()
             elif tracking.open_tracking and (edit.slot == _OPEN or tracking.initial_open):
-                pixel = OPEN_PIXEL if edit.slot == _OPEN else INITIAL_PIXEL
-                pieces[index] = pixel.format(links.open(edit.slot)).encode()
+                url = links.open(edit.slot)
+                if url is not None:  # else left out: tracking_notes says so
+                    pixel = OPEN_PIXEL if edit.slot == _OPEN else INITIAL_PIXEL
+                    pieces[index] = pixel.format(url).encode()
         raw = b"".join(pieces)
         if changes is not None:
             _record(part, pieces, changes)
@@ -818,6 +897,8 @@ class _LinkRenderer:
         common = LinkData("click", tracking.expiry, identity.message_id, identity.transmission_id,
                           identity.rcpt_to, tracking.campaign_id, tracking.tags,
                           tracking.metadata if tracking.include_metadata else None)
+        self._common = common
+        self._shared_length: int | None = None
         self._encode = codec.click_encoder(common)
         self._scheme, self._domain = tracking.click_tracking_scheme, tracking.tracking_domain
 
@@ -826,11 +907,43 @@ class _LinkRenderer:
         url = click_url(self._scheme, self._domain, self._encode(link.suffix), link.sublink)
         return url if len(url) <= MAX_URL_LENGTH else None
 
-    def open(self, slot: int) -> str:
+    def open(self, slot: int) -> str | None:
+        """The pixel's URL, or ``None`` if it would be too long (the pixel is then left out)."""
+        t = self.tracking
+        url = open_url(t.open_tracking_scheme, t.tracking_domain, self.codec.encode(self._open_data(slot)))
+        return url if len(url) <= MAX_URL_LENGTH else None
+
+    def _open_data(self, slot: int) -> LinkData:
         t, i = self.tracking, self.identity
-        data = LinkData("open" if slot == _OPEN else "initial_open", t.expiry, i.message_id,
+        return LinkData("open" if slot == _OPEN else "initial_open", t.expiry, i.message_id,
                         i.transmission_id, i.rcpt_to, t.campaign_id, t.tags, t.metadata)
-        return open_url(t.open_tracking_scheme, t.tracking_domain, self.codec.encode(data))
+
+    # Whether a URL would be too long, cheaply: a token is the unpadded base64 of a
+    # version and key id byte, its body and a 16-byte tag, and its body is the compact
+    # JSON of its fields, deflated only where that is shorter. So a URL whose
+    # undeflated length fits needs no encoding to know; only the others are encoded.
+
+    def click_too_long(self, link: Link) -> bool:
+        if self._shared_length is None:
+            self._shared_length = _json_length(self._common.to_array()[:8])
+        bound = (len(click_url(self._scheme, self._domain, "", link.sublink))
+                 + _token_length(self._shared_length + len(link.suffix)))
+        return bound > MAX_URL_LENGTH and self.click(link) is None
+
+    def open_too_long(self, slot: int) -> bool:
+        t = self.tracking
+        bound = (len(open_url(t.open_tracking_scheme, t.tracking_domain, ""))
+                 + _token_length(_json_length(self._open_data(slot).to_array())))
+        return bound > MAX_URL_LENGTH and self.open(slot) is None
+
+
+def _json_length(fields: list[Any]) -> int:
+    return len(json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def _token_length(body: int) -> int:
+    """The longest token a body of this many bytes gives (undeflated)."""
+    return -(-(2 + body + TAG_BYTES) * 4 // 3)
 
 
 # -- preparing a message --------------------------------------------------------------------------
@@ -910,7 +1023,9 @@ class CopyMaker:
             prepared = prepare(message)
         except Exception as e:  # a bug must not cost a message: deliver it as it came
             log.failure("could not prepare message {tid} for tracking", tid=key)
-            prepared = Prepared(message, [], [f"internal error: {type(e).__name__}"])
+            data = _without_msys_api(message)
+            prepared = Prepared(data, [], [f"internal error: {type(e).__name__}"],
+                                had_msys_api=len(data) != len(message))
         self._cache[key] = prepared
         self._bytes += prepared.size
         while self._bytes > self.max_bytes and len(self._cache) > 1:
@@ -923,12 +1038,16 @@ class CopyMaker:
         if old is not None:
             self._bytes -= old.size
 
+    def tracking_notes(self, prepared: Prepared, transmission_id: str, recipient: Any) -> list[str]:
+        """``Prepared.tracking_notes`` for one recipient of the spool's envelope."""
+        return prepared.tracking_notes(self.codec, _identity(transmission_id, recipient),
+                                       Tracking.from_dict(recipient.tracking))
+
     def __call__(self, queued: Any, index: int) -> bytes:
         prepared = self.prepared(queued)
         recipient = queued.envelope.recipients[index]
         tracking = Tracking.from_dict(recipient.tracking)
-        identity = Identity(recipient.message_id, queued.envelope.transmission_id,
-                            recipient.event_fields.get("rcpt_to", recipient.address.lower()))
+        identity = _identity(queued.envelope.transmission_id, recipient)
         try:
             copy = prepared.render(self.codec, identity, tracking)
         except Exception:
@@ -942,3 +1061,20 @@ class CopyMaker:
     def resigns(self, prepared: Prepared) -> bool:
         """Whether the copies of this message get the appliance's own DKIM signature."""
         return self.signer is not None and self.signer.signs(prepared.data)
+
+
+def _identity(transmission_id: str, recipient: Any) -> Identity:
+    return Identity(recipient.message_id, transmission_id,
+                    recipient.event_fields.get("rcpt_to", recipient.address.lower()))
+
+
+def _without_msys_api(message: bytes) -> bytes:
+    """The message without its X-MSYS-API header, as far as its header can be read at all."""
+    fields: list[HeaderField] = []
+    try:
+        parse_header_block(message, 0, len(message), fields)
+    except MimeError:
+        pass  # the fields before the line that is not one
+    except Exception:
+        log.failure("could not read the header of a message to remove X-MSYS-API")
+    return strip_header(message, fields, "x-msys-api")

@@ -23,6 +23,8 @@ from appliance.config import EngagementTrackerConfig, SmtpapiConfig, is_host_por
 HEADER = "X-MSYS-API"
 MAX_CAMPAIGN_ID_BYTES = 64
 MAX_TAGS = 10  # Momentum keeps the first ten and ignores the rest
+MAX_TAG_BYTES = 64  # SparkPost's limit; every tag rides in every tracked link of the copy
+MAX_NESTING = 100  # arrays and objects inside each other; JSON tools recurse on them
 
 
 class MsysApiError(ValueError):
@@ -101,14 +103,40 @@ def _compact_size(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
 
 
-def _has_newline(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\r" in value or "\n" in value
-    if isinstance(value, dict):
-        return any(_has_newline(k) or _has_newline(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_newline(v) for v in value)
-    return False
+def _string_problem(value: Any) -> str | None:
+    """
+    What is wrong with the strings of a parsed JSON value, if anything.
+
+    A CR or LF could end a header line; a lone surrogate (``"\\ud800"``) is
+    not text and fails wherever the value is written as UTF-8 (spool, event
+    log, links). Walked without recursion, and nesting is bounded, because
+    everything that later serialises the value recurses.
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\r" in item or "\n" in item:
+                return "must not contain CR or LF"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "must not contain a lone surrogate (not Unicode text)"
+        elif isinstance(item, dict | list):
+            if depth >= MAX_NESTING:
+                return f"must not be nested more than {MAX_NESTING} levels deep"
+            if isinstance(item, dict):
+                stack.extend((k, depth) for k in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+    return None
+
+
+def _check_tags(tags: list[str]) -> str | None:
+    if any(len(t.encode()) > MAX_TAG_BYTES for t in tags):
+        return f"must not contain a tag longer than {MAX_TAG_BYTES} bytes"
+    return None
 
 
 def _field_name(name: str) -> str:
@@ -145,6 +173,8 @@ def parse_msys_api(values: list[str], max_metadata_len: int) -> MsysApi:
         raise MsysApiError(f"{HEADER} has an encoded word that cannot be decoded") from None
     try:
         data = _loads(text)
+    except RecursionError:
+        raise MsysApiError(f"{HEADER} is nested too deeply") from None
     except ValueError:
         raise MsysApiError(f"{HEADER} is not valid JSON") from None
     if not isinstance(data, dict):
@@ -154,8 +184,9 @@ def parse_msys_api(values: list[str], max_metadata_len: int) -> MsysApi:
         return MsysApiError(f"{HEADER} '{name}' must be of type '{kind}'")
 
     for name, value in data.items():
-        if _has_newline(name) or _has_newline(value):
-            raise MsysApiError(f"{HEADER} '{_field_name(name)}' must not contain CR or LF")
+        problem = _string_problem(name) or _string_problem(value)
+        if problem:
+            raise MsysApiError(f"{HEADER} '{_field_name(name)}' {problem}")
 
     options = data.get("options", {})
     if not isinstance(options, dict):
@@ -190,6 +221,9 @@ def parse_msys_api(values: list[str], max_metadata_len: int) -> MsysApi:
         if not all(isinstance(t, str) for t in tags):
             raise MsysApiError(f"{HEADER} 'tags' must be an array of strings")
         tags = tuple(tags[:MAX_TAGS])
+        problem = _check_tags(list(tags))
+        if problem:
+            raise MsysApiError(f"{HEADER} 'tags' {problem}")
 
     return MsysApi(open_tracking=flags["open_tracking"], click_tracking=flags["click_tracking"],
                    campaign_id=campaign_id, metadata=metadata, tags=tags)
@@ -225,12 +259,15 @@ def _context_bool(name: str, value: str) -> bool:
 def _context_json(name: str, value: str, kind: type) -> Any:
     try:
         data = _loads(value)
+    except RecursionError:
+        raise PolicyValueError(f"{name} is nested too deeply") from None
     except ValueError:
         raise PolicyValueError(f"{name} is not valid JSON: {value[:80]!r}") from None
     if not isinstance(data, kind):
         raise PolicyValueError(f"{name} must be a JSON {'object' if kind is dict else 'array'}")
-    if _has_newline(data):
-        raise PolicyValueError(f"{name} must not contain CR or LF")
+    problem = _string_problem(data)
+    if problem:
+        raise PolicyValueError(f"{name} {problem}")
     return data
 
 
@@ -258,6 +295,10 @@ def parse_context(context: Mapping[str, Any], max_metadata_len: int) -> ContextS
         value = context[name]
         if not isinstance(value, str):
             raise PolicyValueError(f"{name} must be a string, got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PolicyValueError(f"{name} must not contain a lone surrogate (not Unicode text)") from None
         key = name.removeprefix("smtpapi_")
         if key in ("open_tracking", "click_tracking"):
             values[key] = _context_bool(name, value)
@@ -277,6 +318,9 @@ def parse_context(context: Mapping[str, Any], max_metadata_len: int) -> ContextS
             if not all(isinstance(t, str) for t in tags):
                 raise PolicyValueError(f"{name} must be a JSON array of strings")
             values[key] = tuple(tags[:MAX_TAGS])
+            problem = _check_tags(list(values[key]))
+            if problem:
+                raise PolicyValueError(f"{name} {problem}")
         elif key in ("open_tracking_scheme", "click_tracking_scheme"):
             if value not in ("http", "https"):
                 raise PolicyValueError(f"{name} must be \"http\" or \"https\", got {value!r}")

@@ -105,6 +105,17 @@ class PolicyTests(SynchronousTestCase):
 
         self.assertEqual(self.successResultOf(self.verdict(bad_value)).code, 451)
 
+    def test_values_nothing_could_store_are_temporary_failures(self) -> None:
+        """Half a character or JSON nested past recursion is a bad value, not a crash."""
+        for name, value in (("smtpapi_campaign_id", "\ud800"), ("smtpapi_tags", '["\\udfff"]'),
+                            ("smtpapi_metadata", '{"a":' * 5000 + "1" + "}" * 5000)):
+            def hook(envelope: Any, client: str, user: Any, headers: Message, context: dict,
+                     name: str = name, value: str = value) -> None:
+                context[name] = value
+
+            self.assertEqual(self.successResultOf(self.verdict(hook)),
+                             Verdict(451, "4.3.5 Policy not available, try again later"))
+
 
 class LoadTests(SynchronousTestCase):
     def test_shipped_example(self) -> None:

@@ -6,7 +6,10 @@ import base64
 import binascii
 import email
 import email.policy
+import hashlib
 import re
+import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any
 
@@ -15,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance import rewrite
 from appliance.links import InvalidToken, Keyring, LinkCodec, LinkData
 from appliance.rewrite import (
     Change,
@@ -420,6 +424,112 @@ class BadInputTests(SynchronousTestCase):
         self.assertEqual(maker(Queued, 0), b"\r\nhttps://x.example/\r\n")
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
 
+    def test_copy_maker_survives_a_bug_in_prepare(self) -> None:
+        """The copy goes out untracked, and still without its X-MSYS-API header."""
+        class Queued:
+            class envelope:  # noqa: N801 - shaped like the spool's objects
+                transmission_id = "1"
+                recipients = [type("R", (), {"tracking": BOTH.to_dict(), "message_id": "m",
+                                             "address": "a@b", "event_fields": {}})()]
+
+        def broken(message: bytes) -> None:
+            raise ZeroDivisionError
+
+        self.patch(rewrite, "prepare", broken)
+        original = crlf('Subject: s\nX-MSYS-API: {"tags":\n ["a"]}\nTo: b@x\n\nhttps://x.example/\n')
+        maker = CopyMaker(lambda q: original, CODEC)
+        self.assertEqual(maker(Queued, 0), crlf("Subject: s\nTo: b@x\n\nhttps://x.example/\n"))
+        self.assertEqual(maker.prepared(Queued).skipped, ["internal error: ZeroDivisionError"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+def incompressible(length: int, seed: str = "", ascii: bool = False) -> str:
+    """Text that deflate can hardly shorten, so a token's length follows it."""
+    out: list[str] = []
+    block = seed.encode()
+    while len(out) < length:
+        block = hashlib.sha256(block).digest()
+        if ascii:  # six bits of chance in every character
+            out.extend(base64.urlsafe_b64encode(block).decode())
+        else:  # eight bits
+            out.extend(chr(0x100 + b) for b in block)
+    return "".join(out[:length])
+
+
+class LengthLimitTests(SynchronousTestCase):
+    """SPEC §6: a link over 4096 characters is never produced, and the copy's notes say why."""
+
+    PAGE = message(crlf("MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary=b\n\n--b\n"
+                        "Content-Type: text/plain\n\nhttps://x.example/t\n--b\n"),
+                   html_part('<html><body><a href="https://x.example/h">h</a></body></html>'),
+                   crlf("\n--b--\n"))
+
+    def test_large_metadata_leaves_the_pixels_out(self) -> None:
+        big = Tracking(**{**BOTH.__dict__, "metadata": {"k": incompressible(4000)}})
+        prepared = prepare(self.PAGE)
+        copy = prepared.render(CODEC, ID, big)
+        html = part_text(copy, "text/html")
+        assert html is not None
+        self.assertNotIn("<img", html)  # left out, not cut short
+        self.assertNotIn("/q/", html)
+        self.assertEqual(targets(html), [])  # click links carry the metadata too
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, big), [
+            "2 links left untracked: the tracked URL would be over 4096 characters",
+            "open and initial_open pixel left out: its URL would be over 4096 characters"])
+        for url in re.findall(r"https?://\S+", copy.decode()):
+            self.assertLessEqual(len(url), 4096)
+        # Without metadata in click links, the clicks are tracked and only the pixels go.
+        no_meta = Tracking(**{**big.__dict__, "include_metadata": False})
+        html = part_text(prepared.render(CODEC, ID, no_meta), "text/html")
+        assert html is not None
+        self.assertEqual(targets(html), ["https://x.example/h"])
+        self.assertNotIn("<img", html)
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, no_meta), [
+            "open and initial_open pixel left out: its URL would be over 4096 characters"])
+        # Nothing to say when everything fits, or when tracking is off.
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, BOTH), [])
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, OFF), [])
+
+    def test_long_targets_are_left_untracked(self) -> None:
+        tracked_too_long = "https://x.example/" + incompressible(3500)
+        over_the_limit = "https://x.example/" + "a" * 4100
+        data = message(crlf(
+            "MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary=b\n\n--b\n"
+            f"Content-Type: text/plain; charset=utf-8\n\n{tracked_too_long} {over_the_limit} "
+            f'{over_the_limit}[[data-msys-clicktrack="0"]] https://y.example/\n--b\n'),
+            html_part(f'<a href="{over_the_limit}">a</a><a href="https://z.example/">z</a>'
+                      f'<a href="{over_the_limit}" data-msys-clicktrack="0">b</a>'
+                      f'<a href="mailto:{over_the_limit}">c</a>'),
+            crlf("\n--b--\n"))
+        prepared = prepare(data)
+        copy = prepared.render(CODEC, ID, CLICK)
+        text, html = part_text(copy, "text/plain"), part_text(copy, "text/html")
+        assert text is not None and html is not None
+        self.assertIn(f"{tracked_too_long} {over_the_limit} {over_the_limit} ", text)
+        self.assertEqual(targets(text), ["https://y.example/"])
+        self.assertEqual(targets(html), ["https://z.example/"])
+        self.assertEqual(html.count(over_the_limit), 3)
+        # The links that would be tracked but for their length: one in text, then one of each.
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, CLICK), [
+            "3 links left untracked: the tracked URL would be over 4096 characters"])
+        self.assertEqual(prepared.tracking_notes(CODEC, ID, OPEN), [])
+
+    def test_quick_length_check_agrees_with_encoding(self) -> None:
+        """Links are only encoded at injection when their undeflated length could be too long."""
+        outcomes = set()
+        for size in range(1200, 4100, 23):
+            for target in ("https://x.example/" + incompressible(size, str(size)),
+                           "https://x.example/" + incompressible(size, str(size), ascii=True),
+                           "https://x.example/" + "a" * size):
+                prepared = prepare(message(crlf(f"Content-Type: text/plain; charset=utf-8\n\n"
+                                                f"{target}\n")))
+                rendered = part_text(prepared.render(CODEC, ID, CLICK), "text/plain")
+                assert rendered is not None
+                tracked = targets(rendered) == [target]
+                self.assertEqual(prepared.tracking_notes(CODEC, ID, CLICK) == [], tracked, size)
+                outcomes.add((target.isascii(), tracked))
+        self.assertEqual(outcomes, {(True, True), (True, False), (False, True), (False, False)})
+
 
 class CacheTests(SynchronousTestCase):
     def test_one_parse_per_message(self) -> None:
@@ -450,6 +560,126 @@ class CacheTests(SynchronousTestCase):
         maker(Queued("2"), 0)  # the cache holds one message of this size: "1" is evicted
         self.assertEqual(maker(first, 1), copies[1])  # prepared again: the same copy
         self.assertEqual(reads, ["1", "2", "1"])
+
+
+# -- adversarial input ---------------------------------------------------------------------------
+
+ADVERSARIAL_SIZE = 1024 * 1024
+
+
+def cpu_seconds(work: Callable[[], object], runs: int = 3) -> float:
+    """The least CPU time of some runs: the figure least disturbed by other work on the machine."""
+    best = float("inf")
+    for _ in range(runs):
+        start = time.process_time()
+        work()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def base64_message(text: str) -> bytes:
+    """Both parts carry ``text``, base64-encoded, so no line length limit applies to it."""
+    body = base64.encodebytes(text.encode()).replace(b"\n", b"\r\n")
+    return message(crlf("MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary=b\n\n"
+                        "--b\nContent-Type: text/plain; charset=utf-8\n"
+                        "Content-Transfer-Encoding: base64\n\n"), body,
+                   crlf("--b\nContent-Type: text/html; charset=utf-8\n"
+                        "Content-Transfer-Encoding: base64\n\n"), body, crlf("--b--\n"))
+
+
+def repeated(piece: str, size: int = ADVERSARIAL_SIZE) -> str:
+    return piece * (size // len(piece))
+
+
+# What an ordinary newsletter looks like, at the same size: many links, entities, tags.
+BENIGN = repeated('<p class="x">Our offer &amp; more: <a href="https://shop.example/p?id=1&amp;u=2">'
+                  'buy</a> or read https://shop.example/t, (see https://x.example/a_(b)).</p>\n')
+
+# Inputs built to find super-linear paths in the scanner, the entity decoder, the text URL
+# finder and its trimming; each is about as large as BENIGN.
+ADVERSARIAL = {
+    "runs of <": repeated("<"),
+    "runs of &": repeated("&"),
+    'runs of "': repeated('"'),
+    "runs of '": repeated("'"),
+    "runs of [[": repeated("[["),
+    "runs of {{": repeated("{{"),
+    "{{ and white space": repeated("{{" + " " * 60),
+    "runs of http://": repeated("http://"),
+    "nested brackets": "https://x/" + "(" * (ADVERSARIAL_SIZE // 2) + ")" * (ADVERSARIAL_SIZE // 2),
+    "a URL and closers": "https://x/" + repeated(")"),
+    "a URL and punctuation": "https://x/" + repeated(".)]}"),
+    "many URLs and closers": repeated("https://x/))))))) "),
+    "suffixes that never close": repeated('https://x/[[data-msys-clicktrack="' + "y" * 40),
+    "a long entity name in href": '<a href="&' + repeated("a") + '">x</a>',
+    "a long entity name in an attribute": '<a href="https://x/" data-msys-linkname="&'
+                                          + repeated("a") + '">x</a>',
+    "a long numeric reference": '<a href="https://x/&#' + repeated("1") + ';">x</a>',
+    "many numeric references": repeated('<a href="https://x/&#00000000000000000000065;">x</a>'),
+    "runs of <a": repeated("<a ") + ">",
+    "runs of <!": repeated("<!") + ">",
+    "runs of <!--": repeated("<!-") + "-->",
+    "runs of </": repeated("</") + ">",
+    "runs of <script>": repeated("<script>") + "</script>",
+    "an unclosed quote in a tag": '<a href="' + repeated("<a ") + "\">",
+}
+
+
+class AdversarialInputTests(SynchronousTestCase):
+    """
+    Preparing a message runs on the reactor thread: its cost must be linear in its size.
+
+    Each adversarial input of about 1 MiB must cost at most a generous multiple of an
+    ordinary message of the same size, measured in the same test; a quadratic path
+    costs thousands of times more at this size (minutes instead of milliseconds).
+    """
+
+    BOUND = 20  # the worst of these measures about 2
+
+    def assertLinear(self, label: str, work: Callable[[], object], baseline: float) -> None:
+        limit = self.BOUND * max(baseline, 0.005)
+        cost = cpu_seconds(work, runs=1)
+        if cost > limit:  # perhaps disturbed: the least of three runs decides
+            cost = min(cost, cpu_seconds(work, runs=2))
+        self.assertLessEqual(cost, limit,
+                             f"{label}: {cost:.3f} s against {baseline:.3f} s for ordinary input")
+
+    def test_prepare(self) -> None:
+        baseline = cpu_seconds(lambda: prepare(base64_message(BENIGN)))
+        for label, text in ADVERSARIAL.items():
+            data = base64_message(text)
+            self.assertLinear(label, lambda data=data: prepare(data), baseline)  # type: ignore[misc]
+
+    def test_unescape_attribute(self) -> None:
+        baseline = cpu_seconds(lambda: unescape_attribute(repeated("a&amp;b&copy=")))
+        for label, value in [("a run of letters", "&" + repeated("a")),
+                             ("runs of letters", repeated("&" + "a" * 200 + " ")),
+                             ("a long number", "&#" + repeated("1")),
+                             ("a long hexadecimal number", "&#x" + repeated("f"))]:
+            self.assertLinear(label, lambda value=value: unescape_attribute(value),  # type: ignore[misc]
+                              baseline)
+
+    def test_header_with_many_continuation_lines(self) -> None:
+        ordinary = base64_message(BENIGN)
+        per_byte = cpu_seconds(lambda: prepare(ordinary)) / len(ordinary)
+        folded = message(crlf("X-Long: a\n" + repeated(" b\n", 4 * ADVERSARIAL_SIZE) + "\n"),
+                         crlf("https://x.example/\n"))
+        self.assertLinear("continuation lines", lambda: prepare(folded), per_byte * len(folded))
+
+    def test_long_numeric_references_decode(self) -> None:
+        self.assertEqual(unescape_attribute("&#" + "0" * 5000 + "65;"), "A")
+        self.assertEqual(unescape_attribute("&#x" + "0" * 5000 + "41"), "A")
+        self.assertEqual(unescape_attribute("&#" + "9" * 5000 + ";x"), "\ufffdx")
+        self.assertEqual(unescape_attribute("&#x110000;"), "\ufffd")
+
+    def test_long_text_urls_are_left_alone(self) -> None:
+        """A URL too long to track stays exactly as written: not trimmed, not tracked."""
+        long_url = "https://x.example/" + "a" * 5000 + ")."
+        data = message(crlf(f"Content-Type: text/plain\n\nsee {long_url} and https://y.example/.\n"))
+        text = part_text(render(data), "text/plain")
+        assert text is not None
+        self.assertIn(f"see {long_url} and", text)
+        self.assertEqual(targets(text), ["https://y.example/"])
 
 
 # -- properties ------------------------------------------------------------------------------

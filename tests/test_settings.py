@@ -121,6 +121,44 @@ class MsysApiTests(SynchronousTestCase):
             self.refused(b"X-MSYS-API: " + value + b"\r\n",
                          f"X-MSYS-API '{name}' must not contain CR or LF")
 
+    def test_lone_surrogates_in_any_string(self) -> None:
+        """JSON escapes can name half a character: not text, so nothing could write it."""
+        for value, name in ((rb'{"campaign_id":"\ud800"}', "campaign_id"),
+                            (rb'{"tags":["ok","a\udfffb"]}', "tags"),
+                            (rb'{"metadata":{"k":{"\ud800":1}}}', "metadata"),
+                            (rb'{"ignored":["\udbff"]}', "ignored"),
+                            (rb'{"\ud800":1}', "?")):
+            self.refused(b"X-MSYS-API: " + value + b"\r\n",
+                         f"X-MSYS-API '{name}' must not contain a lone surrogate (not Unicode text)")
+        # A pair of escapes is one character, and fine.
+        self.assertEqual(parse(rb'X-MSYS-API: {"campaign_id":"\ud83d\ude00"}' + b"\r\n").campaign_id,
+                         "\U0001f600")
+
+    def test_nesting(self) -> None:
+        def nested(depth: int) -> bytes:
+            return b"[" * depth + b"]" * depth
+
+        # Folded over many lines, a header can nest deeper than the JSON parser recurses.
+        text = b'{"x":' + nested(4000) + b"}"
+        deep = b"\r\n ".join(text[i:i + 900] for i in range(0, len(text), 900))
+        self.refused(b"X-MSYS-API: " + deep + b"\r\n", "X-MSYS-API is nested too deeply")
+        self.refused(b'X-MSYS-API: {"x":' + nested(101) + b"}\r\n",
+                     "X-MSYS-API 'x' must not be nested more than 100 levels deep")
+        self.refused(b'X-MSYS-API: {"metadata":' + b'{"a":' * 101 + b"1" + b"}" * 102 + b"\r\n",
+                     "X-MSYS-API 'metadata' must not be nested more than 100 levels deep")
+        self.assertEqual(parse(b'X-MSYS-API: {"x":' + nested(100) + b', "campaign_id":"c"}\r\n'
+                               ).campaign_id, "c")
+
+    def test_tag_length_in_bytes(self) -> None:
+        ok = "é" * 32  # 64 bytes
+        self.assertEqual(parse(f'X-MSYS-API: {{"tags":["{ok}"]}}\r\n'.encode()).tags, (ok,))
+        self.refused(f'X-MSYS-API: {{"tags":["a","{ok}x"]}}\r\n'.encode(),
+                     "X-MSYS-API 'tags' must not contain a tag longer than 64 bytes")
+        # Tags past the tenth are ignored, however long.
+        tags = [f"t{i}" for i in range(10)] + ["x" * 100]
+        raw = ('X-MSYS-API: {"tags":[' + ",".join(f'"{t}"' for t in tags) + "]}\r\n").encode()
+        self.assertEqual(parse(raw).tags, tuple(tags[:10]))
+
     def test_more_than_ten_tags(self) -> None:
         tags = [f"t{i}" for i in range(14)]
         raw = ('X-MSYS-API: {"tags":[' + ",".join(f'"{t}"' for t in tags) + "]}\r\n").encode()
@@ -151,6 +189,11 @@ class ContextTests(SynchronousTestCase):
                             ("smtpapi_metadata", "[1]"), ("smtpapi_metadata", "{"),
                             ("smtpapi_metadata", '{"k":"' + "v" * 200 + '"}'),
                             ("smtpapi_tags", '{"a":1}'), ("smtpapi_tags", "[1]"),
+                            ("smtpapi_tags", '["' + "x" * 65 + '"]'),
+                            ("smtpapi_tags", '["\\ud800"]'), ("smtpapi_metadata", '{"\\udc00":1}'),
+                            ("smtpapi_campaign_id", "\ud800"), ("smtpapi_tracking_domain", "\ud800"),
+                            ("smtpapi_metadata", '{"a":' * 2000 + "1" + "}" * 2000),
+                            ("smtpapi_metadata", '{"a":' + "[" * 100 + "]" * 100 + "}"),
                             ("smtpapi_open_tracking_scheme", "ftp"),
                             ("smtpapi_tracking_domain", "a b"),
                             ("smtpapi_tracking_link_expiry", "soon")):

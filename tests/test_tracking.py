@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -121,6 +122,31 @@ class HeaderTests(TrackingTestCase):
         self.assertEqual(self.running.sink.messages, [])
 
     @defer.inlineCallbacks
+    def test_headers_that_could_not_be_stored_are_refused(self) -> defer.Generator:
+        """Half characters, nesting past what JSON tools recurse on, tags too long to carry."""
+        deep = '{"x":' + "[" * 3000 + "]" * 3000 + "}"
+        cases = [
+            (r'{"campaign_id":"\ud800"}',
+             "X-MSYS-API 'campaign_id' must not contain a lone surrogate (not Unicode text)"),
+            (r'{"tags":["\ud800"]}',
+             "X-MSYS-API 'tags' must not contain a lone surrogate (not Unicode text)"),
+            ("\r\n ".join(deep[i:i + 900] for i in range(0, len(deep), 900)),
+             "X-MSYS-API is nested too deeply"),
+            ('{"tags":["' + "t" * 65 + '"]}',
+             "X-MSYS-API 'tags' must not contain a tag longer than 64 bytes"),
+        ]
+        for api, text in cases:
+            code, reply = yield in_thread(send_expecting_refusal, self.running.smtp_port,
+                                          ["a@example.test"], message(api))
+            self.assertEqual((code, reply.decode()), (550, f"5.6.0 {text}"))
+            rejection = self.events("policy_rejection")[-1]
+            self.assertEqual(rejection["reason"], f"550 5.6.0 {text}")
+        self.assertEqual(len(self.events("policy_rejection")), len(cases))
+        self.assertEqual(self.events("injection"), [])
+        self.assertTrue(self.spool_is_empty())
+        self.assertEqual(self.running.sink.messages, [])
+
+    @defer.inlineCallbacks
     def test_skipped_tracking_and_dkim_are_reported(self) -> defer.Generator:
         lying = (b"<a href='https://x.example/'>caf\xe9</a>\r\n")
         data = message(TRACK_ALL, b"DKIM-Signature: v=1; d=example.net; h=from:subject; b=x\r\n", lying)
@@ -132,6 +158,35 @@ class HeaderTests(TrackingTestCase):
         self.assertTrue(event["dkim_broken"])  # the text part was still rewritten
         self.assertIn(lying, copy.data)  # the bad part exactly as it came
         self.assertEqual([d.target for d in self.tokens(copy.data)], ["https://shop.example/t"])
+        yield self.delivered(1)
+
+
+class LongLinkTests(TrackingTestCase):
+    changes = {"engagement_tracker": {"max_metadata_len": 8000}}
+
+    @defer.inlineCallbacks
+    def test_links_too_long_are_left_out_and_said_so(self) -> defer.Generator:
+        """SPEC §6: no link over 4096 characters; the injection event says what was left out."""
+        chance = hashlib.sha256()
+        members = []
+        for i in range(55):
+            chance.update(b"x")
+            value = "".join(chr(0x100 + b) for b in chance.digest() * 2)  # deflate cannot help
+            members.append(f'"k{i}": "{value}"')
+        api = ('{"options": {"open_tracking": true, "click_tracking": true}, "metadata": {'
+               + ",\r\n ".join(members) + "}}")
+        yield in_thread(send, self.running.smtp_port, ["a@example.test"], message(api))
+        [copy] = yield self.running.sink.wait_for(1)
+        self.assertEqual(self.tokens(copy.data), [])
+        self.assertIn(b"https://shop.example/t", copy.data)
+        for line in copy.data.replace(b"=\r\n", b"").split(b"\r\n"):
+            self.assertLessEqual(len(line), 4096)
+        [event] = self.events("injection")
+        self.assertEqual(len(event["rcpt_meta"]), 55)
+        self.assertTrue(event["tracking_skipped"])
+        self.assertEqual(event["tracking_skipped_reason"],
+                         "2 links left untracked: the tracked URL would be over 4096 characters; "
+                         "open and initial_open pixel left out: its URL would be over 4096 characters")
         yield self.delivered(1)
 
 
