@@ -340,7 +340,8 @@ class Injector:
         try:
             for rcpt, verdict in rejected:
                 self._rejection_event(transaction, headers, rcpt, verdict.code, verdict.text)
-            self._injection_events(envelope, headers, self._prepared(queued, headers, api))
+            prepared = yield self._prepared(queued, headers, api)
+            self._injection_events(envelope, headers, prepared)
         except Exception:
             log.failure("announcing message {tid} failed; it is queued all the same",
                         tid=envelope.transmission_id)
@@ -392,26 +393,29 @@ class Injector:
             log.failure("could not write the policy_rejection event of {message_id}",
                         message_id=rcpt.message_id)
 
-    def _prepared(self, queued: QueuedMessage, headers: Any, api: MsysApi) -> Prepared | None:
+    def _prepared(self, queued: QueuedMessage, headers: Any, api: MsysApi) -> defer.Deferred:
         """
-        The message prepared for its copies, when any copy needs it.
+        The message prepared for its copies (in a worker thread), when any copy needs it.
 
         Done now, not only at delivery, so the injection event can say when
         tracking had to be skipped and whether a DKIM signature is broken;
-        the prepared form stays cached for delivery.
+        the prepared form stays cached for delivery. Fires with ``None``
+        when nothing needs it or it failed.
         """
         if self.copies is None:
-            return None
+            return defer.succeed(None)
         tracked = any(Tracking.from_dict(r.tracking).enabled for r in queued.envelope.recipients)
         signed_api = headers.get("DKIM-Signature") is not None and bool(header_values(headers))
         if not (tracked or signed_api):
-            return None
-        try:
-            return self.copies.prepared(queued)
-        except Exception:
+            return defer.succeed(None)
+
+        def failed(failure: Any) -> None:
             # Committed already: the event goes out without what the rewrite would have told.
-            log.failure("could not prepare message {tid}", tid=queued.envelope.transmission_id)
+            log.failure("could not prepare message {tid}", failure,
+                        tid=queued.envelope.transmission_id)
             return None
+
+        return defer.maybeDeferred(self.copies.prepare_later, queued).addErrback(failed)
 
     def _recipient(self, transaction: Transaction, rcpt: str) -> Recipient:
         message_id = self.events.ids.message_id()

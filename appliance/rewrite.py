@@ -36,6 +36,7 @@ from email.message import Message
 from html.entities import html5 as _HTML5_ENTITIES
 from typing import Any
 
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from appliance.dkim import Signer
@@ -1004,11 +1005,13 @@ class CopyMaker:
     """
 
     def __init__(self, read: Callable[[Any], bytes], codec: LinkCodec,
-                 max_bytes: int = 64 * 1024 * 1024, signer: Signer | None = None) -> None:
+                 max_bytes: int = 64 * 1024 * 1024, signer: Signer | None = None,
+                 run: Callable[..., defer.Deferred] = threads.deferToThread) -> None:
         self.read = read
         self.codec = codec
         self.max_bytes = max_bytes
         self.signer = signer  # DKIM: each copy is signed after its rewrite
+        self.run = run  # where prepare_later reads and parses: a worker thread
         self._cache: OrderedDict[str, Prepared] = OrderedDict()
         self._bytes = 0
 
@@ -1018,14 +1021,34 @@ class CopyMaker:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        message = self.read(queued)
+        return self._keep(key, self._prepare(key, self.read(queued)))
+
+    def prepare_later(self, queued: Any) -> defer.Deferred:
+        """
+        ``prepared``, with the reading and parsing done in a worker thread.
+
+        At injection the whole message is parsed once; a large one would
+        otherwise hold up every other connection for as long. The cache is
+        only touched here, on the reactor thread.
+        """
+        key = queued.envelope.transmission_id
+        hit = self._cache.get(key)
+        if hit is not None:
+            return defer.succeed(hit)
+        d = self.run(lambda: self._prepare(key, self.read(queued)))
+        return d.addCallback(lambda prepared: self._keep(key, prepared))
+
+    @staticmethod
+    def _prepare(key: str, message: bytes) -> Prepared:
         try:
-            prepared = prepare(message)
+            return prepare(message)
         except Exception as e:  # a bug must not cost a message: deliver it as it came
             log.failure("could not prepare message {tid} for tracking", tid=key)
             data = _without_msys_api(message)
-            prepared = Prepared(data, [], [f"internal error: {type(e).__name__}"],
-                                had_msys_api=len(data) != len(message))
+            return Prepared(data, [], [f"internal error: {type(e).__name__}"],
+                            had_msys_api=len(data) != len(message))
+
+    def _keep(self, key: str, prepared: Prepared) -> Prepared:
         self._cache[key] = prepared
         self._bytes += prepared.size
         while self._bytes > self.max_bytes and len(self._cache) > 1:

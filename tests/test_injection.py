@@ -59,6 +59,9 @@ class BrokenCopies:
     def prepared(self, queued: QueuedMessage) -> Any:
         raise RuntimeError("rewriter bug")
 
+    def prepare_later(self, queued: QueuedMessage) -> Any:
+        raise RuntimeError("rewriter bug")
+
 
 class InjectorCase(SynchronousTestCase):
     def setUp(self) -> None:

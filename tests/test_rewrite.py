@@ -16,6 +16,7 @@ from typing import Any
 import lxml.html
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import rewrite
@@ -560,6 +561,26 @@ class CacheTests(SynchronousTestCase):
         maker(Queued("2"), 0)  # the cache holds one message of this size: "1" is evicted
         self.assertEqual(maker(first, 1), copies[1])  # prepared again: the same copy
         self.assertEqual(reads, ["1", "2", "1"])
+
+        # At injection the reading and parsing run where ``run`` says (a worker thread in
+        # the appliance); the result lands in the cache only when it comes back.
+        handed: list[Callable[[], object]] = []
+
+        def run(f: Callable[[], object]) -> Any:
+            handed.append(f)
+            return later
+
+        later: Any = defer.Deferred()
+        maker = CopyMaker(read, CODEC, run=run)
+        d = maker.prepare_later(Queued("3"))
+        self.assertEqual(len(handed), 1)
+        self.assertNotIn("3", reads)  # nothing read on this thread
+        later.callback(handed[0]())
+        prepared = self.successResultOf(d)
+        self.assertEqual(reads[-1], "3")
+        self.assertIs(self.successResultOf(maker.prepare_later(Queued("3"))), prepared)
+        maker(Queued("3"), 0)
+        self.assertEqual(reads.count("3"), 1)  # delivery finds it prepared
 
 
 # -- adversarial input ---------------------------------------------------------------------------
