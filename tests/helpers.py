@@ -91,6 +91,15 @@ class RunningAppliance:
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.config)
 
+    def spooled(self) -> list[str]:
+        """What the spool holds, accepted or being received."""
+        spool = self.config.spool.directory
+        return os.listdir(os.path.join(spool, "active")) + os.listdir(os.path.join(spool, "incoming"))
+
+    def settled(self) -> bool:
+        """Every SMTP session closed and every accepted copy delivered: nothing left in flight."""
+        return self.appliance.smtp_limits.open == 0 and not self.spooled()
+
 
 def deferred_sleep(seconds: float) -> defer.Deferred:
     d: defer.Deferred = defer.Deferred()

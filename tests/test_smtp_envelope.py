@@ -28,12 +28,8 @@ class EnvelopeTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def tearDown(self) -> defer.Generator:
-        yield wait_until(lambda: self.running.appliance.smtp_limits.open == 0 and not self.spooled())
+        yield wait_until(self.running.settled)
         yield self.running.stop()
-
-    def spooled(self) -> list[str]:
-        spool = self.running.config.spool.directory
-        return os.listdir(os.path.join(spool, "active")) + os.listdir(os.path.join(spool, "incoming"))
 
     def of_type(self, kind: str) -> list[dict]:
         return [e for e in self.running.events() if e["type"] == kind]
@@ -123,7 +119,7 @@ class EnvelopeTests(unittest.TestCase):
         rejections = self.of_type("policy_rejection")
         self.assertEqual(sorted(e["rcpt_to"] for e in rejections), ["a@example.test", "b@example.test"])
         self.assertEqual({e["error_code"] for e in rejections}, {"554"})
-        self.assertEqual(self.spooled(), [])
+        self.assertEqual(self.running.spooled(), [])
         # One hop fewer goes through.
         code, _ = yield in_thread(session, hops[hops.index(b"Received: from relay1."):] + MESSAGE)
         self.assertEqual(code, 250)

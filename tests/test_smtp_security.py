@@ -61,13 +61,8 @@ class ApplianceTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def tearDown(self) -> defer.Generator:
-        # Every session closed and every accepted copy delivered: nothing left in flight.
-        yield wait_until(lambda: self.running.appliance.smtp_limits.open == 0 and not self.spooled())
+        yield wait_until(self.running.settled)
         yield self.running.stop()
-
-    def spooled(self) -> list[str]:
-        spool = self.running.config.spool.directory
-        return os.listdir(os.path.join(spool, "active")) + os.listdir(os.path.join(spool, "incoming"))
 
     def injections(self) -> list[dict]:
         return [e for e in self.running.events() if e["type"] == "injection"]
@@ -130,7 +125,7 @@ class StartTLSTests(ApplianceTestCase):
         self.assertEqual(replies[2], (503, [b"503 5.5.1 Send EHLO first"]))
         self.assertEqual(replies[3][0], 503)
         self.assertEqual(replies[4], (250, [b"250 2.0.0 OK"]))
-        self.assertEqual(self.spooled(), [])
+        self.assertEqual(self.running.spooled(), [])
 
     @defer.inlineCallbacks
     def test_starttls_twice_and_with_argument(self) -> defer.Generator:
@@ -382,7 +377,7 @@ class LimitsTests(ApplianceTestCase):
 
         replies = yield in_thread(session)
         self.assertEqual(replies, [(552, [b"552 5.3.4 Message too big"]), (250, [b"250 2.0.0 OK"])])
-        self.assertEqual(self.spooled(), [])
+        self.assertEqual(self.running.spooled(), [])
         self.assertEqual(self.injections(), [])
 
     @defer.inlineCallbacks
@@ -490,7 +485,7 @@ class TimeoutTests(ApplianceTestCase):
         reply, closed = yield in_thread(session)
         self.assertRegex(reply[1][0], rb"^421 4\.4\.2 .*message text not completed")
         self.assertTrue(closed)
-        yield wait_until(lambda: self.spooled() == [])
+        yield wait_until(lambda: self.running.spooled() == [])
 
 
 class DataTests(ApplianceTestCase):
@@ -518,7 +513,7 @@ class DataTests(ApplianceTestCase):
         replies = yield self.one_message(text)
         self.assertEqual(replies, [(554, [b"554 5.6.0 Message has a line longer than 998 octets"]),
                                    (221, [b"221 2.0.0 Bye"])])
-        self.assertEqual(self.spooled(), [])
+        self.assertEqual(self.running.spooled(), [])
         self.assertEqual(self.injections(), [])
 
     @defer.inlineCallbacks
@@ -535,7 +530,7 @@ class DataTests(ApplianceTestCase):
             self.assertEqual(replies[0], (554, [b"554 5.6.0 Bare CR or LF in message text is not "
                                                 b"allowed"]), text)
             self.assertEqual(len(replies), 2)
-        self.assertEqual(self.spooled(), [])
+        self.assertEqual(self.running.spooled(), [])
         self.assertEqual(self.injections(), [])
 
     @defer.inlineCallbacks
