@@ -419,7 +419,7 @@ class TlsTests(DeliveryCase):
         sink = SinkFactory(tls=self.tls, accounts={"relay-user": "s3cret"})
         port = self.listen(sink)
         self.start(smarthost=Route("127.0.0.1", port), smarthost_username="relay-user",
-                   smarthost_password="s3cret")
+                   smarthost_password="s3cret", tls_ca_file=self.cert_path)
         self.queue(["a@anywhere.example", "b@elsewhere.example"])
         yield self.wait_events(2)
         self.assertEqual([e["type"] for e in self.written], ["delivery", "delivery"])
@@ -432,11 +432,27 @@ class TlsTests(DeliveryCase):
         sink = SinkFactory(tls=self.tls, accounts={"relay-user": "s3cret"})
         port = self.listen(sink)
         self.start(smarthost=Route("127.0.0.1", port), smarthost_username="relay-user",
-                   smarthost_password="wrong")
+                   smarthost_password="wrong", tls_ca_file=self.cert_path)
         self.queue(["a@anywhere.example"])
         yield self.wait_events(1)
         self.assertEqual(self.written[0]["type"], "delay")
         self.assertEqual(self.written[0]["raw_reason"], "535 5.7.8 Authentication credentials invalid")
+
+    @defer.inlineCallbacks
+    def test_smarthost_auth_needs_a_certificate_it_can_check(self) -> Any:
+        """TLS with a certificate nobody vouches for (a man in the middle's) gets no password."""
+        sink = SinkFactory(tls=self.tls, accounts={"relay-user": "s3cret"})
+        port = self.listen(sink)
+        _other, other_ca = self_signed(os.path.join(self.base, "other-ca"))
+        self.start(smarthost=Route("127.0.0.1", port), smarthost_username="relay-user",
+                   smarthost_password="s3cret", tls_ca_file=other_ca)
+        self.queue(["a@anywhere.example"])
+        yield self.wait_events(1)
+        yield deferred_sleep(0.05)
+        self.assertEqual(self.written[0]["type"], "delay")
+        self.assertIn("TLS handshake with 127.0.0.1", self.written[0]["reason"])
+        self.assertFalse(any(c.startswith(b"AUTH") for _n, c in sink.commands), sink.commands)
+        self.assertEqual(sink.messages, [])
 
     def start_auth_smarthost(self, sink: SinkFactory, **config: Any) -> int:
         port = self.listen(sink)

@@ -201,8 +201,10 @@ class DeliveryService(Service):
         self._settling: set[defer.Deferred] = set()
         self._clients: set[DeliveryClient | None] = set()  # connected, for a stop to cut off
         self._plain_tls = ssl.CertificateOptions()
-        self._trust: Any = None  # what tls_verify checks against: read once, here, at start-up
-        if config.tls_verify:
+        # What a checked certificate is checked against: read once, here, at start-up. Checked
+        # are every server's with tls_verify, and the smarthost's whenever it gets credentials.
+        self._trust: Any = None
+        if config.tls_verify or config.smarthost_username:
             self._trust = load_trust_root(config.tls_ca_file) if config.tls_ca_file else ssl.platformTrust()
         self._pump_call: Any = None  # a _pump() due once the current call stack has unwound
 
@@ -370,7 +372,7 @@ class DeliveryService(Service):
         factory = ClientFactory(
             attempt,
             identity=self.helo_name,
-            context=self._tls_context(hop) if tls else None,
+            context=self._tls_context(hop, verify=auth) if tls else None,
             clock=self.clock,
             command_timeout=self.config.command_timeout,
             data_timeout=self.config.data_timeout,
@@ -381,9 +383,15 @@ class DeliveryService(Service):
         self.reactor.connectTCP(hop.address, hop.port, factory, timeout=self.config.connect_timeout)
         return attempt.done
 
-    def _tls_context(self, hop: Hop) -> Any:
-        """Unverified TLS (Postfix's ``may``) unless ``delivery.tls_verify`` asks for a checked name."""
-        if not self.config.tls_verify:
+    def _tls_context(self, hop: Hop, verify: bool = False) -> Any:
+        """
+        Unverified TLS (Postfix's ``may``) unless ``delivery.tls_verify`` asks for a checked name.
+
+        A connection that is to carry the smarthost's credentials always checks the
+        certificate and name (``verify``): a man in the middle need not strip STARTTLS,
+        he can answer it with a certificate of his own and read the password.
+        """
+        if not (self.config.tls_verify or verify):
             return self._plain_tls
         return ssl.optionsForClientTLS(hop.name, trustRoot=self._trust)
 
