@@ -564,15 +564,16 @@ def _read_delivery(t: Table) -> DeliveryConfig:
         t.error("smarthost_username", "set, but there is no smarthost")
     tls_ca_file = t.str("tls_ca_file", "")
     tls_ca_file = os.path.abspath(tls_ca_file) if tls_ca_file else ""
+    ca_problem = ""
     if tls_ca_file and not os.path.isfile(tls_ca_file):
-        t.error("tls_ca_file", f"no such file: {tls_ca_file}")
+        ca_problem = f"no such file: {tls_ca_file}"
     elif tls_ca_file:
         from appliance.tls import load_trust_root
 
         try:
             load_trust_root(tls_ca_file)
         except ValueError as e:
-            t.error("tls_ca_file", str(e))
+            ca_problem = str(e)
     c = DeliveryConfig(
         routes=routes,
         smarthost=smarthost,
@@ -608,6 +609,13 @@ def _read_delivery(t: Table) -> DeliveryConfig:
     if c.smarthost_username and c.tls == "none":
         t.error("smarthost_username", 'credentials are only sent over TLS, and tls = "none"; '
                                       'use "opportunistic" or "required"')
+    if ca_problem:
+        t.error("tls_ca_file", ca_problem)
+    elif c.tls_ca_file and not (c.tls_verify or c.smarthost_username):
+        # Smarthost credentials go only to a server whose certificate is checked; nothing
+        # else reads the file, and a setting that seems to protect but does not is a trap.
+        t.error("tls_ca_file", "set, but tls_verify is false and there is no smarthost_username, "
+                               "so no certificate is checked")
     if c.tls_verify and c.tls != "required":
         # A failed check would only fall back to plaintext, which no check can make safer.
         t.error("tls_verify", 'needs tls = "required"')

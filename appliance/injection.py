@@ -235,6 +235,10 @@ class Injector:
         self.copies = copies
         self.tracker = tracker or EngagementTrackerConfig()
         self.max_hops = max_hops
+        # Transactions received whole whose reply is not yet known: a stop waits for them,
+        # or their events would find the event log closed.
+        self.in_flight: set[Transaction] = set()
+        self._idle_waiters: list[defer.Deferred] = []
 
     def check_recipient(self, session: Session, dest: smtp.Address, count: int) -> tuple[int, bytes]:
         """The reply to one ``RCPT``: ``250``, or why not."""
@@ -273,8 +277,7 @@ class Injector:
         lines[-1] += f"; {email.utils.formatdate(now)}"
         return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
-    @defer.inlineCallbacks
-    def finish(self, transaction: Transaction) -> Any:
+    def finish(self, transaction: Transaction) -> defer.Deferred:
         """
         Decide, commit and announce an entirely received message; fires with the SMTP reply.
 
@@ -285,6 +288,31 @@ class Injector:
         for good are left out, each with a ``policy_rejection`` event, and
         if that leaves nobody the first rejection is the reply.
         """
+        d = self._finish(transaction)
+        if not d.called:
+            self.in_flight.add(transaction)
+            d.addBoth(self._finished, transaction)
+        return d
+
+    def _finished(self, result: Any, transaction: Transaction) -> Any:
+        self.in_flight.discard(transaction)
+        if not self.in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+        return result
+
+    def idle(self) -> defer.Deferred:
+        """Fires once no transaction is being decided, committed or announced."""
+        if not self.in_flight:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    @defer.inlineCallbacks
+    def _finish(self, transaction: Transaction) -> Any:
+        """What ``finish`` does, without the bookkeeping a stop waits on."""
         headers = transaction.headers()
         recipients = [self._recipient(transaction, rcpt) for rcpt in transaction.recipients]
         hops = len(headers.get_all("Received") or ())  # our own trace header is the first

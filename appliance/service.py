@@ -7,7 +7,10 @@ opens next (everything writes to it), then the spool is prepared and the
 delivery queue picks up what a previous run left, and only then do the
 listeners accept connections. Stopping goes the other way, one part at a
 time: ``MultiService`` would stop every child at once, and the event log
-would close while deliveries in flight still had outcomes to write.
+would close while deliveries in flight still had outcomes to write. Right
+after the listeners, the ``SessionDrain`` waits for messages already
+received, so their ``injection`` events are written and their ``250`` sent
+before delivery and the event log stop.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from appliance.injection import Injector
 from appliance.links import Keyring, LinkCodec, prepare_keyring
 from appliance.policy import Hook, Policy, load_hook
 from appliance.rewrite import CopyMaker
-from appliance.smtp import ConnectionLimits, listener_factory
+from appliance.smtp import ConnectionLimits, SessionDrain, listener_factory
 from appliance.spool import Runner, Spool
 from appliance.tracker import make_site
 from appliance.users import UsersFileChecker
@@ -126,6 +129,10 @@ class Appliance(MultiService):
         self.smtp_listeners = []
         self.smtp_limits = ConnectionLimits(config.smtp.max_connections,
                                             config.smtp.max_connections_per_client)
+        # Stopped right after the listeners: messages already received get their decision,
+        # events and reply before delivery and the event log stop.
+        self.smtp_drain = SessionDrain(self.smtp_limits, self.injector, reactor)
+        self.smtp_drain.setServiceParent(self)
         self.users = UsersFileChecker(config.smtp.users_file) if config.smtp.users_file else None
         for listener in config.smtp.listeners:
             factory = listener_factory(listener, self.injector, config.node.hostname, config.smtp,

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from twisted.application.service import Service
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
@@ -213,6 +214,8 @@ class InjectionESMTP(smtp.ESMTP):
         self._auth_failures = 0
         self._command_timer: Any = None
         self._data_timer: Any = None
+        self._stopping = False  # the appliance is stopping: close once the pending reply is out
+        self._shut = False  # told 421 for a stop: nothing more is read
 
     def connectionMade(self) -> None:
         self._raw_reply = True  # the greeting carries no enhanced code
@@ -227,6 +230,8 @@ class InjectionESMTP(smtp.ESMTP):
     # -- input -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._shut:
+            return
         if self._held is not None:
             self._held.append(data)
             return
@@ -356,6 +361,34 @@ class InjectionESMTP(smtp.ESMTP):
         if self.transport.disconnecting:
             return
         self.sendCode(421, b"4.4.2 " + self.host + b" Timeout: " + why + b", closing connection")
+        self.transport.loseConnection()
+
+    def shut_down(self) -> None:
+        """
+        The appliance is stopping: say so (RFC 5321 §3.8) and close.
+
+        A message being decided, or a password being checked, gets its reply
+        first. A message still being received is dropped: nothing of it was
+        acknowledged, so the client sends it again later.
+        """
+        if self._shut or self._stopping or self.transport is None or self.transport.disconnecting:
+            return
+        if self._held is not None:
+            self._stopping = True
+            return
+        self._say_goodbye()
+
+    def _say_goodbye(self) -> None:
+        self._shut = True
+        if self._transaction is not None:
+            self._transaction.abort()
+            self._transaction = self._reader = None
+        self._cancel("_command_timer")
+        self._cancel("_data_timer")
+        self.sendCode(421, b"4.3.2 " + self.host + b" Service shutting down, closing connection")
+        # Read again, or the client's close (and TLS close_notify) would go unnoticed.
+        self._held = None
+        self.transport.resumeProducing()
         self.transport.loseConnection()
 
     def _cancel(self, name: str) -> None:
@@ -635,6 +668,9 @@ class InjectionESMTP(smtp.ESMTP):
             self.transport.resumeProducing()
             self.transport.loseConnection()
             return
+        if self._stopping:
+            self._say_goodbye()
+            return
         self._release()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
@@ -686,13 +722,45 @@ class Session:
 
 
 class ConnectionLimits:
-    """Open injection connections, in total and per client address, across all listeners."""
+    """
+    Open injection connections, in total and per client address, across all listeners.
+
+    It also knows the sessions themselves, so that a stop can close them all.
+    """
 
     def __init__(self, total: int, per_client: int) -> None:
         self.total = total
         self.per_client = per_client
         self.open = 0
         self.by_client: dict[str, int] = {}
+        self.sessions: set[InjectionESMTP] = set()
+        self._closed_waiters: list[defer.Deferred] = []
+
+    def session_opened(self, session: InjectionESMTP) -> None:
+        self.sessions.add(session)
+
+    def session_closed(self, session: InjectionESMTP) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def shut_down(self) -> defer.Deferred:
+        """Tell every session that the appliance is stopping; fires once all have closed."""
+        for session in list(self.sessions):
+            session.shut_down()
+        if not self.sessions:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        self._closed_waiters.append(waiter)
+        return waiter
+
+    def abort_all(self) -> None:
+        """Cut every session off, for a stop that has waited long enough."""
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.abortConnection()
 
     @staticmethod
     def client_of(addr: Any) -> str:
@@ -780,12 +848,18 @@ class _LimitedESMTP(InjectionESMTP):
 
     _client = ""
 
+    def connectionMade(self) -> None:
+        if self.factory.limits is not None:
+            self.factory.limits.session_opened(self)
+        super().connectionMade()
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         try:
             super().connectionLost(reason)
         finally:
             if self.factory.limits is not None:
                 self.factory.limits.release(self._client)
+                self.factory.limits.session_closed(self)
 
 
 def listener_factory(listener: ListenerConfig, injector: Injector, hostname: str, smtp_config: SmtpConfig,
@@ -802,3 +876,51 @@ def listener_factory(listener: ListenerConfig, injector: Injector, hostname: str
     if listener.tls == "implicit" and tls is not None and not listener.endpoint.startswith("ssl:"):
         return TLSMemoryBIOFactory(tls, False, factory)
     return factory
+
+
+class SessionDrain(Service):
+    """
+    The step of a stop between the listeners and delivery: lets every message
+    received whole get its decision, events and reply, and closes every session.
+
+    Sessions with nothing in flight are told ``421 4.3.2`` at once, so clients
+    do not wait on a server that will not answer; a message half received is
+    dropped (nothing of it was acknowledged). After ``stop_grace`` seconds
+    whatever is left is logged and cut off: a message not yet committed is then
+    not kept, since its client never hears a ``250``.
+    """
+
+    name = "smtp-drain"
+    stop_grace = 10.0
+
+    def __init__(self, sessions: ConnectionLimits, injector: Injector, clock: Any) -> None:
+        self.sessions = sessions
+        self.injector = injector
+        self.clock = clock
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        done = defer.DeferredList([self.sessions.shut_down(), self.injector.idle()])
+        stopped: defer.Deferred = defer.Deferred()
+
+        def cut_off() -> None:
+            left = sorted(t.transmission_id for t in self.injector.in_flight)
+            if left:
+                log.warn("stopping: {n} message(s) still being decided after {grace} s, cut off "
+                         "(kept only if already committed): {ids}",
+                         n=len(left), grace=self.stop_grace, ids=", ".join(left))
+            if self.sessions.sessions:
+                log.warn("stopping: {n} injection session(s) still open after {grace} s, cut off",
+                         n=len(self.sessions.sessions), grace=self.stop_grace)
+            self.sessions.abort_all()
+            stopped.callback(None)
+
+        timer = self.clock.callLater(self.stop_grace, cut_off)
+
+        def finished(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+                stopped.callback(None)
+
+        done.addBoth(finished)
+        return stopped

@@ -16,9 +16,11 @@ renaming its directory from ``incoming/`` into ``active/`` and fsyncing
 The journal records what happened to each recipient's copy. A copy is final
 once a ``done`` line for it is on disk, and the directory is removed only when
 every copy is final, so a crash between "event written" and "spool cleaned"
-costs at most a repeated removal, never a lost copy. Removal first renames the
-directory out of ``active/`` (into ``incoming/``, emptied at start-up), so a
-crash during it never leaves a half-deleted entry to be delivered again.
+costs at most a repeated removal, never a lost copy. The last copy to become
+final needs no line: leaving ``active/`` is its mark, and only if that fails
+is its line written after all. Removal first renames the directory out of
+``active/`` (into ``incoming/``, emptied at start-up), so a crash during it
+never leaves a half-deleted entry to be delivered again.
 
 File system calls that block (fsync, rename, removal) go through ``run``,
 which is ``deferToThread`` in the appliance and a synchronous call in tests.
@@ -202,7 +204,11 @@ class Spool:
             self._replay(os.path.join(path, "journal"), states)
             queued = QueuedMessage(envelope, path, states)
             if all(s.done for s in states):
-                self._remove(queued)
+                try:
+                    self._remove(queued)
+                except OSError as e:  # final all the same: nothing is delivered again
+                    log.error("cannot remove spool entry {name} ({e}); every copy is final",
+                              name=name, e=e)
                 continue
             yield queued
 
@@ -237,8 +243,17 @@ class Spool:
 
     def _append_locked(self, queued: QueuedMessage, line: bytes) -> None:
         if all(s.done for s in queued.states):
-            self._remove(queued)
-            return
+            # The removal is what makes the last copy final, so it has no journal line of
+            # its own (no fsync on the common path); if the entry cannot leave active/,
+            # the line is written after all, or the copy would be sent again after a restart.
+            try:
+                self._remove(queued)
+                return
+            except OSError as e:
+                if not os.path.isdir(queued.path):
+                    raise  # it left active/: what failed came after
+                log.error("cannot remove spool entry {path} ({e}); its copies are journalled "
+                          "final and it is removed at the next start", path=queued.path, e=e)
         path = os.path.join(queued.path, "journal")
         new = not os.path.exists(path)
         with open(path, "ab") as f:

@@ -42,3 +42,22 @@ def broken(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
            headers: Message, context: dict[str, str]) -> None:
     if envelope.rcpt_to.startswith("b"):
         raise RuntimeError("the policy database is down")
+
+
+deciding: list[str] = []  # transmission ids the slow hooks were asked about
+
+
+def _accept_after(seconds: float) -> Any:
+    def hook(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
+             headers: Message, context: dict[str, str]) -> defer.Deferred:
+        deciding.append(envelope.transmission_id)
+        d: defer.Deferred = defer.Deferred()
+        reactor.callLater(seconds, d.callback, None)
+        return d
+
+    return hook
+
+
+# Accept after a while, so a test can stop the appliance in the middle of a decision.
+slow = _accept_after(0.5)
+slower = _accept_after(1.0)

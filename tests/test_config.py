@@ -180,7 +180,8 @@ class DeliveryConfigTests(SynchronousTestCase):
             for path in (first, second):
                 with open(path, "rb") as f:
                     out.write(f.read())
-        self.assertEqual(self.parse(tls_ca_file=bundle).tls_ca_file, bundle)
+        self.assertEqual(self.parse(tls="required", tls_verify=True, tls_ca_file=bundle).tls_ca_file,
+                         bundle)
         not_pem = os.path.join(base, "not-pem.pem")
         with open(not_pem, "wb") as f:
             f.write(b"this is not a certificate\n")
@@ -192,6 +193,22 @@ class DeliveryConfigTests(SynchronousTestCase):
         p = self.problems(tls_ca_file=broken)
         self.assertTrue(p["delivery.tls_ca_file"].startswith(
             f"{broken}: certificate 2 is not a valid PEM certificate ("), p)
+
+    def test_tls_ca_file_needs_a_certificate_check(self) -> None:
+        # Nothing would read the file: a setting that seems to protect, and does not, is an error.
+        from tests.fakes import self_signed
+
+        _key, ca = self_signed(os.path.join(os.path.abspath(self.mktemp()), "ca"))
+        p = self.problems(tls="required", tls_ca_file=ca)
+        self.assertEqual(p, {"delivery.tls_ca_file": "set, but tls_verify is false and there is no "
+                                                     "smarthost_username, so no certificate is checked"})
+        password = self.mktemp()
+        with open(password, "w") as f:
+            f.write("s3cret\n")
+        # Credentials for the smarthost are only sent to a server whose certificate is checked.
+        d = self.parse(smarthost="relay.example:587", smarthost_username="u",
+                       smarthost_password_file=password, tls_ca_file=ca)
+        self.assertEqual(d.tls_ca_file, ca)
 
     def test_smarthost_password_from_its_file(self) -> None:
         path = self.mktemp()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from typing import Any
@@ -140,6 +141,30 @@ class SpoolTests(SynchronousTestCase):
         self.assertTrue(os.path.exists(queued.path))
         self.successResultOf(self.spool.record(queued, 1, done=True))
         self.assertFalse(os.path.exists(queued.path))
+
+    def test_failed_removal_journals_the_last_copy_final(self) -> None:
+        """The entry cannot leave active/: its last copy's done line goes to disk instead."""
+        queued = self.commit()
+        self.successResultOf(self.spool.record(queued, 0, done=True))
+        real = os.rename
+
+        def rename(src: str, dst: str) -> None:
+            if src == queued.path:
+                raise OSError(errno.EIO, "Input/output error", src)
+            real(src, dst)
+
+        self.patch(spool_module.os, "rename", rename)
+        fsyncs = self.record_fsyncs()
+        self.successResultOf(self.spool.record(queued, 1, done=True))
+        self.assertEqual(fsyncs, [os.path.join("active", "1", "journal")])
+        # Still there, but final on disk: nothing is delivered again after a restart, even
+        # while the removal keeps failing...
+        self.assertEqual(list(Spool(self.spool.directory, run=run_synchronously).recover()), [])
+        self.assertTrue(os.path.exists(queued.path))
+        # ...and once it works, the entry goes.
+        self.patch(spool_module.os, "rename", real)
+        self.assertEqual(list(Spool(self.spool.directory, run=run_synchronously).recover()), [])
+        self.assertEqual(os.listdir(self.spool.active), [])
 
     def test_torn_journal_line_ignored(self) -> None:
         queued = self.commit()
