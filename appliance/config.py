@@ -712,6 +712,7 @@ class WebhookConfig:
     auth_token: str = ""  # sent as X-MessageSystems-Webhook-Token, as SparkPost does
     tls_ca_file: str = ""  # PEM certificate trusted for https targets; "" = the system's CAs
     max_batch_size: int = 10000
+    max_batch_bytes: int = 5 * 1024**2  # a body larger than a receiver's proxy takes is refused (413)
     batch_interval: float = 30.0
     timeout: float = 10.0
     retry_initial: float = 30.0
@@ -788,6 +789,7 @@ def _read_webhook(t: Table) -> WebhookConfig | None:
         auth_token=token,
         tls_ca_file=tls_ca_file,
         max_batch_size=t.int("max_batch_size", d.max_batch_size, minimum=1, maximum=10000),
+        max_batch_bytes=t.size("max_batch_bytes", d.max_batch_bytes),
         batch_interval=t.duration("batch_interval", d.batch_interval),
         timeout=t.duration("timeout", d.timeout),
         retry_initial=t.duration("retry_initial", d.retry_initial),
@@ -797,6 +799,8 @@ def _read_webhook(t: Table) -> WebhookConfig | None:
     for key in ("batch_interval", "timeout", "retry_initial"):
         if getattr(c, key) <= 0:
             t.error(key, "must be more than 0 seconds")
+    if t.has("max_batch_bytes") and c.max_batch_bytes <= 0:
+        t.error("max_batch_bytes", "must be more than 0 bytes")
     if c.retry_max < c.retry_initial:
         t.error("retry_max", "must not be less than retry_initial")
     t.finish()

@@ -5,27 +5,38 @@ Each ``[[webhooks]]`` table gets a queue directory, ``<spool>/webhooks/<name>/``
 
     0000000007.open                               events being collected, one line each
     0000000006.1767225600.<batch id>.batch        sealed: waiting to be posted
+    0000000005-01.1767225000.<batch id>.batch     the second half of the first half of batch 5,
+                                                  which the receiver refused as too large
 
 An accepted event is appended to the ``.open`` file as the JSON line it will be
 in the batch (``{"msys": {"message_event": {...}}}``), with one ``write`` and no
-fsync; that file is fsynced about once a second, like the event log. A batch is
-sealed when it has ``max_batch_size`` events or ``batch_interval`` after its first
-one: the file is fsynced and renamed to its ``.batch`` name, which carries the
-time it was sealed and its batch id. The rename is the whole commit, so an event
-is in exactly one batch and a batch's body and id never change: a receiver that
-sees the same ``X-MessageSystems-Batch-ID`` twice may drop the second. At
-start-up every ``.open`` file left by the last run is sealed.
+fsync; that file is fsynced about once a second, like the event log. A line
+that could be written only in part (a full disk) is cut off again at once. A
+batch is sealed when it has ``max_batch_size`` events, when the next event would
+take its body past ``max_batch_bytes``, or ``batch_interval`` after its first
+one: the file is fsynced, every line is checked (a broken one is dropped, so a
+batch is always valid JSON) and it is renamed to its ``.batch`` name, which
+carries the time it was sealed and its batch id. The rename is the whole
+commit, so an event is in exactly one batch and a batch's body and id never
+change: a receiver that sees the same ``X-MessageSystems-Batch-ID`` twice may
+drop the second. Seals run in a thread, one at a time per webhook, so batches
+are queued in the order they were sealed. At start-up every ``.open`` file left
+by the last run is sealed.
 
 One batch per webhook is in flight at a time, oldest first; its file is removed
 after a ``2xx``. Anything else (another status, no connection, no answer within
 ``timeout``) puts the webhook into back-off, ``retry_initial`` doubling up to
 ``retry_max``; after a failed attempt, batches sealed more than
-``retry_lifetime`` ago are dropped with an error in the operational log. Nothing
+``retry_lifetime`` ago are dropped with an error in the operational log. A
+``413`` is not a failure but an answer about size: the batch is split into two
+halves, each a batch with its own id in the batch's place, and they are posted
+at once; a single event refused with ``413`` is dropped with an error. Nothing
 here runs inside the SMTP or HTTP request paths but the append.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -95,7 +106,7 @@ class RetrySchedule:
 # -- the queue directory ---------------------------------------------------------------
 
 _OPEN_RE = re.compile(r"(\d{10})\.open")
-_BATCH_RE = re.compile(r"(\d{10})\.(\d+)\.([0-9a-f-]{36})\.batch")
+_BATCH_RE = re.compile(r"(\d{10})(?:-([01]+))?\.(\d+)\.([0-9a-f-]{36})\.batch")
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,14 @@ class Batch:
     sealed_at: int
     batch_id: str
     path: str
+    # Where a split put it: "" for a whole batch, "0"/"1" for its halves, "01"
+    # for the second half of the first half, ... Sorted as strings, the parts
+    # of one batch are in the order of their events.
+    part: str = ""
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return self.seq, self.part
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
@@ -139,6 +158,20 @@ def _valid_lines(data: bytes) -> tuple[bytes, int]:
     return b"".join(kept), bad
 
 
+def _unfinished_splits(found: dict[tuple[int, str], Batch]) -> list[Batch]:
+    """What a crash in the middle of ``QueueDirectory.split`` left that must go."""
+    doomed: list[Batch] = []
+    for (seq, part), batch in found.items():
+        if (seq, part + "0") in found and (seq, part + "1") in found:
+            doomed.append(batch)  # split; only the removal was left to do
+    gone = {b.order for b in doomed}
+    for (seq, part), batch in found.items():
+        ancestors = [(seq, part[:i]) for i in range(len(part))]
+        if any(a in found and a not in gone for a in ancestors):
+            doomed.append(batch)  # a half whose batch still stands
+    return doomed
+
+
 class QueueDirectory:
     """The files of one webhook's queue; blocking calls, meant to run in a thread."""
 
@@ -148,8 +181,9 @@ class QueueDirectory:
     def open_path(self, seq: int) -> str:
         return os.path.join(self.path, f"{seq:010d}.open")
 
-    def batch_path(self, seq: int, sealed_at: int, batch_id: str) -> str:
-        return os.path.join(self.path, f"{seq:010d}.{sealed_at}.{batch_id}.batch")
+    def batch_path(self, seq: int, sealed_at: int, batch_id: str, part: str = "") -> str:
+        suffix = f"-{part}" if part else ""
+        return os.path.join(self.path, f"{seq:010d}{suffix}.{sealed_at}.{batch_id}.batch")
 
     def recover(self, now: float) -> tuple[list[Batch], int]:
         """
@@ -157,17 +191,19 @@ class QueueDirectory:
 
         ``.open`` files a previous run left are sealed now, keeping only their
         complete lines; an ``.open`` file whose batch already exists was
-        sealed just before a crash and is removed.
+        sealed just before a crash and is removed, and so is what a split
+        cut short by a crash left (see ``split``).
         """
         os.makedirs(self.path, mode=0o700, exist_ok=True)
-        batches: dict[int, Batch] = {}
+        found: dict[tuple[int, str], Batch] = {}
         opened: list[int] = []
         highest = -1
         for name in os.listdir(self.path):
             full = os.path.join(self.path, name)
             if m := _BATCH_RE.fullmatch(name):
                 seq = int(m.group(1))
-                batches[seq] = Batch(seq, int(m.group(2)), m.group(3), full)
+                batch = Batch(seq, int(m.group(3)), m.group(4), full, m.group(2) or "")
+                found[batch.order] = batch
                 highest = max(highest, seq)
             elif m := _OPEN_RE.fullmatch(name):
                 opened.append(int(m.group(1)))
@@ -177,50 +213,83 @@ class QueueDirectory:
             else:
                 log.warn("webhook queue {path}: ignoring unexpected file {name}",
                          path=self.path, name=name)
+        for batch in _unfinished_splits(found):
+            os.unlink(batch.path)
+            del found[batch.order]
+        sealed = {seq for seq, _ in found}
         for seq in sorted(opened):
             path = self.open_path(seq)
-            if seq in batches:
+            if seq in sealed:
                 os.unlink(path)
                 continue
-            batch = self._recover_open(seq, path, int(now))
+            _fsync_path(path)
+            batch = self._seal_file(seq, int(now), str(uuid.uuid4()), "from before the restart ")
             if batch is not None:
-                batches[seq] = batch
+                found[batch.order] = batch
         _fsync_path(self.path, directory=True)
-        return [batches[s] for s in sorted(batches)], highest + 1
+        return [found[k] for k in sorted(found)], highest + 1
 
-    def _recover_open(self, seq: int, path: str, now: int) -> Batch | None:
+    def _seal_file(self, seq: int, sealed_at: int, batch_id: str, when: str = "") -> Batch | None:
+        """
+        Rename the synced ``.open`` file of ``seq`` to its batch, keeping only its valid lines.
+
+        None if it has none (the file is removed). A receiver refuses a body
+        that is not JSON every time, so no broken line may reach a batch.
+        """
+        path = self.open_path(seq)
         with open(path, "rb") as f:
             data = f.read()
         lines, bad = _valid_lines(data)
         if bad:
-            log.warn("webhook queue {path}: {bad} incomplete event line(s) in {name} "
-                     "from before the restart were dropped", path=self.path, bad=bad,
-                     name=os.path.basename(path))
+            log.warn("webhook queue {path}: {bad} incomplete event line(s) in {name} {when}"
+                     "were dropped", path=self.path, bad=bad, name=os.path.basename(path), when=when)
         if not lines:
             os.unlink(path)
             return None
-        batch_id = str(uuid.uuid4())
-        final = self.batch_path(seq, now, batch_id)
+        final = self.batch_path(seq, sealed_at, batch_id)
         if lines != data:
-            tmp = path[: -len(".open")] + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(lines)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
+            self._write_synced(path[: -len(".open")] + ".tmp", lines, final)
             os.unlink(path)
         else:
-            _fsync_path(path)
             os.rename(path, final)
-        return Batch(seq, now, batch_id, final)
+        return Batch(seq, sealed_at, batch_id, final)
 
-    def seal(self, seq: int, fd: int, sealed_at: int, batch_id: str) -> Batch:
+    @staticmethod
+    def _write_synced(tmp: str, data: bytes, final: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+
+    def seal(self, seq: int, fd: int, sealed_at: int, batch_id: str) -> Batch | None:
         """Make the ``.open`` file of ``seq`` (written through ``fd``) a batch; closes ``fd``."""
         _fsync_and_close(fd)
-        final = self.batch_path(seq, sealed_at, batch_id)
-        os.rename(self.open_path(seq), final)
+        batch = self._seal_file(seq, sealed_at, batch_id)
         _fsync_path(self.path, directory=True)
-        return Batch(seq, sealed_at, batch_id, final)
+        return batch
+
+    def split(self, batch: Batch, first_id: str, second_id: str) -> tuple[Batch, Batch]:
+        """
+        Replace a batch of two or more events by its two halves, in order.
+
+        The halves are written and renamed into place before the batch is
+        removed; a crash in between leaves the batch and one or both halves,
+        which ``recover`` resolves (both halves: they stand; one: the batch
+        stands).
+        """
+        lines = self.read(batch).splitlines(keepends=True)
+        middle = len(lines) // 2
+        halves = []
+        for digit, chunk, batch_id in (("0", lines[:middle], first_id), ("1", lines[middle:], second_id)):
+            part = batch.part + digit
+            final = self.batch_path(batch.seq, batch.sealed_at, batch_id, part)
+            self._write_synced(final[: -len(".batch")] + ".tmp", b"".join(chunk), final)
+            halves.append(Batch(batch.seq, batch.sealed_at, batch_id, final, part))
+        _fsync_path(self.path, directory=True)
+        os.unlink(batch.path)
+        _fsync_path(self.path, directory=True)
+        return halves[0], halves[1]
 
     @staticmethod
     def read(batch: Batch) -> bytes:
@@ -348,7 +417,10 @@ class WebhookService(Service):
         self._seq = 0
         self._file: Any = None
         self._count = 0  # events in the open file
+        self._size = 0  # its bytes: all whole lines
+        self._torn = False  # it ends in part of a line that could not be cut off
         self._dirty = False
+        self._sealing = defer.DeferredLock()  # one seal at a time, so batches queue in order
         self._seal_timer: Any = None
         self._syncer: task.LoopingCall | None = None
         self._inflight: defer.Deferred | None = None
@@ -414,58 +486,121 @@ class WebhookService(Service):
             log.error("webhook {name}: event {event_id} arrived while stopped; not queued",
                       name=self.config.name, event_id=event.get("event_id"))
             return
+        line = envelope_line(event)
+        if self._torn or (self._count and (
+                self._count >= self.config.max_batch_size  # an earlier seal failed
+                or self._size + len(line) + 1 > self.config.max_batch_bytes)):  # +1: "[" "]" less an LF
+            self.seal()
         try:
+            if self._torn:
+                raise OSError(errno.EIO, "the batch file ends in a cut line and could not be sealed")
             if self._file is None:  # a seal could not open the next file; try again
                 self._open_next()
-            self._file.write(envelope_line(event))
-        except OSError:
-            log.failure("webhook {name}: could not queue event {event_id}",
-                        name=self.config.name, event_id=event.get("event_id"))
+            written = self._file.write(line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"wrote {written} of {len(line)} bytes")
+        except OSError as e:
+            log.error("webhook {name}: could not queue event {event_id}: {error}",
+                      name=self.config.name, event_id=event.get("event_id"), error=e)
+            self._cut_back()
             return
+        self._size += len(line)
         self._dirty = True
         self._count += 1
         if self._count >= self.config.max_batch_size:
             self.seal()
         elif self._count == 1:
-            self._seal_timer = self._clock.callLater(self.config.batch_interval, self.seal)
+            self._arm_seal_timer()
+
+    def _cut_back(self) -> None:
+        """Take out what a failed write left of its line, so the next line starts on its own."""
+        if self._file is None or self._torn:
+            return
+        try:
+            os.ftruncate(self._file.fileno(), self._size)
+        except OSError as e:
+            log.error("webhook {name}: could not cut a partly written event out of batch file "
+                      "{seq} ({error}); sealing it now, without that event", name=self.config.name,
+                      seq=self._seq, error=e)
+            self._torn = True
+            self.seal()
 
     def _open_next(self) -> None:
         path = self.queue.open_path(self._seq)
         self._file = open(path, "ab", buffering=0)
         self._count = 0
+        self._size = 0
+        self._torn = False
         self._dirty = False
 
     def _sync(self) -> None:
         if self._file is not None and self._dirty:
+            try:
+                fd = os.dup(self._file.fileno())
+            except OSError as e:  # not raised: that would stop the loop for good
+                log.error("webhook {name}: fsync failed: {error}", name=self.config.name, error=e)
+                return
             self._dirty = False
-            d = self._run(_fsync_and_close, os.dup(self._file.fileno()))
+            d = self._run(_fsync_and_close, fd)
             d.addErrback(lambda f: log.failure("webhook {name}: fsync failed", f,
                                                name=self.config.name))
             self._track(d)
+
+    def _arm_seal_timer(self) -> None:
+        if self._seal_timer is None or not self._seal_timer.active():
+            self._seal_timer = self._clock.callLater(self.config.batch_interval, self._seal_due)
+
+    def _seal_due(self) -> None:
+        self._seal_timer = None
+        try:
+            self.seal()
+        except Exception:
+            # Whatever went wrong, the batch must not wait for max_batch_size events.
+            log.failure("webhook {name}: could not seal its batch; trying again in {delay:g}s",
+                        name=self.config.name, delay=self.config.batch_interval)
+            self._arm_seal_timer()
 
     def seal(self) -> None:
         """End the batch being collected (if it has events) and queue it for posting."""
         if self._seal_timer is not None and self._seal_timer.active():
             self._seal_timer.cancel()
         self._seal_timer = None
-        if self._file is None or self._count == 0:
+        if self._file is None or (self._count == 0 and not self._torn):
             return
-        seq, fd = self._seq, os.dup(self._file.fileno())
-        self._file.close()
+        seq = self._seq
+        try:
+            fd = os.dup(self._file.fileno())
+        except OSError as e:  # EMFILE: the events stay in the open file until the next try
+            log.error("webhook {name}: could not seal batch file {seq} ({error}); trying again in "
+                      "{delay:g}s", name=self.config.name, seq=seq, error=e,
+                      delay=self.config.batch_interval)
+            self._arm_seal_timer()
+            return
+        try:
+            self._file.close()
+        except OSError as e:  # the descriptor is closed even so; the seal syncs through fd
+            log.error("webhook {name}: closing batch file {seq} failed: {error}",
+                      name=self.config.name, seq=seq, error=e)
         self._file = None
         self._seq += 1
         try:
             self._open_next()
         except OSError:
             log.failure("webhook {name}: could not open its next batch file", name=self.config.name)
-        d = self._run(self.queue.seal, seq, fd, int(self._clock.seconds()), str(uuid.uuid4()))
-        d.addCallbacks(self._sealed, self._seal_failed, errbackArgs=(seq,))
-        self._track(d)
+        sealed_at, batch_id = int(self._clock.seconds()), str(uuid.uuid4())
 
-    def _sealed(self, batch: Batch) -> None:
-        # Seals finish in order almost always; keep the queue sorted in any case.
+        def sealing() -> defer.Deferred:
+            # _sealed runs before the lock is released, so the next seal's batch comes after.
+            d = self._run(self.queue.seal, seq, fd, sealed_at, batch_id)
+            return d.addCallbacks(self._sealed, self._seal_failed, errbackArgs=(seq,))
+
+        self._track(self._sealing.run(sealing))
+
+    def _sealed(self, batch: Batch | None) -> None:
+        if batch is None:  # nothing in it survived the check
+            return
         self.batches.append(batch)
-        self.batches.sort(key=lambda b: b.seq)
+        self.batches.sort(key=lambda b: b.order)
         self._kick()
 
     def _seal_failed(self, failure: Failure, seq: int) -> None:
@@ -525,16 +660,52 @@ class WebhookService(Service):
                          name=self.config.name, target=self.config.target, n=self.failures)
             self.failures = 0
             self.batches.remove(batch)
-            d = self._run(self.queue.remove, batch)
-            d.addErrback(lambda f: log.failure(
-                "webhook {name}: could not remove posted batch {batch_id}; it will be posted "
-                "again after a restart", f, name=self.config.name, batch_id=batch.batch_id))
-            self._track(d)
+            self._remove(batch, "posted")
             self._kick()
             return
         text = prefix.decode("utf-8", "replace").strip().replace("\n", " ")
         why = f"HTTP {code} {phrase.decode('latin-1')}" + (f": {text}" if text else "")
+        if code == 413:
+            self._too_large(batch, count, why)
+            return
         self._failed(batch, why)
+
+    def _too_large(self, batch: Batch, count: int, why: str) -> None:
+        """413: post the batch as two halves, at once; a batch of one event cannot be halved."""
+        if count <= 1:
+            self.batches.remove(batch)
+            log.error("webhook {name}: dropping batch {batch_id}: {target} refuses its one event "
+                      "as too large ({why})", name=self.config.name, batch_id=batch.batch_id,
+                      target=self.config.target, why=why)
+            self._remove(batch, "refused")
+            self._kick()
+            return
+        first, second = str(uuid.uuid4()), str(uuid.uuid4())
+        d = self._run(self.queue.split, batch, first, second)
+        self._inflight = d
+
+        def split(halves: tuple[Batch, Batch]) -> None:
+            self._inflight = None
+            if not self.running:
+                return
+            i = self.batches.index(batch)
+            self.batches[i:i + 1] = halves
+            log.warn("webhook {name}: {target} refuses batch {batch_id} of {count} events as too "
+                     "large ({why}); posting it as two batches, {first} and {second}",
+                     name=self.config.name, target=self.config.target, batch_id=batch.batch_id,
+                     count=count, why=why, first=first, second=second)
+            self._kick()
+
+        def not_split(failure: Failure) -> None:
+            self._inflight = None
+            if not self.running:
+                return
+            log.failure("webhook {name}: could not split batch {batch_id}", failure,
+                        name=self.config.name, batch_id=batch.batch_id)
+            self._failed(batch, f"{why}; could not split it")
+
+        d.addCallbacks(split, not_split)
+        self._track(d)
 
     def _failed(self, batch: Batch, why: str) -> None:
         self.failures += 1
@@ -561,9 +732,13 @@ class WebhookService(Service):
                   "by {target} within {hours:g} hours; last answer: {why}", name=self.config.name,
                   batch_id=batch.batch_id, sealed_at=batch.sealed_at, target=self.config.target,
                   hours=self.config.retry_lifetime / 3600, why=why)
+        self._remove(batch, "dropped")
+
+    def _remove(self, batch: Batch, what: str) -> None:
         d = self._run(self.queue.remove, batch)
-        d.addErrback(lambda f: log.failure("webhook {name}: could not remove dropped batch",
-                                           f, name=self.config.name))
+        d.addErrback(lambda f: log.failure(
+            "webhook {name}: could not remove {what} batch {batch_id}; it will be posted again "
+            "after a restart", f, name=self.config.name, what=what, batch_id=batch.batch_id))
         self._track(d)
 
 

@@ -37,6 +37,7 @@ class WebhookConfigTests(SynchronousTestCase):
         self.assertEqual(hook.events, frozenset(EVENT_TYPES))
         self.assertEqual(hook.auth_token, "")
         self.assertEqual((hook.max_batch_size, hook.batch_interval, hook.timeout), (10000, 30, 10))
+        self.assertEqual(hook.max_batch_bytes, 5 * 1024 * 1024)
         self.assertEqual((hook.retry_initial, hook.retry_max, hook.retry_lifetime),
                          (30, 1800, 4 * 3600))
         # The queue is named after the target, so it is the same across restarts.
@@ -98,6 +99,20 @@ retry_lifetime = "8h"
             "webhooks[11]": "expected a table, got a string",
         })
 
+    def test_max_batch_bytes(self) -> None:
+        target = "http://example.com/"
+        a, b = self.parse({"target": target, "max_batch_bytes": "900K"},
+                          {"target": target, "name": "b", "max_batch_bytes": 65536}).webhooks
+        self.assertEqual((a.max_batch_bytes, b.max_batch_bytes), (900 * 1024, 65536))
+        problems = self.problems({"target": target, "max_batch_bytes": "0"},
+                                 {"target": target, "max_batch_bytes": "1 TB"},
+                                 {"target": target, "max_batch_bytes": -1})
+        self.assertEqual(problems, {
+            "webhooks[0].max_batch_bytes": "must be more than 0 bytes",
+            "webhooks[1].max_batch_bytes": 'expected a size such as 25M, got "1 TB"',
+            "webhooks[2].max_batch_bytes": "expected a size such as 25M, got -1",
+        })
+
     def test_names_must_differ(self) -> None:
         target = "http://example.com/"
         problems = self.problems({"target": target}, {"target": target, "events": ["click"]})
@@ -121,8 +136,8 @@ retry_lifetime = "8h"
         self.assertEqual((hook.name, hook.target, hook.auth_token),
                          ("hooks", "https://hooks.example.com/sparkpost", "secret"))
         self.assertEqual(hook.events, frozenset({"delivery", "bounce", "open", "click"}))
-        self.assertEqual((hook.max_batch_size, hook.batch_interval, hook.retry_lifetime),
-                         (10000, 30, 4 * 3600))
+        self.assertEqual((hook.max_batch_size, hook.max_batch_bytes, hook.batch_interval,
+                          hook.retry_lifetime), (10000, 5 * 1024 * 1024, 30, 4 * 3600))
 
     def test_tls_ca_file(self) -> None:
         directory = os.path.abspath(self.mktemp())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import replace
@@ -481,3 +482,273 @@ class WebhooksTests(ServiceTestCase):
         self.assertTrue(os.path.isdir(os.path.join(root, "a")))
         self.assertTrue(any("no longer configured" in m and "gone" in m
                             for m in self.messages("warn")))
+
+
+class ShortWrites:
+    """A batch file whose next write stores only ``cut`` bytes: a disk that just filled up."""
+
+    def __init__(self, file: Any, cut: int, raises: bool = False) -> None:
+        self.file = file
+        self.cut = cut
+        self.raises = raises
+
+    def write(self, data: bytes) -> int:
+        if self.cut:
+            written = self.file.write(data[:self.cut])
+            self.cut = 0
+            if self.raises:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return written
+        return self.file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def event_ids(request: Request) -> list[str]:
+    return [list(e["msys"].values())[0]["event_id"] for e in request.events]
+
+
+def failing_ftruncate(fd: int, length: int) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+class DiskFullTests(ServiceTestCase):
+    def test_short_write_is_cut_back(self) -> None:
+        """A line written in part is taken out again: the batch stays valid JSON."""
+        svc = self.service()
+        svc.accept(event("delivery", 1))
+        svc._file = ShortWrites(svc._file, 17)
+        svc.accept(event("delivery", 2))
+        [error] = self.messages("error")
+        self.assertIn("could not queue event 1002", error)
+        svc.accept(event("delivery", 3))
+        svc.seal()
+        self.assertEqual(event_ids(self.agent.last), ["1001", "1003"])
+
+    def test_failed_write_is_cut_back(self) -> None:
+        svc = self.service()
+        svc.accept(event("delivery", 1))
+        svc._file = ShortWrites(svc._file, 5, raises=True)
+        svc.accept(event("delivery", 2))
+        self.assertIn("could not queue event 1002", self.messages("error")[0])
+        svc.accept(event("delivery", 3))
+        self.clock.advance(30)
+        self.assertEqual(event_ids(self.agent.last), ["1001", "1003"])
+
+    def test_a_fragment_that_cannot_be_cut_is_sealed_away(self) -> None:
+        """If even the truncation fails, the batch is sealed now, without the fragment."""
+        svc = self.service()
+        svc.accept(event("delivery", 1))
+        svc._file = ShortWrites(svc._file, 17)
+        self.patch(os, "ftruncate", failing_ftruncate)
+        svc.accept(event("delivery", 2))
+        self.assertEqual(event_ids(self.agent.last), ["1001"])
+        self.assertIn("1 incomplete event line(s)", self.messages("warn")[0])
+        svc.accept(event("delivery", 3))
+        self.agent.last.answer(200)
+        self.clock.advance(30)
+        self.assertEqual(event_ids(self.agent.last), ["1003"])
+
+    def test_a_fragment_alone_leaves_no_batch(self) -> None:
+        svc = self.service()
+        svc._file = ShortWrites(svc._file, 17)
+        self.patch(os, "ftruncate", failing_ftruncate)
+        svc.accept(event("delivery", 1))
+        self.assertEqual(self.agent.requests, [])
+        self.assertEqual(self.batch_files(), [])
+        svc.accept(event("delivery", 2))
+        svc.seal()
+        self.assertEqual(event_ids(self.agent.last), ["1002"])
+
+    def test_broken_lines_never_go_out(self) -> None:
+        """Sealing checks every line, as the start-up does: a broken one is dropped, with a warning."""
+        q = QueueDirectory(self.directory)
+        os.makedirs(self.directory)
+        good = envelope_line(event("delivery", 1))
+        with open(q.open_path(3), "wb") as f:
+            f.write(good + b'{"msys": {"mess' + good.replace(b"1001", b"1002") + b"[1]\n")
+        batch_id = "00000000-0000-4000-8000-000000000000"
+        batch = q.seal(3, os.open(q.open_path(3), os.O_RDONLY), int(START), batch_id)
+        assert batch is not None
+        self.assertEqual(QueueDirectory.read(batch), good)
+        self.assertEqual(self.files(), [os.path.basename(batch.path)])
+        self.assertIn("2 incomplete event line(s)", self.messages("warn")[0])
+
+
+class BatchBytesTests(ServiceTestCase):
+    def test_batches_by_bytes(self) -> None:
+        """A batch is sealed before an event would take its body past max_batch_bytes."""
+        line = len(envelope_line(event("delivery", 1)))
+        svc = self.service(max_batch_bytes=2 * line + 1)  # the body of two events, exactly
+        for n in range(1, 6):
+            svc.accept(event("delivery", n))
+        posted = [self.agent.last]
+        self.assertEqual(event_ids(self.agent.last), ["1001", "1002"])
+        self.assertEqual(len(self.agent.last.body), 2 * line + 1)
+        self.agent.last.answer(200)
+        posted.append(self.agent.last)
+        self.assertEqual(event_ids(self.agent.last), ["1003", "1004"])
+        self.agent.last.answer(200)
+        self.clock.advance(30)
+        self.assertEqual(event_ids(self.agent.last), ["1005"])
+
+    def test_an_event_over_the_limit_goes_alone(self) -> None:
+        svc = self.service(max_batch_bytes=100)
+        svc.accept(event("delivery", 1))
+        svc.accept(event("delivery", 2))
+        self.assertEqual(event_ids(self.agent.last), ["1001"])
+        self.agent.last.answer(200)
+        self.clock.advance(30)
+        self.assertEqual(event_ids(self.agent.last), ["1002"])
+
+
+class TooLargeTests(ServiceTestCase):
+    def test_413_splits_the_batch_in_order(self) -> None:
+        svc = self.service(max_batch_size=5)
+        for n in range(1, 8):
+            svc.accept(event("delivery", n))
+        original = self.agent.last
+        self.assertEqual(event_ids(original), ["1001", "1002", "1003", "1004", "1005"])
+        original.answer(413, b"Request Entity Too Large")
+        # The first half goes at once, under a new id; no back-off, nothing dropped.
+        first = self.agent.last
+        self.assertEqual(event_ids(first), ["1001", "1002"])
+        self.assertNotIn(first.batch_id, (original.batch_id, None))
+        self.assertEqual(svc.failures, 0)
+        self.assertIn("as two batches", self.messages("warn")[0])
+        self.assertEqual(len(self.batch_files()), 2)
+        self.assertFalse(any(original.batch_id in f for f in self.files()))
+        first.answer(413)  # too large again: halved again
+        self.assertEqual(event_ids(self.agent.last), ["1001"])
+        self.agent.last.answer(200)
+        self.assertEqual(event_ids(self.agent.last), ["1002"])
+        self.agent.last.answer(200)
+        second = self.agent.last
+        self.assertEqual(event_ids(second), ["1003", "1004", "1005"])
+        self.assertNotIn(second.batch_id, (original.batch_id, first.batch_id))
+        second.answer(200)
+        self.clock.advance(30)
+        self.assertEqual(event_ids(self.agent.last), ["1006", "1007"])
+        self.agent.last.answer(200)
+        self.assertEqual(self.batch_files(), [])
+        self.assertEqual(self.messages("error"), [])
+
+    def test_one_event_refused_as_too_large_is_dropped(self) -> None:
+        svc = self.service()
+        svc.accept(event("delivery", 1))
+        svc.seal()
+        refused = self.agent.last
+        svc.accept(event("delivery", 2))
+        svc.seal()
+        refused.answer(413)
+        [error] = self.messages("error")
+        self.assertIn(f"dropping batch {refused.batch_id}", error)
+        self.assertIn("HTTP 413", error)
+        self.assertEqual(event_ids(self.agent.last), ["1002"])  # the next one goes at once
+        self.agent.last.answer(200)
+        self.assertEqual(self.batch_files(), [])
+
+    def test_halves_survive_a_restart(self) -> None:
+        svc = self.service(max_batch_size=4)
+        for n in range(1, 5):
+            svc.accept(event("delivery", n))
+        self.agent.last.answer(413)
+        first, = [r for r in self.agent.requests[1:]]
+        svc.stopService()
+        self.assertEqual(len(self.batch_files()), 2)
+        self.service()
+        self.assertEqual((self.agent.last.batch_id, event_ids(self.agent.last)),
+                         (first.batch_id, ["1001", "1002"]))
+        self.agent.last.answer(200)
+        self.assertEqual(event_ids(self.agent.last), ["1003", "1004"])
+
+    def test_a_split_cut_short_by_a_crash(self) -> None:
+        """The halves replace their batch only once both are in place."""
+        q = QueueDirectory(self.directory)
+        os.makedirs(self.directory)
+        ids = [f"{n:08d}-0000-4000-8000-000000000000" for n in range(4)]
+        lines = [envelope_line(event("delivery", n)) for n in range(1, 5)]
+
+        def write(path: str, data: bytes) -> None:
+            with open(path, "wb") as f:
+                f.write(data)
+
+        # Batch 1 was split and both halves are there: the halves are posted.
+        write(q.batch_path(1, int(START), ids[0]), lines[0] + lines[1])
+        write(q.batch_path(1, int(START), ids[1], "0"), lines[0])
+        write(q.batch_path(1, int(START), ids[2], "1"), lines[1])
+        # Batch 2 was being split: only one half was in place. The batch is posted whole.
+        write(q.batch_path(2, int(START), ids[3]), lines[2] + lines[3])
+        write(q.batch_path(2, int(START), ids[0], "0"), lines[2])
+        self.service()
+        posted = []
+        while len(self.agent.requests) > len(posted):
+            posted.append((self.agent.last.batch_id, event_ids(self.agent.last)))
+            self.agent.last.answer(200)
+        self.assertEqual(posted, [(ids[1], ["1001"]), (ids[2], ["1002"]), (ids[3], ["1003", "1004"])])
+        self.assertEqual(self.batch_files(), [])
+
+
+class HeldRunner:
+    """Runs everything at once but seals, which it holds until the test finishes them."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[defer.Deferred, Any, tuple[Any, ...]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> defer.Deferred:
+        if getattr(f, "__name__", "") == "seal":
+            d: defer.Deferred = defer.Deferred()
+            self.held.append((d, f, args))
+            return d
+        return run_synchronously(f, *args)
+
+    def finish_last(self) -> None:
+        d, f, args = self.held.pop()
+        d.callback(f(*args))
+
+
+class SealTests(ServiceTestCase):
+    def test_batches_go_out_in_order_whatever_order_seals_finish_in(self) -> None:
+        runner = HeldRunner()
+        svc = WebhookService(config(max_batch_size=1), self.directory, clock=self.clock,
+                             agent=self.agent, run=runner, fsync_interval=0)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        for n in range(1, 4):
+            svc.accept(event("delivery", n))
+        while runner.held:
+            runner.finish_last()  # the latest seal first
+        posted = []
+        while len(self.agent.requests) > len(posted):
+            posted.extend(event_ids(self.agent.last))
+            self.agent.last.answer(200)
+        self.assertEqual(posted, ["1001", "1002", "1003"])
+
+    def test_seal_timer_is_set_again_when_sealing_fails(self) -> None:
+        svc = self.service()
+        svc.accept(event("delivery", 1))
+        dup = os.dup
+        failures = [OSError(errno.EMFILE, "Too many open files")]
+
+        def failing_dup(fd: int) -> int:
+            if failures:
+                raise failures.pop()
+            return dup(fd)
+
+        self.clock.advance(29)  # the fsync loop's own dup is done by now
+        self.patch(os, "dup", failing_dup)
+        self.clock.advance(1)
+        self.assertEqual(self.agent.requests, [])
+        self.assertIn("Too many open files", self.messages("error")[0])
+        svc.accept(event("delivery", 2))
+        self.clock.advance(30)
+        self.assertEqual(event_ids(self.agent.last), ["1001", "1002"])
+
+    def test_fsync_loop_outlives_a_failure(self) -> None:
+        svc = self.service()
+        svc.accept(event("delivery", 1))
+        self.patch(os, "dup", lambda fd: failing_ftruncate(fd, 0))
+        self.clock.advance(1)
+        self.assertIn("fsync failed: [Errno 5]", self.messages("error")[0])
+        self.assertTrue(svc._syncer is not None and svc._syncer.running)
