@@ -20,7 +20,7 @@ import io
 import re
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.mail import smtp
 from twisted.protocols import basic
 from twisted.python.failure import Failure
@@ -101,7 +101,7 @@ class Attempt(Protocol):
 
     def connected(self, client: DeliveryClient) -> None: ...
     def established(self) -> None: ...
-    def next_job(self) -> Job | None: ...
+    def next_job(self) -> Job | None | defer.Deferred: ...
     def has_more(self) -> bool: ...
     def job_done(self, job: Job, outcome: Outcome) -> None: ...
     def hop_failed(self, outcome: Outcome, tls_failed: bool) -> None: ...
@@ -135,6 +135,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self._tls_started = False
         self._tls_confirmed = False
         self._sending = False
+        self._closed = False
         self._encoder = BodyEncoder()
 
     # -- the line level ------------------------------------------------------
@@ -204,7 +205,20 @@ class DeliveryClient(smtp.ESMTPClient):
         if not self.is_established:
             self.is_established = True
             self.attempt.established()
-        while job is not None and (refusal := self._unsendable(job)) is not None:
+        self._send(job)
+
+    def _send(self, job: Job | None | defer.Deferred) -> None:
+        """Start the transaction of ``job``; wait first if its copy is still being made."""
+        while job is not None:
+            if isinstance(job, defer.Deferred):
+                # The copy's message is being read or parsed: nothing is asked of the server
+                # meanwhile, so no reply is awaited and no command timeout runs.
+                self.setTimeout(None)
+                job.addCallback(self._copy_made)
+                return
+            refusal = self._unsendable(job)
+            if refusal is None:
+                break
             self.attempt.job_done(job, refusal)
             job = self.attempt.next_job()
         if job is None:
@@ -221,6 +235,12 @@ class DeliveryClient(smtp.ESMTPClient):
         self._okresponse = self.smtpState_to
         self._failresponse = self.smtpTransferFailed
         self.sendLine(b"MAIL FROM:<" + job.mail_from.encode("utf-8") + b">" + params)
+
+    def _copy_made(self, job: Job | None | defer.Deferred) -> None:
+        if self._closed:
+            return  # the attempt took the copy back when it heard of the close
+        self.setTimeout(self.command_timeout)
+        self._send(job)
 
     def _unsendable(self, job: Job) -> Outcome | None:
         """A bounce for a copy whose addresses would smuggle a command into the dialogue."""
@@ -348,6 +368,7 @@ class DeliveryClient(smtp.ESMTPClient):
             self.attempt.hop_failed(outcome, tls_failed)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._closed = True
         super().connectionLost(reason)
         if not self._failed and (self.job is not None or not self.is_established):
             where = str(self.hop)
