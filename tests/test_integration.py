@@ -89,9 +89,11 @@ class EndToEndTests(unittest.TestCase):
             self.assertEqual(d["ip_address"], "127.0.0.1")
             self.assertEqual(d["outbound_tls"], "0")
         self.assertEqual(len({e["event_id"] for e in events}), 4)
-        # Every copy has its final outcome: nothing is left in the spool.
+        # Every copy has its final outcome: nothing is left in the spool, nor held in memory.
         yield wait_until(lambda: not os.listdir(os.path.join(self.running.config.spool.directory,
                                                              "active")))
+        self.assertNotIn(b["transmission_id"], self.running.appliance.copies)
+        self.assertEqual(self.running.appliance.copies.bytes_held, 0)
 
     @defer.inlineCallbacks
     def test_undeliverable_domain_refused_at_rcpt(self) -> defer.Generator:
