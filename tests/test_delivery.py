@@ -465,6 +465,25 @@ class CopyMadeLaterTests(ServiceTestBase):
         self.assertTrue(transport.value().endswith(b"MAIL FROM:<a@b.test>\r\n"))
         client.setTimeout(None)
 
+    def test_a_copy_made_after_its_session_failed_is_not_sent_there(self) -> None:
+        queued = self.queue("1", n=1)
+        client, transport = self.established()
+        client.dataReceived(b"421 4.3.2 shutting down\r\n")  # said while the copy is being made
+        self.assertTrue(transport.disconnecting)
+        transport.clear()
+        self.making[0][1].callback(b"x\r\n")  # before the connection's end is heard of
+        self.assertEqual(transport.value(), b"")  # no MAIL FROM on a session that failed
+        client.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.written, [])  # never tried: no event, and no attempt counted
+        self.assertEqual(queued.states[0].attempts, 0)
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.tcpClients), 2)  # it is due on the next connection
+        client, transport = self.connect(1)
+        client.dataReceived(b"220 hi\r\n250 ok\r\n")
+        self.making[1][1].callback(b"x\r\n")
+        self.assertTrue(transport.value().endswith(b"MAIL FROM:<a@b.test>\r\n"))
+        client.setTimeout(None)
+
 
 class MessageDoneTests(ServiceTestBase):
     def test_told_once_when_the_last_copy_of_a_message_is_final(self) -> None:

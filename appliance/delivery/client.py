@@ -103,6 +103,7 @@ class Attempt(Protocol):
     def established(self) -> None: ...
     def next_job(self) -> Job | None | defer.Deferred: ...
     def has_more(self) -> bool: ...
+    def give_back(self, job: Job) -> None: ...
     def job_done(self, job: Job, outcome: Outcome) -> None: ...
     def hop_failed(self, outcome: Outcome, tls_failed: bool) -> None: ...
     def closed(self) -> None: ...
@@ -212,8 +213,11 @@ class DeliveryClient(smtp.ESMTPClient):
         while job is not None:
             if isinstance(job, defer.Deferred):
                 # The copy's message is being read or parsed: nothing is asked of the server
-                # meanwhile, so no reply is awaited and no command timeout runs.
+                # meanwhile, so no reply is awaited and no command timeout runs; a reply
+                # that comes all the same (a 421 on its way out) ends the session.
                 self.setTimeout(None)
+                self._expected = []
+                self._okresponse = self._failresponse = self._refused
                 job.addCallback(self._copy_made)
                 return
             refusal = self._unsendable(job)
@@ -237,8 +241,12 @@ class DeliveryClient(smtp.ESMTPClient):
         self.sendLine(b"MAIL FROM:<" + job.mail_from.encode("utf-8") + b">" + params)
 
     def _copy_made(self, job: Job | None | defer.Deferred) -> None:
-        if self._closed:
-            return  # the attempt took the copy back when it heard of the close
+        if self._failed or self._closed:
+            # The session failed while the copy was being made (the attempt takes back a
+            # copy made after it heard of the close itself): the copy was never tried.
+            if job is not None and not isinstance(job, defer.Deferred):
+                self.attempt.give_back(job)
+            return
         self.setTimeout(self.command_timeout)
         self._send(job)
 

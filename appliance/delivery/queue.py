@@ -158,13 +158,17 @@ class _HopAttempt:
 
     def _made(self, data: bytes, job: Job) -> Job | None:
         if self.done.called or not self.service.running:
-            # The connection closed (or the service stopped) while the copy was being made:
-            # the copy waits for the next connection, like any other that is due.
-            self._unsent()
-            self.service._due(job)
+            # The connection closed (or the service stopped) while the copy was being made.
+            self.give_back(job)
             return None
         job.data = data
         return job
+
+    def give_back(self, job: Job) -> None:
+        """A copy handed out but never tried: it waits for the next connection, like any that is due."""
+        self._unsent()
+        job.data = b""
+        self.service._due(job)
 
     def _not_made_later(self, failure: Failure, job: Job) -> Job | None | defer.Deferred:
         self._unsent()
