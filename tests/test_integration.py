@@ -11,6 +11,7 @@ from twisted.internet import defer
 from twisted.names import dns
 from twisted.trial import unittest
 
+from appliance import rewrite
 from tests.helpers import RunningAppliance, in_thread, wait_until
 
 MESSAGE = (
@@ -42,6 +43,8 @@ class EndToEndTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_two_recipients_two_domains(self) -> defer.Generator:
         """One message to two routed domains arrives as two copies and writes four events."""
+        prepared: list[bytes] = []
+        self.patch(rewrite, "prepare", prepared.append)  # tracking is off: nothing to prepare
         refused = yield in_thread(send, self.running.smtp_port, "sender@example.net",
                                   ["a@example.test", "B@Example.org"], MESSAGE)
         self.assertEqual(refused, {})
@@ -93,6 +96,7 @@ class EndToEndTests(unittest.TestCase):
         yield wait_until(lambda: not os.listdir(os.path.join(self.running.config.spool.directory,
                                                              "active")))
         self.assertNotIn(b["transmission_id"], self.running.appliance.copies)
+        self.assertEqual(prepared, [])
         self.assertEqual(self.running.appliance.copies.bytes_held, 0)
 
     @defer.inlineCallbacks
