@@ -106,7 +106,7 @@ class Appliance(MultiService):
         self.delivery = DeliveryService(
             config.delivery, self.spool, self.events, self.copies,
             self.router, helo_name=config.delivery.helo_name or config.node.hostname,
-            reactor=reactor, resolver=resolver,
+            reactor=reactor, resolver=resolver, on_message_done=self.copies.forget,
         )
         self.policy = Policy(policy_hook, config.policy.timeout, reactor,
                              config.engagement_tracker.max_metadata_len)

@@ -7,7 +7,7 @@ import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.names import dns
 from twisted.names import error as dns_error
@@ -397,6 +397,128 @@ class ConcurrencyTests(ServiceTestBase):
         self.assertEqual(list(self.spool.recover()), [])
         self.assertEqual(self.service._jobs, {})  # and nothing scheduled for it
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        client.setTimeout(None)
+
+
+class CopyMadeLaterTests(ServiceTestBase):
+    """A renderer may give a Deferred (the message is read or parsed in a worker): the connection waits."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.making: list[tuple[int, defer.Deferred]] = []
+        self.service.render = self.render
+
+    def render(self, queued: object, index: int) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.making.append((index, d))
+        return d
+
+    def established(self) -> tuple[object, StringTransport]:
+        self.reactor.advance(0)
+        client, transport = self.connect(0)
+        client.dataReceived(b"220 hi\r\n250-ok\r\n250 SIZE 1000000\r\n")
+        self.assertEqual(transport.value(), b"EHLO me.test\r\n")  # no MAIL FROM before the copy
+        transport.clear()
+        return client, transport
+
+    def test_the_connection_waits_for_the_copy(self) -> None:
+        self.queue("1", n=2)
+        client, transport = self.established()
+        self.assertEqual([i for i, _ in self.making], [0])
+        self.reactor.advance(self.config.command_timeout * 3)  # the server is not the one waited for
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.written, [])
+        self.making[0][1].callback(b"Subject: made\r\n\r\nlater\r\n")
+        self.assertEqual(transport.value(), b"MAIL FROM:<a@b.test> SIZE=24\r\n")
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        self.assertIn(b"\r\nlater\r\n.\r\n", transport.value())
+        transport.clear()
+        client.dataReceived(b"250 2.0.0 queued\r\n250 ok\r\n")  # the copy, then RSET
+        self.assertEqual([e["type"] for e in self.written], ["delivery"])
+        # The next copy cannot be made: it is delayed, and the connection has nothing left.
+        self.making[1][1].errback(OSError("the spooled message is gone"))
+        self.assertEqual([e["type"] for e in self.written], ["delivery", "delay"])
+        self.assertIn("could not make the copy: the spooled message is gone", self.written[1]["reason"])
+        self.assertEqual(transport.value(), b"RSET\r\nQUIT\r\n")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        client.setTimeout(None)
+
+    def test_a_copy_made_after_its_connection_closed_waits_for_the_next(self) -> None:
+        self.queue("1", n=1)
+        client, transport = self.established()
+        transport.loseConnection()
+        client.connectionLost(Failure(error.ConnectionDone()))
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.tcpClients), 1)  # not before the copy is there
+        self.making[0][1].callback(b"Subject: made\r\n\r\nlater\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.written, [])
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.tcpClients), 2)  # the copy is due again, on a new connection
+        client, transport = self.connect(1)
+        client.dataReceived(b"220 hi\r\n250 ok\r\n")
+        self.assertEqual([i for i, _ in self.making], [0, 0])
+        self.assertEqual(transport.value(), b"EHLO me.test\r\n")
+        self.making[1][1].callback(b"x\r\n")
+        self.assertTrue(transport.value().endswith(b"MAIL FROM:<a@b.test>\r\n"))
+        client.setTimeout(None)
+
+    def test_a_copy_made_after_its_session_failed_is_not_sent_there(self) -> None:
+        queued = self.queue("1", n=1)
+        client, transport = self.established()
+        client.dataReceived(b"421 4.3.2 shutting down\r\n")  # said while the copy is being made
+        self.assertTrue(transport.disconnecting)
+        transport.clear()
+        self.making[0][1].callback(b"x\r\n")  # before the connection's end is heard of
+        self.assertEqual(transport.value(), b"")  # no MAIL FROM on a session that failed
+        client.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.written, [])  # never tried: no event, and no attempt counted
+        self.assertEqual(queued.states[0].attempts, 0)
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.tcpClients), 2)  # it is due on the next connection
+        client, transport = self.connect(1)
+        client.dataReceived(b"220 hi\r\n250 ok\r\n")
+        self.making[1][1].callback(b"x\r\n")
+        self.assertTrue(transport.value().endswith(b"MAIL FROM:<a@b.test>\r\n"))
+        client.setTimeout(None)
+
+
+class MessageDoneTests(ServiceTestBase):
+    def test_told_once_when_the_last_copy_of_a_message_is_final(self) -> None:
+        done: list[str] = []
+        self.service.on_message_done = done.append
+        w = self.spool.writer("1")
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        env = envelope("1", n=2)
+        env.recipients[0].address = "r0@nowhere.invalid"  # bounces as soon as it is due
+        self.service.enqueue(self.successResultOf(w.commit(env)))
+        self.reactor.advance(0)
+        self.assertEqual([e["type"] for e in self.written], ["bounce"])
+        _host, _port, factory, _timeout, _bind = self.reactor.tcpClients.pop()
+        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        self.assertEqual([e["type"] for e in self.written], ["bounce", "delay"])
+        self.assertEqual(done, [])  # one copy is still to be tried
+        self.service.on_message_done = None
+        self.queue("2", n=1, domain="nowhere.invalid")  # no one to tell: that is fine too
+        self.reactor.advance(0)
+
+        def broken(tid: str) -> None:
+            done.append(tid)
+            raise RuntimeError("a bug in the listener")
+
+        self.service.on_message_done = broken
+        self.reactor.advance(300)
+        _host, _port, factory, _timeout, _bind = self.reactor.tcpClients.pop()
+        client = factory.buildProtocol(None)
+        transport = StringTransport()
+        client.makeConnection(transport)
+        client.dataReceived(b"220 hi\r\n250 ok\r\n250 ok\r\n550 5.1.1 no such user\r\n")
+        self.assertEqual(self.written[-1]["type"], "bounce")
+        self.assertEqual(done, ["1"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)  # logged; the outcome stands
+        self.assertEqual(self.service._jobs, {})
         client.setTimeout(None)
 
 

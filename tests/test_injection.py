@@ -56,9 +56,6 @@ class PendingPolicy:
 class BrokenCopies:
     """Stands for a rewriter that fails on a message: a bug, not a disk error."""
 
-    def prepared(self, queued: QueuedMessage) -> Any:
-        raise RuntimeError("rewriter bug")
-
     def prepare_later(self, queued: QueuedMessage) -> Any:
         raise RuntimeError("rewriter bug")
 

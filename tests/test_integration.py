@@ -11,6 +11,7 @@ from twisted.internet import defer
 from twisted.names import dns
 from twisted.trial import unittest
 
+from appliance import rewrite
 from tests.helpers import RunningAppliance, in_thread, wait_until
 
 MESSAGE = (
@@ -42,6 +43,8 @@ class EndToEndTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_two_recipients_two_domains(self) -> defer.Generator:
         """One message to two routed domains arrives as two copies and writes four events."""
+        prepared: list[bytes] = []
+        self.patch(rewrite, "prepare", prepared.append)  # tracking is off: nothing to prepare
         refused = yield in_thread(send, self.running.smtp_port, "sender@example.net",
                                   ["a@example.test", "B@Example.org"], MESSAGE)
         self.assertEqual(refused, {})
@@ -89,9 +92,12 @@ class EndToEndTests(unittest.TestCase):
             self.assertEqual(d["ip_address"], "127.0.0.1")
             self.assertEqual(d["outbound_tls"], "0")
         self.assertEqual(len({e["event_id"] for e in events}), 4)
-        # Every copy has its final outcome: nothing is left in the spool.
+        # Every copy has its final outcome: nothing is left in the spool, nor held in memory.
         yield wait_until(lambda: not os.listdir(os.path.join(self.running.config.spool.directory,
                                                              "active")))
+        self.assertNotIn(b["transmission_id"], self.running.appliance.copies)
+        self.assertEqual(prepared, [])
+        self.assertEqual(self.running.appliance.copies.bytes_held, 0)
 
     @defer.inlineCallbacks
     def test_undeliverable_domain_refused_at_rcpt(self) -> defer.Generator:

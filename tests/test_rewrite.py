@@ -6,9 +6,12 @@ import base64
 import binascii
 import email
 import email.policy
+import gc
 import hashlib
 import re
+import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any
@@ -17,6 +20,7 @@ import lxml.html
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
+from twisted.trial import reporter, runner
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import rewrite
@@ -31,6 +35,7 @@ from appliance.rewrite import (
     unescape_attribute,
 )
 from appliance.settings import Tracking
+from appliance.spool import run_synchronously
 
 CODEC = LinkCodec(Keyring(((3, b"s" * 32),)))
 ID = Identity("00112233445566778899", "12345", "rcpt@example.test")
@@ -420,9 +425,10 @@ class BadInputTests(SynchronousTestCase):
                 recipients = [type("R", (), {"tracking": BOTH.to_dict(), "message_id": "m",
                                              "address": "a@b", "event_fields": {}})()]
 
-        maker = CopyMaker(lambda q: b"X-MSYS-API: {}\r\n\r\nhttps://x.example/\r\n", CODEC)
+        maker = CopyMaker(lambda q: b"X-MSYS-API: {}\r\n\r\nhttps://x.example/\r\n", CODEC,
+                          run=run_synchronously)
         self.patch(maker, "codec", None)  # rendering now fails inside: the copy goes out untracked
-        self.assertEqual(maker(Queued, 0), b"\r\nhttps://x.example/\r\n")
+        self.assertEqual(self.successResultOf(maker(Queued, 0)), b"\r\nhttps://x.example/\r\n")
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
 
     def test_copy_maker_survives_a_bug_in_prepare(self) -> None:
@@ -438,9 +444,11 @@ class BadInputTests(SynchronousTestCase):
 
         self.patch(rewrite, "prepare", broken)
         original = crlf('Subject: s\nX-MSYS-API: {"tags":\n ["a"]}\nTo: b@x\n\nhttps://x.example/\n')
-        maker = CopyMaker(lambda q: original, CODEC)
-        self.assertEqual(maker(Queued, 0), crlf("Subject: s\nTo: b@x\n\nhttps://x.example/\n"))
-        self.assertEqual(maker.prepared(Queued).skipped, ["internal error: ZeroDivisionError"])
+        maker = CopyMaker(lambda q: original, CODEC, run=run_synchronously)
+        self.assertEqual(self.successResultOf(maker(Queued, 0)),
+                         crlf("Subject: s\nTo: b@x\n\nhttps://x.example/\n"))
+        self.assertEqual(self.successResultOf(maker.prepare_later(Queued)).skipped,
+                         ["internal error: ZeroDivisionError"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
@@ -532,55 +540,235 @@ class LengthLimitTests(SynchronousTestCase):
         self.assertEqual(outcomes, {(True, True), (True, False), (False, True), (False, False)})
 
 
-class CacheTests(SynchronousTestCase):
-    def test_one_parse_per_message(self) -> None:
-        reads: list[str] = []
+class Recipient:
+    """Shaped like the spool's recipients, as far as the copy maker looks."""
 
-        class Recipient:
-            def __init__(self, i: int) -> None:
-                self.tracking, self.message_id = BOTH.to_dict(), f"m{i}"
-                self.address, self.event_fields = f"r{i}@x.test", {"rcpt_to": f"r{i}@x.test"}
+    def __init__(self, i: int, tracking: Tracking = BOTH) -> None:
+        self.tracking, self.message_id = tracking.to_dict(), f"m{i}"
+        self.address, self.event_fields = f"r{i}@x.test", {"rcpt_to": f"r{i}@x.test"}
 
-        class Envelope:
-            def __init__(self, tid: str) -> None:
-                self.transmission_id, self.recipients = tid, [Recipient(i) for i in range(3)]
 
-        class Queued:
-            def __init__(self, tid: str) -> None:
-                self.envelope = Envelope(tid)
+class Envelope:
+    def __init__(self, tid: str, trackings: tuple[Tracking, ...]) -> None:
+        self.transmission_id = tid
+        self.recipients = [Recipient(i, t) for i, t in enumerate(trackings)]
 
+
+class Queued:
+    def __init__(self, tid: str, *trackings: Tracking) -> None:
+        self.envelope = Envelope(tid, trackings or (BOTH, BOTH, BOTH))
+
+
+class Worker:
+    """A worker thread the test runs by hand: what was handed to it, and when it finishes."""
+
+    def __init__(self) -> None:
+        self.handed: list[tuple[Callable[[], object], defer.Deferred]] = []
+
+    def __call__(self, work: Callable[[], object]) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.handed.append((work, d))
+        return d
+
+    def finish(self) -> None:
+        work, d = self.handed.pop(0)
+        try:
+            result = work()
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+
+class CopyMakerCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reads: list[str] = []
+        self.prepared: list[bytes] = []
+        real = rewrite.prepare
+
+        def counting(data: bytes) -> rewrite.Prepared:
+            self.prepared.append(data)
+            return real(data)
+
+        self.patch(rewrite, "prepare", counting)
+
+    def read(self, message: bytes) -> Callable[[Any], bytes]:
         def read(q: Any) -> bytes:
-            reads.append(q.envelope.transmission_id)
-            return ALTERNATIVE_IN_MIXED
+            self.reads.append(q.envelope.transmission_id)
+            return message
 
-        maker = CopyMaker(read, CODEC, max_bytes=len(ALTERNATIVE_IN_MIXED) * 3)
+        return read
+
+    def copy(self, maker: CopyMaker, queued: Any, index: int) -> bytes:
+        """A copy that needs no more work: there at once, or from a Deferred that has fired."""
+        made = maker(queued, index)
+        if isinstance(made, defer.Deferred):
+            return self.successResultOf(made)
+        return made
+
+
+class CacheTests(CopyMakerCase):
+    def test_one_parse_per_message(self) -> None:
+        maker = CopyMaker(self.read(ALTERNATIVE_IN_MIXED), CODEC, run=run_synchronously)
         first = Queued("1")
-        copies = [maker(first, i) for i in range(3)]
-        self.assertEqual(reads, ["1"])
+        copies = [self.copy(maker, first, i) for i in range(3)]
+        self.assertEqual(self.reads, ["1"])
+        self.assertEqual(len(self.prepared), 1)
         self.assertEqual(len(set(copies)), 3)
-        maker(Queued("2"), 0)  # the cache holds one message of this size: "1" is evicted
-        self.assertEqual(maker(first, 1), copies[1])  # prepared again: the same copy
-        self.assertEqual(reads, ["1", "2", "1"])
+        maker.max_bytes = maker.bytes_held  # room for one message of this size
+        self.copy(maker, Queued("2"), 0)  # so "1" is evicted
+        self.assertNotIn("1", maker)
+        self.assertEqual(self.copy(maker, first, 1), copies[1])  # prepared again: the same copy
+        self.assertEqual(self.reads, ["1", "2", "1"])
 
-        # At injection the reading and parsing run where ``run`` says (a worker thread in
-        # the appliance); the result lands in the cache only when it comes back.
-        handed: list[Callable[[], object]] = []
-
-        def run(f: Callable[[], object]) -> Any:
-            handed.append(f)
-            return later
-
-        later: Any = defer.Deferred()
-        maker = CopyMaker(read, CODEC, run=run)
+    def test_at_injection_the_work_is_done_in_the_worker(self) -> None:
+        worker = Worker()
+        maker = CopyMaker(self.read(ALTERNATIVE_IN_MIXED), CODEC, run=worker)
         d = maker.prepare_later(Queued("3"))
-        self.assertEqual(len(handed), 1)
-        self.assertNotIn("3", reads)  # nothing read on this thread
-        later.callback(handed[0]())
+        self.assertEqual(len(worker.handed), 1)
+        self.assertEqual((self.reads, self.prepared), ([], []))  # nothing read on this thread
+        worker.finish()
         prepared = self.successResultOf(d)
-        self.assertEqual(reads[-1], "3")
+        self.assertEqual(self.reads, ["3"])
         self.assertIs(self.successResultOf(maker.prepare_later(Queued("3"))), prepared)
-        maker(Queued("3"), 0)
-        self.assertEqual(reads.count("3"), 1)  # delivery finds it prepared
+        self.assertIsInstance(maker(Queued("3"), 0), bytes)  # delivery finds it prepared
+        self.assertEqual(self.reads, ["3"])
+
+    def test_a_miss_at_delivery_is_prepared_in_the_worker(self) -> None:
+        """After a restart or an eviction, a tracked copy waits for the worker, never parses here."""
+        worker = Worker()
+        maker = CopyMaker(self.read(ALTERNATIVE_IN_MIXED), CODEC, run=worker)
+        queued = Queued("4")
+        waiting = [maker(queued, i) for i in range(3)]
+        self.assertEqual((self.reads, self.prepared), ([], []))
+        self.assertEqual(len(worker.handed), 1)  # one preparation, however many copies wait
+        for d in waiting:
+            self.assertNoResult(d)
+        worker.finish()
+        copies = [self.successResultOf(d) for d in waiting]
+        self.assertEqual(len(set(copies)), 3)
+        self.assertEqual(len(tokens(part_text(copies[0], "text/html"))), 5)
+        self.assertEqual(copies[1], maker(queued, 1))  # cached now: made at once
+        self.assertEqual(len(self.prepared), 1)
+
+    def test_a_failed_preparation_fails_every_copy_waiting_for_it(self) -> None:
+        def gone(q: Any) -> bytes:
+            raise FileNotFoundError("the spooled message")
+
+        worker = Worker()
+        maker = CopyMaker(gone, CODEC, run=worker)
+        waiting = [maker(Queued("5"), i) for i in range(2)]
+        worker.finish()
+        for d in waiting:
+            self.failureResultOf(d, FileNotFoundError)
+        self.assertNotIn("5", maker)
+        self.assertEqual(maker.bytes_held, 0)
+
+    def test_forget(self) -> None:
+        maker = CopyMaker(self.read(ALTERNATIVE_IN_MIXED), CODEC, run=run_synchronously)
+        self.copy(maker, Queued("6", OFF, BOTH), 0)
+        self.copy(maker, Queued("6", OFF, BOTH), 1)
+        self.assertIn("6", maker)
+        maker.forget("6")
+        self.assertNotIn("6", maker)
+        self.assertEqual(maker.bytes_held, 0)
+        maker.forget("6")  # twice is harmless
+        # A preparation under way when its message is forgotten still makes its copies,
+        # but does not land in the cache for ever after.
+        worker = Worker()
+        maker = CopyMaker(self.read(ALTERNATIVE_IN_MIXED), CODEC, run=worker)
+        d = maker(Queued("7"), 0)
+        maker.forget("7")
+        worker.finish()
+        self.assertIsInstance(self.successResultOf(d), bytes)
+        self.assertNotIn("7", maker)
+        self.assertEqual(maker.bytes_held, 0)
+
+
+class UntrackedCopyTests(CopyMakerCase):
+    """An untracked copy is the message without its X-MSYS-API header: nothing is parsed for it."""
+
+    FIELD = crlf('X-MSYS-API: {"campaign_id":\n "c"}\n')
+
+    def test_an_untracked_copy_is_never_prepared(self) -> None:
+        original = message(self.FIELD, crlf("MIME-Version: 1.0\n"), html_part(NEWSLETTER))
+        worker = Worker()
+        maker = CopyMaker(self.read(original), CODEC, run=worker)
+        queued = Queued("1", OFF, OFF, BOTH)
+        d = maker(queued, 0)
+        self.assertEqual(self.reads, [])  # read in the worker, like a preparation
+        worker.finish()
+        self.assertEqual(self.successResultOf(d), original.replace(self.FIELD, b""))
+        self.assertEqual(maker(queued, 1), original.replace(self.FIELD, b""))  # cached
+        self.assertEqual((self.reads, self.prepared), (["1"], []))
+        # A tracked recipient of the same message still gets the prepared, tracked copy.
+        tracked = maker(queued, 2)
+        worker.finish()
+        html = part_text(self.successResultOf(tracked), "text/html")
+        self.assertEqual(len(targets(html)), 3)
+        self.assertEqual(len(self.prepared), 1)
+        # Once prepared, an untracked copy is taken from the prepared form: nothing more is read.
+        self.assertEqual(maker(Queued("1", OFF), 0), original.replace(self.FIELD, b""))
+        self.assertEqual(self.reads, ["1", "1"])
+
+    def test_untracked_copies_are_what_prepare_made_of_every_fixture(self) -> None:
+        """Byte for byte what ``Prepared.render`` made for tracking off, on every message above."""
+        seen: list[bytes] = []
+        module = sys.modules[__name__]
+        real = module.prepare
+
+        def recording(data: bytes) -> rewrite.Prepared:
+            seen.append(data)
+            return real(data)
+
+        self.patch(module, "prepare", recording)
+        result = reporter.TestResult()
+        loader = runner.TestLoader()
+        for case in (FixtureTests, BadInputTests, LengthLimitTests):
+            loader.loadClass(case).run(result)
+        self.assertTrue(result.wasSuccessful(), result.errors + result.failures)
+        api = self.FIELD
+        seen += [
+            ALTERNATIVE_IN_MIXED, base64_message(BENIGN),
+            message(api), message(api, crlf("\n")), api + crlf("\nbody\n"),
+            message(crlf("x-msys-api: {}\n"), crlf("\nbody\n")),
+            message(api, api, crlf("\nbody\n")),
+            message(api, crlf("Subject: s\n\nbody\n")).replace(b"\r\n", b"\n"),
+            message(api, crlf("not a field\n"), api, crlf("\nbody\n")),
+            message(crlf("MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=m\n\n--m\n"),
+                    api, crlf("Content-Type: text/plain\n\nhttps://x.example/\n--m--\n")),
+        ]
+        self.assertGreater(len(seen), 100)
+        for n, data in enumerate(seen):
+            maker = CopyMaker(lambda q, data=data: data, CODEC, run=run_synchronously)
+            self.assertEqual(self.copy(maker, Queued(str(n), OFF), 0),
+                             real(data).render(CODEC, ID, OFF), data[:300])
+
+
+class FootprintTests(SynchronousTestCase):
+    def test_size_is_what_a_link_dense_message_takes_in_memory(self) -> None:
+        """The cache counts what a prepared message really holds, not just its text."""
+        html = "<body>\n" + "".join(f'<a href="https://example.com/item/{i}?r={i}&amp;s=1" '
+                                     f'data-msys-linkname="n{i}">{i}</a> {{{{x}}}}\n'
+                                     for i in range(3000)) + "</body>\n"
+        text = "".join(f"see https://example.com/t/{i} now\n" for i in range(3000))
+        data = message(crlf("MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary=b\n\n"
+                            "--b\nContent-Type: text/plain\n\n"), crlf(text), crlf("--b\n"),
+                       html_part(html), crlf("\n--b--\n"))
+        for copy in (data, base64_message(BENIGN), ALTERNATIVE_IN_MIXED):
+            prepare(copy)  # compiled patterns and looked-up codecs are cached once, not per message
+            gc.collect()
+            tracemalloc.start()
+            try:
+                prepared = prepare(bytes(bytearray(copy)))  # its own copy of the text, traced
+                gc.collect()
+                used = tracemalloc.get_traced_memory()[0]
+            finally:
+                tracemalloc.stop()
+            ratio = prepared.size / used
+            # Within a few percent on this interpreter; the bound leaves room for another.
+            self.assertTrue(0.75 < ratio < 1.33, f"{len(copy)}-byte message: size {prepared.size}, "
+                                                  f"traced {used} ({ratio:.2f})")
 
 
 # -- adversarial input ---------------------------------------------------------------------------
@@ -648,7 +836,8 @@ ADVERSARIAL = {
 
 class AdversarialInputTests(SynchronousTestCase):
     """
-    Preparing a message runs on the reactor thread: its cost must be linear in its size.
+    Preparing a message holds a worker thread and delays its copies: its cost must be linear
+    in its size.
 
     Each adversarial input of about 1 MiB must cost at most a generous multiple of an
     ordinary message of the same size, measured in the same test; a quadratic path

@@ -20,7 +20,7 @@ import io
 import re
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.mail import smtp
 from twisted.protocols import basic
 from twisted.python.failure import Failure
@@ -101,8 +101,9 @@ class Attempt(Protocol):
 
     def connected(self, client: DeliveryClient) -> None: ...
     def established(self) -> None: ...
-    def next_job(self) -> Job | None: ...
+    def next_job(self) -> Job | None | defer.Deferred: ...
     def has_more(self) -> bool: ...
+    def give_back(self, job: Job) -> None: ...
     def job_done(self, job: Job, outcome: Outcome) -> None: ...
     def hop_failed(self, outcome: Outcome, tls_failed: bool) -> None: ...
     def closed(self) -> None: ...
@@ -135,6 +136,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self._tls_started = False
         self._tls_confirmed = False
         self._sending = False
+        self._closed = False
         self._encoder = BodyEncoder()
 
     # -- the line level ------------------------------------------------------
@@ -204,7 +206,23 @@ class DeliveryClient(smtp.ESMTPClient):
         if not self.is_established:
             self.is_established = True
             self.attempt.established()
-        while job is not None and (refusal := self._unsendable(job)) is not None:
+        self._send(job)
+
+    def _send(self, job: Job | None | defer.Deferred) -> None:
+        """Start the transaction of ``job``; wait first if its copy is still being made."""
+        while job is not None:
+            if isinstance(job, defer.Deferred):
+                # The copy's message is being read or parsed: nothing is asked of the server
+                # meanwhile, so no reply is awaited and no command timeout runs; a reply
+                # that comes all the same (a 421 on its way out) ends the session.
+                self.setTimeout(None)
+                self._expected = []
+                self._okresponse = self._failresponse = self._refused
+                job.addCallback(self._copy_made)
+                return
+            refusal = self._unsendable(job)
+            if refusal is None:
+                break
             self.attempt.job_done(job, refusal)
             job = self.attempt.next_job()
         if job is None:
@@ -221,6 +239,16 @@ class DeliveryClient(smtp.ESMTPClient):
         self._okresponse = self.smtpState_to
         self._failresponse = self.smtpTransferFailed
         self.sendLine(b"MAIL FROM:<" + job.mail_from.encode("utf-8") + b">" + params)
+
+    def _copy_made(self, job: Job | None | defer.Deferred) -> None:
+        if self._failed or self._closed:
+            # The session failed while the copy was being made (the attempt takes back a
+            # copy made after it heard of the close itself): the copy was never tried.
+            if job is not None and not isinstance(job, defer.Deferred):
+                self.attempt.give_back(job)
+            return
+        self.setTimeout(self.command_timeout)
+        self._send(job)
 
     def _unsendable(self, job: Job) -> Outcome | None:
         """A bounce for a copy whose addresses would smuggle a command into the dialogue."""
@@ -348,6 +376,7 @@ class DeliveryClient(smtp.ESMTPClient):
             self.attempt.hop_failed(outcome, tls_failed)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._closed = True
         super().connectionLost(reason)
         if not self._failed and (self.job is not None or not self.is_established):
             where = str(self.hop)

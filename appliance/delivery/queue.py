@@ -49,7 +49,8 @@ from appliance.tls import load_trust_root
 
 log = Logger()
 
-CopyRenderer = Callable[[QueuedMessage, int], bytes]
+# A copy at once, or a Deferred of it while its message is read or parsed elsewhere.
+CopyRenderer = Callable[[QueuedMessage, int], bytes | defer.Deferred]
 
 
 class Job:
@@ -130,19 +131,60 @@ class _HopAttempt:
         return (bool(self.queue.ready) and self.service.running
                 and self.sent < self.service.config.max_messages_per_connection)
 
-    def next_job(self) -> Job | None:
+    def next_job(self) -> Job | None | defer.Deferred:
+        """
+        The next copy to send, or ``None``; a Deferred of either while the copy is being made.
+
+        The renderer gives a copy at once, or a Deferred when its message must
+        first be read or parsed (in a worker thread). The connection waits for
+        it; meanwhile it counts as busy, so the destination's other copies are
+        not left to it.
+        """
         while self.has_more():
             job = self.queue.ready.popleft()
             try:
-                job.data = self.service.render(job.queued, job.index)
-            except Exception as e:
-                log.failure("could not make the copy for {rcpt}", rcpt=job.address)
-                self.service._settle(job, internal(451, "4.3.0", f"could not make the copy: {e}"))
+                data = self.service.render(job.queued, job.index)
+            except Exception:
+                self._not_made(job, Failure())
                 continue
             self.sent += 1
             self.queue.busy += 1
+            if isinstance(data, defer.Deferred):
+                return data.addCallbacks(self._made, self._not_made_later,
+                                         callbackArgs=(job,), errbackArgs=(job,))
+            job.data = data
             return job
         return None
+
+    def _made(self, data: bytes, job: Job) -> Job | None:
+        if self.done.called or not self.service.running:
+            # The connection closed (or the service stopped) while the copy was being made.
+            self.give_back(job)
+            return None
+        job.data = data
+        return job
+
+    def give_back(self, job: Job) -> None:
+        """A copy handed out but never tried: it waits for the next connection, like any that is due."""
+        self._unsent()
+        job.data = b""
+        self.service._due(job)
+
+    def _not_made_later(self, failure: Failure, job: Job) -> Job | None | defer.Deferred:
+        self._unsent()
+        self._not_made(job, failure)
+        if self.done.called:
+            return None
+        return self.next_job()
+
+    def _unsent(self) -> None:
+        self.sent -= 1
+        self.queue.busy -= 1
+
+    def _not_made(self, job: Job, failure: Failure) -> None:
+        log.failure("could not make the copy for {rcpt}", failure, rcpt=job.address)
+        self.service._settle(job, internal(451, "4.3.0",
+                                           f"could not make the copy: {failure.getErrorMessage()}"))
 
     def job_done(self, job: Any, outcome: Outcome) -> None:
         job.data = b""
@@ -179,6 +221,7 @@ class DeliveryService(Service):
         resolver: Any = None,
         rng: Any = None,
         mx_port: int = 25,
+        on_message_done: Callable[[str], None] | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -189,6 +232,7 @@ class DeliveryService(Service):
         self.events = events
         self.render = render
         self.router = router
+        self.on_message_done = on_message_done  # called with its transmission_id: every copy is final
         self.helo_name = helo_name.encode("idna")
         self.reactor = reactor  # connectTCP
         self.clock = clock or reactor  # callLater, seconds: timers, timeouts, queue times
@@ -453,6 +497,12 @@ class DeliveryService(Service):
         d.addBoth(lambda _: self._settling.discard(d))
         if final:
             self._jobs.pop(job.key, None)
+            if self.on_message_done is not None and all(
+                    s.done for i, s in enumerate(queued.states) if i != index):
+                try:
+                    self.on_message_done(queued.envelope.transmission_id)
+                except Exception:
+                    log.failure("after the last copy of {tid}", tid=queued.envelope.transmission_id)
         elif self.running:
             self._schedule(job, state.next_attempt - now)
 
