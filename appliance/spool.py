@@ -112,21 +112,44 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
+# Message text is kept in memory up to this size and only written out, with its directory,
+# by the commit in a worker thread: on the reactor thread a mkdir or open can wait tens of
+# milliseconds behind other messages' fsyncs. A larger message spills to its file as it comes.
+SPILL_AT = 1024 * 1024
+
+
 class SpoolWriter:
     """Receives one message's bytes during DATA, then commits or aborts."""
 
     def __init__(self, spool: Spool, transmission_id: str) -> None:
+        if not os.path.isdir(spool.incoming):
+            # Visibly unusable: say so at DATA rather than after the client sent it all.
+            raise FileNotFoundError(f"spool directory {spool.incoming} is missing")
         self.spool = spool
         self.transmission_id = transmission_id
         self.path = os.path.join(spool.incoming, transmission_id)
-        os.mkdir(self.path, 0o700)
-        self._file = open(os.path.join(self.path, "message"), "wb")
+        self._file: Any = None  # opened once the text outgrows memory, or by the commit
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self.size = 0
         self.finished = False
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
         self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > SPILL_AT:
+            self._open()
+
+    def _open(self) -> None:
+        """Create the entry and its message file, and write out what memory holds."""
+        os.mkdir(self.path, 0o700)
+        self._file = open(os.path.join(self.path, "message"), "wb")
+        self._file.write(b"".join(self._pending))
+        self._pending, self._pending_size = [], 0
 
     def commit(self, envelope: Envelope) -> defer.Deferred:
         """Make the message durable; fires with its ``QueuedMessage`` once it is on disk."""
@@ -135,6 +158,8 @@ class SpoolWriter:
         return self.spool.run(self._commit, envelope).addErrback(self._failed)
 
     def _commit(self, envelope: Envelope) -> QueuedMessage:
+        if self._file is None:
+            self._open()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -163,10 +188,12 @@ class SpoolWriter:
             self._discard()
 
     def _discard(self) -> None:
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        self._pending = []
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
         shutil.rmtree(self.path, ignore_errors=True)
 
 

@@ -102,6 +102,32 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual(errors, [])
         self.assertFalse(os.path.exists(queued.path))
 
+    def test_small_message_touches_the_disk_only_at_commit(self) -> None:
+        """Nothing of a message below SPILL_AT is written on the reactor thread; the commit does it."""
+        w = self.spool.writer("5")
+        w.write(b"Subject: x\r\n\r\n")
+        w.write(b"body\r\n")
+        self.assertEqual(os.listdir(self.spool.incoming), [])
+        queued = self.successResultOf(w.commit(envelope("5")))
+        self.assertEqual(self.spool.read_message(queued), b"Subject: x\r\n\r\nbody\r\n")
+
+    def test_large_message_spills_to_its_file_while_it_arrives(self) -> None:
+        w = self.spool.writer("6")
+        chunk = b"x" * 1000 + b"\r\n"
+        for _ in range(spool_module.SPILL_AT // len(chunk) + 2):
+            w.write(chunk)
+        message = os.path.join(self.spool.incoming, "6", "message")
+        self.assertTrue(os.path.exists(message))  # spilled: memory holds no more than SPILL_AT
+        w.write(b"last\r\n")
+        queued = self.successResultOf(w.commit(envelope("6")))
+        data = self.spool.read_message(queued)
+        self.assertEqual(len(data), w.size)
+        self.assertTrue(data.startswith(chunk) and data.endswith(chunk + b"last\r\n"))
+
+    def test_missing_incoming_directory_fails_at_once(self) -> None:
+        os.rmdir(self.spool.incoming)
+        self.assertRaises(FileNotFoundError, self.spool.writer, "7")
+
     def test_abort_leaves_nothing(self) -> None:
         w = self.spool.writer("2")
         w.write(b"partial")

@@ -94,7 +94,9 @@ class StopTests(unittest.TestCase):
         yield in_thread(lambda: [in_data.command(c) for c in (b"HELO c.test", b"MAIL FROM:<a@example.net>",
                                                               b"RCPT TO:<r@example.test>", b"DATA")])
         yield in_thread(in_data.send, b"Subject: half\r\n\r\nonly half of it")
-        yield wait_until(lambda: self.running.spooled())
+        sessions = self.running.appliance.smtp_limits.sessions
+        yield wait_until(lambda: any(s._transaction is not None and s._transaction.writer.size
+                                     for s in sessions))
         yield self.stop()
         for client in (idle, in_data):
             replies = yield in_thread(listen, client)
