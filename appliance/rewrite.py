@@ -1146,7 +1146,8 @@ class CopyMaker:
         assert data is None or isinstance(data, bytes)
         return data
 
-    def _copy(self, prepared: Prepared, tid: str, recipient: Any, tracking: Tracking) -> bytes:
+    def _copy(self, prepared: Prepared, tid: str, recipient: Any,
+              tracking: Tracking) -> bytes | defer.Deferred:
         try:
             copy = prepared.render(self.codec, _identity(tid, recipient), tracking)
         except Exception:
@@ -1155,10 +1156,14 @@ class CopyMaker:
             copy = prepared.data
         return self._sign(copy)
 
-    def _sign(self, copy: bytes) -> bytes:
+    def _sign(self, copy: bytes) -> bytes | defer.Deferred:
         # Signing is last: nothing may change the copy after it. A failure here is not
         # caught: the copy is deferred rather than sent without the signature it should have.
-        return copy if self.signer is None else self.signer.sign(copy)
+        # It runs in the worker: an RSA signature and the body hash cost about as much as
+        # the render, and OpenSSL and hashlib let go of the GIL while they work.
+        if self.signer is None:
+            return copy
+        return defer.maybeDeferred(self.run, self.signer.sign, copy)
 
     @staticmethod
     def _prepare(key: str, message: bytes) -> Prepared:

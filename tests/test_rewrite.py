@@ -634,6 +634,30 @@ class CacheTests(CopyMakerCase):
         self.assertIsInstance(maker(Queued("3"), 0), bytes)  # delivery finds it prepared
         self.assertEqual(self.reads, ["3"])
 
+    def test_dkim_signing_runs_in_the_worker(self) -> None:
+        """Each copy is signed where ``run`` says: a thread in the appliance, not the reactor's."""
+
+        class StubSigner:
+            def sign(self, data: bytes) -> bytes:
+                return b"DKIM-Signature: stub\r\n" + data
+
+            def signs(self, data: bytes) -> bool:
+                return True
+
+        signer = StubSigner()
+        handed: list[Callable[..., object]] = []
+
+        def run(f: Callable[..., object], *args: Any) -> defer.Deferred:
+            handed.append(f)
+            return defer.succeed(f(*args))
+
+        maker = CopyMaker(self.read(ALTERNATIVE_IN_MIXED), CODEC, signer=signer, run=run)  # type: ignore[arg-type]
+        for tracking in (BOTH, OFF):
+            handed.clear()
+            copy = self.copy(maker, Queued(f"9{tracking.enabled}", tracking), 0)
+            self.assertTrue(copy.startswith(b"DKIM-Signature: stub\r\n"))
+            self.assertIn(signer.sign, handed)
+
     def test_a_miss_at_delivery_is_prepared_in_the_worker(self) -> None:
         """After a restart or an eviction, a tracked copy waits for the worker, never parses here."""
         worker = Worker()
