@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,14 +23,12 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tests.ports import free_port, wait_for_port  # noqa: E402
+
 BODY = (b"From: bench@example.net\r\nTo: r@example.test\r\nSubject: bench\r\n\r\n"
         + b"".join(b"Line %d of a plain message body that looks like mail.\r\n" % i for i in range(60)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def reply(reader: asyncio.StreamReader) -> bytes:
@@ -66,19 +63,6 @@ async def drive(port: int, messages: int, concurrency: int) -> float:
     start = time.perf_counter()
     await asyncio.gather(*(client(port, messages // concurrency) for _ in range(concurrency)))
     return (messages // concurrency * concurrency) / (time.perf_counter() - start)
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 def appliance_config(directory: str, smtp_port: int, sink_port: int) -> str:

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from appliance.links import Keyring, LinkCodec, LinkData  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 KEYRING = Keyring(((1, b"b" * 32),))
 KINDS = ("baseline", "stock", "tracker")
@@ -87,12 +87,6 @@ def serve(kind: str, port: int, directory: str) -> None:
 
 
 # -- the driver --------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}

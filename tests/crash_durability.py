@@ -38,7 +38,6 @@ import queue
 import random
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,17 +46,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from tests.ports import free_port, wait_for_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # twistd, run by this interpreter (the same code as the installed "twistd" script).
 TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; "
           "from twisted.scripts.twistd import run; run()"]
 POISON_EVERY = 10  # every tenth message has a bare LF and must be refused
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def message_bytes(n: int, seed: int) -> bytes:
@@ -160,19 +155,6 @@ class Appliance:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
 
 
 def write_config(workdir: str, smtp_port: int, sink_port: int) -> str:

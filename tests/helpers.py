@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tomllib
 from typing import Any
 
@@ -13,16 +12,11 @@ from twisted.internet import defer, reactor, threads
 from appliance.config import Config, parse_config
 from appliance.service import Appliance
 from tests.fakes import FakeResolver
+from tests.ports import free_port
 from tests.sink import SinkFactory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_CONFIG = os.path.join(REPO, "etc", "appliance.toml")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shipped_toml() -> dict[str, Any]:

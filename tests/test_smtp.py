@@ -137,6 +137,13 @@ def listener(**overrides: Any) -> ListenerConfig:
     return ListenerConfig(**values)
 
 
+def talk(proto: Any, transport: StringTransport, data: bytes) -> list[bytes]:
+    """Feed ``data`` to a session on a string transport; its reply lines."""
+    transport.clear()
+    proto.dataReceived(data)
+    return transport.value().splitlines()
+
+
 class ProtocolTests(SynchronousTestCase):
     def connect(self, peer: str = "127.0.0.1", **overrides: Any) -> tuple[Any, StringTransport]:
         self.injector = FakeInjector()
@@ -147,15 +154,10 @@ class ProtocolTests(SynchronousTestCase):
         proto.makeConnection(transport)
         return proto, transport
 
-    def talk(self, proto: Any, transport: StringTransport, data: bytes) -> list[bytes]:
-        transport.clear()
-        proto.dataReceived(data)
-        return transport.value().splitlines()
-
     def test_greeting_and_ehlo(self) -> None:
         proto, transport = self.connect()
         self.assertEqual(transport.value(), b"220 mx.test ESMTP engage-appliance\r\n")
-        lines = self.talk(proto, transport, b"EHLO client.test\r\n")
+        lines = talk(proto, transport, b"EHLO client.test\r\n")
         self.assertIn(b"250-SIZE 10000", lines)
         self.assertIn(b"250-8BITMIME", lines)
         self.assertIn(b"250 ENHANCEDSTATUSCODES", lines + [lines[-1]])
@@ -163,23 +165,23 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_full_transaction(self) -> None:
         proto, transport = self.connect()
-        self.talk(proto, transport, b"EHLO c\r\n")
-        self.assertEqual(self.talk(proto, transport, b"MAIL FROM:<a@b.test>\r\n"), [b"250 2.1.0 Sender OK"])
-        self.assertEqual(self.talk(proto, transport, b"RCPT TO:<x@y.test>\r\n"), [b"250 2.1.5 Recipient OK"])
-        self.assertEqual(self.talk(proto, transport, b"DATA\r\n")[0][:3], b"354")
-        lines = self.talk(proto, transport, b"Subject: s\r\n\r\nhi\r\n.\r\n")
+        talk(proto, transport, b"EHLO c\r\n")
+        self.assertEqual(talk(proto, transport, b"MAIL FROM:<a@b.test>\r\n"), [b"250 2.1.0 Sender OK"])
+        self.assertEqual(talk(proto, transport, b"RCPT TO:<x@y.test>\r\n"), [b"250 2.1.5 Recipient OK"])
+        self.assertEqual(talk(proto, transport, b"DATA\r\n")[0][:3], b"354")
+        lines = talk(proto, transport, b"Subject: s\r\n\r\nhi\r\n.\r\n")
         self.assertEqual(lines, [b"250 2.0.0 OK queued"])
         self.assertEqual(b"".join(self.injector.transactions[0].data), b"Subject: s\r\n\r\nhi\r\n")
 
     def test_relay_denied_outside_networks(self) -> None:
         proto, transport = self.connect(peer="192.0.2.7")
-        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
-        self.assertEqual(self.talk(proto, transport, b"RCPT TO:<x@y.test>\r\n"),
+        talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+        self.assertEqual(talk(proto, transport, b"RCPT TO:<x@y.test>\r\n"),
                          [b"554 5.7.1 Relay access denied"])
 
     def test_data_in_same_packet_as_command_is_message_text(self) -> None:
         proto, transport = self.connect()
-        lines = self.talk(proto, transport,
+        lines = talk(proto, transport,
                           b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
                           b"RCPT TO:<evil@y.test>\r\n.\r\nNOOP\r\n")
         self.assertEqual(lines[-2:], [b"250 2.0.0 OK queued", b"250 2.0.0 OK"])
@@ -188,8 +190,8 @@ class ProtocolTests(SynchronousTestCase):
     def test_commands_wait_while_message_is_committed(self) -> None:
         proto, transport = self.connect()
         self.injector.result = defer.Deferred()
-        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
-        lines = self.talk(proto, transport, b"hi\r\n.\r\nMAIL FROM:<c@d.test>\r\n")
+        talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
+        lines = talk(proto, transport, b"hi\r\n.\r\nMAIL FROM:<c@d.test>\r\n")
         self.assertEqual(lines, [])
         self.assertEqual(transport.producerState, "paused")
         transport.clear()
@@ -200,30 +202,30 @@ class ProtocolTests(SynchronousTestCase):
     def test_store_failure_answers_451(self) -> None:
         proto, transport = self.connect()
         self.injector.result = defer.fail(OSError(28, "No space left on device"))
-        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
-        lines = self.talk(proto, transport, b"hi\r\n.\r\n")
+        talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
+        lines = talk(proto, transport, b"hi\r\n.\r\n")
         self.assertEqual(lines, [b"451 4.3.0 Cannot store the message now, try again later"])
         self.assertTrue(self.injector.transactions[0].aborted)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_bare_lf_refused_at_end_of_data(self) -> None:
         proto, transport = self.connect()
-        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
-        lines = self.talk(proto, transport, b"a\n.\nMAIL FROM:<e@f.test>\r\n.\r\n")
+        talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
+        lines = talk(proto, transport, b"a\n.\nMAIL FROM:<e@f.test>\r\n.\r\n")
         self.assertEqual(lines, [b"554 5.6.0 Bare CR or LF in message text is not allowed"])
         self.assertTrue(self.injector.transactions[0].aborted)
 
     def test_client_disconnect_mid_data_aborts(self) -> None:
         proto, transport = self.connect()
-        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\nhalf")
+        talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\nhalf")
         proto.connectionLost(None)
         self.assertTrue(self.injector.transactions[0].aborted)
 
     def test_client_gone_while_message_is_decided_is_told_to_the_transaction(self) -> None:
         proto, transport = self.connect()
         self.injector.result = defer.Deferred()
-        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
-        self.talk(proto, transport, b"hi\r\n.\r\n")
+        talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
+        talk(proto, transport, b"hi\r\n.\r\n")
         self.assertFalse(self.injector.transactions[0].client_gone)
         transport.disconnected = True
         proto.connectionLost(None)
@@ -234,32 +236,32 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_control_characters_and_8bit_in_addresses_refused(self) -> None:
         proto, transport = self.connect()
-        self.talk(proto, transport, b"EHLO c\r\n")
+        talk(proto, transport, b"EHLO c\r\n")
         for bad in (b'"x\nRCPT TO:<hidden@example.org>"@example.net', b'"x\ry"@example.net',
                     b'"x\x00y"@example.net', b'"x\ty"@example.net', b'"x\x7fy"@example.net',
                     b'"caf\xc3\xa9"@example.net', b"x\\\ry@example.net"):
-            self.assertEqual(self.talk(proto, transport, b"MAIL FROM:<" + bad + b">\r\n"),
+            self.assertEqual(talk(proto, transport, b"MAIL FROM:<" + bad + b">\r\n"),
                              [b"553 5.1.7 Sender address contains characters that are not allowed"], bad)
-            self.assertEqual(self.talk(proto, transport, b"MAIL FROM:<a@b.test>\r\n"),
+            self.assertEqual(talk(proto, transport, b"MAIL FROM:<a@b.test>\r\n"),
                              [b"250 2.1.0 Sender OK"], bad)
             rcpt = b"RCPT TO:<" + bad.replace(b".net", b".test") + b">\r\n"
-            self.assertEqual(self.talk(proto, transport, rcpt),
+            self.assertEqual(talk(proto, transport, rcpt),
                              [b"553 5.1.3 Recipient address contains characters that are not allowed"], bad)
-            self.talk(proto, transport, b"RSET\r\n")
+            talk(proto, transport, b"RSET\r\n")
         # A space inside quotes is printable ASCII, and allowed (RFC 5321 qtextSMTP).
-        lines = self.talk(proto, transport, b'MAIL FROM:<"a b"@b.test>\r\nRCPT TO:<"c d"@y.test>\r\n')
+        lines = talk(proto, transport, b'MAIL FROM:<"a b"@b.test>\r\nRCPT TO:<"c d"@y.test>\r\n')
         self.assertEqual(lines, [b"250 2.1.0 Sender OK", b"250 2.1.5 Recipient OK"])
 
     def test_non_ascii_command_verb(self) -> None:
         proto, transport = self.connect()
-        lines = self.talk(proto, transport, b"\xff\xfe\r\nNOOP\r\nNO\xffOP x\r\n")
+        lines = talk(proto, transport, b"\xff\xfe\r\nNOOP\r\nNO\xffOP x\r\n")
         self.assertEqual(lines, [b"500 5.5.2 Command not recognised", b"250 2.0.0 OK",
                                  b"500 5.5.2 Command not recognised"])
         self.assertFalse(transport.disconnecting)
 
     def test_duplicate_recipients_accepted_once(self) -> None:
         proto, transport = self.connect()
-        lines = self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+        lines = talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
                                             b"RCPT TO:<x@Y.Test>\r\nRCPT TO:<X@y.test>\r\n"
                                             b"RCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\nDATA\r\n")
         self.assertEqual(lines[-6:-1], [b"250 2.1.5 Recipient OK"] * 5)
@@ -269,7 +271,7 @@ class ProtocolTests(SynchronousTestCase):
     def test_duplicate_recipient_at_the_limit_is_still_250(self) -> None:
         proto, transport = self.connect(max_recipients=1)
         self.injector.limit = 1
-        lines = self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
+        lines = talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n"
                                             b"RCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\n")
         self.assertEqual(lines[-3:], [b"250 2.1.5 Recipient OK"] * 2 + [b"452 4.5.3 Too many recipients"])
 
@@ -278,7 +280,7 @@ class ProtocolTests(SynchronousTestCase):
            st.sampled_from([b"", b"MAIL FROM:", b"RCPT TO:", b"EHLO ", b"MAIL FROM:<", b'RCPT TO:<"']))
     def test_any_command_line_gets_an_answer(self, lines: list[bytes], prefix: bytes) -> None:
         proto, transport = self.connect()
-        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+        talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
         for line in lines:
             transport.clear()
             proto.dataReceived(prefix + line + b"\r\n")  # never raises
@@ -288,12 +290,12 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_data_without_recipients(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(self.talk(proto, transport, b"EHLO c\r\nDATA\r\n")[-1],
+        self.assertEqual(talk(proto, transport, b"EHLO c\r\nDATA\r\n")[-1],
                          b"503 5.5.1 Need MAIL and RCPT before DATA")
 
     def test_overlong_command_closes(self) -> None:
         proto, transport = self.connect()
-        lines = self.talk(proto, transport, b"NOOP " + b"x" * 5000 + b"\r\nMAIL FROM:<a@b.test>\r\n")
+        lines = talk(proto, transport, b"NOOP " + b"x" * 5000 + b"\r\nMAIL FROM:<a@b.test>\r\n")
         self.assertEqual(lines, [b"500 5.5.2 Line too long"])
         self.assertTrue(transport.disconnecting)
 

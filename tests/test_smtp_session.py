@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from appliance.smtp import InjectionFactory
-from tests.test_smtp import FakeInjector, _IPv4, listener
+from tests.test_smtp import FakeInjector, _IPv4, listener, talk
 
 PLAIN = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0secret") + b"\r\n"
 
@@ -53,29 +53,24 @@ class SessionTests(SynchronousTestCase):
         proto.makeConnection(transport)
         return proto, transport
 
-    def talk(self, proto: Any, transport: StringTransport, data: bytes) -> list[bytes]:
-        transport.clear()
-        proto.dataReceived(data)
-        return transport.value().splitlines()
-
     def test_starttls_drops_pipelined_plaintext_and_offers_auth_after(self) -> None:
         proto, transport = self.connect()
-        lines = self.talk(proto, transport, b"EHLO c\r\n")
+        lines = talk(proto, transport, b"EHLO c\r\n")
         self.assertIn(b"250-STARTTLS", lines)
         self.assertFalse([line for line in lines if b"AUTH" in line])
-        lines = self.talk(proto, transport, b"STARTTLS\r\n" + PLAIN + b"MAIL FROM:<a@b.test>\r\n")
+        lines = talk(proto, transport, b"STARTTLS\r\n" + PLAIN + b"MAIL FROM:<a@b.test>\r\n")
         self.assertEqual(lines, [b"220 2.0.0 Ready to start TLS"])
         self.assertIs(transport.tls_started, self.context)
         self.assertEqual(self.checker.pending, [])
-        lines = self.talk(proto, transport, b"EHLO c\r\n")
+        lines = talk(proto, transport, b"EHLO c\r\n")
         self.assertIn(b"250-AUTH PLAIN LOGIN", lines)
         self.assertNotIn(b"250-STARTTLS", lines)
 
     def test_input_waits_while_the_password_is_checked(self) -> None:
         proto, transport = self.connect()
-        self.talk(proto, transport, b"EHLO c\r\nSTARTTLS\r\n")
-        self.talk(proto, transport, b"EHLO c\r\n")
-        lines = self.talk(proto, transport, PLAIN + b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n")
+        talk(proto, transport, b"EHLO c\r\nSTARTTLS\r\n")
+        talk(proto, transport, b"EHLO c\r\n")
+        lines = talk(proto, transport, PLAIN + b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n")
         self.assertEqual(lines, [])
         self.assertEqual(transport.producerState, "paused")
         credentials, d = self.checker.pending[0]
@@ -90,8 +85,8 @@ class SessionTests(SynchronousTestCase):
 
     def test_failed_check_leaves_session_unauthenticated(self) -> None:
         proto, transport = self.connect()
-        self.talk(proto, transport, b"EHLO c\r\nSTARTTLS\r\n")
-        self.talk(proto, transport, b"EHLO c\r\n" + PLAIN)
+        talk(proto, transport, b"EHLO c\r\nSTARTTLS\r\n")
+        talk(proto, transport, b"EHLO c\r\n" + PLAIN)
         transport.clear()
         self.checker.pending[0][1].errback(UnauthorizedLogin())
         self.assertEqual(transport.value(), b"535 5.7.8 Authentication credentials invalid\r\n")
@@ -101,7 +96,7 @@ class SessionTests(SynchronousTestCase):
         proto, transport = self.connect()
         for ch in b"NOOP":
             self.clock.advance(15)
-            self.talk(proto, transport, bytes([ch]))
+            talk(proto, transport, bytes([ch]))
         self.assertFalse(transport.disconnecting)  # 60 s not yet up since the first byte
         self.clock.advance(20)
         self.assertEqual(transport.value(), b"421 4.4.2 mx.test Timeout: command not completed in time, "
@@ -112,7 +107,7 @@ class SessionTests(SynchronousTestCase):
         proto, transport = self.connect()
         for _ in range(10):
             self.clock.advance(50)
-            self.assertEqual(self.talk(proto, transport, b"NOOP\r\n"), [b"250 2.0.0 OK"])
+            self.assertEqual(talk(proto, transport, b"NOOP\r\n"), [b"250 2.0.0 OK"])
         self.assertFalse(transport.disconnecting)
         self.clock.advance(300)
         self.assertIn(b"idle for too long", transport.value())
@@ -121,7 +116,7 @@ class SessionTests(SynchronousTestCase):
     def test_data_deadline(self) -> None:
         proto, transport = self.connect(relay_networks=())
         proto.auth_user = "alice"  # relaying for an authenticated user
-        self.talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
+        talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
         transport.clear()
         for _ in range(11):
             self.clock.advance(55)
