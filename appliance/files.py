@@ -1,8 +1,32 @@
-"""Small file-system helpers shared by the commands that write the appliance's own files."""
+"""
+Small file-system helpers shared by everything that writes the appliance's own files.
+
+The spool, the webhook queues and the key files all make data durable the
+same way: the file's bytes, then its directory entry. These are the one copy
+of those steps.
+"""
 
 from __future__ import annotations
 
 import os
+
+
+def fsync_and_close(fd: int) -> None:
+    """Flush ``fd`` to disk and close it, closing it even when the flush fails."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: str) -> None:
+    """Flush a file that is already written and closed (or written through another descriptor)."""
+    fsync_and_close(os.open(path, os.O_RDONLY))
+
+
+def fsync_directory(path: str) -> None:
+    """Flush a directory, so that entries created, renamed or removed in it survive a power loss."""
+    fsync_and_close(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
 
 
 def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -27,8 +51,4 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(directory)

@@ -39,6 +39,8 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from appliance.files import fsync_directory
+
 log = Logger()
 
 Runner = Callable[..., defer.Deferred]
@@ -104,14 +106,6 @@ class QueuedMessage:
         return os.path.join(self.path, "message")
 
 
-def _fsync_path(path: str, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # Message text is kept in memory up to this size and only written out, with its directory,
 # by the commit in a worker thread: on the reactor thread a mkdir or open can wait tens of
 # milliseconds behind other messages' fsyncs. A larger message spills to its file as it comes.
@@ -170,10 +164,10 @@ class SpoolWriter:
             os.fsync(f.fileno())
         # The entries of both files must be durable too, or a power loss could leave a
         # committed directory without its envelope (moved aside at start) or its text.
-        _fsync_path(self.path, directory=True)
+        fsync_directory(self.path)
         final = os.path.join(self.spool.active, self.transmission_id)
         os.rename(self.path, final)
-        _fsync_path(self.spool.active, directory=True)
+        fsync_directory(self.spool.active)
         states = [CopyState() for _ in envelope.recipients]
         return QueuedMessage(envelope, final, states)
 
@@ -288,7 +282,7 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         if new:  # the journal's directory entry must survive a power loss too
-            _fsync_path(queued.path, directory=True)
+            fsync_directory(queued.path)
 
     def _remove(self, queued: QueuedMessage) -> None:
         # Leave active/ in one atomic rename, then delete: a crash in the middle of a
@@ -299,7 +293,7 @@ class Spool:
             os.rename(queued.path, trash)
         except FileNotFoundError:
             return
-        _fsync_path(self.active, directory=True)
+        fsync_directory(self.active)
         shutil.rmtree(trash, ignore_errors=True)
 
     def read_message(self, queued: QueuedMessage) -> bytes:

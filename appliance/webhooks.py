@@ -58,6 +58,7 @@ from zope.interface import implementer
 
 from appliance.config import WebhookConfig
 from appliance.events import Event, encode_event
+from appliance.files import fsync_and_close, fsync_directory, fsync_path
 from appliance.tls import load_trust_root
 
 log = Logger()
@@ -123,17 +124,6 @@ class Batch:
     @property
     def order(self) -> tuple[int, str]:
         return self.seq, self.part
-
-
-def _fsync_path(path: str, directory: bool = False) -> None:
-    _fsync_and_close(os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0)))
-
-
-def _fsync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _valid_lines(data: bytes) -> tuple[bytes, int]:
@@ -222,11 +212,11 @@ class QueueDirectory:
             if seq in sealed:
                 os.unlink(path)
                 continue
-            _fsync_path(path)
+            fsync_path(path)
             batch = self._seal_file(seq, int(now), str(uuid.uuid4()), "from before the restart ")
             if batch is not None:
                 found[batch.order] = batch
-        _fsync_path(self.path, directory=True)
+        fsync_directory(self.path)
         return [found[k] for k in sorted(found)], highest + 1
 
     def _seal_file(self, seq: int, sealed_at: int, batch_id: str, when: str = "") -> Batch | None:
@@ -264,9 +254,9 @@ class QueueDirectory:
 
     def seal(self, seq: int, fd: int, sealed_at: int, batch_id: str) -> Batch | None:
         """Make the ``.open`` file of ``seq`` (written through ``fd``) a batch; closes ``fd``."""
-        _fsync_and_close(fd)
+        fsync_and_close(fd)
         batch = self._seal_file(seq, sealed_at, batch_id)
-        _fsync_path(self.path, directory=True)
+        fsync_directory(self.path)
         return batch
 
     def split(self, batch: Batch, first_id: str, second_id: str) -> tuple[Batch, Batch]:
@@ -286,9 +276,9 @@ class QueueDirectory:
             final = self.batch_path(batch.seq, batch.sealed_at, batch_id, part)
             self._write_synced(final[: -len(".batch")] + ".tmp", b"".join(chunk), final)
             halves.append(Batch(batch.seq, batch.sealed_at, batch_id, final, part))
-        _fsync_path(self.path, directory=True)
+        fsync_directory(self.path)
         os.unlink(batch.path)
-        _fsync_path(self.path, directory=True)
+        fsync_directory(self.path)
         return halves[0], halves[1]
 
     @staticmethod
@@ -541,7 +531,7 @@ class WebhookService(Service):
                 log.error("webhook {name}: fsync failed: {error}", name=self.config.name, error=e)
                 return
             self._dirty = False
-            d = self._run(_fsync_and_close, fd)
+            d = self._run(fsync_and_close, fd)
             d.addErrback(lambda f: log.failure("webhook {name}: fsync failed", f,
                                                name=self.config.name))
             self._track(d)

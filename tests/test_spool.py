@@ -70,15 +70,15 @@ class SpoolTests(SynchronousTestCase):
         """Copy 0's append (new journal, directory fsync) and copy 1's final removal in two threads."""
         queued = self.commit()
         in_append, release = threading.Event(), threading.Event()
-        real = spool_module._fsync_path
+        real = spool_module.fsync_directory
 
-        def slow_fsync(path: str, directory: bool = False) -> None:
+        def slow_fsync(path: str) -> None:
             if path == queued.path:  # copy 0 is between its journal write and the dir fsync
                 in_append.set()
                 release.wait(10)
-            real(path, directory)
+            real(path)
 
-        self.patch(spool_module, "_fsync_path", slow_fsync)
+        self.patch(spool_module, "fsync_directory", slow_fsync)
         errors: list[BaseException] = []
 
         def run(f: Any, *args: Any) -> None:
