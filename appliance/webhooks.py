@@ -59,6 +59,7 @@ from zope.interface import implementer
 from appliance.config import WebhookConfig
 from appliance.events import Event, encode_event
 from appliance.files import fsync_and_close, fsync_directory, fsync_path
+from appliance.retry import RetrySchedule
 from appliance.tls import load_trust_root
 
 log = Logger()
@@ -92,16 +93,6 @@ def batch_body(lines: bytes) -> tuple[bytes, int]:
     """The POST body for a batch file's lines, and its number of events."""
     items = lines.rstrip(b"\n").split(b"\n") if lines.strip() else []
     return b"[" + b",".join(items) + b"]", len(items)
-
-
-@dataclass(frozen=True)
-class RetrySchedule:
-    initial: float
-    maximum: float
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after the ``failures``-th failure in a row (1, 2, ...)."""
-        return min(self.initial * 2.0 ** max(failures - 1, 0), self.maximum)
 
 
 # -- the queue directory ---------------------------------------------------------------

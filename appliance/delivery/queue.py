@@ -44,6 +44,7 @@ from appliance.delivery.outcome import (
 )
 from appliance.delivery.routing import Destination, Hop, HopFinder, NoHops, Router
 from appliance.events import EventLog
+from appliance.retry import RetrySchedule
 from appliance.spool import QueuedMessage, Spool
 from appliance.tls import load_trust_root
 
@@ -447,7 +448,7 @@ class DeliveryService(Service):
     # -- outcomes -------------------------------------------------------------
 
     def _backoff(self, attempts: int) -> float:
-        return min(self.config.retry_initial * 2 ** max(attempts - 1, 0), self.config.retry_max)
+        return RetrySchedule(self.config.retry_initial, self.config.retry_max).delay(attempts)
 
     def _settle(self, job: Job, outcome: Outcome) -> None:
         """Write the outcome's event, then journal it, then schedule the next attempt if any."""
