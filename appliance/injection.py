@@ -29,8 +29,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import smtp
 
+from appliance.bounces import bounce_class
 from appliance.config import EngagementTrackerConfig
-from appliance.delivery import bounce_class
 from appliance.events import EventLog
 from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
 from appliance.rewrite import CopyMaker, Prepared

@@ -31,6 +31,7 @@ from twisted.internet import defer, ssl
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from appliance.bounces import bounce_class, canonical_reason
 from appliance.config import DeliveryConfig
 from appliance.delivery.client import ClientFactory, DeliveryClient
 from appliance.delivery.outcome import (
@@ -38,8 +39,6 @@ from appliance.delivery.outcome import (
     DELAY,
     DELIVERY,
     Outcome,
-    bounce_class,
-    canonical_reason,
     internal,
 )
 from appliance.delivery.routing import Destination, Hop, HopFinder, NoHops, Router
