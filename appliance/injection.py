@@ -34,7 +34,7 @@ from appliance.config import EngagementTrackerConfig
 from appliance.events import EventLog
 from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
 from appliance.rewrite import CopyMaker, Prepared
-from appliance.settings import MsysApi, MsysApiError, Tracking, header_values, parse_msys_api, resolve
+from appliance.settings import MsysApi, MsysApiError, header_values, parse_msys_api, resolve
 from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolWriter
 
 if TYPE_CHECKING:
@@ -341,7 +341,7 @@ class Injector:
                 rejected.append((rcpt, verdict))
                 continue
             tracking = resolve(smtpapi, self.tracker, api, verdict.context, transaction.started)
-            rcpt.tracking = tracking.to_dict()
+            rcpt.tracking = tracking
             rcpt.event_fields.update(campaign_id=tracking.campaign_id, rcpt_meta=tracking.metadata,
                                      rcpt_tags=list(tracking.tags))
             accepted.append(rcpt)
@@ -432,7 +432,7 @@ class Injector:
         """
         if self.copies is None:
             return defer.succeed(None)
-        tracked = any(Tracking.from_dict(r.tracking).enabled for r in queued.envelope.recipients)
+        tracked = any(r.tracking.enabled for r in queued.envelope.recipients)
         signed_api = headers.get("DKIM-Signature") is not None and bool(header_values(headers))
         if not (tracked or signed_api):
             return defer.succeed(None)
@@ -476,7 +476,7 @@ class Injector:
         # dkim_broken only when it does not re-sign.
         resigned = prepared is not None and self.copies is not None and self.copies.resigns(prepared)
         for rcpt in envelope.recipients:
-            tracking = Tracking.from_dict(rcpt.tracking)
+            tracking = rcpt.tracking
             fields: dict[str, Any] = {"open_tracking": tracking.open_tracking,
                                       "click_tracking": tracking.click_tracking}
             if prepared is not None and self.copies is not None:

@@ -33,13 +33,14 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from appliance.files import fsync_directory
+from appliance.settings import Tracking
 
 log = Logger()
 
@@ -48,6 +49,18 @@ Runner = Callable[..., defer.Deferred]
 
 def run_synchronously(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
     return defer.maybeDeferred(f, *args, **kwargs)
+
+
+# The version of envelope.json's format, written in it as "schema". An envelope without
+# one is version 1, as written up to this field's introduction; this version reads every
+# earlier one, so an appliance upgraded in place delivers what the old one left.
+#   1: recipients' "tracking" is a loose object, possibly empty.
+#   2: "tracking" is always a whole ``Tracking.to_json`` record.
+ENVELOPE_SCHEMA = 2
+
+
+class NewerEnvelope(ValueError):
+    """An envelope written by a newer version of the appliance than this one."""
 
 
 @dataclass
@@ -59,7 +72,17 @@ class Recipient:
     # Fields every event of this copy carries (campaign_id, rcpt_meta, rcpt_tags, ...).
     event_fields: dict[str, Any] = field(default_factory=dict)
     # What the rewriter needs for this copy (resolved tracking settings).
-    tracking: dict[str, Any] = field(default_factory=dict)
+    tracking: Tracking = field(default_factory=Tracking)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "message_id": self.message_id,
+                "event_fields": self.event_fields, "tracking": self.tracking.to_json()}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Recipient:
+        return cls(address=raw["address"], message_id=raw["message_id"],
+                   event_fields=raw.get("event_fields", {}),
+                   tracking=Tracking.from_json(raw.get("tracking", {})))
 
 
 @dataclass
@@ -74,12 +97,18 @@ class Envelope:
     message_size: int = 0
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+        raw: dict[str, Any] = {"schema": ENVELOPE_SCHEMA}
+        raw.update((f.name, getattr(self, f.name)) for f in fields(self))
+        raw["recipients"] = [r.to_json() for r in self.recipients]
+        return json.dumps(raw, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
         raw = json.loads(data)
-        raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
+        schema = raw.pop("schema", 1)
+        if not isinstance(schema, int) or schema > ENVELOPE_SCHEMA:
+            raise NewerEnvelope(f"envelope schema {schema!r}; this version reads up to {ENVELOPE_SCHEMA}")
+        raw["recipients"] = [Recipient.from_json(r) for r in raw["recipients"]]
         return cls(**raw)
 
 
@@ -216,6 +245,11 @@ class Spool:
             try:
                 with open(os.path.join(path, "envelope.json"), "rb") as f:
                     envelope = Envelope.from_json(f.read())
+            except NewerEnvelope as e:
+                # Not broken: a downgrade. Left where it is for the version that wrote it.
+                log.error("spool entry {name} was written by a newer version ({e}); left in place",
+                          name=name, e=e)
+                continue
             except (OSError, ValueError, TypeError, KeyError) as e:
                 log.error("spool entry {name} has no readable envelope ({e}); moved aside",
                           name=name, e=e)
