@@ -58,6 +58,7 @@ from zope.interface import implementer
 
 from appliance.config import WebhookConfig
 from appliance.events import Event, encode_event
+from appliance.eventtypes import event_class
 from appliance.files import fsync_and_close, fsync_directory, fsync_path
 from appliance.retry import RetrySchedule
 from appliance.tls import load_trust_root
@@ -67,22 +68,6 @@ log = Logger()
 Runner = Callable[..., defer.Deferred]
 
 # -- SparkPost's envelope --------------------------------------------------------------
-
-# SparkPost's event classes; every other type is a message_event (injection,
-# delivery, delay, bounce, policy_rejection, ...).
-TRACK_EVENTS = frozenset({"open", "initial_open", "click", "amp_open", "amp_initial_open",
-                          "amp_click"})
-UNSUBSCRIBE_EVENTS = frozenset({"link_unsubscribe", "list_unsubscribe"})
-
-
-def event_class(event_type: str) -> str:
-    """The key under ``msys`` that SparkPost files an event of this type under."""
-    if event_type in TRACK_EVENTS:
-        return "track_event"
-    if event_type in UNSUBSCRIBE_EVENTS:
-        return "unsubscribe_event"
-    return "message_event"
-
 
 def envelope_line(event: Event) -> bytes:
     """The event as one batch element, ``{"msys": {"<class>": event}}``, LF-terminated."""

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DELIVERY = "delivery"
-DELAY = "delay"
-BOUNCE = "bounce"
+from appliance.eventtypes import BOUNCE, DELAY, DELIVERY
+
+__all__ = ["BOUNCE", "DELAY", "DELIVERY", "Outcome", "internal", "reply_outcome"]
 
 @dataclass(frozen=True)
 class Outcome:
