@@ -29,6 +29,15 @@ def fsync_directory(path: str) -> None:
     fsync_and_close(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
 
 
+def write_synced(path: str, data: bytes, mode: int = 0o666) -> None:
+    """Create or truncate ``path`` (``mode`` as ``open`` takes it) and have ``data`` on disk on return."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
     """
     Replace ``path`` with ``data`` so that a reader sees the old file or the new, never half.
@@ -40,12 +49,8 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, data, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

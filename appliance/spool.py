@@ -39,7 +39,7 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from appliance.files import fsync_directory
+from appliance.files import fsync_directory, write_synced
 from appliance.settings import Tracking
 
 log = Logger()
@@ -187,10 +187,7 @@ class SpoolWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         env_path = os.path.join(self.path, "envelope.json")
-        with open(env_path, "wb") as f:
-            f.write(envelope.to_json())
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(env_path, envelope.to_json())
         # The entries of both files must be durable too, or a power loss could leave a
         # committed directory without its envelope (moved aside at start) or its text.
         fsync_directory(self.path)

@@ -59,7 +59,7 @@ from zope.interface import implementer
 from appliance.config import WebhookConfig
 from appliance.events import Event, encode_event
 from appliance.eventtypes import event_class
-from appliance.files import fsync_and_close, fsync_directory, fsync_path
+from appliance.files import fsync_and_close, fsync_directory, fsync_path, write_synced
 from appliance.retry import RetrySchedule
 from appliance.tls import load_trust_root
 
@@ -222,10 +222,7 @@ class QueueDirectory:
 
     @staticmethod
     def _write_synced(tmp: str, data: bytes, final: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, data)
         os.rename(tmp, final)
 
     def seal(self, seq: int, fd: int, sealed_at: int, batch_id: str) -> Batch | None:

@@ -6,7 +6,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.files import fsync_and_close, fsync_directory, fsync_path, write_atomically
+from appliance.files import fsync_and_close, fsync_directory, fsync_path, write_atomically, write_synced
 
 
 class WriteAtomicallyTests(SynchronousTestCase):
@@ -26,6 +26,12 @@ class WriteAtomicallyTests(SynchronousTestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(), b"old")
         self.assertEqual(os.listdir(os.path.dirname(path)), ["secret"])
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class FsyncTests(SynchronousTestCase):
@@ -52,6 +58,16 @@ class FsyncTests(SynchronousTestCase):
         fsync_directory(directory)
         self.assertEqual(calls, [path, directory])
         self.assertRaises(NotADirectoryError, fsync_directory, path)
+
+    def test_write_synced_replaces_the_content_and_syncs_it(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        write_synced(path, b"a longer first text", 0o640)
+        calls = self.record_fsyncs()
+        write_synced(path, b"second", 0o600)
+        self.assertEqual(calls, [path])
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"second")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o640 & ~_umask())  # an existing file keeps its mode
 
     def test_fsync_and_close_closes_even_when_the_fsync_fails(self) -> None:
         fd = os.open(os.path.abspath(self.mktemp()), os.O_WRONLY | os.O_CREAT, 0o600)
