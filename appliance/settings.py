@@ -377,8 +377,8 @@ class Tracking:
         """
         The record ``to_json`` wrote; a field it lacks keeps its default.
 
-        An empty object is the default record: spool entries written before
-        settings were resolved per recipient carry one.
+        An empty object is the default record: what envelope schema 1 stored
+        for a recipient built without settings.
         """
         d = dict(d)
         if "tags" in d:

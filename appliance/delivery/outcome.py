@@ -16,6 +16,7 @@ from appliance.eventtypes import BOUNCE, DELAY, DELIVERY
 
 __all__ = ["BOUNCE", "DELAY", "DELIVERY", "Outcome", "internal", "reply_outcome"]
 
+
 @dataclass(frozen=True)
 class Outcome:
     kind: str  # DELIVERY, DELAY or BOUNCE
