@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from appliance.eventtypes import EVENT_TYPES
+
 DEFAULT_CONFIG_PATH = "etc/appliance.toml"
 
 
@@ -694,12 +696,6 @@ def _read_events(t: Table) -> EventsConfig:
     )
     t.finish()
     return c
-
-
-# The event types the appliance writes, in the order of a message's life. A
-# webhook's ``events`` may name only these, so a misspelt type is an error.
-EVENT_TYPES = ("injection", "policy_rejection", "delivery", "delay", "bounce",
-               "open", "initial_open", "click", "link_unsubscribe")
 
 
 @dataclass(frozen=True)

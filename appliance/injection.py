@@ -19,7 +19,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -30,11 +29,11 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from appliance.config import EngagementTrackerConfig
-from appliance.delivery import bounce_class
 from appliance.events import EventLog
+from appliance.eventtypes import injection_event, policy_rejection_event, recipient_fields
 from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
 from appliance.rewrite import CopyMaker, Prepared
-from appliance.settings import MsysApi, MsysApiError, Tracking, header_values, parse_msys_api, resolve
+from appliance.settings import MsysApi, MsysApiError, header_values, parse_msys_api, resolve
 from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolWriter
 
 if TYPE_CHECKING:
@@ -59,11 +58,6 @@ def address_text(address: smtp.Address | bytes | str) -> str:
     if isinstance(address, bytes):
         address = address.decode("utf-8", "replace")
     return address
-
-
-def iso_time(ts: float) -> str:
-    """SparkPost's ``injection_time`` form: 2016-04-18T14:25:07.000+00:00."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
 def header_text(headers: Message, name: str) -> str:
@@ -341,9 +335,9 @@ class Injector:
                 rejected.append((rcpt, verdict))
                 continue
             tracking = resolve(smtpapi, self.tracker, api, verdict.context, transaction.started)
-            rcpt.tracking = tracking.to_dict()
-            rcpt.event_fields.update(campaign_id=tracking.campaign_id, rcpt_meta=tracking.metadata,
-                                     rcpt_tags=list(tracking.tags))
+            rcpt.tracking = tracking
+            rcpt.event_fields = recipient_fields(transaction.transmission_id, rcpt.address,
+                                                 rcpt.message_id, tracking)
             accepted.append(rcpt)
 
         envelope = Envelope(
@@ -401,22 +395,11 @@ class Injector:
 
     def _rejection_event(self, transaction: Transaction, headers: Any, rcpt: Recipient,
                          code: int, text: str) -> None:
+        kind, fields = policy_rejection_event(
+            rcpt, transaction.mail_from, friendly_from(headers), header_text(headers, "Subject"),
+            transaction.session.client_address, code, text, transaction.started)
         try:
-            self.events.emit(
-                "policy_rejection",
-                **rcpt.event_fields,
-                routing_domain=rcpt.address.rpartition("@")[2].lower(),
-                msg_from=transaction.mail_from,
-                friendly_from=friendly_from(headers),
-                subject=header_text(headers, "Subject"),
-                remote_addr=transaction.session.client_address,
-                recv_method="esmtp",
-                error_code=str(code),
-                reason=f"{code} {text}",
-                raw_reason=f"{code} {text}",
-                bounce_class=bounce_class(code, text),
-                injection_time=iso_time(transaction.started),
-            )
+            self.events.emit(kind, **fields)
         except OSError:
             log.failure("could not write the policy_rejection event of {message_id}",
                         message_id=rcpt.message_id)
@@ -432,7 +415,7 @@ class Injector:
         """
         if self.copies is None:
             return defer.succeed(None)
-        tracked = any(Tracking.from_dict(r.tracking).enabled for r in queued.envelope.recipients)
+        tracked = any(r.tracking.enabled for r in queued.envelope.recipients)
         signed_api = headers.get("DKIM-Signature") is not None and bool(header_values(headers))
         if not (tracked or signed_api):
             return defer.succeed(None)
@@ -447,53 +430,23 @@ class Injector:
 
     def _recipient(self, transaction: Transaction, rcpt: str) -> Recipient:
         message_id = self.events.ids.message_id()
-        return Recipient(
-            address=rcpt,
-            message_id=message_id,
-            event_fields={
-                "message_id": message_id,
-                "transmission_id": transaction.transmission_id,
-                "campaign_id": "",
-                "rcpt_to": rcpt.lower(),
-                "raw_rcpt_to": rcpt,
-                "rcpt_meta": {},
-                "rcpt_tags": [],
-            },
-        )
+        return Recipient(address=rcpt, message_id=message_id,
+                         event_fields=recipient_fields(transaction.transmission_id, rcpt, message_id))
 
     def _injection_events(self, envelope: Envelope, headers: Any, prepared: Prepared | None) -> None:
-        common = {
-            "msg_from": envelope.mail_from,
-            "friendly_from": friendly_from(headers),
-            "subject": header_text(headers, "Subject"),
-            "msg_size": str(envelope.message_size),
-            "recv_method": "esmtp",
-            "injection_time": iso_time(envelope.received_at),
-            # Not a SparkPost field: the SMTP AUTH user who injected the message, or null.
-            "auth_user": envelope.auth_user,
-        }
+        sender, subject = friendly_from(headers), header_text(headers, "Subject")
         # A copy the appliance signs itself carries a valid signature: SPEC §5 asks for
         # dkim_broken only when it does not re-sign.
         resigned = prepared is not None and self.copies is not None and self.copies.resigns(prepared)
         for rcpt in envelope.recipients:
-            tracking = Tracking.from_dict(rcpt.tracking)
-            fields: dict[str, Any] = {"open_tracking": tracking.open_tracking,
-                                      "click_tracking": tracking.click_tracking}
+            skipped: list[str] = []
+            broken = False
             if prepared is not None and self.copies is not None:
                 skipped = self.copies.tracking_notes(prepared, envelope.transmission_id, rcpt)
-                if skipped:
-                    fields["tracking_skipped"] = True
-                    fields["tracking_skipped_reason"] = "; ".join(skipped)
-                if prepared.dkim_broken(tracking) and not resigned:
-                    fields["dkim_broken"] = True
+                broken = prepared.dkim_broken(rcpt.tracking) and not resigned
+            kind, fields = injection_event(envelope, rcpt, sender, subject, skipped, broken)
             try:
-                self.events.emit(
-                    "injection",
-                    **rcpt.event_fields,
-                    routing_domain=rcpt.address.rpartition("@")[2].lower(),
-                    **common,
-                    **fields,
-                )
+                self.events.emit(kind, **fields)
             except OSError:
                 # The message is already safe on disk; a missing event must not lose it.
                 log.failure("could not write the injection event of {message_id}",

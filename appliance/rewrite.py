@@ -1088,7 +1088,7 @@ class CopyMaker:
     def __call__(self, queued: Any, index: int) -> bytes | defer.Deferred:
         tid = queued.envelope.transmission_id
         recipient = queued.envelope.recipients[index]
-        tracking = Tracking.from_dict(recipient.tracking)
+        tracking = recipient.tracking
         if not tracking.enabled:
             data = self._untracked(tid)
             if data is not None:
@@ -1128,7 +1128,7 @@ class CopyMaker:
     def tracking_notes(self, prepared: Prepared, transmission_id: str, recipient: Any) -> list[str]:
         """``Prepared.tracking_notes`` for one recipient of the spool's envelope."""
         return prepared.tracking_notes(self.codec, _identity(transmission_id, recipient),
-                                       Tracking.from_dict(recipient.tracking))
+                                       recipient.tracking)
 
     def resigns(self, prepared: Prepared) -> bool:
         """Whether the copies of this message get the appliance's own DKIM signature."""

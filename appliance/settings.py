@@ -346,7 +346,8 @@ class Tracking:
     One recipient's resolved settings: what its copy is made with.
 
     Stored in the spool envelope (``Recipient.tracking``), so a copy made
-    after a restart is the same copy.
+    after a restart is the same copy. ``to_json`` is that stored form; the
+    spool's ``ENVELOPE_SCHEMA`` changes whenever it does.
     """
 
     open_tracking: bool = False
@@ -365,17 +366,23 @@ class Tracking:
     def enabled(self) -> bool:
         return self.open_tracking or self.click_tracking
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
+        """The record as a JSON object, every field by name."""
         d = asdict(self)
         d["tags"] = list(self.tags)
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Tracking:
-        if not d:
-            return cls()
+    def from_json(cls, d: Mapping[str, Any]) -> Tracking:
+        """
+        The record ``to_json`` wrote; a field it lacks keeps its default.
+
+        An empty object is the default record: what envelope schema 1 stored
+        for a recipient built without settings.
+        """
         d = dict(d)
-        d["tags"] = tuple(d.get("tags", ()))
+        if "tags" in d:
+            d["tags"] = tuple(d["tags"])
         return cls(**d)
 
 

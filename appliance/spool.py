@@ -33,11 +33,14 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+
+from appliance.files import fsync_directory, write_synced
+from appliance.settings import Tracking
 
 log = Logger()
 
@@ -46,6 +49,18 @@ Runner = Callable[..., defer.Deferred]
 
 def run_synchronously(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
     return defer.maybeDeferred(f, *args, **kwargs)
+
+
+# The version of envelope.json's format, written in it as "schema". An envelope without
+# one is version 1, as written up to this field's introduction; this version reads every
+# earlier one, so an appliance upgraded in place delivers what the old one left.
+#   1: recipients' "tracking" is a loose object, possibly empty.
+#   2: "tracking" is always a whole ``Tracking.to_json`` record.
+ENVELOPE_SCHEMA = 2
+
+
+class NewerEnvelope(ValueError):
+    """An envelope written by a newer version of the appliance than this one."""
 
 
 @dataclass
@@ -57,7 +72,17 @@ class Recipient:
     # Fields every event of this copy carries (campaign_id, rcpt_meta, rcpt_tags, ...).
     event_fields: dict[str, Any] = field(default_factory=dict)
     # What the rewriter needs for this copy (resolved tracking settings).
-    tracking: dict[str, Any] = field(default_factory=dict)
+    tracking: Tracking = field(default_factory=Tracking)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "message_id": self.message_id,
+                "event_fields": self.event_fields, "tracking": self.tracking.to_json()}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Recipient:
+        return cls(address=raw["address"], message_id=raw["message_id"],
+                   event_fields=raw.get("event_fields", {}),
+                   tracking=Tracking.from_json(raw.get("tracking", {})))
 
 
 @dataclass
@@ -72,12 +97,18 @@ class Envelope:
     message_size: int = 0
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+        raw: dict[str, Any] = {"schema": ENVELOPE_SCHEMA}
+        raw.update((f.name, getattr(self, f.name)) for f in fields(self))
+        raw["recipients"] = [r.to_json() for r in self.recipients]
+        return json.dumps(raw, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
         raw = json.loads(data)
-        raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
+        schema = raw.pop("schema", 1)
+        if not isinstance(schema, int) or schema > ENVELOPE_SCHEMA:
+            raise NewerEnvelope(f"envelope schema {schema!r}; this version reads up to {ENVELOPE_SCHEMA}")
+        raw["recipients"] = [Recipient.from_json(r) for r in raw["recipients"]]
         return cls(**raw)
 
 
@@ -102,14 +133,6 @@ class QueuedMessage:
     @property
     def message_path(self) -> str:
         return os.path.join(self.path, "message")
-
-
-def _fsync_path(path: str, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # Message text is kept in memory up to this size and only written out, with its directory,
@@ -164,16 +187,13 @@ class SpoolWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         env_path = os.path.join(self.path, "envelope.json")
-        with open(env_path, "wb") as f:
-            f.write(envelope.to_json())
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(env_path, envelope.to_json())
         # The entries of both files must be durable too, or a power loss could leave a
         # committed directory without its envelope (moved aside at start) or its text.
-        _fsync_path(self.path, directory=True)
+        fsync_directory(self.path)
         final = os.path.join(self.spool.active, self.transmission_id)
         os.rename(self.path, final)
-        _fsync_path(self.spool.active, directory=True)
+        fsync_directory(self.spool.active)
         states = [CopyState() for _ in envelope.recipients]
         return QueuedMessage(envelope, final, states)
 
@@ -222,6 +242,11 @@ class Spool:
             try:
                 with open(os.path.join(path, "envelope.json"), "rb") as f:
                     envelope = Envelope.from_json(f.read())
+            except NewerEnvelope as e:
+                # Not broken: a downgrade. Left where it is for the version that wrote it.
+                log.error("spool entry {name} was written by a newer version ({e}); left in place",
+                          name=name, e=e)
+                continue
             except (OSError, ValueError, TypeError, KeyError) as e:
                 log.error("spool entry {name} has no readable envelope ({e}); moved aside",
                           name=name, e=e)
@@ -288,7 +313,7 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         if new:  # the journal's directory entry must survive a power loss too
-            _fsync_path(queued.path, directory=True)
+            fsync_directory(queued.path)
 
     def _remove(self, queued: QueuedMessage) -> None:
         # Leave active/ in one atomic rename, then delete: a crash in the middle of a
@@ -299,7 +324,7 @@ class Spool:
             os.rename(queued.path, trash)
         except FileNotFoundError:
             return
-        _fsync_path(self.active, directory=True)
+        fsync_directory(self.active)
         shutil.rmtree(trash, ignore_errors=True)
 
     def read_message(self, queued: QueuedMessage) -> bytes:

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from appliance.events import Event, EventLog
+from appliance.eventtypes import CLICK, INITIAL_OPEN, OPEN, click_events, open_event
 from appliance.links import InvalidToken, LinkCodec, LinkData, location_header
 
 log = Logger()
@@ -40,8 +41,8 @@ ROBOTS_TXT = b"User-agent: *\nDisallow: /\n"
 PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
          b"!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
 ALLOWED_METHODS = (b"GET", b"HEAD")
-OPEN_KINDS = ("open", "initial_open")
-CLICK_KINDS = ("click",)
+OPEN_KINDS = (OPEN, INITIAL_OPEN)
+CLICK_KINDS = (CLICK,)
 
 
 # -- who is asking ----------------------------------------------------------------
@@ -162,26 +163,11 @@ class Tracker:
         """The events one hit on ``link`` writes: none once the link has expired."""
         if link.expired(self._now()):
             return []
-        fields: dict[str, Any] = {
-            "message_id": link.message_id,
-            "transmission_id": link.transmission_id,
-            "campaign_id": link.campaign_id,
-            "rcpt_to": link.rcpt_to.lower(),
-            "raw_rcpt_to": link.rcpt_to,
-            "rcpt_tags": list(link.tags),
-            "ip_address": client.ip_address,
-            "user_agent": client.user_agent,
-        }
         if link.kind in OPEN_KINDS:
-            # Opens always carry the recipient's metadata (SparkPost does).
-            fields["rcpt_meta"] = link.metadata if link.metadata is not None else {}
-            return [self.events.make(link.kind, **fields)]
-        if link.metadata is not None:
-            fields["rcpt_meta"] = link.metadata
-        fields.update(target_link_url=link.target, target_link_name=link.link_name,
-                      accept_language=client.accept_language)
-        types = ("click", "link_unsubscribe") if link.unsubscribe else ("click",)
-        return [self.events.make(t, **fields) for t in types]
+            drafts = [open_event(link, client.ip_address, client.user_agent)]
+        else:
+            drafts = click_events(link, client.ip_address, client.user_agent, client.accept_language)
+        return [self.events.make(kind, **fields) for kind, fields in drafts]
 
     def record(self, link: LinkData, client: Client) -> None:
         """Write the hit's events; a failure is logged and never stops the response."""

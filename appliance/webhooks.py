@@ -58,6 +58,9 @@ from zope.interface import implementer
 
 from appliance.config import WebhookConfig
 from appliance.events import Event, encode_event
+from appliance.eventtypes import event_class
+from appliance.files import fsync_and_close, fsync_directory, fsync_path, write_synced
+from appliance.retry import RetrySchedule
 from appliance.tls import load_trust_root
 
 log = Logger()
@@ -65,22 +68,6 @@ log = Logger()
 Runner = Callable[..., defer.Deferred]
 
 # -- SparkPost's envelope --------------------------------------------------------------
-
-# SparkPost's event classes; every other type is a message_event (injection,
-# delivery, delay, bounce, policy_rejection, ...).
-TRACK_EVENTS = frozenset({"open", "initial_open", "click", "amp_open", "amp_initial_open",
-                          "amp_click"})
-UNSUBSCRIBE_EVENTS = frozenset({"link_unsubscribe", "list_unsubscribe"})
-
-
-def event_class(event_type: str) -> str:
-    """The key under ``msys`` that SparkPost files an event of this type under."""
-    if event_type in TRACK_EVENTS:
-        return "track_event"
-    if event_type in UNSUBSCRIBE_EVENTS:
-        return "unsubscribe_event"
-    return "message_event"
-
 
 def envelope_line(event: Event) -> bytes:
     """The event as one batch element, ``{"msys": {"<class>": event}}``, LF-terminated."""
@@ -91,16 +78,6 @@ def batch_body(lines: bytes) -> tuple[bytes, int]:
     """The POST body for a batch file's lines, and its number of events."""
     items = lines.rstrip(b"\n").split(b"\n") if lines.strip() else []
     return b"[" + b",".join(items) + b"]", len(items)
-
-
-@dataclass(frozen=True)
-class RetrySchedule:
-    initial: float
-    maximum: float
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after the ``failures``-th failure in a row (1, 2, ...)."""
-        return min(self.initial * 2.0 ** max(failures - 1, 0), self.maximum)
 
 
 # -- the queue directory ---------------------------------------------------------------
@@ -123,17 +100,6 @@ class Batch:
     @property
     def order(self) -> tuple[int, str]:
         return self.seq, self.part
-
-
-def _fsync_path(path: str, directory: bool = False) -> None:
-    _fsync_and_close(os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0)))
-
-
-def _fsync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _valid_lines(data: bytes) -> tuple[bytes, int]:
@@ -222,11 +188,11 @@ class QueueDirectory:
             if seq in sealed:
                 os.unlink(path)
                 continue
-            _fsync_path(path)
+            fsync_path(path)
             batch = self._seal_file(seq, int(now), str(uuid.uuid4()), "from before the restart ")
             if batch is not None:
                 found[batch.order] = batch
-        _fsync_path(self.path, directory=True)
+        fsync_directory(self.path)
         return [found[k] for k in sorted(found)], highest + 1
 
     def _seal_file(self, seq: int, sealed_at: int, batch_id: str, when: str = "") -> Batch | None:
@@ -256,17 +222,14 @@ class QueueDirectory:
 
     @staticmethod
     def _write_synced(tmp: str, data: bytes, final: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, data)
         os.rename(tmp, final)
 
     def seal(self, seq: int, fd: int, sealed_at: int, batch_id: str) -> Batch | None:
         """Make the ``.open`` file of ``seq`` (written through ``fd``) a batch; closes ``fd``."""
-        _fsync_and_close(fd)
+        fsync_and_close(fd)
         batch = self._seal_file(seq, sealed_at, batch_id)
-        _fsync_path(self.path, directory=True)
+        fsync_directory(self.path)
         return batch
 
     def split(self, batch: Batch, first_id: str, second_id: str) -> tuple[Batch, Batch]:
@@ -286,9 +249,9 @@ class QueueDirectory:
             final = self.batch_path(batch.seq, batch.sealed_at, batch_id, part)
             self._write_synced(final[: -len(".batch")] + ".tmp", b"".join(chunk), final)
             halves.append(Batch(batch.seq, batch.sealed_at, batch_id, final, part))
-        _fsync_path(self.path, directory=True)
+        fsync_directory(self.path)
         os.unlink(batch.path)
-        _fsync_path(self.path, directory=True)
+        fsync_directory(self.path)
         return halves[0], halves[1]
 
     @staticmethod
@@ -541,7 +504,7 @@ class WebhookService(Service):
                 log.error("webhook {name}: fsync failed: {error}", name=self.config.name, error=e)
                 return
             self._dirty = False
-            d = self._run(_fsync_and_close, fd)
+            d = self._run(fsync_and_close, fd)
             d.addErrback(lambda f: log.failure("webhook {name}: fsync failed", f,
                                                name=self.config.name))
             self._track(d)

@@ -14,6 +14,7 @@ from twisted.names import error as dns_error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance.bounces import canonical_reason
 from appliance.config import DeliveryConfig, Route
 from appliance.delivery import (
     BodyEncoder,
@@ -26,7 +27,6 @@ from appliance.delivery import (
     encode_body,
     message_from_spool,
 )
-from appliance.delivery.outcome import canonical_reason
 from appliance.delivery.routing import Destination, NoHops, order_addresses, order_mx
 from appliance.events import EventLog
 from appliance.spool import Spool, run_synchronously

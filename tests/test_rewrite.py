@@ -422,7 +422,7 @@ class BadInputTests(SynchronousTestCase):
         class Queued:
             class envelope:  # noqa: N801 - shaped like the spool's objects
                 transmission_id = "1"
-                recipients = [type("R", (), {"tracking": BOTH.to_dict(), "message_id": "m",
+                recipients = [type("R", (), {"tracking": BOTH, "message_id": "m",
                                              "address": "a@b", "event_fields": {}})()]
 
         maker = CopyMaker(lambda q: b"X-MSYS-API: {}\r\n\r\nhttps://x.example/\r\n", CODEC,
@@ -436,7 +436,7 @@ class BadInputTests(SynchronousTestCase):
         class Queued:
             class envelope:  # noqa: N801 - shaped like the spool's objects
                 transmission_id = "1"
-                recipients = [type("R", (), {"tracking": BOTH.to_dict(), "message_id": "m",
+                recipients = [type("R", (), {"tracking": BOTH, "message_id": "m",
                                              "address": "a@b", "event_fields": {}})()]
 
         def broken(message: bytes) -> None:
@@ -544,7 +544,7 @@ class Recipient:
     """Shaped like the spool's recipients, as far as the copy maker looks."""
 
     def __init__(self, i: int, tracking: Tracking = BOTH) -> None:
-        self.tracking, self.message_id = tracking.to_dict(), f"m{i}"
+        self.tracking, self.message_id = tracking, f"m{i}"
         self.address, self.event_fields = f"r{i}@x.test", {"rcpt_to": f"r{i}@x.test"}
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import threading
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import spool as spool_module
+from appliance.settings import Tracking
 from appliance.spool import Envelope, Recipient, Spool, run_synchronously
 
 
@@ -70,15 +73,15 @@ class SpoolTests(SynchronousTestCase):
         """Copy 0's append (new journal, directory fsync) and copy 1's final removal in two threads."""
         queued = self.commit()
         in_append, release = threading.Event(), threading.Event()
-        real = spool_module._fsync_path
+        real = spool_module.fsync_directory
 
-        def slow_fsync(path: str, directory: bool = False) -> None:
+        def slow_fsync(path: str) -> None:
             if path == queued.path:  # copy 0 is between its journal write and the dir fsync
                 in_append.set()
                 release.wait(10)
-            real(path, directory)
+            real(path)
 
-        self.patch(spool_module, "_fsync_path", slow_fsync)
+        self.patch(spool_module, "fsync_directory", slow_fsync)
         errors: list[BaseException] = []
 
         def run(f: Any, *args: Any) -> None:
@@ -205,3 +208,79 @@ class SpoolTests(SynchronousTestCase):
             f.write(b"{not json")
         self.assertEqual(list(self.spool.recover()), [])
         self.assertIn("corrupt-1", os.listdir(self.spool.directory))
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "data")
+
+
+class EnvelopeSchemaTests(SynchronousTestCase):
+    """envelope.json carries its format's version; every earlier version stays readable."""
+
+    def setUp(self) -> None:
+        self.spool = Spool(self.mktemp(), run=run_synchronously)
+        self.spool.prepare()
+
+    def install(self, fixture: str, tid: str) -> str:
+        """A spool entry as another version of the appliance left it in active/."""
+        path = os.path.join(self.spool.active, tid)
+        shutil.copytree(os.path.join(FIXTURES, fixture), path,
+                        ignore=shutil.ignore_patterns("*.py"))
+        return path
+
+    def test_reads_what_e4ad139_left_in_the_spool(self) -> None:
+        """Envelope schema 1 and its journal, written by that commit's SpoolWriter and Spool.record."""
+        self.install("spool-e4ad139", "1234567890123")
+        [queued] = list(self.spool.recover())
+        env = queued.envelope
+        self.assertEqual((env.transmission_id, env.mail_from, env.received_at, env.client_address,
+                          env.auth_user, env.listener, env.message_size),
+                         ("1234567890123", "sender@example.test", 1767225600.25, "127.0.0.1", "ann",
+                          "default", 53))
+        ann, bob = env.recipients
+        self.assertEqual((ann.address, ann.message_id), ("Ann@Example.test", "0a1b000000000000001f"))
+        self.assertEqual(ann.tracking, Tracking(
+            open_tracking=True, click_tracking=True, campaign_id="spring",
+            metadata={"plan": "gold", "n": [1, 2]}, tags=("a", "b"), open_tracking_scheme="https",
+            click_tracking_scheme="https", tracking_domain="t.example.test", expiry=1800000000,
+            initial_open=False, include_metadata=True))
+        self.assertEqual(ann.event_fields, {
+            "message_id": "0a1b000000000000001f", "transmission_id": "1234567890123",
+            "campaign_id": "spring", "rcpt_to": "ann@example.test", "raw_rcpt_to": "Ann@Example.test",
+            "rcpt_meta": {"plan": "gold", "n": [1, 2]}, "rcpt_tags": ["a", "b"]})
+        self.assertEqual(bob.tracking, Tracking(campaign_id="spring", tracking_domain="t.example.test",
+                                                expiry=1800000000))
+        self.assertFalse(bob.tracking.enabled)
+        # The journal: copy 0 delivered, copy 1 waiting for its second attempt.
+        self.assertEqual([(s.done, s.attempts, s.next_attempt) for s in queued.states],
+                         [(True, 1, 0.0), (False, 1, 1767225900.25)])
+        # Its last copy is journalled and the entry removed as any other.
+        queued.states[1].attempts = 2
+        self.successResultOf(self.spool.record(queued, 1, done=True))
+        self.assertEqual(os.listdir(self.spool.active), [])
+
+    def test_written_with_the_current_schema_and_read_back(self) -> None:
+        self.install("spool-e4ad139", "1234567890123")
+        [queued] = list(self.spool.recover())
+        data = queued.envelope.to_json()
+        self.assertEqual(json.loads(data)["schema"], spool_module.ENVELOPE_SCHEMA)
+        self.assertEqual(Envelope.from_json(data), queued.envelope)
+
+    def test_empty_tracking_of_schema_1_is_the_default_record(self) -> None:
+        raw = {"transmission_id": "1", "mail_from": "a@b.test", "received_at": 1.0,
+               "recipients": [{"address": "r@x.test", "message_id": "m", "event_fields": {},
+                               "tracking": {}}]}
+        [rcpt] = Envelope.from_json(json.dumps(raw).encode()).recipients
+        self.assertEqual(rcpt.tracking, Tracking())
+
+    def test_newer_schema_is_left_in_place(self) -> None:
+        """A downgrade must neither deliver an envelope it cannot read nor call it corrupt."""
+        path = self.install("spool-e4ad139", "1234567890123")
+        with open(os.path.join(path, "envelope.json"), "rb") as f:
+            raw = json.loads(f.read())
+        raw["schema"] = spool_module.ENVELOPE_SCHEMA + 1
+        with open(os.path.join(path, "envelope.json"), "w") as f:
+            json.dump(raw, f)
+        self.assertRaises(spool_module.NewerEnvelope, Envelope.from_json, json.dumps(raw).encode())
+        self.assertEqual(list(self.spool.recover()), [])
+        self.assertEqual(os.listdir(self.spool.active), ["1234567890123"])
+        self.assertFalse([n for n in os.listdir(self.spool.directory) if n.startswith("corrupt-")])

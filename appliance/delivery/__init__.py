@@ -4,11 +4,12 @@ The outbound side: from a spooled message to each recipient's mail server (SPEC 
 - ``routing``: where a domain's mail goes (routes, smarthost, MX and A/AAAA).
 - ``client``: the SMTP client that carries many copies over one connection.
 - ``queue``: the schedule, the concurrency limits and the outcome events.
-- ``outcome``: outcomes, their reasons and SparkPost's bounce classes.
+- ``outcome``: outcomes and the replies that decided them (classified by ``appliance.bounces``).
 """
 
+from appliance.bounces import bounce_class
 from appliance.delivery.client import BodyEncoder, DeliveryClient, encode_body
-from appliance.delivery.outcome import Outcome, bounce_class
+from appliance.delivery.outcome import Outcome
 from appliance.delivery.queue import CopyRenderer, DeliveryService, Job, message_from_spool
 from appliance.delivery.routing import Destination, Hop, HopFinder, Router, domain_problem
 

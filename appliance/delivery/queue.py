@@ -36,14 +36,13 @@ from appliance.delivery.client import ClientFactory, DeliveryClient
 from appliance.delivery.outcome import (
     BOUNCE,
     DELAY,
-    DELIVERY,
     Outcome,
-    bounce_class,
-    canonical_reason,
     internal,
 )
 from appliance.delivery.routing import Destination, Hop, HopFinder, NoHops, Router
 from appliance.events import EventLog
+from appliance.eventtypes import delivery_event
+from appliance.retry import RetrySchedule
 from appliance.spool import QueuedMessage, Spool
 from appliance.tls import load_trust_root
 
@@ -447,7 +446,7 @@ class DeliveryService(Service):
     # -- outcomes -------------------------------------------------------------
 
     def _backoff(self, attempts: int) -> float:
-        return min(self.config.retry_initial * 2 ** max(attempts - 1, 0), self.config.retry_max)
+        return RetrySchedule(self.config.retry_initial, self.config.retry_max).delay(attempts)
 
     def _settle(self, job: Job, outcome: Outcome) -> None:
         """Write the outcome's event, then journal it, then schedule the next attempt if any."""
@@ -461,28 +460,13 @@ class DeliveryService(Service):
                               f"{_duration(queue_time)} in the queue; last error: {outcome.raw_reason}",
                               outcome.ip_address, outcome.tls)
         recipient = queued.envelope.recipients[index]
-        fields: dict[str, Any] = {
-            **recipient.event_fields,
-            "msg_from": queued.envelope.mail_from,
-            "routing_domain": job.domain,
-            "ip_address": outcome.ip_address,
-            "queue_time": str(int(queue_time * 1000)),
-            "num_retries": str(state.attempts - 1),
-            "delv_method": "esmtp",
-            "outbound_tls": "1" if outcome.tls else "0",
-        }
-        if outcome.kind != DELIVERY:
-            fields.update(
-                error_code=str(outcome.code) if outcome.code else "",
-                reason=canonical_reason(outcome.raw_reason),
-                raw_reason=outcome.raw_reason,
-                bounce_class=bounce_class(outcome.code, outcome.raw_reason),
-            )
+        kind, fields = delivery_event(queued.envelope, recipient, outcome, job.domain, queue_time,
+                                      state.attempts)
         final = outcome.final
         if not final:
             state.next_attempt = now + self._backoff(state.attempts)
         try:
-            self.events.emit(outcome.kind, **fields)
+            self.events.emit(kind, **fields)
         except Exception:
             # Sending the copy again to get its event written would be worse than a missing
             # line: the outcome stands, and the event goes to the operational log instead.

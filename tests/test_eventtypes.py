@@ -1,0 +1,169 @@
+"""The event contract: which fields each event type carries, and the values its builder gives them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from appliance import eventtypes as et
+from appliance.delivery.outcome import Outcome, internal, reply_outcome
+from appliance.events import Event, EventLog
+from appliance.links import LinkData
+from appliance.settings import Tracking
+from appliance.spool import Envelope, Recipient
+
+# What SPEC §8 and today's consumers expect, type by type: (always, sometimes).
+COMMON = ["type", "event_id", "timestamp", "node_name", "customer_id"]
+RECIPIENT = ["message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_meta",
+             "rcpt_tags"]
+FAILURE = ["error_code", "reason", "raw_reason", "bounce_class"]
+OUTCOME = ["msg_from", "routing_domain", "ip_address", "queue_time", "num_retries", "delv_method",
+           "outbound_tls"]
+TRACK = ["message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_tags",
+         "ip_address", "user_agent"]
+CLICK = [*TRACK, "target_link_url", "target_link_name", "accept_language"]
+CONTRACT: dict[str, tuple[list[str], list[str]]] = {
+    "injection": ([*COMMON, *RECIPIENT, "routing_domain", "msg_from", "friendly_from", "subject",
+                   "msg_size", "recv_method", "injection_time", "auth_user", "open_tracking",
+                   "click_tracking"],
+                  ["tracking_skipped", "tracking_skipped_reason", "dkim_broken"]),
+    "policy_rejection": ([*COMMON, *RECIPIENT, "routing_domain", "msg_from", "friendly_from", "subject",
+                          "remote_addr", "recv_method", *FAILURE, "injection_time"], []),
+    "delivery": ([*COMMON, *RECIPIENT, *OUTCOME], []),
+    "delay": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], []),
+    "bounce": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], []),
+    "open": ([*COMMON, *TRACK, "rcpt_meta"], []),
+    "initial_open": ([*COMMON, *TRACK, "rcpt_meta"], []),
+    "click": ([*COMMON, *CLICK], ["rcpt_meta"]),
+    "link_unsubscribe": ([*COMMON, *CLICK], ["rcpt_meta"]),
+}
+
+TID = "4242"
+TRACKING = Tracking(open_tracking=True, click_tracking=False, campaign_id="spring",
+                    metadata={"plan": "gold"}, tags=("a", "b"), expiry=2000)
+
+
+def recipient(tracking: Tracking | None = TRACKING) -> Recipient:
+    r = Recipient("Ann@Example.TEST", "00ab", et.recipient_fields(TID, "Ann@Example.TEST", "00ab", tracking))
+    if tracking is not None:
+        r.tracking = tracking
+    return r
+
+
+ENVELOPE = Envelope(TID, "sender@example.net", [recipient()], received_at=1767225600.5,
+                    client_address="192.0.2.1", auth_user=None, listener="default", message_size=1234)
+
+
+def link(kind: str, metadata: dict[str, Any] | None = None, unsubscribe: bool = False) -> LinkData:
+    return LinkData(kind, 2000, "00ab", TID, "Ann@Example.TEST", "spring", ("a", "b"), metadata,
+                    "cta", "https://example.net/x", unsubscribe)
+
+
+class ContractTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.log = EventLog("unused", "node-a", customer_id="7", now=lambda: 1767225660.9)
+
+    def made(self, draft: et.Draft) -> Event:
+        kind, fields = draft
+        return self.log.make(kind, **fields)
+
+    def assertCarries(self, event: Event, optional: list[str]) -> None:
+        required, allowed = CONTRACT[event["type"]]
+        self.assertEqual(sorted(event), sorted(required + optional), event["type"])
+        self.assertTrue(set(optional) <= set(allowed), event["type"])
+
+    def test_the_module_states_the_contract(self) -> None:
+        self.assertEqual(set(et.EVENT_TYPES), set(CONTRACT))
+        for kind, (required, optional) in CONTRACT.items():
+            self.assertEqual(list(et.FIELDS[kind]), required, kind)
+            self.assertEqual(list(et.OPTIONAL_FIELDS.get(kind, ())), optional, kind)
+
+    def test_injection(self) -> None:
+        plain = self.made(et.injection_event(ENVELOPE, ENVELOPE.recipients[0], "s@example.net", "Hi"))
+        self.assertCarries(plain, [])
+        self.assertEqual(plain, {
+            "type": "injection", "event_id": plain["event_id"], "timestamp": "1767225660",
+            "node_name": "node-a", "customer_id": "7",
+            "message_id": "00ab", "transmission_id": TID, "campaign_id": "spring",
+            "rcpt_to": "ann@example.test", "raw_rcpt_to": "Ann@Example.TEST",
+            "rcpt_meta": {"plan": "gold"}, "rcpt_tags": ["a", "b"],
+            "routing_domain": "example.test", "msg_from": "sender@example.net",
+            "friendly_from": "s@example.net", "subject": "Hi", "msg_size": "1234", "recv_method": "esmtp",
+            "injection_time": "2026-01-01T00:00:00.500+00:00", "auth_user": None,
+            "open_tracking": True, "click_tracking": False,
+        })
+        noted = self.made(et.injection_event(ENVELOPE, ENVELOPE.recipients[0], "", "", ["a", "b"], True))
+        self.assertCarries(noted, ["tracking_skipped", "tracking_skipped_reason", "dkim_broken"])
+        self.assertEqual((noted["tracking_skipped"], noted["tracking_skipped_reason"], noted["dkim_broken"]),
+                         (True, "a; b", True))
+
+    def test_policy_rejection_of_a_recipient_never_resolved(self) -> None:
+        event = self.made(et.policy_rejection_event(recipient(None), "sender@example.net", "s@example.net",
+                                                    "Hi", "192.0.2.1", 550, "5.7.1 No", 1767225600.5))
+        self.assertCarries(event, [])
+        self.assertEqual({k: event[k] for k in CONTRACT["policy_rejection"][0][5:]}, {
+            "message_id": "00ab", "transmission_id": TID, "campaign_id": "",
+            "rcpt_to": "ann@example.test", "raw_rcpt_to": "Ann@Example.TEST", "rcpt_meta": {},
+            "rcpt_tags": [], "routing_domain": "example.test", "msg_from": "sender@example.net",
+            "friendly_from": "s@example.net", "subject": "Hi", "remote_addr": "192.0.2.1",
+            "recv_method": "esmtp", "error_code": "550", "reason": "550 5.7.1 No",
+            "raw_reason": "550 5.7.1 No", "bounce_class": "50",
+            "injection_time": "2026-01-01T00:00:00.500+00:00",
+        })
+
+    def test_delivery_delay_bounce(self) -> None:
+        rcpt = ENVELOPE.recipients[0]
+        delivered = self.made(et.delivery_event(ENVELOPE, rcpt, reply_outcome(250, "2.0.0 Ok", "198.51.100.7",
+                                                                              tls=True),
+                                                "example.test", 1.25, 1))
+        self.assertCarries(delivered, [])
+        self.assertEqual({k: delivered[k] for k in OUTCOME},
+                         {"msg_from": "sender@example.net", "routing_domain": "example.test",
+                          "ip_address": "198.51.100.7", "queue_time": "1250", "num_retries": "0",
+                          "delv_method": "esmtp", "outbound_tls": "1"})
+        delayed = self.made(et.delivery_event(ENVELOPE, rcpt, internal(421, "4.4.1", "no answer"),
+                                              "example.test", 300, 2))
+        self.assertCarries(delayed, [])
+        self.assertEqual({k: delayed[k] for k in ["type", "num_retries", "outbound_tls", *FAILURE]},
+                         {"type": "delay", "num_retries": "1", "outbound_tls": "0", "error_code": "421",
+                          "reason": "421 4.4.1 [internal] no answer",
+                          "raw_reason": "421 4.4.1 [internal] no answer", "bounce_class": "70"})
+        refused = reply_outcome(550, "5.1.1 from  192.0.2.9\r\nno")
+        bounced = self.made(et.delivery_event(ENVELOPE, rcpt, refused, "example.test", 0, 1))
+        self.assertCarries(bounced, [])
+        self.assertEqual({k: bounced[k] for k in FAILURE},
+                         {"error_code": "550", "reason": "550 5.1.1 from a.b.c.d no",
+                          "raw_reason": "550 5.1.1 from  192.0.2.9\r\nno", "bounce_class": "10"})
+        nothing = self.made(et.delivery_event(ENVELOPE, rcpt, Outcome("delay", 0, "timed out"), "x", 0, 1))
+        self.assertEqual((nothing["error_code"], nothing["bounce_class"]), ("", "1"))
+
+    def test_opens_always_carry_the_metadata(self) -> None:
+        for kind in ("open", "initial_open"):
+            event = self.made(et.open_event(link(kind), "203.0.113.5", "Mail/1.0"))
+            self.assertCarries(event, [])
+            self.assertEqual({k: event[k] for k in [*TRACK, "rcpt_meta"]}, {
+                "message_id": "00ab", "transmission_id": TID, "campaign_id": "spring",
+                "rcpt_to": "ann@example.test", "raw_rcpt_to": "Ann@Example.TEST", "rcpt_tags": ["a", "b"],
+                "ip_address": "203.0.113.5", "user_agent": "Mail/1.0", "rcpt_meta": {}})
+        self.assertEqual(self.made(et.open_event(link("open", {"k": 1}), "", ""))["rcpt_meta"], {"k": 1})
+
+    def test_clicks_carry_metadata_only_when_the_link_does(self) -> None:
+        [click] = [self.made(d) for d in et.click_events(link("click"), "203.0.113.5", "UA", "de")]
+        self.assertCarries(click, [])
+        self.assertEqual({k: click[k] for k in CLICK[-3:]},
+                         {"target_link_url": "https://example.net/x", "target_link_name": "cta",
+                          "accept_language": "de"})
+        drafts = et.click_events(link("click", {"k": 1}, unsubscribe=True), "", "", "")
+        click, unsubscribe = [self.made(d) for d in drafts]
+        self.assertEqual((click["type"], unsubscribe["type"]), ("click", "link_unsubscribe"))
+        for event in (click, unsubscribe):
+            self.assertCarries(event, ["rcpt_meta"])
+            self.assertEqual(event["rcpt_meta"], {"k": 1})
+        self.assertNotEqual(click["event_id"], unsubscribe["event_id"])
+
+    def test_webhook_classes(self) -> None:
+        self.assertEqual({t: et.event_class(t) for t in et.EVENT_TYPES}, {
+            "injection": "message_event", "policy_rejection": "message_event", "delivery": "message_event",
+            "delay": "message_event", "bounce": "message_event", "open": "track_event",
+            "initial_open": "track_event", "click": "track_event", "link_unsubscribe": "unsubscribe_event"})
