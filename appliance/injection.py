@@ -31,9 +31,10 @@ from twisted.mail import smtp
 
 from appliance.config import EngagementTrackerConfig
 from appliance.delivery import bounce_class
+from appliance.delivery.copies import CopyMaker
 from appliance.events import EventLog
 from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
-from appliance.rewrite import CopyMaker, Prepared
+from appliance.rewrite import Prepared
 from appliance.settings import MsysApi, MsysApiError, Tracking, header_values, parse_msys_api, resolve
 from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolWriter
 
