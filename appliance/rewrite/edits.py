@@ -38,6 +38,8 @@ LINK_SLOT, OPEN_SLOT, INITIAL_SLOT = 0, 1, 2
 
 @dataclass
 class Edit:
+    """One change to a span of the decoded text: fixed, or a slot each recipient fills in."""
+
     start: int
     end: int
     replacement: str = ""  # static edits, and a link's text when it is not tracked

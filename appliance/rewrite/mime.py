@@ -25,9 +25,12 @@ MAX_DEPTH = 20  # multipart nesting
 MAX_PART_BYTES = 8 * 1024 * 1024  # larger parts are delivered as they are
 MAX_LINE = 998
 
+
 @dataclass
 class Candidate:
-    kind: str
+    """A part worth tracking: where it is, its header fields and its content headers."""
+
+    kind: str  # "html" or "text"
     start: int
     body_start: int
     end: int

@@ -44,13 +44,14 @@ OPEN_PIXEL = '<img border="0" width="1" height="1" alt="" src="{}">'
 INITIAL_PIXEL = ('<div style="display:none !important;max-height:0;overflow:hidden;mso-hide:all">'
                  '<img border="0" width="1" height="1" alt="" src="{}"></div>')
 
+
 def _attribute_safe(url: str) -> str:
     if "&" in url or '"' in url or "'" in url:
         url = url.replace("&", "&amp;").replace('"', "&quot;").replace("'", "&#39;")
     return url
 
 
-def record(part: PreparedPart, pieces: list[bytes], changes: list[Change]) -> None:
+def _record(part: PreparedPart, pieces: list[bytes], changes: list[Change]) -> None:
     pos = 0
     for index, piece in enumerate(pieces):
         text = piece.decode(part.charset)
@@ -141,7 +142,7 @@ def render_part(part: PreparedPart, links: LinkRenderer, tracking: Tracking,
                 pieces[index] = pixel.format(url).encode()
     raw = b"".join(pieces)
     if changes is not None:
-        record(part, pieces, changes)
+        _record(part, pieces, changes)
     header = part.header
     if part.cte == "base64":
         body = encode_base64(raw)
