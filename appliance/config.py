@@ -841,11 +841,11 @@ class DkimKeyConfig:
 _DOMAIN_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 _SELECTOR_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
 _SELECTOR_RE = re.compile(rf"{_SELECTOR_LABEL}(\.{_SELECTOR_LABEL})*")
-_FIELD_NAME_RE = re.compile(r"[!-9;-~]+")
 
 
 def _read_dkim_key(t: Table) -> DkimKeyConfig | None:
     from appliance.dkim import DEFAULT_HEADERS, DkimError, load_private_key
+    from appliance.headers import is_field_name
 
     domain = t.str("domain", "", allow_empty=False).lower().rstrip(".")
     selector = t.str("selector", "", allow_empty=False)
@@ -862,7 +862,7 @@ def _read_dkim_key(t: Table) -> DkimKeyConfig | None:
     if selector and not _SELECTOR_RE.fullmatch(selector):
         t.error("selector", f"expected a selector such as \"s2025\", got {_show(selector)}")
         ok = False
-    bad = [h for h in headers if not _FIELD_NAME_RE.fullmatch(h)]
+    bad = [h for h in headers if not is_field_name(h)]
     if bad:
         t.error("headers", f"not header field names: {', '.join(map(_show, bad))}")
         ok = False

@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from appliance import headers
 from appliance.files import write_atomically
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -56,36 +57,19 @@ class DkimError(ValueError):
 
 # -- the message --------------------------------------------------------------------------------
 
-_FIELD_NAME = re.compile(rb"[!-9;-~]+")
-
-
 def split_message(message: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
     """
     The header fields (lower-cased name, raw bytes with their CRLF) and the body.
 
-    Raises ``DkimError`` for a header that is not a sequence of fields:
-    what a verifier would take for the signed fields would be guesswork.
+    Read by ``appliance.headers``, as the rewriter reads them, so what is
+    signed is what the rewriter understood. Raises ``DkimError`` for a
+    header that is not a sequence of fields: what a verifier would take for
+    the signed fields would be guesswork.
     """
-    if message.startswith(b"\r\n"):
-        return [], message[2:]
-    end = message.find(b"\r\n\r\n")
-    head, body = (message[:end + 2], message[end + 4:]) if end >= 0 else (message, b"")
-    fields: list[tuple[str, bytes]] = []
-    for line in head.split(b"\r\n"):
-        if not line:
-            continue  # only after the last CRLF
-        if line[:1] in (b" ", b"\t"):
-            if not fields:
-                raise DkimError("the header starts with a continuation line")
-            name, raw = fields[-1]
-            fields[-1] = (name, raw + line + b"\r\n")
-            continue
-        name, colon, _ = line.partition(b":")
-        name = name.rstrip(b" \t")
-        if not colon or not _FIELD_NAME.fullmatch(name):
-            raise DkimError(f"not a header field: {line[:40]!r}")
-        fields.append((name.decode("ascii").lower(), line + b"\r\n"))
-    return fields, body
+    block, body = headers.split_message(message)
+    if block.error:
+        raise DkimError(block.error)
+    return [(f.name, f.raw) for f in block.fields], body
 
 
 def from_domain(fields: Iterable[tuple[str, bytes]]) -> str | None:
@@ -119,7 +103,8 @@ def relaxed_header(field: bytes) -> bytes:
 
 
 def simple_header(field: bytes) -> bytes:
-    return field
+    """§3.4.1: the field as it is, with its CRLF (which a header without a body separator may lack)."""
+    return field if field.endswith(b"\r\n") else field + b"\r\n"
 
 
 def relaxed_body(body: bytes) -> bytes:

@@ -12,16 +12,10 @@ delivery. The SMTP protocol only speaks the dialogue around it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.utils
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from email.message import Message
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
@@ -29,10 +23,12 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from appliance.config import EngagementTrackerConfig
+from appliance.delivery.copies import CopyMaker
 from appliance.events import EventLog
 from appliance.eventtypes import injection_event, policy_rejection_event, recipient_fields
+from appliance.headers import as_message, read_header, readable
 from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
-from appliance.rewrite import CopyMaker, Prepared
+from appliance.rewrite import Prepared
 from appliance.settings import MsysApi, MsysApiError, header_values, parse_msys_api, resolve
 from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolWriter
 
@@ -62,23 +58,16 @@ def address_text(address: smtp.Address | bytes | str) -> str:
 
 def header_text(headers: Message, name: str) -> str:
     """
-    A header's value as a person reads it: unfolded, raw 8-bit text and RFC 2047 words decoded.
+    A header's value as a person reads it (``appliance.headers.readable``); empty when absent.
 
-    Under 8BITMIME clients send raw UTF-8 in headers (RFC 6532); compat32
-    keeps those bytes as surrogate escapes and its own decoding turns them
-    into U+FFFD, so the raw value is decoded here: UTF-8, else Latin-1
-    (which never fails), then its encoded words. Empty when absent.
+    The raw value is read, not compat32's decoding of it, which turns raw
+    8-bit text (RFC 6532) into U+FFFD.
     """
     wanted = name.lower()
     raw = next((str(v) for k, v in headers.raw_items() if k.lower() == wanted), None)
     if raw is None:
         return ""
-    data = raw.encode("utf-8", "surrogateescape")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
-    return " ".join(decode_words(" ".join(text.split())).split())
+    return readable(raw.encode("utf-8", "surrogateescape"))
 
 
 def friendly_from(headers: Message) -> str:
@@ -90,78 +79,6 @@ def friendly_from(headers: Message) -> str:
     text = header_text(headers, "From")
     _name, address = email.utils.parseaddr(text)
     return address if "@" in address else text
-
-
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
-
-
-@dataclass
-class _Word:
-    charset: str
-    data: bytes | None  # None: the word's own encoding is broken
-    written: str
-    joined: bool = False  # follows a decodable word with nothing but whitespace between
-    lead: str = ""  # that whitespace, dropped unless this word fails to decode
-
-
-def _word(m: re.Match[str]) -> _Word:
-    charset, encoding, text = m.groups()
-    charset = charset.partition("*")[0]  # RFC 2231 §5: charset*language
-    try:
-        raw = text.encode("ascii")
-        if encoding in "Bb":
-            data = base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True)
-        else:
-            data = binascii.a2b_qp(raw, header=True)
-    except (ValueError, UnicodeError):
-        data = None
-    return _Word(charset, data, m.group(0))
-
-
-def decode_words(text: str) -> str:
-    """
-    ``text`` with its RFC 2047 encoded words decoded; a word that cannot be decoded stays as written.
-
-    Whitespace between two encoded words goes (RFC 2047 §6.2), and adjacent
-    words of one charset are decoded together: mailers split a multi-byte
-    character across two words.
-    """
-    pieces: list[str | _Word] = []
-    pos = 0
-    for m in _ENCODED_WORD.finditer(text):
-        word = _word(m)
-        gap = text[pos : m.start()]
-        last = pieces[-1] if pieces else None
-        if ((not gap or gap.isspace()) and isinstance(last, _Word) and last.data is not None
-                and word.data is not None):
-            word.joined, word.lead = True, gap
-        elif gap:
-            pieces.append(gap)
-        pieces.append(word)
-        pos = m.end()
-    pieces.append(text[pos:])
-    out: list[str] = []
-    i = 0
-    while i < len(pieces):
-        piece = pieces[i]
-        i += 1
-        if isinstance(piece, str):
-            out.append(piece)
-            continue
-        run = [piece]
-        while (piece.data is not None and i < len(pieces) and isinstance(nxt := pieces[i], _Word)
-               and nxt.joined and nxt.charset.lower() == piece.charset.lower()):
-            run.append(nxt)
-            i += 1
-        try:
-            if piece.data is None:
-                raise ValueError
-            decoded = b"".join(w.data or b"" for w in run).decode(piece.charset)
-        except (ValueError, LookupError):
-            out.append("".join(w.lead + w.written for w in run))
-        else:
-            out.append(decoded)
-    return "".join(out)
 
 
 class Transaction:
@@ -194,12 +111,14 @@ class Transaction:
             if b"\r\n\r\n" in seam or self._head_size > MAX_HEADER_BYTES:
                 self._head_done = True
 
-    def headers(self) -> Any:
-        head = b"".join(self._head)
-        end = head.find(b"\r\n\r\n")
-        if end >= 0:
-            head = head[: end + 2]
-        return BytesHeaderParser(policy=compat32).parsebytes(head)
+    def headers(self) -> Message:
+        """
+        The header fields as ``appliance.headers`` reads them, for the policy and the events.
+
+        The same fields the rewriter strips X-MSYS-API from and DKIM signs:
+        up to the empty line, or to the first line that is not a field.
+        """
+        return as_message(read_header(b"".join(self._head)).fields)
 
     def abort(self) -> None:
         self.writer.abort()

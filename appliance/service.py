@@ -25,12 +25,12 @@ from twisted.logger import Logger
 
 from appliance.config import Config
 from appliance.delivery import DeliveryService, Router
+from appliance.delivery.copies import CopyMaker
 from appliance.dkim import Signer, SigningKey, load_private_key, weakness
 from appliance.events import EventLog
 from appliance.injection import Injector
 from appliance.links import Keyring, LinkCodec, prepare_keyring
 from appliance.policy import Hook, Policy, load_hook
-from appliance.rewrite import CopyMaker
 from appliance.smtp import ConnectionLimits, SessionDrain, listener_factory
 from appliance.spool import Runner, Spool
 from appliance.tracker import make_site

@@ -9,16 +9,14 @@ inputs, so every rule can be tested without a server.
 
 from __future__ import annotations
 
-import binascii
 import json
-import quopri
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from email.message import Message
 from typing import Any
 
 from appliance.config import EngagementTrackerConfig, SmtpapiConfig, is_host_port, parse_duration
+from appliance.headers import decode_encoded_words, unfold
 
 HEADER = "X-MSYS-API"
 MAX_CAMPAIGN_ID_BYTES = 64
@@ -47,49 +45,6 @@ class MsysApi:
 
 
 # -- X-MSYS-API -------------------------------------------------------------------
-
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
-
-
-def unfold(value: str) -> str:
-    """RFC 5322 §2.2.3: a folded line break is removed, the white space after it stays."""
-    return _FOLD.sub("", value)
-
-
-def decode_encoded_words(value: str) -> str:
-    """
-    RFC 2047 encoded words decoded in place.
-
-    White space between two adjacent encoded words is dropped (§6.2); all
-    other text is kept exactly, which ``email.header`` does not promise.
-    An encoded word that cannot be decoded raises ``ValueError``.
-    """
-    if "=?" not in value:
-        return value
-    parts: list[str] = []
-    pos = 0
-    for m in _ENCODED_WORD.finditer(value):
-        gap = value[pos : m.start()]
-        if not (pos and gap and not gap.strip(" \t") and value[pos - 2 : pos] == "?="):
-            parts.append(gap)
-        parts.append(_decode_word(m))
-        pos = m.end()
-    parts.append(value[pos:])
-    return "".join(parts)
-
-
-def _decode_word(m: re.Match[str]) -> str:
-    charset, encoding, text = m.group(1).split("*", 1)[0], m.group(2).upper(), m.group(3)
-    try:
-        if encoding == "B":
-            raw = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
-        else:
-            raw = quopri.decodestring(text.encode("ascii"), header=True)
-        return raw.decode(charset)
-    except (binascii.Error, UnicodeError, LookupError) as e:
-        raise ValueError(f"undecodable encoded word {m.group()[:40]!r}: {e}") from None
-
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
@@ -168,7 +123,7 @@ def parse_msys_api(values: list[str], max_metadata_len: int) -> MsysApi:
     except UnicodeError:
         raise MsysApiError(f"{HEADER} is not valid UTF-8") from None
     try:
-        text = decode_encoded_words(unfold(raw))
+        text = decode_encoded_words(unfold(raw), strict=True)
     except ValueError:
         raise MsysApiError(f"{HEADER} has an encoded word that cannot be decoded") from None
     try:

@@ -24,10 +24,10 @@ from twisted.trial import reporter, runner
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import rewrite
+from appliance.delivery.copies import CopyMaker
 from appliance.links import InvalidToken, Keyring, LinkCodec, LinkData
 from appliance.rewrite import (
     Change,
-    CopyMaker,
     Identity,
     encode_qp,
     prepare,

@@ -10,18 +10,17 @@ from email.policy import compat32
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.config import EngagementTrackerConfig, SmtpapiConfig
+from appliance.headers import decode_encoded_words, unfold
 from appliance.settings import (
     ContextSettings,
     MsysApi,
     MsysApiError,
     PolicyValueError,
     Tracking,
-    decode_encoded_words,
     header_values,
     parse_context,
     parse_msys_api,
     resolve,
-    unfold,
 )
 from tests.helpers import make_config
 

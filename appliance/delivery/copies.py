@@ -1,0 +1,222 @@
+"""
+The copy cache: each recipient's copy of a spooled message, made where delivery needs it.
+
+Delivery asks ``CopyMaker`` for a copy as it sends; the maker reads and
+prepares each message once (in a worker thread), keeps what it made within
+a memory bound, and signs each copy last.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from appliance import rewrite
+from appliance.dkim import Signer
+from appliance.links import LinkCodec
+from appliance.rewrite import Identity, Prepared, without_msys_api
+from appliance.settings import Tracking
+
+log = Logger()
+
+# What the copy cache holds of a message: its prepared form, which every copy can be made
+# from, or, while no recipient of it has needed more, its text without X-MSYS-API.
+_PREPARED, _UNTRACKED = "prepared", "untracked"
+
+
+class _Pending:
+    """Work under way in the worker for one cache entry, and the copies waiting for it."""
+
+    def __init__(self) -> None:
+        self.waiting: list[defer.Deferred] = []
+        self.keep = True  # False once its message is forgotten: the result is not cached
+
+    def wait(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.waiting.append(d)
+        return d
+
+
+class CopyMaker:
+    """
+    The delivery side's renderer: ``render(queued, index)`` gives the copy, or a Deferred of it.
+
+    A copy whose recipient has tracking off is the message without its
+    X-MSYS-API header (and DKIM-signed, if configured): nothing is parsed for
+    it. A tracked copy is rendered from the message's prepared form. Both are
+    kept in memory (least recently used first out, bounded by what they
+    really take), so N copies of one message cost one read and at most one
+    parse. Whatever reads or parses runs where ``run`` says, a worker thread
+    in the appliance: a copy that needs that work comes as a Deferred, and
+    one made from what is cached comes at once. ``forget`` drops a message
+    when its last copy is final.
+    """
+
+    def __init__(self, read: Callable[[Any], bytes], codec: LinkCodec,
+                 max_bytes: int = 64 * 1024 * 1024, signer: Signer | None = None,
+                 run: Callable[..., defer.Deferred] = threads.deferToThread) -> None:
+        self.read = read
+        self.codec = codec
+        self.max_bytes = max_bytes
+        self.signer = signer  # DKIM: each copy is signed after its rewrite
+        self.run = run  # where messages are read and parsed: a worker thread
+        self._cache: OrderedDict[tuple[str, str], Prepared | bytes] = OrderedDict()
+        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._bytes = 0
+
+    def __contains__(self, transmission_id: str) -> bool:
+        """Whether anything of this message is cached."""
+        return (transmission_id, _PREPARED) in self._cache or (transmission_id, _UNTRACKED) in self._cache
+
+    @property
+    def bytes_held(self) -> int:
+        return self._bytes
+
+    def __call__(self, queued: Any, index: int) -> bytes | defer.Deferred:
+        tid = queued.envelope.transmission_id
+        recipient = queued.envelope.recipients[index]
+        tracking = recipient.tracking
+        if not tracking.enabled:
+            data = self._untracked(tid)
+            if data is not None:
+                return self._sign(data)
+            later = self._later((tid, _UNTRACKED), lambda: without_msys_api(self.read(queued)))
+            return later.addCallback(self._sign)
+        prepared = self._hit((tid, _PREPARED))
+        if prepared is not None:
+            return self._copy(prepared, tid, recipient, tracking)
+        return self.prepare_later(queued).addCallback(self._copy, tid, recipient, tracking)
+
+    def prepare_later(self, queued: Any) -> defer.Deferred:
+        """
+        The message's prepared form, read and parsed in the worker unless cached.
+
+        At injection, for the ``injection`` event; at delivery, for a tracked
+        copy after a restart or an eviction. A large message would otherwise
+        hold up every connection for as long as it takes to parse.
+        """
+        tid = queued.envelope.transmission_id
+        hit = self._hit((tid, _PREPARED))
+        if hit is not None:
+            return defer.succeed(hit)
+        return self._later((tid, _PREPARED), lambda: self._prepare(tid, self.read(queued)))
+
+    def forget(self, transmission_id: str) -> None:
+        """Drop what is held of a message: its last copy is final."""
+        for kind in (_PREPARED, _UNTRACKED):
+            key = (transmission_id, kind)
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._bytes -= _cost(old)
+            pending = self._pending.get(key)
+            if pending is not None:
+                pending.keep = False
+
+    def tracking_notes(self, prepared: Prepared, transmission_id: str, recipient: Any) -> list[str]:
+        """``Prepared.tracking_notes`` for one recipient of the spool's envelope."""
+        return prepared.tracking_notes(self.codec, _identity(transmission_id, recipient),
+                                       recipient.tracking)
+
+    def resigns(self, prepared: Prepared) -> bool:
+        """Whether the copies of this message get the appliance's own DKIM signature."""
+        return self.signer is not None and self.signer.signs(prepared.data)
+
+    # -- making one copy -------------------------------------------------------------------
+
+    def _untracked(self, tid: str) -> bytes | None:
+        """The untracked copy from the cache: the prepared form's text serves as well."""
+        prepared = self._hit((tid, _PREPARED))
+        if prepared is not None:
+            assert isinstance(prepared, Prepared)
+            return prepared.data
+        data = self._hit((tid, _UNTRACKED))
+        assert data is None or isinstance(data, bytes)
+        return data
+
+    def _copy(self, prepared: Prepared, tid: str, recipient: Any,
+              tracking: Tracking) -> bytes | defer.Deferred:
+        try:
+            copy = prepared.render(self.codec, _identity(tid, recipient), tracking)
+        except Exception:
+            log.failure("could not render the copy {mid}; delivering it untracked",
+                        mid=recipient.message_id)
+            copy = prepared.data
+        return self._sign(copy)
+
+    def _sign(self, copy: bytes) -> bytes | defer.Deferred:
+        # Signing is last: nothing may change the copy after it. A failure here is not
+        # caught: the copy is deferred rather than sent without the signature it should have.
+        # It runs in the worker: an RSA signature and the body hash cost about as much as
+        # the render, and OpenSSL and hashlib let go of the GIL while they work.
+        if self.signer is None:
+            return copy
+        return defer.maybeDeferred(self.run, self.signer.sign, copy)
+
+    @staticmethod
+    def _prepare(key: str, message: bytes) -> Prepared:
+        try:
+            prepared = rewrite.prepare(message)  # looked up here, so tests can stand in for it
+        except Exception as e:  # a bug must not cost a message: deliver it as it came
+            log.failure("could not prepare message {tid} for tracking", tid=key)
+            data = without_msys_api(message)
+            prepared = Prepared(data, [], [f"internal error: {type(e).__name__}"],
+                                had_msys_api=len(data) != len(message))
+        prepared.size  # noqa: B018 - measured here, in the worker, and kept
+        return prepared
+
+    # -- the cache ----------------------------------------------------------------------------
+
+    def _hit(self, key: tuple[str, str]) -> Any:
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+        return hit
+
+    def _later(self, key: tuple[str, str], work: Callable[[], Any]) -> defer.Deferred:
+        """``work`` in the worker, once for however many copies wait for it; its result cached."""
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending.wait()
+        pending = self._pending[key] = _Pending()
+        waiter = pending.wait()  # before the work starts: it may be done at once
+        defer.maybeDeferred(self.run, work).addBoth(self._done, key, pending)
+        return waiter
+
+    def _done(self, result: Any, key: tuple[str, str], pending: _Pending) -> None:
+        del self._pending[key]
+        if not isinstance(result, Failure) and pending.keep:
+            self._keep(key, result)
+        for d in pending.waiting:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def _keep(self, key: tuple[str, str], value: Prepared | bytes) -> None:
+        if key[1] == _PREPARED:  # its text is in there: the untracked form is not needed any more
+            untracked = self._cache.pop((key[0], _UNTRACKED), None)
+            if untracked is not None:
+                self._bytes -= _cost(untracked)
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._bytes -= _cost(old)
+        self._cache[key] = value
+        self._bytes += _cost(value)
+        while self._bytes > self.max_bytes and len(self._cache) > 1:
+            _, evicted = self._cache.popitem(last=False)
+            self._bytes -= _cost(evicted)
+
+
+def _cost(value: Prepared | bytes) -> int:
+    return value.size if isinstance(value, Prepared) else sys.getsizeof(value)
+
+
+def _identity(transmission_id: str, recipient: Any) -> Identity:
+    return Identity(recipient.message_id, transmission_id,
+                    recipient.event_fields.get("rcpt_to", recipient.address.lower()))

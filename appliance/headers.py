@@ -1,0 +1,241 @@
+"""
+The one reading of a message's header (RFC 5322 §2.2 and §3.6, RFC 2047).
+
+The rewriter, DKIM, the ``X-MSYS-API`` lookup and the injection events all
+read header fields here. Were each to split the header its own way, hostile
+input could make them disagree, and DKIM sign something other than what the
+rewriter understood. The rules:
+
+- A line ends with CRLF, and only with CRLF: a bare CR or LF is a byte of
+  its line (the injection server refuses them in new mail anyway).
+- The header block ends at the first empty line; the body starts after it.
+  A block without one runs to the end, and the body is empty.
+- A line that starts with SP or HTAB continues the field above it (folding).
+- Any other line is a field: a name of printable ASCII other than the colon
+  (§3.6.8), then optionally SP and HTAB (the obsolete syntax of §4.5.3),
+  then the colon.
+- The first line that is none of these ends the fields: the ones before it
+  are what the message has, and ``HeaderBlock.error`` says why it stopped.
+
+Each field keeps its bytes exactly as they stand, so DKIM signs and the
+rewriter copies what arrived. Everything here is a pure function of bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from email.message import Message
+from email.policy import compat32
+
+FIELD_NAME = re.compile(rb"[!-9;-~]+")
+_WSP = b" \t"
+
+
+def is_field_name(name: str) -> bool:
+    """Whether ``name`` may be a header field's name."""
+    return name.isascii() and FIELD_NAME.fullmatch(name.encode("ascii")) is not None
+
+
+@dataclass(slots=True)
+class Field:
+    """One header field, where it is in the data it was read from and its bytes."""
+
+    name: str  # lower-cased
+    start: int
+    end: int  # after its CRLF, if it has one
+    raw: bytes = b""  # the field as it stands: name, colon, value, folding and CRLF
+
+    @property
+    def written_name(self) -> str:
+        """The name as written (without white space before the colon)."""
+        return self.raw.partition(b":")[0].rstrip(_WSP).decode("ascii")
+
+    @property
+    def folded_value(self) -> bytes:
+        """What follows the colon, folding intact, without the field's final CRLF."""
+        value = self.raw.partition(b":")[2]
+        return value[:-2] if value.endswith(b"\r\n") else value
+
+    @property
+    def value(self) -> bytes:
+        """What follows the colon, unfolded (§2.2.3); its white space is kept."""
+        return self.raw.partition(b":")[2].replace(b"\r\n", b"")
+
+
+@dataclass(slots=True)
+class HeaderBlock:
+    fields: list[Field]
+    # Where the body starts: after the empty line; at the line that is not a field (``error``);
+    # else at the end.
+    body_start: int
+    separated: bool  # whether an empty line ends the block
+    error: str = ""  # why the fields stop at a line that is not one
+
+    def get(self, name: str) -> list[Field]:
+        """The fields of one (lower-case) name, in order."""
+        return [f for f in self.fields if f.name == name]
+
+
+def read_header(data: bytes, start: int = 0, end: int | None = None) -> HeaderBlock:
+    """The header block at ``start`` (of a message, or of a MIME part ending at ``end``)."""
+    end = len(data) if end is None else end
+    fields: list[Field] = []
+    find = data.find
+    pos = start
+    block = HeaderBlock(fields, end, False)
+    while pos < end:
+        eol = find(b"\r\n", pos, end)
+        stop, line_end = (eol, eol + 2) if eol >= 0 else (end, end)
+        if stop == pos:
+            block.body_start, block.separated = line_end, True
+            break
+        if data[pos] in _WSP:
+            if not fields:
+                block.body_start, block.error = pos, "the header block starts with a continuation line"
+                break
+            fields[-1].end = line_end
+        else:
+            colon = find(b":", pos, stop)
+            name = data[pos:colon].rstrip(_WSP) if colon >= 0 else b""
+            if not FIELD_NAME.fullmatch(name):
+                block.body_start = pos
+                block.error = f"not a header field: {data[pos:min(stop, pos + 40)]!r}"
+                break
+            fields.append(Field(name.decode("ascii").lower(), pos, line_end))
+        pos = line_end
+    for f in fields:  # sliced once each at the end: joining line by line costs quadratic time
+        f.raw = data[f.start:f.end]
+    return block
+
+
+def split_message(message: bytes) -> tuple[HeaderBlock, bytes]:
+    """The message's header block and its body."""
+    block = read_header(message)
+    return block, message[block.body_start:]
+
+
+def unfold(value: str) -> str:
+    """§2.2.3: a line break followed by white space is removed; the white space stays."""
+    return _FOLD.sub("", value)
+
+
+_FOLD = re.compile(r"\r\n(?=[ \t])")
+
+
+def as_message(fields: Iterable[Field]) -> Message:
+    """
+    The fields as an ``email.message.Message`` (compat32), for the policy hook and lookups.
+
+    Built from these fields, not parsed again, so it holds exactly the fields
+    the rewriter and DKIM see. Values are what compat32's own parser gives:
+    folding intact, white space after the colon dropped, 8-bit bytes as
+    surrogate escapes.
+    """
+    message = Message(policy=compat32)
+    for f in fields:
+        message[f.written_name] = f.folded_value.lstrip(_WSP).decode("ascii", "surrogateescape")
+    return message
+
+
+# -- RFC 2047 encoded words ----------------------------------------------------------------------
+
+# No nested quantifiers, and each run stops at the next "?": linear time on any input.
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
+_LINEAR_WHITE_SPACE = " \t\r\n"
+
+
+class EncodedWordError(ValueError):
+    """An encoded word that cannot be decoded (raised only when asked to be strict)."""
+
+
+@dataclass(slots=True)
+class _Word:
+    charset: str
+    data: bytes | None  # None: the word's own encoding is broken
+    written: str
+    joined: bool = False  # follows a decodable word with nothing but white space between
+    lead: str = ""  # that white space, dropped unless this word fails to decode
+
+
+def _word(m: re.Match[str]) -> _Word:
+    charset, encoding, text = m.groups()
+    charset = charset.partition("*")[0]  # RFC 2231 §5: charset*language
+    data: bytes | None
+    try:
+        raw = text.encode("ascii")
+        if encoding in "Bb":
+            data = base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True)
+        else:
+            data = binascii.a2b_qp(raw, header=True)
+    except (ValueError, UnicodeError):
+        data = None
+    return _Word(charset, data, m.group(0))
+
+
+def decode_encoded_words(text: str, strict: bool = False) -> str:
+    """
+    ``text`` with its encoded words decoded; all other text is kept exactly.
+
+    White space between two encoded words goes (§6.2), and adjacent words of
+    one charset are decoded together: mailers split a multi-byte character
+    across two words. A word that cannot be decoded stays as written, or,
+    if ``strict``, raises ``EncodedWordError``. Never raises anything else.
+    """
+    if "=?" not in text:
+        return text
+    pieces: list[str | _Word] = []
+    pos = 0
+    for m in _ENCODED_WORD.finditer(text):
+        word = _word(m)
+        gap = text[pos:m.start()]
+        last = pieces[-1] if pieces else None
+        if (not gap.strip(_LINEAR_WHITE_SPACE) and isinstance(last, _Word) and last.data is not None
+                and word.data is not None):
+            word.joined, word.lead = True, gap
+        elif gap:
+            pieces.append(gap)
+        pieces.append(word)
+        pos = m.end()
+    pieces.append(text[pos:])
+    out: list[str] = []
+    i = 0
+    while i < len(pieces):
+        piece = pieces[i]
+        i += 1
+        if isinstance(piece, str):
+            out.append(piece)
+            continue
+        run = [piece]
+        while (piece.data is not None and i < len(pieces) and isinstance(nxt := pieces[i], _Word)
+               and nxt.joined and nxt.charset.lower() == piece.charset.lower()):
+            run.append(nxt)
+            i += 1
+        try:
+            if piece.data is None:
+                raise ValueError("its encoding is broken")
+            decoded = b"".join(w.data or b"" for w in run).decode(piece.charset)
+        except (ValueError, LookupError) as e:
+            if strict:
+                raise EncodedWordError(f"undecodable encoded word {piece.written[:40]!r}: {e}") from None
+            out.append("".join(w.lead + w.written for w in run))
+        else:
+            out.append(decoded)
+    return "".join(out)
+
+
+def readable(value: bytes) -> str:
+    """
+    A field's value as a person reads it: one line, 8-bit text and encoded words decoded.
+
+    Under 8BITMIME clients send raw UTF-8 in headers (RFC 6532), so raw
+    bytes are read as UTF-8, else as Latin-1 (which never fails).
+    """
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = value.decode("latin-1")
+    return " ".join(decode_encoded_words(" ".join(text.split())).split())

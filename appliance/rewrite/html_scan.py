@@ -1,0 +1,197 @@
+"""
+Where the links are in an HTML text, by the HTML5 tokenizer's rules.
+
+The scanner only finds positions in the decoded text: tags, attributes,
+comments and raw text as a browser would tokenize them, so the rewriter can
+change exactly what it means to and never re-serialises the HTML.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+from html.entities import html5 as _HTML5_ENTITIES
+
+from appliance.rewrite.errors import PartSkipped
+
+# A start or end tag under HTML5 tokenizer rules. Every quantifier is possessive, so a
+# tag that never ends costs linear time; a match failure means end of input inside the tag.
+_ATTRIBUTES = (
+    r"""(?:[\t\n\f\r /]*+[^\t\n\f\r />][^\t\n\f\r /=>]*+"""
+    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?:"[^"]*+(?:"|\Z)|'[^']*+(?:'|\Z)|[^\t\n\f\r >]*+))?+)*+"""
+)
+_TAG = re.compile(rf"""</?([A-Za-z][^\t\n\f\r />]*+)({_ATTRIBUTES})[\t\n\f\r /]*+>""")
+# Everything the scanner has nothing to do with, in one C-speed run: text, and whole
+# start and end tags other than the few it looks at. Same tag grammar as _TAG.
+_SPECIAL = r"(?i:a|area|body|script|style|xmp|iframe|noembed|noframes|title|textarea|plaintext)"
+_BORING = re.compile(
+    rf"""(?:[^<]++"""
+    rf"""|<(?!{_SPECIAL}[\t\n\f\r />])[A-Za-z][^\t\n\f\r />]*+{_ATTRIBUTES}[\t\n\f\r /]*+>"""
+    rf"""|</(?!(?i:body)[\t\n\f\r />])[A-Za-z][^\t\n\f\r />]*+{_ATTRIBUTES}[\t\n\f\r /]*+>"""
+    rf"""|<(?![!?/A-Za-z]))*+"""
+)
+_ATTR = re.compile(
+    r"""[\t\n\f\r /]*+(?P<name>[^\t\n\f\r />][^\t\n\f\r /=>]*+)"""
+    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?P<value>"[^"]*+"|'[^']*+'|[^\t\n\f\r >]*+))?+"""
+)
+_COMMENT_END = re.compile(r"--!?>")
+_RAW_TEXT = ("script", "style", "xmp", "iframe", "noembed", "noframes", "title", "textarea")
+_RAW_TEXT_END = {name: re.compile(rf"</{name}[\t\n\f\r />]", re.IGNORECASE) for name in _RAW_TEXT}
+HTML_SPACE = "\t\n\f\r "
+
+
+@dataclass
+class Attribute:
+    name: str  # lower-cased
+    value: str  # raw, entity references not decoded
+    value_start: int  # span of the value inside its quotes
+    value_end: int
+    quote: str  # '"', "'" or ""
+    start: int  # the attribute itself: name to end of value
+    end: int
+    removal_start: int  # where its removal starts (the white space before it, if any)
+
+
+@dataclass
+class LinkTag:
+    name: str
+    attributes: list[Attribute]
+
+
+@dataclass
+class HtmlScan:
+    links: list[LinkTag] = field(default_factory=list)
+    body_open_end: int | None = None  # just after the first <body ...>
+    body_close: int | None = None  # at the last </body>
+
+
+def _attributes(text: str, start: int, end: int) -> list[Attribute]:
+    """The attributes of a link tag that tracking looks at: ``href`` and ``data-msys-*``."""
+    out = []
+    for m in _ATTR.finditer(text, start, end):
+        name = m.group("name").lower()
+        if name != "href" and not name.startswith("data-msys-"):
+            continue
+        value, vstart, vend, quote = "", m.end(), m.end(), ""
+        if m.group("value") is not None:
+            vstart, vend = m.span("value")
+            value = m.group("value")
+            if value[:1] in ("'", '"'):
+                quote, value, vstart, vend = value[0], value[1:-1], vstart + 1, vend - 1
+        following = text[m.end()] if m.end() < len(text) else ">"
+        glued = following not in HTML_SPACE and following not in "/>"
+        out.append(Attribute(name, value, vstart, vend, quote, m.start("name"), m.end(),
+                             m.start("name") if glued else m.start()))
+    return out
+
+
+def scan_html(text: str) -> HtmlScan:
+    """
+    The ``<a>``/``<area>`` tags and ``<body>`` positions of an HTML text.
+
+    Follows the HTML5 tokenizer where it decides what is markup: comments
+    (``<!-- -->``, ``--!>``, abrupt ``<!-->``), bogus comments and doctypes,
+    raw-text and RCDATA elements, attribute quoting. Raises ``PartSkipped``
+    when the text ends inside a tag, a comment or a raw-text element, because
+    then nothing could be appended to it safely.
+    """
+    scan = HtmlScan()
+    n = len(text)
+    pos = 0
+    find = text.find
+    boring = _BORING.match
+    while True:
+        lt = boring(text, pos).end()  # type: ignore[union-attr]  # it always matches
+        if lt >= n:
+            return scan
+        c = text[lt + 1] if lt + 1 < n else ""
+        if c == "!" or c == "?" or c == "/" and not (lt + 2 < n and _ascii_alpha(text[lt + 2])):
+            if text.startswith("<!--", lt):
+                m = _COMMENT_END.search(text, lt + 2)
+                if m is None:
+                    raise PartSkipped("the HTML ends inside a comment")
+                pos = m.end()
+                continue
+            if text.startswith("</>", lt):
+                pos = lt + 3
+                continue
+            gt = find(">", lt + 2)
+            if gt < 0:
+                raise PartSkipped("the HTML ends inside a markup declaration")
+            pos = gt + 1
+            continue
+        m = _TAG.match(text, lt)
+        if m is None:
+            raise PartSkipped("the HTML ends inside a tag")
+        pos = m.end()
+        name = m.group(1).lower()
+        if c == "/":
+            if name == "body":
+                scan.body_close = lt
+            continue
+        if name == "a" or name == "area":
+            scan.links.append(LinkTag(name, _attributes(text, m.start(2), m.end(2))))
+        elif name == "body":
+            if scan.body_open_end is None:
+                scan.body_open_end = pos
+        elif name in _RAW_TEXT_END:
+            e = _RAW_TEXT_END[name].search(text, pos)
+            if e is None:
+                raise PartSkipped(f"the HTML ends inside <{name}>")
+            pos = e.start()
+        elif name == "plaintext":
+            raise PartSkipped("the HTML has a <plaintext> element")
+
+
+def _ascii_alpha(c: str) -> bool:
+    return ("a" <= c <= "z") or ("A" <= c <= "Z")
+
+
+_CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[A-Za-z][A-Za-z0-9]*;?)")
+# No entity name is longer than this (``CounterClockwiseContourIntegral;``), so the
+# search for the longest one that prefixes a run of letters never looks further.
+_MAX_ENTITY = max(map(len, _HTML5_ENTITIES))
+# A numeric reference's value past this many significant digits is beyond U+10FFFF in
+# any base; ``int`` is not asked to convert such a number (it is slow, and refuses past
+# 4300 decimal digits).
+_MAX_NUMERIC_DIGITS = 8
+
+
+def _numeric_reference(ref: str) -> str:
+    """``&#...`` decoded as ``html.unescape`` does, for any number of digits."""
+    hexadecimal = ref[1:2] in ("x", "X")
+    digits = ref[2 if hexadecimal else 1:].rstrip(";").lstrip("0") or "0"
+    if len(digits) > _MAX_NUMERIC_DIGITS:
+        digits = "110000" if hexadecimal else "1114112"  # out of range: U+FFFD, as browsers do
+    return html.unescape(f"&#{'x' if hexadecimal else ''}{digits};")
+
+
+def unescape_attribute(value: str) -> str:
+    """
+    An attribute value with its character references decoded as a browser does.
+
+    Unlike ``html.unescape``, a named reference without ``;`` followed by
+    ``=`` or a letter or digit stays literal in an attribute (HTML5 §13.2.5.73),
+    so ``?a=1&copy=2`` keeps its ``&copy``. Linear in the length of the value,
+    however long its runs of letters after ``&``.
+    """
+    if "&" not in value:
+        return value
+
+    def decode(m: re.Match[str]) -> str:
+        ref = m.group(1)
+        if ref[0] == "#":
+            return _numeric_reference(ref)
+        for i in range(min(len(ref), _MAX_ENTITY), 0, -1):
+            name = ref[:i]
+            if name in _HTML5_ENTITIES:
+                if not name.endswith(";"):
+                    after = ref[i:i + 1] or value[m.end():m.end() + 1]
+                    if after == "=" or after.isascii() and after.isalnum():
+                        return m.group(0)
+                return _HTML5_ENTITIES[name] + ref[i:]
+        return m.group(0)
+
+    return _CHARREF.sub(decode, value)
+

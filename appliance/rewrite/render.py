@@ -1,0 +1,157 @@
+"""
+One recipient's copy from the prepared form: tokens, URLs and pixels filled in.
+
+Rendering never parses anything: it fills the open slots of each compiled
+part with this recipient's tracked URLs and pixels, joins the pieces and
+re-encodes the part in its transfer encoding.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from appliance.links import MAX_URL_LENGTH, TAG_BYTES, LinkCodec, LinkData, click_url, open_url
+from appliance.rewrite.edits import OPEN_SLOT, Link
+from appliance.rewrite.mime import encode_base64, encode_qp, fits_7bit
+from appliance.settings import Tracking
+
+if TYPE_CHECKING:
+    from appliance.rewrite.prepared import PreparedPart
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Whose copy: the fields every token of the copy carries."""
+
+    message_id: str
+    transmission_id: str
+    rcpt_to: str
+
+
+@dataclass
+class Change:
+    """One difference between a copy's decoded part text and the original (for audits and tests)."""
+
+    part: str  # "html" or "text"
+    start: int  # in the copy's decoded text
+    end: int
+    original: str
+
+
+OPEN_PIXEL = '<img border="0" width="1" height="1" alt="" src="{}">'
+INITIAL_PIXEL = ('<div style="display:none !important;max-height:0;overflow:hidden;mso-hide:all">'
+                 '<img border="0" width="1" height="1" alt="" src="{}"></div>')
+
+
+def _attribute_safe(url: str) -> str:
+    if "&" in url or '"' in url or "'" in url:
+        url = url.replace("&", "&amp;").replace('"', "&quot;").replace("'", "&#39;")
+    return url
+
+
+def _record(part: PreparedPart, pieces: list[bytes], changes: list[Change]) -> None:
+    pos = 0
+    for index, piece in enumerate(pieces):
+        text = piece.decode(part.charset)
+        original = part.originals.get(index)
+        if original is not None and text != original:
+            changes.append(Change(part.kind, pos, pos + len(text), original))
+        pos += len(text)
+
+
+class LinkRenderer:
+    """Tokens and URLs for one copy; each distinct link is encoded once."""
+
+    def __init__(self, codec: LinkCodec, identity: Identity, tracking: Tracking) -> None:
+        self.codec = codec
+        self.identity = identity
+        self.tracking = tracking
+        common = LinkData("click", tracking.expiry, identity.message_id, identity.transmission_id,
+                          identity.rcpt_to, tracking.campaign_id, tracking.tags,
+                          tracking.metadata if tracking.include_metadata else None)
+        self._common = common
+        self._shared_length: int | None = None
+        self._encode = codec.click_encoder(common)
+        self._scheme, self._domain = tracking.click_tracking_scheme, tracking.tracking_domain
+
+    def click(self, link: Link) -> str | None:
+        """The link's tracked URL, or ``None`` if it would be too long to track."""
+        url = click_url(self._scheme, self._domain, self._encode(link.suffix), link.sublink)
+        return url if len(url) <= MAX_URL_LENGTH else None
+
+    def open(self, slot: int) -> str | None:
+        """The pixel's URL, or ``None`` if it would be too long (the pixel is then left out)."""
+        t = self.tracking
+        url = open_url(t.open_tracking_scheme, t.tracking_domain, self.codec.encode(self._open_data(slot)))
+        return url if len(url) <= MAX_URL_LENGTH else None
+
+    def _open_data(self, slot: int) -> LinkData:
+        t, i = self.tracking, self.identity
+        return LinkData("open" if slot == OPEN_SLOT else "initial_open", t.expiry, i.message_id,
+                        i.transmission_id, i.rcpt_to, t.campaign_id, t.tags, t.metadata)
+
+    # Whether a URL would be too long, cheaply: a token is the unpadded base64 of a
+    # version and key id byte, its body and a 16-byte tag, and its body is the compact
+    # JSON of its fields, deflated only where that is shorter. So a URL whose
+    # undeflated length fits needs no encoding to know; only the others are encoded.
+
+    def click_too_long(self, link: Link) -> bool:
+        if self._shared_length is None:
+            self._shared_length = _json_length(self._common.to_array()[:8])
+        bound = (len(click_url(self._scheme, self._domain, "", link.sublink))
+                 + _token_length(self._shared_length + len(link.suffix)))
+        return bound > MAX_URL_LENGTH and self.click(link) is None
+
+    def open_too_long(self, slot: int) -> bool:
+        t = self.tracking
+        bound = (len(open_url(t.open_tracking_scheme, t.tracking_domain, ""))
+                 + _token_length(_json_length(self._open_data(slot).to_array())))
+        return bound > MAX_URL_LENGTH and self.open(slot) is None
+
+
+def _json_length(fields: list[Any]) -> int:
+    return len(json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def _token_length(body: int) -> int:
+    """The longest token a body of this many bytes gives (undeflated)."""
+    return -(-(2 + body + TAG_BYTES) * 4 // 3)
+
+
+def render_part(part: PreparedPart, links: LinkRenderer, tracking: Tracking,
+                changes: list[Change] | None) -> bytes:
+    """One part of one recipient's copy: the template filled in, joined and re-encoded."""
+    pieces = list(part.template)
+    urls: list[str | None] = [None] * len(part.links)
+    done = [False] * len(part.links)
+    for index, edit in part.dynamic:
+        link = edit.link
+        if link is not None:
+            if tracking.click_tracking:
+                if not done[link.index]:
+                    urls[link.index], done[link.index] = links.click(link), True
+                url = urls[link.index]
+                if url is not None:
+                    pieces[index] = (_attribute_safe(url) if edit.quote is not None else url).encode()
+        elif tracking.open_tracking and (edit.slot == OPEN_SLOT or tracking.initial_open):
+            url = links.open(edit.slot)
+            if url is not None:  # else left out: tracking_notes says so
+                pixel = OPEN_PIXEL if edit.slot == OPEN_SLOT else INITIAL_PIXEL
+                pieces[index] = pixel.format(url).encode()
+    raw = b"".join(pieces)
+    if changes is not None:
+        _record(part, pieces, changes)
+    header = part.header
+    if part.cte == "base64":
+        body = encode_base64(raw)
+        if not part.body_ends_with_crlf:
+            body = body[:-2]
+    elif part.cte == "quoted-printable":
+        body = encode_qp(raw, part.bare_newlines, part.has_crlf)
+    elif fits_7bit(raw):
+        body = raw
+    else:
+        body, header = encode_qp(raw, part.bare_newlines, part.has_crlf), part.qp_header
+    return header + body
