@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from appliance.config import ConfigError, parse_config
 from appliance.tls import write_pair
 from appliance.users import set_user
-from tests.helpers import merge, shipped_toml
+from tests.helpers import base_toml, merge
 
 
 class SmtpConfigTests(SynchronousTestCase):
@@ -23,13 +23,13 @@ class SmtpConfigTests(SynchronousTestCase):
         self.dir = d
 
     def parse(self, **smtp: object) -> object:
-        return parse_config(merge(shipped_toml(), {"smtp": smtp}), "x.toml")
+        return parse_config(merge(base_toml(), {"smtp": smtp}), "x.toml")
 
     def problems(self, **smtp: object) -> dict[str, str]:
         e = self.assertRaises(ConfigError, self.parse, **smtp)
         return dict(e.problems)
 
-    def test_defaults_of_the_shipped_file(self) -> None:
+    def test_defaults(self) -> None:
         c = self.parse().smtp
         self.assertEqual((c.max_connections, c.max_connections_per_client), (200, 20))
         self.assertEqual((c.timeout, c.command_timeout, c.data_timeout), (300, 60, 1800))

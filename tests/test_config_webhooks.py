@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from appliance.config import EVENT_TYPES, Config, ConfigError, parse_config
 from appliance.tls import load_trust_root
 from tests.fakes import self_signed
-from tests.helpers import SHIPPED_CONFIG, merge, shipped_toml
+from tests.helpers import SHIPPED_CONFIG, base_toml, merge
 
 
 def load_error(path: str) -> str:
@@ -23,14 +23,14 @@ def load_error(path: str) -> str:
 
 class WebhookConfigTests(SynchronousTestCase):
     def parse(self, *webhooks: object) -> Config:
-        return parse_config(merge(shipped_toml(), {"webhooks": list(webhooks)}), "x.toml")
+        return parse_config(merge(base_toml(), {"webhooks": list(webhooks)}), "x.toml")
 
     def problems(self, *webhooks: object) -> dict[str, str]:
         e = self.assertRaises(ConfigError, self.parse, *webhooks)
         return dict(e.problems)
 
     def test_none_by_default(self) -> None:
-        self.assertEqual(parse_config(shipped_toml()).webhooks, ())
+        self.assertEqual(parse_config(base_toml()).webhooks, ())
 
     def test_defaults(self) -> None:
         [hook] = self.parse({"target": "https://hooks.example.com/sparkpost?x=1"}).webhooks
@@ -60,7 +60,7 @@ name = "audit"
 target = "http://127.0.0.1:8000/b"
 retry_lifetime = "8h"
 """
-        a, b = parse_config(merge(shipped_toml(), tomllib.loads(text))).webhooks
+        a, b = parse_config(merge(base_toml(), tomllib.loads(text))).webhooks
         self.assertEqual((a.events, a.auth_token, a.batch_interval), (frozenset({"click", "open"}), "abc", 5))
         self.assertEqual((b.name, b.retry_lifetime), ("audit", 8 * 3600))
 
@@ -123,7 +123,7 @@ retry_lifetime = "8h"
 
     def test_webhooks_must_be_an_array(self) -> None:
         e = self.assertRaises(ConfigError, parse_config,
-                              merge(shipped_toml(), {"webhooks": {"target": "http://x/"}}))
+                              merge(base_toml(), {"webhooks": {"target": "http://x/"}}))
         self.assertEqual(e.problems, [("webhooks", "expected an array of tables, written [[webhooks]]")])
 
     def test_shipped_example_is_valid(self) -> None:
@@ -132,7 +132,7 @@ retry_lifetime = "8h"
             text = f.read()
         example = text[text.index("# [[webhooks]]"):]
         uncommented = "\n".join(line[2:] for line in example.splitlines() if line.startswith("# "))
-        [hook] = parse_config(merge(shipped_toml(), tomllib.loads(uncommented))).webhooks
+        [hook] = parse_config(merge(base_toml(), tomllib.loads(uncommented))).webhooks
         self.assertEqual((hook.name, hook.target, hook.auth_token),
                          ("hooks", "https://hooks.example.com/sparkpost", "secret"))
         self.assertEqual(hook.events, frozenset({"delivery", "bounce", "open", "click"}))

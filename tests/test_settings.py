@@ -22,7 +22,7 @@ from appliance.settings import (
     parse_msys_api,
     resolve,
 )
-from tests.helpers import make_config
+from tests.helpers import TRACKING_DOMAIN, make_config
 
 
 def values(raw: bytes) -> list[str]:
@@ -274,7 +274,7 @@ class PrecedenceTests(SynchronousTestCase):
         by_name = {lc.name: lc.smtpapi for lc in config.smtp.listeners}
         default = resolve(by_name["default"], TRACKER, MsysApi(), ContextSettings(), 0)
         marketing = resolve(by_name["marketing"], TRACKER, MsysApi(), ContextSettings(), 0)
-        self.assertEqual((default.click_tracking, default.tracking_domain), (False, "localhost:8080"))
+        self.assertEqual((default.click_tracking, default.tracking_domain), (False, TRACKING_DOMAIN))
         self.assertEqual((marketing.click_tracking, marketing.tracking_domain), (True, "m.example"))
         # The header still beats the listener's configuration.
         off = resolve(by_name["marketing"], TRACKER, MsysApi(click_tracking=False), ContextSettings(), 0)

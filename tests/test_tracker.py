@@ -20,7 +20,7 @@ from appliance.config import ConfigError, parse_config
 from appliance.events import EventLog
 from appliance.links import Keyring, LinkCodec, LinkData, click_url, open_url
 from appliance.tracker import PIXEL, Client, Tracker, client_address, make_site
-from tests.helpers import RunningAppliance, in_thread, merge, shipped_toml
+from tests.helpers import RunningAppliance, base_toml, in_thread, merge
 
 KEYRING = Keyring(((3, b"s" * 32), (2, b"o" * 32)))
 CODEC = LinkCodec(KEYRING)
@@ -196,14 +196,14 @@ class PixelTests(SynchronousTestCase):
 
 class ConfigTests(SynchronousTestCase):
     def test_trusted_proxies(self) -> None:
-        data = merge(shipped_toml(), {"tracker": {"trusted_proxies": ["10.0.0.0/8", "fd00::1"]}})
+        data = merge(base_toml(), {"tracker": {"trusted_proxies": ["10.0.0.0/8", "fd00::1"]}})
         config = parse_config(data)
         self.assertEqual(config.tracker.trusted_proxies, nets("10.0.0.0/8", "fd00::1/128"))
-        self.assertEqual(parse_config(shipped_toml()).tracker.trusted_proxies, ())
+        self.assertEqual(parse_config(base_toml()).tracker.trusted_proxies, ())
 
     def test_bad_trusted_proxies_named(self) -> None:
         for bad in ("10.0.0.0/8", ["10.0.0.0/33"], ["proxy.example"], [10]):
-            data = merge(shipped_toml(), {"tracker": {"trusted_proxies": bad}})
+            data = merge(base_toml(), {"tracker": {"trusted_proxies": bad}})
             e = self.assertRaises(ConfigError, parse_config, data)
             self.assertEqual([p for p, _ in e.problems], ["tracker.trusted_proxies"], bad)
 

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from appliance.links import LinkCodec, LinkData, read_keyring
 from tests import policies
-from tests.helpers import RunningAppliance, in_thread, wait_until
+from tests.helpers import TRACKING_DOMAIN, RunningAppliance, in_thread, wait_until
 
 HTML = (
     b'<html><body><p>Hello</p><a href="https://shop.example/p?id=1&amp;x=2#top" '
@@ -33,7 +33,7 @@ def message(api: str | None = None, extra: bytes = b"", html: bytes = HTML) -> b
 
 TRACK_ALL = json.dumps({"campaign_id": "spring", "metadata": {"user": "42"}, "tags": ["a", "b"],
                         "options": {"open_tracking": True, "click_tracking": True}})
-TOKEN = re.compile(rb"http://localhost:8080/(?:f/[^/]+|q)/([A-Za-z0-9_-]+)")
+TOKEN = re.compile(rb"http://" + re.escape(TRACKING_DOMAIN.encode()) + rb"/(?:f/[^/]+|q)/([A-Za-z0-9_-]+)")
 
 
 def send(port: int, recipients: list[str], data: bytes) -> Any:
