@@ -162,10 +162,11 @@ class LogReader:
         return os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o640)
 
     def _rotated(self, identity: tuple[int, int]) -> str | None:
-        """The rotated file (``events.jsonl.1``, ...) beside the log that is ``identity``."""
+        """The rotated file beside the log that is ``identity`` (``events.jsonl.1``, or with dateext
+        ``events.jsonl-20261202``)."""
         directory, base = os.path.split(os.path.abspath(self.path))
         for name in sorted(os.listdir(directory)):
-            if not name.startswith(base + "."):
+            if not name.startswith(base) or name == base:
                 continue
             full = os.path.join(directory, name)
             try:

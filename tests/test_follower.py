@@ -376,3 +376,18 @@ class RotationTests(FollowerTestCase):
         self.assertEqual(self.consumer.ids, ["1", "2"])
         self.assertTrue(any("14 bytes that are not a whole line" in formatEvent(e)
                             for e in self.logged))
+
+
+class LogrotateSnippetTests(SynchronousTestCase):
+    def test_rotates_by_rename_and_reopens(self) -> None:
+        """What the follower relies on: a rename, a reopen, and a rotated file it can still read."""
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "etc", "logrotate.d", "engage-appliance")
+        with open(path) as f:
+            lines = [x.split("#")[0].strip() for x in f]
+        directives = {x.split()[0] for x in lines if x and x not in ("{", "}")}
+        self.assertNotIn("copytruncate", directives)
+        self.assertNotIn("create", directives)
+        self.assertTrue({"nocreate", "delaycompress", "postrotate", "endscript"} <= directives)
+        script = lines[lines.index("postrotate") + 1:lines.index("endscript")]
+        self.assertIn("--signal=HUP", " ".join(script))
