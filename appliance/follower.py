@@ -30,10 +30,11 @@ or on a poll timer as the fallback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.application.service import Service
@@ -49,23 +50,37 @@ log = Logger()
 Runner = Callable[..., defer.Deferred]
 
 CURSOR_VERSION = 1
+HEAD_BYTES = 1024  # how much of a file's start its fingerprint covers
 
 
 class CursorError(ValueError):
     """A cursor file whose content is not a cursor."""
 
 
+def fingerprint(start: bytes) -> str:
+    """A short hash of a file's first bytes, which never change in an append-only log; "" for none."""
+    return hashlib.blake2b(start, digest_size=8).hexdigest() if start else ""
+
+
 @dataclass(frozen=True)
 class Cursor:
-    """A position in the event log: the file by identity, and a byte offset in it."""
+    """
+    A position in the event log: the file by identity, and a byte offset in it.
+
+    ``head`` fingerprints the file's first ``min(offset, HEAD_BYTES)`` bytes:
+    an inode number is reused once its file is deleted, and a cursor must not
+    take a new file for the old one and skip its first ``offset`` bytes.
+    """
 
     dev: int
     ino: int
     offset: int
+    head: str = field(default="", compare=False)
 
     def encode(self) -> bytes:
         return json.dumps({"version": CURSOR_VERSION, "dev": self.dev, "ino": self.ino,
-                           "offset": self.offset}, separators=(",", ":")).encode() + b"\n"
+                           "offset": self.offset, "head": self.head},
+                          separators=(",", ":")).encode() + b"\n"
 
     @classmethod
     def decode(cls, data: bytes) -> Cursor:
@@ -80,7 +95,9 @@ class Cursor:
         values = [fields.get(k) for k in ("dev", "ino", "offset")]
         if not all(type(v) is int and v >= 0 for v in values):
             raise CursorError("dev, ino and offset must be non-negative integers")
-        return cls(*values)
+        if not isinstance(fields.get("head"), str):
+            raise CursorError("head must be a string")
+        return cls(*values, head=fields["head"])
 
 
 def load_cursor(path: str) -> Cursor | None:
@@ -149,7 +166,16 @@ class LogReader:
 
     @property
     def position(self) -> Cursor:
-        return Cursor(*self._identity, self._pos)
+        return self.cursor(self._pos)
+
+    def cursor(self, offset: int) -> Cursor:
+        """A cursor at ``offset`` in the file being read, with its fingerprint."""
+        assert self._fd is not None
+        return Cursor(*self._identity, offset, self._head(self._fd, offset))
+
+    @staticmethod
+    def _head(fd: int, offset: int) -> str:
+        return fingerprint(os.pread(fd, min(offset, HEAD_BYTES), 0))
 
     def _use(self, fd: int, pos: int) -> None:
         if self._fd is not None and self._fd != fd:
@@ -162,8 +188,12 @@ class LogReader:
         return os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o640)
 
     def _rotated(self, identity: tuple[int, int]) -> str | None:
-        """The rotated file beside the log that is ``identity`` (``events.jsonl.1``, or with dateext
-        ``events.jsonl-20261202``)."""
+        """
+        The rotated file beside the log that is ``identity``.
+
+        ``events.jsonl.1`` as logrotate names it, or ``events.jsonl-20261202``
+        with ``dateext``.
+        """
         directory, base = os.path.split(os.path.abspath(self.path))
         for name in sorted(os.listdir(directory)):
             if not name.startswith(base) or name == base:
@@ -186,15 +216,20 @@ class LogReader:
         fd, where = current, self.path
         if _identity(os.fstat(current)) != wanted:
             rotated = self._rotated(wanted)
-            if rotated is None:
-                log.error("{what}: cursor {cursor_path} names a file that is neither {path} nor a "
-                          "rotated file beside it; reading from the start of {path}, events "
-                          "between the cursor and the rotation may be lost", what=self.what,
-                          cursor_path=cursor_path, path=self.path)
-                self._use(current, 0)
-                return self.position
-            fd, where = os.open(rotated, os.O_RDONLY), rotated
+            if rotated is not None:
+                fd, where = os.open(rotated, os.O_RDONLY), rotated
         size = os.fstat(fd).st_size
+        if _identity(os.fstat(fd)) != wanted or (
+                cursor.offset <= size and self._head(fd, cursor.offset) != cursor.head):
+            log.error("{what}: cursor {cursor_path} names a file that is neither {path} nor a "
+                      "rotated file beside it (deleted, or its inode reused); reading from the "
+                      "start of {path}, events between the cursor and the rotation may be "
+                      "lost", what=self.what,
+                      cursor_path=cursor_path, path=self.path)
+            if fd != current:
+                os.close(fd)
+            self._use(current, 0)
+            return self.position
         if cursor.offset > size:
             log.error("{what}: cursor {cursor_path} points past the end of {where} (offset "
                       "{offset}, size {size}); reading from the start of {path}", what=self.what,
@@ -352,7 +387,11 @@ class Follower(Service):
     def wake(self) -> None:
         """There may be new lines: read them unless a round is running or the consumer failed."""
         while self.running and self._round is None and not self._held:
-            chunk = self.reader.read()
+            try:
+                chunk = self.reader.read()
+            except OSError:
+                self._broken(Failure())
+                return
             if chunk is None:
                 return
             d = defer.maybeDeferred(self.consumer.consume, chunk.lines)
@@ -373,7 +412,7 @@ class Follower(Service):
 
     def _consumed(self, taken: int | None, chunk: Chunk) -> defer.Deferred | None:
         count = len(chunk.lines) if taken is None else max(0, min(taken, len(chunk.lines)))
-        cursor = chunk.cursor_after(count)
+        cursor = self.reader.cursor(chunk.cursor_after(count).offset)
         if count < len(chunk.lines):
             self.reader.rewind(cursor)
             self._held = True

@@ -53,7 +53,8 @@ class CursorTests(SynchronousTestCase):
     def test_round_trip_and_atomic_file(self) -> None:
         path = os.path.join(self.mktemp(), "c", "cursor")
         self.assertIsNone(load_cursor(path))
-        save_cursor(path, Cursor(5, 77, 1234))
+        save_cursor(path, Cursor(5, 77, 1234, "0123456789abcdef"))
+        self.assertEqual(load_cursor(path).head, "0123456789abcdef")  # type: ignore[union-attr]
         self.assertEqual(load_cursor(path), Cursor(5, 77, 1234))
         save_cursor(path, Cursor(5, 78, 0))
         self.assertEqual(load_cursor(path), Cursor(5, 78, 0))
@@ -64,7 +65,8 @@ class CursorTests(SynchronousTestCase):
                            (b'{"version":9,"dev":1,"ino":2,"offset":3}', "unknown version"),
                            (b'{"version":1,"dev":1,"ino":2,"offset":-3}', "non-negative"),
                            (b'{"version":1,"dev":1,"ino":2,"offset":"3"}', "non-negative"),
-                           (b'{"version":1,"dev":1,"ino":2,"offset":true}', "non-negative")):
+                           (b'{"version":1,"dev":1,"ino":2,"offset":true}', "non-negative"),
+                           (b'{"version":1,"dev":1,"ino":2,"offset":3}', "head")):
             with self.assertRaises(CursorError) as caught:
                 Cursor.decode(data)
             self.assertIn(what, str(caught.exception))
@@ -318,15 +320,34 @@ class BadCursorTests(FollowerTestCase):
         self.assertIn("points past the end", error)
         self.assertEqual(self.consumer.ids, ["1", "2"])
 
+    def saved_at_the_end(self) -> None:
+        """The cursor a follower stopped at the end of the log leaves."""
+        self.follower().stopService()
+
     def test_cursor_of_a_file_that_is_gone(self) -> None:
         self.append(1)
-        save_cursor(self.consumer.cursor_path, Cursor(*self.identity(), len(line(1))))
-        os.unlink(self.path)
+        self.saved_at_the_end()
+        os.rename(self.path, self.mktemp())  # elsewhere, and kept, so its inode is not reused
         self.append(2)
         self.follower()
         [error] = self.errors()
         self.assertIn("neither", error)
         self.assertEqual(self.consumer.ids, ["2"])
+
+    def test_cursor_of_a_reused_inode(self) -> None:
+        """A file deleted and its inode given to a new log: the fingerprint tells them apart."""
+        self.append(1)
+        self.saved_at_the_end()
+        saved = self.cursor()
+        assert saved is not None
+        with open(self.path, "r+b") as f:  # as if a new file held other events at that inode
+            f.write(line(7))
+        self.append(2)
+        self.follower()
+        [error] = self.errors()
+        self.assertIn("inode reused", error)
+        self.assertEqual(self.consumer.ids, ["7", "2"])
+        self.assertEqual(self.cursor(), Cursor(*self.identity(), os.path.getsize(self.path)))
 
 
 class RotationTests(FollowerTestCase):
@@ -391,3 +412,22 @@ class LogrotateSnippetTests(SynchronousTestCase):
         self.assertTrue({"nocreate", "delaycompress", "postrotate", "endscript"} <= directives)
         script = lines[lines.index("postrotate") + 1:lines.index("endscript")]
         self.assertIn("--signal=HUP", " ".join(script))
+
+
+class ReadFailureTests(FollowerTestCase):
+    def test_a_failed_read_waits_for_the_poll(self) -> None:
+        follower = self.follower()
+        self.append(1)
+
+        def failing_pread(fd: int, n: int, offset: int) -> bytes:
+            raise OSError(5, "Input/output error")
+
+        real = os.pread
+        self.patch(os, "pread", failing_pread)
+        follower.wake()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.patch(os, "pread", real)
+        follower.wake()  # not before the poll
+        self.assertEqual(self.consumer.calls, [])
+        self.clock.advance(1)
+        self.assertEqual(self.consumer.ids, ["1"])
