@@ -114,8 +114,8 @@ class RetrySchedule:
 # -- the queue directory ---------------------------------------------------------------
 
 _OPEN_RE = re.compile(r"(\d{10})\.open")
-CURSOR = "cursor"  # the follower's; its temporary files are named cursor.tmp<pid>
 _BATCH_RE = re.compile(r"(\d{10})(?:-([01]+))?\.(\d+)\.([0-9a-f-]{36})\.batch")
+CURSOR = "cursor"  # the follower's; it writes it through cursor.tmp<pid>
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,9 @@ class QueueDirectory:
                 highest = max(highest, int(m.group(1)))
             elif name.endswith(".tmp"):
                 os.unlink(full)
-            elif name == CURSOR or name.startswith(CURSOR + ".tmp"):
+            elif name.startswith(CURSOR + ".tmp"):
+                os.unlink(full)  # a save cut short; the follower is not running yet
+            elif name == CURSOR:
                 continue
             else:
                 log.warn("webhook queue {path}: ignoring unexpected file {name}",
@@ -506,7 +508,8 @@ class WebhookService(Service):
                       name=self.config.name, n=len(lines))
             return defer.fail(RuntimeError(f"webhook {self.config.name} is not running"))
         taken = len(lines)
-        self._seals = seals = []
+        seals: list[defer.Deferred] = []
+        self._seals = seals
         try:
             for i, line in enumerate(lines):
                 try:
@@ -657,7 +660,12 @@ class WebhookService(Service):
             # _sealed runs before the lock is released, so the next seal's batch comes after.
             d = self._run(self.queue.seal, seq, fd, sealed_at, batch_id)
             d.addCallbacks(self._sealed, self._seal_failed, errbackArgs=(seq,))
-            return d.addCallback(outcome.callback)
+
+            def finished(result: Any) -> Any:
+                outcome.callback(result is True)
+                return result if isinstance(result, Failure) else None
+
+            return d.addBoth(finished)
 
         if self._seals is not None:
             self._seals.append(outcome)

@@ -879,6 +879,14 @@ class FollowerTests(ServiceTestCase):
         self.assertNotEqual(self.agent.last.batch_id, sealed.batch_id)
         self.assertEqual(self.cursor(), self.log_end())
 
+    def test_a_cursor_save_cut_short_is_cleared(self) -> None:
+        os.makedirs(self.directory)
+        with open(os.path.join(self.directory, "cursor.tmp4242"), "wb") as f:
+            f.write(b'{"vers')
+        self.service()
+        self.assertEqual(self.files(), ["0000000000.open", "cursor"])
+        self.assertEqual(self.messages("warn"), [])
+
     def test_a_broken_line_in_the_log_is_skipped(self) -> None:
         self.service()
         with open(self.log_path, "ab") as f:
