@@ -6,11 +6,12 @@ broker later) has a ``name``, a ``cursor_path`` and ``consume(lines)``. A
 ``Follower`` hands it the log's whole lines in order and records how far it
 got, in the cursor file, only once ``consume`` says those lines are durable on
 its side. So a crash repeats the events between the last durable cursor and
-the crash, and never skips one.
+the crash, and never skips one: consumers must take an event twice calmly.
 
 The cursor names a file by identity (``st_dev``, ``st_ino``) and a byte offset
 in it, so it survives rotation by rename: a file renamed to ``events.jsonl.1``
-keeps its identity. While running, the reader keeps the file it reads open;
+keeps its identity (a hash of the file's first bytes tells it from a later
+file given the same inode number). While running, the reader keeps the file it reads open;
 when the log's path names another file (the writer reopened it after a
 SIGHUP), the old file is read to its end and the new one from offset 0. After
 a restart, a cursor whose file is no longer at the path is looked for among
@@ -185,7 +186,7 @@ class LogReader:
     def _open_current(self) -> int:
         """The file at the path, created empty if the log was never written, so it has an identity."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        return os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o640)
+        return os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666)  # as EventLog's open(): umask
 
     def _rotated(self, identity: tuple[int, int]) -> str | None:
         """
