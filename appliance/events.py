@@ -68,7 +68,7 @@ def encode_event(event: Event) -> bytes:
 
 class EventLog(Service):
     """
-    Appends events to the JSON-lines file and tells subscribers.
+    Appends events to the JSON-lines file and wakes its followers.
 
     The file is opened unbuffered in append mode so each event is one
     ``write(2)``; it is fsynced about once a second and at stop. SIGHUP
@@ -96,11 +96,17 @@ class EventLog(Service):
         self._file: Any = None
         self._dirty = False
         self._syncer: task.LoopingCall | None = None
-        self._subscribers: list[Callable[[Event], None]] = []
+        self._wakers: list[Callable[[], None]] = []
 
-    def subscribe(self, callback: Callable[[Event], None]) -> None:
-        """Call ``callback`` with every event after it is written (webhooks)."""
-        self._subscribers.append(callback)
+    def wake_on_write(self, wake: Callable[[], None]) -> None:
+        """
+        Call ``wake`` after each write, with no data: a follower then reads the file.
+
+        Consumers read events only from the file (``appliance.follower``), so
+        what they see is what the log holds, and a restart resumes from their
+        cursors; this only saves them waiting for their poll.
+        """
+        self._wakers.append(wake)
 
     def startService(self) -> None:
         self.open()
@@ -159,11 +165,11 @@ class EventLog(Service):
             raise OSError(f"event log {self.path} is not open")
         self._file.write(encode_event(event))
         self._dirty = True
-        for callback in self._subscribers:
+        for wake in self._wakers:
             try:
-                callback(event)
+                wake()
             except Exception:
-                log.failure("event subscriber failed")
+                log.failure("waking an event log follower failed")
 
     def emit(self, type_: str, **fields: Any) -> Event:
         event = self.make(type_, **fields)

@@ -115,12 +115,14 @@ class Appliance(MultiService):
                                  copies=self.copies, tracker=config.engagement_tracker,
                                  max_hops=config.smtp.max_hops)
 
-        # Each webhook queues the events it wants under the spool; batches are
-        # posted from there, so the event log never waits for a receiver.
+        # Each webhook reads the event log from its own cursor and queues the events it
+        # wants under the spool; batches are posted from there, so the event log never
+        # waits for a receiver. A write to the log wakes the followers.
         self.webhooks = Webhooks(config.webhooks, os.path.join(config.spool.directory, "webhooks"),
-                                 clock=reactor, fsync_interval=config.events.fsync_interval,
+                                 config.events.log_file, clock=reactor,
+                                 fsync_interval=config.events.fsync_interval,
                                  **({"run": run} if run else {}))
-        self.webhooks.subscribe_to(self.events)
+        self.events.wake_on_write(self.webhooks.wake)
 
         self.webhooks.setServiceParent(self)
         self.events.setServiceParent(self)

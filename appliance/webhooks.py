@@ -3,15 +3,20 @@ Webhooks: the event log's events, batched and POSTed to HTTP receivers as SparkP
 
 Each ``[[webhooks]]`` table gets a queue directory, ``<spool>/webhooks/<name>/``::
 
+    cursor                                        how far into the event log it has read
     0000000007.open                               events being collected, one line each
     0000000006.1767225600.<batch id>.batch        sealed: waiting to be posted
     0000000005-01.1767225000.<batch id>.batch     the second half of the first half of batch 5,
                                                   which the receiver refused as too large
 
-An accepted event is appended to the ``.open`` file as the JSON line it will be
-in the batch (``{"msys": {"message_event": {...}}}``), with one ``write`` and no
-fsync; that file is fsynced about once a second, like the event log. A line
-that could be written only in part (a full disk) is cut off again at once. A
+A webhook reads the event log through a ``Follower`` (``appliance.follower``),
+from its own cursor. Each event it wants is appended to the ``.open`` file as
+the JSON line it will be in the batch (``{"msys": {"message_event": {...}}}``),
+with one ``write``; once the lines of a round are written, the file is fsynced
+(and any batch sealed meanwhile has been) before the cursor moves past them. So
+a crash repeats events rather than losing them. A line that could be written
+only in part (a full disk) is cut off again at once, and the cursor stops
+before its event, which is offered again at the follower's next poll. A
 batch is sealed when it has ``max_batch_size`` events, when the next event would
 take its body past ``max_batch_bytes``, or ``batch_interval`` after its first
 one: the file is fsynced, every line is checked (a broken one is dropped, so a
@@ -21,7 +26,9 @@ commit, so an event is in exactly one batch and a batch's body and id never
 change: a receiver that sees the same ``X-MessageSystems-Batch-ID`` twice may
 drop the second. Seals run in a thread, one at a time per webhook, so batches
 are queued in the order they were sealed. At start-up every ``.open`` file left
-by the last run is sealed.
+by the last run is sealed. A webhook without a cursor (new, or a queue written
+before cursors existed, which already holds every earlier event) starts at the
+end of the event log.
 
 One batch per webhook is in flight at a time, oldest first; its file is removed
 after a ``2xx``. Anything else (another status, no connection, no answer within
@@ -41,13 +48,13 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, ssl, task, threads
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -60,6 +67,7 @@ from appliance.config import WebhookConfig
 from appliance.events import Event, encode_event
 from appliance.eventtypes import event_class
 from appliance.files import fsync_and_close, fsync_directory, fsync_path, write_synced
+from appliance.follower import Follower
 from appliance.retry import RetrySchedule
 from appliance.tls import load_trust_root
 
@@ -84,6 +92,7 @@ def batch_body(lines: bytes) -> tuple[bytes, int]:
 
 _OPEN_RE = re.compile(r"(\d{10})\.open")
 _BATCH_RE = re.compile(r"(\d{10})(?:-([01]+))?\.(\d+)\.([0-9a-f-]{36})\.batch")
+CURSOR = "cursor"  # the follower's; it writes it through cursor.tmp<pid>
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,10 @@ class QueueDirectory:
                 highest = max(highest, int(m.group(1)))
             elif name.endswith(".tmp"):
                 os.unlink(full)
+            elif name.startswith(CURSOR + ".tmp"):
+                os.unlink(full)  # a save cut short; the follower is not running yet
+            elif name == CURSOR:
+                continue
             else:
                 log.warn("webhook queue {path}: ignoring unexpected file {name}",
                          path=self.path, name=name)
@@ -350,7 +363,8 @@ class WebhookService(Service):
     """
     One webhook: collects its events into batches on disk and posts them.
 
-    ``accept`` is the event log subscriber; it appends one line and returns.
+    A ``Consumer`` of the event log: its follower hands ``consume`` the log's
+    lines, and ``accept`` appends the line of each wanted event.
     ``clock``, ``agent`` and ``run`` are injected so tests drive time, HTTP
     and the file system calls that would block.
     """
@@ -363,6 +377,7 @@ class WebhookService(Service):
         self.config = config
         self.name = f"webhook:{config.name}"
         self.queue = QueueDirectory(directory)
+        self.cursor_path = os.path.join(directory, CURSOR)
         self.schedule = RetrySchedule(config.retry_initial, config.retry_max)
         self._clock = clock
         self._pool: HTTPConnectionPool | None = None
@@ -390,6 +405,7 @@ class WebhookService(Service):
         self._retry_timer: Any = None
         self.failures = 0  # failed attempts in a row
         self._io: set[defer.Deferred] = set()
+        self._seals: list[defer.Deferred] | None = None  # seals begun by the running consume
 
     # -- life cycle
 
@@ -441,14 +457,54 @@ class WebhookService(Service):
 
     # -- collecting
 
-    def accept(self, event: Event) -> None:
-        """The event log subscriber: one line appended, nothing that waits."""
+    def consume(self, lines: Sequence[bytes]) -> defer.Deferred:
+        """
+        Queue the events of the log's ``lines``; fires with how many were taken, once durable.
+
+        The events wanted are written at once; the result waits for the fsync
+        of the open file and for any seal begun meanwhile, so the follower's
+        cursor never passes an event that a crash could still lose. A write
+        that fails ends the round before its event.
+        """
+        if not self.running:
+            log.error("webhook {name}: {n} event(s) arrived while stopped; not queued",
+                      name=self.config.name, n=len(lines))
+            return defer.fail(RuntimeError(f"webhook {self.config.name} is not running"))
+        taken = len(lines)
+        seals: list[defer.Deferred] = []
+        self._seals = seals
+        try:
+            for i, line in enumerate(lines):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                if not isinstance(event, dict):
+                    log.warn("webhook {name}: skipping a line of the event log that is not an "
+                             "event: {line!r}", name=self.config.name, line=line[:80])
+                    continue
+                if not self.accept(event):
+                    taken = i
+                    break
+        finally:
+            self._seals = None
+        d = defer.gatherResults([*seals, self._flush()], consumeErrors=True)
+
+        def durable(outcomes: list[bool]) -> int:
+            if not all(outcomes):
+                raise OSError(errno.EIO, "the queued events could not be made durable")
+            return taken
+
+        return d.addCallback(durable)
+
+    def accept(self, event: Event) -> bool:
+        """Append the event's line if it is wanted: nothing that waits. False if it could not be."""
         if event.get("type") not in self.config.events:
-            return
+            return True
         if not self.running:
             log.error("webhook {name}: event {event_id} arrived while stopped; not queued",
                       name=self.config.name, event_id=event.get("event_id"))
-            return
+            return False
         line = envelope_line(event)
         if self._torn or (self._count and (
                 self._count >= self.config.max_batch_size  # an earlier seal failed
@@ -466,7 +522,7 @@ class WebhookService(Service):
             log.error("webhook {name}: could not queue event {event_id}: {error}",
                       name=self.config.name, event_id=event.get("event_id"), error=e)
             self._cut_back()
-            return
+            return False
         self._size += len(line)
         self._dirty = True
         self._count += 1
@@ -474,6 +530,7 @@ class WebhookService(Service):
             self.seal()
         elif self._count == 1:
             self._arm_seal_timer()
+        return True
 
     def _cut_back(self) -> None:
         """Take out what a failed write left of its line, so the next line starts on its own."""
@@ -497,17 +554,26 @@ class WebhookService(Service):
         self._dirty = False
 
     def _sync(self) -> None:
-        if self._file is not None and self._dirty:
-            try:
-                fd = os.dup(self._file.fileno())
-            except OSError as e:  # not raised: that would stop the loop for good
-                log.error("webhook {name}: fsync failed: {error}", name=self.config.name, error=e)
-                return
-            self._dirty = False
-            d = self._run(fsync_and_close, fd)
-            d.addErrback(lambda f: log.failure("webhook {name}: fsync failed", f,
-                                               name=self.config.name))
-            self._track(d)
+        self._flush()
+
+    def _flush(self) -> defer.Deferred:
+        """Fsync the open file if it has unsynced lines; fires with whether it worked."""
+        if self._file is None or not self._dirty:
+            return defer.succeed(True)
+        try:
+            fd = os.dup(self._file.fileno())
+        except OSError as e:  # not raised: that would stop the loop for good
+            log.error("webhook {name}: fsync failed: {error}", name=self.config.name, error=e)
+            return defer.succeed(False)
+        self._dirty = False
+        d = self._run(fsync_and_close, fd)
+
+        def failed(failure: Failure) -> bool:
+            self._dirty = True
+            log.failure("webhook {name}: fsync failed", failure, name=self.config.name)
+            return False
+
+        return self._track(d.addCallbacks(lambda _: True, failed))
 
     def _arm_seal_timer(self) -> None:
         if self._seal_timer is None or not self._seal_timer.active():
@@ -551,24 +617,35 @@ class WebhookService(Service):
         except OSError:
             log.failure("webhook {name}: could not open its next batch file", name=self.config.name)
         sealed_at, batch_id = int(self._clock.seconds()), str(uuid.uuid4())
+        outcome: defer.Deferred = defer.Deferred()  # whether its lines are on disk
 
         def sealing() -> defer.Deferred:
             # _sealed runs before the lock is released, so the next seal's batch comes after.
             d = self._run(self.queue.seal, seq, fd, sealed_at, batch_id)
-            return d.addCallbacks(self._sealed, self._seal_failed, errbackArgs=(seq,))
+            d.addCallbacks(self._sealed, self._seal_failed, errbackArgs=(seq,))
 
+            def finished(result: Any) -> Any:
+                outcome.callback(result is True)
+                return result if isinstance(result, Failure) else None
+
+            return d.addBoth(finished)
+
+        if self._seals is not None:
+            self._seals.append(outcome)
         self._track(self._sealing.run(sealing))
 
-    def _sealed(self, batch: Batch | None) -> None:
+    def _sealed(self, batch: Batch | None) -> bool:
         if batch is None:  # nothing in it survived the check
-            return
+            return True
         self.batches.append(batch)
         self.batches.sort(key=lambda b: b.order)
         self._kick()
+        return True
 
-    def _seal_failed(self, failure: Failure, seq: int) -> None:
+    def _seal_failed(self, failure: Failure, seq: int) -> bool:
         log.failure("webhook {name}: could not seal batch {seq}; it is sealed at the next start",
                     failure, name=self.config.name, seq=seq)
+        return False
 
     # -- posting
 
@@ -706,29 +783,45 @@ class WebhookService(Service):
 
 
 class Webhooks(MultiService):
-    """Every configured webhook, each with its queue under ``root``."""
+    """
+    Every configured webhook, each with its queue under ``root`` and its follower of the log.
+
+    The followers are added after the webhooks, so they start once every
+    queue is recovered and are stopped first.
+    """
 
     name = "webhooks"
 
-    def __init__(self, configs: tuple[WebhookConfig, ...], root: str, **kwargs: Any) -> None:
+    def __init__(self, configs: tuple[WebhookConfig, ...], root: str, log_path: str,
+                 clock: IReactorTime | None = None, run: Runner = threads.deferToThread,
+                 poll_interval: float = 1.0, **kwargs: Any) -> None:
         super().__init__()
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.root = root
         self.webhooks: list[WebhookService] = []
+        self.followers: list[Follower] = []
         for config in configs:
-            svc = WebhookService(config, os.path.join(root, config.name), **kwargs)
+            svc = WebhookService(config, os.path.join(root, config.name), clock=clock, run=run,
+                                 **kwargs)
             svc.setServiceParent(self)
             self.webhooks.append(svc)
-
-    def subscribe_to(self, events: Any) -> None:
         for svc in self.webhooks:
-            events.subscribe(svc.accept)
+            follower = Follower(log_path, svc, clock, run=run, poll_interval=poll_interval)
+            follower.setServiceParent(self)
+            self.followers.append(follower)
+
+    def wake(self) -> None:
+        """The event log was written to: each follower reads it."""
+        for follower in self.followers:
+            follower.wake()
 
     def startService(self) -> None:
         if os.path.isdir(self.root):
             known = {svc.config.name for svc in self.webhooks}
             for name in sorted(set(os.listdir(self.root)) - known):
                 left = os.path.join(self.root, name)
-                if os.path.isdir(left) and os.listdir(left):
+                if os.path.isdir(left) and set(os.listdir(left)) - {CURSOR}:
                     log.warn("{path} holds batches of a webhook that is no longer configured; "
                              "they are not posted", path=left)
         super().startService()

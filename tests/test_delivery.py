@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -247,6 +248,12 @@ class ServiceTestBase(SynchronousTestCase):
     config = DeliveryConfig(routes={"x.test": Route("127.0.0.1", 2526)}, retry_initial=300,
                             retry_max=1000, max_queue_lifetime=3000)
 
+    @property
+    def written(self) -> list[dict]:
+        """The events in the log file, which is what every consumer of events reads."""
+        with open(self.events.path, "rb") as f:
+            return [json.loads(line) for line in f]
+
     def setUp(self) -> None:
         base = self.mktemp()
         self.reactor = MemoryReactorClock()
@@ -257,8 +264,6 @@ class ServiceTestBase(SynchronousTestCase):
                                clock=self.reactor, now=self.reactor.seconds)
         self.events.startService()
         self.addCleanup(self.events.stopService)
-        self.written: list[dict] = []
-        self.events.subscribe(self.written.append)
         self.service = DeliveryService(self.config, self.spool, self.events,
                                        message_from_spool(self.spool), Router(self.config), "me.test",
                                        reactor=self.reactor, resolver=FakeResolver())

@@ -7,6 +7,7 @@ a fake clock the tests advance, and DNS answers come from ``FakeResolver``.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from typing import Any
@@ -28,6 +29,12 @@ MESSAGE = b"From: a@sender.test\r\nSubject: hi\r\n\r\nHello.\r\n"
 class DeliveryCase(unittest.TestCase):
     """Spool, event log and delivery service on a fake clock; sinks on real loopback ports."""
 
+    @property
+    def written(self) -> list[dict[str, Any]]:
+        """The events in the log file, which is what every consumer of events reads."""
+        with open(self.events.path, "rb") as f:
+            return [json.loads(line) for line in f]
+
     def setUp(self) -> None:
         self.base = self.mktemp()
         os.makedirs(self.base)
@@ -38,8 +45,6 @@ class DeliveryCase(unittest.TestCase):
         self.events = EventLog(os.path.join(self.base, "events.jsonl"), "n", fsync_interval=0,
                                clock=self.clock, now=self.clock.seconds)
         self.events.startService()
-        self.written: list[dict[str, Any]] = []
-        self.events.subscribe(self.written.append)
         self.resolver = FakeResolver()
         self.service: DeliveryService | None = None
         self._tids = iter(range(1, 1_000_000))

@@ -32,8 +32,8 @@ class EventLogTests(SynchronousTestCase):
         path = os.path.join(self.mktemp(), "events.jsonl")
         clock = Clock()
         log = EventLog(path, "node-a", clock=clock, now=lambda: 1234.5)
-        seen = []
-        log.subscribe(seen.append)
+        woken: list[None] = []
+        log.wake_on_write(lambda: woken.append(None))
         log.startService()
         log.emit("injection", rcpt_to="a@b.test", subject="Grüße\nzwei")
         log.emit("delivery", rcpt_to="a@b.test")
@@ -47,7 +47,7 @@ class EventLogTests(SynchronousTestCase):
         self.assertEqual(first["node_name"], "node-a")
         self.assertEqual(first["subject"], "Grüße\nzwei")
         self.assertIn("Grüße".encode(), lines[0])
-        self.assertEqual(len(seen), 2)
+        self.assertEqual(len(woken), 2)  # once per write, and with no data: followers read the file
         log.stopService()
         self.assertRaises(OSError, log.emit, "delivery")
 

@@ -18,6 +18,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from appliance.config import EVENT_TYPES, WebhookConfig
+from appliance.events import EventLog, encode_event
+from appliance.follower import Cursor, load_cursor
 from appliance.spool import run_synchronously
 from appliance.webhooks import (
     QueueDirectory,
@@ -139,22 +141,45 @@ class EnvelopeTests(SynchronousTestCase):
 
 
 class ServiceTestCase(SynchronousTestCase):
+    """A webhook fed as the appliance feeds it: events written to the log, read by its follower."""
+
     def setUp(self) -> None:
-        self.directory = os.path.join(self.mktemp(), "hook")
+        self.root = self.mktemp()
+        self.directory = os.path.join(self.root, "hook")
         self.clock = Clock()
         self.clock.advance(START)
         self.agent = FakeAgent()
         self.logged: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+        self.log_path = os.path.join(self.root, "events.jsonl")
+        self.events = EventLog(self.log_path, "n", fsync_interval=0, clock=self.clock)
+        self.events.startService()
+        self.addCleanup(self.events.stopService)
+        self.hooks: Webhooks | None = None
+        self.events.wake_on_write(lambda: self.hooks is not None and self.hooks.wake())
+
+    def webhooks(self, *configs: WebhookConfig, run: Any = run_synchronously,
+                 fsync_interval: float = 1.0) -> Webhooks:
+        """Started webhooks, woken by the test's event log."""
+        hooks = self.hooks = Webhooks(configs, self.root, self.log_path, clock=self.clock,
+                                      agent=self.agent, run=run, fsync_interval=fsync_interval)
+        hooks.startService()
+        self.addCleanup(lambda: hooks.running and hooks.stopService())
+        return hooks
 
     def service(self, start: bool = True, **changes: Any) -> WebhookService:
-        svc = WebhookService(config(**changes), self.directory, clock=self.clock,
-                             agent=self.agent, run=run_synchronously, fsync_interval=1.0)
-        if start:
-            svc.startService()
-            self.addCleanup(lambda: svc.running and svc.stopService())
-        return svc
+        if not start:
+            return WebhookService(config(**changes), self.directory, clock=self.clock,
+                                  agent=self.agent, run=run_synchronously, fsync_interval=1.0)
+        return self.webhooks(config(**changes)).webhooks[0]
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.events.write(event)
+
+    def stop(self) -> None:
+        assert self.hooks is not None
+        self.successResultOf(self.hooks.stopService())
 
     def files(self) -> list[str]:
         return sorted(os.listdir(self.directory))
@@ -171,9 +196,9 @@ class ServiceTestCase(SynchronousTestCase):
 class BatchingTests(ServiceTestCase):
     def test_batches_by_size(self) -> None:
         """max_batch_size events seal a batch at once; one batch is in flight at a time."""
-        svc = self.service(max_batch_size=3)
+        self.service(max_batch_size=3)
         for n in range(7):
-            svc.accept(event("delivery", n))
+            self.emit(event("delivery", n))
         self.assertEqual(len(self.agent.requests), 1)
         first = self.agent.last
         self.assertEqual([e["msys"]["message_event"]["event_id"] for e in first.events],
@@ -194,10 +219,10 @@ class BatchingTests(ServiceTestCase):
 
     def test_batches_by_time(self) -> None:
         """A batch is sealed batch_interval after its first event, however few it has."""
-        svc = self.service()
-        svc.accept(event("open", 1))
+        self.service()
+        self.emit(event("open", 1))
         self.clock.advance(20)
-        svc.accept(event("click", 2))
+        self.emit(event("click", 2))
         self.clock.advance(9.9)
         self.assertEqual(self.agent.requests, [])
         self.clock.advance(0.1)
@@ -206,13 +231,13 @@ class BatchingTests(ServiceTestCase):
                                                   {"msys": {"track_event": event("click", 2)}}])
         # The next batch's clock starts at its own first event.
         self.clock.advance(100)
-        svc.accept(event("bounce", 3))
+        self.emit(event("bounce", 3))
         self.clock.advance(29)
         self.assertEqual(len(self.agent.requests), 1)
 
     def test_request_shape(self) -> None:
         svc = self.service(auth_token="s3cret-token")
-        svc.accept(event("link_unsubscribe", 1))
+        self.emit(event("link_unsubscribe", 1))
         svc.seal()
         request = self.agent.last
         self.assertEqual(request.method, b"POST")
@@ -227,28 +252,28 @@ class BatchingTests(ServiceTestCase):
 
     def test_no_token_no_header(self) -> None:
         svc = self.service()
-        svc.accept(event())
+        self.emit(event())
         svc.seal()
         self.assertIsNone(self.agent.last.header(b"X-MessageSystems-Webhook-Token"))
 
     def test_filter_by_type(self) -> None:
-        svc = self.service(events=frozenset({"click", "bounce"}))
+        self.service(events=frozenset({"click", "bounce"}))
         for n, type_ in enumerate(("injection", "open", "click", "delivery", "bounce")):
-            svc.accept(event(type_, n))
+            self.emit(event(type_, n))
         self.clock.advance(30)
         self.assertEqual([list(e["msys"].values())[0]["type"] for e in self.agent.last.events],
                          ["click", "bounce"])
 
     def test_filtered_out_events_post_nothing(self) -> None:
-        svc = self.service(events=frozenset({"click"}))
-        svc.accept(event("injection"))
+        self.service(events=frozenset({"click"}))
+        self.emit(event("injection"))
         self.clock.advance(60)
         self.assertEqual(self.agent.requests, [])
         self.assertEqual(self.batch_files(), [])
 
     def test_open_file_synced_and_appended_whole(self) -> None:
-        svc = self.service()
-        svc.accept(event("delivery", 1))
+        self.service()
+        self.emit(event("delivery", 1))
         [open_file] = [f for f in self.files() if f.endswith(".open")]
         with open(os.path.join(self.directory, open_file), "rb") as f:
             self.assertEqual(f.read(), envelope_line(event("delivery", 1)))
@@ -257,14 +282,14 @@ class BatchingTests(ServiceTestCase):
 
     def test_event_while_stopped_is_logged(self) -> None:
         svc = self.service(start=False)
-        svc.accept(event())
+        self.failureResultOf(svc.consume([encode_event(event())]), RuntimeError)
         self.assertIn("arrived while stopped", self.messages("error")[0])
 
 
 class RetryTests(ServiceTestCase):
     def test_failure_backs_off_and_resends_the_same_batch(self) -> None:
         svc = self.service()
-        svc.accept(event("delivery", 1))
+        self.emit(event("delivery", 1))
         svc.seal()
         first = self.agent.last
         first.answer(500, b"database\ndown")
@@ -273,7 +298,7 @@ class RetryTests(ServiceTestCase):
         self.clock.advance(29.9)
         self.assertEqual(len(self.agent.requests), 1)
         # Batches sealed meanwhile wait behind the failing one.
-        svc.accept(event("delivery", 2))
+        self.emit(event("delivery", 2))
         svc.seal()
         self.assertEqual(len(self.agent.requests), 1)
         self.clock.advance(0.1)
@@ -295,7 +320,7 @@ class RetryTests(ServiceTestCase):
 
     def test_no_answer_in_time_is_a_failure(self) -> None:
         svc = self.service(timeout=10.0)
-        svc.accept(event())
+        self.emit(event())
         svc.seal()
         first = self.agent.last
         self.clock.advance(10)
@@ -307,7 +332,7 @@ class RetryTests(ServiceTestCase):
 
     def test_redirect_is_a_failure(self) -> None:
         svc = self.service()
-        svc.accept(event())
+        self.emit(event())
         svc.seal()
         self.agent.last.answer(302)
         self.assertEqual(svc.failures, 1)
@@ -316,13 +341,13 @@ class RetryTests(ServiceTestCase):
     def test_dropped_after_the_retry_lifetime(self) -> None:
         """Failing for 4 hours from its seal drops a batch, with an error; younger ones stay."""
         svc = self.service()
-        svc.accept(event("delivery", 1))
+        self.emit(event("delivery", 1))
         svc.seal()
         old = self.agent.last.batch_id
         attempts_at = []
         for second in range(4 * 3600 + 1):
             if second == 3600:
-                svc.accept(event("delivery", 2))
+                self.emit(event("delivery", 2))
                 svc.seal()
             if not self.agent.last.deferred.called:
                 attempts_at.append(second)
@@ -346,7 +371,7 @@ class RetryTests(ServiceTestCase):
 
     def test_drop_without_later_batches_stops_retrying(self) -> None:
         svc = self.service(retry_lifetime=60.0)
-        svc.accept(event())
+        self.emit(event())
         svc.seal()
         for _ in range(3):
             self.agent.last.answer(500)
@@ -361,29 +386,29 @@ class RetryTests(ServiceTestCase):
 class RestartTests(ServiceTestCase):
     def test_collected_events_survive_a_restart(self) -> None:
         """Events not yet sealed are sealed at the next start and posted, in order."""
-        svc = self.service()
-        svc.accept(event("injection", 1))
-        svc.accept(event("delivery", 2))
-        svc.stopService()
+        self.service()
+        self.emit(event("injection", 1))
+        self.emit(event("delivery", 2))
+        self.stop()
         self.assertEqual(self.agent.requests, [])
         self.assertEqual([f for f in self.files() if f.endswith(".open")], ["0000000000.open"])
 
-        again = self.service()
+        self.service()
         self.assertEqual(len(self.agent.requests), 1)
         self.assertEqual([list(e["msys"].values())[0]["event_id"] for e in self.agent.last.events],
                          ["1001", "1002"])
         self.agent.last.answer(200)
         self.assertEqual(self.batch_files(), [])
         # New events go to a new file after the recovered one.
-        again.accept(event("open", 3))
+        self.emit(event("open", 3))
         self.assertIn("0000000001.open", self.files())
 
     def test_unposted_batch_keeps_its_id_across_a_restart(self) -> None:
         svc = self.service()
-        svc.accept(event())
+        self.emit(event())
         svc.seal()
         first = self.agent.last
-        svc.stopService()  # the POST in flight is abandoned
+        self.stop()  # the POST in flight is abandoned
         self.assertTrue(first.cancelled)
         self.service()
         self.assertEqual((self.agent.last.batch_id, self.agent.last.body),
@@ -392,9 +417,9 @@ class RestartTests(ServiceTestCase):
     def test_old_batches_are_posted_to_a_working_target(self) -> None:
         """Being down longer than the retry lifetime loses nothing if the target answers."""
         svc = self.service()
-        svc.accept(event())
+        self.emit(event())
         svc.seal()
-        svc.stopService()
+        self.stop()
         self.clock.advance(24 * 3600)
         self.service()
         self.agent.requests[-1].answer(200)
@@ -420,7 +445,7 @@ class RestartTests(ServiceTestCase):
             f.write(b"\0\0\0")
         self.service()
         self.assertEqual(self.agent.requests, [])
-        self.assertEqual(self.files(), ["0000000004.open"])
+        self.assertEqual(self.files(), ["0000000004.open", "cursor"])
 
     def test_open_file_of_a_sealed_batch_is_not_posted_twice(self) -> None:
         """A crash between writing a cleaned batch and removing its .open file."""
@@ -436,7 +461,7 @@ class RestartTests(ServiceTestCase):
         self.service()
         self.assertEqual(len(self.agent.requests), 1)
         self.assertEqual(self.agent.last.batch_id, batch_id)
-        self.assertEqual(self.files(), [os.path.basename(batch), "0000000008.open"])
+        self.assertEqual(self.files(), [os.path.basename(batch), "0000000008.open", "cursor"])
 
     def test_batches_are_posted_oldest_first(self) -> None:
         q = QueueDirectory(self.directory)
@@ -457,23 +482,10 @@ class WebhooksTests(ServiceTestCase):
         with open(os.path.join(root, "gone", "0000000001.open"), "wb") as f:
             f.write(envelope_line(event()))
 
-        class Log:
-            def __init__(self) -> None:
-                self.subscribers: list[Any] = []
-
-            def subscribe(self, callback: Any) -> None:
-                self.subscribers.append(callback)
-
-        hooks = Webhooks((config(name="a", events=frozenset({"open"})),
-                          config(name="b", target="https://127.0.0.1:9/b")),
-                         root, clock=self.clock, agent=self.agent, run=run_synchronously)
-        events = Log()
-        hooks.subscribe_to(events)
-        hooks.startService()
-        self.addCleanup(hooks.stopService)
+        self.webhooks(config(name="a", events=frozenset({"open"})),
+                      config(name="b", target="https://127.0.0.1:9/b"))
         for type_ in ("injection", "open"):
-            for callback in events.subscribers:
-                callback(event(type_))
+            self.emit(event(type_))
         self.clock.advance(30)
         posted = {r.uri: [list(e["msys"].values())[0]["type"] for e in r.events]
                   for r in self.agent.requests}
@@ -517,49 +529,53 @@ class DiskFullTests(ServiceTestCase):
     def test_short_write_is_cut_back(self) -> None:
         """A line written in part is taken out again: the batch stays valid JSON."""
         svc = self.service()
-        svc.accept(event("delivery", 1))
+        self.emit(event("delivery", 1))
         svc._file = ShortWrites(svc._file, 17)
-        svc.accept(event("delivery", 2))
+        self.emit(event("delivery", 2))
         [error] = self.messages("error")
         self.assertIn("could not queue event 1002", error)
-        svc.accept(event("delivery", 3))
+        self.emit(event("delivery", 3))
+        # The cursor stopped before 1002: the follower's next poll offers it again.
+        self.clock.advance(1)
         svc.seal()
-        self.assertEqual(event_ids(self.agent.last), ["1001", "1003"])
+        self.assertEqual(event_ids(self.agent.last), ["1001", "1002", "1003"])
 
     def test_failed_write_is_cut_back(self) -> None:
         svc = self.service()
-        svc.accept(event("delivery", 1))
+        self.emit(event("delivery", 1))
         svc._file = ShortWrites(svc._file, 5, raises=True)
-        svc.accept(event("delivery", 2))
+        self.emit(event("delivery", 2))
         self.assertIn("could not queue event 1002", self.messages("error")[0])
-        svc.accept(event("delivery", 3))
+        self.emit(event("delivery", 3))
         self.clock.advance(30)
-        self.assertEqual(event_ids(self.agent.last), ["1001", "1003"])
+        self.assertEqual(event_ids(self.agent.last), ["1001", "1002", "1003"])
 
     def test_a_fragment_that_cannot_be_cut_is_sealed_away(self) -> None:
         """If even the truncation fails, the batch is sealed now, without the fragment."""
         svc = self.service()
-        svc.accept(event("delivery", 1))
+        self.emit(event("delivery", 1))
         svc._file = ShortWrites(svc._file, 17)
         self.patch(os, "ftruncate", failing_ftruncate)
-        svc.accept(event("delivery", 2))
+        self.emit(event("delivery", 2))
         self.assertEqual(event_ids(self.agent.last), ["1001"])
         self.assertIn("1 incomplete event line(s)", self.messages("warn")[0])
-        svc.accept(event("delivery", 3))
+        self.emit(event("delivery", 3))
         self.agent.last.answer(200)
+        self.clock.advance(1)  # the follower's poll offers 1002 again, with 1003
         self.clock.advance(30)
-        self.assertEqual(event_ids(self.agent.last), ["1003"])
+        self.assertEqual(event_ids(self.agent.last), ["1002", "1003"])
 
     def test_a_fragment_alone_leaves_no_batch(self) -> None:
         svc = self.service()
         svc._file = ShortWrites(svc._file, 17)
         self.patch(os, "ftruncate", failing_ftruncate)
-        svc.accept(event("delivery", 1))
+        self.emit(event("delivery", 1))
         self.assertEqual(self.agent.requests, [])
         self.assertEqual(self.batch_files(), [])
-        svc.accept(event("delivery", 2))
+        self.emit(event("delivery", 2))
+        self.clock.advance(1)
         svc.seal()
-        self.assertEqual(event_ids(self.agent.last), ["1002"])
+        self.assertEqual(event_ids(self.agent.last), ["1001", "1002"])
 
     def test_broken_lines_never_go_out(self) -> None:
         """Sealing checks every line, as the start-up does: a broken one is dropped, with a warning."""
@@ -580,9 +596,9 @@ class BatchBytesTests(ServiceTestCase):
     def test_batches_by_bytes(self) -> None:
         """A batch is sealed before an event would take its body past max_batch_bytes."""
         line = len(envelope_line(event("delivery", 1)))
-        svc = self.service(max_batch_bytes=2 * line + 1)  # the body of two events, exactly
+        self.service(max_batch_bytes=2 * line + 1)  # the body of two events, exactly
         for n in range(1, 6):
-            svc.accept(event("delivery", n))
+            self.emit(event("delivery", n))
         posted = [self.agent.last]
         self.assertEqual(event_ids(self.agent.last), ["1001", "1002"])
         self.assertEqual(len(self.agent.last.body), 2 * line + 1)
@@ -594,9 +610,9 @@ class BatchBytesTests(ServiceTestCase):
         self.assertEqual(event_ids(self.agent.last), ["1005"])
 
     def test_an_event_over_the_limit_goes_alone(self) -> None:
-        svc = self.service(max_batch_bytes=100)
-        svc.accept(event("delivery", 1))
-        svc.accept(event("delivery", 2))
+        self.service(max_batch_bytes=100)
+        self.emit(event("delivery", 1))
+        self.emit(event("delivery", 2))
         self.assertEqual(event_ids(self.agent.last), ["1001"])
         self.agent.last.answer(200)
         self.clock.advance(30)
@@ -607,7 +623,7 @@ class TooLargeTests(ServiceTestCase):
     def test_413_splits_the_batch_in_order(self) -> None:
         svc = self.service(max_batch_size=5)
         for n in range(1, 8):
-            svc.accept(event("delivery", n))
+            self.emit(event("delivery", n))
         original = self.agent.last
         self.assertEqual(event_ids(original), ["1001", "1002", "1003", "1004", "1005"])
         original.answer(413, b"Request Entity Too Large")
@@ -636,10 +652,10 @@ class TooLargeTests(ServiceTestCase):
 
     def test_one_event_refused_as_too_large_is_dropped(self) -> None:
         svc = self.service()
-        svc.accept(event("delivery", 1))
+        self.emit(event("delivery", 1))
         svc.seal()
         refused = self.agent.last
-        svc.accept(event("delivery", 2))
+        self.emit(event("delivery", 2))
         svc.seal()
         refused.answer(413)
         [error] = self.messages("error")
@@ -650,12 +666,12 @@ class TooLargeTests(ServiceTestCase):
         self.assertEqual(self.batch_files(), [])
 
     def test_halves_survive_a_restart(self) -> None:
-        svc = self.service(max_batch_size=4)
+        self.service(max_batch_size=4)
         for n in range(1, 5):
-            svc.accept(event("delivery", n))
+            self.emit(event("delivery", n))
         self.agent.last.answer(413)
         first, = [r for r in self.agent.requests[1:]]
-        svc.stopService()
+        self.stop()
         self.assertEqual(len(self.batch_files()), 2)
         self.service()
         self.assertEqual((self.agent.last.batch_id, event_ids(self.agent.last)),
@@ -711,12 +727,9 @@ class HeldRunner:
 class SealTests(ServiceTestCase):
     def test_batches_go_out_in_order_whatever_order_seals_finish_in(self) -> None:
         runner = HeldRunner()
-        svc = WebhookService(config(max_batch_size=1), self.directory, clock=self.clock,
-                             agent=self.agent, run=runner, fsync_interval=0)
-        svc.startService()
-        self.addCleanup(svc.stopService)
+        self.webhooks(config(max_batch_size=1), run=runner, fsync_interval=0)
         for n in range(1, 4):
-            svc.accept(event("delivery", n))
+            self.emit(event("delivery", n))
         while runner.held:
             runner.finish_last()  # the latest seal first
         posted = []
@@ -726,8 +739,8 @@ class SealTests(ServiceTestCase):
         self.assertEqual(posted, ["1001", "1002", "1003"])
 
     def test_seal_timer_is_set_again_when_sealing_fails(self) -> None:
-        svc = self.service()
-        svc.accept(event("delivery", 1))
+        self.service()
+        self.emit(event("delivery", 1))
         dup = os.dup
         failures = [OSError(errno.EMFILE, "Too many open files")]
 
@@ -741,14 +754,144 @@ class SealTests(ServiceTestCase):
         self.clock.advance(1)
         self.assertEqual(self.agent.requests, [])
         self.assertIn("Too many open files", self.messages("error")[0])
-        svc.accept(event("delivery", 2))
+        self.emit(event("delivery", 2))
         self.clock.advance(30)
         self.assertEqual(event_ids(self.agent.last), ["1001", "1002"])
 
     def test_fsync_loop_outlives_a_failure(self) -> None:
         svc = self.service()
-        svc.accept(event("delivery", 1))
         self.patch(os, "dup", lambda fd: failing_ftruncate(fd, 0))
-        self.clock.advance(1)
+        self.emit(event("delivery", 1))
         self.assertIn("fsync failed: [Errno 5]", self.messages("error")[0])
+        self.flushLoggedErrors(OSError)  # the follower's: the event is not durable, so not taken
+        self.clock.advance(1)
         self.assertTrue(svc._syncer is not None and svc._syncer.running)
+        self.flushLoggedErrors(OSError)
+
+
+class CursorRunner:
+    """Runs everything at once but the fsyncs of open batch files, which it holds; can fail cursor saves."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[defer.Deferred, Any, tuple[Any, ...]]] = []
+        self.fail_cursor = False
+
+    def __call__(self, f: Any, *args: Any) -> defer.Deferred:
+        name = getattr(f, "__name__", "")
+        if "fsync" in name:  # the open file's; a seal's own fsync runs inside queue.seal
+            d: defer.Deferred = defer.Deferred()
+            self.held.append((d, f, args))
+            return d
+        if name == "save_cursor" and self.fail_cursor:
+            return defer.fail(OSError(errno.EIO, "Input/output error"))
+        return run_synchronously(f, *args)
+
+    def finish(self) -> None:
+        while self.held:
+            d, f, args = self.held.pop(0)
+            d.callback(f(*args))
+
+
+class FollowerTests(ServiceTestCase):
+    """The webhook reads the event log through its follower, from a cursor in its queue."""
+
+    def cursor(self) -> Cursor | None:
+        return load_cursor(os.path.join(self.directory, "cursor"))
+
+    def log_end(self) -> Cursor:
+        st = os.stat(self.log_path)
+        return Cursor(st.st_dev, st.st_ino, st.st_size)
+
+    def test_the_cursor_moves_once_the_open_file_is_synced(self) -> None:
+        runner = CursorRunner()
+        self.webhooks(config(), run=runner, fsync_interval=0)
+        start = self.cursor()
+        self.emit(event("delivery", 1))
+        self.assertEqual(len(runner.held), 1)
+        self.assertEqual(self.cursor(), start)
+        runner.finish()
+        self.assertEqual(self.cursor(), self.log_end())
+
+    def test_the_cursor_moves_once_a_batch_is_sealed(self) -> None:
+        runner = CursorRunner()
+        self.webhooks(config(max_batch_size=2), run=runner, fsync_interval=0)
+        self.emit(event("delivery", 1))
+        runner.finish()
+        self.emit(event("delivery", 2))  # seals: the seal's own fsync is what makes it durable
+        self.assertEqual(runner.held, [])
+        self.assertEqual(self.cursor(), self.log_end())
+        self.assertEqual(event_ids(self.agent.last), ["1001", "1002"])
+
+    def test_events_written_while_stopped_are_posted_after_the_start(self) -> None:
+        self.service()
+        self.emit(event("delivery", 1))
+        self.stop()
+        self.emit(event("delivery", 2))
+        self.emit(event("delivery", 3))
+        self.service()
+        self.assertEqual(event_ids(self.agent.last), ["1001"])  # sealed at the start
+        self.agent.last.answer(200)
+        self.clock.advance(30)
+        self.assertEqual(event_ids(self.agent.last), ["1002", "1003"])
+
+    def test_a_new_webhook_starts_at_the_end_of_the_log(self) -> None:
+        """As a newly created SparkPost webhook gets only events from then on."""
+        self.emit(event("delivery", 1))
+        self.service()
+        self.assertEqual(self.cursor(), self.log_end())
+        self.emit(event("delivery", 2))
+        self.clock.advance(30)
+        self.assertEqual(event_ids(self.agent.last), ["1002"])
+
+    def test_a_queue_from_before_cursors_starts_at_the_end(self) -> None:
+        """The old code put every event it had into the open file already: nothing is lost or doubled."""
+        self.emit(event("delivery", 1))
+        os.makedirs(self.directory)
+        with open(os.path.join(self.directory, "0000000003.open"), "wb") as f:
+            f.write(envelope_line(event("delivery", 1)))
+        self.service()
+        self.assertEqual(event_ids(self.agent.last), ["1001"])
+        self.agent.last.answer(200)
+        self.emit(event("delivery", 2))
+        self.clock.advance(30)
+        self.assertEqual(event_ids(self.agent.last), ["1002"])
+
+    def test_a_crash_before_the_cursor_is_saved_repeats_and_keeps_batch_ids(self) -> None:
+        runner = CursorRunner()
+        runner.fail_cursor = True
+        self.webhooks(config(max_batch_size=2), run=runner, fsync_interval=0)
+        before = self.cursor()
+        self.emit(event("delivery", 1))
+        self.emit(event("delivery", 2))
+        runner.finish()
+        sealed = self.agent.last
+        self.assertIn("could not save cursor", formatEvent(
+            [e for e in self.logged if e.get("log_namespace") == "appliance.follower"][0]))
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(self.cursor(), before)
+        self.stop()  # as good as a crash: the cursor on disk is before both events
+        self.webhooks(config(max_batch_size=2))
+        self.assertEqual((self.agent.last.batch_id, event_ids(self.agent.last)),
+                         (sealed.batch_id, ["1001", "1002"]))
+        self.agent.last.answer(200)
+        # Read again from the durable cursor: delivered twice, never lost.
+        self.assertEqual(event_ids(self.agent.last), ["1001", "1002"])
+        self.assertNotEqual(self.agent.last.batch_id, sealed.batch_id)
+        self.assertEqual(self.cursor(), self.log_end())
+
+    def test_a_cursor_save_cut_short_is_cleared(self) -> None:
+        os.makedirs(self.directory)
+        with open(os.path.join(self.directory, "cursor.tmp4242"), "wb") as f:
+            f.write(b'{"vers')
+        self.service()
+        self.assertEqual(self.files(), ["0000000000.open", "cursor"])
+        self.assertEqual(self.messages("warn"), [])
+
+    def test_a_broken_line_in_the_log_is_skipped(self) -> None:
+        self.service()
+        with open(self.log_path, "ab") as f:
+            f.write(b'{"type":"deliv\n')
+        self.emit(event("delivery", 1))
+        self.clock.advance(30)
+        self.assertEqual(event_ids(self.agent.last), ["1001"])
+        self.assertIn("not an event", self.messages("warn")[0])

@@ -12,6 +12,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import resource, server
 
+from appliance.follower import Cursor, load_cursor
 from appliance.service import Appliance
 from tests.fakes import self_signed
 from tests.helpers import RunningAppliance, deferred_sleep, in_thread, wait_until
@@ -131,6 +132,28 @@ class WebhookHttpTests(unittest.TestCase):
         self.assertIn(refused[0], accepted)
         yield wait_until(lambda: self.pending_batches() == [])
         yield deferred_sleep(0.05)
+
+    @defer.inlineCallbacks
+    def test_events_across_a_rotation_are_posted(self) -> defer.Generator:
+        """logrotate's rename, events still written to the renamed file, then the reopen (SIGHUP)."""
+        log_file = self.running.config.events.log_file
+        yield in_thread(send, self.running.smtp_port)
+        yield wait_until(lambda: len(self.receiver.events()) == 2)
+        os.rename(log_file, log_file + ".1")
+        yield in_thread(send, self.running.smtp_port)
+        yield wait_until(lambda: len(self.receiver.events()) == 4)
+        self.running.appliance.events.reopen()
+        yield in_thread(send, self.running.smtp_port)
+        yield wait_until(lambda: len(self.receiver.events()) == 6)
+        with open(log_file + ".1", "rb") as f:
+            written = [json.loads(line) for line in f] + self.running.events()
+        posted = [e["msys"]["message_event"] for e in self.receiver.events()]
+        self.assertEqual(sorted(e["event_id"] for e in posted),
+                         sorted(e["event_id"] for e in written))
+        # The cursor names the new file, at its end.
+        st = os.stat(log_file)
+        end = Cursor(st.st_dev, st.st_ino, st.st_size)
+        yield wait_until(lambda: load_cursor(os.path.join(self.queue, "cursor")) == end)
 
 
 class WebhookHttpsTests(unittest.TestCase):
