@@ -425,7 +425,8 @@ class Bench:
     def header(self) -> None:
         a = self.args
         links = count_links(self.message, "")[2]
-        print(f"relay bench: {a.messages} messages per run, {a.rounds} alternations, "
+        runs = "one profiled run" if a.profile else f"{a.rounds} alternations"
+        print(f"relay bench: {a.messages} messages per run, {runs}, "
               f"{a.sessions} sessions, {a.recipients} recipient(s) per message")
         dkim = "on (RSA-2048, the appliance only)" if a.dkim else "off"
         print(f"message: {self.message_name}, {len(on_the_wire(self.message))} bytes on the wire, "
@@ -449,9 +450,12 @@ class Bench:
                                f"({tracked} tracked links, {plain} plain ones)")
         if not expect_tracked and plain != wanted:
             raise RuntimeError(f"{what}: the delivered copy has {plain} of {wanted} links")
+        signed = b"\nDKIM-Signature:" in b"\n" + copy.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+        if signed != (expect_tracked and self.args.dkim):
+            raise RuntimeError(f"{what}: the delivered copy is {'' if signed else 'not '}DKIM-signed")
         self.sink.clear()
         if expect_tracked:
-            return f"{tracked} tracked links, {pixels} open pixels"
+            return f"{tracked} tracked links, {pixels} open pixels{', a DKIM-Signature' * signed}"
         return f"{plain} links as sent"
 
     def compare(self) -> None:
@@ -541,7 +545,7 @@ class Bench:
             print(f"  {label:<16} {median_of(latency[name]) * 1000:8.2f} ms   (runs: "
                   + ", ".join(f"{v * 1000:.2f}" for v in latency[name]) + ")")
         print(f"  fsync floor      {floor * 1000:8.2f} ms   (one file: write, fsync, rename, "
-              "fsync directory)")
+              f"fsync directory); load average {os.getloadavg()[0]:.2f} at the end")
         if a.recipients > 1:
             print(f"\na message is one injection with {a.recipients} recipients: the appliance "
                   f"delivers {a.recipients} copies of it, Postfix "

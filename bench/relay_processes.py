@@ -31,6 +31,8 @@ DEFAULT_MASTER_CF = "/etc/postfix/master.cf"
 # Marks the lines this bench adds to the default main.cf, so that only they are removed.
 MARKER = "# added by bench/relay_bench.py for its private instance; removed when it stops"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+IDLE_WAIT = "Condition.wait (threading.py"
 
 
 class Unavailable(Exception):
@@ -38,6 +40,9 @@ class Unavailable(Exception):
 
 
 def require_programs(*names: str) -> None:
+    # Debian installs postfix, smtp-source and smtp-sink in /usr/sbin, often not on a user's PATH.
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join(path + [d for d in SBIN if d not in path])
     missing = [name for name in names if shutil.which(name) is None]
     if missing:
         raise Unavailable(
@@ -255,10 +260,7 @@ def stop_profiled(name: str, proc: subprocess.Popen) -> None:
 def _short(path: str, repo: str) -> str:
     if path.startswith(repo + os.sep):
         return path[len(repo) + 1 :]
-    for marker in ("site-packages" + os.sep, "lib" + os.sep + "python3"):
-        if marker in path:
-            return path.split(marker, 1)[1]
-    return path
+    return re.sub(r".*/(site-packages|python3\.\d+)/", "", path)
 
 
 def top_entries(name: str, output: str, top: int, repo: str) -> str:
@@ -269,11 +271,15 @@ def top_entries(name: str, output: str, top: int, repo: str) -> str:
     if name == "py-spy":
         own: Counter[str] = Counter()
         below: Counter[str] = Counter()
-        total = 0
+        total = idle = 0
         with open(output) as f:
             for line in f:
                 stack, _, count = line.rstrip("\n").rpartition(" ")
                 frames = stack.split(";")
+                if frames[-1].startswith(IDLE_WAIT):
+                    # py-spy cannot always tell that a thread is idle: pool threads waiting for work.
+                    idle += int(count)
+                    continue
                 total += int(count)
                 own[frames[-1]] += int(count)
                 for frame in set(frames):
@@ -282,7 +288,8 @@ def top_entries(name: str, output: str, top: int, repo: str) -> str:
             function, _, where = frame.partition(" (")
             rows.append(f"  {samples / total:6.1%} {below[frame] / total:7.1%}   {function}"
                         f" ({_short(where.rstrip(')'), repo)})")
-        head = f"py-spy: {total} samples of every thread; own and inclusive share of the samples"
+        head = (f"py-spy: {total} samples of every thread ({idle} more of idle threads waiting in "
+                "threading.Condition.wait left out); own and inclusive share of the samples")
         return "\n".join([f"\n{head}", "     own   incl.   function", *rows])
     stats = pstats.Stats(output)
     entries = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)  # type: ignore[attr-defined]
