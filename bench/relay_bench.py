@@ -57,6 +57,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -235,9 +236,9 @@ def fsync_floor(directory: str, size: int, rounds: int = 50) -> float:
     return statistics.median(times)
 
 
-def _reply(stream: socket.SocketIO | object, expect: bytes) -> bytes:
+def _reply(stream: BinaryIO, expect: bytes) -> bytes:
     while True:
-        line = stream.readline()  # type: ignore[attr-defined]
+        line = stream.readline()
         if not line:
             raise ConnectionError("the server closed the connection")
         if line[3:4] != b"-":

@@ -202,15 +202,17 @@ def run_source(command: list[str], timeout: float) -> float:
 
 def start(command: list[str], port: int, cwd: str, pythonpath: str) -> subprocess.Popen:
     """Start a server process and wait until it listens on ``port``; its errors if it does not."""
-    proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONPATH": pythonpath},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its output goes to a file: a pipe nobody reads during the run could fill and stop it.
+    output = os.path.join(cwd, f"{os.path.basename(command[0])}-{port}.out")
+    with open(output, "wb") as f:
+        proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONPATH": pythonpath},
+                                stdout=f, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, proc, 60)
     except RuntimeError:
         stop(proc)
-        raise RuntimeError(f"{' '.join(command)} did not start:\n"
-                           f"{proc.stderr.read().decode(errors='replace') if proc.stderr else ''}"
-                           ) from None
+        with open(output, errors="replace") as f:
+            raise RuntimeError(f"{' '.join(command)} did not start:\n{f.read()}") from None
     return proc
 
 
