@@ -48,6 +48,7 @@ import email
 import email.policy
 import math
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -343,6 +344,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profiler", choices=("py-spy", "cprofile"),
                         help="default: py-spy if on PATH, else cprofile")
     parser.add_argument("--top", type=int, default=25, help="profile entries printed (default 25)")
+    parser.add_argument("--profile-output", metavar="FILE",
+                        help="also keep the profile: py-spy's collapsed stacks or cProfile's stats")
     parser.add_argument("--write-message", metavar="FILE",
                         help="write the message that --size/--links describe to FILE and stop")
     args = parser.parse_args(argv)
@@ -569,6 +572,9 @@ class Bench:
               f"{a.messages / run.accepted:.0f} msgs/s")
         stop_profiled(name, app)
         print(top_entries(name, output, a.top, REPO))
+        if a.profile_output:
+            shutil.copyfile(output, a.profile_output)
+            print(f"\nprofile kept in {a.profile_output}")
 
 
 if __name__ == "__main__":
