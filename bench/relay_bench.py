@@ -17,6 +17,8 @@ appliance, Postfix and a bare Twisted ESMTP server that discards
   acceptance  msgs/s until smtp-source has its last 250 (the appliance delivers meanwhile)
   dot -> 250  one session with TCP_NODELAY: from the final "." to the 250, per message
 
+(smtp-source and smtp-sink are the same on both sides and their CPU is not counted)
+
 next to this machine's fsync floor (write a file, fsync it, rename it, fsync the
 directory), which bounds every durable 250 from below.
 
@@ -28,7 +30,9 @@ the length of the run (postfix -c DIR refuses any other). It stops with a
 message where one of these is missing. Everything listens on 127.0.0.1 and
 lives in a temporary directory that is removed at the end, Ctrl-C included.
 
-    python bench/relay_bench.py [--messages 1000] [--rounds 3] [--sessions 10]
+Run it with the project's Python (the twistd next to it starts the appliance):
+
+    .venv/bin/python bench/relay_bench.py [--messages 1000] [--rounds 3] [--sessions 10]
         [--recipients 1] [--size 6700 --links 80 | --message FILE] [--dkim]
 
 --profile runs the appliance alone (no root, no Postfix) under a sampling

@@ -420,11 +420,6 @@ class Postfix:
         with open(os.path.join(self.queue_directory, "pid", "master.pid")) as f:
             return int(f.read().strip())
 
-    def queue_is_empty(self) -> bool:
-        result = subprocess.run(["postqueue", "-c", self.config_directory, "-j"],
-                                capture_output=True, text=True, timeout=30)
-        return result.returncode == 0 and not result.stdout.strip()
-
     def stop(self) -> None:
         """Stop the master and every daemon, and take the line out of the default main.cf."""
         try:
