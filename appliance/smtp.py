@@ -22,15 +22,14 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import Service
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, protocol
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet import defer, protocol, ssl
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from appliance.config import ListenerConfig, SmtpConfig
-from appliance.tls import load_server_options
 
 if TYPE_CHECKING:
     from appliance.injection import Injector, Transaction
@@ -863,11 +862,12 @@ class _LimitedESMTP(InjectionESMTP):
 
 
 def listener_factory(listener: ListenerConfig, injector: Injector, hostname: str, smtp_config: SmtpConfig,
-                     limits: ConnectionLimits, checker: Any = None) -> protocol.Factory:
-    """The factory for one listener, wrapped in TLS from the first byte for ``tls = "implicit"``."""
-    tls = None
-    if listener.tls_certificate and listener.tls != "off":
-        tls = load_server_options(listener.tls_certificate, listener.tls_key)
+                     limits: ConnectionLimits, checker: Any = None,
+                     tls: ssl.CertificateOptions | None = None) -> protocol.Factory:
+    """
+    The factory for one listener, wrapped in TLS from the first byte for ``tls = "implicit"``.
+    ``tls``: the listener's certificate as the builder loaded it; ``None`` for no TLS.
+    """
     factory = InjectionFactory(
         listener, injector, hostname, smtp_config.timeout,
         command_timeout=smtp_config.command_timeout, data_timeout=smtp_config.data_timeout,
@@ -893,7 +893,7 @@ class SessionDrain(Service):
     name = "smtp-drain"
     stop_grace = 10.0
 
-    def __init__(self, sessions: ConnectionLimits, injector: Injector, clock: Any) -> None:
+    def __init__(self, sessions: ConnectionLimits, injector: Injector, clock: IReactorTime) -> None:
         self.sessions = sessions
         self.injector = injector
         self.clock = clock

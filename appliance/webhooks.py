@@ -41,7 +41,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +58,7 @@ from zope.interface import implementer
 
 from appliance.config import WebhookConfig
 from appliance.events import Event, encode_event
-from appliance.tls import load_trust_root
+from appliance.reactors import Reactor
 
 log = Logger()
 
@@ -363,8 +363,8 @@ def read_prefix(response: IResponse) -> defer.Deferred:
 class TrustFile:
     """HTTPS that trusts only the certificates of one PEM file (a private CA, a self-signed receiver)."""
 
-    def __init__(self, path: str) -> None:
-        self._trust = load_trust_root(path)
+    def __init__(self, trust: ssl.IOpenSSLTrustRoot) -> None:
+        self._trust = trust
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
@@ -392,11 +392,14 @@ class WebhookService(Service):
     and the file system calls that would block.
     """
 
-    def __init__(self, config: WebhookConfig, directory: str, clock: Any = None,
+    def __init__(self, config: WebhookConfig, directory: str, clock: Reactor,
                  agent: Any = None, run: Runner = threads.deferToThread,
-                 fsync_interval: float = 1.0, user_agent: bytes = b"engage-appliance") -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
+                 fsync_interval: float = 1.0, user_agent: bytes = b"engage-appliance",
+                 trust: ssl.IOpenSSLTrustRoot | None = None) -> None:
+        """``trust``: the roots of ``config.tls_ca_file``, as the builder loaded them."""
+        if config.tls_ca_file and trust is None and agent is None:
+            raise ValueError(f"{config.tls_ca_file} is set, but its trust roots were not given "
+                             "(appliance.build loads them)")
         self.config = config
         self.name = f"webhook:{config.name}"
         self.queue = QueueDirectory(directory)
@@ -405,7 +408,7 @@ class WebhookService(Service):
         self._pool: HTTPConnectionPool | None = None
         if agent is None:
             self._pool = HTTPConnectionPool(clock, persistent=False)
-            tls = {"contextFactory": TrustFile(config.tls_ca_file)} if config.tls_ca_file else {}
+            tls = {"contextFactory": TrustFile(trust)} if trust is not None else {}
             agent = Agent(clock, connectTimeout=config.timeout, pool=self._pool, **tls)
         self._agent = agent
         self._run = run
@@ -747,12 +750,15 @@ class Webhooks(MultiService):
 
     name = "webhooks"
 
-    def __init__(self, configs: tuple[WebhookConfig, ...], root: str, **kwargs: Any) -> None:
+    def __init__(self, configs: tuple[WebhookConfig, ...], root: str,
+                 trust: Mapping[str, ssl.IOpenSSLTrustRoot] | None = None, **kwargs: Any) -> None:
+        """``trust``: each webhook's ``tls_ca_file`` roots, by webhook name."""
         super().__init__()
         self.root = root
         self.webhooks: list[WebhookService] = []
         for config in configs:
-            svc = WebhookService(config, os.path.join(root, config.name), **kwargs)
+            svc = WebhookService(config, os.path.join(root, config.name),
+                                 trust=(trust or {}).get(config.name), **kwargs)
             svc.setServiceParent(self)
             self.webhooks.append(svc)
 

@@ -18,6 +18,7 @@ from appliance.config import DeliveryConfig, Route
 from appliance.delivery import DeliveryService, Router, message_from_spool
 from appliance.events import EventLog
 from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, run_synchronously
+from appliance.tls import load_trust_root
 from tests.fakes import FakeResolver, self_signed
 from tests.helpers import deferred_sleep, free_port, wait_until
 from tests.sink import SinkFactory
@@ -58,10 +59,11 @@ class DeliveryCase(unittest.TestCase):
 
     def start(self, mx_port: int = 25, **config: Any) -> DeliveryService:
         self.config = DeliveryConfig(**config)
+        trust = load_trust_root(self.config.tls_ca_file) if self.config.tls_ca_file else None
         self.service = DeliveryService(self.config, self.spool, self.events, message_from_spool(self.spool),
                                        Router(self.config), "client.test", reactor=reactor,
                                        clock=self.clock, resolver=self.resolver, rng=random.Random(0),
-                                       mx_port=mx_port)
+                                       mx_port=mx_port, trust=trust)
         self.service.startService()
         return self.service
 
@@ -649,7 +651,7 @@ class ResolverTests(DeliveryCase):
                                 interface="127.0.0.1")
         self.addCleanup(udp.stopListening)
         config = DeliveryConfig(dns_servers=(("127.0.0.1", udp.getHost().port),), address_preference="ipv6")
-        finder = HopFinder(config, rng=random.Random(0))
+        finder = HopFinder(config, rng=random.Random(0), reactor=reactor)
         hops = yield finder.hops(Destination("example.com", "example.com"))
         self.assertEqual(hops, [Hop("mx.example.com", "::1")])
         self.assertIn(("example.com", dns.MX), answers.queries)

@@ -223,7 +223,7 @@ class TrackerHTTPTests(unittest.TestCase):
                                now=lambda: self.now)
         self.events.startService()
         self.addCleanup(self.events.stopService)
-        site = make_site(CODEC, self.events, self.trusted, now=lambda: self.now)
+        site = make_site(CODEC, self.events, self.trusted, now=lambda: self.now, reactor=reactor)
         self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(self.listening.stopListening)
         self.port = self.listening.getHost().port
@@ -492,7 +492,7 @@ class IPv6Tests(unittest.TestCase):
         self.addCleanup(self.events.stopService)
 
     def listen(self, trusted: tuple[Any, ...]) -> int:
-        site = make_site(CODEC, self.events, trusted, now=lambda: NOW)
+        site = make_site(CODEC, self.events, trusted, now=lambda: NOW, reactor=reactor)
         try:
             port = reactor.listenTCP(0, site, interface="::1")
         except Exception as e:  # pragma: no cover - hosts without IPv6
