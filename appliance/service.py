@@ -129,7 +129,7 @@ class Appliance(MultiService):
         for listener in config.smtp.listeners:
             factory = listener_factory(listener, self.injector, config.node.hostname, config.smtp,
                                        self.smtp_limits, self.users,
-                                       tls=parts.listener_tls.get(listener.name))
+                                       tls=parts.listener_tls.get(listener.name), clock=reactor)
             self.smtp_factories[listener.name] = factory
             svc = strports.service(listener.endpoint, factory, reactor=reactor)
             svc.setName(f"smtp:{listener.name}")

@@ -812,7 +812,8 @@ class InjectionFactory(protocol.ServerFactory):
     def __init__(self, listener: ListenerConfig, injector: Injector, hostname: str,
                  timeout: float, *, command_timeout: float = 60.0, data_timeout: float = 1800.0,
                  limits: ConnectionLimits | None = None, tls: Any = None,
-                 checker: Any = None) -> None:
+                 checker: Any = None, clock: IReactorTime) -> None:
+        """``clock`` runs the sessions' timeouts."""
         self.listener = listener
         self.injector = injector
         self.hostname = hostname
@@ -822,6 +823,7 @@ class InjectionFactory(protocol.ServerFactory):
         self.limits = limits
         self.tls = tls
         self.checker = checker
+        self.clock = clock
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
         host = self.hostname.encode("idna")
@@ -834,6 +836,7 @@ class InjectionFactory(protocol.ServerFactory):
                 return _Refuse(host, refusal)
         p = _LimitedESMTP(self.listener, self.injector, self.tls, self.checker)
         p.factory = self
+        p.callLater = self.clock.callLater
         p.host = host
         p.timeout = self.timeout
         p.command_timeout = self.command_timeout
@@ -863,7 +866,7 @@ class _LimitedESMTP(InjectionESMTP):
 
 def listener_factory(listener: ListenerConfig, injector: Injector, hostname: str, smtp_config: SmtpConfig,
                      limits: ConnectionLimits, checker: Any = None,
-                     tls: ssl.CertificateOptions | None = None) -> protocol.Factory:
+                     tls: ssl.CertificateOptions | None = None, *, clock: IReactorTime) -> protocol.Factory:
     """
     The factory for one listener, wrapped in TLS from the first byte for ``tls = "implicit"``.
     ``tls``: the listener's certificate as the builder loaded it; ``None`` for no TLS.
@@ -871,10 +874,10 @@ def listener_factory(listener: ListenerConfig, injector: Injector, hostname: str
     factory = InjectionFactory(
         listener, injector, hostname, smtp_config.timeout,
         command_timeout=smtp_config.command_timeout, data_timeout=smtp_config.data_timeout,
-        limits=limits, tls=tls, checker=checker,
+        limits=limits, tls=tls, checker=checker, clock=clock,
     )
     if listener.tls == "implicit" and tls is not None and not listener.endpoint.startswith("ssl:"):
-        return TLSMemoryBIOFactory(tls, False, factory)
+        return TLSMemoryBIOFactory(tls, False, factory, clock)
     return factory
 
 

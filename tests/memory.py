@@ -12,6 +12,7 @@ other (as Synapse's ``HomeserverTestCase`` does for a homeserver).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import protocol
@@ -64,7 +65,7 @@ class SmtpConversation:
         self.appliance.settle()
 
     def replies(self) -> list[tuple[int, list[bytes]]]:
-        """Every whole reply received since the last call: (code, text of each line)."""
+        """Every whole reply received since the last call: (code, each of its lines whole)."""
         out: list[tuple[int, list[bytes]]] = []
         lines: list[bytes] = []
         data = self.client.received
@@ -74,7 +75,7 @@ class SmtpConversation:
                 return out
             line = data[self._read:end]
             self._read = end + 2
-            lines.append(line[4:])
+            lines.append(line)
             if line[3:4] != b"-":
                 out.append((int(line[:3]), lines))
                 lines = []
@@ -86,8 +87,9 @@ class SmtpConversation:
             raise AssertionError(f"expected one reply, got {got!r}")
         return got[0]
 
-    def command(self, data: bytes) -> tuple[int, list[bytes]]:
-        self.send(data)
+    def command(self, line: bytes) -> tuple[int, list[bytes]]:
+        """Send one command line (CRLF added, as ``RawClient`` does) and return its reply."""
+        self.send(line + b"\r\n")
         return self.reply()
 
     @property
@@ -247,6 +249,11 @@ class MemoryAppliance:
 
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.config)
+
+    def spooled(self) -> list[str]:
+        """What the spool holds, accepted or being received."""
+        spool = self.config.spool.directory
+        return os.listdir(os.path.join(spool, "active")) + os.listdir(os.path.join(spool, "incoming"))
 
 
 def _unchunk(body: bytes) -> bytes:

@@ -99,9 +99,9 @@ class EndToEndTests(SynchronousTestCase):
         def attempt(rcpt: str) -> tuple[int, bytes]:
             client = self.running.smtp()
             client.replies()
-            self.assertEqual(client.command(b"EHLO client.test\r\n")[0], 250)
-            self.assertEqual(client.command(b"MAIL FROM:<sender@example.net>\r\n")[0], 250)
-            code, lines = client.command(f"RCPT TO:<{rcpt}>\r\n".encode())
+            self.assertEqual(client.command(b"EHLO client.test")[0], 250)
+            self.assertEqual(client.command(b"MAIL FROM:<sender@example.net>")[0], 250)
+            code, lines = client.command(f"RCPT TO:<{rcpt}>".encode())
             client.close()
             return code, b"\n".join(lines)
 
@@ -145,9 +145,9 @@ class RelayTests(SynchronousTestCase):
     def test_relay_denied(self) -> None:
         client = self.running.smtp()
         client.replies()
-        client.command(b"EHLO client.test\r\n")
-        client.command(b"MAIL FROM:<sender@example.net>\r\n")
-        code, lines = client.command(b"RCPT TO:<a@example.test>\r\n")
+        client.command(b"EHLO client.test")
+        client.command(b"MAIL FROM:<sender@example.net>")
+        code, lines = client.command(b"RCPT TO:<a@example.test>")
         text = b"\n".join(lines)
         self.assertEqual(code, 554)
         self.assertIn(b"5.7.1", text)
