@@ -149,7 +149,9 @@ class MemoryAppliance:
         self.settle()
 
     def stop(self) -> None:
-        """Stop every part; the stop must finish without time passing beyond what is due."""
+        """Stop every part (once); the stop must finish without time passing beyond what is due."""
+        if not self.appliance.running:
+            return
         d = self.appliance.stopService()
         self.settle()
         if not d.called:

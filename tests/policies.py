@@ -47,17 +47,13 @@ def broken(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
 deciding: list[str] = []  # transmission ids the slow hooks were asked about
 
 
-def _accept_after(seconds: float) -> Any:
-    def hook(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
-             headers: Message, context: dict[str, str]) -> defer.Deferred:
-        deciding.append(envelope.transmission_id)
-        d: defer.Deferred = defer.Deferred()
-        reactor.callLater(seconds, d.callback, None)
-        return d
-
-    return hook
+held: list[defer.Deferred] = []  # the decisions of ``hold``, for the test to make
 
 
-# Accept after a while, so a test can stop the appliance in the middle of a decision.
-slow = _accept_after(0.5)
-slower = _accept_after(1.0)
+def hold(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
+         headers: Message, context: dict[str, str]) -> defer.Deferred:
+    """Decides when the test fires its Deferred in ``held`` (no clock: for memory-reactor tests)."""
+    deciding.append(envelope.transmission_id)
+    d: defer.Deferred = defer.Deferred()
+    held.append(d)
+    return d
