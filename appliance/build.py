@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import ssl
@@ -34,6 +34,15 @@ log = Logger()
 Problems = list[tuple[str, str]]
 
 
+def read_secret(path: str) -> str:
+    """A secret kept in a file of its own (a password), without its line end."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().rstrip("\r\n")
+    except (OSError, UnicodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
 @dataclass(frozen=True)
 class Loaders:
     """How each kind of file is read; every one raises with a reason an operator can act on."""
@@ -44,11 +53,12 @@ class Loaders:
     users: Callable[[str], UsersTable] = load_users
     keyring: Callable[[str, bool], Keyring] = prepare_keyring
     hook: Callable[[str, Sequence[str]], Hook | None] = load_hook
+    secret: Callable[[str], str] = read_secret
 
 
 @dataclass(frozen=True)
 class Parts:
-    """The configuration and everything read from the files it names."""
+    """The configuration (its secrets filled in) and everything read from the files it names."""
 
     config: Config
     keyring: Keyring
@@ -67,6 +77,12 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
     module runs when imported) are only prepared when everything else is right.
     """
     problems = list(problems or [])
+    delivery = config.delivery
+    if delivery.smarthost_password_file:
+        password = _load(problems, "delivery.smarthost_password_file", loaders.secret,
+                         delivery.smarthost_password_file)
+        if password is not None:
+            config = replace(config, delivery=replace(delivery, smarthost_password=password))
     listener_tls = _listener_tls(config, problems, loaders)
     delivery_trust = None
     ca = config.delivery.tls_ca_file

@@ -478,7 +478,8 @@ class DeliveryConfig:
     routes: dict[str, Route] = field(default_factory=dict)
     smarthost: Route | None = None
     smarthost_username: str = ""
-    smarthost_password: str = field(default="", repr=False)  # read from smarthost_password_file
+    smarthost_password: str = field(default="", repr=False)  # the builder reads it from the file
+    smarthost_password_file: str = ""
     helo_name: str = ""
     tls: str = "opportunistic"
     tls_verify: bool = False
@@ -536,13 +537,6 @@ def _read_delivery(t: Table) -> DeliveryConfig:
     username = t.str("smarthost_username", d.smarthost_username)
     password_file = t.str("smarthost_password_file", "")
     password_file = os.path.abspath(password_file) if password_file else ""
-    password = ""
-    if password_file:
-        try:
-            with open(password_file, encoding="utf-8") as f:
-                password = f.read().rstrip("\r\n")
-        except (OSError, UnicodeError) as e:
-            t.error("smarthost_password_file", f"cannot read {password_file}: {e}")
     if bool(username) != bool(password_file):
         t.error("smarthost_username" if password_file else "smarthost_password_file",
                 "smarthost AUTH needs both smarthost_username and smarthost_password_file")
@@ -554,7 +548,7 @@ def _read_delivery(t: Table) -> DeliveryConfig:
         routes=routes,
         smarthost=smarthost,
         smarthost_username=username,
-        smarthost_password=password,
+        smarthost_password_file=password_file,
         helo_name=t.str("helo_name", d.helo_name),
         tls=t.choice("tls", d.tls, ("opportunistic", "required", "none")),
         tls_verify=t.bool("tls_verify", d.tls_verify),

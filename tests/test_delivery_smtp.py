@@ -32,11 +32,18 @@ class Dialling:
     def __init__(self, real: Any) -> None:
         self._real = real
         self.dialled: list[tuple[str, int]] = []
+        self.connectors: list[Any] = []
 
     def connectTCP(self, host: str, port: int, factory: Any, timeout: float = 30,
                    bindAddress: Any = None) -> Any:
         self.dialled.append((host, port))
-        return self._real.connectTCP(host, port, factory, timeout, bindAddress)
+        connector = self._real.connectTCP(host, port, factory, timeout, bindAddress)
+        self.connectors.append(connector)
+        return connector
+
+    def hung_up(self) -> bool:
+        """Every connection dialled has ended on delivery's side too."""
+        return all(c.state == "disconnected" for c in self.connectors)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -118,10 +125,12 @@ class DeliveryCase(unittest.TestCase):
     @defer.inlineCallbacks
     def finished(self, sink: SinkFactory) -> Any:
         """
-        Wait until the sink has read all it was sent (its connections closed), then run what
-        is due now: a connection delivery would make next is dialled by then, or never.
+        Wait until the sink has read all it was sent and both ends of every connection have
+        closed, then run what is due now: a connection delivery would make next is dialled
+        by then, or never.
         """
-        yield wait_until(lambda: sink.connections > 0 and sink.closed == sink.connections)
+        yield wait_until(lambda: sink.connections > 0 and sink.closed == sink.connections
+                         and self.dialler.hung_up())
         self.clock.advance(0)
 
     def active(self) -> list[str]:
@@ -169,6 +178,7 @@ class OutcomeTests(DeliveryCase):
         self.assertEqual(delay["reason"], delay["raw_reason"])
         self.assertEqual(sink.messages, [])
         self.assertEqual(self.active(), [queued.envelope.transmission_id])
+        yield self.finished(sink)  # the first connection is over: the retry needs a new one
         self.clock.advance(299)
         self.assertEqual(len(self.written), 1)  # not before its five minutes:
         self.assertEqual(len(self.dialler.dialled), 1)  # no second connection was even dialled
