@@ -176,5 +176,6 @@ def _signer(config: Config, problems: Problems, loaders: Loaders) -> Signer | No
         if weak:
             log.warn("DKIM key {path}: {weak}", path=c.key_file, weak=weak)
         keys.append(SigningKey(c.domain, c.selector, key, c.headers))
-    return Signer(keys) if keys else None
+    # With problems the build fails anyway, and a key's table may be among them.
+    return Signer(keys) if keys and not problems else None
 

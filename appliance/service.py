@@ -125,12 +125,10 @@ class Appliance(MultiService):
         self.users = None
         if config.smtp.users_file:
             self.users = UsersFileChecker(config.smtp.users_file, run, parts.users)
-        self.smtp_factories = {}
         for listener in config.smtp.listeners:
             factory = listener_factory(listener, self.injector, config.node.hostname, config.smtp,
                                        self.smtp_limits, self.users,
                                        tls=parts.listener_tls.get(listener.name), clock=reactor)
-            self.smtp_factories[listener.name] = factory
             svc = strports.service(listener.endpoint, factory, reactor=reactor)
             svc.setName(f"smtp:{listener.name}")
             svc.setServiceParent(self)
