@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from appliance.dkim import DEFAULT_HEADERS
 from appliance.eventtypes import EVENT_TYPES
+from appliance.headers import is_field_name
 
 DEFAULT_CONFIG_PATH = "etc/appliance.toml"
 
@@ -374,19 +376,10 @@ def _optional_path(t: Table, name: str, default: str) -> str:
 
 
 def _check_tls_pair(t: Table, certificate: str, key: str) -> bool:
-    """Both or neither, and loadable as a matching pair; errors name the key of ``t``."""
+    """Both or neither; errors name the key of ``t``. The builder loads the pair."""
     if bool(certificate) != bool(key):
         t.error("tls_key" if certificate else "tls_certificate",
                 "tls_certificate and tls_key must be set together")
-        return False
-    if not certificate:
-        return True
-    from appliance.tls import load_server_options
-
-    try:
-        load_server_options(certificate, key)
-    except ValueError as e:
-        t.error("tls_certificate", str(e))
         return False
     return True
 
@@ -406,13 +399,6 @@ def _read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
     key = _optional_path(t, "tls_key", "")
     _check_tls_pair(t, certificate, key)
     users_file = _optional_path(t, "users_file", "")
-    if users_file:
-        from appliance.users import read_users
-
-        try:
-            read_users(users_file)
-        except ValueError as e:
-            t.error("users_file", str(e))
     for name, value in (("timeout", timeout), ("command_timeout", command_timeout),
                         ("data_timeout", data_timeout)):
         if t.has(name) and value <= 0:
@@ -494,7 +480,8 @@ class DeliveryConfig:
     routes: dict[str, Route] = field(default_factory=dict)
     smarthost: Route | None = None
     smarthost_username: str = ""
-    smarthost_password: str = field(default="", repr=False)  # read from smarthost_password_file
+    smarthost_password: str = field(default="", repr=False)  # the builder reads it from the file
+    smarthost_password_file: str = ""
     helo_name: str = ""
     tls: str = "opportunistic"
     tls_verify: bool = False
@@ -552,13 +539,6 @@ def _read_delivery(t: Table) -> DeliveryConfig:
     username = t.str("smarthost_username", d.smarthost_username)
     password_file = t.str("smarthost_password_file", "")
     password_file = os.path.abspath(password_file) if password_file else ""
-    password = ""
-    if password_file:
-        try:
-            with open(password_file, encoding="utf-8") as f:
-                password = f.read().rstrip("\r\n")
-        except (OSError, UnicodeError) as e:
-            t.error("smarthost_password_file", f"cannot read {password_file}: {e}")
     if bool(username) != bool(password_file):
         t.error("smarthost_username" if password_file else "smarthost_password_file",
                 "smarthost AUTH needs both smarthost_username and smarthost_password_file")
@@ -566,21 +546,11 @@ def _read_delivery(t: Table) -> DeliveryConfig:
         t.error("smarthost_username", "set, but there is no smarthost")
     tls_ca_file = t.str("tls_ca_file", "")
     tls_ca_file = os.path.abspath(tls_ca_file) if tls_ca_file else ""
-    ca_problem = ""
-    if tls_ca_file and not os.path.isfile(tls_ca_file):
-        ca_problem = f"no such file: {tls_ca_file}"
-    elif tls_ca_file:
-        from appliance.tls import load_trust_root
-
-        try:
-            load_trust_root(tls_ca_file)
-        except ValueError as e:
-            ca_problem = str(e)
     c = DeliveryConfig(
         routes=routes,
         smarthost=smarthost,
         smarthost_username=username,
-        smarthost_password=password,
+        smarthost_password_file=password_file,
         helo_name=t.str("helo_name", d.helo_name),
         tls=t.choice("tls", d.tls, ("opportunistic", "required", "none")),
         tls_verify=t.bool("tls_verify", d.tls_verify),
@@ -611,9 +581,7 @@ def _read_delivery(t: Table) -> DeliveryConfig:
     if c.smarthost_username and c.tls == "none":
         t.error("smarthost_username", 'credentials are only sent over TLS, and tls = "none"; '
                                       'use "opportunistic" or "required"')
-    if ca_problem:
-        t.error("tls_ca_file", ca_problem)
-    elif c.tls_ca_file and not (c.tls_verify or c.smarthost_username):
+    if c.tls_ca_file and not (c.tls_verify or c.smarthost_username):
         # Smarthost credentials go only to a server whose certificate is checked; nothing
         # else reads the file, and a setting that seems to protect but does not is a trap.
         t.error("tls_ca_file", "set, but tls_verify is false and there is no smarthost_username, "
@@ -714,6 +682,7 @@ class WebhookConfig:
     retry_initial: float = 30.0
     retry_max: float = 1800.0
     retry_lifetime: float = 4 * 3600.0
+    where: str = field(default="", compare=False)  # its key path, "webhooks[i]", for errors
 
 
 _WEBHOOK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -766,19 +735,13 @@ def _read_webhook(t: Table) -> WebhookConfig | None:
     if any(not (32 <= ord(c) < 127) for c in token):
         t.error("auth_token", "must be printable ASCII (it is sent as an HTTP header)")
     tls_ca_file = _optional_path(t, "tls_ca_file", "")
-    if tls_ca_file:
-        from appliance.tls import load_trust_root
-
-        try:
-            load_trust_root(tls_ca_file)
-        except ValueError as e:
-            t.error("tls_ca_file", str(e))
-        if target and not target.lower().startswith("https:"):
-            t.error("tls_ca_file", "set, but the target is not an https:// URL")
+    if tls_ca_file and target and not target.lower().startswith("https:"):
+        t.error("tls_ca_file", "set, but the target is not an https:// URL")
     name = t.str("name", "", allow_empty=False)
     if name and not _WEBHOOK_NAME_RE.fullmatch(name):
         t.error("name", f"expected letters, digits, '.', '_' or '-' (at most 64), got {_show(name)}")
     c = WebhookConfig(
+        where=t.path,
         name=name or (_default_webhook_name(target) if target else ""),
         target=target,
         events=frozenset(events),
@@ -836,6 +799,7 @@ class DkimKeyConfig:
     selector: str
     key_file: str
     headers: tuple[str, ...]
+    where: str = field(default="", compare=False)  # its key path, "dkim" or "dkim[i]", for errors
 
 
 _DOMAIN_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
@@ -843,10 +807,8 @@ _SELECTOR_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
 _SELECTOR_RE = re.compile(rf"{_SELECTOR_LABEL}(\.{_SELECTOR_LABEL})*")
 
 
-def _read_dkim_key(t: Table) -> DkimKeyConfig | None:
-    from appliance.dkim import DEFAULT_HEADERS, DkimError, load_private_key
-    from appliance.headers import is_field_name
-
+def _read_dkim_key(t: Table) -> tuple[DkimKeyConfig, bool]:
+    """The key's table, and whether it is right; a wrong one is kept for the builder to check its file."""
     domain = t.str("domain", "", allow_empty=False).lower().rstrip(".")
     selector = t.str("selector", "", allow_empty=False)
     key_file = _optional_path(t, "key_file", "")
@@ -872,14 +834,8 @@ def _read_dkim_key(t: Table) -> DkimKeyConfig | None:
     elif len(set(headers)) != len(headers):
         t.error("headers", "lists a field twice (every instance of a field is signed anyway)")
         ok = False
-    if key_file:
-        try:
-            load_private_key(key_file)
-        except DkimError as e:
-            t.error("key_file", str(e))
-            ok = False
     t.finish()
-    return DkimKeyConfig(domain, selector, key_file, headers) if ok else None
+    return DkimKeyConfig(domain, selector, key_file, headers, t.path), ok
 
 
 def _read_dkim(top: Table) -> tuple[DkimKeyConfig, ...]:
@@ -896,16 +852,19 @@ def _read_dkim(top: Table) -> tuple[DkimKeyConfig, ...]:
         top.error("dkim", f"expected a table or an array of tables, got {_describe(data)}")
         return ()
     keys: list[DkimKeyConfig] = []
+    unchecked: list[DkimKeyConfig] = []
     for path, item in entries:
         t = Table(item, path, top.problems)
-        key = _read_dkim_key(t)
-        if key is None:
+        key, ok = _read_dkim_key(t)
+        if not ok:
+            if key.key_file:
+                unchecked.append(key)  # only a Config with problems holds it: never used to sign
             continue
         if any((k.domain, k.selector) == (key.domain, key.selector) for k in keys):
             t.error("selector", f"{key.selector}._domainkey.{key.domain} has a key already")
             continue
         keys.append(key)
-    return tuple(keys)
+    return tuple(keys + unchecked)
 
 
 @dataclass(frozen=True)
@@ -927,6 +886,19 @@ class Config:
 
 def parse_config(data: dict[str, Any], source: str = "") -> Config:
     """Build a ``Config`` from parsed TOML, or raise one ``ConfigError`` listing every problem."""
+    config, problems = read_config(data, source)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def read_config(data: dict[str, Any], source: str = "") -> tuple[Config, list[tuple[str, str]]]:
+    """
+    A ``Config`` from parsed TOML and the problems found in it (key path, message).
+
+    The ``Config`` is returned even with problems, so the builder can add those
+    of the files it names and an operator hears of every mistake at once.
+    """
     problems: list[tuple[str, str]] = []
     top = Table(data, "", problems)
     smtpapi = _read_smtpapi(top.table("smtpapi"), SmtpapiConfig())
@@ -948,18 +920,20 @@ def parse_config(data: dict[str, Any], source: str = "") -> Config:
     for name in top.data:
         if name not in top.known:
             problems.append((name, "unknown table"))
-    if problems:
-        raise ConfigError(problems, source)
-    return config
+    return config, problems
 
 
-def load_config(path: str) -> Config:
-    """Read and validate a TOML file; every failure is a ``ConfigError``."""
+def read_toml(path: str) -> dict[str, Any]:
+    """The parsed TOML file; a file that cannot be read or parsed is a ``ConfigError``."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise ConfigError([("", f"cannot read {path}: {e.strerror}")], path) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([("", f"not valid TOML: {e}")], path) from None
-    return parse_config(data, path)
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a TOML file's shape and values; every failure is a ``ConfigError``."""
+    return parse_config(read_toml(path), path)

@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import task
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 
 log = Logger()
@@ -71,8 +72,10 @@ class EventLog(Service):
     Appends events to the JSON-lines file and wakes its followers.
 
     The file is opened unbuffered in append mode so each event is one
-    ``write(2)``; it is fsynced about once a second and at stop. SIGHUP
-    reopens it, for logrotate's ``postrotate``.
+    ``write(2)``; it is fsynced about once a second (on ``clock``) and at stop.
+    Given ``sighup``, the reactor the appliance runs on, SIGHUP reopens the file
+    for logrotate's ``postrotate``: the handler only asks that reactor's thread
+    to do it, since a signal can interrupt a write half done.
     """
 
     name = "events"
@@ -83,8 +86,10 @@ class EventLog(Service):
         node_name: str,
         customer_id: str = "1",
         fsync_interval: float = 1.0,
-        clock: Any = None,
+        *,
+        clock: IReactorTime,
         now: Callable[[], float] = time.time,
+        sighup: IReactorFromThreads | None = None,
     ) -> None:
         self.path = path
         self.node_name = node_name
@@ -93,6 +98,8 @@ class EventLog(Service):
         self._now = now
         self._fsync_interval = fsync_interval
         self._clock = clock
+        self._sighup = sighup
+        self._previous_handler: Any = None
         self._file: Any = None
         self._dirty = False
         self._syncer: task.LoopingCall | None = None
@@ -112,18 +119,20 @@ class EventLog(Service):
         self.open()
         if self._fsync_interval > 0:
             self._syncer = task.LoopingCall(self.sync)
-            if self._clock is not None:
-                self._syncer.clock = self._clock
+            self._syncer.clock = self._clock
             self._syncer.start(self._fsync_interval, now=False)
-        if self._clock is None and hasattr(signal, "SIGHUP"):
-            from twisted.internet import reactor
-
-            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reopen))
+        reactor = self._sighup
+        if reactor is not None and hasattr(signal, "SIGHUP"):
+            self._previous_handler = signal.signal(
+                signal.SIGHUP, lambda *_: reactor.callFromThread(self.reopen))
         super().startService()
 
     def stopService(self) -> None:
         if self._syncer is not None and self._syncer.running:
             self._syncer.stop()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)
+            self._previous_handler = None
         self.close()
         return super().stopService()
 

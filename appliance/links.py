@@ -33,6 +33,8 @@ from hashlib import sha256
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
+from twisted.logger import Logger
+
 from appliance.files import write_atomically
 
 TAG_BYTES = 16
@@ -302,8 +304,6 @@ def prepare_keyring(path: str, create: bool) -> Keyring:
     """The keyring at ``path``; a missing file is created with a new key when ``create``."""
     if create and not os.path.exists(path):
         write_keyring(path, new_keyring())
-        from twisted.logger import Logger
-
         Logger().warn("created a new link signing key file {path}; copy it to every node "
                       "that serves these links", path=path)
     return read_keyring(path)

@@ -1,5 +1,6 @@
 """
-Where the parts meet: builds the appliance's service tree from a ``Config``.
+Where the parts meet: builds the appliance's service tree from the ``Parts``
+that ``appliance.build`` made of a ``Config``, on the reactor it is given.
 
 Start order matters and is the order of ``addService`` below: the webhooks
 recover their queues first (they hear of every event written), the event log
@@ -23,35 +24,21 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from appliance.config import Config
+from appliance.build import Parts
 from appliance.delivery import DeliveryService, Router
 from appliance.delivery.copies import CopyMaker
-from appliance.dkim import Signer, SigningKey, load_private_key, weakness
 from appliance.events import EventLog
 from appliance.injection import Injector
-from appliance.links import Keyring, LinkCodec, prepare_keyring
-from appliance.policy import Hook, Policy, load_hook
+from appliance.links import LinkCodec
+from appliance.policy import Policy
+from appliance.reactors import Reactor, Runner, thread_runner
 from appliance.smtp import ConnectionLimits, SessionDrain, listener_factory
-from appliance.spool import Runner, Spool
+from appliance.spool import Spool
 from appliance.tracker import make_site
 from appliance.users import UsersFileChecker
 from appliance.webhooks import Webhooks
 
 log = Logger()
-
-
-def dkim_signer(config: Config) -> Signer | None:
-    """The DKIM signer of the configured keys, or ``None`` when no key is configured."""
-    if not config.dkim:
-        return None
-    keys = []
-    for c in config.dkim:
-        key = load_private_key(c.key_file)
-        weak = weakness(key)
-        if weak:
-            log.warn("DKIM key {path}: {weak}", path=c.key_file, weak=weak)
-        keys.append(SigningKey(c.domain, c.selector, key, c.headers))
-    return Signer(keys)
 
 
 class SpoolService(Service):
@@ -80,35 +67,37 @@ class Appliance(MultiService):
             except Exception:
                 log.failure("stopping {name} failed", name=child.name)
 
-    def __init__(self, config: Config, reactor: Any = None, run: Runner | None = None,
-                 keyring: Keyring | None = None, resolver: Any = None,
-                 policy_hook: Hook | None = None) -> None:
+    def __init__(self, parts: Parts, reactor: Reactor, run: Runner | None = None,
+                 resolver: Any = None, handle_sighup: bool = True) -> None:
+        """
+        ``parts`` come from ``appliance.build``; ``reactor`` makes every timer, connection and
+        listener. ``run`` runs blocking file work (the reactor's thread pool unless given).
+        ``handle_sighup``: SIGHUP reopens the event log; off where the process is not ours
+        to signal (tests).
+        """
         super().__init__()
+        config = parts.config
         self.config = config
-        if keyring is None:
-            keyring = prepare_keyring(config.links.keys_file, config.links.create_keys_file)
-        if policy_hook is None:
-            policy_hook = load_hook(config.policy.hook, config.policy.path)
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.links = LinkCodec(keyring)
+        self.reactor = reactor
+        if run is None:
+            run = thread_runner(reactor)
+        self.links = LinkCodec(parts.keyring)
         self.events = EventLog(config.events.log_file, config.node.name,
                                customer_id=config.events.customer_id,
-                               fsync_interval=config.events.fsync_interval)
-        self.spool = Spool(config.spool.directory, **({"run": run} if run else {}))
+                               fsync_interval=config.events.fsync_interval, clock=reactor,
+                               sighup=reactor if handle_sighup else None)
+        self.spool = Spool(config.spool.directory, run=run)
         self.router = Router(config.delivery)
         # Each recipient's copy is made from the spooled text when delivery needs it;
         # the prepared form of a message is cached, so N copies cost one parse.
-        self.copies = CopyMaker(self.spool.read_message, self.links, signer=dkim_signer(config),
-                                **({"run": run} if run else {}))
+        self.copies = CopyMaker(self.spool.read_message, self.links, signer=parts.signer, run=run)
         self.delivery = DeliveryService(
             config.delivery, self.spool, self.events, self.copies,
             self.router, helo_name=config.delivery.helo_name or config.node.hostname,
             reactor=reactor, resolver=resolver, on_message_done=self.copies.forget,
+            trust=parts.delivery_trust,
         )
-        self.policy = Policy(policy_hook, config.policy.timeout, reactor,
+        self.policy = Policy(parts.policy_hook, config.policy.timeout, reactor,
                              config.engagement_tracker.max_metadata_len)
         self.injector = Injector(self.spool, self.events, self.router, self.delivery,
                                  hostname=config.node.hostname, policy=self.policy,
@@ -119,9 +108,9 @@ class Appliance(MultiService):
         # wants under the spool; batches are posted from there, so the event log never
         # waits for a receiver. A write to the log wakes the followers.
         self.webhooks = Webhooks(config.webhooks, os.path.join(config.spool.directory, "webhooks"),
-                                 config.events.log_file, clock=reactor,
-                                 fsync_interval=config.events.fsync_interval,
-                                 **({"run": run} if run else {}))
+                                 config.events.log_file, clock=reactor, run=run,
+                                 trust=parts.webhook_trust,
+                                 fsync_interval=config.events.fsync_interval)
         self.events.wake_on_write(self.webhooks.wake)
 
         self.webhooks.setServiceParent(self)
@@ -135,17 +124,19 @@ class Appliance(MultiService):
         # events and reply before delivery and the event log stop.
         self.smtp_drain = SessionDrain(self.smtp_limits, self.injector, reactor)
         self.smtp_drain.setServiceParent(self)
-        self.users = UsersFileChecker(config.smtp.users_file) if config.smtp.users_file else None
+        self.users = None
+        if config.smtp.users_file:
+            self.users = UsersFileChecker(config.smtp.users_file, run, parts.users)
         for listener in config.smtp.listeners:
             factory = listener_factory(listener, self.injector, config.node.hostname, config.smtp,
-                                       self.smtp_limits, self.users)
-            svc = strports.service(listener.endpoint, factory)
+                                       self.smtp_limits, self.users,
+                                       tls=parts.listener_tls.get(listener.name), clock=reactor)
+            svc = strports.service(listener.endpoint, factory, reactor=reactor)
             svc.setName(f"smtp:{listener.name}")
             svc.setServiceParent(self)
             self.smtp_listeners.append(svc)
-        self.tracker = strports.service(
-            config.tracker.endpoint,
-            make_site(self.links, self.events, config.tracker.trusted_proxies),
-        )
+        self.tracker_site = make_site(self.links, self.events, config.tracker.trusted_proxies,
+                                      reactor=reactor)
+        self.tracker = strports.service(config.tracker.endpoint, self.tracker_site, reactor=reactor)
         self.tracker.setName("tracker")
         self.tracker.setServiceParent(self)

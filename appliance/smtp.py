@@ -22,15 +22,14 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import Service
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, protocol
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet import defer, protocol, ssl
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from appliance.config import ListenerConfig, SmtpConfig
-from appliance.tls import load_server_options
 
 if TYPE_CHECKING:
     from appliance.injection import Injector, Transaction
@@ -813,7 +812,8 @@ class InjectionFactory(protocol.ServerFactory):
     def __init__(self, listener: ListenerConfig, injector: Injector, hostname: str,
                  timeout: float, *, command_timeout: float = 60.0, data_timeout: float = 1800.0,
                  limits: ConnectionLimits | None = None, tls: Any = None,
-                 checker: Any = None) -> None:
+                 checker: Any = None, clock: IReactorTime) -> None:
+        """``clock`` runs the sessions' timeouts."""
         self.listener = listener
         self.injector = injector
         self.hostname = hostname
@@ -823,6 +823,7 @@ class InjectionFactory(protocol.ServerFactory):
         self.limits = limits
         self.tls = tls
         self.checker = checker
+        self.clock = clock
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
         host = self.hostname.encode("idna")
@@ -835,6 +836,7 @@ class InjectionFactory(protocol.ServerFactory):
                 return _Refuse(host, refusal)
         p = _LimitedESMTP(self.listener, self.injector, self.tls, self.checker)
         p.factory = self
+        p.callLater = self.clock.callLater
         p.host = host
         p.timeout = self.timeout
         p.command_timeout = self.command_timeout
@@ -863,18 +865,19 @@ class _LimitedESMTP(InjectionESMTP):
 
 
 def listener_factory(listener: ListenerConfig, injector: Injector, hostname: str, smtp_config: SmtpConfig,
-                     limits: ConnectionLimits, checker: Any = None) -> protocol.Factory:
-    """The factory for one listener, wrapped in TLS from the first byte for ``tls = "implicit"``."""
-    tls = None
-    if listener.tls_certificate and listener.tls != "off":
-        tls = load_server_options(listener.tls_certificate, listener.tls_key)
+                     limits: ConnectionLimits, checker: Any = None,
+                     tls: ssl.CertificateOptions | None = None, *, clock: IReactorTime) -> protocol.Factory:
+    """
+    The factory for one listener, wrapped in TLS from the first byte for ``tls = "implicit"``.
+    ``tls``: the listener's certificate as the builder loaded it; ``None`` for no TLS.
+    """
     factory = InjectionFactory(
         listener, injector, hostname, smtp_config.timeout,
         command_timeout=smtp_config.command_timeout, data_timeout=smtp_config.data_timeout,
-        limits=limits, tls=tls, checker=checker,
+        limits=limits, tls=tls, checker=checker, clock=clock,
     )
     if listener.tls == "implicit" and tls is not None and not listener.endpoint.startswith("ssl:"):
-        return TLSMemoryBIOFactory(tls, False, factory)
+        return TLSMemoryBIOFactory(tls, False, factory, clock)
     return factory
 
 
@@ -893,7 +896,7 @@ class SessionDrain(Service):
     name = "smtp-drain"
     stop_grace = 10.0
 
-    def __init__(self, sessions: ConnectionLimits, injector: Injector, clock: Any) -> None:
+    def __init__(self, sessions: ConnectionLimits, injector: Injector, clock: IReactorTime) -> None:
         self.sessions = sessions
         self.injector = injector
         self.clock = clock

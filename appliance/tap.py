@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from twisted.python import usage
 
-from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from appliance.links import KeyFileError, Keyring, prepare_keyring
-from appliance.policy import Hook, PolicyError, load_hook
+from appliance.build import Parts, load
+from appliance.config import DEFAULT_CONFIG_PATH, ConfigError
 from appliance.service import Appliance
 
 
@@ -20,20 +19,19 @@ class Options(usage.Options):
         ["config", "c", DEFAULT_CONFIG_PATH, "Path of the TOML configuration file."],
     ]
 
-    config: Config
-    keyring: Keyring
-    policy_hook: Hook | None
+    parts: Parts
 
     def postOptions(self) -> None:
-        # Validate here, before twistd daemonizes, so a bad file fails the command itself.
+        # Check and load every file here, before twistd daemonizes, so a bad
+        # configuration or a missing key fails the command itself.
         try:
-            self.config = load_config(self["config"])
-            links = self.config.links
-            self.keyring = prepare_keyring(links.keys_file, links.create_keys_file)
-            self.policy_hook = load_hook(self.config.policy.hook, self.config.policy.path)
-        except (ConfigError, KeyFileError, PolicyError) as e:
+            self.parts = load(self["config"])
+        except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> Appliance:
-    return Appliance(options.config, keyring=options.keyring, policy_hook=options.policy_hook)
+    # The one place that picks the global reactor; everything below is handed it.
+    from twisted.internet import reactor
+
+    return Appliance(options.parts, reactor)

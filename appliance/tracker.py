@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import resource, server
 
@@ -297,7 +298,8 @@ class TrackerSite(server.Site):
 
 
 def make_site(codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Network] = (),
-              now: Callable[[], float] = time.time) -> TrackerSite:
-    site = TrackerSite(Root(Tracker(codec, events, trusted_proxies, now)))
+              now: Callable[[], float] = time.time, *, reactor: IReactorTime) -> TrackerSite:
+    """``reactor`` times out idle HTTP connections."""
+    site = TrackerSite(Root(Tracker(codec, events, trusted_proxies, now)), reactor=reactor)
     site.displayTracebacks = False
     return site

@@ -31,7 +31,7 @@ from typing import Any
 
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -115,14 +115,31 @@ def parse_users(text: str) -> dict[str, ScryptHash]:
 
 
 def read_users(path: str) -> dict[str, ScryptHash]:
+    return load_users(path).users
+
+
+Stamp = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class UsersTable:
+    """The users of one read of the file, and the file's identity then (to see it change)."""
+
+    stamp: Stamp
+    users: dict[str, ScryptHash]
+
+
+def load_users(path: str) -> UsersTable:
+    """Read and parse the users file; ``ValueError`` says what is wrong with it."""
     try:
         with open(path, encoding="utf-8") as f:
+            st = os.fstat(f.fileno())
             text = f.read()
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8") from None
-    return parse_users(text)
+    return UsersTable((st.st_ino, st.st_size, st.st_mtime_ns), parse_users(text))
 
 
 @implementer(ICredentialsChecker)
@@ -131,14 +148,25 @@ class UsersFileChecker:
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
-    def __init__(self, path: str, run: Callable[..., defer.Deferred] = threads.deferToThread) -> None:
+    def __init__(self, path: str, run: Callable[..., defer.Deferred],
+                 table: UsersTable | None = None) -> None:
+        """``run`` runs a scrypt check off the reactor thread; ``table`` is the file as read at start-up."""
         self.path = path
         self.run = run
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: Stamp | None = None
         self._users: dict[str, ScryptHash] = {}
         # Unknown names are checked against this, so a refusal takes as long either way.
         self._decoy = ScryptHash.parse(hash_password(secrets.token_bytes(8)))
-        self.reload()
+        if table is None:
+            self.reload()
+        else:
+            self._take(table)
+
+    def _take(self, table: UsersTable) -> None:
+        self._users = table.users
+        self._stamp = table.stamp
+        if self._users:
+            self._decoy = next(iter(self._users.values()))
 
     def reload(self) -> None:
         """Read the file if it changed since the last read."""
@@ -152,14 +180,12 @@ class UsersFileChecker:
         if stamp == self._stamp:
             return
         try:
-            self._users = read_users(self.path)
+            table = load_users(self.path)
         except ValueError as e:
             log.error("users file {path}: {e}; keeping {n} known user(s)",
                       path=self.path, e=str(e), n=len(self._users))
             return
-        self._stamp = stamp
-        if self._users:
-            self._decoy = next(iter(self._users.values()))
+        self._take(table)
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred:
         """Fires with the user name, or fails with ``UnauthorizedLogin``."""

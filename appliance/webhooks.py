@@ -48,13 +48,13 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, ssl, task, threads
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -68,8 +68,8 @@ from appliance.events import Event, encode_event
 from appliance.eventtypes import event_class
 from appliance.files import fsync_and_close, fsync_directory, fsync_path, write_synced
 from appliance.follower import Follower
+from appliance.reactors import Reactor
 from appliance.retry import RetrySchedule
-from appliance.tls import load_trust_root
 
 log = Logger()
 
@@ -339,8 +339,8 @@ def read_prefix(response: IResponse) -> defer.Deferred:
 class TrustFile:
     """HTTPS that trusts only the certificates of one PEM file (a private CA, a self-signed receiver)."""
 
-    def __init__(self, path: str) -> None:
-        self._trust = load_trust_root(path)
+    def __init__(self, trust: ssl.IOpenSSLTrustRoot) -> None:
+        self._trust = trust
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
@@ -369,11 +369,14 @@ class WebhookService(Service):
     and the file system calls that would block.
     """
 
-    def __init__(self, config: WebhookConfig, directory: str, clock: Any = None,
+    def __init__(self, config: WebhookConfig, directory: str, clock: Reactor,
                  agent: Any = None, run: Runner = threads.deferToThread,
-                 fsync_interval: float = 1.0, user_agent: bytes = b"engage-appliance") -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
+                 fsync_interval: float = 1.0, user_agent: bytes = b"engage-appliance",
+                 trust: ssl.IOpenSSLTrustRoot | None = None) -> None:
+        """``trust``: the roots of ``config.tls_ca_file``, as the builder loaded them."""
+        if config.tls_ca_file and trust is None and agent is None:
+            raise ValueError(f"{config.tls_ca_file} is set, but its trust roots were not given "
+                             "(appliance.build loads them)")
         self.config = config
         self.name = f"webhook:{config.name}"
         self.queue = QueueDirectory(directory)
@@ -383,7 +386,7 @@ class WebhookService(Service):
         self._pool: HTTPConnectionPool | None = None
         if agent is None:
             self._pool = HTTPConnectionPool(clock, persistent=False)
-            tls = {"contextFactory": TrustFile(config.tls_ca_file)} if config.tls_ca_file else {}
+            tls = {"contextFactory": TrustFile(trust)} if trust is not None else {}
             agent = Agent(clock, connectTimeout=config.timeout, pool=self._pool, **tls)
         self._agent = agent
         self._run = run
@@ -793,17 +796,16 @@ class Webhooks(MultiService):
     name = "webhooks"
 
     def __init__(self, configs: tuple[WebhookConfig, ...], root: str, log_path: str,
-                 clock: IReactorTime | None = None, run: Runner = threads.deferToThread,
-                 poll_interval: float = 1.0, **kwargs: Any) -> None:
+                 clock: Reactor, run: Runner = threads.deferToThread, poll_interval: float = 1.0,
+                 trust: Mapping[str, ssl.IOpenSSLTrustRoot] | None = None, **kwargs: Any) -> None:
+        """``trust``: each webhook's ``tls_ca_file`` roots, by webhook name."""
         super().__init__()
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.root = root
         self.webhooks: list[WebhookService] = []
         self.followers: list[Follower] = []
         for config in configs:
             svc = WebhookService(config, os.path.join(root, config.name), clock=clock, run=run,
-                                 **kwargs)
+                                 trust=(trust or {}).get(config.name), **kwargs)
             svc.setServiceParent(self)
             self.webhooks.append(svc)
         for svc in self.webhooks:

@@ -69,9 +69,9 @@ def serve(kind: str, port: int, directory: str) -> None:
             return b""
 
     if kind == "tracker":
-        events = EventLog(os.path.join(directory, "events.jsonl"), "bench")
+        events = EventLog(os.path.join(directory, "events.jsonl"), "bench", clock=reactor)
         events.startService()
-        site = make_site(LinkCodec(KEYRING), events)
+        site = make_site(LinkCodec(KEYRING), events, reactor=reactor)
     elif kind == "stock":
         from twisted.logger import globalLogBeginner, textFileLogObserver
         from twisted.web import server

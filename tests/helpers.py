@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor, threads
 
+from appliance.build import build
 from appliance.config import Config, parse_config
 from appliance.service import Appliance
 from tests.fakes import FakeResolver
@@ -84,7 +85,8 @@ class RunningAppliance:
         self.config = make_config(directory, **merge({"delivery": {"routes": routes}}, changes))
         # Never the real DNS in tests: a resolver that knows nothing unless told.
         self.resolver = resolver if resolver is not None else FakeResolver()
-        self.appliance = Appliance(self.config, resolver=self.resolver)
+        self.appliance = Appliance(build(self.config), reactor, resolver=self.resolver,
+                                   handle_sighup=False)
         self.smtp_port = port_of(self.config.smtp.listeners[0].endpoint)
         self.http_port = port_of(self.config.tracker.endpoint)
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 from email.message import Message
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 from appliance.policy import PolicyEnvelope, Reject
 
 calls: list[tuple[PolicyEnvelope, str, str | None, str]] = []
+held: list[defer.Deferred] = []  # decisions the test makes (``per_recipient``, ``hold``)
 
 
 def per_recipient(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
                   headers: Message, context: dict[str, str]) -> Any:
-    """Rejects no@, turns click tracking off for plain@, answers the others later."""
+    """
+    Rejects no@, turns click tracking off for plain@, answers the others later: when the
+    test fires their Deferreds in ``held``.
+    """
     calls.append((envelope, client_address, auth_user, str(headers.get("Subject"))))
     local = envelope.rcpt_to.partition("@")[0].lower()
     if local == "no":
@@ -24,12 +28,11 @@ def per_recipient(envelope: PolicyEnvelope, client_address: str, auth_user: str 
         return None
     d: defer.Deferred = defer.Deferred()
 
-    def decide() -> None:
+    def decide(_: object) -> None:
         context["smtpapi_campaign_id"] = "from-policy"
         context["smtpapi_tags"] = '["policy"]'
-        d.callback(None)
 
-    reactor.callLater(0.01, decide)
+    held.append(d.addCallback(decide))
     return d
 
 
@@ -44,20 +47,13 @@ def broken(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
         raise RuntimeError("the policy database is down")
 
 
-deciding: list[str] = []  # transmission ids the slow hooks were asked about
+deciding: list[str] = []  # transmission ids ``hold`` was asked about
 
 
-def _accept_after(seconds: float) -> Any:
-    def hook(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
-             headers: Message, context: dict[str, str]) -> defer.Deferred:
-        deciding.append(envelope.transmission_id)
-        d: defer.Deferred = defer.Deferred()
-        reactor.callLater(seconds, d.callback, None)
-        return d
-
-    return hook
-
-
-# Accept after a while, so a test can stop the appliance in the middle of a decision.
-slow = _accept_after(0.5)
-slower = _accept_after(1.0)
+def hold(envelope: PolicyEnvelope, client_address: str, auth_user: str | None,
+         headers: Message, context: dict[str, str]) -> defer.Deferred:
+    """Decides when the test fires its Deferred in ``held`` (no clock: for memory-reactor tests)."""
+    deciding.append(envelope.transmission_id)
+    d: defer.Deferred = defer.Deferred()
+    held.append(d)
+    return d

@@ -61,6 +61,11 @@ class SinkProtocol(LineReceiver):
         self.number = self.factory.connections
         self.reply("CONNECT", b"", (220, "sink.test ESMTP test sink"))
 
+    def connectionLost(self, reason: Any = None) -> None:
+        # Everything the client sent before it closed has been read by now.
+        self.factory.closed += 1
+        super().connectionLost(reason)
+
     def reply(self, command: str, arg: bytes, default: tuple[int, str] | list[str]) -> bool:
         """Send the scripted or default reply; False unless it was a 2xx or 3xx."""
         answer = self.factory.script(command, arg) if self.factory.script else None
@@ -184,6 +189,7 @@ class SinkFactory(protocol.ServerFactory):
         self.messages: list[Received] = []
         self.commands: list[tuple[int, bytes]] = []  # (connection number, command line)
         self.connections = 0
+        self.closed = 0  # connections the sink has seen end
         self._waiting: list[tuple[int, defer.Deferred]] = []
 
     def deliver(self, message: Received) -> None:

@@ -7,6 +7,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.config import ConfigError, load_config, parse_config, parse_duration, parse_size
+from tests.building import checked
 from tests.helpers import SHIPPED_CONFIG, base_toml, merge
 
 
@@ -152,10 +153,10 @@ class DeliveryConfigTests(SynchronousTestCase):
     """The delivery table's own keys (routing, TLS, DNS, smarthost AUTH, limits)."""
 
     def parse(self, **delivery: object) -> object:
-        return parse_config(merge(base_toml(), {"delivery": delivery}), "x.toml").delivery
+        return checked(merge(base_toml(), {"delivery": delivery}), "x.toml").delivery
 
     def problems(self, **delivery: object) -> dict[str, str]:
-        e = self.assertRaises(ConfigError, parse_config, merge(base_toml(), {"delivery": delivery}),
+        e = self.assertRaises(ConfigError, checked, merge(base_toml(), {"delivery": delivery}),
                               "x.toml")
         return dict(e.problems)
 

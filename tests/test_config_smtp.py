@@ -6,9 +6,10 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.config import ConfigError, parse_config
+from appliance.config import ConfigError
 from appliance.tls import write_pair
 from appliance.users import set_user
+from tests.building import checked
 from tests.helpers import base_toml, merge
 
 
@@ -23,7 +24,7 @@ class SmtpConfigTests(SynchronousTestCase):
         self.dir = d
 
     def parse(self, **smtp: object) -> object:
-        return parse_config(merge(base_toml(), {"smtp": smtp}), "x.toml")
+        return checked(merge(base_toml(), {"smtp": smtp}), "x.toml")
 
     def problems(self, **smtp: object) -> dict[str, str]:
         e = self.assertRaises(ConfigError, self.parse, **smtp)

@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.config import EVENT_TYPES, Config, ConfigError, parse_config
 from appliance.tls import load_trust_root
+from tests.building import checked
 from tests.fakes import self_signed
 from tests.helpers import SHIPPED_CONFIG, base_toml, merge
 
@@ -23,7 +24,7 @@ def load_error(path: str) -> str:
 
 class WebhookConfigTests(SynchronousTestCase):
     def parse(self, *webhooks: object) -> Config:
-        return parse_config(merge(base_toml(), {"webhooks": list(webhooks)}), "x.toml")
+        return checked(merge(base_toml(), {"webhooks": list(webhooks)}), "x.toml")
 
     def problems(self, *webhooks: object) -> dict[str, str]:
         e = self.assertRaises(ConfigError, self.parse, *webhooks)
@@ -149,8 +150,8 @@ retry_lifetime = "8h"
         self.assertEqual(hook.tls_ca_file, certificate)
         missing = os.path.join(directory, "missing.pem")
         problems = self.problems(
-            {"target": "https://127.0.0.1/", "tls_ca_file": missing},
-            {"target": "https://127.0.0.1/", "tls_ca_file": garbage},
+            {"target": "https://127.0.0.1/a", "tls_ca_file": missing},
+            {"target": "https://127.0.0.1/b", "tls_ca_file": garbage},
             {"target": "http://127.0.0.1/", "tls_ca_file": certificate},
         )
         self.assertEqual(problems, {

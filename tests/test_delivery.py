@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.bounces import canonical_reason
-from appliance.config import DeliveryConfig, Route
+from appliance.build import build
+from appliance.config import ConfigError, DeliveryConfig, Route
 from appliance.delivery import (
     BodyEncoder,
     DeliveryService,
@@ -32,6 +33,7 @@ from appliance.delivery.routing import Destination, NoHops, order_addresses, ord
 from appliance.events import EventLog
 from appliance.spool import Spool, run_synchronously
 from tests.fakes import FakeResolver
+from tests.helpers import make_config
 from tests.test_spool import envelope
 
 
@@ -566,11 +568,17 @@ class SessionFailureTests(ServiceTestBase):
         path = self.mktemp()
         with open(path, "wb") as f:
             f.write(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        whole = make_config(self.mktemp(), delivery={"tls": "required", "tls_verify": True,
+                                                     "tls_ca_file": path})
+        e = self.assertRaises(ConfigError, build, whole)
+        self.assertIn(f"{path}: certificate 1 is not a valid PEM certificate",
+                      dict(e.problems)["delivery.tls_ca_file"])
+        # A service handed the file without its loaded roots refuses too, never trusting less.
         config = DeliveryConfig(routes=self.config.routes, tls="required", tls_verify=True, tls_ca_file=path)
         e = self.assertRaises(ValueError, DeliveryService, config, self.spool, self.events,
                               message_from_spool(self.spool), Router(config), "me.test",
                               reactor=self.reactor, resolver=FakeResolver())
-        self.assertIn(f"{path}: certificate 1 is not a valid PEM certificate", str(e))
+        self.assertIn(f"delivery.tls_ca_file {path} is set, but its trust roots were not given", str(e))
 
     def test_a_crash_beside_a_working_connection_leaves_the_copies_to_it(self) -> None:
         self.service.config = DeliveryConfig(routes=self.config.routes, max_connections_per_destination=3)

@@ -19,11 +19,35 @@ from appliance.config import DeliveryConfig, Route
 from appliance.delivery import DeliveryService, Router, message_from_spool
 from appliance.events import EventLog
 from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, run_synchronously
+from appliance.tls import load_trust_root
 from tests.fakes import FakeResolver, self_signed
-from tests.helpers import deferred_sleep, free_port, wait_until
+from tests.helpers import free_port, wait_until
 from tests.sink import SinkFactory
 
 MESSAGE = b"From: a@sender.test\r\nSubject: hi\r\n\r\nHello.\r\n"
+
+
+class Dialling:
+    """The real reactor, noting each connection delivery dials: a retry shows at once, not later."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.dialled: list[tuple[str, int]] = []
+        self.connectors: list[Any] = []
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float = 30,
+                   bindAddress: Any = None) -> Any:
+        self.dialled.append((host, port))
+        connector = self._real.connectTCP(host, port, factory, timeout, bindAddress)
+        self.connectors.append(connector)
+        return connector
+
+    def hung_up(self) -> bool:
+        """Every connection dialled has ended on delivery's side too."""
+        return all(c.state == "disconnected" for c in self.connectors)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
 
 
 class DeliveryCase(unittest.TestCase):
@@ -48,25 +72,30 @@ class DeliveryCase(unittest.TestCase):
         self.resolver = FakeResolver()
         self.service: DeliveryService | None = None
         self._tids = iter(range(1, 1_000_000))
+        self.sinks: list[SinkFactory] = []
+        self.dialler = Dialling(reactor)
 
     @defer.inlineCallbacks
     def tearDown(self) -> Any:
         if self.service is not None and self.service.running:
             yield self.stop()
         self.events.stopService()
-        yield deferred_sleep(0.01)  # let the sinks see their connections close
+        # The sinks' ends of the connections close after the service's: no socket is left open.
+        yield wait_until(lambda: all(s.closed == s.connections for s in self.sinks))
 
     def listen(self, sink: SinkFactory, interface: str = "127.0.0.1", port: int = 0) -> int:
         listening = reactor.listenTCP(port, sink, interface=interface)
+        self.sinks.append(sink)
         self.addCleanup(listening.stopListening)
         return listening.getHost().port
 
     def start(self, mx_port: int = 25, **config: Any) -> DeliveryService:
         self.config = DeliveryConfig(**config)
+        trust = load_trust_root(self.config.tls_ca_file) if self.config.tls_ca_file else None
         self.service = DeliveryService(self.config, self.spool, self.events, message_from_spool(self.spool),
-                                       Router(self.config), "client.test", reactor=reactor,
+                                       Router(self.config), "client.test", reactor=self.dialler,
                                        clock=self.clock, resolver=self.resolver, rng=random.Random(0),
-                                       mx_port=mx_port)
+                                       mx_port=mx_port, trust=trust)
         self.service.startService()
         return self.service
 
@@ -93,6 +122,21 @@ class DeliveryCase(unittest.TestCase):
 
     def wait_events(self, count: int) -> defer.Deferred:
         return wait_until(lambda: len(self.written) >= count)
+
+    def timer_due_in(self, seconds: float) -> bool:
+        """Whether a call is scheduled ``seconds`` from now (a client's timeout once it waits)."""
+        return any(c.getTime() == self.clock.seconds() + seconds for c in self.clock.getDelayedCalls())
+
+    @defer.inlineCallbacks
+    def finished(self, sink: SinkFactory) -> Any:
+        """
+        Wait until the sink has read all it was sent and both ends of every connection have
+        closed, then run what is due now: a connection delivery would make next is dialled
+        by then, or never.
+        """
+        yield wait_until(lambda: sink.connections > 0 and sink.closed == sink.connections
+                         and self.dialler.hung_up())
+        self.clock.advance(0)
 
     def active(self) -> list[str]:
         return os.listdir(self.spool.active)
@@ -139,9 +183,10 @@ class OutcomeTests(DeliveryCase):
         self.assertEqual(delay["reason"], delay["raw_reason"])
         self.assertEqual(sink.messages, [])
         self.assertEqual(self.active(), [queued.envelope.transmission_id])
+        yield self.finished(sink)  # the first connection is over: the retry needs a new one
         self.clock.advance(299)
-        yield deferred_sleep(0.05)
-        self.assertEqual(len(self.written), 1)  # not before its five minutes
+        self.assertEqual(len(self.written), 1)  # not before its five minutes:
+        self.assertEqual(len(self.dialler.dialled), 1)  # no second connection was even dialled
         self.clock.advance(1)
         yield self.wait_events(2)
         delivery = self.written[1]
@@ -244,8 +289,8 @@ class BadServerTests(DeliveryCase):
     @defer.inlineCallbacks
     def test_server_that_never_answers(self) -> Any:
         sink, port, _queued = self.delay_for(lambda cmd, arg: "silent" if cmd == "CONNECT" else None)
-        yield wait_until(lambda: sink.connections == 1)
-        yield deferred_sleep(0.02)
+        # Connected, and waiting for the greeting: its timeout is set.
+        yield wait_until(lambda: self.timer_due_in(300))
         self.assertEqual(self.written, [])
         self.clock.advance(300)
         yield self.wait_events(1)
@@ -258,9 +303,9 @@ class BadServerTests(DeliveryCase):
         sink, port, _queued = self.delay_for(lambda cmd, arg: "silent" if cmd == "EOM" else None,
                                                    command_timeout=60, data_timeout=600)
         yield wait_until(lambda: any(c == b"DATA" for _n, c in sink.commands))
-        yield deferred_sleep(0.05)
+        # The message is sent, and the reply to its end awaited: that wait's timeout is set.
+        yield wait_until(lambda: self.timer_due_in(600))
         self.clock.advance(599)  # the end of data has its own, longer wait
-        yield deferred_sleep(0.02)
         self.assertEqual(self.written, [])
         self.clock.advance(1)
         yield self.wait_events(1)
@@ -284,7 +329,8 @@ class BadServerTests(DeliveryCase):
         yield self.wait_events(1)
         self.assertEqual(self.written[0]["type"], "delay")
         self.assertEqual(self.written[0]["raw_reason"], "500 5.5.1 No")
-        yield deferred_sleep(0.02)
+        yield self.finished(sink)
+        self.assertEqual(len(self.dialler.dialled), 1)
         self.assertEqual([c for _n, c in sink.commands], [b"EHLO client.test", b"HELO client.test", b"QUIT"])
 
     @defer.inlineCallbacks
@@ -453,7 +499,7 @@ class TlsTests(DeliveryCase):
                    smarthost_password="s3cret", tls_ca_file=other_ca)
         self.queue(["a@anywhere.example"])
         yield self.wait_events(1)
-        yield deferred_sleep(0.05)
+        yield self.finished(sink)
         self.assertEqual(self.written[0]["type"], "delay")
         self.assertIn("TLS handshake with 127.0.0.1", self.written[0]["reason"])
         self.assertFalse(any(c.startswith(b"AUTH") for _n, c in sink.commands), sink.commands)
@@ -467,6 +513,7 @@ class TlsTests(DeliveryCase):
 
     def assert_no_plaintext_auth(self, sink: SinkFactory) -> None:
         self.assertEqual(sink.connections, 1)  # the connection with TLS was not tried again without
+        self.assertEqual(len(self.dialler.dialled), 1)  # nor is it about to be
         self.assertFalse(any(c.startswith(b"AUTH") for _n, c in sink.commands), sink.commands)
         self.assertFalse(any(b"dXNlcgB" in c or b"s3cret" in c for _n, c in sink.commands))
         self.assertEqual(sink.messages, [])
@@ -478,7 +525,7 @@ class TlsTests(DeliveryCase):
         port = self.start_auth_smarthost(sink)
         queued = self.queue(["a@anywhere.example"])
         yield self.wait_events(1)
-        yield deferred_sleep(0.05)  # time for a second connection, were one made
+        yield self.finished(sink)  # a second connection, were one made, is dialled by now
         event = self.written[0]
         self.assertEqual(event["type"], "delay")
         self.assertEqual(event["raw_reason"],
@@ -494,7 +541,7 @@ class TlsTests(DeliveryCase):
         self.start_auth_smarthost(sink)
         self.queue(["a@anywhere.example"])
         yield self.wait_events(1)
-        yield deferred_sleep(0.05)
+        yield self.finished(sink)
         self.assertEqual(self.written[0]["type"], "delay")
         self.assertIn("TLS handshake with 127.0.0.1", self.written[0]["reason"])
         self.assertIn("only sent over TLS", self.written[0]["reason"])
@@ -509,7 +556,7 @@ class TlsTests(DeliveryCase):
         self.start_auth_smarthost(sink)
         self.queue(["a@anywhere.example"])
         yield self.wait_events(1)
-        yield deferred_sleep(0.05)
+        yield self.finished(sink)
         self.assertEqual(self.written[0]["type"], "delay")
         self.assertTrue(self.written[0]["raw_reason"].startswith("454 4.7.0 TLS not available ("))
         self.assert_no_plaintext_auth(sink)
@@ -654,7 +701,7 @@ class ResolverTests(DeliveryCase):
                                 interface="127.0.0.1")
         self.addCleanup(udp.stopListening)
         config = DeliveryConfig(dns_servers=(("127.0.0.1", udp.getHost().port),), address_preference="ipv6")
-        finder = HopFinder(config, rng=random.Random(0))
+        finder = HopFinder(config, rng=random.Random(0), reactor=reactor)
         hops = yield finder.hops(Destination("example.com", "example.com"))
         self.assertEqual(hops, [Hop("mx.example.com", "::1")])
         self.assertIn(("example.com", dns.MX), answers.queries)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import dkim
+from appliance.build import build
 from appliance.config import ConfigError
 from appliance.dkim import (
     DkimError,
@@ -30,7 +31,8 @@ from appliance.dkim import (
     split_message,
     verify,
 )
-from tests.helpers import make_config
+from tests.building import LOADERS, configure
+from tests.helpers import base_toml, make_config, merge
 
 
 def crlf(text: str) -> bytes:
@@ -427,7 +429,7 @@ class ConfigTests(SynchronousTestCase):
 
     def problems(self, dkim_value: object) -> list[str]:
         with self.assertRaises(ConfigError) as caught:
-            make_config(self.directory, dkim=dkim_value)
+            configure(merge(base_toml(), {"dkim": dkim_value}))
         return [f"{path}: {message}" for path, message in caught.exception.problems]
 
     def test_absent_means_no_signing(self) -> None:
@@ -458,18 +460,21 @@ class ConfigTests(SynchronousTestCase):
             {"domain": "example.com", "selector": "s1", "key_file": self.key},
             "not a table",
         ]), [
-            f"dkim[0].key_file: cannot read {missing}: No such file or directory",
+            # The key files are opened after every table is checked, so their problems come
+            # last; dkim[3] repeats dkim[0]'s selector whether or not dkim[0]'s file loads.
             'dkim[1].domain: expected a domain name such as "example.com", got "not a domain"',
             'dkim[1].selector: expected a selector such as "s2025", got "s 1"',
             'dkim[1].headers: must include "From" (RFC 6376 requires it to be signed)',
             "dkim[2].domain: missing: a DKIM key needs domain, selector and key_file",
             "dkim[2].key_file: missing: a DKIM key needs domain, selector and key_file",
             "dkim[2].bogus: unknown key",
+            "dkim[3].selector: s1._domainkey.example.com has a key already",
             "dkim[4].selector: s1._domainkey.example.com has a key already",
             "dkim[5]: expected a table, got a string",
             "dkim[5].domain: missing: a DKIM key needs domain, selector and key_file",
             "dkim[5].selector: missing: a DKIM key needs domain, selector and key_file",
             "dkim[5].key_file: missing: a DKIM key needs domain, selector and key_file",
+            f"dkim[0].key_file: cannot read {missing}: No such file or directory",
         ])
 
     def test_single_table_errors(self) -> None:
@@ -490,8 +495,6 @@ class ConfigTests(SynchronousTestCase):
     def test_the_service_warns_about_short_keys(self) -> None:
         from twisted.logger import capturedLogs
 
-        from appliance.service import dkim_signer
-
         short = os.path.join(self.directory, "rfc.pem")
         with open(short, "wb") as f:
             f.write(RFC8463_RSA_PEM)
@@ -499,10 +502,10 @@ class ConfigTests(SynchronousTestCase):
             {"domain": "example.com", "selector": "old", "key_file": short},
             {"domain": "example.com", "selector": "new", "key_file": self.key}])
         with capturedLogs() as captured:
-            signer = dkim_signer(config)
+            signer = build(config, loaders=LOADERS).signer
         self.assertEqual([e["log_format"].format(**e) for e in captured],
                          [f"DKIM key {short}: 1024-bit RSA; RFC 8301 asks for 2048 bits or more"])
         assert signer is not None
         message = crlf("From: a@example.com\n\nbody\n")
         self.assertEqual(len(verify(signer.sign(message), lambda d, s: None)), 2)
-        self.assertIsNone(dkim_signer(make_config(self.directory)))
+        self.assertIsNone(build(make_config(self.directory), loaders=LOADERS).signer)

@@ -1,4 +1,4 @@
-"""DKIM end to end: copies signed by a running appliance, checked as the sink received them."""
+"""DKIM end to end: copies signed by the appliance on a memory reactor, checked as the sink got them."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import re
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from twisted.internet import defer
 from twisted.trial.unittest import SkipTest
 
 from appliance import dkim as appliance_dkim
 from appliance.dkim import Signer, SigningKey, body_hash, parse_tags, split_message, verify
 from appliance.links import LinkCodec, read_keyring
-from tests.helpers import RunningAppliance, in_thread, wait_until
+from tests.memory import MemoryAppliance
 from tests.test_dkim import fresh_rsa, record_of, write_pem
 from tests.test_tracking import TRACK_ALL, TrackingTestCase, message, send
 
@@ -49,9 +48,10 @@ class DkimDeliveryTests(TrackingTestCase):
                           for name, key in self.keys.items()}
         dkim = [{"domain": "example.net", "selector": name, "key_file": path}
                 for name, path in self.key_files.items()]
-        self.running = RunningAppliance(os.path.join(directory, "appliance"), dkim=dkim)
+        self.running = MemoryAppliance(os.path.join(directory, "appliance"), dkim=dkim)
         self.codec = LinkCodec(read_keyring(self.running.config.links.keys_file))
-        return self.running.start()
+        self.running.start()
+        self.addCleanup(self.running.stop)
 
     def lookup(self, domain: str, selector: str) -> str | None:
         key = self.keys.get(selector) if domain == "example.net" else None
@@ -60,11 +60,11 @@ class DkimDeliveryTests(TrackingTestCase):
     def ours(self, data: bytes) -> list[Any]:
         return [r for r in verify(data, self.lookup) if r.selector in self.keys]
 
-    @defer.inlineCallbacks
-    def test_tracked_copies_are_signed_after_the_rewrite(self) -> defer.Generator:
-        yield in_thread(send, self.running.smtp_port, ["a@example.test", "b@example.org"],
+    def test_tracked_copies_are_signed_after_the_rewrite(self) -> None:
+        send(self.running, ["a@example.test", "b@example.org"],
                         message(TRACK_ALL, SENDERS_SIGNATURE))
-        copies = yield self.running.sink.wait_for(2)
+        copies = self.running.sink.messages
+        self.assertEqual(len(copies), 2)
         tokens = []
         for copy in copies:
             self.assertEqual([(r.selector, r.ok, r.reason) for r in self.ours(copy.data)],
@@ -85,7 +85,7 @@ class DkimDeliveryTests(TrackingTestCase):
         self.assertEqual(len(injections), 2)
         for event in injections:
             self.assertNotIn("dkim_broken", event)  # the appliance re-signs (SPEC §5)
-        yield self.delivered(2)
+        self.delivered(2)
 
     def published(self) -> dict[bytes, bytes]:
         """The TXT records ``engage-appliance-dkim-key record`` prints, as DNS would answer them."""
@@ -101,8 +101,7 @@ class DkimDeliveryTests(TrackingTestCase):
             records[name.encode()] = "".join(re.findall(r'"([^"]*)"', text)).encode()
         return records
 
-    @defer.inlineCallbacks
-    def check_with_dkimpy(self, index: int, selector: str) -> defer.Generator:
+    def check_with_dkimpy(self, index: int, selector: str) -> None:
         """Copies, tracked and untracked, pass dkimpy's check of the signature at ``index``."""
         records = self.published()
         asked: list[bytes] = []
@@ -112,9 +111,10 @@ class DkimDeliveryTests(TrackingTestCase):
             return records.get(name)
 
         tracked = message(TRACK_ALL, SENDERS_SIGNATURE)
-        yield in_thread(send, self.running.smtp_port, ["a@example.test"], tracked)
-        yield in_thread(send, self.running.smtp_port, ["b@example.org"], message(None))
-        copies = yield self.running.sink.wait_for(2)
+        send(self.running, ["a@example.test"], tracked)
+        send(self.running, ["b@example.org"], message(None))
+        copies = self.running.sink.messages
+        self.assertEqual(len(copies), 2)
         for copy in copies:
             fields, _ = split_message(copy.data)
             signatures = [parse_tags(raw.partition(b":")[2].decode()) for name, raw in fields
@@ -128,42 +128,39 @@ class DkimDeliveryTests(TrackingTestCase):
             self.assertNotEqual(altered, copy.data)
             self.assertFalse(dkimpy.DKIM(altered).verify(idx=index, dnsfunc=dnsfunc))
         self.assertEqual(set(asked), {f"{selector}._domainkey.example.net.".encode()})
-        yield self.delivered(2)
+        self.delivered(2)
 
-    def test_rsa_signatures_pass_dkimpy(self) -> defer.Deferred:
+    def test_rsa_signatures_pass_dkimpy(self) -> None:
         if dkimpy is None:
             raise SkipTest(NO_DKIMPY)
-        return self.check_with_dkimpy(0, "rsa")
+        self.check_with_dkimpy(0, "rsa")
 
-    def test_ed25519_signatures_pass_dkimpy(self) -> defer.Deferred:
+    def test_ed25519_signatures_pass_dkimpy(self) -> None:
         if dkimpy is None:
             raise SkipTest(NO_DKIMPY)
         if not NACL:
             raise SkipTest(NO_NACL)
-        return self.check_with_dkimpy(1, "ed")
+        self.check_with_dkimpy(1, "ed")
 
-    @defer.inlineCallbacks
-    def test_untracked_copies_are_signed_too(self) -> defer.Generator:
+    def test_untracked_copies_are_signed_too(self) -> None:
         data = message(None)
-        yield in_thread(send, self.running.smtp_port, ["a@example.test"], data)
-        [copy] = yield self.running.sink.wait_for(1)
+        send(self.running, ["a@example.test"], data)
+        [copy] = self.running.sink.messages
         self.assertEqual([r.ok for r in self.ours(copy.data)], [True, True])
         self.assertTrue(copy.data.endswith(data))  # signatures and Received on top, nothing else changed
-        yield self.delivered(1)
+        self.delivered(1)
 
-    @defer.inlineCallbacks
-    def test_other_from_domains_are_not_signed(self) -> defer.Generator:
+    def test_other_from_domains_are_not_signed(self) -> None:
         data = message(TRACK_ALL, SENDERS_SIGNATURE).replace(b"<s@example.net>", b"<s@elsewhere.example>")
-        yield in_thread(send, self.running.smtp_port, ["a@example.test"], data)
-        [copy] = yield self.running.sink.wait_for(1)
+        send(self.running, ["a@example.test"], data)
+        [copy] = self.running.sink.messages
         self.assertEqual(self.ours(copy.data), [])
         self.assertEqual(len(self.tokens(copy.data)), 4)
         [event] = self.events("injection")
         self.assertTrue(event["dkim_broken"])  # the sender's signature is broken, and not replaced
-        yield self.delivered(1)
+        self.delivered(1)
 
-    @defer.inlineCallbacks
-    def test_a_copy_that_cannot_be_signed_waits(self) -> defer.Generator:
+    def test_a_copy_that_cannot_be_signed_waits(self) -> None:
         """A signing failure defers the copy: it is never sent without the signature it should have."""
 
         class BrokenKey:
@@ -172,8 +169,7 @@ class DkimDeliveryTests(TrackingTestCase):
 
         self.patch(self.running.appliance.copies, "signer",
                    Signer([SigningKey("example.net", "broken", BrokenKey())]))  # type: ignore[arg-type]
-        yield in_thread(send, self.running.smtp_port, ["a@example.test"], message(None))
-        yield wait_until(lambda: self.events("delay"))
+        send(self.running, ["a@example.test"], message(None))
         [delay] = self.events("delay")
         self.assertEqual(delay["error_code"], "451")
         self.assertIn("could not make the copy: the key is gone", delay["reason"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import eventtypes as et
@@ -62,7 +63,7 @@ def link(kind: str, metadata: dict[str, Any] | None = None, unsubscribe: bool = 
 
 class ContractTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.log = EventLog("unused", "node-a", customer_id="7", now=lambda: 1767225660.9)
+        self.log = EventLog("unused", "node-a", customer_id="7", now=lambda: 1767225660.9, clock=Clock())
 
     def made(self, draft: et.Draft) -> Event:
         kind, fields = draft

@@ -1,18 +1,17 @@
-"""The whole path over real sockets: smtplib -> appliance -> spool -> delivery -> sink, and the log."""
+"""
+The whole path on a memory reactor: SMTP client -> appliance -> spool -> delivery -> sink, the
+log and the tracker, each step finished before the next is checked.
+"""
 
 from __future__ import annotations
 
 import os
-import smtplib
-import urllib.error
-import urllib.request
 
-from twisted.internet import defer
 from twisted.names import dns
-from twisted.trial import unittest
+from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import rewrite
-from tests.helpers import RunningAppliance, in_thread, wait_until
+from tests.memory import MemoryAppliance, sendmail
 
 MESSAGE = (
     b"From: Sender <sender@example.net>\r\n"
@@ -27,28 +26,25 @@ MESSAGE = (
 )
 
 
-def send(port: int, sender: str, recipients: list[str], message: bytes) -> dict:
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        return client.sendmail(sender, recipients, message)
+def send(running: MemoryAppliance, sender: str, recipients: list[str], message: bytes) -> list[int]:
+    """The reply codes of one whole conversation, greeting to QUIT."""
+    return [code for code, _ in sendmail(running.smtp(), sender, recipients, message)]
 
 
-class EndToEndTests(unittest.TestCase):
+class EndToEndTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.running = RunningAppliance(self.mktemp())
-        return self.running.start()
+        self.running = MemoryAppliance(self.mktemp())
+        self.running.start()
+        self.addCleanup(self.running.stop)
 
-    def tearDown(self) -> defer.Deferred:
-        return self.running.stop()
-
-    @defer.inlineCallbacks
-    def test_two_recipients_two_domains(self) -> defer.Generator:
+    def test_two_recipients_two_domains(self) -> None:
         """One message to two routed domains arrives as two copies and writes four events."""
         prepared: list[bytes] = []
         self.patch(rewrite, "prepare", prepared.append)  # tracking is off: nothing to prepare
-        refused = yield in_thread(send, self.running.smtp_port, "sender@example.net",
-                                  ["a@example.test", "B@Example.org"], MESSAGE)
-        self.assertEqual(refused, {})
-        received = yield self.running.sink.wait_for(2)
+        codes = send(self.running, "sender@example.net", ["a@example.test", "B@Example.org"], MESSAGE)
+        self.assertEqual(codes, [220, 250, 250, 250, 250, 354, 250, 221])
+        received = self.running.sink.messages
+        self.assertEqual(len(received), 2)
         self.assertEqual(sorted(r for m in received for r in m.rcpt_to),
                          ["B@Example.org", "a@example.test"])
         for copy in received:
@@ -57,7 +53,6 @@ class EndToEndTests(unittest.TestCase):
             # One trace header is added; the rest is byte for byte what was sent.
             self.assertTrue(copy.data.startswith(b"Received: from "))
             self.assertTrue(copy.data.endswith(MESSAGE), copy.data)
-        yield wait_until(lambda: len(self.running.events()) >= 4)
         events = self.running.events()
         by_type: dict[str, list[dict]] = {}
         for e in events:
@@ -93,37 +88,35 @@ class EndToEndTests(unittest.TestCase):
             self.assertEqual(d["outbound_tls"], "0")
         self.assertEqual(len({e["event_id"] for e in events}), 4)
         # Every copy has its final outcome: nothing is left in the spool, nor held in memory.
-        yield wait_until(lambda: not os.listdir(os.path.join(self.running.config.spool.directory,
-                                                             "active")))
+        self.assertEqual(os.listdir(os.path.join(self.running.config.spool.directory, "active")), [])
         self.assertNotIn(b["transmission_id"], self.running.appliance.copies)
         self.assertEqual(prepared, [])
         self.assertEqual(self.running.appliance.copies.bytes_held, 0)
 
-    @defer.inlineCallbacks
-    def test_undeliverable_domain_refused_at_rcpt(self) -> defer.Generator:
+    def test_undeliverable_domain_refused_at_rcpt(self) -> None:
         """Only what no DNS answer could deliver is refused at RCPT; nothing is stored for it."""
 
         def attempt(rcpt: str) -> tuple[int, bytes]:
-            with smtplib.SMTP("127.0.0.1", self.running.smtp_port, timeout=10) as client:
-                client.ehlo()
-                client.mail("sender@example.net")
-                return client.rcpt(rcpt)
+            client = self.running.smtp()
+            client.replies()
+            self.assertEqual(client.command(b"EHLO client.test")[0], 250)
+            self.assertEqual(client.command(b"MAIL FROM:<sender@example.net>")[0], 250)
+            code, lines = client.command(f"RCPT TO:<{rcpt}>".encode())
+            client.close()
+            return code, b"\n".join(lines)
 
         for rcpt, text in (("someone@nowhere.invalid", b"nowhere.invalid"),
                            ("someone@bad_name.example", b"not a valid domain name")):
-            code, reply = yield in_thread(attempt, rcpt)
+            code, reply = attempt(rcpt)
             self.assertEqual(code, 550, rcpt)
             self.assertIn(b"5.1.2", reply)
             self.assertIn(text, reply)
         self.assertEqual(self.running.events(), [])
 
-    @defer.inlineCallbacks
-    def test_unknown_domain_goes_to_the_dns(self) -> defer.Generator:
+    def test_unknown_domain_goes_to_the_dns(self) -> None:
         """A domain no route knows is accepted and asked of the DNS; NXDOMAIN bounces it at once."""
-        refused = yield in_thread(send, self.running.smtp_port, "sender@example.net",
-                                  ["someone@unknown.example"], MESSAGE)
-        self.assertEqual(refused, {})
-        yield wait_until(lambda: len(self.running.events()) >= 2)
+        codes = send(self.running, "sender@example.net", ["someone@unknown.example"], MESSAGE)
+        self.assertEqual(codes, [220, 250, 250, 250, 354, 250, 221])
         injection, bounce = self.running.events()
         self.assertEqual((injection["type"], bounce["type"]), ("injection", "bounce"))
         self.assertEqual(bounce["message_id"], injection["message_id"])
@@ -131,46 +124,31 @@ class EndToEndTests(unittest.TestCase):
         self.assertEqual(bounce["bounce_class"], "10")
         self.assertIn("unknown.example does not exist", bounce["reason"])
         self.assertIn(("unknown.example", dns.MX), self.running.resolver.queries)
-        yield wait_until(lambda: not os.listdir(os.path.join(self.running.config.spool.directory,
-                                                             "active")))
+        self.assertEqual(os.listdir(os.path.join(self.running.config.spool.directory, "active")), [])
 
-    @defer.inlineCallbacks
-    def test_robots_and_not_found(self) -> defer.Generator:
-        base = f"http://127.0.0.1:{self.running.http_port}"
-
-        def get(path: str) -> tuple[int, bytes]:
-            try:
-                with urllib.request.urlopen(base + path, timeout=10) as r:
-                    return r.status, r.read()
-            except urllib.error.HTTPError as e:
-                return e.code, e.read()
-
-        status, body = yield in_thread(get, "/robots.txt")
+    def test_robots_and_not_found(self) -> None:
+        status, _headers, body = self.running.get("/robots.txt")
         self.assertEqual((status, body), (200, b"User-agent: *\nDisallow: /\n"))
         for path in ("/", "/anything", "/q/", "/f/a/x"):
-            status, _ = yield in_thread(get, path)
+            status, _headers, _body = self.running.get(path)
             self.assertEqual(status, 404, path)
 
 
-class RelayTests(unittest.TestCase):
+class RelayTests(SynchronousTestCase):
     """A client outside relay_networks is refused at RCPT, and nothing is stored."""
 
     def setUp(self) -> None:
-        self.running = RunningAppliance(self.mktemp(), smtp={"relay_networks": ["192.0.2.0/24"]})
-        return self.running.start()
+        self.running = MemoryAppliance(self.mktemp(), smtp={"relay_networks": ["192.0.2.0/24"]})
+        self.running.start()
+        self.addCleanup(self.running.stop)
 
-    def tearDown(self) -> defer.Deferred:
-        return self.running.stop()
-
-    @defer.inlineCallbacks
-    def test_relay_denied(self) -> defer.Generator:
-        def attempt() -> tuple[int, bytes]:
-            with smtplib.SMTP("127.0.0.1", self.running.smtp_port, timeout=10) as client:
-                client.ehlo()
-                client.mail("sender@example.net")
-                return client.rcpt("a@example.test")
-
-        code, text = yield in_thread(attempt)
+    def test_relay_denied(self) -> None:
+        client = self.running.smtp()
+        client.replies()
+        client.command(b"EHLO client.test")
+        client.command(b"MAIL FROM:<sender@example.net>")
+        code, lines = client.command(b"RCPT TO:<a@example.test>")
+        text = b"\n".join(lines)
         self.assertEqual(code, 554)
         self.assertIn(b"5.7.1", text)
         self.assertEqual(self.running.events(), [])

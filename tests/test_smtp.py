@@ -147,9 +147,9 @@ def talk(proto: Any, transport: StringTransport, data: bytes) -> list[bytes]:
 class ProtocolTests(SynchronousTestCase):
     def connect(self, peer: str = "127.0.0.1", **overrides: Any) -> tuple[Any, StringTransport]:
         self.injector = FakeInjector()
-        factory = InjectionFactory(listener(**overrides), self.injector, "mx.test", 300)
+        # No session clock may outlive the test.
+        factory = InjectionFactory(listener(**overrides), self.injector, "mx.test", 300, clock=Clock())
         proto = factory.buildProtocol(None)
-        proto.callLater = Clock().callLater  # no session clock may outlive the test
         transport = StringTransport(peerAddress=_IPv4(peer))
         proto.makeConnection(transport)
         return proto, transport

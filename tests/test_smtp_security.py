@@ -4,6 +4,8 @@ The injection server as an attacker or a careless client meets it: real sockets,
 Each test runs a whole appliance on loopback with a sink behind it, talks to
 it with smtplib or with ``RawClient`` (which shows every reply as sent), and
 checks what was answered, what reached the sink and what the event log says.
+Connection limits and timeouts need no socket: they run the same appliance on
+a memory reactor (``tests.memory``), with a clock the test moves.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import base64
 import os
 import re
 import smtplib
-import time
 from typing import Any
 
 from twisted.internet import defer
 from twisted.trial import unittest
+from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.tls import write_pair
 from appliance.users import set_user
-from tests.helpers import RunningAppliance, deferred_sleep, free_port, in_thread, wait_until
+from tests.helpers import RunningAppliance, free_port, in_thread, wait_until
+from tests.memory import MemoryAppliance, SmtpConversation
 from tests.smtpclient import RawClient, unverified_context
 
 MESSAGE = b"From: <sender@example.net>\r\nSubject: hello\r\n\r\nbody\r\n"
@@ -397,26 +400,47 @@ class LimitsTests(ApplianceTestCase):
                          ["0@example.test", "1@example.test"])
 
 
-class ConnectionLimitTests(ApplianceTestCase):
+class MemoryApplianceTestCase(SynchronousTestCase):
+    """
+    The appliance of ``ApplianceTestCase`` (TLS offered, alice / secret) on a memory
+    reactor, for what needs no real socket: limits and timeouts, on a clock the test moves.
+    """
+
+    smtp: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        base = os.path.abspath(self.mktemp())
+        cert, key = tls_files(os.path.join(base, "tls"))
+        users = users_file(base, alice="secret")
+        smtp: dict[str, Any] = {"tls_certificate": cert, "tls_key": key, "users_file": users,
+                                **self.smtp}
+        self.running = MemoryAppliance(os.path.join(base, "run"), smtp=smtp)
+        self.running.start()
+        self.addCleanup(self.running.stop)
+
+    def transaction(self, client: SmtpConversation, rcpt: bytes = b"a@example.test") -> None:
+        """EHLO, MAIL, RCPT and DATA, each expected to succeed."""
+        self.assertEqual(client.command(b"EHLO client.test")[0], 250)
+        self.assertEqual(client.command(b"MAIL FROM:<sender@example.net>")[0], 250)
+        self.assertEqual(client.command(b"RCPT TO:<" + rcpt + b">")[0], 250)
+        self.assertEqual(client.command(b"DATA")[0], 354)
+
+
+class ConnectionLimitTests(MemoryApplianceTestCase):
     smtp = {"max_connections_per_client": 2, "max_connections": 3}
 
-    @defer.inlineCallbacks
-    def test_per_client_limit(self) -> defer.Generator:
-        def session() -> list[Any]:
-            first, second = RawClient(self.port), RawClient(self.port)
-            out = [first.reply()[0], second.reply()[0]]
-            with RawClient(self.port) as third:
-                out.append(third.reply())
-                out.append(third.closed())
-            first.command(b"QUIT")
-            first.close()
-            time.sleep(0.2)  # let the server see the close
-            with RawClient(self.port) as fourth:
-                out.append(fourth.reply()[0])
-            second.close()
-            return out
-
-        out = yield in_thread(session)
+    def test_per_client_limit(self) -> None:
+        first, second = self.running.smtp(), self.running.smtp()
+        out: list[Any] = [first.reply()[0], second.reply()[0]]
+        third = self.running.smtp()
+        out.append(third.reply())
+        out.append(third.closed)
+        first.command(b"QUIT")
+        first.close()  # the server has seen the close once this returns
+        fourth = self.running.smtp()
+        out.append(fourth.reply()[0])
+        fourth.close()
+        second.close()
         self.assertEqual(out[:2], [220, 220])
         self.assertEqual(out[2], (421, [b"421 4.7.0 localhost Too many connections from your "
                                         b"address, try again later"]))
@@ -424,68 +448,55 @@ class ConnectionLimitTests(ApplianceTestCase):
         self.assertEqual(out[4], 220)
 
 
-class TotalConnectionLimitTests(ApplianceTestCase):
+class TotalConnectionLimitTests(MemoryApplianceTestCase):
     smtp = {"max_connections_per_client": 10, "max_connections": 2}
 
-    @defer.inlineCallbacks
-    def test_total_limit(self) -> defer.Generator:
-        def session() -> tuple[int, list[bytes]]:
-            with RawClient(self.port) as a, RawClient(self.port) as b:
-                a.reply(), b.reply()
-                with RawClient(self.port) as c:
-                    return c.reply()
-
-        reply = yield in_thread(session)
-        self.assertEqual(reply, (421, [b"421 4.7.0 localhost Too many connections, try again later"]))
+    def test_total_limit(self) -> None:
+        a, b = self.running.smtp(), self.running.smtp()
+        a.reply(), b.reply()
+        c = self.running.smtp()
+        self.assertEqual(c.reply(), (421, [b"421 4.7.0 localhost Too many connections, try again later"]))
 
 
-class TimeoutTests(ApplianceTestCase):
+class TimeoutTests(MemoryApplianceTestCase):
     smtp = {"timeout": "400ms", "command_timeout": "400ms", "data_timeout": "600ms"}
 
-    @defer.inlineCallbacks
-    def test_idle(self) -> defer.Generator:
-        def session() -> tuple[Any, bool]:
-            with RawClient(self.port) as c:
-                c.reply()
-                return c.reply(), c.closed()
-
-        reply, closed = yield in_thread(session)
+    def test_idle(self) -> None:
+        c = self.running.smtp()
+        c.reply()
+        self.running.advance(0.399)
+        self.assertEqual(c.replies(), [])
+        self.running.advance(0.001)
+        reply = c.reply()
         self.assertEqual(reply[0], 421)
         self.assertRegex(reply[1][0], rb"^421 4\.4\.2 .*idle")
-        self.assertTrue(closed)
+        self.assertTrue(c.closed)
 
-    @defer.inlineCallbacks
-    def test_unfinished_command_line(self) -> defer.Generator:
-        def session() -> tuple[Any, bool]:
-            with RawClient(self.port) as c:
-                c.reply()
-                for ch in b"NOOP":  # a byte at a time keeps the idle clock happy, not the command clock
-                    c.send(bytes([ch]))
-                    time.sleep(0.15)
-                return c.reply(), c.closed()
-
-        reply, closed = yield in_thread(session)
+    def test_unfinished_command_line(self) -> None:
+        c = self.running.smtp()
+        c.reply()
+        for ch in b"NOOP":  # a byte at a time keeps the idle clock happy, not the command clock
+            if c.closed:
+                break
+            c.send(bytes([ch]))
+            self.running.advance(0.15)
+        reply = c.reply()
         self.assertRegex(reply[1][0], rb"^421 4\.4\.2 .*command not completed")
-        self.assertTrue(closed)
+        self.assertTrue(c.closed)
 
-    @defer.inlineCallbacks
-    def test_slow_data(self) -> defer.Generator:
-        def session() -> tuple[Any, bool]:
-            with RawClient(self.port) as c:
-                c.reply()
-                self.transaction(c)
-                try:
-                    for _ in range(8):
-                        c.send(b"x\r\n")
-                        time.sleep(0.15)
-                except OSError:
-                    pass  # the server hung up: its reply is still there to read
-                return c.reply(), c.closed()
-
-        reply, closed = yield in_thread(session)
+    def test_slow_data(self) -> None:
+        c = self.running.smtp()
+        c.reply()
+        self.transaction(c)
+        for _ in range(8):
+            if c.closed:
+                break  # the server hung up: its reply is still there to read
+            c.send(b"x\r\n")
+            self.running.advance(0.15)
+        reply = c.reply()
         self.assertRegex(reply[1][0], rb"^421 4\.4\.2 .*message text not completed")
-        self.assertTrue(closed)
-        yield wait_until(lambda: self.running.spooled() == [])
+        self.assertTrue(c.closed)
+        self.assertEqual(self.running.spooled(), [])
 
 
 class DataTests(ApplianceTestCase):
@@ -548,7 +559,8 @@ class DataTests(ApplianceTestCase):
         replies = yield self.one_message(MESSAGE + b"first\r\n\x00.\r\n" + smuggled)
         self.assertEqual([r[0] for r in replies], [250, 221])
         received = yield self.running.sink.wait_for(1)
-        yield deferred_sleep(0.2)
+        # Every session closed and every accepted copy delivered: a second message would be here.
+        yield wait_until(self.running.settled)
         self.assertEqual(len(self.running.sink.messages), 1)
         self.assertEqual(received[0].rcpt_to, ["a@example.test"])
         self.assertIn(b"\x00.\r\nMAIL FROM:<admin@example.net>", received[0].data)

@@ -46,7 +46,7 @@ class SessionTests(SynchronousTestCase):
         self.context = object()
         factory = InjectionFactory(listener(tls="starttls", **overrides), FakeInjector(), "mx.test", 300,
                                    command_timeout=60, data_timeout=600, tls=self.context,
-                                   checker=self.checker)
+                                   checker=self.checker, clock=self.clock)
         proto = factory.buildProtocol(None)
         proto.callLater = self.clock.callLater
         transport = TLSStringTransport(peerAddress=_IPv4("192.0.2.1"))

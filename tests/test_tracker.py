@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,8 @@ from appliance.config import ConfigError, parse_config
 from appliance.events import EventLog
 from appliance.links import Keyring, LinkCodec, LinkData, click_url, open_url
 from appliance.tracker import PIXEL, Client, Tracker, client_address, make_site
-from tests.helpers import RunningAppliance, base_toml, in_thread, merge
+from tests.helpers import base_toml, in_thread, merge
+from tests.memory import MemoryAppliance
 
 KEYRING = Keyring(((3, b"s" * 32), (2, b"o" * 32)))
 CODEC = LinkCodec(KEYRING)
@@ -223,7 +225,7 @@ class TrackerHTTPTests(unittest.TestCase):
                                now=lambda: self.now)
         self.events.startService()
         self.addCleanup(self.events.stopService)
-        site = make_site(CODEC, self.events, self.trusted, now=lambda: self.now)
+        site = make_site(CODEC, self.events, self.trusted, now=lambda: self.now, reactor=reactor)
         self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(self.listening.stopListening)
         self.port = self.listening.getHost().port
@@ -492,7 +494,7 @@ class IPv6Tests(unittest.TestCase):
         self.addCleanup(self.events.stopService)
 
     def listen(self, trusted: tuple[Any, ...]) -> int:
-        site = make_site(CODEC, self.events, trusted, now=lambda: NOW)
+        site = make_site(CODEC, self.events, trusted, now=lambda: NOW, reactor=reactor)
         try:
             port = reactor.listenTCP(0, site, interface="::1")
         except Exception as e:  # pragma: no cover - hosts without IPv6
@@ -513,32 +515,27 @@ class IPv6Tests(unittest.TestCase):
             self.assertEqual([json.loads(line)["ip_address"] for line in f], ["::1", "2001:db8::5"])
 
 
-class ApplianceTrackerTests(unittest.TestCase):
+class ApplianceTrackerTests(SynchronousTestCase):
     """The tracker as the appliance wires it: its keys, its event log, its configuration."""
 
     def setUp(self) -> None:
-        self.running = RunningAppliance(self.mktemp(),
-                                        tracker={"trusted_proxies": ["127.0.0.1/32"]})
-        return self.running.start()
+        self.running = MemoryAppliance(self.mktemp(), tracker={"trusted_proxies": ["127.0.0.1/32"]})
+        self.running.start()
+        self.addCleanup(self.running.stop)
 
-    def tearDown(self) -> defer.Deferred:
-        return self.running.stop()
-
-    @defer.inlineCallbacks
-    def test_links_minted_by_the_appliance(self) -> defer.Generator:
+    def test_links_minted_by_the_appliance(self) -> None:
         codec = self.running.appliance.links
-        port = self.running.http_port
-        expiry = int(reactor.seconds()) + 3600
+        expiry = int(time.time()) + 3600
         click = link()._replace(expiry=expiry)
-        r = yield in_thread(http, port, "GET", f"/f/a/{codec.encode(click)}",
-                            {"X-Forwarded-For": "198.51.100.7"})
-        self.assertEqual(r.status, 302)
-        self.assertEqual(r.header(b"location"), b"https://shop.example/p?a=1&b=%2F#top")
-        r = yield in_thread(http, port, "GET", f"/q/{codec.encode(link('open')._replace(expiry=expiry))}")
-        self.assertEqual(r.status, 200)
+        status, headers, _ = self.running.get(f"/f/a/{codec.encode(click)}",
+                                              {"X-Forwarded-For": "198.51.100.7"})
+        self.assertEqual(status, 302)
+        self.assertEqual(headers["location"], "https://shop.example/p?a=1&b=%2F#top")
+        status, _, _ = self.running.get(f"/q/{codec.encode(link('open')._replace(expiry=expiry))}")
+        self.assertEqual(status, 200)
         # A link signed with keys this appliance does not hold.
-        r = yield in_thread(http, port, "GET", f"/f/a/{CODEC.encode(click)}")
-        self.assertEqual(r.status, 404)
+        status, _, _ = self.running.get(f"/f/a/{CODEC.encode(click)}")
+        self.assertEqual(status, 404)
         events = self.running.events()
         self.assertEqual([e["type"] for e in events], ["click", "open"])
         self.assertEqual([e["ip_address"] for e in events], ["198.51.100.7", "127.0.0.1"])

@@ -1,4 +1,6 @@
-"""Tracking end to end over real sockets: X-MSYS-API, the policy hook, tracked copies at the sink."""
+"""
+Tracking end to end on a memory reactor: X-MSYS-API, the policy hook, tracked copies at the sink.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +8,14 @@ import hashlib
 import json
 import os
 import re
-import smtplib
 from typing import Any
 
-from twisted.internet import defer
-from twisted.trial import unittest
+from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.links import LinkCodec, LinkData, read_keyring
 from tests import policies
-from tests.helpers import TRACKING_DOMAIN, RunningAppliance, in_thread, wait_until
+from tests.helpers import TRACKING_DOMAIN
+from tests.memory import MemoryAppliance, sendmail
 
 HTML = (
     b'<html><body><p>Hello</p><a href="https://shop.example/p?id=1&amp;x=2#top" '
@@ -36,29 +37,27 @@ TRACK_ALL = json.dumps({"campaign_id": "spring", "metadata": {"user": "42"}, "ta
 TOKEN = re.compile(rb"http://" + re.escape(TRACKING_DOMAIN.encode()) + rb"/(?:f/[^/]+|q)/([A-Za-z0-9_-]+)")
 
 
-def send(port: int, recipients: list[str], data: bytes) -> Any:
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        return client.sendmail("s@example.net", recipients, data)
+def send(running: MemoryAppliance, recipients: list[str], data: bytes) -> list[tuple[int, list[bytes]]]:
+    """One whole conversation; every reply, greeting to QUIT."""
+    return sendmail(running.smtp(), "s@example.net", recipients, data)
 
 
-def send_expecting_refusal(port: int, recipients: list[str], data: bytes) -> tuple[int, bytes]:
-    try:
-        send(port, recipients, data)
-    except smtplib.SMTPDataError as e:
-        return e.smtp_code, e.smtp_error
-    raise AssertionError("the message was accepted")
+def send_expecting_refusal(running: MemoryAppliance, recipients: list[str], data: bytes) -> tuple[int, bytes]:
+    """The refusal of the message's end: its code and text, as smtplib reports them."""
+    code, [line] = send(running, recipients, data)[-2]
+    if code < 400:
+        raise AssertionError("the message was accepted")
+    return code, line[4:]
 
 
-class TrackingTestCase(unittest.TestCase):
+class TrackingTestCase(SynchronousTestCase):
     changes: dict[str, Any] = {}
 
     def setUp(self) -> None:
-        self.running = RunningAppliance(self.mktemp(), **self.changes)
+        self.running = MemoryAppliance(self.mktemp(), **self.changes)
         self.codec = LinkCodec(read_keyring(self.running.config.links.keys_file))
-        return self.running.start()
-
-    def tearDown(self) -> defer.Deferred:
-        return self.running.stop()
+        self.running.start()
+        self.addCleanup(self.running.stop)
 
     def events(self, type_: str) -> list[dict[str, Any]]:
         return [e for e in self.running.events() if e["type"] == type_]
@@ -67,20 +66,20 @@ class TrackingTestCase(unittest.TestCase):
         spool = self.running.config.spool.directory
         return not any(os.listdir(os.path.join(spool, d)) for d in ("active", "incoming"))
 
-    def delivered(self, count: int) -> defer.Deferred:
-        """Wait for the outcome events too: a test must not end while a delivery is in flight."""
-        return wait_until(lambda: len(self.events("delivery")) == count)
+    def delivered(self, count: int) -> None:
+        """The outcome events are written too: nothing is left in flight."""
+        self.assertEqual(len(self.events("delivery")), count)
+        self.assertTrue(self.spool_is_empty())
 
     def tokens(self, data: bytes) -> list[LinkData]:
         return [self.codec.decode(t) for t in TOKEN.findall(data.replace(b"=\r\n", b""))]
 
 
 class HeaderTests(TrackingTestCase):
-    @defer.inlineCallbacks
-    def test_tracked_copies(self) -> defer.Generator:
-        yield in_thread(send, self.running.smtp_port, ["a@example.test", "B@example.org"],
-                        message(TRACK_ALL))
-        copies = yield self.running.sink.wait_for(2)
+    def test_tracked_copies(self) -> None:
+        send(self.running, ["a@example.test", "B@example.org"], message(TRACK_ALL))
+        copies = self.running.sink.messages
+        self.assertEqual(len(copies), 2)
         by_rcpt = {c.rcpt_to[0]: c.data for c in copies}
         injections = {e["raw_rcpt_to"]: e for e in self.events("injection")}
         for rcpt, data in by_rcpt.items():
@@ -100,16 +99,14 @@ class HeaderTests(TrackingTestCase):
                              ("spring", {"user": "42"}, ["a", "b"]))
             self.assertNotIn("tracking_skipped", event)
             self.assertNotIn("dkim_broken", event)
-        yield self.delivered(2)
+        self.delivered(2)
         for delivery in self.events("delivery"):
             self.assertEqual((delivery["campaign_id"], delivery["rcpt_meta"], delivery["rcpt_tags"]),
                              ("spring", {"user": "42"}, ["a", "b"]))
 
-    @defer.inlineCallbacks
-    def test_bad_header_refuses_the_message(self) -> defer.Generator:
-        code, text = yield in_thread(send_expecting_refusal, self.running.smtp_port,
-                                     ["a@example.test", "b@example.org"],
-                                     message('{"metadata": ["not", "an", "object"]}'))
+    def test_bad_header_refuses_the_message(self) -> None:
+        code, text = send_expecting_refusal(self.running, ["a@example.test", "b@example.org"],
+                                            message('{"metadata": ["not", "an", "object"]}'))
         self.assertEqual((code, text), (550, b"5.6.0 X-MSYS-API 'metadata' must be of type 'json object'"))
         rejections = self.events("policy_rejection")
         self.assertEqual(sorted(e["rcpt_to"] for e in rejections), ["a@example.test", "b@example.org"])
@@ -121,8 +118,7 @@ class HeaderTests(TrackingTestCase):
         self.assertTrue(self.spool_is_empty())
         self.assertEqual(self.running.sink.messages, [])
 
-    @defer.inlineCallbacks
-    def test_headers_that_could_not_be_stored_are_refused(self) -> defer.Generator:
+    def test_headers_that_could_not_be_stored_are_refused(self) -> None:
         """Half characters, nesting past what JSON tools recurse on, tags too long to carry."""
         deep = '{"x":' + "[" * 3000 + "]" * 3000 + "}"
         cases = [
@@ -136,8 +132,7 @@ class HeaderTests(TrackingTestCase):
              "X-MSYS-API 'tags' must not contain a tag longer than 64 bytes"),
         ]
         for api, text in cases:
-            code, reply = yield in_thread(send_expecting_refusal, self.running.smtp_port,
-                                          ["a@example.test"], message(api))
+            code, reply = send_expecting_refusal(self.running, ["a@example.test"], message(api))
             self.assertEqual((code, reply.decode()), (550, f"5.6.0 {text}"))
             rejection = self.events("policy_rejection")[-1]
             self.assertEqual(rejection["reason"], f"550 5.6.0 {text}")
@@ -146,26 +141,24 @@ class HeaderTests(TrackingTestCase):
         self.assertTrue(self.spool_is_empty())
         self.assertEqual(self.running.sink.messages, [])
 
-    @defer.inlineCallbacks
-    def test_skipped_tracking_and_dkim_are_reported(self) -> defer.Generator:
+    def test_skipped_tracking_and_dkim_are_reported(self) -> None:
         lying = (b"<a href='https://x.example/'>caf\xe9</a>\r\n")
         data = message(TRACK_ALL, b"DKIM-Signature: v=1; d=example.net; h=from:subject; b=x\r\n", lying)
-        yield in_thread(send, self.running.smtp_port, ["a@example.test"], data)
-        [copy] = yield self.running.sink.wait_for(1)
+        send(self.running, ["a@example.test"], data)
+        [copy] = self.running.sink.messages
         [event] = self.events("injection")
         self.assertTrue(event["tracking_skipped"])
         self.assertEqual(event["tracking_skipped_reason"], "text/html part: it is not valid utf-8")
         self.assertTrue(event["dkim_broken"])  # the text part was still rewritten
         self.assertIn(lying, copy.data)  # the bad part exactly as it came
         self.assertEqual([d.target for d in self.tokens(copy.data)], ["https://shop.example/t"])
-        yield self.delivered(1)
+        self.delivered(1)
 
 
 class LongLinkTests(TrackingTestCase):
     changes = {"engagement_tracker": {"max_metadata_len": 8000}}
 
-    @defer.inlineCallbacks
-    def test_links_too_long_are_left_out_and_said_so(self) -> defer.Generator:
+    def test_links_too_long_are_left_out_and_said_so(self) -> None:
         """SPEC §6: no link over 4096 characters; the injection event says what was left out."""
         chance = hashlib.sha256()
         members = []
@@ -175,8 +168,8 @@ class LongLinkTests(TrackingTestCase):
             members.append(f'"k{i}": "{value}"')
         api = ('{"options": {"open_tracking": true, "click_tracking": true}, "metadata": {'
                + ",\r\n ".join(members) + "}}")
-        yield in_thread(send, self.running.smtp_port, ["a@example.test"], message(api))
-        [copy] = yield self.running.sink.wait_for(1)
+        send(self.running, ["a@example.test"], message(api))
+        [copy] = self.running.sink.messages
         self.assertEqual(self.tokens(copy.data), [])
         self.assertIn(b"https://shop.example/t", copy.data)
         for line in copy.data.replace(b"=\r\n", b"").split(b"\r\n"):
@@ -187,23 +180,28 @@ class LongLinkTests(TrackingTestCase):
         self.assertEqual(event["tracking_skipped_reason"],
                          "2 links left untracked: the tracked URL would be over 4096 characters; "
                          "open and initial_open pixel left out: its URL would be over 4096 characters")
-        yield self.delivered(1)
+        self.delivered(1)
 
 
 class PolicyTests(TrackingTestCase):
     changes = {"policy": {"hook": "tests.policies:per_recipient"},
                "smtpapi": {"open_tracking_enabled": True, "click_tracking_enabled": True}}
 
-    @defer.inlineCallbacks
-    def test_per_recipient_verdicts(self) -> defer.Generator:
+    def test_per_recipient_verdicts(self) -> None:
         del policies.calls[:]
-        yield in_thread(send, self.running.smtp_port,
-                        ["yes@example.test", "no@example.test", "plain@example.org"],
-                        message('{"campaign_id": "from-header"}'))
+        del policies.held[:]
+        replies = send(self.running, ["yes@example.test", "no@example.test", "plain@example.org"],
+                       message('{"campaign_id": "from-header"}'))
+        # yes@ is answered later: until then the message waits for its reply.
+        self.assertEqual(replies[-1][0], 354)
+        self.assertEqual(self.running.sink.messages, [])
+        [decision] = policies.held
+        decision.callback(None)
+        self.running.settle()
         self.assertEqual([(c[0].rcpt_to, c[1], c[2], c[3]) for c in policies.calls],
                          [(r, "127.0.0.1", None, "Tracked")
                           for r in ("yes@example.test", "no@example.test", "plain@example.org")])
-        copies = yield self.running.sink.wait_for(2)
+        copies = self.running.sink.messages
         by_rcpt = {c.rcpt_to[0]: c.data for c in copies}
         self.assertEqual(sorted(by_rcpt), ["plain@example.org", "yes@example.test"])
         yes = self.tokens(by_rcpt["yes@example.test"])
@@ -218,16 +216,14 @@ class PolicyTests(TrackingTestCase):
         self.assertEqual(sorted(injections), ["plain@example.org", "yes@example.test"])
         self.assertEqual(injections["plain@example.org"]["click_tracking"], False)
         self.assertEqual(injections["yes@example.test"]["campaign_id"], "from-policy")
-        yield self.delivered(2)
+        self.delivered(2)
 
 
 class RejectAllTests(TrackingTestCase):
     changes = {"policy": {"hook": "tests.policies:reject_all"}}
 
-    @defer.inlineCallbacks
-    def test_everyone_rejected(self) -> defer.Generator:
-        code, text = yield in_thread(send_expecting_refusal, self.running.smtp_port,
-                                     ["a@example.test", "b@example.org"], message())
+    def test_everyone_rejected(self) -> None:
+        code, text = send_expecting_refusal(self.running, ["a@example.test", "b@example.org"], message())
         self.assertEqual((code, text), (554, b"5.7.1 Go away"))
         self.assertEqual(len(self.events("policy_rejection")), 2)
         self.assertTrue(self.spool_is_empty())
@@ -236,40 +232,35 @@ class RejectAllTests(TrackingTestCase):
 class BrokenPolicyTests(TrackingTestCase):
     changes = {"policy": {"hook": "tests.policies:broken"}}
 
-    @defer.inlineCallbacks
-    def test_failure_is_temporary_for_everyone(self) -> defer.Generator:
-        code, text = yield in_thread(send_expecting_refusal, self.running.smtp_port,
-                                     ["a@example.test", "b@example.org"], message())
+    def test_failure_is_temporary_for_everyone(self) -> None:
+        code, text = send_expecting_refusal(self.running, ["a@example.test", "b@example.org"], message())
         self.assertEqual((code, text), (451, b"4.3.5 Policy not available, try again later"))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(self.spool_is_empty())  # a@ was fine, but nobody is half-accepted
         self.assertEqual({e["error_code"] for e in self.events("policy_rejection")}, {"451"})
 
 
-class RestartTests(unittest.TestCase):
+class RestartTests(SynchronousTestCase):
     """A copy made after a restart is prepared again from the spooled text."""
 
-    @defer.inlineCallbacks
-    def test_copy_after_restart(self) -> defer.Generator:
+    def test_copy_after_restart(self) -> None:
         directory = self.mktemp()
         # First run: the destination refuses connections, so the copy waits in the spool.
-        first = RunningAppliance(directory, delivery={"retry_initial": "1s"})
-        dead = first.config.delivery.routes["example.test"]
-        yield first.sink_port.stopListening()
-        yield first.start()
-        yield in_thread(send, first.smtp_port, ["a@example.test"], message(TRACK_ALL))
-        yield wait_until(lambda: any(e["type"] == "delay" for e in first.events()))
-        yield first.appliance.stopService()
+        first = MemoryAppliance(directory, delivery={"retry_initial": "1s"})
+        first.servers.clear()
+        first.start()
+        send(first, ["a@example.test"], message(TRACK_ALL))
+        self.assertEqual([e["type"] for e in first.events()], ["injection", "delay"])
+        first.stop()
         [injection] = [e for e in first.events() if e["type"] == "injection"]
 
-        second = RunningAppliance(directory, delivery={"retry_initial": "1s"})
-        self.assertNotEqual(second.config.delivery.routes["example.test"], dead)
-        yield second.start()
-        try:
-            [copy] = yield second.sink.wait_for(1)
-            yield wait_until(lambda: any(e["type"] == "delivery" for e in second.events()))
-        finally:
-            yield second.stop()
+        second = MemoryAppliance(directory, delivery={"retry_initial": "1s"})
+        second.start()
+        self.addCleanup(second.stop)
+        self.assertEqual(second.sink.messages, [])
+        second.advance(1)  # the retry is due
+        [copy] = second.sink.messages
+        self.assertTrue(any(e["type"] == "delivery" for e in second.events()))
         codec = LinkCodec(read_keyring(second.config.links.keys_file))
         links = [codec.decode(t) for t in TOKEN.findall(copy.data)]
         self.assertEqual(len(links), 4)

@@ -12,6 +12,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import resource, server
 
+from appliance.build import build
 from appliance.follower import Cursor, load_cursor
 from appliance.service import Appliance
 from tests.fakes import self_signed
@@ -123,7 +124,8 @@ class WebhookHttpTests(unittest.TestCase):
         self.assertEqual(self.receiver.accepted(), [])
 
         self.receiver.codes = []
-        self.running.appliance = Appliance(self.running.config, resolver=self.running.resolver)
+        self.running.appliance = Appliance(build(self.running.config), reactor,
+                                           resolver=self.running.resolver, handle_sighup=False)
         self.running.appliance.startService()
         yield wait_until(lambda: {e["msys"]["message_event"]["event_id"] for e in self.receiver.events()}
                          == {e["event_id"] for e in self.running.events()})

@@ -28,6 +28,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, ssl
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -42,9 +43,9 @@ from appliance.delivery.outcome import (
 from appliance.delivery.routing import Destination, Hop, HopFinder, NoHops, Router
 from appliance.events import EventLog
 from appliance.eventtypes import delivery_event
+from appliance.reactors import Reactor
 from appliance.retry import RetrySchedule
 from appliance.spool import QueuedMessage, Spool
-from appliance.tls import load_trust_root
 
 log = Logger()
 
@@ -215,17 +216,15 @@ class DeliveryService(Service):
         render: CopyRenderer,
         router: Router,
         helo_name: str,
-        reactor: Any = None,
-        clock: Any = None,
+        reactor: Reactor,
+        clock: IReactorTime | None = None,
         resolver: Any = None,
         rng: Any = None,
         mx_port: int = 25,
         on_message_done: Callable[[str], None] | None = None,
+        trust: ssl.IOpenSSLTrustRoot | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        """``trust``: the roots of ``config.tls_ca_file``, as the builder loaded them."""
         self.config = config
         self.spool = spool
         self.events = events
@@ -235,7 +234,7 @@ class DeliveryService(Service):
         self.helo_name = helo_name.encode("idna")
         self.reactor = reactor  # connectTCP
         self.clock = clock or reactor  # callLater, seconds: timers, timeouts, queue times
-        self.hop_finder = HopFinder(config, resolver, rng, mx_port)
+        self.hop_finder = HopFinder(config, resolver, rng, mx_port, reactor=reactor)
         self._jobs: dict[tuple[str, int], Job] = {}
         self._timers: dict[tuple[str, int], Any] = {}
         self._queues: dict[str, _Queue] = {}
@@ -244,11 +243,14 @@ class DeliveryService(Service):
         self._settling: set[defer.Deferred] = set()
         self._clients: set[DeliveryClient | None] = set()  # connected, for a stop to cut off
         self._plain_tls = ssl.CertificateOptions()
-        # What a checked certificate is checked against: read once, here, at start-up. Checked
+        # What a checked certificate is checked against, read once by the builder. Checked
         # are every server's with tls_verify, and the smarthost's whenever it gets credentials.
+        if config.tls_ca_file and trust is None:
+            raise ValueError(f"delivery.tls_ca_file {config.tls_ca_file} is set, but its trust roots "
+                             "were not given (appliance.build loads them)")
         self._trust: Any = None
         if config.tls_verify or config.smarthost_username:
-            self._trust = load_trust_root(config.tls_ca_file) if config.tls_ca_file else ssl.platformTrust()
+            self._trust = trust or ssl.platformTrust()
         self._pump_call: Any = None  # a _pump() due once the current call stack has unwound
 
     def now(self) -> float:

@@ -25,6 +25,7 @@ from twisted.names import error as dns_error
 
 from appliance.config import DeliveryConfig, Route
 from appliance.delivery.outcome import Outcome, internal
+from appliance.reactors import Reactor
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
@@ -174,8 +175,12 @@ class HopFinder:
     """Turns a destination into the addresses to try, in order, using an injected resolver."""
 
     def __init__(self, config: DeliveryConfig, resolver: Any = None, rng: random.Random | None = None,
-                 mx_port: int = 25) -> None:
+                 mx_port: int = 25, reactor: Reactor | None = None) -> None:
+        """Without a ``resolver``, the system's is made on ``reactor``, which must then be given."""
+        if resolver is None and reactor is None:
+            raise TypeError("HopFinder needs a resolver, or a reactor to make the system's on")
         self._resolver = resolver
+        self._reactor = reactor
         self.mx_port = mx_port  # SMTP's port; tests move it off the privileged range
         self.dns_servers = config.dns_servers
         self.preference = config.address_preference
@@ -186,7 +191,7 @@ class HopFinder:
     def resolver(self) -> Any:
         """The injected resolver, else the system's, made on first use (an IP route never needs it)."""
         if self._resolver is None:
-            self._resolver = make_resolver(self.dns_servers)
+            self._resolver = make_resolver(self.dns_servers, self._reactor)
         return self._resolver
 
     @defer.inlineCallbacks
@@ -276,7 +281,7 @@ def _dns_error_text(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def make_resolver(servers: Sequence[tuple[str, int]]) -> Any:
+def make_resolver(servers: Sequence[tuple[str, int]], reactor: Reactor) -> Any:
     """
     The resolver used outside tests: /etc/hosts, a cache, then the name servers.
 
@@ -286,7 +291,8 @@ def make_resolver(servers: Sequence[tuple[str, int]]) -> Any:
     from twisted.names import cache, client, hosts, resolve
 
     if servers:
-        upstream = client.Resolver(servers=list(servers))
+        upstream = client.Resolver(servers=list(servers), reactor=reactor)
     else:
-        upstream = client.Resolver(resolv="/etc/resolv.conf")
-    return resolve.ResolverChain([hosts.Resolver(b"/etc/hosts"), cache.CacheResolver(), upstream])
+        upstream = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    return resolve.ResolverChain([hosts.Resolver(b"/etc/hosts"), cache.CacheResolver(reactor=reactor),
+                                  upstream])

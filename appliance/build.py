@@ -1,0 +1,181 @@
+"""
+From a checked configuration to the ready objects the services run on.
+
+``config.py`` checks the TOML's shape and values; this module opens the files
+it names (certificates and keys, CA bundles, DKIM keys, the users file, the
+link keyring, the policy hook), each once, and reports every problem with its
+key path in one ``ConfigError``, together with the configuration's own. The
+services receive what is built here and never read these files themselves.
+``tap.py`` builds before twistd daemonizes, so a missing key fails the command.
+
+Tests may pass their own ``Loaders``, as Tahoe-LAFS's ``create_client_from_config``
+takes factories.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+from appliance.config import Config, ConfigError, read_config, read_toml
+from appliance.dkim import PrivateKey, Signer, SigningKey, load_private_key, weakness
+from appliance.links import KeyFileError, Keyring, prepare_keyring
+from appliance.policy import Hook, PolicyError, load_hook
+from appliance.tls import load_server_options, load_trust_root
+from appliance.users import UsersTable, load_users
+
+log = Logger()
+
+Problems = list[tuple[str, str]]
+
+
+def read_secret(path: str) -> str:
+    """A secret kept in a file of its own (a password), without its line end."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().rstrip("\r\n")
+    except (OSError, UnicodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """How each kind of file is read; every one raises with a reason an operator can act on."""
+
+    server_options: Callable[[str, str], ssl.CertificateOptions] = load_server_options
+    trust_root: Callable[[str], ssl.IOpenSSLTrustRoot] = load_trust_root
+    private_key: Callable[[str], PrivateKey] = load_private_key
+    users: Callable[[str], UsersTable] = load_users
+    keyring: Callable[[str, bool], Keyring] = prepare_keyring
+    hook: Callable[[str, Sequence[str]], Hook | None] = load_hook
+    secret: Callable[[str], str] = read_secret
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The configuration (its secrets filled in) and everything read from the files it names."""
+
+    config: Config
+    keyring: Keyring
+    policy_hook: Hook | None = None
+    listener_tls: Mapping[str, ssl.CertificateOptions] = field(default_factory=dict)  # by listener name
+    delivery_trust: ssl.IOpenSSLTrustRoot | None = None  # tls_ca_file's roots; None: the platform's
+    webhook_trust: Mapping[str, ssl.IOpenSSLTrustRoot] = field(default_factory=dict)  # by webhook name
+    signer: Signer | None = None
+    users: UsersTable | None = None
+
+
+def build(config: Config, problems: Problems | None = None, loaders: Loaders = Loaders()) -> Parts:
+    """
+    Load every file ``config`` names; raise one ``ConfigError`` with ``problems`` and
+    those of the files. The keyring (which may be created) and the policy hook (whose
+    module runs when imported) are only prepared when everything else is right.
+    """
+    problems = list(problems or [])
+    delivery = config.delivery
+    if delivery.smarthost_password_file:
+        password = _load(problems, "delivery.smarthost_password_file", loaders.secret,
+                         delivery.smarthost_password_file)
+        if password is not None:
+            config = replace(config, delivery=replace(delivery, smarthost_password=password))
+    listener_tls = _listener_tls(config, problems, loaders)
+    delivery_trust = None
+    ca = config.delivery.tls_ca_file
+    if ca and not os.path.isfile(ca):
+        problems.append(("delivery.tls_ca_file", f"no such file: {ca}"))
+    elif ca:
+        delivery_trust = _load(problems, "delivery.tls_ca_file", loaders.trust_root, ca)
+    webhook_trust = {}
+    for hook in config.webhooks:
+        if hook.tls_ca_file:
+            root = _load(problems, f"{hook.where or 'webhooks'}.tls_ca_file", loaders.trust_root,
+                         hook.tls_ca_file)
+            if root is not None:
+                webhook_trust[hook.name] = root
+    signer = _signer(config, problems, loaders)
+    users = None
+    if config.smtp.users_file:
+        users = _load(problems, "smtp.users_file", loaders.users, config.smtp.users_file)
+    keyring: Keyring | None = None
+    policy_hook = None
+    if not problems:
+        try:
+            keyring = loaders.keyring(config.links.keys_file, config.links.create_keys_file)
+        except KeyFileError as e:
+            problems.append(("links.keys_file", str(e)))
+        try:
+            policy_hook = loaders.hook(config.policy.hook, config.policy.path)
+        except PolicyError as e:
+            problems.append(("", str(e)))  # the message names policy.hook itself
+    if problems or keyring is None:
+        raise ConfigError(problems, config.source)
+    return Parts(config=config, keyring=keyring, policy_hook=policy_hook, listener_tls=listener_tls,
+                 delivery_trust=delivery_trust, webhook_trust=webhook_trust, signer=signer, users=users)
+
+
+def build_from_toml(data: dict[str, Any], source: str = "", loaders: Loaders = Loaders()) -> Parts:
+    """Check parsed TOML and build from it; one ``ConfigError`` holds every problem."""
+    config, problems = read_config(data, source)
+    return build(config, problems, loaders)
+
+
+def load(path: str, loaders: Loaders = Loaders()) -> Parts:
+    """Read, check and build the configuration file at ``path``."""
+    return build_from_toml(read_toml(path), path, loaders)
+
+
+def _load(problems: Problems, where: str, loader: Callable[..., Any], *args: str) -> Any:
+    try:
+        return loader(*args)
+    except ValueError as e:  # DkimError is one too
+        problems.append((where, str(e)))
+        return None
+
+
+def _listener_tls(config: Config, problems: Problems, loaders: Loaders) -> dict[str, ssl.CertificateOptions]:
+    """
+    TLS options per listener. A pair shared by several listeners is loaded once,
+    and its problem is named where the pair is set: ``smtp`` or the listener.
+    """
+    smtp = config.smtp
+    loaded: dict[tuple[str, str], ssl.CertificateOptions | None] = {}
+
+    def pair(certificate: str, key: str, where: str) -> ssl.CertificateOptions | None:
+        if (certificate, key) not in loaded:
+            loaded[certificate, key] = _load(problems, f"{where}.tls_certificate",
+                                             loaders.server_options, certificate, key)
+        return loaded[certificate, key]
+
+    if smtp.tls_certificate and smtp.tls_key:
+        pair(smtp.tls_certificate, smtp.tls_key, "smtp")
+    options = {}
+    for listener in smtp.listeners:
+        if not (listener.tls_certificate and listener.tls_key) or listener.tls == "off":
+            continue
+        own = (listener.tls_certificate, listener.tls_key) != (smtp.tls_certificate, smtp.tls_key)
+        tls = pair(listener.tls_certificate, listener.tls_key,
+                   f"smtp.listeners.{listener.name}" if own else "smtp")
+        if tls is not None:
+            options[listener.name] = tls
+    return options
+
+
+def _signer(config: Config, problems: Problems, loaders: Loaders) -> Signer | None:
+    """The DKIM signer of the configured keys, or ``None`` when no key is configured."""
+    keys = []
+    for c in config.dkim:
+        key = _load(problems, f"{c.where or 'dkim'}.key_file", loaders.private_key, c.key_file)
+        if key is None:
+            continue
+        weak = weakness(key)
+        if weak:
+            log.warn("DKIM key {path}: {weak}", path=c.key_file, weak=weak)
+        keys.append(SigningKey(c.domain, c.selector, key, c.headers))
+    # With problems the build fails anyway, and a key's table may be among them.
+    return Signer(keys) if keys and not problems else None
+
