@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.application.service import Service
 from twisted.internet import defer, ssl
@@ -105,6 +105,7 @@ class _HopResult:
     tls_failed: bool = False
 
 
+@runtime_checkable
 class AttemptOwner(Protocol):
     """
     What a hop attempt needs of whoever started it (``DeliveryService``).
