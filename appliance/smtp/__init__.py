@@ -4,7 +4,7 @@ The ESMTP injection server.
 - ``server``: one session, the command dialogue on top of Twisted's ``ESMTP``.
 - ``twisted_server``: the only code that touches ``ESMTP``'s internals.
 - ``data``: the DATA reader (message text read whole, checked as it comes).
-- ``envelope``: which addresses and MAIL parameters are taken.
+- ``envelope``: MAIL, RCPT and the commands around them, and which addresses and parameters are taken.
 - ``auth``: AUTH PLAIN and LOGIN, and the decisions of the exchange.
 - ``hold``: input held while a reply is being decided.
 - ``drain``: connection limits and the drain of sessions at a stop.
