@@ -42,7 +42,12 @@ class ESMTPClientAdapter(smtp.ESMTPClient):
         self._failresponse = on_fail
 
     def on_refusal(self, handler: ReplyHandler) -> None:
-        """Route the next reply that is not expected to ``handler``; what is expected stays as it is."""
+        """
+        Route the next reply that is not expected to ``handler``; what is expected stays as it is.
+
+        Relies on the stock state methods (``smtpState_helo``) setting
+        ``_expected`` and ``_okresponse`` but leaving ``_failresponse`` to the caller.
+        """
         self._failresponse = handler
 
     def tls_active(self) -> bool:
@@ -56,7 +61,13 @@ class ESMTPClientAdapter(smtp.ESMTPClient):
         return bool(self._tlsMode)
 
     def note_tls_started(self) -> None:
-        """Record that STARTTLS went through, as the stock ``esmtpState_starttls`` does."""
+        """
+        Record that STARTTLS went through, as the stock ``esmtpState_starttls`` does.
+
+        Relies on ``_tlsMode`` being all that ``esmtpState_ehlo`` and ``tryTLS``
+        consult: the EHLO after STARTTLS then neither asks for STARTTLS again
+        nor falls back to HELO for want of TLS.
+        """
         self._tlsMode = True
 
     def discard_unread(self) -> None:

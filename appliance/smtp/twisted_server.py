@@ -63,11 +63,22 @@ class ESMTPAdapter(smtp.ESMTP):
         return [user for user, _ in self._to]
 
     def reset_envelope(self) -> None:
-        """End the transaction (RSET, the start of DATA): no sender, no recipients."""
+        """
+        End the transaction (RSET, the start of DATA): no sender, no recipients.
+
+        Relies on ``do_MAIL``, ``do_RCPT`` and ``_cbToValidate`` reading the
+        envelope from ``_from`` and ``_to`` alone: ``None`` and ``[]`` are what
+        ``SMTP.__init__`` and the stock RSET leave there.
+        """
         self._from, self._to = None, []
 
     def forget_greeting(self) -> None:
-        """Forget HELO/EHLO and the transaction (RFC 3207 §4.2, after STARTTLS): EHLO is needed again."""
+        """
+        Forget HELO/EHLO and the transaction (RFC 3207 §4.2, after STARTTLS): EHLO is needed again.
+
+        Relies on ``_helo`` being ``None`` meaning "no greeting yet", as before
+        ``connectionMade``; ``helo_argument`` then answers ``None``.
+        """
         self._helo = None
         self.reset_envelope()
 
