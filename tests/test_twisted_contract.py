@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.copyright import version as twisted_version
 from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.mail import smtp
 from twisted.trial.unittest import SynchronousTestCase
@@ -165,6 +166,7 @@ class ServerAdapterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.proto = _Server()
         self.proto.host = b"mx.test"
+        self.proto.callLater = Clock().callLater  # its idle timeout, never on the global reactor
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
         self.transport.clear()
@@ -261,6 +263,7 @@ class ClientAdapterTests(SynchronousTestCase):
 
     def connect(self, transport: StringTransport | None = None) -> tuple[_Client, StringTransport]:
         client = _Client()
+        client.callLater = Clock().callLater
         transport = transport or StringTransport()
         client.makeConnection(transport)
         return client, transport
