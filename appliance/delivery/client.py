@@ -2,7 +2,8 @@
 The SMTP client side of delivery: one connection that carries many copies.
 
 ``DeliveryClient`` is Twisted's ``ESMTPClient`` (EHLO, STARTTLS, AUTH) with
-the mail transaction written anew, because the stock one takes one message
+the mail transaction written anew (Twisted's internals reached only through
+``ESMTPClientAdapter``), because the stock one takes one message
 and its recipients up front. Here the connection asks its ``Attempt`` for the
 next copy after every transaction (``RSET`` in between), so one connection
 carries as many copies as are ready for its destination, and every reply is
@@ -21,11 +22,14 @@ import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IAddress, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.ssl import CertificateOptions
 from twisted.mail import smtp
 from twisted.protocols import basic
 from twisted.python.failure import Failure
 
 from appliance.delivery.outcome import DELAY, Outcome, internal, reply_outcome
+from appliance.delivery.twisted_client import ESMTPClientAdapter
 
 if TYPE_CHECKING:
     from appliance.delivery.routing import Hop
@@ -109,10 +113,12 @@ class Attempt(Protocol):
     def closed(self) -> None: ...
 
 
-class DeliveryClient(smtp.ESMTPClient):
+class DeliveryClient(ESMTPClientAdapter):
     debug = False  # no line log kept: it would hold message envelopes (PII)
 
-    def __init__(self, attempt: Attempt, identity: bytes, context: Any, clock: Any,
+    def __init__(self, attempt: Attempt, identity: bytes,
+                 context: CertificateOptions | IOpenSSLClientConnectionCreator | None,
+                 clock: IReactorTime,
                  command_timeout: float, data_timeout: float,
                  username: bytes | None = None, password: bytes | None = None,
                  require_tls: bool = False) -> None:
@@ -153,7 +159,7 @@ class DeliveryClient(smtp.ESMTPClient):
         if not _REPLY.fullmatch(line):
             shown = line[:80].decode("ascii", "backslashreplace")
             return self.sendError(smtp.SMTPProtocolError(-1, f"not an SMTP reply: {shown!r}"))
-        if len(self.resp) >= MAX_REPLY_LINES:
+        if self.reply_lines_so_far() >= MAX_REPLY_LINES:
             return self.sendError(smtp.SMTPProtocolError(-1, "a reply of more than 1000 lines"))
         return super().lineReceived(line)
 
@@ -166,7 +172,7 @@ class DeliveryClient(smtp.ESMTPClient):
         # EHLO was refused and HELO is the fallback; the stock client would send
         # HELO again after every refusal of HELO, for ever.
         super().smtpState_helo(code, resp)
-        self._failresponse = self._refused
+        self.on_refusal(self._refused)
 
     def _refused(self, code: int, resp: bytes) -> None:
         self.sendError(smtp.SMTPClientError(code, resp))
@@ -191,11 +197,11 @@ class DeliveryClient(smtp.ESMTPClient):
             self.transport.startTLS(self.context)
         except Exception as e:
             return self.sendError(smtp.TLSError(code, f"could not start TLS: {e}".encode()))
-        self._tlsMode = True
+        self.note_tls_started()
         self._tls_started = True
         # Whatever came after the 220 in the same read was sent in plaintext and must not be
         # taken for the server's answers inside TLS (the client side of CVE-2011-0411).
-        self._buffer = b""
+        self.discard_unread()
         self.esmtpState_ehlo(code, resp)
 
     # -- the mail transactions -------------------------------------------------
@@ -216,8 +222,7 @@ class DeliveryClient(smtp.ESMTPClient):
                 # meanwhile, so no reply is awaited and no command timeout runs; a reply
                 # that comes all the same (a 421 on its way out) ends the session.
                 self.setTimeout(None)
-                self._expected = []
-                self._okresponse = self._failresponse = self._refused
+                self.expect([], self._refused, self._refused)
                 job.addCallback(self._copy_made)
                 return
             refusal = self._unsendable(job)
@@ -226,18 +231,14 @@ class DeliveryClient(smtp.ESMTPClient):
             self.attempt.job_done(job, refusal)
             job = self.attempt.next_job()
         if job is None:
-            self._from = None
-            return self._disconnectFromServer()
+            return self.quit()
         self.job = job
-        self._from = job.mail_from
         params = b""
         if b"SIZE" in self.extensions:
             params += b" SIZE=%d" % len(job.data)
         if b"8BITMIME" in self.extensions and not job.data.isascii():
             params += b" BODY=8BITMIME"
-        self._expected = [250]
-        self._okresponse = self.smtpState_to
-        self._failresponse = self.smtpTransferFailed
+        self.expect([250], self.smtpState_to, self.smtpTransferFailed)
         self.sendLine(b"MAIL FROM:<" + job.mail_from.encode("utf-8") + b">" + params)
 
     def _copy_made(self, job: Job | None | defer.Deferred) -> None:
@@ -254,30 +255,24 @@ class DeliveryClient(smtp.ESMTPClient):
         """A bounce for a copy whose addresses would smuggle a command into the dialogue."""
         if _LINE_BREAKERS.search(job.mail_from):
             return internal(550, "5.1.7", "the sender address holds a CR, LF or NUL and cannot be sent "
-                            "in MAIL FROM", self.hop.address, self._tlsMode)
+                            "in MAIL FROM", self.hop.address, self.tls_active())
         if _LINE_BREAKERS.search(job.address):
             return internal(550, "5.1.3", "the recipient address holds a CR, LF or NUL and cannot be sent "
-                            "in RCPT TO", self.hop.address, self._tlsMode)
+                            "in RCPT TO", self.hop.address, self.tls_active())
         return None
 
     def smtpState_to(self, code: int, resp: bytes) -> None:
         assert self.job is not None
-        self._expected = [250, 251]
-        self._okresponse = self._rcpt_accepted
-        self._failresponse = self.smtpTransferFailed
+        self.expect([250, 251], self._rcpt_accepted, self.smtpTransferFailed)
         self.sendLine(b"RCPT TO:<" + self.job.address.encode("utf-8") + b">")
 
     def _rcpt_accepted(self, code: int, resp: bytes) -> None:
-        self._expected = [354]
-        self._okresponse = self.smtpState_data
-        self._failresponse = self.smtpTransferFailed
+        self.expect([354], self.smtpState_data, self.smtpTransferFailed)
         self.sendLine(b"DATA")
 
     def smtpState_data(self, code: int, resp: bytes) -> None:
         assert self.job is not None
-        self._expected = smtp.SUCCESS
-        self._okresponse = self.smtpState_msgSent
-        self._failresponse = self.smtpTransferFailed
+        self.expect(smtp.SUCCESS, self.smtpState_msgSent, self.smtpTransferFailed)
         self._encoder = BodyEncoder()
         self._sending = True
         self.stage = "the message"
@@ -304,10 +299,9 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def smtpState_msgSent(self, code: int, resp: bytes) -> None:
         job, self.job = self.job, None
-        self._from = None
         if job is not None:
             text = b" ".join(resp.splitlines()).decode("utf-8", "replace")
-            self.attempt.job_done(job, reply_outcome(code, text, self.hop.address, self._tlsMode))
+            self.attempt.job_done(job, reply_outcome(code, text, self.hop.address, self.tls_active()))
         if self._sending:
             # A reply before the message was sent whole: the dialogue is out of step.
             self._failed = True
@@ -315,12 +309,10 @@ class DeliveryClient(smtp.ESMTPClient):
             return
         self.setTimeout(self.command_timeout)
         if self.attempt.has_more():
-            self._expected = smtp.SUCCESS
-            self._okresponse = self.smtpState_from
-            self._failresponse = self._refused
+            self.expect(smtp.SUCCESS, self.smtpState_from, self._refused)
             self.sendLine(b"RSET")
         else:
-            self._disconnectFromServer()
+            self.quit()
 
     # -- failures -------------------------------------------------------------
 
@@ -332,14 +324,13 @@ class DeliveryClient(smtp.ESMTPClient):
         if isinstance(exc, smtp.SMTPTimeoutError | smtp.SMTPProtocolError):
             self.transport.abortConnection()  # it does not listen: a QUIT would wait for ever
         else:
-            self._expected = range(0, 1000)
-            self._okresponse = self._failresponse = self.smtpState_disconnect
+            self.expect(range(0, 1000), self.smtpState_disconnect, self.smtpState_disconnect)
             super().sendLine(b"QUIT")
             self.transport.loseConnection()
 
     def _describe(self, exc: Exception) -> tuple[Outcome, bool]:
         """What went wrong, as a delay the operator can read, and whether it was TLS."""
-        where, ip, tls = str(self.hop), self.hop.address, self._tlsMode
+        where, ip, tls = str(self.hop), self.hop.address, self.tls_active()
         if isinstance(exc, smtp.SMTPTimeoutError):
             wait = self.data_timeout if self.stage == "end of data" else self.command_timeout
             return internal(421, "4.4.2", f"no reply from {where} within {wait:g}s "
@@ -390,7 +381,7 @@ class DeliveryClient(smtp.ESMTPClient):
                 text = f"connection to {where} lost while {doing}"
                 if not reason.check(protocol.connectionDone.type):
                     text += f": {_reason_text(reason)}"
-                outcome = internal(421, "4.4.2", text, self.hop.address, self._tlsMode)
+                outcome = internal(421, "4.4.2", text, self.hop.address, self.tls_active())
             self._fail(outcome, tls_failed)
         self.attempt.closed()
 
@@ -417,7 +408,7 @@ class ClientFactory(protocol.ClientFactory):
         self.client_args = client_args
         self.client: DeliveryClient | None = None
 
-    def buildProtocol(self, addr: Any) -> DeliveryClient:
+    def buildProtocol(self, addr: IAddress) -> DeliveryClient:
         self.client = DeliveryClient(self.attempt, **self.client_args)
         self.client.factory = self
         self.attempt.connected(self.client)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.application.service import Service
 from twisted.internet import defer, ssl
@@ -105,13 +105,53 @@ class _HopResult:
     tls_failed: bool = False
 
 
+@runtime_checkable
+class AttemptOwner(Protocol):
+    """
+    What a hop attempt needs of whoever started it (``DeliveryService``).
+
+    The attempt keeps its destination's counters itself; everything else it
+    learns or reports goes through these methods, so the attempt depends on
+    this contract rather than on the service's internals.
+    """
+
+    def delivering(self) -> bool:
+        """Whether new transactions may start: false once a stop has begun."""
+        ...
+
+    def render(self, queued: QueuedMessage, index: int) -> bytes | defer.Deferred:
+        """The copy for one recipient (a ``CopyRenderer``)."""
+        ...
+
+    def client_connected(self, client: DeliveryClient) -> None:
+        """A connection is open: a stop that waits too long must be able to cut it off."""
+        ...
+
+    def client_closed(self, client: DeliveryClient | None) -> None:
+        """The attempt is over; ``client`` is ``None`` if no connection was ever made."""
+        ...
+
+    def destination_reachable(self) -> None:
+        """A session got through: its destination may now use more connections."""
+        ...
+
+    def settle(self, job: Job, outcome: Outcome) -> None:
+        """Record the outcome of one copy (event, journal, next attempt)."""
+        ...
+
+    def requeue(self, job: Job) -> None:
+        """A copy handed out but never tried: it is due again now."""
+        ...
+
+
 class _HopAttempt:
     """One connection to one hop, from connect to close; what ``DeliveryClient`` reports to."""
 
-    def __init__(self, service: DeliveryService, queue: _Queue, hop: Hop) -> None:
-        self.service = service
+    def __init__(self, owner: AttemptOwner, queue: _Queue, hop: Hop, max_messages: int) -> None:
+        self.owner = owner
         self.queue = queue
         self.hop = hop
+        self.max_messages = max_messages  # copies one connection carries at most
         self.result = _HopResult()
         self.done: defer.Deferred = defer.Deferred()
         self.sent = 0
@@ -119,17 +159,16 @@ class _HopAttempt:
 
     def connected(self, client: DeliveryClient) -> None:
         self.client = client
-        self.service._clients.add(client)
+        self.owner.client_connected(client)
 
     def established(self) -> None:
         self.result.established = True
         self.queue.connected += 1
         self.queue.healthy = True
-        self.service._pump()  # a reachable destination may now use more connections
+        self.owner.destination_reachable()
 
     def has_more(self) -> bool:
-        return (bool(self.queue.ready) and self.service.running
-                and self.sent < self.service.config.max_messages_per_connection)
+        return bool(self.queue.ready) and self.owner.delivering() and self.sent < self.max_messages
 
     def next_job(self) -> Job | None | defer.Deferred:
         """
@@ -143,7 +182,7 @@ class _HopAttempt:
         while self.has_more():
             job = self.queue.ready.popleft()
             try:
-                data = self.service.render(job.queued, job.index)
+                data = self.owner.render(job.queued, job.index)
             except Exception:
                 self._not_made(job, Failure())
                 continue
@@ -157,7 +196,7 @@ class _HopAttempt:
         return None
 
     def _made(self, data: bytes, job: Job) -> Job | None:
-        if self.done.called or not self.service.running:
+        if self.done.called or not self.owner.delivering():
             # The connection closed (or the service stopped) while the copy was being made.
             self.give_back(job)
             return None
@@ -168,7 +207,7 @@ class _HopAttempt:
         """A copy handed out but never tried: it waits for the next connection, like any that is due."""
         self._unsent()
         job.data = b""
-        self.service._due(job)
+        self.owner.requeue(job)
 
     def _not_made_later(self, failure: Failure, job: Job) -> Job | None | defer.Deferred:
         self._unsent()
@@ -183,13 +222,13 @@ class _HopAttempt:
 
     def _not_made(self, job: Job, failure: Failure) -> None:
         log.failure("could not make the copy for {rcpt}", failure, rcpt=job.address)
-        self.service._settle(job, internal(451, "4.3.0",
-                                           f"could not make the copy: {failure.getErrorMessage()}"))
+        self.owner.settle(job, internal(451, "4.3.0",
+                                        f"could not make the copy: {failure.getErrorMessage()}"))
 
-    def job_done(self, job: Any, outcome: Outcome) -> None:
+    def job_done(self, job: Job, outcome: Outcome) -> None:
         job.data = b""
         self.queue.busy -= 1
-        self.service._settle(job, outcome)
+        self.owner.settle(job, outcome)
 
     def hop_failed(self, outcome: Outcome, tls_failed: bool) -> None:
         self.result.outcome = outcome
@@ -198,7 +237,7 @@ class _HopAttempt:
     def closed(self) -> None:
         if self.done.called:
             return
-        self.service._clients.discard(self.client)
+        self.owner.client_closed(self.client)
         if self.result.established:
             self.queue.connected -= 1
         self.done.callback(self.result)
@@ -366,6 +405,26 @@ class DeliveryService(Service):
         self._pump_call = None
         self._pump()
 
+    # -- what a hop attempt reports (AttemptOwner) ---------------------------------
+
+    def delivering(self) -> bool:
+        return bool(self.running)
+
+    def client_connected(self, client: DeliveryClient) -> None:
+        self._clients.add(client)
+
+    def client_closed(self, client: DeliveryClient | None) -> None:
+        self._clients.discard(client)
+
+    def destination_reachable(self) -> None:
+        self._pump()
+
+    def settle(self, job: Job, outcome: Outcome) -> None:
+        self._settle(job, outcome)
+
+    def requeue(self, job: Job) -> None:
+        self._due(job)
+
     # -- one session: resolve, then try each hop until one takes mail ------------
 
     @defer.inlineCallbacks
@@ -410,7 +469,7 @@ class DeliveryService(Service):
         return destination.smarthost and bool(self.config.smarthost_username)
 
     def _connect(self, queue: _Queue, hop: Hop, tls: bool) -> defer.Deferred:
-        attempt = _HopAttempt(self, queue, hop)
+        attempt = _HopAttempt(self, queue, hop, self.config.max_messages_per_connection)
         # Credentials go only on a connection that is to start TLS, and that one must:
         # AUTH before (or without) STARTTLS would show the password to the network.
         auth = tls and self._uses_auth(queue.destination)
