@@ -1,7 +1,7 @@
 """
 From a checked configuration to the ready objects the services run on.
 
-``config.py`` checks the TOML's shape and values; this module opens the files
+``appliance.config`` checks the TOML's shape and values; this module opens the files
 it names (certificates and keys, CA bundles, DKIM keys, the users file, the
 link keyring, the policy hook), each once, and reports every problem with its
 key path in one ``ConfigError``, together with the configuration's own. The

@@ -1,9 +1,9 @@
 """
 The shipped etc/appliance.toml documents every key the appliance accepts.
 
-Operators learn the configuration from that file, so a key that config.py
+Operators learn the configuration from that file, so a key that appliance.config
 reads but the file never mentions is a setting nobody can find. The keys are
-taken from config.py's readers themselves (each ``Table`` getter records the
+taken from appliance.config's readers themselves (each ``Table`` getter records the
 key it read), so a new key without documentation fails here with no list to
 keep up to date.
 """
@@ -27,7 +27,7 @@ NAME = "NAME"
 
 def accepted_keys(patch: Any) -> tuple[dict[str, set[str]], set[str]]:
     """
-    Every key config.py's readers accept, by table path (``smtp.listeners.NAME``, ``webhooks``),
+    Every key appliance.config's readers accept, by table path (``smtp.listeners.NAME``, ``webhooks``),
     and the paths of the tables whose keys are names the operator chooses.
 
     One table of every optional kind is given, empty, so every reader runs and

@@ -1,0 +1,128 @@
+"""
+The tables of a few plain keys each, none of which depends on another table:
+``[node]``, ``[engagement_tracker]``, ``[spool]``, ``[tracker]``, ``[links]``,
+``[policy]`` and ``[events]``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+
+from appliance.config.tables import Table
+from appliance.config.values import Network, show
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = "appliance1"
+    hostname: str = "localhost"
+
+
+def read_node(t: Table) -> NodeConfig:
+    c = NodeConfig(name=t.str("name", NodeConfig.name, allow_empty=False),
+                   hostname=t.str("hostname", NodeConfig.hostname, allow_empty=False))
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class EngagementTrackerConfig:
+    click_tracking_include_metadata: bool = True
+    max_metadata_len: int = 1000
+
+
+def read_engagement_tracker(t: Table) -> EngagementTrackerConfig:
+    d = EngagementTrackerConfig
+    c = EngagementTrackerConfig(
+        click_tracking_include_metadata=t.bool("click_tracking_include_metadata",
+                                               d.click_tracking_include_metadata),
+        max_metadata_len=t.int("max_metadata_len", d.max_metadata_len, minimum=0, maximum=65536),
+    )
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    directory: str
+
+
+def read_spool(t: Table) -> SpoolConfig:
+    c = SpoolConfig(directory=t.path_("directory", "var/spool"))
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    endpoint: str = "tcp:8080:interface=127.0.0.1"
+    # Peers whose X-Forwarded-For is believed (reverse proxies, load balancers).
+    trusted_proxies: tuple[Network, ...] = ()
+
+
+def read_tracker(t: Table) -> TrackerConfig:
+    c = TrackerConfig(endpoint=t.endpoint("endpoint", TrackerConfig.endpoint),
+                      trusted_proxies=t.networks("trusted_proxies", TrackerConfig.trusted_proxies))
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class LinksConfig:
+    keys_file: str
+    create_keys_file: bool = True
+
+
+def read_links(t: Table) -> LinksConfig:
+    c = LinksConfig(
+        keys_file=t.path_("keys_file", "var/keys/links.keys"),
+        create_keys_file=t.bool("create_keys_file", LinksConfig.create_keys_file),
+    )
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The policy hook: a Python callable consulted once per recipient after DATA."""
+
+    hook: str = ""  # "package.module:function", or "" for none
+    path: tuple[str, ...] = ()  # directories searched for the hook's module first
+    timeout: float = 30.0
+
+
+_HOOK_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def read_policy(t: Table) -> PolicyConfig:
+    c = PolicyConfig(
+        hook=t.str("hook", PolicyConfig.hook),
+        path=tuple(os.path.abspath(p) for p in t.str_list("path", PolicyConfig.path)),
+        timeout=t.duration("timeout", PolicyConfig.timeout),
+    )
+    if c.hook and not _HOOK_RE.fullmatch(c.hook):
+        t.error("hook", f"expected \"package.module:function\", got {show(c.hook)}")
+        c = replace(c, hook="")
+    if t.has("timeout") and c.timeout <= 0:
+        t.error("timeout", "must be more than 0 seconds")
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    log_file: str
+    customer_id: str = "1"
+    fsync_interval: float = 1.0
+
+
+def read_events(t: Table) -> EventsConfig:
+    c = EventsConfig(
+        log_file=t.path_("log_file", "var/log/events.jsonl"),
+        customer_id=t.str("customer_id", EventsConfig.customer_id),
+        fsync_interval=t.duration("fsync_interval", EventsConfig.fsync_interval),
+    )
+    t.finish()
+    return c
