@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance import webhooks
 from appliance.config import DeliveryConfig, WebhookConfig
 from appliance.retry import RetrySchedule
+from appliance.webhooks import posting
 
 
 class RetryScheduleTests(SynchronousTestCase):
@@ -25,4 +25,4 @@ class RetryScheduleTests(SynchronousTestCase):
         self.assertEqual(RetrySchedule(5, 100).delay(0), 5)
 
     def test_webhooks_use_this_schedule(self) -> None:
-        self.assertIs(webhooks.RetrySchedule, RetrySchedule)
+        self.assertIs(posting.RetrySchedule, RetrySchedule)
