@@ -17,7 +17,6 @@ import pstats
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -98,18 +97,6 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / CLOCK_TICKS
 
 
-def wait_for_listener(port: int, timeout: float = 60.0) -> None:
-    """Wait until something accepts connections on 127.0.0.1:``port``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port} after {timeout:.0f}s")
-
-
 # -- smtp-sink and smtp-source --------------------------------------------------
 
 class Sink:
@@ -133,7 +120,7 @@ class Sink:
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         threading.Thread(target=self._read, daemon=True).start()
         try:
-            wait_for_listener(port, 30)
+            wait_for_port(port, timeout=30)
         except RuntimeError:
             self.stop()
             raise
@@ -414,7 +401,7 @@ class Postfix:
             raise Unavailable(f"postfix -c {self.config_directory} start failed:\n"
                               f"{result.stdout}{result.stderr}")
         self.started = True
-        wait_for_listener(self.port)
+        wait_for_port(self.port)
 
     def master_pid(self) -> int:
         with open(os.path.join(self.queue_directory, "pid", "master.pid")) as f:
