@@ -7,8 +7,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance.delivery.attempt import AttemptOwner, _HopAttempt
 from appliance.delivery.outcome import DELIVERY, Outcome
-from appliance.delivery.queue import AttemptOwner, DeliveryService, Job, _HopAttempt, _Queue
+from appliance.delivery.queue import DeliveryService, Job, _Queue
 from appliance.delivery.routing import Destination, Hop
 from appliance.spool import CopyState, QueuedMessage
 from tests.test_spool import envelope

@@ -4,6 +4,7 @@ The outbound side: from a spooled message to each recipient's mail server (SPEC 
 - ``routing``: where a domain's mail goes (routes, smarthost, MX and A/AAAA).
 - ``client``: the SMTP client that carries many copies over one connection.
 - ``queue``: the schedule, the concurrency limits and the outcome events.
+- ``attempt``: one connection to one hop, and what it needs of the queue (``AttemptOwner``).
 - ``outcome``: outcomes and the replies that decided them (classified by ``appliance.bounces``).
 """
 

@@ -7,7 +7,8 @@ the smarthost, or a recipient domain). Each destination opens sessions, up to
 its concurrency limit and within the total limit; a session resolves the
 destination into hops, tries them in order until one holds an SMTP session,
 and then carries ready jobs of its destination one after another, ``RSET`` in
-between, until none is left.
+between, until none is left. Each connection to a hop is a ``_HopAttempt``
+(``attempt``); this module decides when and where one is made.
 
 A destination that has not yet shown itself reachable gets one session at a
 time: a dead domain costs one failing connection per retry round, not one
@@ -23,8 +24,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, ssl
@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance.config import DeliveryConfig
+from appliance.delivery.attempt import _HopAttempt
 from appliance.delivery.client import ClientFactory, DeliveryClient
 from appliance.delivery.outcome import (
     BOUNCE,
@@ -96,151 +97,6 @@ class _Queue:
         allowed = limit if self.healthy else 1
         idle = self.sessions - self.busy
         return bool(self.ready) and self.sessions < allowed and len(self.ready) > idle
-
-
-@dataclass
-class _HopResult:
-    established: bool = False
-    outcome: Outcome | None = None
-    tls_failed: bool = False
-
-
-@runtime_checkable
-class AttemptOwner(Protocol):
-    """
-    What a hop attempt needs of whoever started it (``DeliveryService``).
-
-    The attempt keeps its destination's counters itself; everything else it
-    learns or reports goes through these methods, so the attempt depends on
-    this contract rather than on the service's internals.
-    """
-
-    def delivering(self) -> bool:
-        """Whether new transactions may start: false once a stop has begun."""
-        ...
-
-    def render(self, queued: QueuedMessage, index: int) -> bytes | defer.Deferred:
-        """The copy for one recipient (a ``CopyRenderer``)."""
-        ...
-
-    def client_connected(self, client: DeliveryClient) -> None:
-        """A connection is open: a stop that waits too long must be able to cut it off."""
-        ...
-
-    def client_closed(self, client: DeliveryClient | None) -> None:
-        """The attempt is over; ``client`` is ``None`` if no connection was ever made."""
-        ...
-
-    def destination_reachable(self) -> None:
-        """A session got through: its destination may now use more connections."""
-        ...
-
-    def settle(self, job: Job, outcome: Outcome) -> None:
-        """Record the outcome of one copy (event, journal, next attempt)."""
-        ...
-
-    def requeue(self, job: Job) -> None:
-        """A copy handed out but never tried: it is due again now."""
-        ...
-
-
-class _HopAttempt:
-    """One connection to one hop, from connect to close; what ``DeliveryClient`` reports to."""
-
-    def __init__(self, owner: AttemptOwner, queue: _Queue, hop: Hop, max_messages: int) -> None:
-        self.owner = owner
-        self.queue = queue
-        self.hop = hop
-        self.max_messages = max_messages  # copies one connection carries at most
-        self.result = _HopResult()
-        self.done: defer.Deferred = defer.Deferred()
-        self.sent = 0
-        self.client: DeliveryClient | None = None
-
-    def connected(self, client: DeliveryClient) -> None:
-        self.client = client
-        self.owner.client_connected(client)
-
-    def established(self) -> None:
-        self.result.established = True
-        self.queue.connected += 1
-        self.queue.healthy = True
-        self.owner.destination_reachable()
-
-    def has_more(self) -> bool:
-        return bool(self.queue.ready) and self.owner.delivering() and self.sent < self.max_messages
-
-    def next_job(self) -> Job | None | defer.Deferred:
-        """
-        The next copy to send, or ``None``; a Deferred of either while the copy is being made.
-
-        The renderer gives a copy at once, or a Deferred when its message must
-        first be read or parsed (in a worker thread). The connection waits for
-        it; meanwhile it counts as busy, so the destination's other copies are
-        not left to it.
-        """
-        while self.has_more():
-            job = self.queue.ready.popleft()
-            try:
-                data = self.owner.render(job.queued, job.index)
-            except Exception:
-                self._not_made(job, Failure())
-                continue
-            self.sent += 1
-            self.queue.busy += 1
-            if isinstance(data, defer.Deferred):
-                return data.addCallbacks(self._made, self._not_made_later,
-                                         callbackArgs=(job,), errbackArgs=(job,))
-            job.data = data
-            return job
-        return None
-
-    def _made(self, data: bytes, job: Job) -> Job | None:
-        if self.done.called or not self.owner.delivering():
-            # The connection closed (or the service stopped) while the copy was being made.
-            self.give_back(job)
-            return None
-        job.data = data
-        return job
-
-    def give_back(self, job: Job) -> None:
-        """A copy handed out but never tried: it waits for the next connection, like any that is due."""
-        self._unsent()
-        job.data = b""
-        self.owner.requeue(job)
-
-    def _not_made_later(self, failure: Failure, job: Job) -> Job | None | defer.Deferred:
-        self._unsent()
-        self._not_made(job, failure)
-        if self.done.called:
-            return None
-        return self.next_job()
-
-    def _unsent(self) -> None:
-        self.sent -= 1
-        self.queue.busy -= 1
-
-    def _not_made(self, job: Job, failure: Failure) -> None:
-        log.failure("could not make the copy for {rcpt}", failure, rcpt=job.address)
-        self.owner.settle(job, internal(451, "4.3.0",
-                                        f"could not make the copy: {failure.getErrorMessage()}"))
-
-    def job_done(self, job: Job, outcome: Outcome) -> None:
-        job.data = b""
-        self.queue.busy -= 1
-        self.owner.settle(job, outcome)
-
-    def hop_failed(self, outcome: Outcome, tls_failed: bool) -> None:
-        self.result.outcome = outcome
-        self.result.tls_failed = tls_failed
-
-    def closed(self) -> None:
-        if self.done.called:
-            return
-        self.owner.client_closed(self.client)
-        if self.result.established:
-            self.queue.connected -= 1
-        self.done.callback(self.result)
 
 
 class DeliveryService(Service):
