@@ -6,13 +6,15 @@ that answers whatever complete commands the client has written so far, all
 in one read, as a real server does with a pipelined group. Every reply
 combination is run twice, with PIPELINING offered and without, and the
 outcomes must be the same; what was written, and in which writes, is
-checked as well.
+checked as well. ``SinkTests`` then deliver over loopback to the sink, which
+records the commands it got in each read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
@@ -20,9 +22,13 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance.config import Route
 from appliance.delivery.client import DeliveryClient
 from appliance.delivery.outcome import Outcome
 from appliance.delivery.routing import Hop
+from tests.helpers import wait_until
+from tests.sink import SinkFactory
+from tests.test_delivery_smtp import MESSAGE, DeliveryCase
 
 BODY = b"Subject: hello\r\n\r\nThe body of the copy.\r\n"
 BODY_LINE = b"The body of the copy."
@@ -328,3 +334,69 @@ class SameOutcomesTests(SynchronousTestCase):
             run = converse(script, True, ["a@x.test", "b@x.test"])
             kinds |= {o.kind for _a, o in self.finish(run)[0]}  # type: ignore[index]
         self.assertEqual(kinds, {"delivery", "delay", "bounce"})
+
+
+class SinkTests(DeliveryCase):
+    """Over real loopback sockets: how the commands arrived at the sink, read by read."""
+
+    def verbs_by_read(self, sink: SinkFactory) -> list[list[bytes]]:
+        return [[line.split(b" ")[0].split(b":")[0] for line in lines] for _n, lines in sink.reads]
+
+    @defer.inlineCallbacks
+    def deliver_three(self, pipelining: bool) -> Any:
+        sink = SinkFactory(pipelining=pipelining)
+        port = self.listen(sink)
+        self.start(routes={"x.test": Route("127.0.0.1", port)}, max_connections_per_destination=1)
+        self.queue(["a@x.test", "b@x.test", "c@x.test"])
+        yield self.wait_events(3)
+        yield wait_until(lambda: sink.commands[-1][1] == b"QUIT")
+        self.assertEqual([e["type"] for e in self.written], ["delivery"] * 3)
+        self.assertEqual([m.rcpt_to for m in sink.messages], [["a@x.test"], ["b@x.test"], ["c@x.test"]])
+        self.assertEqual([m.data for m in sink.messages], [MESSAGE] * 3)
+        self.assertEqual({n for n, _lines in sink.reads}, {1})  # one connection carried all
+        return sink
+
+    @defer.inlineCallbacks
+    def test_one_write_for_each_copy_when_offered(self) -> Any:
+        sink = yield self.deliver_three(pipelining=True)
+        self.assertEqual(self.verbs_by_read(sink), [[b"EHLO"], [b"MAIL", b"RCPT", b"DATA"]]
+                         + [[b"RSET", b"MAIL", b"RCPT", b"DATA"]] * 2 + [[b"QUIT"]])
+
+    @defer.inlineCallbacks
+    def test_one_command_per_write_when_not_offered(self) -> Any:
+        sink = yield self.deliver_three(pipelining=False)
+        one_by_one = [[b"MAIL"], [b"RCPT"], [b"DATA"]]
+        self.assertEqual(self.verbs_by_read(sink), [[b"EHLO"]] + (one_by_one + [[b"RSET"]]) * 2
+                         + one_by_one + [[b"QUIT"]])
+
+    @defer.inlineCallbacks
+    def test_refusals_in_a_pipelined_group(self) -> Any:
+        def script(cmd: str, arg: bytes) -> Any:
+            if cmd == "RCPT" and b"unknown@" in arg:
+                return 550, "5.1.1 <unknown@x.test>: Recipient address rejected: User unknown"
+            if cmd == "RCPT" and b"busy@" in arg:
+                return 450, "4.2.1 <busy@x.test>: mailbox busy"
+            if cmd == "MAIL" and b"blocked" in arg:
+                return 553, "5.7.1 sender blocked"
+            return None
+
+        sink = SinkFactory(script, pipelining=True)
+        port = self.listen(sink)
+        self.start(routes={"x.test": Route("127.0.0.1", port)}, max_connections_per_destination=1)
+        self.queue(["unknown@x.test", "busy@x.test", "ok@x.test"])
+        self.queue(["c@x.test"], mail_from="blocked@sender.test")
+        yield self.wait_events(4)
+        by_rcpt = {e["rcpt_to"]: e for e in self.written}
+        self.assertEqual(by_rcpt["ok@x.test"]["type"], "delivery")
+        found = {r: (e["type"], e["error_code"], e["bounce_class"], e["raw_reason"])
+                 for r, e in by_rcpt.items() if r != "ok@x.test"}
+        self.assertEqual(found, {
+            "unknown@x.test": ("bounce", "550", "10",
+                               "550 5.1.1 <unknown@x.test>: Recipient address rejected: User unknown"),
+            "busy@x.test": ("delay", "450", "70", "450 4.2.1 <busy@x.test>: mailbox busy"),
+            "c@x.test": ("bounce", "553", "50", "553 5.7.1 sender blocked"),
+        })
+        self.assertEqual([m.rcpt_to for m in sink.messages], [["ok@x.test"]])  # nothing after a refusal
+        self.assertEqual(sink.connections, 1)  # the connection went on after each refusal
+        yield wait_until(lambda: sink.commands[-1][1] == b"QUIT")
+        self.assertEqual(len([line for _n, line in sink.commands if line == b"DATA"]), 4)
