@@ -180,7 +180,7 @@ def converse(script: Script, pipelining: bool, addresses: list[str]) -> Run:
             return run
         if stop == "silent" or not answers:
             break
-    if transport.disconnecting and not client._closed:
+    if transport.disconnecting and not attempt.closed_count:
         client.connectionLost(Failure(error.ConnectionDone()))
     return run
 
@@ -309,10 +309,10 @@ SAME_OUTCOMES: dict[str, Script] = {
 class SameOutcomesTests(SynchronousTestCase):
     """Every reply combination comes to the same outcomes, pipelined or not."""
 
-    def finish(self, run: Run) -> tuple[object, ...]:
-        """Let any timeout fire, then what the attempt was told and what of the message went out."""
+    def finish(self, run: Run) -> tuple[list[tuple[str, Outcome]], list[str], Outcome | None, int, int]:
+        """Let any timeout fire, then what the attempt was told and how many bodies went out."""
         run.clock.advance(DATA_TIMEOUT)
-        if run.transport.disconnecting and not run.client._closed:
+        if run.transport.disconnecting and not run.attempt.closed_count:
             run.client.connectionLost(Failure(error.ConnectionDone()))
         run.client.setTimeout(None)
         untried = [job.address for job in run.attempt.pending]
@@ -332,7 +332,7 @@ class SameOutcomesTests(SynchronousTestCase):
         kinds = set()
         for script in SAME_OUTCOMES.values():
             run = converse(script, True, ["a@x.test", "b@x.test"])
-            kinds |= {o.kind for _a, o in self.finish(run)[0]}  # type: ignore[index]
+            kinds |= {o.kind for _a, o in self.finish(run)[0]}
         self.assertEqual(kinds, {"delivery", "delay", "bounce"})
 
 
