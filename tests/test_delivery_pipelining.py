@@ -250,6 +250,15 @@ class PipeliningTests(SynchronousTestCase):
         self.assertEqual([a for a, _o in run.attempt.outcomes], ["a@x.test"])
         self.assertEqual((run.attempt.given_back, run.attempt.closed_count), (["b@x.test"], 1))
 
+    def test_a_421_read_out_of_a_refused_group_ends_the_session(self) -> None:
+        closing = b"421 4.3.2 shutting down"
+        script = script_with(MAIL={1: b"451 4.3.0 try later"}, RCPT={1: closing}, DATA={1: closing},
+                             RSET=closing)
+        run = converse(script, True, ["a@x.test", "b@x.test"])
+        self.assertEqual(run.heard, ["MAIL", "RCPT", "DATA", "QUIT"])  # no RSET, no next copy
+        self.assertEqual(([a for a, _o in run.attempt.outcomes], run.attempt.given_back), (["a@x.test"], []))
+        self.assertTrue(run.transport.disconnecting)
+
     def test_the_data_timeout_covers_the_reply_to_the_lone_dot(self) -> None:
         script = script_with(MAIL={1: b"451 4.3.0 try later"}, RCPT={1: b"503 5.5.1 need MAIL"},
                              EOM="silent")
