@@ -3,7 +3,8 @@ A real SMTP server that receives what the appliance delivers, for tests and tria
 
 It speaks enough ESMTP for a delivering client (EHLO, MAIL, RCPT, DATA,
 RSET, NOOP, QUIT, and STARTTLS and AUTH PLAIN when given a certificate and
-accounts; AUTH even without TLS if told to) and can be scripted to answer any command with any reply, with a
+accounts; AUTH even without TLS if told to; PIPELINING offered if told to)
+and can be scripted to answer any command with any reply, with a
 raw line that is not SMTP, with silence, or by dropping the connection, so
 delivery tests can play a difficult MX.
 
@@ -54,6 +55,7 @@ class SinkProtocol(LineReceiver):
 
     def connectionMade(self) -> None:
         self.tx = Transaction()
+        self.new_read = False
         self.in_data = False
         self.tls = False
         self.auth_user: str | None = None
@@ -86,6 +88,10 @@ class SinkProtocol(LineReceiver):
         self.sendLine(f"{code} {text}".encode())
         return 200 <= code < 400
 
+    def dataReceived(self, data: bytes) -> None:
+        self.new_read = True
+        super().dataReceived(data)
+
     def lineReceived(self, line: bytes) -> None:
         if self.in_data:
             if line == b".":
@@ -101,6 +107,10 @@ class SinkProtocol(LineReceiver):
                 self.tx.lines.append(line[1:] if line.startswith(b".") else line)
             return
         self.factory.commands.append((self.number, line))
+        if self.new_read:
+            self.new_read = False
+            self.factory.reads.append((self.number, []))
+        self.factory.reads[-1][1].append(line)
         command, _, arg = line.partition(b" ")
         verb = command.upper().decode("ascii", "replace")
         if verb in ("EHLO", "HELO"):
@@ -126,7 +136,14 @@ class SinkProtocol(LineReceiver):
             if self.reply(verb, arg, (250, "2.1.5 Ok")):
                 self.tx.rcpt_to.append(_address(arg))
         elif verb == "DATA":
-            if self.reply(verb, arg, (354, "End data with <CR><LF>.<CR><LF>")):
+            # As Postfix answers a pipelining client whose MAIL or every RCPT was refused.
+            if self.tx.mail_from is None:
+                default = (503, "5.5.1 Error: need MAIL command")
+            elif not self.tx.rcpt_to:
+                default = (554, "5.5.1 Error: no valid recipients")
+            else:
+                default = (354, "End data with <CR><LF>.<CR><LF>")
+            if self.reply(verb, arg, default):
                 self.in_data = True
         elif verb == "RSET":
             self.tx = Transaction()
@@ -145,6 +162,8 @@ class SinkProtocol(LineReceiver):
             lines.append("STARTTLS")
         if self.factory.accounts is not None and self.offers_auth():
             lines.append("AUTH PLAIN")
+        if self.factory.pipelining:
+            lines.append("PIPELINING")
         return lines
 
     def offers_auth(self) -> bool:
@@ -177,7 +196,8 @@ class SinkFactory(protocol.ServerFactory):
 
     def __init__(self, script: Script | None = None, directory: str | None = None,
                  tls: Any = None, accounts: dict[str, str] | None = None,
-                 broken_tls: bool = False, plaintext_auth: bool = False) -> None:
+                 broken_tls: bool = False, plaintext_auth: bool = False,
+                 pipelining: bool = False) -> None:
         self.script = script
         self.directory = directory
         self.tls = tls  # a server TLS context: offer STARTTLS
@@ -186,8 +206,11 @@ class SinkFactory(protocol.ServerFactory):
         # Offer and take AUTH before TLS as well: a careless smarthost, or a man in the
         # middle who strips STARTTLS to read the password.
         self.plaintext_auth = plaintext_auth
+        self.pipelining = pipelining  # offer PIPELINING (RFC 2920) in the EHLO reply
         self.messages: list[Received] = []
         self.commands: list[tuple[int, bytes]] = []  # (connection number, command line)
+        # (connection number, the command lines that came in one read): what was pipelined.
+        self.reads: list[tuple[int, list[bytes]]] = []
         self.connections = 0
         self.closed = 0  # connections the sink has seen end
         self._waiting: list[tuple[int, defer.Deferred]] = []

@@ -282,6 +282,25 @@ class ClientAdapterTests(SynchronousTestCase):
                                  "or _failresponse", CLIENT))
         self.assertEqual(client.reply_lines_so_far(), 0)
 
+    def test_replies_in_one_read_follow_each_handlers_expect(self) -> None:
+        # What pipelining relies on: MAIL, RCPT and DATA's replies come in one read.
+        client, _ = self.connect()
+
+        def mail_ok(code: int, resp: bytes) -> None:
+            client.routed.append(("mail", code, resp))
+            client.expect([250], rcpt_ok, client.fail)
+
+        def rcpt_ok(code: int, resp: bytes) -> None:
+            client.routed.append(("rcpt", code, resp))
+            client.expect([354], client.ok, client.fail)
+
+        client.expect([250], mail_ok, client.fail)
+        client.dataReceived(b"250 sender ok\r\n250-recipient\r\n250 ok\r\n554 no valid recipients\r\n")
+        self.assertEqual(client.routed, [("mail", 250, b"sender ok"), ("rcpt", 250, b"recipient\nok"),
+                                         ("fail", 554, b"no valid recipients")],
+                         _broken("replies that come in one read are no longer routed one by one, each "
+                                 "by the _expected set while handling the one before", CLIENT))
+
     def test_on_refusal_changes_only_the_failure_route(self) -> None:
         client, _ = self.connect()
         client.expect([250], client.ok, client.ok)

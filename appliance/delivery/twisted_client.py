@@ -35,7 +35,9 @@ class ESMTPClientAdapter(smtp.ESMTPClient):
 
         Relies on ``SMTPClient.lineReceived`` calling ``_okresponse(code, resp)``
         when ``code in _expected`` and ``_failresponse(code, resp)`` otherwise,
-        once the last line of a (multi-line) reply is in.
+        once the last line of a (multi-line) reply is in. Replies that come in
+        one read (a pipelined group's) are routed one by one, each by what the
+        handler of the one before it expected.
         """
         self._expected = codes
         self._okresponse = on_ok
