@@ -106,7 +106,7 @@ class Job(Protocol):
 
 
 class Attempt(Protocol):
-    """The client's view of whoever opened the connection (``queue._HopAttempt``)."""
+    """The client's view of whoever opened the connection (``attempt._HopAttempt``)."""
 
     hop: Hop
 
