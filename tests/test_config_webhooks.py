@@ -39,8 +39,10 @@ class WebhookConfigTests(SynchronousTestCase):
         self.assertEqual(hook.auth_token, "")
         self.assertEqual((hook.max_batch_size, hook.batch_interval, hook.timeout), (10000, 30, 10))
         self.assertEqual(hook.max_batch_bytes, 5 * 1024 * 1024)
+        # SparkPost retries a batch for 8 hours.
         self.assertEqual((hook.retry_initial, hook.retry_max, hook.retry_lifetime),
-                         (30, 1800, 4 * 3600))
+                         (30, 1800, 8 * 3600))
+        self.assertEqual(hook.auth_type, "none")
         # The queue is named after the target, so it is the same across restarts.
         self.assertRegex(hook.name, r"^hooks\.example\.com-[0-9a-f]{8}$")
         [again] = self.parse({"target": "https://hooks.example.com/sparkpost?x=1"}).webhooks
@@ -69,7 +71,7 @@ retry_lifetime = "8h"
         problems = self.problems(
             {"events": ["open"]},
             {"target": "ftp://example.com/"},
-            {"target": "http://u:p@example.com/"},
+            {"target": "http://u:p@example.com/", "auth_type": "token"},
             {"target": "http://example.com/ x"},
             {"target": "http://example.com:99999/"},
             {"target": "http://example.com/#frag"},
@@ -84,7 +86,9 @@ retry_lifetime = "8h"
         self.assertEqual(problems, {
             "webhooks[0].target": "missing: the http(s) URL that receives the batches",
             "webhooks[1].target": 'expected an http:// or https:// URL, got "ftp://example.com/"',
-            "webhooks[2].target": "credentials in the URL are not supported; use auth_token",
+            "webhooks[2].target": 'credentials in the URL are sent as HTTP Basic auth, not with '
+                                  'auth_type "token"',
+            "webhooks[2].auth_token": 'missing: auth_type "token" sends it as X-MessageSystems-Webhook-Token',
             "webhooks[3].target": "expected an http(s) URL without spaces or non-ASCII characters, "
                                   'got "http://example.com/ x"',
             "webhooks[4].target": 'bad port in "http://example.com:99999/"',
