@@ -132,17 +132,23 @@ retry_lifetime = "8h"
         self.assertEqual(e.problems, [("webhooks", "expected an array of tables, written [[webhooks]]")])
 
     def test_shipped_example_is_valid(self) -> None:
-        """The commented-out [[webhooks]] example in etc/appliance.toml loads when uncommented."""
+        """Each commented-out [[webhooks]] example in etc/appliance.toml loads when uncommented."""
         with open(SHIPPED_CONFIG, encoding="utf-8") as f:
             text = f.read()
         example = text[text.index("# [[webhooks]]"):]
         uncommented = "\n".join(line[2:] for line in example.splitlines() if line.startswith("# "))
-        [hook] = parse_config(merge(base_toml(), tomllib.loads(uncommented))).webhooks
-        self.assertEqual((hook.name, hook.target, hook.auth_token),
-                         ("hooks", "https://hooks.example.com/sparkpost", "secret"))
+        hook, basic, oauth = parse_config(merge(base_toml(), tomllib.loads(uncommented))).webhooks
+        self.assertEqual((hook.name, hook.target, hook.auth_type, hook.auth_token),
+                         ("hooks", "https://hooks.example.com/sparkpost", "token", "secret"))
         self.assertEqual(hook.events, frozenset({"delivery", "bounce", "open", "click"}))
         self.assertEqual((hook.max_batch_size, hook.max_batch_bytes, hook.batch_interval,
-                          hook.retry_lifetime), (10000, 5 * 1024 * 1024, 30, 4 * 3600))
+                          hook.retry_lifetime), (10000, 5 * 1024 * 1024, 30, 8 * 3600))
+        self.assertEqual((basic.name, basic.auth_type, basic.auth_username, basic.auth_password_file),
+                         ("anymail", "basic", "webhook", "/etc/engage-appliance/webhook.password"))
+        self.assertEqual((oauth.name, oauth.auth_type, oauth.auth_token_url, oauth.auth_client_id,
+                          oauth.auth_client_secret_file),
+                         ("oauth", "oauth2", "https://auth.example.com/oauth2/token", "engage-appliance",
+                          "/etc/engage-appliance/oauth.secret"))
 
     def test_tls_ca_file(self) -> None:
         directory = os.path.abspath(self.mktemp())
