@@ -29,6 +29,7 @@ from twisted.web.iweb import IAgent
 
 from appliance.build import load_webhooks
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, WebhookConfig, read_config, read_toml
+from appliance.eventtypes import EVENT_TYPES
 from appliance.webhooks import QueueDirectory, TrustFile
 from appliance.webhooks.auth import TokenError
 from appliance.webhooks.http import describe_failure
@@ -171,7 +172,7 @@ def webhooks_list(config: Config, now: float) -> str:
     for hook in config.webhooks:
         queue = queue_of(config, hook)
         status = queue.status()
-        events = ", ".join(sorted(hook.events))
+        events = ", ".join(t for t in EVENT_TYPES if t in hook.events)
         out.append(f"{hook.name}\n  target:      {hook.target} (auth: {hook.auth_type})\n"
                    f"  events:      {events}\n")
         waiting = f"{status.batches} batch(es), {status.events} event(s)"

@@ -15,17 +15,21 @@ handling (its test client, in process), so the test runs on a test clock.
 from __future__ import annotations
 
 import json
+import smtplib
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
 from twisted.trial.unittest import SkipTest
+from twisted.web import server
+from twisted.web.wsgi import WSGIResource
 
 from appliance import eventtypes as et
 from appliance.delivery.outcome import internal, reply_outcome
 from tests.building import checked
-from tests.helpers import base_toml, merge
+from tests.helpers import RunningAppliance, base_toml, in_thread, merge, wait_until
 from tests.test_eventtypes import ENVELOPE, link, recipient
 from tests.test_webhooks import FakeResponse, ServiceTestCase
 
@@ -193,3 +197,57 @@ class AnymailTests(ServiceTestCase):
                           "clicked", "unsubscribed"])
         self.assertEqual({e.recipient for e in self.received}, {"Recipient@example.com"})
         self.assertEqual({tuple(e.tags) for e in self.received}, {("Example Campaign Name",)})
+
+
+class AnymailOverHttpTests(unittest.TestCase):
+    """
+    The whole way on loopback: a message sent over SMTP, its events posted by the running
+    appliance to Anymail served over real HTTP (twisted.web's WSGI container), with the
+    credentials written into the target as Anymail's documentation asks.
+    """
+
+    def setUp(self) -> defer.Deferred:
+        _setup()
+        from anymail.signals import tracking
+        from django.core.handlers.wsgi import WSGIHandler
+
+        self.received: list[Any] = []
+
+        def handler(sender: Any, event: Any, esp_name: str, **kwargs: Any) -> None:
+            self.received.append(event)  # in a thread of the reactor's pool; list.append is atomic
+
+        tracking.connect(handler, weak=False)
+        self.addCleanup(tracking.disconnect, handler)
+        site = server.Site(WSGIResource(reactor, reactor.getThreadPool(), WSGIHandler()))
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        port = self.port.getHost().port
+        self.running = RunningAppliance(self.mktemp(), webhooks=[{
+            "name": "anymail",
+            "target": f"http://engage:s3cret%20pa%3Ass@127.0.0.1:{port}/anymail/sparkpost/tracking/",
+            "batch_interval": "100ms",
+            "retry_initial": "200ms",
+        }])
+        return self.running.start()
+
+    def tearDown(self) -> defer.Deferred:
+        return self.running.stop()
+
+    @defer.inlineCallbacks
+    def test_a_message_s_events_reach_anymail(self) -> defer.Generator:
+        api = json.dumps({"campaign_id": "spring", "metadata": {"plan": "gold"}})
+        message = (f"From: sender@example.net\r\nTo: Ann@Example.TEST\r\nX-MSYS-API: {api}\r\n"
+                   "Subject: hooks\r\n\r\nHello.\r\n").encode()
+
+        def send() -> dict:
+            with smtplib.SMTP("127.0.0.1", self.running.smtp_port, timeout=10) as client:
+                return client.sendmail("sender@example.net", ["Ann@Example.TEST"], message)
+
+        self.assertEqual((yield in_thread(send)), {})
+        yield wait_until(lambda: len(self.received) == 2)
+        self.assertEqual(sorted(e.event_type for e in self.received), ["delivered", "queued"])
+        for got in self.received:
+            self.assertEqual((got.recipient, got.tags, got.metadata), ("Ann@Example.TEST", ["spring"],
+                                                                       {"plan": "gold"}))
+        written = {e["event_id"] for e in self.running.events()}
+        self.assertEqual({e.event_id for e in self.received}, written)
