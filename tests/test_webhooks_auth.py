@@ -292,3 +292,20 @@ class HeadersAreNotShared(SynchronousTestCase):
         first = self.successResultOf(auth.credentials())
         first.append((b"X", b"y"))
         self.assertEqual(len(self.successResultOf(auth.credentials())), 1)
+
+
+class StopWhileFetchingTests(ServiceTestCase):
+    def test_a_stop_cancels_the_token_request(self) -> None:
+        svc = self.service(**vars_of(oauth_config()))
+        self.emit(event())
+        svc.seal()
+        grant = self.agent.last
+        self.stop()
+        self.assertTrue(grant.cancelled)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.messages("warn"), [])
+        # After the next start the batch is posted, with a token fetched then.
+        self.service(**vars_of(oauth_config()))
+        self.agent.last.answer(200, token_answer("tok-2"))
+        self.assertEqual(self.agent.last.header(b"Authorization"), "Bearer tok-2")
+        self.assertEqual(self.agent.last.batch_id, svc.batches[0].batch_id)
