@@ -245,6 +245,7 @@ class WebhookAuthConfigTests(SynchronousTestCase):
             {"target": target, "auth_type": "none", "auth_token": "t"},
             {"target": target, "auth_username": "ann",
              "auth_password_file": os.path.join(self.directory, "missing")},
+            {"target": "https://a%3Ab:p@h.example/"},
         )
         missing = os.path.join(self.directory, "missing")
         implied = " (set auth_type, or it follows from auth_token)"
@@ -258,7 +259,7 @@ class WebhookAuthConfigTests(SynchronousTestCase):
                                          "auth_password_file, or credentials in the target",
             "webhooks[5].auth_username": "the target carries credentials already; give them in one place",
             "webhooks[6].target": "the credentials in the URL have no user name",
-            "webhooks[7].auth_username": "must not contain ':' (HTTP Basic auth, RFC 7617)",
+            "webhooks[7].auth_username": "the user name must not contain ':' (HTTP Basic auth, RFC 7617)",
             "webhooks[8].auth_token_url": 'missing: auth_type "oauth2" needs auth_token_url, auth_client_id '
                                           "and auth_client_secret_file",
             "webhooks[8].auth_client_id": 'missing: auth_type "oauth2" needs auth_token_url, auth_client_id '
@@ -276,6 +277,7 @@ class WebhookAuthConfigTests(SynchronousTestCase):
             "webhooks[12].auth_token": 'not used with auth_type "none"',
             "webhooks[13].auth_password_file": f"cannot read {missing}: [Errno 2] No such file or directory: "
                                                f"'{missing}'",
+            "webhooks[14].target": "the user name must not contain ':' (HTTP Basic auth, RFC 7617)",
         })
 
     def test_no_password_in_any_message(self) -> None:

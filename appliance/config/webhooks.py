@@ -171,10 +171,11 @@ def _read_auth(t: Table, credentials: Credentials) -> dict[str, str]:
                                      "auth_password_file, or credentials in the target")
         elif not password_file:
             t.error("auth_password_file", "missing: the file that holds auth_username's password")
+        where = "target" if in_url else "auth_username"
         if ":" in username:
-            t.error("auth_username", "must not contain ':' (HTTP Basic auth, RFC 7617)")
+            t.error(where, "the user name must not contain ':' (HTTP Basic auth, RFC 7617)")
         if any(ord(c) < 32 or ord(c) == 127 for c in username):
-            t.error("auth_username", "must not contain control characters")
+            t.error(where, "the user name must not contain control characters")
         out["auth_username"] = username
         out["auth_password_file"] = os.path.abspath(password_file) if password_file else ""
     elif auth_type == "oauth2":
