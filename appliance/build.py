@@ -22,7 +22,7 @@ from typing import Any
 from twisted.internet import ssl
 from twisted.logger import Logger
 
-from appliance.config import Config, ConfigError, read_config, read_toml
+from appliance.config import Config, ConfigError, WebhookConfig, read_config, read_toml
 from appliance.dkim import PrivateKey, Signer, SigningKey, load_private_key, weakness
 from appliance.links import KeyFileError, Keyring, prepare_keyring
 from appliance.policy import Hook, PolicyError, load_hook
@@ -60,7 +60,7 @@ class Loaders:
 class Parts:
     """The configuration (its secrets filled in) and everything read from the files it names."""
 
-    config: Config
+    config: Config  # the smarthost's password and the webhooks' secrets read from their files
     keyring: Keyring
     policy_hook: Hook | None = None
     listener_tls: Mapping[str, ssl.CertificateOptions] = field(default_factory=dict)  # by listener name
@@ -90,13 +90,8 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
         problems.append(("delivery.tls_ca_file", f"no such file: {ca}"))
     elif ca:
         delivery_trust = _load(problems, "delivery.tls_ca_file", loaders.trust_root, ca)
-    webhook_trust = {}
-    for hook in config.webhooks:
-        if hook.tls_ca_file:
-            root = _load(problems, f"{hook.where or 'webhooks'}.tls_ca_file", loaders.trust_root,
-                         hook.tls_ca_file)
-            if root is not None:
-                webhook_trust[hook.name] = root
+    webhooks, webhook_trust = _webhooks(config.webhooks, problems, loaders)
+    config = replace(config, webhooks=webhooks)
     signer = _signer(config, problems, loaders)
     users = None
     if config.smtp.users_file:
@@ -127,6 +122,44 @@ def build_from_toml(data: dict[str, Any], source: str = "", loaders: Loaders = L
 def load(path: str, loaders: Loaders = Loaders()) -> Parts:
     """Read, check and build the configuration file at ``path``."""
     return build_from_toml(read_toml(path), path, loaders)
+
+
+def load_webhooks(config: Config, loaders: Loaders = Loaders()
+                  ) -> tuple[tuple[WebhookConfig, ...], dict[str, ssl.IOpenSSLTrustRoot]]:
+    """
+    The webhooks with their secrets read, and their trust roots by name: what a command
+    that posts on its own (``engage-appliance webhooks test``) needs, and nothing else.
+    """
+    problems: Problems = []
+    webhooks, trust = _webhooks(config.webhooks, problems, loaders)
+    if problems:
+        raise ConfigError(problems, config.source)
+    return webhooks, trust
+
+
+def _webhooks(webhooks: tuple[WebhookConfig, ...], problems: Problems, loaders: Loaders
+              ) -> tuple[tuple[WebhookConfig, ...], dict[str, ssl.IOpenSSLTrustRoot]]:
+    """Each webhook with its password or client secret filled in, and its tls_ca_file's roots."""
+    filled = []
+    trust = {}
+    for hook in webhooks:
+        where = hook.where or "webhooks"
+        if hook.tls_ca_file:
+            root = _load(problems, f"{where}.tls_ca_file", loaders.trust_root, hook.tls_ca_file)
+            if root is not None:
+                trust[hook.name] = root
+        if hook.auth_password_file:
+            password = _load(problems, f"{where}.auth_password_file", loaders.secret,
+                             hook.auth_password_file)
+            if password is not None:
+                hook = replace(hook, auth_password=password)
+        if hook.auth_client_secret_file:
+            secret = _load(problems, f"{where}.auth_client_secret_file", loaders.secret,
+                           hook.auth_client_secret_file)
+            if secret is not None:
+                hook = replace(hook, auth_client_secret=secret)
+        filled.append(hook)
+    return tuple(filled), trust
 
 
 def _load(problems: Problems, where: str, loader: Callable[..., Any], *args: str) -> Any:

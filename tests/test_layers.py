@@ -57,6 +57,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "service": {"build", "config", "delivery", "events", "files", "injection", "links", "policy",
                 "reactors", "smtp", "spool", "tracker", "users", "webhooks"},
     "tap": {"build", "config", "reactors", "service"},
+    # The operator's command: it reads the configuration and the queues, never the service tree.
+    "console": {"build", "config", "dkim", "eventtypes", "links", "tls", "users", "webhooks"},
 }
 TYPE_ONLY: dict[str, set[str]] = {
     "eventtypes": {"links", "settings", "spool"},

@@ -340,7 +340,7 @@ class RetryTests(ServiceTestCase):
 
     def test_dropped_after_the_retry_lifetime(self) -> None:
         """Failing for 4 hours from its seal drops a batch, with an error; younger ones stay."""
-        svc = self.service()
+        svc = self.service(retry_lifetime=4 * 3600.0)
         self.emit(event("delivery", 1))
         svc.seal()
         old = self.agent.last.batch_id

@@ -35,7 +35,7 @@ from appliance.retry import RetrySchedule
 from appliance.webhooks.envelope import batch_body, envelope_line
 from appliance.webhooks.http import BytesProducer, TrustFile, read_prefix
 from appliance.webhooks.posting import Poster
-from appliance.webhooks.queue import CURSOR, Batch, QueueDirectory
+from appliance.webhooks.queue import CURSOR, LAST_ANSWER, Batch, QueueDirectory
 from appliance.webhooks.service import WebhookService
 
 __all__ = [
@@ -95,7 +95,7 @@ class Webhooks(MultiService):
             known = {svc.config.name for svc in self.webhooks}
             for name in sorted(set(os.listdir(self.root)) - known):
                 left = os.path.join(self.root, name)
-                if os.path.isdir(left) and set(os.listdir(left)) - {CURSOR}:
+                if os.path.isdir(left) and set(os.listdir(left)) - {CURSOR, LAST_ANSWER}:
                     log.warn("{path} holds batches of a webhook that is no longer configured; "
                              "they are not posted", path=left)
         super().startService()

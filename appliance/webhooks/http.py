@@ -39,10 +39,9 @@ class BytesProducer:
 class _Prefix(Protocol):
     """Keeps the start of a response body for the log and discards the rest."""
 
-    limit = 200
-
-    def __init__(self, finished: defer.Deferred) -> None:
+    def __init__(self, finished: defer.Deferred, limit: int = 200) -> None:
         self.finished = finished
+        self.limit = limit
         self.data = b""
 
     def dataReceived(self, data: bytes) -> None:
@@ -55,8 +54,8 @@ class _Prefix(Protocol):
             self.finished.callback(self.data)
 
 
-def read_prefix(response: IResponse) -> defer.Deferred:
-    """The first bytes of ``response``'s body; cancelling closes the connection."""
+def read_prefix(response: IResponse, limit: int = 200) -> defer.Deferred:
+    """The first ``limit`` bytes of ``response``'s body; cancelling closes the connection."""
 
     def cancel(_: defer.Deferred) -> None:
         abort = getattr(protocol.transport, "abortConnection", None)
@@ -64,7 +63,7 @@ def read_prefix(response: IResponse) -> defer.Deferred:
             abort()
 
     d: defer.Deferred = defer.Deferred(cancel)
-    protocol = _Prefix(d)
+    protocol = _Prefix(d, limit)
     response.deliverBody(protocol)
     return d
 

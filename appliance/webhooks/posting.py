@@ -9,6 +9,13 @@ after a ``2xx``. Anything else (another status, no connection, no answer within
 ``413`` is not a failure but an answer about size: the batch is split into two
 halves, each a batch with its own id in the batch's place, and they are posted
 at once; a single event refused with ``413`` is dropped with an error.
+
+Each request carries the webhook's credentials (``appliance.webhooks.auth``). A
+``401`` is a failure like any other, but it is logged once per batch, as an
+error that names the credentials, not at every retry; with OAuth 2.0 the token
+is forgotten, and a batch refused with a token kept from before is posted again
+at once with a new one. After every answer, the ``last-answer`` file of the
+queue directory says what it was, for ``engage-appliance webhooks list``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from twisted.web.iweb import IAgent, IResponse
 from appliance.config import WebhookConfig
 from appliance.reactors import Runner
 from appliance.retry import RetrySchedule
+from appliance.webhooks.auth import Authorizer, TokenError, authorizer
 from appliance.webhooks.envelope import batch_body
 from appliance.webhooks.http import BytesProducer, describe_failure, read_prefix
 from appliance.webhooks.queue import Batch, QueueDirectory
@@ -45,7 +53,8 @@ class Poster:
 
     def __init__(self, config: WebhookConfig, queue: QueueDirectory, clock: IReactorTime,
                  agent: IAgent, run: Runner, track: Callable[[defer.Deferred], defer.Deferred],
-                 user_agent: bytes) -> None:
+                 user_agent: bytes, auth: Authorizer | None = None) -> None:
+        """``auth``: how requests prove who sends them; by default ``config``'s auth_type's."""
         self.config = config
         self.queue = queue
         self.schedule = RetrySchedule(config.retry_initial, config.retry_max)
@@ -60,6 +69,8 @@ class Poster:
         self._target = config.target.encode("ascii")
         self._inflight: defer.Deferred | None = None
         self._retry_timer: IDelayedCall | None = None
+        self.auth = auth if auth is not None else authorizer(config, agent, clock, user_agent)
+        self._refused_credentials = ""  # the batch whose 401 was logged
 
     def start(self, batches: list[Batch]) -> None:
         """Post ``batches`` (the queue's, oldest first) and every batch added later."""
@@ -95,23 +106,34 @@ class Poster:
 
     def _post(self, lines: bytes, batch: Batch) -> defer.Deferred:
         body, count = batch_body(lines)
-        headers = Headers({
-            b"Content-Type": [b"application/json"],
-            b"User-Agent": [self._user_agent],
-            b"X-MessageSystems-Batch-ID": [batch.batch_id.encode("ascii")],
-        })
-        if self.config.auth_token:
-            headers.addRawHeader(b"X-MessageSystems-Webhook-Token",
-                                 self.config.auth_token.encode("ascii"))
-        d = self._agent.request(b"POST", self._target, headers, BytesProducer(body))
+        return self._attempt(batch, body, count, again=True)
+
+    def _attempt(self, batch: Batch, body: bytes, count: int, again: bool) -> defer.Deferred:
+        """One request (after the credentials for it); a 401 to a kept token is tried ``again``."""
+
+        def send(credentials: list[tuple[bytes, bytes]]) -> defer.Deferred:
+            headers = Headers({
+                b"Content-Type": [b"application/json"],
+                b"User-Agent": [self._user_agent],
+                b"X-MessageSystems-Batch-ID": [batch.batch_id.encode("ascii")],
+            })
+            for name, value in credentials:
+                headers.addRawHeader(name, value)
+            d = self._agent.request(b"POST", self._target, headers, BytesProducer(body))
+            d.addCallback(answered)
+            d.addTimeout(self.config.timeout, self._clock)
+            return d
 
         def answered(response: IResponse) -> defer.Deferred:
             return read_prefix(response).addCallback(
                 lambda prefix: (response.code, response.phrase, prefix, count))
 
-        d.addCallback(answered)
-        d.addTimeout(self.config.timeout, self._clock)
-        return d
+        def refused(result: tuple[int, bytes, bytes, int]) -> Any:
+            if result[0] == 401 and self.auth.rejected() and again:
+                return self._attempt(batch, body, count, again=False)
+            return result
+
+        return self.auth.credentials().addCallback(send).addCallback(refused)
 
     def _posted(self, result: Any, batch: Batch) -> None:
         self._inflight = None
@@ -124,9 +146,14 @@ class Poster:
                           name=self.config.name, path=batch.path)
                 self._kick()
                 return
-            self._failed(batch, describe_failure(result))
+            why = str(result.value) if result.check(TokenError) else describe_failure(result)
+            self._answered(batch, why, False)
+            self._failed(batch, why)
             return
         code, phrase, prefix, count = result
+        text = prefix.decode("utf-8", "replace").strip().replace("\n", " ")
+        why = f"HTTP {code} {phrase.decode('latin-1')}" + (f": {text}" if text else "")
+        self._answered(batch, why, 200 <= code < 300)
         if 200 <= code < 300:
             if self.failures:
                 log.info("webhook {name}: {target} accepts batches again after {n} failure(s)",
@@ -136,12 +163,19 @@ class Poster:
             self._remove(batch, "posted")
             self._kick()
             return
-        text = prefix.decode("utf-8", "replace").strip().replace("\n", " ")
-        why = f"HTTP {code} {phrase.decode('latin-1')}" + (f": {text}" if text else "")
         if code == 413:
             self._too_large(batch, count, why)
             return
-        self._failed(batch, why)
+        self._failed(batch, why, credentials_refused=code == 401)
+
+    def _answered(self, batch: Batch, why: str, accepted: bool) -> None:
+        """Record the attempt's outcome in the queue directory, for another process to read."""
+        record = {"time": int(self._clock.seconds()), "batch_id": batch.batch_id, "accepted": accepted,
+                  "answer": why}
+        d = self._run(self.queue.write_last_answer, record)
+        d.addErrback(lambda f: log.failure("webhook {name}: could not record the last answer", f,
+                                           name=self.config.name))
+        self._track(d)
 
     def _too_large(self, batch: Batch, count: int, why: str) -> None:
         """413: post the batch as two halves, at once; a batch of one event cannot be halved."""
@@ -180,7 +214,7 @@ class Poster:
         d.addCallbacks(split, not_split)
         self._track(d)
 
-    def _failed(self, batch: Batch, why: str) -> None:
+    def _failed(self, batch: Batch, why: str, credentials_refused: bool = False) -> None:
         self.failures += 1
         now = self._clock.seconds()
         lifetime = self.config.retry_lifetime
@@ -190,9 +224,18 @@ class Poster:
             return
         head = self.batches[0]
         delay = min(self.schedule.delay(self.failures), head.sealed_at + lifetime - now)
-        log.warn("webhook {name}: batch {batch_id} not accepted by {target} ({why}); "
-                 "next attempt in {delay:g}s", name=self.config.name, batch_id=batch.batch_id,
-                 target=self.config.target, why=why, delay=delay)
+        if not credentials_refused:
+            log.warn("webhook {name}: batch {batch_id} not accepted by {target} ({why}); "
+                     "next attempt in {delay:g}s", name=self.config.name, batch_id=batch.batch_id,
+                     target=self.config.target, why=why, delay=delay)
+        elif self._refused_credentials != batch.batch_id:
+            # Once per batch: a wrong password is refused at every retry, for hours.
+            self._refused_credentials = batch.batch_id
+            log.error("webhook {name}: {target} refuses the credentials of auth_type {auth_type} "
+                      "({why}); batch {batch_id} is tried again with back-off, next in {delay:g}s, "
+                      "and this is not logged again for it", name=self.config.name,
+                      target=self.config.target, auth_type=self.auth.kind, why=why,
+                      batch_id=batch.batch_id, delay=delay)
         self._retry_timer = self._clock.callLater(max(delay, 0.0), self._retry)
 
     def _retry(self) -> None:

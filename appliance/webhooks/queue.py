@@ -4,6 +4,8 @@ One webhook's queue directory, ``<spool>/webhooks/<name>/``: its batch files, se
 ::
 
     cursor                                        how far into the event log it has read
+    last-answer                                   the last attempt to post: when, which batch, the
+                                                  answer (for ``engage-appliance webhooks list``)
     0000000007.open                               events being collected, one line each
     0000000006.1767225600.<batch id>.batch        sealed: waiting to be posted
     0000000005-01.1767225000.<batch id>.batch     the second half of the first half of batch 5,
@@ -28,6 +30,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -39,6 +42,7 @@ log = Logger(namespace="appliance.webhooks")
 _OPEN_RE = re.compile(r"(\d{10})\.open")
 _BATCH_RE = re.compile(r"(\d{10})(?:-([01]+))?\.(\d+)\.([0-9a-f-]{36})\.batch")
 CURSOR = "cursor"  # the follower's; it writes it through cursor.tmp<pid>
+LAST_ANSWER = "last-answer"  # written through last-answer.tmp
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class QueueDirectory:
                 os.unlink(full)
             elif name.startswith(CURSOR + ".tmp"):
                 os.unlink(full)  # a save cut short; the follower is not running yet
-            elif name == CURSOR:
+            elif name in (CURSOR, LAST_ANSWER):
                 continue
             else:
                 log.warn("webhook queue {path}: ignoring unexpected file {name}",
@@ -221,3 +225,60 @@ class QueueDirectory:
     @staticmethod
     def remove(batch: Batch) -> None:
         os.unlink(batch.path)
+
+    def write_last_answer(self, record: dict[str, Any]) -> None:
+        """Replace the record of the last attempt; a crash leaves the old one or the new one."""
+        final = os.path.join(self.path, LAST_ANSWER)
+        tmp = final + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, ensure_ascii=False)
+        os.rename(tmp, final)
+
+    def last_answer(self) -> dict[str, Any] | None:
+        """The record of the last attempt to post, or None if there is none (yet)."""
+        try:
+            with open(os.path.join(self.path, LAST_ANSWER), encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def status(self) -> QueueStatus:
+        """
+        What waits in the directory, read without changing anything: for another process
+        (``engage-appliance webhooks list``) while the appliance runs.
+        """
+        status = QueueStatus()
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return status
+        for name in names:
+            batch, collecting = _BATCH_RE.fullmatch(name), _OPEN_RE.fullmatch(name)
+            if not (batch or collecting):
+                continue
+            try:
+                with open(os.path.join(self.path, name), "rb") as f:
+                    lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+            except FileNotFoundError:  # posted or sealed meanwhile
+                continue
+            if collecting:
+                status.collecting += lines
+                continue
+            assert batch is not None
+            status.batches += 1
+            status.events += lines
+            sealed_at = int(batch.group(3))
+            if status.oldest is None or sealed_at < status.oldest:
+                status.oldest = sealed_at
+        return status
+
+
+@dataclass
+class QueueStatus:
+    """How much of a webhook's queue waits: sealed batches and their events, and the open file's."""
+
+    batches: int = 0
+    events: int = 0
+    oldest: int | None = None  # when the oldest waiting batch was sealed
+    collecting: int = 0  # events in the batch not sealed yet
