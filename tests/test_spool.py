@@ -37,7 +37,8 @@ class SpoolTests(SynchronousTestCase):
     def test_commit_moves_into_active(self) -> None:
         queued = self.commit()
         self.assertEqual(os.listdir(self.spool.incoming), [])
-        self.assertEqual(sorted(os.listdir(queued.path)), ["envelope.json", "message"])
+        self.assertEqual(os.listdir(self.spool.active), ["1"])
+        self.assertTrue(os.path.isfile(queued.path))  # message and envelope in one file
         self.assertEqual(self.spool.read_message(queued), b"hello")
         [recovered] = list(self.spool.recover())
         self.assertEqual(recovered.envelope, queued.envelope)
@@ -54,34 +55,32 @@ class SpoolTests(SynchronousTestCase):
         self.patch(os, "fsync", fsync)
         return calls
 
-    def test_commit_fsyncs_files_then_their_directory_then_active(self) -> None:
+    def test_commit_fsyncs_its_file_then_active(self) -> None:
         calls = self.record_fsyncs()
         self.commit("9")
-        entry = os.path.join("incoming", "9")
-        self.assertEqual(calls, [os.path.join(entry, "message"), os.path.join(entry, "envelope.json"),
-                                 entry, "active"])
+        self.assertEqual(calls, [os.path.join("incoming", "9"), "active"])
 
     def test_new_journal_fsyncs_its_directory(self) -> None:
         queued = self.commit()
         calls = self.record_fsyncs()
         self.successResultOf(self.spool.record(queued, 0, done=False))
         self.successResultOf(self.spool.record(queued, 0, done=False))
-        journal = os.path.join("active", "1", "journal")
-        self.assertEqual(calls, [journal, os.path.join("active", "1"), journal])
+        journal = os.path.join("journal", "1")
+        self.assertEqual(calls, [journal, "journal", journal])
 
     def test_last_copy_waits_for_another_copys_journal_write(self) -> None:
-        """Copy 0's append (new journal, directory fsync) and copy 1's final removal in two threads."""
+        """Copy 0's append (journal write, fsync) and copy 1's final removal in two threads."""
         queued = self.commit()
         in_append, release = threading.Event(), threading.Event()
-        real = spool_module.fsync_directory
+        real = os.fsync
 
-        def slow_fsync(path: str) -> None:
-            if path == queued.path:  # copy 0 is between its journal write and the dir fsync
-                in_append.set()
+        def slow_fsync(fd: int) -> None:
+            if os.readlink(f"/proc/self/fd/{fd}") == os.path.abspath(queued.journal_path):
+                in_append.set()  # copy 0 is between its journal write and its fsync
                 release.wait(10)
-            real(path)
+            real(fd)
 
-        self.patch(spool_module, "fsync_directory", slow_fsync)
+        self.patch(os, "fsync", slow_fsync)
         errors: list[BaseException] = []
 
         def run(f: Any, *args: Any) -> None:
@@ -119,7 +118,7 @@ class SpoolTests(SynchronousTestCase):
         chunk = b"x" * 1000 + b"\r\n"
         for _ in range(spool_module.SPILL_AT // len(chunk) + 2):
             w.write(chunk)
-        message = os.path.join(self.spool.incoming, "6", "message")
+        message = os.path.join(self.spool.incoming, "6")
         self.assertTrue(os.path.exists(message))  # spilled: memory holds no more than SPILL_AT
         w.write(b"last\r\n")
         queued = self.successResultOf(w.commit(envelope("6")))
@@ -185,7 +184,7 @@ class SpoolTests(SynchronousTestCase):
         self.patch(spool_module.os, "rename", rename)
         fsyncs = self.record_fsyncs()
         self.successResultOf(self.spool.record(queued, 1, done=True))
-        self.assertEqual(fsyncs, [os.path.join("active", "1", "journal")])
+        self.assertEqual(fsyncs, [os.path.join("journal", "1")])
         # Still there, but final on disk: nothing is delivered again after a restart, even
         # while the removal keeps failing...
         self.assertEqual(list(Spool(self.spool.directory, run=run_synchronously).recover()), [])
@@ -197,15 +196,16 @@ class SpoolTests(SynchronousTestCase):
 
     def test_torn_journal_line_ignored(self) -> None:
         queued = self.commit()
-        with open(os.path.join(queued.path, "journal"), "wb") as f:
+        with open(queued.journal_path, "wb") as f:
             f.write(b'{"i":0,"done":true,"attempts":1,"next":0}\n{"i":1,"do')
         [again] = list(self.spool.recover())
         self.assertEqual([s.done for s in again.states], [True, False])
 
     def test_unreadable_envelope_moved_aside(self) -> None:
         queued = self.commit()
-        with open(os.path.join(queued.path, "envelope.json"), "wb") as f:
-            f.write(b"{not json")
+        with open(queued.path, "r+b") as f:
+            f.seek(-spool_module.TRAILER_SIZE - 3, os.SEEK_END)
+            f.write(b"{no")
         self.assertEqual(list(self.spool.recover()), [])
         self.assertIn("corrupt-1", os.listdir(self.spool.directory))
 
