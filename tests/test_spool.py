@@ -9,9 +9,11 @@ import shutil
 import threading
 from typing import Any
 
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import spool as spool_module
+from appliance.files import DirectorySync, fsync_directory
 from appliance.settings import Tracking
 from appliance.spool import Envelope, Recipient, Spool, run_synchronously
 
@@ -284,3 +286,173 @@ class EnvelopeSchemaTests(SynchronousTestCase):
         self.assertEqual(list(self.spool.recover()), [])
         self.assertEqual(os.listdir(self.spool.active), ["1234567890123"])
         self.assertFalse([n for n in os.listdir(self.spool.directory) if n.startswith("corrupt-")])
+
+
+class HeldRunner:
+    """
+    A file pool the test drives: ``fsync_directory`` calls wait for ``release``,
+    everything else runs at once. ``log`` is the order things happened in.
+    """
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.held: list[tuple[defer.Deferred, Any, tuple[Any, ...]]] = []
+
+    def run(self, f: Any, *args: Any) -> defer.Deferred:
+        if f is fsync_directory:
+            d: defer.Deferred = defer.Deferred()
+            self.held.append((d, f, args))
+            self.log.append(f"fsync started {os.path.basename(args[0])}")
+            return d
+        return defer.maybeDeferred(f, *args)
+
+    def release(self) -> None:
+        """Finish the oldest fsync under way."""
+        d, f, args = self.held.pop(0)
+        f(*args)
+        self.log.append(f"fsync done {os.path.basename(args[0])}")
+        d.callback(None)
+
+
+class GroupCommitTests(SynchronousTestCase):
+    """One directory fsync covers every entry renamed before it began; nothing answers before it."""
+
+    def setUp(self) -> None:
+        self.runner = HeldRunner()
+        self.spool = Spool(self.mktemp(), run=self.runner.run)
+        self.spool.prepare()
+
+    def begin(self, tid: str) -> defer.Deferred:
+        w = self.spool.writer(tid)
+        w.write(b"hello")
+        d = w.commit(envelope(tid))
+        d.addCallback(lambda q: self.runner.log.append(f"committed {tid}") or q)
+        return d
+
+    def test_commit_answers_only_after_the_directory_fsync(self) -> None:
+        d = self.begin("1")
+        self.assertEqual(os.listdir(self.spool.active), ["1"])  # renamed...
+        self.assertNoResult(d)  # ...but not yet durable: no answer
+        self.runner.release()
+        self.successResultOf(d)
+        self.assertEqual(self.runner.log, ["fsync started active", "fsync done active", "committed 1"])
+
+    def test_concurrent_commits_share_one_fsync(self) -> None:
+        first = self.begin("1")  # its fsync starts at once
+        second, third = self.begin("2"), self.begin("3")  # renamed while it runs
+        self.assertEqual(len(self.runner.held), 1)
+        self.runner.release()
+        self.successResultOf(first)
+        # The fsync under way may have begun before their renames: they wait for the next,
+        # which both share.
+        self.assertNoResult(second)
+        self.assertNoResult(third)
+        self.assertEqual(len(self.runner.held), 1)
+        self.runner.release()
+        self.successResultOf(second)
+        self.successResultOf(third)
+        # (The next fsync starts as soon as one ends, before the first is answered.)
+        self.assertEqual(self.runner.log, [
+            "fsync started active", "fsync done active", "fsync started active", "committed 1",
+            "fsync done active", "committed 2", "committed 3"])
+
+    def test_failed_directory_fsync_fails_every_commit_it_covered(self) -> None:
+        first, second = self.begin("1"), self.begin("2")
+        d, _, _ = self.runner.held.pop(0)
+        d.errback(OSError(errno.EIO, "Input/output error"))
+        self.failureResultOf(first, OSError)
+        self.runner.release()  # the next fsync is the second commit's own
+        self.successResultOf(second)
+
+    def test_new_journals_share_their_directory_fsync(self) -> None:
+        runner = self.runner
+        a, b = self.begin("1"), self.begin("2")
+        runner.release()
+        runner.release()
+        qa, qb = self.successResultOf(a), self.successResultOf(b)
+        runner.log.clear()
+        ra, rb = self.spool.record(qa, 0, done=False), self.spool.record(qb, 0, done=False)
+        self.assertEqual(runner.log, ["fsync started journal"])
+        runner.release()
+        self.successResultOf(ra)
+        self.assertNoResult(rb)  # its journal was created while that fsync ran
+        runner.release()
+        self.successResultOf(rb)
+        self.assertTrue(qa.journal_durable and qb.journal_durable)
+        self.successResultOf(self.spool.record(qa, 1, done=False))
+        self.assertEqual(runner.held, [])  # a journal already durable needs no directory fsync
+
+
+class DirectorySyncTests(SynchronousTestCase):
+    def test_never_fires_before_its_fsync(self) -> None:
+        started: list[defer.Deferred] = []
+
+        def run(f: Any, path: str) -> defer.Deferred:
+            started.append(defer.Deferred())
+            return started[-1]
+
+        sync = DirectorySync("/nowhere", run)
+        waiting = [sync.sync() for _ in range(3)]
+        self.assertEqual(len(started), 1)
+        for d in waiting:
+            self.assertNoResult(d)
+        started[0].callback(None)
+        # The first began the fsync; the two that came while it ran need one of their own.
+        self.successResultOf(waiting[0])
+        self.assertNoResult(waiting[1])
+        self.assertEqual(len(started), 2)
+        started[1].callback(None)
+        self.successResultOf(waiting[1])
+        self.successResultOf(waiting[2])
+
+
+class OwedEventsTests(SynchronousTestCase):
+    """The spool keeps what events a committed message owes until they are marked written."""
+
+    def setUp(self) -> None:
+        self.spool = Spool(self.mktemp(), run=run_synchronously)
+        self.spool.prepare()
+
+    def commit_owing(self) -> Any:
+        env = envelope("1")
+        env.announce = {"friendly_from": "a@b.test", "subject": "s", "prepare": False,
+                        "injection": ["11", "12"], "rejected": []}
+        w = self.spool.writer("1")
+        w.write(b"hello")
+        return self.successResultOf(w.commit(env))
+
+    def recovered(self) -> tuple[list[Any], list[Any]]:
+        spool = Spool(self.spool.directory, run=run_synchronously)
+        owed: list[Any] = []
+        spool.on_owed = owed.append
+        return list(spool.recover()), owed
+
+    def test_recovery_hands_over_what_is_still_owed(self) -> None:
+        self.commit_owing()
+        [queued], [owed] = self.recovered()
+        self.assertIs(owed, queued)
+        self.assertEqual(queued.envelope.announce["injection"], ["11", "12"])
+
+    def test_marked_written_is_not_owed_after_a_restart(self) -> None:
+        queued = self.commit_owing()
+        fsyncs: list[int] = []
+        self.patch(os, "fsync", fsyncs.append)
+        self.successResultOf(self.spool.announced(queued))
+        self.assertEqual(fsyncs, [])  # the mark has no fsync of its own
+        [again], owed = self.recovered()
+        self.assertEqual(owed, [])
+        self.assertTrue(again.announced)
+
+    def test_mark_after_the_last_copy_left_writes_nothing(self) -> None:
+        queued = self.commit_owing()
+        self.successResultOf(self.spool.record(queued, 0, done=True))
+        self.successResultOf(self.spool.record(queued, 1, done=True))
+        self.successResultOf(self.spool.announced(queued))
+        self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.journal)), ([], []))
+
+    def test_journal_left_by_a_removal_cut_short_is_dropped(self) -> None:
+        queued = self.commit_owing()
+        self.successResultOf(self.spool.record(queued, 0, done=False))
+        os.unlink(queued.path)  # the entry left active/; a crash came before its journal went
+        self.assertEqual(self.recovered(), ([], []))
+        self.assertEqual(os.listdir(self.spool.journal), [])
