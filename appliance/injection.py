@@ -362,6 +362,8 @@ class Injector:
         """
         if self._logged_ids is None:
             self._logged_ids = self._event_ids_in_tail()
+        log.info("writing the events message {tid} still owed at the last stop",
+                 tid=queued.envelope.transmission_id)
         self._track(self._announce(queued, self._logged_ids))
 
     def _event_ids_in_tail(self) -> frozenset[str]:
