@@ -78,6 +78,10 @@ _TRAILER_START = b"\nenvelope "
 TRAILER_SIZE = len(_TRAILER_START) + 11
 
 
+# What a journal write leaves to do on the reactor thread (``Spool._appended``).
+_NEW_JOURNAL, _LEFT_ACTIVE = "new journal", "left active"
+
+
 class NewerEnvelope(ValueError):
     """An envelope written by a newer version of the appliance than this one."""
 
@@ -395,14 +399,18 @@ class Spool:
         line = json.dumps({"i": index, "done": state.done, "attempts": state.attempts,
                            "next": state.next_attempt}).encode() + b"\n"
         d = self.run(self._append, queued, line)
-        return d.addCallback(self._journal_entry_synced, queued)
+        return d.addCallback(self._appended, queued)
 
-    def _journal_entry_synced(self, new_journal: bool, queued: QueuedMessage) -> Any:
-        # A new schema-3 journal's name is made durable by journal/'s fsync, shared with
-        # every other journal created before it began.
-        if not new_journal:
-            return None
-        return self.journal_sync.sync().addCallback(lambda _: setattr(queued, "journal_durable", True))
+    def _appended(self, done: str | None, queued: QueuedMessage) -> Any:
+        # The directory fsyncs a journal line can need are shared: a new schema-3 journal's
+        # name is made durable by journal/'s, an entry's leaving by active/'s, each covering
+        # every change made before it began (commits' renames into active/ included).
+        if done == _NEW_JOURNAL:
+            return self.journal_sync.sync().addCallback(lambda _: setattr(queued, "journal_durable", True))
+        if done == _LEFT_ACTIVE:
+            d = self.active_sync.sync()
+            return d.addCallback(lambda _: self.run(self._delete_removed, queued))
+        return None
 
     def announced(self, queued: QueuedMessage) -> defer.Deferred:
         """
@@ -421,19 +429,18 @@ class Spool:
             with open(queued.journal_path, "ab") as f:
                 f.write(b'{"announced":true}\n')
 
-    def _append(self, queued: QueuedMessage, line: bytes) -> bool:
-        """Write ``line``; whether it created a journal whose directory entry is to be synced."""
+    def _append(self, queued: QueuedMessage, line: bytes) -> str | None:
+        """Write ``line``; what directory fsync, if any, must follow (``_appended``)."""
         with queued.journal_lock:
             return self._append_locked(queued, line)
 
-    def _append_locked(self, queued: QueuedMessage, line: bytes) -> bool:
+    def _append_locked(self, queued: QueuedMessage, line: bytes) -> str | None:
         if all(s.done for s in queued.states):
             # The removal is what makes the last copy final, so it has no journal line of
             # its own (no fsync on the common path); if the entry cannot leave active/,
             # the line is written after all, or the copy would be sent again after a restart.
             try:
-                self._remove(queued)
-                return False
+                return _LEFT_ACTIVE if self._leave_active(queued) else None
             except OSError as e:
                 if not os.path.exists(queued.path):
                     raise  # it left active/: what failed came after
@@ -445,25 +452,36 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         if queued.journal_durable:
-            return False
+            return None
         if queued.journal:
-            return True  # schema 3: journal/ is fsynced once for many (``record``)
+            return _NEW_JOURNAL  # schema 3: journal/ is fsynced once for many (``record``)
         # The journal's directory entry must survive a power loss too.
         fsync_directory(queued.path)
         queued.journal_durable = True
-        return False
+        return None
 
     def _remove(self, queued: QueuedMessage) -> None:
+        """Leave active/ durably and delete what is left, all at once (at start-up)."""
+        if self._leave_active(queued):
+            fsync_directory(self.active)
+            self._delete_removed(queued)
+
+    def _leave_active(self, queued: QueuedMessage) -> bool:
         # Leave active/ in one atomic rename, then delete: a crash in the middle of a
         # removal must not leave an entry there with its message gone but its
         # envelope still naming copies to deliver. incoming/ is emptied at start-up.
-        trash = os.path.join(self.incoming, os.path.basename(queued.path) + ".removed")
         try:
-            os.rename(queued.path, trash)
+            os.rename(queued.path, self._trash(queued))
         except FileNotFoundError:
-            return
-        fsync_directory(self.active)
-        _remove_path(trash)
+            return False
+        return True
+
+    def _trash(self, queued: QueuedMessage) -> str:
+        return os.path.join(self.incoming, os.path.basename(queued.path) + ".removed")
+
+    def _delete_removed(self, queued: QueuedMessage) -> None:
+        """Once its leaving active/ is on disk: the entry's text and journal go."""
+        _remove_path(self._trash(queued))
         if queued.journal:
             _remove_path(queued.journal)
 

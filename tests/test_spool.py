@@ -364,6 +364,27 @@ class GroupCommitTests(SynchronousTestCase):
         self.runner.release()  # the next fsync is the second commit's own
         self.successResultOf(second)
 
+    def test_an_entry_leaving_shares_active_fsyncs_with_commits(self) -> None:
+        runner = self.runner
+        first = self.begin("1")
+        runner.release()
+        queued = self.successResultOf(first)
+        journalled = self.spool.record(queued, 0, done=True)
+        runner.release()  # the new journal's name, in journal/
+        self.successResultOf(journalled)
+        second = self.begin("2")  # an fsync of active/ under way
+        removal = self.spool.record(queued, 1, done=True)
+        trash = os.path.join(self.spool.incoming, "1.removed")
+        self.assertEqual(sorted(os.listdir(self.spool.active)), ["2"])  # renamed out...
+        self.assertTrue(os.path.exists(trash))  # ...but kept until that is on disk
+        runner.release()
+        self.successResultOf(second)
+        self.assertNoResult(removal)  # it left after that fsync began: the next one is its
+        self.assertTrue(os.path.exists(trash))
+        runner.release()
+        self.successResultOf(removal)
+        self.assertEqual(os.listdir(self.spool.incoming), [])
+
     def test_new_journals_share_their_directory_fsync(self) -> None:
         runner = self.runner
         a, b = self.begin("1"), self.begin("2")
