@@ -1,18 +1,29 @@
 """
-What happens to a message between the injection server's final dot and its ``250``.
+What happens to a message between the injection server's final dot and its ``250``, and after.
 
 The ``Injector`` is the one place that decides whether a transaction is
 accepted: it checks recipients at ``RCPT``, gives each transaction its
 identity, checks ``X-MSYS-API`` and asks the policy about each recipient,
-resolves each recipient's tracking settings, commits the message to the
-spool (and so to disk) before anything is acknowledged, writes the
-``injection`` and ``policy_rejection`` events and hands the message to
-delivery. The SMTP protocol only speaks the dialogue around it.
+resolves each recipient's tracking settings and commits the message to the
+spool (and so to disk) before anything is acknowledged. The SMTP protocol
+only speaks the dialogue around it.
+
+Only durability comes before the ``250``. The ``injection`` events (and the
+``policy_rejection`` events of recipients left out of an accepted message)
+are owed from then on: the committed envelope names them, with their
+event_ids assigned in advance, and they are written after the reply, once
+the message is prepared for tracking (in a worker thread); then the message
+goes to delivery and the spool's journal marks them written. An entry whose
+events are still owed at start-up (a ``kill -9`` in between) gets them
+written by ``recover_owed``, skipping any whose event_id the event log's
+tail already holds, so each is written once.
 """
 
 from __future__ import annotations
 
 import email.utils
+import os
+import re
 import time
 from collections.abc import Callable
 from email.message import Message
@@ -29,7 +40,7 @@ from appliance.eventtypes import injection_event, policy_rejection_event, recipi
 from appliance.headers import as_message, read_header, readable
 from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
 from appliance.rewrite import Prepared
-from appliance.settings import MsysApi, MsysApiError, header_values, parse_msys_api, resolve
+from appliance.settings import MsysApiError, header_values, parse_msys_api, resolve
 from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolWriter
 
 if TYPE_CHECKING:
@@ -38,6 +49,10 @@ if TYPE_CHECKING:
 log = Logger()
 
 MAX_HEADER_BYTES = 1024 * 1024  # headers beyond this are not read for events
+# How much of the event log recovery reads for owed events written just before a crash:
+# far more than is written between an event and its journal mark.
+EVENT_LOG_TAIL = 8 * 1024 * 1024
+_EVENT_ID = re.compile(rb'"event_id":"(\d+)"')
 
 
 class Router(Protocol):
@@ -148,10 +163,13 @@ class Injector:
         self.copies = copies
         self.tracker = tracker or EngagementTrackerConfig()
         self.max_hops = max_hops
-        # Transactions received whole whose reply is not yet known: a stop waits for them,
-        # or their events would find the event log closed.
+        # Transactions received whole whose reply is not yet known, and the owed events of
+        # messages already answered: a stop waits for both, or their events would find the
+        # event log closed.
         self.in_flight: set[Transaction] = set()
+        self.announcing: set[defer.Deferred] = set()
         self._idle_waiters: list[defer.Deferred] = []
+        self._logged_ids: frozenset[str] | None = None  # the event log's tail, read once at recovery
 
     def check_recipient(self, session: Session, dest: smtp.Address, count: int) -> tuple[int, bytes]:
         """The reply to one ``RCPT``: ``250``, or why not."""
@@ -200,24 +218,52 @@ class Injector:
         client retries and nobody is lost; recipients the policy rejects
         for good are left out, each with a ``policy_rejection`` event, and
         if that leaves nobody the first rejection is the reply.
+
+        An accepted message's events and its hand-over to delivery come after
+        the reply has been given to whoever waits on the returned Deferred.
         """
+        reply: defer.Deferred = defer.Deferred()
         d = self._finish(transaction)
-        if not d.called:
+        waiting = not d.called
+
+        def answered(result: tuple[tuple[int, bytes], QueuedMessage | None]) -> None:
+            answer, queued = result
+            reply.callback(answer)
+            if queued is not None:
+                self._track(self._announce(queued).addBoth(self._enqueue, queued))
+
+        if waiting:
             self.in_flight.add(transaction)
+        d.addCallbacks(answered, reply.errback)
+        if waiting:  # after ``answered``: a stop must not see a gap between the two
             d.addBoth(self._finished, transaction)
-        return d
+        return reply
+
+    def _track(self, d: defer.Deferred) -> None:
+        if d.called:
+            return
+        self.announcing.add(d)
+
+        def done(_: Any) -> None:
+            self.announcing.discard(d)
+            self._wake_idle()
+
+        d.addBoth(done)
 
     def _finished(self, result: Any, transaction: Transaction) -> Any:
         self.in_flight.discard(transaction)
-        if not self.in_flight:
+        self._wake_idle()
+        return result
+
+    def _wake_idle(self) -> None:
+        if not self.in_flight and not self.announcing:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
-        return result
 
     def idle(self) -> defer.Deferred:
-        """Fires once no transaction is being decided, committed or announced."""
-        if not self.in_flight:
+        """Fires once no transaction is being decided or committed, and no event is owed."""
+        if not self.in_flight and not self.announcing:
             return defer.succeed(None)
         waiter: defer.Deferred = defer.Deferred()
         self._idle_waiters.append(waiter)
@@ -230,21 +276,23 @@ class Injector:
         recipients = [self._recipient(transaction, rcpt) for rcpt in transaction.recipients]
         hops = len(headers.get_all("Received") or ())  # our own trace header is the first
         if hops > self.max_hops:
-            return self._refuse(transaction, headers, recipients, [
+            return self._refuse_now(transaction, headers, recipients, [
                 (554, f"5.4.6 Too many hops ({hops} Received: headers, at most {self.max_hops}): "
                       "a mail loop?")] * len(recipients))
         try:
             api = parse_msys_api(header_values(headers), self.tracker.max_metadata_len)
         except MsysApiError as e:
-            return self._refuse(transaction, headers, recipients, [(550, f"5.6.0 {e}")] * len(recipients))
+            return self._refuse_now(transaction, headers, recipients,
+                                    [(550, f"5.6.0 {e}")] * len(recipients))
 
         verdicts = yield self._policy_verdicts(transaction, headers)
         temporary = next((v for v in verdicts if v.temporary), None)
         if temporary is not None:
-            return self._refuse(transaction, headers, recipients,
-                                [(temporary.code, temporary.text)] * len(recipients))
+            return self._refuse_now(transaction, headers, recipients,
+                                    [(temporary.code, temporary.text)] * len(recipients))
         if not any(v.accepted for v in verdicts):
-            return self._refuse(transaction, headers, recipients, [(v.code, v.text) for v in verdicts])
+            return self._refuse_now(transaction, headers, recipients,
+                                    [(v.code, v.text) for v in verdicts])
 
         smtpapi = transaction.session.listener.smtpapi
         accepted: list[Recipient] = []
@@ -268,6 +316,7 @@ class Injector:
             auth_user=transaction.session.auth_user,
             listener=transaction.session.listener.name,
             message_size=transaction.writer.size,
+            announce=self._owed(headers, accepted, rejected),
         )
         if transaction.client_gone:
             # Nobody would hear the 250: committing would deliver a message the client
@@ -275,23 +324,91 @@ class Injector:
             log.info("client {client} left before transaction {tid} was committed; discarded",
                      client=transaction.session.client_address, tid=transaction.transmission_id)
             transaction.abort()
-            return 421, b"4.4.2 Connection lost before the message was committed"
+            return (421, b"4.4.2 Connection lost before the message was committed"), None
         queued = yield transaction.writer.commit(envelope)
-        # The message is durable now and its 250 stands: nothing below may change the reply.
-        try:
-            for rcpt, verdict in rejected:
-                self._rejection_event(transaction, headers, rcpt, verdict.code, verdict.text)
-            prepared = yield self._prepared(queued, headers, api)
-            self._injection_events(envelope, headers, prepared)
-        except Exception:
-            log.failure("announcing message {tid} failed; it is queued all the same",
-                        tid=envelope.transmission_id)
+        # The message is durable now and its 250 stands; its events are owed (``finish``).
+        return (250, f"2.0.0 OK queued as {envelope.transmission_id}".encode()), queued
+
+    def _owed(self, headers: Message, accepted: list[Recipient],
+              rejected: list[tuple[Recipient, Verdict]]) -> dict[str, Any]:
+        """What the events owed after the 250 say, and their event_ids: stored in the envelope."""
+        tracked = any(r.tracking.enabled for r in accepted)
+        signed_api = headers.get("DKIM-Signature") is not None and bool(header_values(headers))
+        return {
+            "friendly_from": friendly_from(headers),
+            "subject": header_text(headers, "Subject"),
+            # Prepared before its events: they say when tracking had to be skipped and
+            # whether a DKIM signature is broken, and the prepared form stays cached.
+            "prepare": self.copies is not None and (tracked or signed_api),
+            "injection": [self.events.ids.event_id() for _ in accepted],
+            "rejected": [{"recipient": rcpt.to_json(), "code": verdict.code, "text": verdict.text,
+                          "event_id": self.events.ids.event_id()} for rcpt, verdict in rejected],
+        }
+
+    def _enqueue(self, _: Any, queued: QueuedMessage) -> None:
         try:
             self.queue.enqueue(queued)
         except Exception:
             log.failure("could not queue message {tid}; it is on disk and is delivered after a restart",
-                        tid=envelope.transmission_id)
-        return 250, f"2.0.0 OK queued as {envelope.transmission_id}".encode()
+                        tid=queued.envelope.transmission_id)
+
+    def recover_owed(self, queued: QueuedMessage) -> None:
+        """
+        Write the events a recovered entry still owes (the spool's ``on_owed``).
+
+        Called before its delivery is scheduled. An event whose event_id is in
+        the event log's tail was written before the crash, only its mark was
+        not: it is not written again.
+        """
+        if self._logged_ids is None:
+            self._logged_ids = self._event_ids_in_tail()
+        log.info("writing the events message {tid} still owed at the last stop",
+                 tid=queued.envelope.transmission_id)
+        self._track(self._announce(queued, self._logged_ids))
+
+    def _event_ids_in_tail(self) -> frozenset[str]:
+        try:
+            with open(self.events.path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - EVENT_LOG_TAIL))
+                tail = f.read()
+        except FileNotFoundError:
+            return frozenset()
+        return frozenset(m.decode() for m in _EVENT_ID.findall(tail))
+
+    def _announce(self, queued: QueuedMessage, written: frozenset[str] = frozenset()) -> defer.Deferred:
+        """
+        Write the events ``queued`` owes (all but those in ``written``), then mark them written.
+
+        Fires once the events are in the log; the mark follows in the file pool.
+        """
+        envelope = queued.envelope
+        owed = envelope.announce
+        if owed is None:
+            return defer.succeed(None)
+        try:
+            for rejection in owed["rejected"]:
+                if rejection["event_id"] not in written:
+                    self._rejection_event(
+                        Recipient.from_json(rejection["recipient"]), envelope.mail_from,
+                        owed["friendly_from"], owed["subject"], envelope.client_address,
+                        rejection["code"], rejection["text"], envelope.received_at,
+                        rejection["event_id"])
+        except Exception:
+            log.failure("announcing message {tid} failed", tid=envelope.transmission_id)
+        d = self._prepared(queued) if owed["prepare"] else defer.succeed(None)
+        d.addCallback(self._injection_events, queued, written)
+        d.addErrback(lambda f: log.failure("announcing message {tid} failed; it is queued all the same",
+                                           f, tid=envelope.transmission_id))
+        d.addCallback(lambda _: self._mark_announced(queued))
+        return d
+
+    def _mark_announced(self, queued: QueuedMessage) -> None:
+        mark = defer.maybeDeferred(self.spool.announced, queued)
+        mark.addErrback(lambda f: log.failure(
+            "could not mark the events of {tid} written; a restart before its copies are final "
+            "looks for them in the event log", f, tid=queued.envelope.transmission_id))
+        self._track(mark)
 
     def _policy_verdicts(self, transaction: Transaction, headers: Any) -> defer.Deferred:
         if self.policy is None:
@@ -303,40 +420,39 @@ class Injector:
                      for rcpt in transaction.recipients]
         return self.policy.check_all(envelopes, session.client_address, session.auth_user, headers)
 
-    def _refuse(self, transaction: Transaction, headers: Any, recipients: list[Recipient],
-                replies: list[tuple[int, str]]) -> tuple[int, bytes]:
+    def _refuse_now(self, transaction: Transaction, headers: Any, recipients: list[Recipient],
+                    replies: list[tuple[int, str]]) -> tuple[tuple[int, bytes], None]:
         """Nothing is kept; every recipient gets a ``policy_rejection`` event with its reason."""
         transaction.abort()
+        sender, subject = friendly_from(headers), header_text(headers, "Subject")
         for rcpt, (code, text) in zip(recipients, replies, strict=True):
-            self._rejection_event(transaction, headers, rcpt, code, text)
+            self._rejection_event(rcpt, transaction.mail_from, sender, subject,
+                                  transaction.session.client_address, code, text, transaction.started)
         code, text = replies[0]
-        return code, text.encode("ascii", "replace")
+        return (code, text.encode("ascii", "replace")), None
 
-    def _rejection_event(self, transaction: Transaction, headers: Any, rcpt: Recipient,
-                         code: int, text: str) -> None:
-        kind, fields = policy_rejection_event(
-            rcpt, transaction.mail_from, friendly_from(headers), header_text(headers, "Subject"),
-            transaction.session.client_address, code, text, transaction.started)
+    def _rejection_event(self, rcpt: Recipient, mail_from: str, sender: str, subject: str,
+                         client_address: str, code: int, text: str, received_at: float,
+                         event_id: str | None = None) -> None:
+        kind, fields = policy_rejection_event(rcpt, mail_from, sender, subject, client_address,
+                                              code, text, received_at)
+        if event_id is not None:
+            fields = {**fields, "event_id": event_id}
         try:
             self.events.emit(kind, **fields)
         except OSError:
             log.failure("could not write the policy_rejection event of {message_id}",
                         message_id=rcpt.message_id)
 
-    def _prepared(self, queued: QueuedMessage, headers: Any, api: MsysApi) -> defer.Deferred:
+    def _prepared(self, queued: QueuedMessage) -> defer.Deferred:
         """
-        The message prepared for its copies (in a worker thread), when any copy needs it.
+        The message prepared for its copies (in a worker thread); ``None`` if that failed.
 
         Done now, not only at delivery, so the injection event can say when
         tracking had to be skipped and whether a DKIM signature is broken;
-        the prepared form stays cached for delivery. Fires with ``None``
-        when nothing needs it or it failed.
+        the prepared form stays cached for delivery.
         """
         if self.copies is None:
-            return defer.succeed(None)
-        tracked = any(r.tracking.enabled for r in queued.envelope.recipients)
-        signed_api = headers.get("DKIM-Signature") is not None and bool(header_values(headers))
-        if not (tracked or signed_api):
             return defer.succeed(None)
 
         def failed(failure: Any) -> None:
@@ -352,18 +468,26 @@ class Injector:
         return Recipient(address=rcpt, message_id=message_id,
                          event_fields=recipient_fields(transaction.transmission_id, rcpt, message_id))
 
-    def _injection_events(self, envelope: Envelope, headers: Any, prepared: Prepared | None) -> None:
-        sender, subject = friendly_from(headers), header_text(headers, "Subject")
+    def _injection_events(self, prepared: Prepared | None, queued: QueuedMessage,
+                          written: frozenset[str]) -> None:
+        envelope = queued.envelope
+        owed = envelope.announce or {}
+        sender, subject = owed.get("friendly_from", ""), owed.get("subject", "")
+        event_ids = owed.get("injection") or [None] * len(envelope.recipients)
         # A copy the appliance signs itself carries a valid signature: SPEC §5 asks for
         # dkim_broken only when it does not re-sign.
         resigned = prepared is not None and self.copies is not None and self.copies.resigns(prepared)
-        for rcpt in envelope.recipients:
+        for rcpt, event_id in zip(envelope.recipients, event_ids, strict=True):
+            if event_id in written:
+                continue
             skipped: list[str] = []
             broken = False
             if prepared is not None and self.copies is not None:
                 skipped = self.copies.tracking_notes(prepared, envelope.transmission_id, rcpt)
                 broken = prepared.dkim_broken(rcpt.tracking) and not resigned
             kind, fields = injection_event(envelope, rcpt, sender, subject, skipped, broken)
+            if event_id is not None:
+                fields = {**fields, "event_id": event_id}
             try:
                 self.events.emit(kind, **fields)
             except OSError:

@@ -46,10 +46,16 @@ class Reactor(Protocol):
 Runner = Callable[..., defer.Deferred]
 
 
-def thread_runner(reactor: Reactor) -> Runner:
-    """Runs blocking calls (fsync, scrypt, DKIM signing) in ``reactor``'s thread pool."""
+def thread_runner(reactor: Reactor, pool: ThreadPool | None = None) -> Runner:
+    """
+    Runs blocking calls in ``pool``, by default ``reactor``'s thread pool.
+
+    The reactor's pool takes CPU work (preparing, scrypt, DKIM signing); file
+    work (fsync, rename) gets a small pool of its own, so a reply that waits
+    on an fsync never queues behind a message being parsed.
+    """
 
     def run(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+        return threads.deferToThreadPool(reactor, pool or reactor.getThreadPool(), f, *args, **kwargs)
 
     return run

@@ -2,7 +2,8 @@
 Where the parts meet: builds the appliance's service tree from the ``Parts``
 that ``appliance.build`` made of a ``Config``, on the reactor it is given.
 
-Start order matters and is the order of ``addService`` below: the webhooks
+Start order matters and is the order of ``addService`` below: the file
+thread pool comes first (and so stops last), the webhooks
 recover their queues first (they hear of every event written), the event log
 opens next (everything writes to it), then the spool is prepared and the
 delivery queue picks up what a previous run left, and only then do the
@@ -23,6 +24,7 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from appliance.build import Parts
 from appliance.delivery import DeliveryService, Router
@@ -54,6 +56,30 @@ class SpoolService(Service):
         super().startService()
 
 
+class FilePool(Service):
+    """
+    The threads that do the appliance's file work: spool commits, journal and queue fsyncs.
+
+    Its own pool, so an fsync a reply waits on never queues behind CPU work in
+    the reactor's pool. Started first and stopped last, after everything that
+    writes files has stopped; a stop lets queued work finish.
+    """
+
+    name = "file-pool"
+    threads = 4
+
+    def __init__(self) -> None:
+        self.pool = ThreadPool(minthreads=1, maxthreads=self.threads, name="appliance-files")
+
+    def startService(self) -> None:
+        self.pool.start()
+        super().startService()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
 class Appliance(MultiService):
     """The whole appliance; its parts are attributes so tests and tools can reach them."""
 
@@ -71,7 +97,8 @@ class Appliance(MultiService):
                  resolver: Any = None, handle_sighup: bool = True) -> None:
         """
         ``parts`` come from ``appliance.build``; ``reactor`` makes every timer, connection and
-        listener. ``run`` runs blocking file work (the reactor's thread pool unless given).
+        listener. ``run`` runs blocking work, file and CPU alike (unless given: file work in
+        a ``FilePool``, CPU work in the reactor's thread pool).
         ``handle_sighup``: SIGHUP reopens the event log; off where the process is not ours
         to signal (tests).
         """
@@ -79,14 +106,20 @@ class Appliance(MultiService):
         config = parts.config
         self.config = config
         self.reactor = reactor
+        self.file_pool: FilePool | None = None
         if run is None:
+            self.file_pool = FilePool()
+            self.file_pool.setServiceParent(self)  # first: it is stopped after everything else
+            run_files = thread_runner(reactor, self.file_pool.pool)
             run = thread_runner(reactor)
+        else:
+            run_files = run
         self.links = LinkCodec(parts.keyring)
         self.events = EventLog(config.events.log_file, config.node.name,
                                customer_id=config.events.customer_id,
                                fsync_interval=config.events.fsync_interval, clock=reactor,
                                sighup=reactor if handle_sighup else None)
-        self.spool = Spool(config.spool.directory, run=run)
+        self.spool = Spool(config.spool.directory, run=run_files)
         self.router = Router(config.delivery)
         # Each recipient's copy is made from the spooled text when delivery needs it;
         # the prepared form of a message is cached, so N copies cost one parse.
@@ -103,12 +136,14 @@ class Appliance(MultiService):
                                  hostname=config.node.hostname, policy=self.policy,
                                  copies=self.copies, tracker=config.engagement_tracker,
                                  max_hops=config.smtp.max_hops)
+        # Recovery writes the events a message still owed when the process ended.
+        self.spool.on_owed = self.injector.recover_owed
 
         # Each webhook reads the event log from its own cursor and queues the events it
         # wants under the spool; batches are posted from there, so the event log never
         # waits for a receiver. A write to the log wakes the followers.
         self.webhooks = Webhooks(config.webhooks, os.path.join(config.spool.directory, "webhooks"),
-                                 config.events.log_file, clock=reactor, run=run,
+                                 config.events.log_file, clock=reactor, run=run_files,
                                  trust=parts.webhook_trust,
                                  fsync_interval=config.events.fsync_interval)
         self.events.wake_on_write(self.webhooks.wake)

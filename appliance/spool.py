@@ -1,29 +1,42 @@
 """
 The durable spool: where an accepted message lives until every copy has a final outcome.
 
-Layout, one directory per SMTP transaction (Postfix-like commit protocol)::
+Layout (Postfix-like commit protocol)::
 
-    incoming/<id>/message         being received; never read by delivery
-    active/<id>/message           the message as injected, canonical CRLF
-    active/<id>/envelope.json     sender, recipients, ids, per-recipient tracking
-    active/<id>/journal           one JSON line per recipient outcome or retry
+    incoming/<id>         being received; never read by delivery
+    active/<id>           committed: the message as injected (canonical CRLF),
+                          then its envelope (sender, recipients, ids, tracking,
+                          events owed) and a fixed-size trailer saying how long
+                          the envelope is
+    journal/<id>          one JSON line per recipient outcome or retry
 
-A transaction is committed by fsyncing ``message`` and ``envelope.json``,
-renaming its directory from ``incoming/`` into ``active/`` and fsyncing
-``active/``. Only then may the injection server answer ``250``. At start-up
+A transaction is committed by writing the envelope after the message in its
+one file, fsyncing that file, renaming it from ``incoming/`` into ``active/``
+and fsyncing ``active/``. Only then may the injection server answer ``250``.
+That directory fsync is shared (``DirectorySync``): one covers every entry
+renamed before it began, so concurrent transactions pay for one. At start-up
 ``incoming/`` is emptied: nothing there was ever acknowledged.
 
+Entries written before envelope schema 3 are directories, ``active/<id>/``
+holding ``message``, ``envelope.json`` and their ``journal``; they are read,
+journalled and removed as they always were.
+
 The journal records what happened to each recipient's copy. A copy is final
-once a ``done`` line for it is on disk, and the directory is removed only when
+once a ``done`` line for it is on disk, and the entry is removed only when
 every copy is final, so a crash between "event written" and "spool cleaned"
 costs at most a repeated removal, never a lost copy. The last copy to become
 final needs no line: leaving ``active/`` is its mark, and only if that fails
-is its line written after all. Removal first renames the directory out of
+is its line written after all. Removal first renames the entry out of
 ``active/`` (into ``incoming/``, emptied at start-up), so a crash during it
-never leaves a half-deleted entry to be delivered again.
+never leaves a half-deleted entry to be delivered again; a journal left
+without its entry is removed at start-up.
+
+The journal also says when a message's ``injection`` events, owed since its
+``250``, have been written (``announced``); that line has no fsync of its own,
+and recovery writes the events of an entry without one.
 
 File system calls that block (fsync, rename, removal) go through ``run``,
-which is ``deferToThread`` in the appliance and a synchronous call in tests.
+which is the appliance's file thread pool and a synchronous call in tests.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from appliance.files import fsync_directory, write_synced
+from appliance.files import DirectorySync, fsync_directory
 from appliance.settings import Tracking
 
 log = Logger()
@@ -56,7 +69,17 @@ def run_synchronously(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer
 # earlier one, so an appliance upgraded in place delivers what the old one left.
 #   1: recipients' "tracking" is a loose object, possibly empty.
 #   2: "tracking" is always a whole ``Tracking.to_json`` record.
-ENVELOPE_SCHEMA = 2
+#   3: the envelope follows the message in one file (``active/<id>``, journal in
+#      ``journal/<id>``); "announce" holds the events owed since the 250.
+ENVELOPE_SCHEMA = 3
+
+# After a schema-3 entry's envelope: b"\nenvelope " + its length in 10 digits + b"\n".
+_TRAILER_START = b"\nenvelope "
+TRAILER_SIZE = len(_TRAILER_START) + 11
+
+
+# What a journal write leaves to do on the reactor thread (``Spool._appended``).
+_NEW_JOURNAL, _LEFT_ACTIVE = "new journal", "left active"
 
 
 class NewerEnvelope(ValueError):
@@ -95,12 +118,20 @@ class Envelope:
     auth_user: str | None = None
     listener: str = ""
     message_size: int = 0
+    # The events owed once the 250 is sent (``appliance.injection``): their pre-assigned
+    # event_ids and what they say. None for a message with nothing owed, or from before.
+    announce: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         raw: dict[str, Any] = {"schema": ENVELOPE_SCHEMA}
         raw.update((f.name, getattr(self, f.name)) for f in fields(self))
         raw["recipients"] = [r.to_json() for r in self.recipients]
         return json.dumps(raw, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def trailer(self) -> bytes:
+        """The envelope as a schema-3 entry ends: its JSON, then its length."""
+        data = self.to_json()
+        return data + _TRAILER_START + b"%010d\n" % len(data)
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
@@ -127,17 +158,33 @@ class QueuedMessage:
     path: str
     states: list[CopyState]
     # Journal writes of one message run in pool threads; they take turns, so the last
-    # copy's removal never pulls the directory from under another copy's append.
+    # copy's removal never pulls the entry from under another copy's append.
     journal_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # Schema 3: where the message ends in ``path``, and the journal's own path. A
+    # directory entry of an earlier schema has -1 and its journal inside it.
+    message_end: int = -1
+    journal: str = ""
+    # Whether the journal's directory entry is known to be on disk, and whether the
+    # events owed since the 250 are written.
+    journal_durable: bool = False
+    announced: bool = False
 
     @property
     def message_path(self) -> str:
-        return os.path.join(self.path, "message")
+        return self.path if self.message_end >= 0 else os.path.join(self.path, "message")
+
+    @property
+    def journal_path(self) -> str:
+        return self.journal or os.path.join(self.path, "journal")
+
+    @property
+    def owes_events(self) -> bool:
+        return self.envelope.announce is not None and not self.announced
 
 
-# Message text is kept in memory up to this size and only written out, with its directory,
-# by the commit in a worker thread: on the reactor thread a mkdir or open can wait tens of
-# milliseconds behind other messages' fsyncs. A larger message spills to its file as it comes.
+# Message text is kept in memory up to this size and only written out by the commit, in a
+# worker thread: on the reactor thread an open can wait tens of milliseconds behind other
+# messages' fsyncs. A larger message spills to its file as it comes.
 SPILL_AT = 1024 * 1024
 
 
@@ -168,9 +215,9 @@ class SpoolWriter:
             self._open()
 
     def _open(self) -> None:
-        """Create the entry and its message file, and write out what memory holds."""
-        os.mkdir(self.path, 0o700)
-        self._file = open(os.path.join(self.path, "message"), "wb")
+        """Create the entry's file and write out what memory holds."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb")
         self._file.write(b"".join(self._pending))
         self._pending, self._pending_size = [], 0
 
@@ -178,24 +225,27 @@ class SpoolWriter:
         """Make the message durable; fires with its ``QueuedMessage`` once it is on disk."""
         assert envelope.transmission_id == self.transmission_id
         self.finished = True
-        return self.spool.run(self._commit, envelope).addErrback(self._failed)
+        d = self.spool.run(self._commit, envelope)
+        d.addErrback(self._failed)
+        # The rename is durable once active/ is fsynced; that fsync is shared with every
+        # other entry renamed before it began, and nothing is answered before it is done.
+        d.addCallback(lambda queued: self.spool.active_sync.sync().addCallback(lambda _: queued))
+        return d
 
     def _commit(self, envelope: Envelope) -> QueuedMessage:
         if self._file is None:
             self._open()
+        # One file, one fsync: the envelope follows the message, so neither can be on
+        # disk without the other, and the file's name is made durable by active/'s fsync.
+        self._file.write(envelope.trailer())
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        env_path = os.path.join(self.path, "envelope.json")
-        write_synced(env_path, envelope.to_json())
-        # The entries of both files must be durable too, or a power loss could leave a
-        # committed directory without its envelope (moved aside at start) or its text.
-        fsync_directory(self.path)
         final = os.path.join(self.spool.active, self.transmission_id)
         os.rename(self.path, final)
-        fsync_directory(self.spool.active)
         states = [CopyState() for _ in envelope.recipients]
-        return QueuedMessage(envelope, final, states)
+        return QueuedMessage(envelope, final, states, message_end=self.size,
+                             journal=os.path.join(self.spool.journal, self.transmission_id))
 
     def _failed(self, failure: Any) -> Any:
         self._discard()
@@ -214,7 +264,18 @@ class SpoolWriter:
                 self._file.close()
             except OSError:
                 pass
-        shutil.rmtree(self.path, ignore_errors=True)
+        _remove_path(self.path)
+
+
+def _remove_path(path: str) -> None:
+    """Remove a file or a directory tree; gone already is fine."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class Spool:
@@ -222,26 +283,37 @@ class Spool:
         self.directory = directory
         self.incoming = os.path.join(directory, "incoming")
         self.active = os.path.join(directory, "active")
+        self.journal = os.path.join(directory, "journal")
         self.run = run
+        self.active_sync = DirectorySync(self.active, run)
+        self.journal_sync = DirectorySync(self.journal, run)
+        # Called with each recovered entry whose events are still owed, before it is yielded
+        # (so before its delivery is scheduled): the injector writes them.
+        self.on_owed: Callable[[QueuedMessage], Any] | None = None
 
     def prepare(self) -> None:
         """Create the layout and drop every unacknowledged transaction."""
-        for d in (self.directory, self.incoming, self.active):
+        for d in (self.directory, self.incoming, self.active, self.journal):
             os.makedirs(d, mode=0o700, exist_ok=True)
         for name in os.listdir(self.incoming):
             log.info("discarding unacknowledged spool entry {name}", name=name)
-            shutil.rmtree(os.path.join(self.incoming, name), ignore_errors=True)
+            _remove_path(os.path.join(self.incoming, name))
 
     def writer(self, transmission_id: str) -> SpoolWriter:
         return SpoolWriter(self, transmission_id)
 
     def recover(self) -> Iterator[QueuedMessage]:
         """Every committed message with at least one copy not yet final."""
-        for name in sorted(os.listdir(self.active)):
+        names = sorted(os.listdir(self.active))
+        for name in names:
             path = os.path.join(self.active, name)
             try:
-                with open(os.path.join(path, "envelope.json"), "rb") as f:
-                    envelope = Envelope.from_json(f.read())
+                if os.path.isdir(path):
+                    with open(os.path.join(path, "envelope.json"), "rb") as f:
+                        envelope = Envelope.from_json(f.read())
+                    queued = QueuedMessage(envelope, path, [CopyState() for _ in envelope.recipients])
+                else:
+                    queued = self._read_entry(name, path)
             except NewerEnvelope as e:
                 # Not broken: a downgrade. Left where it is for the version that wrote it.
                 log.error("spool entry {name} was written by a newer version ({e}); left in place",
@@ -252,34 +324,73 @@ class Spool:
                           name=name, e=e)
                 os.rename(path, os.path.join(self.directory, f"corrupt-{name}"))
                 continue
-            states = [CopyState() for _ in envelope.recipients]
-            self._replay(os.path.join(path, "journal"), states)
-            queued = QueuedMessage(envelope, path, states)
-            if all(s.done for s in states):
+            queued.announced = self._replay(queued.journal_path, queued.states)
+            if all(s.done for s in queued.states):
                 try:
                     self._remove(queued)
                 except OSError as e:  # final all the same: nothing is delivered again
                     log.error("cannot remove spool entry {name} ({e}); every copy is final",
                               name=name, e=e)
                 continue
+            if queued.owes_events and self.on_owed is not None:
+                try:
+                    self.on_owed(queued)
+                except Exception:
+                    log.failure("could not write the events owed for spool entry {name}", name=name)
             yield queued
+        self._drop_orphan_journals(set(os.listdir(self.active)))
+
+    def _read_entry(self, name: str, path: str) -> QueuedMessage:
+        """A schema-3 entry: the envelope is read from the end of its one file."""
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < TRAILER_SIZE:
+                raise ValueError("too short for an envelope")
+            f.seek(size - TRAILER_SIZE)
+            trailer = f.read(TRAILER_SIZE)
+            if not (trailer.startswith(_TRAILER_START) and trailer.endswith(b"\n")):
+                raise ValueError("no envelope trailer")
+            length = int(trailer[len(_TRAILER_START):-1])
+            end = size - TRAILER_SIZE - length
+            if end < 0:
+                raise ValueError("envelope longer than the entry")
+            f.seek(end)
+            envelope = Envelope.from_json(f.read(length))
+        return QueuedMessage(envelope, path, [CopyState() for _ in envelope.recipients],
+                             message_end=end, journal=os.path.join(self.journal, name))
+
+    def _drop_orphan_journals(self, entries: set[str]) -> None:
+        """Journals whose entry left active/ (a crash in the middle of a removal)."""
+        try:
+            names = os.listdir(self.journal)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name not in entries:
+                _remove_path(os.path.join(self.journal, name))
 
     @staticmethod
-    def _replay(journal: str, states: list[CopyState]) -> None:
+    def _replay(journal: str, states: list[CopyState]) -> bool:
+        """Apply the journal to ``states``; whether the owed events are marked written."""
         try:
             with open(journal, "rb") as f:
                 lines = f.read().split(b"\n")
         except FileNotFoundError:
-            return
+            return False
+        announced = False
         for line in lines:
             try:
                 entry = json.loads(line)
+                if entry.get("announced") is True:
+                    announced = True
+                    continue
                 state = states[entry["i"]]
-            except (ValueError, KeyError, IndexError, TypeError):
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 continue  # a torn last line from a crash: the copy is simply not final
             state.attempts = entry.get("attempts", state.attempts)
             state.next_attempt = entry.get("next", state.next_attempt)
             state.done = state.done or entry.get("done", False)
+        return announced
 
     def record(self, queued: QueuedMessage, index: int, done: bool) -> defer.Deferred:
         """Journal one copy's outcome durably; removes the entry once every copy is final."""
@@ -287,46 +398,93 @@ class Spool:
         state.done = state.done or done
         line = json.dumps({"i": index, "done": state.done, "attempts": state.attempts,
                            "next": state.next_attempt}).encode() + b"\n"
-        return self.run(self._append, queued, line)
+        d = self.run(self._append, queued, line)
+        return d.addCallback(self._appended, queued)
 
-    def _append(self, queued: QueuedMessage, line: bytes) -> None:
+    def _appended(self, done: str | None, queued: QueuedMessage) -> Any:
+        # The directory fsyncs a journal line can need are shared: a new schema-3 journal's
+        # name is made durable by journal/'s, an entry's leaving by active/'s, each covering
+        # every change made before it began (commits' renames into active/ included).
+        if done == _NEW_JOURNAL:
+            return self.journal_sync.sync().addCallback(lambda _: setattr(queued, "journal_durable", True))
+        if done == _LEFT_ACTIVE:
+            d = self.active_sync.sync()
+            return d.addCallback(lambda _: self.run(self._delete_removed, queued))
+        return None
+
+    def announced(self, queued: QueuedMessage) -> defer.Deferred:
+        """
+        Mark the events owed since the 250 as written: one journal line, with no fsync.
+
+        Losing it (a power loss, not a kill) only means recovery looks for the
+        events in the event log's tail and writes those it does not find.
+        """
+        queued.announced = True
+        return self.run(self._mark_announced, queued)
+
+    def _mark_announced(self, queued: QueuedMessage) -> None:
         with queued.journal_lock:
-            self._append_locked(queued, line)
+            if not os.path.exists(queued.path):
+                return  # every copy final and the entry gone: nothing is owed any more
+            with open(queued.journal_path, "ab") as f:
+                f.write(b'{"announced":true}\n')
 
-    def _append_locked(self, queued: QueuedMessage, line: bytes) -> None:
+    def _append(self, queued: QueuedMessage, line: bytes) -> str | None:
+        """Write ``line``; what directory fsync, if any, must follow (``_appended``)."""
+        with queued.journal_lock:
+            return self._append_locked(queued, line)
+
+    def _append_locked(self, queued: QueuedMessage, line: bytes) -> str | None:
         if all(s.done for s in queued.states):
             # The removal is what makes the last copy final, so it has no journal line of
             # its own (no fsync on the common path); if the entry cannot leave active/,
             # the line is written after all, or the copy would be sent again after a restart.
             try:
-                self._remove(queued)
-                return
+                return _LEFT_ACTIVE if self._leave_active(queued) else None
             except OSError as e:
-                if not os.path.isdir(queued.path):
+                if not os.path.exists(queued.path):
                     raise  # it left active/: what failed came after
                 log.error("cannot remove spool entry {path} ({e}); its copies are journalled "
                           "final and it is removed at the next start", path=queued.path, e=e)
-        path = os.path.join(queued.path, "journal")
-        new = not os.path.exists(path)
+        path = queued.journal_path
         with open(path, "ab") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        if new:  # the journal's directory entry must survive a power loss too
-            fsync_directory(queued.path)
+        if queued.journal_durable:
+            return None
+        if queued.journal:
+            return _NEW_JOURNAL  # schema 3: journal/ is fsynced once for many (``record``)
+        # The journal's directory entry must survive a power loss too.
+        fsync_directory(queued.path)
+        queued.journal_durable = True
+        return None
 
     def _remove(self, queued: QueuedMessage) -> None:
+        """Leave active/ durably and delete what is left, all at once (at start-up)."""
+        if self._leave_active(queued):
+            fsync_directory(self.active)
+            self._delete_removed(queued)
+
+    def _leave_active(self, queued: QueuedMessage) -> bool:
         # Leave active/ in one atomic rename, then delete: a crash in the middle of a
         # removal must not leave an entry there with its message gone but its
         # envelope still naming copies to deliver. incoming/ is emptied at start-up.
-        trash = os.path.join(self.incoming, os.path.basename(queued.path) + ".removed")
         try:
-            os.rename(queued.path, trash)
+            os.rename(queued.path, self._trash(queued))
         except FileNotFoundError:
-            return
-        fsync_directory(self.active)
-        shutil.rmtree(trash, ignore_errors=True)
+            return False
+        return True
+
+    def _trash(self, queued: QueuedMessage) -> str:
+        return os.path.join(self.incoming, os.path.basename(queued.path) + ".removed")
+
+    def _delete_removed(self, queued: QueuedMessage) -> None:
+        """Once its leaving active/ is on disk: the entry's text and journal go."""
+        _remove_path(self._trash(queued))
+        if queued.journal:
+            _remove_path(queued.journal)
 
     def read_message(self, queued: QueuedMessage) -> bytes:
         with open(queued.message_path, "rb") as f:
-            return f.read()
+            return f.read(queued.message_end) if queued.message_end >= 0 else f.read()

@@ -16,8 +16,9 @@ from twisted.mail import smtp
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.events import EventLog
+from appliance.files import fsync_directory
 from appliance.injection import Injector, friendly_from, header_text
-from appliance.policy import ACCEPT
+from appliance.policy import ACCEPT, Verdict
 from appliance.smtp import Session
 from appliance.spool import QueuedMessage, Spool, run_synchronously
 from tests.test_smtp import listener
@@ -226,3 +227,125 @@ class EventTextTests(InjectorCase):
         self.assertEqual(self.successResultOf(d)[0], 250)
         [event] = self.events_written()
         self.assertEqual((event["subject"], event["friendly_from"]), ("Caf\u00e9", "j@example.net"))
+
+
+class HeldPreparation:
+    """Copies whose preparation (the CPU work after the commit) finishes when the test says."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred] = []
+
+    def prepare_later(self, queued: QueuedMessage) -> defer.Deferred:
+        self.pending.append(defer.Deferred())
+        return self.pending[-1]
+
+    def resigns(self, prepared: Any) -> bool:
+        return False
+
+
+class PartialPolicy:
+    """Accepts the first recipient and rejects every other for good."""
+
+    def check_all(self, envelopes: list[Any], *args: Any) -> defer.Deferred:
+        return defer.succeed([ACCEPT] + [Verdict(550, "5.7.1 not this one")] * (len(envelopes) - 1))
+
+
+TRACKED = MESSAGE.replace(b"\r\n\r\n", b"\r\nX-MSYS-API: {\"options\": {\"open_tracking\": true}}\r\n\r\n")
+
+
+class ReplyFirstTests(InjectorCase):
+    """Only durability comes before the 250; the events and delivery follow it."""
+
+    def test_250_only_after_the_fsyncs_and_before_any_event(self) -> None:
+        order: list[str] = []
+        held: list[defer.Deferred] = []
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            order.append("fsync " + os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"),
+                                                    self.spool.directory))
+            real_fsync(fd)
+
+        def run(f: Any, *args: Any) -> defer.Deferred:
+            if f is fsync_directory:  # the shared active/ fsync finishes when the test says
+                held.append(defer.Deferred().addCallback(lambda _: f(*args)))
+                return held[-1]
+            return defer.maybeDeferred(f, *args)
+
+        self.patch(os, "fsync", fsync)
+        self.spool = Spool(self.spool.directory, run=run)
+        transaction, d = self.send(self.injector())
+        d.addCallback(lambda reply: order.append(f"reply {reply[0]}"
+                                                 f" with {len(self.events_written())} event(s)"))
+        self.assertNoResult(d)
+        self.assertEqual(order, ["fsync " + os.path.join("incoming", transaction.transmission_id)])
+        held.pop().callback(None)
+        self.assertEqual(order[1:], ["fsync active", "reply 250 with 0 event(s)"])
+        self.assertEqual([e["type"] for e in self.events_written()], ["injection"])
+        self.assertEqual(len(self.queue.queued), 1)
+
+    def test_events_and_delivery_wait_for_the_preparation_not_the_reply(self) -> None:
+        copies = HeldPreparation()
+        injector = self.injector(copies=copies, policy=PartialPolicy())
+        _, d = self.send(injector, TRACKED, (b"a@example.test", b"b@example.test"))
+        self.assertEqual(self.successResultOf(d)[0], 250)
+        # The rejection needs nothing more; the injection event waits for the preparation,
+        # and delivery for the injection event.
+        [rejection] = self.events_written()
+        self.assertEqual((rejection["type"], rejection["rcpt_to"]), ("policy_rejection", "b@example.test"))
+        self.assertEqual(self.queue.queued, [])
+        self.assertNoResult(injector.idle())  # a stop waits for what is owed
+        copies.pending[0].callback(None)
+        self.assertEqual([e["type"] for e in self.events_written()], ["policy_rejection", "injection"])
+        [queued] = self.queue.queued
+        self.successResultOf(injector.idle())
+        # Written with the event_ids the envelope assigned them when it was committed.
+        owed = queued.envelope.announce
+        self.assertEqual([e["event_id"] for e in self.events_written()],
+                         [owed["rejected"][0]["event_id"], owed["injection"][0]])
+        self.assertTrue(queued.announced)
+
+
+class OwedEventsRecoveryTests(InjectorCase):
+    """An injection event owed at a kill -9 is written at the next start, once."""
+
+    def restart(self) -> tuple[list[QueuedMessage], Injector]:
+        """A new spool, event log and injector on the same files, recovering as at start."""
+        self.events.close()
+        self.events = EventLog(self.events.path, "n", fsync_interval=0, clock=object())
+        self.events.open()
+        self.spool = Spool(self.spool.directory, run=run_synchronously)
+        self.spool.prepare()
+        self.queue = RecordingQueue()
+        injector = self.injector()
+        self.spool.on_owed = injector.recover_owed
+        return list(self.spool.recover()), injector
+
+    def test_killed_before_the_events_they_are_written_at_start_once(self) -> None:
+        copies = HeldPreparation()
+        _, d = self.send(self.injector(copies=copies, policy=PartialPolicy()), TRACKED,
+                         (b"a@example.test", b"b@example.test"))
+        self.assertEqual(self.successResultOf(d)[0], 250)
+        # Killed here: the rejection is written, the injection event is not (still preparing).
+        self.assertEqual([e["type"] for e in self.events_written()], ["policy_rejection"])
+        [queued], injector = self.restart()
+        self.successResultOf(injector.idle())
+        events = self.events_written()
+        self.assertEqual([e["type"] for e in events], ["policy_rejection", "injection"])
+        self.assertEqual(events[1]["event_id"], queued.envelope.announce["injection"][0])
+        self.assertEqual(events[1]["subject"], "hello")
+        self.assertEqual(len({e["event_id"] for e in events}), 2)  # the rejection is not written again
+        # The mark is on disk now: another restart writes nothing.
+        self.restart()
+        self.assertEqual(len(self.events_written()), 2)
+
+    def test_killed_between_the_event_and_its_mark_nothing_is_written_twice(self) -> None:
+        mark = Spool.announced
+        self.patch(Spool, "announced", lambda spool, queued: defer.succeed(None))  # the mark is lost
+        _, d = self.send(self.injector(), rcpts=(b"a@example.test", b"c@example.test"))
+        self.assertEqual(self.successResultOf(d)[0], 250)
+        self.assertEqual(len(self.events_written()), 2)
+        self.patch(Spool, "announced", mark)
+        [queued], _ = self.restart()
+        self.assertEqual(len(self.events_written()), 2)  # found in the log's tail
+        self.assertEqual(self.restart()[0][0].announced, True)

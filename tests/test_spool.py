@@ -9,9 +9,11 @@ import shutil
 import threading
 from typing import Any
 
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import spool as spool_module
+from appliance.files import DirectorySync, fsync_directory
 from appliance.settings import Tracking
 from appliance.spool import Envelope, Recipient, Spool, run_synchronously
 
@@ -37,7 +39,8 @@ class SpoolTests(SynchronousTestCase):
     def test_commit_moves_into_active(self) -> None:
         queued = self.commit()
         self.assertEqual(os.listdir(self.spool.incoming), [])
-        self.assertEqual(sorted(os.listdir(queued.path)), ["envelope.json", "message"])
+        self.assertEqual(os.listdir(self.spool.active), ["1"])
+        self.assertTrue(os.path.isfile(queued.path))  # message and envelope in one file
         self.assertEqual(self.spool.read_message(queued), b"hello")
         [recovered] = list(self.spool.recover())
         self.assertEqual(recovered.envelope, queued.envelope)
@@ -54,34 +57,32 @@ class SpoolTests(SynchronousTestCase):
         self.patch(os, "fsync", fsync)
         return calls
 
-    def test_commit_fsyncs_files_then_their_directory_then_active(self) -> None:
+    def test_commit_fsyncs_its_file_then_active(self) -> None:
         calls = self.record_fsyncs()
         self.commit("9")
-        entry = os.path.join("incoming", "9")
-        self.assertEqual(calls, [os.path.join(entry, "message"), os.path.join(entry, "envelope.json"),
-                                 entry, "active"])
+        self.assertEqual(calls, [os.path.join("incoming", "9"), "active"])
 
     def test_new_journal_fsyncs_its_directory(self) -> None:
         queued = self.commit()
         calls = self.record_fsyncs()
         self.successResultOf(self.spool.record(queued, 0, done=False))
         self.successResultOf(self.spool.record(queued, 0, done=False))
-        journal = os.path.join("active", "1", "journal")
-        self.assertEqual(calls, [journal, os.path.join("active", "1"), journal])
+        journal = os.path.join("journal", "1")
+        self.assertEqual(calls, [journal, "journal", journal])
 
     def test_last_copy_waits_for_another_copys_journal_write(self) -> None:
-        """Copy 0's append (new journal, directory fsync) and copy 1's final removal in two threads."""
+        """Copy 0's append (journal write, fsync) and copy 1's final removal in two threads."""
         queued = self.commit()
         in_append, release = threading.Event(), threading.Event()
-        real = spool_module.fsync_directory
+        real = os.fsync
 
-        def slow_fsync(path: str) -> None:
-            if path == queued.path:  # copy 0 is between its journal write and the dir fsync
-                in_append.set()
+        def slow_fsync(fd: int) -> None:
+            if os.readlink(f"/proc/self/fd/{fd}") == os.path.abspath(queued.journal_path):
+                in_append.set()  # copy 0 is between its journal write and its fsync
                 release.wait(10)
-            real(path)
+            real(fd)
 
-        self.patch(spool_module, "fsync_directory", slow_fsync)
+        self.patch(os, "fsync", slow_fsync)
         errors: list[BaseException] = []
 
         def run(f: Any, *args: Any) -> None:
@@ -119,7 +120,7 @@ class SpoolTests(SynchronousTestCase):
         chunk = b"x" * 1000 + b"\r\n"
         for _ in range(spool_module.SPILL_AT // len(chunk) + 2):
             w.write(chunk)
-        message = os.path.join(self.spool.incoming, "6", "message")
+        message = os.path.join(self.spool.incoming, "6")
         self.assertTrue(os.path.exists(message))  # spilled: memory holds no more than SPILL_AT
         w.write(b"last\r\n")
         queued = self.successResultOf(w.commit(envelope("6")))
@@ -185,7 +186,7 @@ class SpoolTests(SynchronousTestCase):
         self.patch(spool_module.os, "rename", rename)
         fsyncs = self.record_fsyncs()
         self.successResultOf(self.spool.record(queued, 1, done=True))
-        self.assertEqual(fsyncs, [os.path.join("active", "1", "journal")])
+        self.assertEqual(fsyncs, [os.path.join("journal", "1")])
         # Still there, but final on disk: nothing is delivered again after a restart, even
         # while the removal keeps failing...
         self.assertEqual(list(Spool(self.spool.directory, run=run_synchronously).recover()), [])
@@ -197,15 +198,16 @@ class SpoolTests(SynchronousTestCase):
 
     def test_torn_journal_line_ignored(self) -> None:
         queued = self.commit()
-        with open(os.path.join(queued.path, "journal"), "wb") as f:
+        with open(queued.journal_path, "wb") as f:
             f.write(b'{"i":0,"done":true,"attempts":1,"next":0}\n{"i":1,"do')
         [again] = list(self.spool.recover())
         self.assertEqual([s.done for s in again.states], [True, False])
 
     def test_unreadable_envelope_moved_aside(self) -> None:
         queued = self.commit()
-        with open(os.path.join(queued.path, "envelope.json"), "wb") as f:
-            f.write(b"{not json")
+        with open(queued.path, "r+b") as f:
+            f.seek(-spool_module.TRAILER_SIZE - 3, os.SEEK_END)
+            f.write(b"{no")
         self.assertEqual(list(self.spool.recover()), [])
         self.assertIn("corrupt-1", os.listdir(self.spool.directory))
 
@@ -284,3 +286,194 @@ class EnvelopeSchemaTests(SynchronousTestCase):
         self.assertEqual(list(self.spool.recover()), [])
         self.assertEqual(os.listdir(self.spool.active), ["1234567890123"])
         self.assertFalse([n for n in os.listdir(self.spool.directory) if n.startswith("corrupt-")])
+
+
+class HeldRunner:
+    """
+    A file pool the test drives: ``fsync_directory`` calls wait for ``release``,
+    everything else runs at once. ``log`` is the order things happened in.
+    """
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.held: list[tuple[defer.Deferred, Any, tuple[Any, ...]]] = []
+
+    def run(self, f: Any, *args: Any) -> defer.Deferred:
+        if f is fsync_directory:
+            d: defer.Deferred = defer.Deferred()
+            self.held.append((d, f, args))
+            self.log.append(f"fsync started {os.path.basename(args[0])}")
+            return d
+        return defer.maybeDeferred(f, *args)
+
+    def release(self) -> None:
+        """Finish the oldest fsync under way."""
+        d, f, args = self.held.pop(0)
+        f(*args)
+        self.log.append(f"fsync done {os.path.basename(args[0])}")
+        d.callback(None)
+
+
+class GroupCommitTests(SynchronousTestCase):
+    """One directory fsync covers every entry renamed before it began; nothing answers before it."""
+
+    def setUp(self) -> None:
+        self.runner = HeldRunner()
+        self.spool = Spool(self.mktemp(), run=self.runner.run)
+        self.spool.prepare()
+
+    def begin(self, tid: str) -> defer.Deferred:
+        w = self.spool.writer(tid)
+        w.write(b"hello")
+        d = w.commit(envelope(tid))
+        d.addCallback(lambda q: self.runner.log.append(f"committed {tid}") or q)
+        return d
+
+    def test_commit_answers_only_after_the_directory_fsync(self) -> None:
+        d = self.begin("1")
+        self.assertEqual(os.listdir(self.spool.active), ["1"])  # renamed...
+        self.assertNoResult(d)  # ...but not yet durable: no answer
+        self.runner.release()
+        self.successResultOf(d)
+        self.assertEqual(self.runner.log, ["fsync started active", "fsync done active", "committed 1"])
+
+    def test_concurrent_commits_share_one_fsync(self) -> None:
+        first = self.begin("1")  # its fsync starts at once
+        second, third = self.begin("2"), self.begin("3")  # renamed while it runs
+        self.assertEqual(len(self.runner.held), 1)
+        self.runner.release()
+        self.successResultOf(first)
+        # The fsync under way may have begun before their renames: they wait for the next,
+        # which both share.
+        self.assertNoResult(second)
+        self.assertNoResult(third)
+        self.assertEqual(len(self.runner.held), 1)
+        self.runner.release()
+        self.successResultOf(second)
+        self.successResultOf(third)
+        # (The next fsync starts as soon as one ends, before the first is answered.)
+        self.assertEqual(self.runner.log, [
+            "fsync started active", "fsync done active", "fsync started active", "committed 1",
+            "fsync done active", "committed 2", "committed 3"])
+
+    def test_failed_directory_fsync_fails_every_commit_it_covered(self) -> None:
+        first, second = self.begin("1"), self.begin("2")
+        d, _, _ = self.runner.held.pop(0)
+        d.errback(OSError(errno.EIO, "Input/output error"))
+        self.failureResultOf(first, OSError)
+        self.runner.release()  # the next fsync is the second commit's own
+        self.successResultOf(second)
+
+    def test_an_entry_leaving_shares_active_fsyncs_with_commits(self) -> None:
+        runner = self.runner
+        first = self.begin("1")
+        runner.release()
+        queued = self.successResultOf(first)
+        journalled = self.spool.record(queued, 0, done=True)
+        runner.release()  # the new journal's name, in journal/
+        self.successResultOf(journalled)
+        second = self.begin("2")  # an fsync of active/ under way
+        removal = self.spool.record(queued, 1, done=True)
+        trash = os.path.join(self.spool.incoming, "1.removed")
+        self.assertEqual(sorted(os.listdir(self.spool.active)), ["2"])  # renamed out...
+        self.assertTrue(os.path.exists(trash))  # ...but kept until that is on disk
+        runner.release()
+        self.successResultOf(second)
+        self.assertNoResult(removal)  # it left after that fsync began: the next one is its
+        self.assertTrue(os.path.exists(trash))
+        runner.release()
+        self.successResultOf(removal)
+        self.assertEqual(os.listdir(self.spool.incoming), [])
+
+    def test_new_journals_share_their_directory_fsync(self) -> None:
+        runner = self.runner
+        a, b = self.begin("1"), self.begin("2")
+        runner.release()
+        runner.release()
+        qa, qb = self.successResultOf(a), self.successResultOf(b)
+        runner.log.clear()
+        ra, rb = self.spool.record(qa, 0, done=False), self.spool.record(qb, 0, done=False)
+        self.assertEqual(runner.log, ["fsync started journal"])
+        runner.release()
+        self.successResultOf(ra)
+        self.assertNoResult(rb)  # its journal was created while that fsync ran
+        runner.release()
+        self.successResultOf(rb)
+        self.assertTrue(qa.journal_durable and qb.journal_durable)
+        self.successResultOf(self.spool.record(qa, 1, done=False))
+        self.assertEqual(runner.held, [])  # a journal already durable needs no directory fsync
+
+
+class DirectorySyncTests(SynchronousTestCase):
+    def test_never_fires_before_its_fsync(self) -> None:
+        started: list[defer.Deferred] = []
+
+        def run(f: Any, path: str) -> defer.Deferred:
+            started.append(defer.Deferred())
+            return started[-1]
+
+        sync = DirectorySync("/nowhere", run)
+        waiting = [sync.sync() for _ in range(3)]
+        self.assertEqual(len(started), 1)
+        for d in waiting:
+            self.assertNoResult(d)
+        started[0].callback(None)
+        # The first began the fsync; the two that came while it ran need one of their own.
+        self.successResultOf(waiting[0])
+        self.assertNoResult(waiting[1])
+        self.assertEqual(len(started), 2)
+        started[1].callback(None)
+        self.successResultOf(waiting[1])
+        self.successResultOf(waiting[2])
+
+
+class OwedEventsTests(SynchronousTestCase):
+    """The spool keeps what events a committed message owes until they are marked written."""
+
+    def setUp(self) -> None:
+        self.spool = Spool(self.mktemp(), run=run_synchronously)
+        self.spool.prepare()
+
+    def commit_owing(self) -> Any:
+        env = envelope("1")
+        env.announce = {"friendly_from": "a@b.test", "subject": "s", "prepare": False,
+                        "injection": ["11", "12"], "rejected": []}
+        w = self.spool.writer("1")
+        w.write(b"hello")
+        return self.successResultOf(w.commit(env))
+
+    def recovered(self) -> tuple[list[Any], list[Any]]:
+        spool = Spool(self.spool.directory, run=run_synchronously)
+        owed: list[Any] = []
+        spool.on_owed = owed.append
+        return list(spool.recover()), owed
+
+    def test_recovery_hands_over_what_is_still_owed(self) -> None:
+        self.commit_owing()
+        [queued], [owed] = self.recovered()
+        self.assertIs(owed, queued)
+        self.assertEqual(queued.envelope.announce["injection"], ["11", "12"])
+
+    def test_marked_written_is_not_owed_after_a_restart(self) -> None:
+        queued = self.commit_owing()
+        fsyncs: list[int] = []
+        self.patch(os, "fsync", fsyncs.append)
+        self.successResultOf(self.spool.announced(queued))
+        self.assertEqual(fsyncs, [])  # the mark has no fsync of its own
+        [again], owed = self.recovered()
+        self.assertEqual(owed, [])
+        self.assertTrue(again.announced)
+
+    def test_mark_after_the_last_copy_left_writes_nothing(self) -> None:
+        queued = self.commit_owing()
+        self.successResultOf(self.spool.record(queued, 0, done=True))
+        self.successResultOf(self.spool.record(queued, 1, done=True))
+        self.successResultOf(self.spool.announced(queued))
+        self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.journal)), ([], []))
+
+    def test_journal_left_by_a_removal_cut_short_is_dropped(self) -> None:
+        queued = self.commit_owing()
+        self.successResultOf(self.spool.record(queued, 0, done=False))
+        os.unlink(queued.path)  # the entry left active/; a crash came before its journal went
+        self.assertEqual(self.recovered(), ([], []))
+        self.assertEqual(os.listdir(self.spool.journal), [])
