@@ -34,16 +34,18 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from appliance.config import EngagementTrackerConfig
-from appliance.delivery.copies import CopyMaker
 from appliance.events import EventLog
 from appliance.eventtypes import injection_event, policy_rejection_event, recipient_fields
 from appliance.headers import as_message, read_header, readable
 from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
-from appliance.rewrite import Prepared
 from appliance.settings import MsysApiError, header_values, parse_msys_api, resolve
 from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolWriter
 
 if TYPE_CHECKING:
+    # Annotations only: injection hands messages to delivery through the Queue protocol
+    # and must not load the delivery client to do it.
+    from appliance.delivery.copies import CopyMaker
+    from appliance.rewrite import Prepared
     from appliance.smtp import Session
 
 log = Logger()

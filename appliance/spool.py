@@ -52,7 +52,8 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from appliance.files import DirectorySync, fsync_directory
+from appliance.files import fsync_directory
+from appliance.groupcommit import DirectorySync
 from appliance.settings import Tracking
 
 log = Logger()

@@ -42,7 +42,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "settings": {"config", "headers"},
     "policy": {"settings"},
     "rewrite": {"headers", "links", "settings"},
-    "spool": {"files", "reactors", "settings"},
+    "groupcommit": {"files"},
+    "spool": {"files", "groupcommit", "reactors", "settings"},
     "follower": {"files", "reactors"},
     "tls": {"files"},
     "users": {"files", "reactors"},
@@ -50,8 +51,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "delivery": {"bounces", "config", "dkim", "events", "eventtypes", "files", "links", "reactors",
                  "retry", "rewrite", "settings", "spool"},
     "webhooks": {"config", "events", "eventtypes", "files", "follower", "reactors", "retry"},
-    "injection": {"config", "delivery", "events", "eventtypes", "files", "headers", "policy",
-                  "reactors", "rewrite", "settings", "spool"},
+    "injection": {"config", "events", "eventtypes", "files", "headers", "policy", "reactors",
+                  "settings", "spool"},
     "smtp": {"config", "reactors", "tls"},
     "build": {"config", "dkim", "links", "policy", "reactors", "tls", "users"},
     "service": {"build", "config", "delivery", "events", "files", "injection", "links", "policy",
@@ -62,7 +63,7 @@ MAY_IMPORT: dict[str, set[str]] = {
 }
 TYPE_ONLY: dict[str, set[str]] = {
     "eventtypes": {"links", "settings", "spool"},
-    "injection": {"smtp"},
+    "injection": {"delivery", "rewrite", "smtp"},
     "smtp": {"injection"},
 }
 

@@ -13,7 +13,8 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import spool as spool_module
-from appliance.files import DirectorySync, fsync_directory
+from appliance.files import fsync_directory
+from appliance.groupcommit import DirectorySync
 from appliance.settings import Tracking
 from appliance.spool import Envelope, Recipient, Spool, run_synchronously
 
