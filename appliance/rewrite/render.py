@@ -75,10 +75,14 @@ class LinkRenderer:
         self._shared_length: int | None = None
         self._encode = codec.click_encoder(common)
         self._scheme, self._domain = tracking.click_tracking_scheme, tracking.tracking_domain
+        self._heads: dict[str, str] = {}  # sublink -> the URL before the token, built once
 
     def click(self, link: Link) -> str | None:
         """The link's tracked URL, or ``None`` if it would be too long to track."""
-        url = click_url(self._scheme, self._domain, self._encode(link.suffix), link.sublink)
+        head = self._heads.get(link.sublink)
+        if head is None:
+            head = self._heads[link.sublink] = click_url(self._scheme, self._domain, "", link.sublink)
+        url = head + self._encode(link.suffix)
         return url if len(url) <= MAX_URL_LENGTH else None
 
     def open(self, slot: int) -> str | None:
