@@ -31,9 +31,9 @@ _BORING = re.compile(
     rf"""|</(?!(?i:body)[\t\n\f\r />])[A-Za-z][^\t\n\f\r />]*+{_ATTRIBUTES}[\t\n\f\r /]*+>"""
     rf"""|<(?![!?/A-Za-z]))*+"""
 )
-_ATTR = re.compile(
-    r"""[\t\n\f\r /]*+(?P<name>[^\t\n\f\r />][^\t\n\f\r /=>]*+)"""
-    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?P<value>"[^"]*+"|'[^']*+'|[^\t\n\f\r >]*+))?+"""
+_ATTR = re.compile(  # group 1 the name, group 2 the value with its quotes
+    r"""[\t\n\f\r /]*+([^\t\n\f\r />][^\t\n\f\r /=>]*+)"""
+    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+("[^"]*+"|'[^']*+'|[^\t\n\f\r >]*+))?+"""
 )
 _COMMENT_END = re.compile(r"--!?>")
 _RAW_TEXT = ("script", "style", "xmp", "iframe", "noembed", "noframes", "title", "textarea")
@@ -69,20 +69,27 @@ class HtmlScan:
 def _attributes(text: str, start: int, end: int) -> list[Attribute]:
     """The attributes of a link tag that tracking looks at: ``href`` and ``data-msys-*``."""
     out = []
+    n = len(text)
     for m in _ATTR.finditer(text, start, end):
-        name = m.group("name").lower()
+        name = m[1].lower()
         if name != "href" and not name.startswith("data-msys-"):
             continue
-        value, vstart, vend, quote = "", m.end(), m.end(), ""
-        if m.group("value") is not None:
-            vstart, vend = m.span("value")
-            value = m.group("value")
-            if value[:1] in ("'", '"'):
-                quote, value, vstart, vend = value[0], value[1:-1], vstart + 1, vend - 1
-        following = text[m.end()] if m.end() < len(text) else ">"
+        after = m.end()
+        value = m[2]
+        if value is None:
+            value, vstart, vend, quote = "", after, after, ""
+        else:
+            vstart, vend = m.span(2)
+            quote = value[:1]
+            if quote == '"' or quote == "'":
+                value, vstart, vend = value[1:-1], vstart + 1, vend - 1
+            else:
+                quote = ""
+        following = text[after] if after < n else ">"
+        name_start = m.start(1)
         glued = following not in HTML_SPACE and following not in "/>"
-        out.append(Attribute(name, value, vstart, vend, quote, m.start("name"), m.end(),
-                             m.start("name") if glued else m.start()))
+        out.append(Attribute(name, value, vstart, vend, quote, name_start, after,
+                             name_start if glued else m.start()))
     return out
 
 
