@@ -31,10 +31,12 @@ from appliance.rewrite import (
     Change,
     Identity,
     encode_qp,
+    html_scan,
     prepare,
     scan_html,
     unescape_attribute,
 )
+from appliance.rewrite.html_scan import _SIMPLE_LINK as SIMPLE_LINK
 from appliance.rewrite.prepared import _STATELESS
 from appliance.settings import Tracking
 from appliance.spool import run_synchronously
@@ -1067,3 +1069,54 @@ class CharsetPieceTests(SynchronousTestCase):
         ascii_only = prepare(message(crlf("MIME-Version: 1.0\n"),
                                      html_part(html.replace("\u00e9", "e"), "x-marking", "8bit")))
         self.assertEqual((ascii_only.skipped, len(ascii_only.parts)), ([], 1))
+
+
+# Link tags near the usual form and just past it: case, white space, quotes, slashes,
+# attributes glued on or around, values with markup characters, tags that never end.
+link_tag = st.builds(
+    lambda a, space, href, eq, quote, value, after, end:
+        f"<{a}{space}{href}{eq}{quote}{value}{quote}{after}{end}",
+    st.sampled_from(["a", "A", "area", "ab"]),
+    st.sampled_from([" ", "\n", "\t ", "/", " / ", "", "\f", "\x0b"]),
+    st.sampled_from(["href", "HREF", "hRef", "hreff", "data-msys-linkname", "href data-msys-sublink=s "]),
+    st.sampled_from(["=", " = ", "\n=\n", "", "=="]),
+    st.sampled_from(['"', "'", ""]),
+    st.text(st.sampled_from(list("ab>< '\"=&/\n")), max_size=8),
+    st.sampled_from(["", " ", "/", " /", "x", ' data-msys-unsubscribe="1"', 'data-msys-linkname="n"']),
+    st.sampled_from([">", "", " >", "/>"]),
+)
+
+
+class SimpleLinkTests(SynchronousTestCase):
+    """The scanner's shortcut for ``<a href="...">`` finds exactly what the general path finds."""
+
+    def scan(self, html: str, shortcut: bool) -> tuple[Any, Any]:
+        if not shortcut:
+            self.patch(html_scan, "_SIMPLE_LINK", re.compile(r"(?!)"))
+        try:
+            return scan_html(html), None
+        except Exception as e:  # the same failure either way
+            return None, (type(e), str(e))
+        finally:
+            self.patch(html_scan, "_SIMPLE_LINK", SIMPLE_LINK)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(st.one_of(link_tag, filler), max_size=6).map("".join))
+    def test_same_scan_either_way(self, html: str) -> None:
+        self.assertEqual(self.scan(html, True), self.scan(html, False))
+
+    def test_shortcut_is_taken(self) -> None:
+        html = '<body><a href="https://x.example/">x</a><A\nHREF = "y" / ></body>'
+        calls: list[int] = []
+        pattern = SIMPLE_LINK
+
+        class Counting:
+            def match(self, text: str, pos: int) -> Any:
+                calls.append(pos)
+                return pattern.match(text, pos)
+
+        self.patch(html_scan, "_SIMPLE_LINK", Counting())
+        scan = scan_html(html)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual([a.value for tag in scan.links for a in tag.attributes], ["https://x.example/", "y"])
+        self.assertEqual(self.scan(html, False), (scan, None))

@@ -35,6 +35,12 @@ _ATTR = re.compile(  # group 1 the name, group 2 the value with its quotes
     r"""[\t\n\f\r /]*+([^\t\n\f\r />][^\t\n\f\r /=>]*+)"""
     r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+("[^"]*+"|'[^']*+'|[^\t\n\f\r >]*+))?+"""
 )
+# The usual link tag, <a href="...">, whose tokenizing the general path would only confirm:
+# group 1 the white space before href, group 2 the value inside its quotes. Same grammar
+# as _TAG and _ATTR for this one form; anything else takes the general path.
+_SIMPLE_LINK = re.compile(
+    r"""<[aA]([\t\n\f\r ]++)[hH][rR][eE][fF][\t\n\f\r ]*+=[\t\n\f\r ]*+"([^"]*+)"[\t\n\f\r /]*+>"""
+)
 _COMMENT_END = re.compile(r"--!?>")
 _RAW_TEXT = ("script", "style", "xmp", "iframe", "noembed", "noframes", "title", "textarea")
 _RAW_TEXT_END = {name: re.compile(rf"</{name}[\t\n\f\r />]", re.IGNORECASE) for name in _RAW_TEXT}
@@ -108,6 +114,7 @@ def scan_html(text: str) -> HtmlScan:
     pos = 0
     find = text.find
     boring = _BORING.match
+    simple_link = _SIMPLE_LINK.match
     while True:
         lt = boring(text, pos).end()  # type: ignore[union-attr]  # it always matches
         if lt >= n:
@@ -128,6 +135,15 @@ def scan_html(text: str) -> HtmlScan:
                 raise PartSkipped("the HTML ends inside a markup declaration")
             pos = gt + 1
             continue
+        if c == "a" or c == "A":
+            simple = simple_link(text, lt)
+            if simple is not None:
+                pos = simple.end()
+                value_start, value_end = simple.span(2)
+                name_start = simple.end(1)
+                scan.links.append(LinkTag("a", [Attribute("href", simple[2], value_start, value_end, '"',
+                                                          name_start, value_end + 1, lt + 2)]))
+                continue
         m = _TAG.match(text, lt)
         if m is None:
             raise PartSkipped("the HTML ends inside a tag")
