@@ -15,6 +15,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 from email.message import EmailMessage
+from html.entities import html5 as html5_entities
 from typing import Any
 
 import lxml.html
@@ -1120,3 +1121,19 @@ class SimpleLinkTests(SynchronousTestCase):
         self.assertEqual(len(calls), 2)
         self.assertEqual([a.value for tag in scan.links for a in tag.attributes], ["https://x.example/", "y"])
         self.assertEqual(self.scan(html, False), (scan, None))
+
+
+class NamedReferenceTests(SynchronousTestCase):
+    """Named character references in attribute values, by HTML5's rules (§13.2.5.73)."""
+
+    def test_every_name_with_its_semicolon(self) -> None:
+        for name, value in html5_entities.items():
+            if name.endswith(";"):
+                self.assertEqual(unescape_attribute(f"x&{name}y"), f"x{value}y", name)
+
+    def test_longest_name_and_what_follows_it(self) -> None:
+        for raw, expected in [("&notin;", "\u2209"), ("&notit;", "&notit;"), ("&not;it", "\u00acit"),
+                              ("&not it", "\u00ac it"), ("&copy=2", "&copy=2"), ("&amp;amp;", "&amp;"),
+                              ("&ampx;", "&ampx;"), ("&amp", "&"), ("&unknown;", "&unknown;"),
+                              ("&AMP;&Amp;", "&&Amp;")]:
+            self.assertEqual(unescape_attribute(raw), expected, raw)

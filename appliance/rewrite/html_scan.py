@@ -206,6 +206,10 @@ def unescape_attribute(value: str) -> str:
         ref = m.group(1)
         if ref[0] == "#":
             return _numeric_reference(ref)
+        if ref[-1] == ";":  # the usual &amp;: the whole name, as the longest-prefix search finds it
+            entity = _HTML5_ENTITIES.get(ref)
+            if entity is not None:
+                return entity
         for i in range(min(len(ref), _MAX_ENTITY), 0, -1):
             name = ref[:i]
             if name in _HTML5_ENTITIES:
