@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import io
+import json
 import os
 import sys
+import zlib
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -72,6 +75,33 @@ class CodecTests(SynchronousTestCase):
             token = encode(click_suffix(name, target, unsub))
             self.assertEqual(token, CODEC.encode(expected))
             self.assertEqual(CODEC.decode(token), expected)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(min_size=1, max_size=200), st.integers(0, 255), st.text(max_size=40),
+           st.text(max_size=400), st.booleans(), st.text(max_size=30))
+    def test_tokens_are_the_hmac_of_their_body(self, key: bytes, kid: int, name: str, target: str,
+                                               unsub: bool, rcpt: str) -> None:
+        """
+        Every token, from ``encode`` or a recipient's ``click_encoder``, is exactly the one the
+        format defines: signed with ``hmac.digest`` over version, key id and the JSON body
+        (deflated from ``DEFLATE_FROM`` bytes, where shorter), whatever the key's length and
+        wherever the recipient's half of the body ends in a base64 group.
+        """
+        codec = LinkCodec(Keyring(((kid, key),)))
+        data = click(link_name=name, target=target, unsubscribe=unsub, rcpt_to=rcpt)
+        body = json.dumps(data.to_array(), separators=(",", ":"), ensure_ascii=False).encode()
+        version = 0x10
+        if len(body) >= 320:
+            deflater = zlib.compressobj(9, zlib.DEFLATED, -12, 2)
+            packed = deflater.compress(body) + deflater.flush()
+            if len(packed) < len(body):
+                body, version = packed, 0x11
+        signed = bytes((version, kid)) + body
+        raw = signed + hmac.digest(key, signed, "sha256")[:16]
+        expected = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        self.assertEqual(codec.encode(data), expected)
+        self.assertEqual(codec.click_encoder(data)(click_suffix(name, target, unsub)), expected)
+        self.assertEqual(codec.decode(expected), data)
 
     def test_long_bodies_are_deflated(self) -> None:
         short = CODEC.encode(click())

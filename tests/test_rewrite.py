@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import email
 import email.policy
 import gc
@@ -14,6 +15,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 from email.message import EmailMessage
+from html.entities import html5 as html5_entities
 from typing import Any
 
 import lxml.html
@@ -25,15 +27,18 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import rewrite
 from appliance.delivery.copies import CopyMaker
-from appliance.links import InvalidToken, Keyring, LinkCodec, LinkData
+from appliance.links import InvalidToken, Keyring, LinkCodec, LinkData, click_suffix
 from appliance.rewrite import (
     Change,
     Identity,
     encode_qp,
+    html_scan,
     prepare,
     scan_html,
     unescape_attribute,
 )
+from appliance.rewrite.html_scan import _SIMPLE_LINK as SIMPLE_LINK
+from appliance.rewrite.prepared import _STATELESS
 from appliance.settings import Tracking
 from appliance.spool import run_synchronously
 
@@ -980,3 +985,155 @@ class PropertyTests(SynchronousTestCase):
         self.assertEqual(encoded.count(b"\n"), encoded.count(b"\r\n"))
         self.assertEqual(encoded.count(b"\r"), encoded.count(b"\r\n"))
         self.assertTrue(encoded.isascii())
+
+
+class DistinctLinkTests(SynchronousTestCase):
+    """Equal links of a part are one ``Link``, numbered in order of first use, encoded once a copy."""
+
+    def check(self, original: bytes, kind: str, expected: list[tuple[str, str]]) -> None:
+        (part,) = [p for p in prepare(original).parts if p.kind == kind]
+        self.assertEqual([(link.target, link.name) for link in part.links], expected)
+        self.assertEqual([link.index for link in part.links], list(range(len(expected))))
+        self.assertEqual([link.suffix for link in part.links],
+                         [click_suffix(link.name, link.target, link.unsubscribe) for link in part.links])
+        used = [e.link for _, e in part.dynamic if e.link is not None]
+        for link in used:  # every edit holds the very object listed, so a copy encodes it once
+            self.assertIs(part.links[link.index], link)
+        self.assertEqual(len({id(link) for link in used}), len(expected))
+
+    def test_html(self) -> None:
+        html = ('<body><a href="https://b.example/">1</a> <a href="https://a.example/">2</a>'
+                '<a href="https://b.example/">3</a> <a href="https://b.example/" data-msys-linkname="n">4</a>'
+                '<area href="https://a.example/"><a href="https://a.example/" data-msys-sublink="s">5</a>'
+                '<a href="https://a.example/">6</a></body>')
+        original = message(crlf("MIME-Version: 1.0\n"), html_part(html))
+        self.check(original, "html", [("https://b.example/", "Raw URL"), ("https://a.example/", "Raw URL"),
+                                      ("https://b.example/", "n"), ("https://a.example/", "Raw URL")])
+        text = part_text(render(original), "text/html")
+        urls = [m.group(0) for m in TRACKED.finditer(text) if "/f/" in m.group(0)]
+        self.assertEqual(len(urls), 7)
+        self.assertEqual(urls[0], urls[2])  # equal links give equal URLs
+        self.assertEqual([urls[1]] * 3, [urls[1], urls[4], urls[6]])
+        self.assertEqual(len(set(urls)), 4)
+
+    def test_text(self) -> None:
+        text = ("See https://b.example/ and https://a.example/, then https://b.example/ again,\n"
+                'or https://a.example/[[data-msys-unsubscribe="1"]] and https://a.example/.\n')
+        original = message(crlf("MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n\n"),
+                           crlf(text))
+        self.check(original, "text", [("https://b.example/", "Raw URL"), ("https://a.example/", "Raw URL"),
+                                      ("https://a.example/", "Raw URL")])
+        (part,) = prepare(original).parts
+        self.assertEqual([link.unsubscribe for link in part.links], [False, False, True])
+
+
+class CharsetPieceTests(SynchronousTestCase):
+    """The charsets whose re-encoding check is skipped: pieces always join to the text re-encoded."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(st.characters(blacklist_categories=("Cs",))), st.lists(st.integers(0, 10_000)),
+           st.sampled_from(sorted(_STATELESS)))
+    def test_pieces_join_to_the_whole(self, text: str, cuts: list[int], charset: str) -> None:
+        try:
+            whole = text.encode(charset)
+        except UnicodeEncodeError:
+            return  # such a part is never decoded from this charset in the first place
+        bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
+        pieces = [text[a:b].encode(charset) for a, b in zip(bounds, bounds[1:], strict=False)]
+        self.assertEqual(b"".join(pieces), whole)
+        self.assertEqual(whole.decode(charset), text)
+
+    def test_a_part_in_another_charset_is_still_checked(self) -> None:
+        """A codec whose pieces do not join to the text (here: one that marks non-ASCII pieces)."""
+
+        def encode(text: str, errors: str = "strict") -> tuple[bytes, int]:
+            data = text.encode("latin-1", errors)
+            return (data + b"\x00" if not text.isascii() else data), len(text)
+
+        def decode(data: bytes, errors: str = "strict") -> tuple[str, int]:
+            return bytes(data).decode("latin-1", errors), len(data)
+
+        info = codecs.CodecInfo(encode, decode, name="x-marking")
+
+        def search(name: str) -> codecs.CodecInfo | None:
+            return info if name == "x_marking" else None
+
+        codecs.register(search)
+        self.addCleanup(codecs.unregister, search)
+        html = '<body><a href="https://x.example/">\u00e9</a></body>'
+        self.assertNotIn("x-marking", _STATELESS)
+        part = html_part(html, "latin-1", "8bit").replace(b"charset=latin-1", b"charset=x-marking")
+        prepared = prepare(message(crlf("MIME-Version: 1.0\n"), part))
+        self.assertEqual(prepared.parts, [])
+        self.assertEqual(prepared.skipped,
+                         ["text/html part: text in x-marking does not survive re-encoding"])
+        ascii_only = prepare(message(crlf("MIME-Version: 1.0\n"),
+                                     html_part(html.replace("\u00e9", "e"), "x-marking", "8bit")))
+        self.assertEqual((ascii_only.skipped, len(ascii_only.parts)), ([], 1))
+
+
+# Link tags near the usual form and just past it: case, white space, quotes, slashes,
+# attributes glued on or around, values with markup characters, tags that never end.
+link_tag = st.builds(
+    lambda a, space, href, eq, quote, value, after, end:
+        f"<{a}{space}{href}{eq}{quote}{value}{quote}{after}{end}",
+    st.sampled_from(["a", "A", "area", "ab"]),
+    st.sampled_from([" ", "\n", "\t ", "/", " / ", "", "\f", "\x0b"]),
+    st.sampled_from(["href", "HREF", "hRef", "hreff", "data-msys-linkname", "href data-msys-sublink=s "]),
+    st.sampled_from(["=", " = ", "\n=\n", "", "=="]),
+    st.sampled_from(['"', "'", ""]),
+    st.text(st.sampled_from(list("ab>< '\"=&/\n")), max_size=8),
+    st.sampled_from(["", " ", "/", " /", "x", ' data-msys-unsubscribe="1"', 'data-msys-linkname="n"']),
+    st.sampled_from([">", "", " >", "/>"]),
+)
+
+
+class SimpleLinkTests(SynchronousTestCase):
+    """The scanner's shortcut for ``<a href="...">`` finds exactly what the general path finds."""
+
+    def scan(self, html: str, shortcut: bool) -> tuple[Any, Any]:
+        if not shortcut:
+            self.patch(html_scan, "_SIMPLE_LINK", re.compile(r"(?!)"))
+        try:
+            return scan_html(html), None
+        except Exception as e:  # the same failure either way
+            return None, (type(e), str(e))
+        finally:
+            self.patch(html_scan, "_SIMPLE_LINK", SIMPLE_LINK)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(st.one_of(link_tag, filler), max_size=6).map("".join))
+    def test_same_scan_either_way(self, html: str) -> None:
+        self.assertEqual(self.scan(html, True), self.scan(html, False))
+
+    def test_shortcut_is_taken(self) -> None:
+        html = '<body><a href="https://x.example/">x</a><A\nHREF = "y" / ></body>'
+        calls: list[int] = []
+        pattern = SIMPLE_LINK
+
+        class Counting:
+            def match(self, text: str, pos: int) -> Any:
+                calls.append(pos)
+                return pattern.match(text, pos)
+
+        self.patch(html_scan, "_SIMPLE_LINK", Counting())
+        scan = scan_html(html)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual([a.value for tag in scan.links for a in tag.attributes], ["https://x.example/", "y"])
+        self.assertEqual(self.scan(html, False), (scan, None))
+
+
+class NamedReferenceTests(SynchronousTestCase):
+    """Named character references in attribute values, by HTML5's rules (§13.2.5.73)."""
+
+    def test_every_name_with_its_semicolon(self) -> None:
+        for name, value in html5_entities.items():
+            if name.endswith(";"):
+                self.assertEqual(unescape_attribute(f"x&{name}y"), f"x{value}y", name)
+
+    def test_longest_name_and_what_follows_it(self) -> None:
+        for raw, expected in [("&notin;", "\u2209"), ("&notit;", "&notit;"), ("&not;it", "\u00acit"),
+                              ("&not it", "\u00ac it"), ("&copy=2", "&copy=2"), ("&amp;amp;", "&amp;"),
+                              ("&ampx;", "&ampx;"), ("&amp", "&"), ("&unknown;", "&unknown;"),
+                              ("&AMP;&Amp;", "&&Amp;")]:
+            self.assertEqual(unescape_attribute(raw), expected, raw)

@@ -13,7 +13,7 @@ import bisect
 import re
 from dataclasses import dataclass, field
 
-from appliance.links import MAX_URL_LENGTH, is_trackable_target
+from appliance.links import MAX_URL_LENGTH, click_suffix, is_trackable_target
 from appliance.rewrite.html_scan import HTML_SPACE, Attribute, scan_html, unescape_attribute
 
 MAX_LINK_NAME_BYTES = 63
@@ -63,7 +63,9 @@ def expand_macros(text: str) -> str:
 
 def _without_overlaps(edits: list[Edit], macros: list[Edit]) -> list[Edit]:
     """All edits in order; a macro that overlaps a structural edit stays as it is."""
-    edits.sort(key=lambda e: (e.start, e.end))
+    edits.sort(key=_span)
+    if not macros:
+        return edits
     starts = [e.start for e in edits]
     kept = list(edits)
     for m in macros:
@@ -75,14 +77,39 @@ def _without_overlaps(edits: list[Edit], macros: list[Edit]) -> list[Edit]:
             j -= 1
         else:
             kept.append(m)
-    kept.sort(key=lambda e: (e.start, e.end))
+    kept.sort(key=_span)
     return kept
+
+
+def _span(e: Edit) -> tuple[int, int]:
+    return e.start, e.end
 
 
 def _macro_edits(text: str) -> list[Edit]:
     if "{{" not in text:
         return []
     return [Edit(m.start(), m.end(), _BRACES[m.group(1), m.group(2)]) for m in _MACRO.finditer(text)]
+
+
+class _Links:
+    """
+    The distinct links of one part, each made once with its index and click suffix.
+
+    Equal links (``Link``'s equality: target, name, sublink, unsubscribe) are
+    one object, so each copy encodes it once; the key is a tuple of those
+    fields, which hashes without a call into Python.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str, str, bool], Link] = {}
+
+    def get(self, target: str, name: str, sublink: str, unsubscribe: bool) -> Link:
+        key = (target, name, sublink, unsubscribe)
+        link = self._known.get(key)
+        if link is None:
+            link = self._known[key] = Link(target, name, sublink, unsubscribe, len(self._known),
+                                           click_suffix(name, target, unsubscribe))
+        return link
 
 
 # -- links in HTML -------------------------------------------------------------------------------
@@ -93,20 +120,28 @@ def _link_name(value: str) -> str:
     return name.encode()[:MAX_LINK_NAME_BYTES].decode("utf-8", "ignore") or DEFAULT_LINK_NAME
 
 
+_NOTHING_ELSE: dict[str, Attribute] = {}  # a link tag's attributes other than href: none (never filled)
+
+
 def html_edits(text: str) -> tuple[list[Edit], int]:
     """Every change tracking may make to an HTML text, in order; and how many links are too long."""
     scan = scan_html(text)
     edits: list[Edit] = []
+    links = _Links()
     too_long = 0
     for tag in scan.links:
-        first: dict[str, Attribute] = {}
-        for a in tag.attributes:
-            first.setdefault(a.name, a)
-            if a.name.startswith("data-msys-"):
-                edits.append(Edit(a.removal_start, a.end))
-        href = first.get("href")
-        if href is None:
-            continue
+        attributes = tag.attributes
+        if len(attributes) == 1 and attributes[0].name == "href":  # the usual link
+            first, href = _NOTHING_ELSE, attributes[0]
+        else:
+            first = {}
+            for a in attributes:
+                first.setdefault(a.name, a)
+                if a.name.startswith("data-msys-"):
+                    edits.append(Edit(a.removal_start, a.end))
+            href = first.get("href")
+            if href is None:
+                continue
         track = first.get("data-msys-clicktrack")
         untracked = track is not None and unescape_attribute(track.value).strip() == "0"
         if len(href.value) > MAX_URL_LENGTH:  # could never be tracked: not even decoded
@@ -122,10 +157,10 @@ def html_edits(text: str) -> tuple[list[Edit], int]:
         name = first.get("data-msys-linkname")
         sublink = first.get("data-msys-sublink")
         unsubscribe = first.get("data-msys-unsubscribe")
-        link = Link(target,
-                    _link_name(name.value) if name else DEFAULT_LINK_NAME,
-                    expand_macros(unescape_attribute(sublink.value)).strip() if sublink else "",
-                    bool(unsubscribe) and unescape_attribute(unsubscribe.value).strip() == "1")
+        link = links.get(target,
+                         _link_name(name.value) if name else DEFAULT_LINK_NAME,
+                         expand_macros(unescape_attribute(sublink.value)).strip() if sublink else "",
+                         bool(unsubscribe) and unescape_attribute(unsubscribe.value).strip() == "1")
         edits.append(Edit(href.value_start, href.value_end, raw, LINK_SLOT, link, href.quote))
     if scan.body_open_end is not None:
         edits.append(Edit(scan.body_open_end, scan.body_open_end, slot=INITIAL_SLOT))
@@ -167,6 +202,7 @@ def text_edits(text: str) -> tuple[list[Edit], int]:
     """Every change tracking may make to a plain text (URLs, ``[[...]]`` suffixes); and how many
     URLs are too long to track."""
     edits: list[Edit] = []
+    links = _Links()
     too_long = 0
     for m in _TEXT_URL.finditer(text):
         url, end = m.group(), m.end()
@@ -190,7 +226,7 @@ def text_edits(text: str) -> tuple[list[Edit], int]:
             if raw != url:
                 edits.append(Edit(start, start + len(url), raw))
             continue
-        link = Link(raw, DEFAULT_LINK_NAME, attrs.get("sublink", "").strip(),
-                    attrs.get("unsubscribe") == "1")
+        link = links.get(raw, DEFAULT_LINK_NAME, attrs.get("sublink", "").strip(),
+                         attrs.get("unsubscribe") == "1")
         edits.append(Edit(start, start + len(url), raw, LINK_SLOT, link, quote=None))
     return _without_overlaps(edits, _macro_edits(text)), too_long

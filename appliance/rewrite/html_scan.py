@@ -31,9 +31,15 @@ _BORING = re.compile(
     rf"""|</(?!(?i:body)[\t\n\f\r />])[A-Za-z][^\t\n\f\r />]*+{_ATTRIBUTES}[\t\n\f\r /]*+>"""
     rf"""|<(?![!?/A-Za-z]))*+"""
 )
-_ATTR = re.compile(
-    r"""[\t\n\f\r /]*+(?P<name>[^\t\n\f\r />][^\t\n\f\r /=>]*+)"""
-    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?P<value>"[^"]*+"|'[^']*+'|[^\t\n\f\r >]*+))?+"""
+_ATTR = re.compile(  # group 1 the name, group 2 the value with its quotes
+    r"""[\t\n\f\r /]*+([^\t\n\f\r />][^\t\n\f\r /=>]*+)"""
+    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+("[^"]*+"|'[^']*+'|[^\t\n\f\r >]*+))?+"""
+)
+# The usual link tag, <a href="...">, whose tokenizing the general path would only confirm:
+# group 1 the white space before href, group 2 the value inside its quotes. Same grammar
+# as _TAG and _ATTR for this one form; anything else takes the general path.
+_SIMPLE_LINK = re.compile(
+    r"""<[aA]([\t\n\f\r ]++)[hH][rR][eE][fF][\t\n\f\r ]*+=[\t\n\f\r ]*+"([^"]*+)"[\t\n\f\r /]*+>"""
 )
 _COMMENT_END = re.compile(r"--!?>")
 _RAW_TEXT = ("script", "style", "xmp", "iframe", "noembed", "noframes", "title", "textarea")
@@ -69,20 +75,27 @@ class HtmlScan:
 def _attributes(text: str, start: int, end: int) -> list[Attribute]:
     """The attributes of a link tag that tracking looks at: ``href`` and ``data-msys-*``."""
     out = []
+    n = len(text)
     for m in _ATTR.finditer(text, start, end):
-        name = m.group("name").lower()
+        name = m[1].lower()
         if name != "href" and not name.startswith("data-msys-"):
             continue
-        value, vstart, vend, quote = "", m.end(), m.end(), ""
-        if m.group("value") is not None:
-            vstart, vend = m.span("value")
-            value = m.group("value")
-            if value[:1] in ("'", '"'):
-                quote, value, vstart, vend = value[0], value[1:-1], vstart + 1, vend - 1
-        following = text[m.end()] if m.end() < len(text) else ">"
+        after = m.end()
+        value = m[2]
+        if value is None:
+            value, vstart, vend, quote = "", after, after, ""
+        else:
+            vstart, vend = m.span(2)
+            quote = value[:1]
+            if quote == '"' or quote == "'":
+                value, vstart, vend = value[1:-1], vstart + 1, vend - 1
+            else:
+                quote = ""
+        following = text[after] if after < n else ">"
+        name_start = m.start(1)
         glued = following not in HTML_SPACE and following not in "/>"
-        out.append(Attribute(name, value, vstart, vend, quote, m.start("name"), m.end(),
-                             m.start("name") if glued else m.start()))
+        out.append(Attribute(name, value, vstart, vend, quote, name_start, after,
+                             name_start if glued else m.start()))
     return out
 
 
@@ -101,6 +114,7 @@ def scan_html(text: str) -> HtmlScan:
     pos = 0
     find = text.find
     boring = _BORING.match
+    simple_link = _SIMPLE_LINK.match
     while True:
         lt = boring(text, pos).end()  # type: ignore[union-attr]  # it always matches
         if lt >= n:
@@ -121,6 +135,15 @@ def scan_html(text: str) -> HtmlScan:
                 raise PartSkipped("the HTML ends inside a markup declaration")
             pos = gt + 1
             continue
+        if c == "a" or c == "A":
+            simple = simple_link(text, lt)
+            if simple is not None:
+                pos = simple.end()
+                value_start, value_end = simple.span(2)
+                name_start = simple.end(1)
+                scan.links.append(LinkTag("a", [Attribute("href", simple[2], value_start, value_end, '"',
+                                                          name_start, value_end + 1, lt + 2)]))
+                continue
         m = _TAG.match(text, lt)
         if m is None:
             raise PartSkipped("the HTML ends inside a tag")
@@ -183,6 +206,10 @@ def unescape_attribute(value: str) -> str:
         ref = m.group(1)
         if ref[0] == "#":
             return _numeric_reference(ref)
+        if ref[-1] == ";":  # the usual &amp;: the whole name, as the longest-prefix search finds it
+            entity = _HTML5_ENTITIES.get(ref)
+            if entity is not None:
+                return entity
         for i in range(min(len(ref), _MAX_ENTITY), 0, -1):
             name = ref[:i]
             if name in _HTML5_ENTITIES:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 
 from appliance.headers import Field, read_header
-from appliance.links import MAX_URL_LENGTH, LinkCodec, click_suffix
+from appliance.links import MAX_URL_LENGTH, LinkCodec
 from appliance.rewrite.edits import INITIAL_SLOT, LINK_SLOT, OPEN_SLOT, Edit, Link, html_edits, text_edits
 from appliance.rewrite.errors import MimeError, PartSkipped
 from appliance.rewrite.mime import (
@@ -60,6 +60,12 @@ class PreparedPart:
                 or (tracking.open_tracking and self.has_open_pixel))
 
 
+# Codecs that encode each character on its own and decode what they encode back to it, so
+# the pieces of a text decoded with one of them always join to the text re-encoded; a
+# stateful or many-to-one codec (UTF-16's byte order mark, ISO-2022, CP932) needs the check.
+_STATELESS = frozenset({"utf-8", "ascii", "iso8859-1"})
+
+
 def _compile_text(text: str, charset: str, edits: list[Edit]) -> tuple[
         list[bytes], list[tuple[int, Edit]], dict[int, str], bool]:
     """Literal pieces pre-encoded in the part's charset, edits as their own pieces."""
@@ -81,6 +87,8 @@ def _compile_text(text: str, charset: str, edits: list[Edit]) -> tuple[
             template.append(e.replacement.encode(charset))
         pos = e.end
     template.append(text[pos:].encode(charset))
+    if charset in _STATELESS:
+        return template, dynamic, originals, static_changes
     # Unchanged, the pieces must give back the text exactly, or the charset cannot be trusted.
     check = list(template)
     for index, original in originals.items():
@@ -106,26 +114,25 @@ def prepare_part(data: bytes, c: Candidate, top_level: bool) -> PreparedPart:
         raise PartSkipped("it contains NUL characters")
     edits, too_long = html_edits(text) if c.kind == "html" else text_edits(text)
     template, dynamic, originals, static_changes = _compile_text(text, charset, edits)
-    links: dict[Link, Link] = {}
+    # The edits share one Link object per distinct link, numbered in order of first use.
+    links: list[Link] = []
+    has_links = has_open_pixel = False
     for _, e in dynamic:
-        if e.link is not None:
-            known = links.get(e.link)
-            if known is None:
-                link = e.link
-                known = links[link] = Link(link.target, link.name, link.sublink, link.unsubscribe,
-                                           len(links), click_suffix(link.name, link.target,
-                                                                    link.unsubscribe))
-            e.link = known
+        link = e.link
+        if link is not None and link.index == len(links):
+            links.append(link)
+        has_links = has_links or e.slot == LINK_SLOT
+        has_open_pixel = has_open_pixel or e.slot == OPEN_SLOT
     crlf = raw.count(b"\r\n")
     return PreparedPart(
         kind=c.kind, start=c.start, body_start=c.body_start, end=c.end,
         header=data[c.start:c.body_start], qp_header=qp_header(data, c, top_level),
-        cte=cte, charset=charset, template=template, dynamic=dynamic, links=list(links.values()),
+        cte=cte, charset=charset, template=template, dynamic=dynamic, links=links,
         originals=originals,
         too_long=too_long,
         static_changes=static_changes,
-        has_links=any(e.slot == LINK_SLOT for _, e in dynamic),
-        has_open_pixel=any(e.slot == OPEN_SLOT for _, e in dynamic),
+        has_links=has_links,
+        has_open_pixel=has_open_pixel,
         body_ends_with_crlf=body.endswith(b"\r\n"),
         bare_newlines=raw.count(b"\r") != crlf or raw.count(b"\n") != crlf,
         has_crlf=crlf > 0,

@@ -9,6 +9,7 @@ re-encodes the part in its transfer encoding.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,12 +74,21 @@ class LinkRenderer:
                           tracking.metadata if tracking.include_metadata else None)
         self._common = common
         self._shared_length: int | None = None
-        self._encode = codec.click_encoder(common)
+        # Made at the first click: a renderer that only checks lengths (``tracking_notes``,
+        # at injection) never needs the recipient's signing state.
+        self._encode: Callable[[bytes], str] | None = None
         self._scheme, self._domain = tracking.click_tracking_scheme, tracking.tracking_domain
+        self._heads: dict[str, str] = {}  # sublink -> the URL before the token, built once
 
     def click(self, link: Link) -> str | None:
         """The link's tracked URL, or ``None`` if it would be too long to track."""
-        url = click_url(self._scheme, self._domain, self._encode(link.suffix), link.sublink)
+        head = self._heads.get(link.sublink)
+        if head is None:
+            head = self._heads[link.sublink] = click_url(self._scheme, self._domain, "", link.sublink)
+        encode = self._encode
+        if encode is None:
+            encode = self._encode = self.codec.click_encoder(self._common)
+        url = head + encode(link.suffix)
         return url if len(url) <= MAX_URL_LENGTH else None
 
     def open(self, slot: int) -> str | None:
@@ -111,8 +121,11 @@ class LinkRenderer:
         return bound > MAX_URL_LENGTH and self.open(slot) is None
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as the tokens' JSON
+
+
 def _json_length(fields: list[Any]) -> int:
-    return len(json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode())
+    return len(_ENCODER.encode(fields).encode())
 
 
 def _token_length(body: int) -> int:
