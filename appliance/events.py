@@ -19,9 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from appliance.files import fsync_and_close
 
 log = Logger()
 
@@ -73,6 +76,9 @@ class EventLog(Service):
 
     The file is opened unbuffered in append mode so each event is one
     ``write(2)``; it is fsynced about once a second (on ``clock``) and at stop.
+    Given ``run`` (the file pool), the periodic fsync runs there on a duplicate
+    of the descriptor, so the reactor thread never waits for the disk; the one
+    at stop or reopen is made in place, since the file closes right after it.
     Given ``sighup``, the reactor the appliance runs on, SIGHUP reopens the file
     for logrotate's ``postrotate``: the handler only asks that reactor's thread
     to do it, since a signal can interrupt a write half done.
@@ -90,6 +96,7 @@ class EventLog(Service):
         clock: IReactorTime,
         now: Callable[[], float] = time.time,
         sighup: IReactorFromThreads | None = None,
+        run: Callable[..., defer.Deferred] | None = None,
     ) -> None:
         self.path = path
         self.node_name = node_name
@@ -99,6 +106,7 @@ class EventLog(Service):
         self._fsync_interval = fsync_interval
         self._clock = clock
         self._sighup = sighup
+        self._run = run
         self._previous_handler: Any = None
         self._file: Any = None
         self._dirty = False
@@ -118,7 +126,7 @@ class EventLog(Service):
     def startService(self) -> None:
         self.open()
         if self._fsync_interval > 0:
-            self._syncer = task.LoopingCall(self.sync)
+            self._syncer = task.LoopingCall(self._sync_later)
             self._syncer.clock = self._clock
             self._syncer.start(self._fsync_interval, now=False)
         reactor = self._sighup
@@ -155,6 +163,26 @@ class EventLog(Service):
         if self._file is not None and self._dirty:
             os.fsync(self._file.fileno())
             self._dirty = False
+
+    def _sync_later(self) -> defer.Deferred | None:
+        """The periodic fsync; the loop waits for it, so two never overlap."""
+        if self._run is None:
+            self.sync()
+            return None
+        if self._file is None or not self._dirty:
+            return None
+        try:
+            fd = os.dup(self._file.fileno())
+        except OSError as e:  # not raised: that would stop the loop for good
+            log.error("event log {path}: fsync failed: {error}", path=self.path, error=e)
+            return None
+        self._dirty = False
+
+        def failed(failure: Failure) -> None:
+            self._dirty = True
+            log.failure("event log {path}: fsync failed", failure, path=self.path)
+
+        return defer.maybeDeferred(self._run, fsync_and_close, fd).addErrback(failed)
 
     def make(self, type_: str, **fields: Any) -> Event:
         """An event with the fields every SparkPost event carries, then ``fields``."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.events import EventLog, IdGenerator
+from appliance.files import fsync_and_close
 
 
 class IdTests(SynchronousTestCase):
@@ -62,3 +64,48 @@ class EventLogTests(SynchronousTestCase):
         log.stopService()
         with open(path) as f:
             self.assertEqual(json.loads(f.read())["type"], "delivery")
+
+
+class PeriodicSyncTests(SynchronousTestCase):
+    """Given a file pool, the once-a-second fsync runs there, never on the reactor thread."""
+
+    def setUp(self) -> None:
+        self.path = os.path.join(self.mktemp(), "events.jsonl")
+        self.clock = Clock()
+        self.jobs: list[tuple[object, tuple[object, ...], Deferred]] = []
+
+        def run(f: object, *args: object) -> Deferred:
+            d: Deferred = Deferred()
+            self.jobs.append((f, args, d))
+            return d
+
+        self.log = EventLog(self.path, "node-a", clock=self.clock, run=run)
+        self.log.startService()
+        self.addCleanup(self.log.stopService)
+
+    def test_fsync_of_a_duplicate_goes_to_the_pool(self) -> None:
+        self.log.emit("open")
+        self.clock.advance(1)
+        [(f, (fd,), d)] = self.jobs
+        self.assertIs(f, fsync_and_close)
+        self.assertNotEqual(fd, self.log._file.fileno())
+        f(fd)  # what the pool thread does: the duplicate is fsynced and closed
+        self.assertRaises(OSError, os.fstat, fd)
+        d.callback(None)
+        self.clock.advance(1)
+        self.assertEqual(len(self.jobs), 1, "nothing new was written: no second fsync")
+
+    def test_no_overlap_and_a_failure_is_retried(self) -> None:
+        self.log.emit("open")
+        self.clock.advance(1)
+        self.log.emit("click")
+        self.clock.advance(1)
+        self.assertEqual(len(self.jobs), 1, "the loop waits for the fsync under way")
+        f, (fd,), d = self.jobs[0]
+        os.close(fd)
+        d.errback(OSError("EIO"))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.jobs), 2, "a failed fsync leaves the file to be synced again")
+        os.close(self.jobs[1][1][0])
+        self.jobs[1][2].callback(None)

@@ -34,7 +34,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "headers": set(),
     "retry": set(),
     "reactors": set(),
-    "events": set(),
+    "events": {"files"},
     "eventtypes": {"bounces"},
     "config": {"dkim", "eventtypes", "headers"},
     "dkim": {"files", "headers"},
