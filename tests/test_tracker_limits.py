@@ -12,15 +12,17 @@ from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.config import ConfigError, parse_config
 from appliance.events import EventLog
 from appliance.links import click_url
-from appliance.tracker import Client, Tracker, make_site
+from appliance.tracker import SUMMARY_INTERVAL, Client, Tracker, make_site
 from appliance.tracker.limits import HitLimiter, Limits, cap_text
 from tests.helpers import base_toml, in_thread, merge
+from tests.memory import MemoryAppliance
 from tests.test_tracker import CODEC, NOW, UA, FakeEvents, http, link
 
 ROBOTS = b"GET /robots.txt HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -185,9 +187,42 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.site.connections.total, 3)
 
     def test_no_server_header(self) -> None:
-        _, transport = self.connect()
-        _.dataReceived(ROBOTS)
+        proto, transport = self.connect()
+        proto.dataReceived(ROBOTS)
         self.assertNotIn(b"\r\nserver:", transport.value().lower())
+
+    def test_what_the_limits_refused_is_logged_once_an_interval(self) -> None:
+        lines: list[str] = []
+        observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.site.startFactory()
+        self.addCleanup(self.site.stopFactory)
+        for _ in range(2):
+            self.connect("192.0.2.9")
+        self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", "192.0.2.9", 1)))
+        for _ in range(12):
+            self.site.limiter.allow("192.0.2.9", b"tok")
+        self.reactor.advance(SUMMARY_INTERVAL)
+        self.assertEqual([x for x in lines if "tracker limits" in x], [
+            "tracker limits in the last 60s: 1 connection(s) refused, "
+            "2 repeated hit(s) answered without events"])
+        self.reactor.advance(SUMMARY_INTERVAL)  # nothing new, no line
+        self.assertEqual(len([x for x in lines if "tracker limits" in x]), 1)
+
+
+class WiringTests(SynchronousTestCase):
+    def test_appliance_site_takes_the_configured_limits(self) -> None:
+        running = MemoryAppliance(self.mktemp(), tracker={
+            "max_connections": 9, "max_connections_per_address": 3, "header_timeout": "7s",
+            "keepalive_timeout": "2s", "max_requests_per_connection": 4, "event_rate_limit": 5,
+            "event_rate_window": "30s", "event_rate_entries": 50})
+        running.start()
+        self.addCleanup(running.stop)
+        site = running.appliance.tracker_site
+        self.assertEqual(site.limits, Limits(9, 3, 7.0, 2.0, 4, 5, 30.0, 50))
+        self.assertEqual((site.timeOut, site.limiter.limit, site.limiter.window,
+                          site.limiter.capacity), (2.0, 5, 30.0, 50))
 
 
 # -- connections, over loopback -----------------------------------------------------
