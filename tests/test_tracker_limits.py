@@ -175,16 +175,35 @@ class ChannelTests(SynchronousTestCase):
         self.assertIn(b"connection: close", transport.value().lower())
         self.assertTrue(transport.disconnecting)
 
-    def test_connection_limits_and_release(self) -> None:
-        a1, t1 = self.connect("192.0.2.1")
+    def test_per_address_limit_and_release(self) -> None:
+        a1, _ = self.connect("192.0.2.1")
         self.connect("192.0.2.1")
         self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)))
-        self.connect("192.0.2.2")
-        self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", "192.0.2.3", 1)))  # total
-        self.assertEqual(self.site.connections.refused, 2)
+        self.assertEqual(self.site.connections.refused, 1)
         a1.connectionLost(None)
         self.connect("192.0.2.1")
+        self.assertEqual(self.site.connections.total, 2)
+
+    def test_full_table_closes_the_longest_waiting_connection(self) -> None:
+        a, ta = self.connect("192.0.2.1")
+        b, tb = self.connect("192.0.2.2")
+        a.dataReceived(ROBOTS)  # answered: a waits again, now the newest
+        self.connect("192.0.2.3")
+        d, _ = self.connect("192.0.2.4")  # over the total of 3: b has waited longest
+        self.assertTrue(tb.disconnecting)
+        self.assertFalse(ta.disconnecting)
+        self.assertEqual((self.site.connections.total, self.site.connections.evicted), (3, 1))
+        b.connectionLost(None)  # the transport's own report changes nothing more
         self.assertEqual(self.site.connections.total, 3)
+        self.assertEqual(self.site.connections.by_address,
+                         {"192.0.2.1": 1, "192.0.2.3": 1, "192.0.2.4": 1})
+
+    def test_full_table_with_none_waiting_refuses(self) -> None:
+        channels = [self.connect(f"192.0.2.{i}")[0] for i in (1, 2, 3)]
+        for channel in channels:  # as while their answers are being written
+            self.site.connections.not_waiting(channel)
+        self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", "192.0.2.4", 1)))
+        self.assertEqual((self.site.connections.total, self.site.connections.refused), (3, 1))
 
     def test_no_server_header(self) -> None:
         proto, transport = self.connect()
@@ -206,6 +225,7 @@ class ChannelTests(SynchronousTestCase):
         self.reactor.advance(SUMMARY_INTERVAL)
         self.assertEqual([x for x in lines if "tracker limits" in x], [
             "tracker limits in the last 60s: 1 connection(s) refused, "
+            "0 waiting connection(s) closed to make room, "
             "2 repeated hit(s) answered without events"])
         self.reactor.advance(SUMMARY_INTERVAL)  # nothing new, no line
         self.assertEqual(len([x for x in lines if "tracker limits" in x]), 1)

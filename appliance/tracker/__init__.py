@@ -343,8 +343,9 @@ class TrackerSite(server.Site):
     A ``Site`` without the per-request access log, with the tracker's limits.
 
     A connection over a connection limit is closed at once, unanswered: an
-    answer would cost what the limit is there to save. What the limits
-    refused is logged once per ``SUMMARY_INTERVAL``, when there is any.
+    answer would cost what the limit is there to save (but see
+    ``ConnectionCount`` for the total). What the limits refused is logged
+    once per ``SUMMARY_INTERVAL``, when there is any.
     """
 
     noisy = False
@@ -361,7 +362,7 @@ class TrackerSite(server.Site):
         self.limiter = limiter
         self._summary = LoopingCall(self.summarize)
         self._summary.clock = self.reactor
-        self._reported = (0, 0)
+        self._reported = (0, 0, 0)
 
     def log(self, request: Any) -> None:
         pass
@@ -372,6 +373,7 @@ class TrackerSite(server.Site):
             return None
         channel: GuardedChannel = super().buildProtocol(addr)
         channel.limits = self.limits
+        channel.connections = self.connections
         channel.release = functools.partial(self.connections.release, host)
         return channel
 
@@ -388,13 +390,14 @@ class TrackerSite(server.Site):
     def summarize(self) -> None:
         """One log line with what the limits refused since the last one, if anything."""
         suppressed = self.limiter.suppressed if self.limiter is not None else 0
-        now = (self.connections.refused, suppressed)
-        refused, written = now[0] - self._reported[0], now[1] - self._reported[1]
+        now = (self.connections.refused, self.connections.evicted, suppressed)
+        refused, evicted, written = (a - b for a, b in zip(now, self._reported, strict=True))
         self._reported = now
-        if refused or written:
+        if refused or evicted or written:
             log.info("tracker limits in the last {interval:.0f}s: {refused} connection(s) refused, "
+                     "{evicted} waiting connection(s) closed to make room, "
                      "{suppressed} repeated hit(s) answered without events",
-                     interval=SUMMARY_INTERVAL, refused=refused, suppressed=written)
+                     interval=SUMMARY_INTERVAL, refused=refused, evicted=evicted, suppressed=written)
 
 
 def make_site(codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Network] = (),

@@ -123,7 +123,12 @@ class ConnectionCount:
     Open tracker connections, in total and per peer address.
 
     A peer in ``exempt`` (a trusted reverse proxy, which carries many
-    clients on its connections) counts only towards the total.
+    clients on its connections) counts only towards the total. When the
+    total is reached, the connection that has waited longest for a request
+    is closed to make room: a client that sends its request at once is then
+    served while slow or idle connections fill the table, and the open
+    files stay bounded all the same. Only when no connection is waiting
+    (all are being answered) is the new one refused.
     """
 
     def __init__(self, limits: Limits, exempt: Sequence[Network] = ()) -> None:
@@ -132,6 +137,17 @@ class ConnectionCount:
         self.total = 0
         self.by_address: dict[str, int] = {}
         self.refused = 0
+        self.evicted = 0
+        # Connections waiting for a request, oldest first, each with what closes it.
+        self._waiting: dict[object, Callable[[], None]] = {}
+
+    def waiting(self, channel: object, close: Callable[[], None]) -> None:
+        """``channel`` now waits for a request; ``close`` releases it at once and drops it."""
+        self._waiting.pop(channel, None)
+        self._waiting[channel] = close
+
+    def not_waiting(self, channel: object) -> None:
+        self._waiting.pop(channel, None)
 
     def _exempt(self, host: str) -> bool:
         try:
@@ -143,13 +159,18 @@ class ConnectionCount:
     def acquire(self, addr: IAddress | None) -> str | None:
         """The key to release later, or ``None`` when the connection is over a limit."""
         host = _host(addr)
-        if self.total >= self.limits.max_connections:
+        exempt = self._exempt(host)
+        if not exempt and self.by_address.get(host, 0) >= self.limits.max_connections_per_address:
             self.refused += 1
             return None
-        if not self._exempt(host):
-            if self.by_address.get(host, 0) >= self.limits.max_connections_per_address:
+        if self.total >= self.limits.max_connections:
+            if not self._waiting:
                 self.refused += 1
                 return None
+            oldest = next(iter(self._waiting))
+            self._waiting.pop(oldest)()
+            self.evicted += 1
+        if not exempt:
             self.by_address[host] = self.by_address.get(host, 0) + 1
         self.total += 1
         return host
@@ -176,6 +197,7 @@ class GuardedChannel(http.HTTPChannel):
     """
 
     limits: Limits
+    connections: ConnectionCount
     release: Callable[[], None] | None = None
     _deadline: IDelayedCall | None = None
     _served = 0
@@ -187,15 +209,29 @@ class GuardedChannel(http.HTTPChannel):
     def _arm(self) -> None:
         self._disarm()
         self._deadline = self.callLater(self.limits.header_timeout, self._too_slow)
+        self.connections.waiting(self, self._evict)
 
     def _disarm(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        self.connections.not_waiting(self)
 
     def _too_slow(self) -> None:
         self._deadline = None
+        self.connections.not_waiting(self)
         self.transport.abortConnection()
+
+    def _evict(self) -> None:
+        """Closed to make room: its place is given up now, before the transport says it is gone."""
+        self._disarm()
+        self._release()
+        self.transport.abortConnection()
+
+    def _release(self) -> None:
+        if self.release is not None:
+            release, self.release = self.release, None
+            release()
 
     def allContentReceived(self) -> None:
         self._disarm()
@@ -216,7 +252,5 @@ class GuardedChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._disarm()
-        if self.release is not None:
-            release, self.release = self.release, None
-            release()
+        self._release()
         super().connectionLost(reason)
