@@ -198,6 +198,16 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.site.connections.by_address,
                          {"192.0.2.1": 1, "192.0.2.3": 1, "192.0.2.4": 1})
 
+    def test_a_lost_connection_never_waits_again(self) -> None:
+        proto, _ = self.connect()
+        proto.connectionLost(None)
+        proto._arm()  # as an answer finished after the loss would
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.site.connections.total, 0)
+        for i in (1, 2, 3):
+            self.connect(f"192.0.2.{i}")
+        self.assertEqual(self.site.connections.evicted, 0)
+
     def test_full_table_with_none_waiting_refuses(self) -> None:
         channels = [self.connect(f"192.0.2.{i}")[0] for i in (1, 2, 3)]
         for channel in channels:  # as while their answers are being written

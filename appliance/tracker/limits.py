@@ -201,6 +201,7 @@ class GuardedChannel(http.HTTPChannel):
     release: Callable[[], None] | None = None
     _deadline: IDelayedCall | None = None
     _served = 0
+    _lost = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -208,6 +209,8 @@ class GuardedChannel(http.HTTPChannel):
 
     def _arm(self) -> None:
         self._disarm()
+        if self._lost:
+            return
         self._deadline = self.callLater(self.limits.header_timeout, self._too_slow)
         self.connections.waiting(self, self._evict)
 
@@ -251,6 +254,7 @@ class GuardedChannel(http.HTTPChannel):
         super().requestDone(request)
 
     def connectionLost(self, reason: Any) -> None:
+        self._lost = True  # an answer finished after this must not wait again
         self._disarm()
         self._release()
         super().connectionLost(reason)
