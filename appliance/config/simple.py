@@ -60,11 +60,40 @@ class TrackerConfig:
     endpoint: str = "tcp:8080:interface=127.0.0.1"
     # Peers whose X-Forwarded-For is believed (reverse proxies, load balancers).
     trusted_proxies: tuple[Network, ...] = ()
+    # What one client may hold: see appliance.tracker.limits.
+    max_connections: int = 512
+    max_connections_per_address: int = 32
+    header_timeout: float = 20.0
+    keepalive_timeout: float = 5.0
+    max_requests_per_connection: int = 1000
+    event_rate_limit: int = 10
+    event_rate_window: float = 60.0
+    event_rate_entries: int = 100_000
+
+
+_TRACKER_DURATIONS = ("header_timeout", "keepalive_timeout", "event_rate_window")
 
 
 def read_tracker(t: Table) -> TrackerConfig:
-    c = TrackerConfig(endpoint=t.endpoint("endpoint", TrackerConfig.endpoint),
-                      trusted_proxies=t.networks("trusted_proxies", TrackerConfig.trusted_proxies))
+    d = TrackerConfig
+    c = TrackerConfig(
+        endpoint=t.endpoint("endpoint", d.endpoint),
+        trusted_proxies=t.networks("trusted_proxies", d.trusted_proxies),
+        max_connections=t.int("max_connections", d.max_connections, minimum=1),
+        max_connections_per_address=t.int("max_connections_per_address",
+                                          d.max_connections_per_address, minimum=1),
+        header_timeout=t.duration("header_timeout", d.header_timeout),
+        keepalive_timeout=t.duration("keepalive_timeout", d.keepalive_timeout),
+        max_requests_per_connection=t.int("max_requests_per_connection",
+                                          d.max_requests_per_connection, minimum=1),
+        event_rate_limit=t.int("event_rate_limit", d.event_rate_limit, minimum=1),
+        event_rate_window=t.duration("event_rate_window", d.event_rate_window),
+        event_rate_entries=t.int("event_rate_entries", d.event_rate_entries, minimum=1),
+    )
+    for name in _TRACKER_DURATIONS:
+        if t.has(name) and getattr(c, name) <= 0:
+            t.error(name, "must be more than 0 seconds")
+            c = replace(c, **{name: getattr(d, name)})
     t.finish()
     return c
 

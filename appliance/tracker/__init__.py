@@ -11,7 +11,8 @@ the same way and counts nothing, and so does a link past its expiry.
 A plain ``twisted.web`` resource tree; everything else is 404, and
 ``/robots.txt`` asks crawlers to stay away. The ``Site`` writes no access log:
 each hit is recorded in the event log, and a per-request log line would cost
-time and leak tokens and addresses into the operational log.
+time and leak tokens and addresses into the operational log. The limits that
+keep it answering under abuse are in ``appliance.tracker.limits``.
 """
 
 from __future__ import annotations
@@ -24,13 +25,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import resource, server
 
 from appliance.events import Event, EventLog
 from appliance.eventtypes import CLICK, INITIAL_OPEN, OPEN, click_events, open_event
 from appliance.links import InvalidToken, LinkCodec, LinkData, location_header
+from appliance.tracker.limits import (
+    DEFAULT_LIMITS,
+    OTHER_CAP,
+    USER_AGENT_CAP,
+    ConnectionCount,
+    GuardedChannel,
+    HitLimiter,
+    Limits,
+    cap_text,
+)
 
 log = Logger()
 
@@ -44,6 +56,7 @@ PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
 ALLOWED_METHODS = (b"GET", b"HEAD")
 OPEN_KINDS = (OPEN, INITIAL_OPEN)
 CLICK_KINDS = (CLICK,)
+SUMMARY_INTERVAL = 60.0  # seconds between the log lines that count what the limits refused
 
 
 # -- who is asking ----------------------------------------------------------------
@@ -113,11 +126,27 @@ def _trusted(ip: Address, trusted: Sequence[Network]) -> bool:
 
 @dataclass(frozen=True)
 class Client:
-    """What a hit tells about the client; header values decoded for the event log."""
+    """
+    What a hit tells about the client; header values decoded for the event log.
+
+    ``truncated`` names the fields that were cut to their cap; each gets a
+    ``<field>_truncated: true`` in the events that carry it.
+    """
 
     ip_address: str
     user_agent: str = ""
     accept_language: str = ""
+    truncated: tuple[str, ...] = ()
+
+    @classmethod
+    def capped(cls, ip_address: str, user_agent: str, accept_language: str) -> Client:
+        """The client with each value cut to its cap (User-Agent 512 bytes, the rest 256)."""
+        ip_address, ip_cut = cap_text(ip_address, OTHER_CAP)
+        user_agent, ua_cut = cap_text(user_agent, USER_AGENT_CAP)
+        accept_language, al_cut = cap_text(accept_language, OTHER_CAP)
+        cut = tuple(name for name, was_cut in (("ip_address", ip_cut), ("user_agent", ua_cut),
+                                               ("accept_language", al_cut)) if was_cut)
+        return cls(ip_address, user_agent, accept_language, cut)
 
 
 def _header(request: server.Request, name: bytes) -> str:
@@ -137,11 +166,12 @@ class Tracker:
     """
 
     def __init__(self, codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Network] = (),
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, limiter: HitLimiter | None = None) -> None:
         self.codec = codec
         self.events = events
         self.trusted_proxies = tuple(trusted_proxies)
         self._now = now
+        self.limiter = limiter
 
     def link(self, token: bytes, kinds: tuple[str, ...]) -> LinkData | None:
         """The link a token describes if it is authentic and of one of ``kinds``."""
@@ -154,7 +184,7 @@ class Tracker:
     def client(self, request: server.Request) -> Client:
         peer = getattr(request.getClientAddress(), "host", "")
         forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
-        return Client(
+        return Client.capped(
             ip_address=client_address(peer, forwarded, self.trusted_proxies),
             user_agent=_header(request, b"user-agent"),
             accept_language=_header(request, b"accept-language"),
@@ -168,11 +198,23 @@ class Tracker:
             drafts = [open_event(link, client.ip_address, client.user_agent)]
         else:
             drafts = click_events(link, client.ip_address, client.user_agent, client.accept_language)
+        for _, fields in drafts:
+            for name in client.truncated:
+                if name in fields:
+                    fields[f"{name}_truncated"] = True
         return [self.events.make(kind, **fields) for kind, fields in drafts]
 
-    def record(self, link: LinkData, client: Client) -> None:
-        """Write the hit's events; a failure is logged and never stops the response."""
-        for event in self.events_for(link, client):
+    def record(self, link: LinkData, client: Client, token: bytes = b"") -> None:
+        """
+        Write the hit's events; a failure is logged and never stops the response.
+
+        Past the limiter's allowance for this address and ``token``, the hit
+        is only counted.
+        """
+        events = self.events_for(link, client)
+        if events and self.limiter is not None and not self.limiter.allow(client.ip_address, token):
+            return
+        for event in events:
             try:
                 self.events.write(event)
             except Exception:
@@ -245,7 +287,7 @@ class OpenPixel(_Leaf):
         if link is None:
             return not_found(request)
         if request.method == b"GET":
-            self.tracker.record(link, self.tracker.client(request))
+            self.tracker.record(link, self.tracker.client(request), path[0])
         request.setHeader(b"content-type", b"image/gif")
         request.setHeader(b"cache-control", b"no-store")
         return PIXEL
@@ -265,7 +307,7 @@ class ClickRedirect(_Leaf):
         if link is None or location is None:
             return not_found(request)
         if request.method == b"GET":
-            self.tracker.record(link, self.tracker.client(request))
+            self.tracker.record(link, self.tracker.client(request), path[1])
         request.setResponseCode(302)
         request.setHeader(b"location", location)
         request.setHeader(b"cache-control", b"no-store")
@@ -288,18 +330,89 @@ class Root(resource.Resource):
         return not_found(request)
 
 
+class TrackerRequest(server.Request):
+    """A request whose answer carries no ``Server`` header: the version helps only an attacker."""
+
+    def render(self, resrc: resource.IResource) -> None:
+        self.responseHeaders.removeHeader(b"server")
+        super().render(resrc)
+
+
 class TrackerSite(server.Site):
-    """A ``Site`` without the per-request access log."""
+    """
+    A ``Site`` without the per-request access log, with the tracker's limits.
+
+    A connection over a connection limit is closed at once, unanswered: an
+    answer would cost what the limit is there to save (but see
+    ``ConnectionCount`` for the total). What the limits refused is logged
+    once per ``SUMMARY_INTERVAL``, when there is any.
+    """
 
     noisy = False
+    requestFactory = TrackerRequest
+    protocol = GuardedChannel
+
+    def __init__(self, root: resource.IResource, *, reactor: IReactorTime | None = None,
+                 limits: Limits = DEFAULT_LIMITS, connections: ConnectionCount | None = None,
+                 limiter: HitLimiter | None = None) -> None:
+        super().__init__(root, reactor=reactor)
+        self.limits = limits
+        self.timeOut = limits.keepalive_timeout
+        self.connections = connections if connections is not None else ConnectionCount(limits)
+        self.limiter = limiter
+        self._summary = LoopingCall(self.summarize)
+        self._summary.clock = self.reactor
+        self._reported = (0, 0, 0)
 
     def log(self, request: Any) -> None:
         pass
 
+    def buildProtocol(self, addr: IAddress) -> GuardedChannel | None:
+        host = self.connections.acquire(addr)
+        if host is None:
+            return None
+        channel: GuardedChannel = super().buildProtocol(addr)
+        channel.limits = self.limits
+        channel.connections = self.connections
+        channel.release = functools.partial(self.connections.release, host)
+        return channel
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if not self._summary.running:
+            self._summary.start(SUMMARY_INTERVAL, now=False)
+
+    def stopFactory(self) -> None:
+        if self._summary.running:
+            self._summary.stop()
+        super().stopFactory()
+
+    def summarize(self) -> None:
+        """One log line with what the limits refused since the last one, if anything."""
+        suppressed = self.limiter.suppressed if self.limiter is not None else 0
+        now = (self.connections.refused, self.connections.evicted, suppressed)
+        refused, evicted, written = (a - b for a, b in zip(now, self._reported, strict=True))
+        self._reported = now
+        if refused or evicted or written:
+            log.info("tracker limits in the last {interval:.0f}s: {refused} connection(s) refused, "
+                     "{evicted} waiting connection(s) closed to make room, "
+                     "{suppressed} repeated hit(s) answered without events",
+                     interval=SUMMARY_INTERVAL, refused=refused, evicted=evicted, suppressed=written)
+
 
 def make_site(codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Network] = (),
-              now: Callable[[], float] = time.time, *, reactor: IReactorTime) -> TrackerSite:
-    """``reactor`` times out idle HTTP connections."""
-    site = TrackerSite(Root(Tracker(codec, events, trusted_proxies, now)), reactor=reactor)
+              now: Callable[[], float] = time.time, *, reactor: IReactorTime,
+              limits: Limits = DEFAULT_LIMITS) -> TrackerSite:
+    """
+    ``reactor`` times out connections and windows the event limit.
+
+    Trusted proxies count only towards the total connection limit, as each
+    carries many clients.
+    """
+    limiter = HitLimiter(limits.event_rate_limit, limits.event_rate_window,
+                         limits.event_rate_entries, now=reactor.seconds)
+    tracker = Tracker(codec, events, trusted_proxies, now, limiter)
+    site = TrackerSite(Root(tracker), reactor=reactor, limits=limits,
+                       connections=ConnectionCount(limits, trusted_proxies), limiter=limiter)
     site.displayTracebacks = False
     return site
