@@ -37,7 +37,6 @@ from appliance.reactors import Reactor, Runner, thread_runner
 from appliance.smtp import ConnectionLimits, SessionDrain, listener_factory
 from appliance.spool import Spool
 from appliance.tracker import make_site
-from appliance.tracker.limits import Limits as TrackerLimits
 from appliance.users import UsersFileChecker
 from appliance.webhooks import Webhooks
 
@@ -172,14 +171,8 @@ class Appliance(MultiService):
             svc.setServiceParent(self)
             self.smtp_listeners.append(svc)
         t = config.tracker
-        limits = TrackerLimits(
-            max_connections=t.max_connections, max_connections_per_address=t.max_connections_per_address,
-            header_timeout=t.header_timeout, keepalive_timeout=t.keepalive_timeout,
-            max_requests_per_connection=t.max_requests_per_connection,
-            event_rate_limit=t.event_rate_limit, event_rate_window=t.event_rate_window,
-            event_rate_entries=t.event_rate_entries)
         self.tracker_site = make_site(self.links, self.events, t.trusted_proxies,
-                                      reactor=reactor, limits=limits)
+                                      reactor=reactor, limits=t.limits)
         self.tracker = strports.service(config.tracker.endpoint, self.tracker_site, reactor=reactor)
         self.tracker.setName("tracker")
         self.tracker.setServiceParent(self)

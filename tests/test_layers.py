@@ -47,7 +47,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "follower": {"files", "reactors"},
     "tls": {"files"},
     "users": {"files", "reactors"},
-    "tracker": {"events", "eventtypes", "links", "reactors"},
+    "tracker": {"config", "events", "eventtypes", "links", "reactors"},
     "delivery": {"bounces", "config", "dkim", "events", "eventtypes", "files", "links", "reactors",
                  "retry", "rewrite", "settings", "spool"},
     "webhooks": {"config", "events", "eventtypes", "files", "follower", "reactors", "retry"},

@@ -97,13 +97,13 @@ class HitLimiterTests(SynchronousTestCase):
 
 class ConfigTests(SynchronousTestCase):
     def test_defaults_and_values(self) -> None:
-        t = parse_config(base_toml()).tracker
+        t = parse_config(base_toml()).tracker.limits
         self.assertEqual((t.max_connections, t.max_connections_per_address, t.header_timeout,
                           t.keepalive_timeout, t.max_requests_per_connection, t.event_rate_limit,
                           t.event_rate_window, t.event_rate_entries),
                          (512, 32, 20.0, 5.0, 1000, 10, 60.0, 100_000))
         t = parse_config(merge(base_toml(), {"tracker": {
-            "max_connections": 7, "header_timeout": "3s", "event_rate_window": "5m"}})).tracker
+            "max_connections": 7, "header_timeout": "3s", "event_rate_window": "5m"}})).tracker.limits
         self.assertEqual((t.max_connections, t.header_timeout, t.event_rate_window), (7, 3.0, 300.0))
 
     def test_bad_values_named(self) -> None:

@@ -56,11 +56,9 @@ def read_spool(t: Table) -> SpoolConfig:
 
 
 @dataclass(frozen=True)
-class TrackerConfig:
-    endpoint: str = "tcp:8080:interface=127.0.0.1"
-    # Peers whose X-Forwarded-For is believed (reverse proxies, load balancers).
-    trusted_proxies: tuple[Network, ...] = ()
-    # What one client may hold: see appliance.tracker.limits.
+class TrackerLimits:
+    """What clients of the tracker may hold (``appliance.tracker.limits`` enforces it)."""
+
     max_connections: int = 512
     max_connections_per_address: int = 32
     header_timeout: float = 20.0
@@ -71,14 +69,20 @@ class TrackerConfig:
     event_rate_entries: int = 100_000
 
 
+@dataclass(frozen=True)
+class TrackerConfig:
+    endpoint: str = "tcp:8080:interface=127.0.0.1"
+    # Peers whose X-Forwarded-For is believed (reverse proxies, load balancers).
+    trusted_proxies: tuple[Network, ...] = ()
+    limits: TrackerLimits = TrackerLimits()
+
+
 _TRACKER_DURATIONS = ("header_timeout", "keepalive_timeout", "event_rate_window")
 
 
 def read_tracker(t: Table) -> TrackerConfig:
-    d = TrackerConfig
-    c = TrackerConfig(
-        endpoint=t.endpoint("endpoint", d.endpoint),
-        trusted_proxies=t.networks("trusted_proxies", d.trusted_proxies),
+    d = TrackerLimits
+    c = TrackerLimits(
         max_connections=t.int("max_connections", d.max_connections, minimum=1),
         max_connections_per_address=t.int("max_connections_per_address",
                                           d.max_connections_per_address, minimum=1),
@@ -94,8 +98,13 @@ def read_tracker(t: Table) -> TrackerConfig:
         if t.has(name) and getattr(c, name) <= 0:
             t.error(name, "must be more than 0 seconds")
             c = replace(c, **{name: getattr(d, name)})
+    tracker = TrackerConfig(
+        endpoint=t.endpoint("endpoint", TrackerConfig.endpoint),
+        trusted_proxies=t.networks("trusted_proxies", TrackerConfig.trusted_proxies),
+        limits=c,
+    )
     t.finish()
-    return c
+    return tracker
 
 
 @dataclass(frozen=True)

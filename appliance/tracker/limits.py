@@ -14,12 +14,13 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.logger import Logger
 from twisted.web import http
+
+from appliance.config import TrackerLimits
 
 log = Logger()
 
@@ -29,19 +30,8 @@ USER_AGENT_CAP = 512
 OTHER_CAP = 256
 
 
-@dataclass(frozen=True)
-class Limits:
-    """The ``[tracker]`` limits; the defaults are the shipped ones."""
-
-    max_connections: int = 512
-    max_connections_per_address: int = 32
-    header_timeout: float = 20.0
-    keepalive_timeout: float = 5.0
-    max_requests_per_connection: int = 1000
-    event_rate_limit: int = 10
-    event_rate_window: float = 60.0
-    event_rate_entries: int = 100_000
-
+# The ``[tracker]`` limits; the defaults are the shipped ones.
+Limits = TrackerLimits
 
 DEFAULT_LIMITS = Limits()
 
