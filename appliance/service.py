@@ -153,8 +153,7 @@ class Appliance(MultiService):
         SpoolService(self.spool).setServiceParent(self)
         self.delivery.setServiceParent(self)
         self.smtp_listeners = []
-        self.smtp_limits = ConnectionLimits(config.smtp.max_connections,
-                                            config.smtp.max_connections_per_client)
+        self.smtp_limits = ConnectionLimits()
         # Stopped right after the listeners: messages already received get their decision,
         # events and reply before delivery and the event log stop.
         self.smtp_drain = SessionDrain(self.smtp_limits, self.injector, reactor)

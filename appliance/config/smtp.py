@@ -58,6 +58,9 @@ class ListenerConfig:
     relay_networks: tuple[Network, ...]
     max_message_size: int
     max_recipients: int
+    # This listener's own connection budget (a full public listener leaves a trusted one working).
+    max_connections: int = 200
+    max_connections_per_client: int = 20
     # "off": no STARTTLS; "starttls": offered; "required": MAIL needs TLS first;
     # "implicit": TLS from the first byte (RFC 8314, port 465).
     tls: str = "off"
@@ -83,6 +86,9 @@ class SmtpConfig:
     users_file: str = ""
     # Received: headers a message may carry, the appliance's own included (mail loops).
     max_hops: int = 50
+    # Per session, Postfix's smtpd_junk_command_limit and smtpd_hard_error_limit: 421 4.7.0 past them.
+    junk_command_limit: int = 100
+    hard_error_limit: int = 20
 
 
 def _check_tls_pair(t: Table, certificate: str, key: str) -> bool:
@@ -105,6 +111,8 @@ def read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
     data_timeout = t.duration("data_timeout", d.data_timeout)
     max_connections = t.int("max_connections", d.max_connections, minimum=1)
     per_client = t.int("max_connections_per_client", d.max_connections_per_client, minimum=1)
+    junk_limit = t.int("junk_command_limit", d.junk_command_limit, minimum=1)
+    error_limit = t.int("hard_error_limit", d.hard_error_limit, minimum=1)
     certificate = optional_path(t, "tls_certificate", "")
     key = optional_path(t, "tls_key", "")
     _check_tls_pair(t, certificate, key)
@@ -149,6 +157,8 @@ def read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
                 relay_networks=lt.networks("relay_networks", relay),
                 max_message_size=lt.size("max_message_size", size),
                 max_recipients=lt.int("max_recipients", rcpts, minimum=1),
+                max_connections=lt.int("max_connections", max_connections, minimum=1),
+                max_connections_per_client=lt.int("max_connections_per_client", per_client, minimum=1),
                 tls=tls,
                 tls_certificate=l_cert,
                 tls_key=l_key,
@@ -165,4 +175,5 @@ def read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
                       max_recipients=rcpts, timeout=timeout, command_timeout=command_timeout,
                       data_timeout=data_timeout, max_connections=max_connections,
                       max_connections_per_client=per_client, tls_certificate=certificate,
-                      tls_key=key, users_file=users_file, max_hops=max_hops)
+                      tls_key=key, users_file=users_file, max_hops=max_hops,
+                      junk_command_limit=junk_limit, hard_error_limit=error_limit)

@@ -14,7 +14,7 @@ The ESMTP injection server.
 
 from appliance.smtp.auth import AuthExchange, SessionAuth
 from appliance.smtp.data import MAX_LINE, DataReader
-from appliance.smtp.drain import ConnectionLimits, SessionDrain
+from appliance.smtp.drain import ConnectionBudget, ConnectionLimits, SessionDrain
 from appliance.smtp.listener import InjectionFactory, listener_factory
 from appliance.smtp.server import MAX_COMMAND_LINE, InjectionESMTP
 from appliance.smtp.session import Session
@@ -23,6 +23,7 @@ __all__ = [
     "MAX_COMMAND_LINE",
     "MAX_LINE",
     "AuthExchange",
+    "ConnectionBudget",
     "ConnectionLimits",
     "DataReader",
     "InjectionESMTP",
