@@ -49,6 +49,14 @@ class SmtpConfigTests(SynchronousTestCase):
         self.assertEqual((c.junk_command_limit, c.hard_error_limit), (30, 7))
         d = self.parse().smtp
         self.assertEqual((d.junk_command_limit, d.hard_error_limit), (100, 20))
+        self.assertEqual((d.auth_attempts_per_second, d.auth_failure_backoff, d.auth_failure_backoff_max),
+                         (10, 1.0, 60.0))
+        a = self.parse(auth_attempts_per_second=3, auth_failure_backoff="2s",
+                       auth_failure_backoff_max="10m").smtp
+        self.assertEqual((a.auth_attempts_per_second, a.auth_failure_backoff, a.auth_failure_backoff_max),
+                         (3, 2.0, 600.0))
+        self.assertEqual(self.problems(auth_failure_backoff="2m", auth_failure_backoff_max="1m"),
+                         {"smtp.auth_failure_backoff": "must not be more than auth_failure_backoff_max"})
         self.assertEqual(self.problems(hard_error_limit=0, listeners={
             "default": {"endpoint": "tcp:2525", "max_connections": 0}}),
             {"smtp.hard_error_limit": "expected an integer >= 1, got 0",

@@ -89,6 +89,11 @@ class SmtpConfig:
     # Per session, Postfix's smtpd_junk_command_limit and smtpd_hard_error_limit: 421 4.7.0 past them.
     junk_command_limit: int = 100
     hard_error_limit: int = 20
+    # Password checks: started per second, server-wide; an address's wait after a failed login,
+    # doubled per further failure up to the maximum. Over either: 454 4.7.0 without a check.
+    auth_attempts_per_second: int = 10
+    auth_failure_backoff: float = 1.0
+    auth_failure_backoff_max: float = 60.0
 
 
 def _check_tls_pair(t: Table, certificate: str, key: str) -> bool:
@@ -113,6 +118,11 @@ def read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
     per_client = t.int("max_connections_per_client", d.max_connections_per_client, minimum=1)
     junk_limit = t.int("junk_command_limit", d.junk_command_limit, minimum=1)
     error_limit = t.int("hard_error_limit", d.hard_error_limit, minimum=1)
+    auth_rate = t.int("auth_attempts_per_second", d.auth_attempts_per_second, minimum=1)
+    backoff = t.duration("auth_failure_backoff", d.auth_failure_backoff)
+    backoff_max = t.duration("auth_failure_backoff_max", d.auth_failure_backoff_max)
+    if backoff > backoff_max:
+        t.error("auth_failure_backoff", "must not be more than auth_failure_backoff_max")
     certificate = optional_path(t, "tls_certificate", "")
     key = optional_path(t, "tls_key", "")
     _check_tls_pair(t, certificate, key)
@@ -176,4 +186,6 @@ def read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
                       data_timeout=data_timeout, max_connections=max_connections,
                       max_connections_per_client=per_client, tls_certificate=certificate,
                       tls_key=key, users_file=users_file, max_hops=max_hops,
-                      junk_command_limit=junk_limit, hard_error_limit=error_limit)
+                      junk_command_limit=junk_limit, hard_error_limit=error_limit,
+                      auth_attempts_per_second=auth_rate, auth_failure_backoff=backoff,
+                      auth_failure_backoff_max=backoff_max)

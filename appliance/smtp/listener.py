@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from appliance.config import ListenerConfig, SmtpConfig
 from appliance.smtp.drain import ConnectionBudget, ConnectionLimits
+from appliance.smtp.guard import AuthGuard
 from appliance.smtp.server import InjectionESMTP
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ class InjectionFactory(protocol.ServerFactory):
                  timeout: float, *, command_timeout: float = 60.0, data_timeout: float = 1800.0,
                  limits: ConnectionLimits | None = None, tls: CertificateOptions | None = None,
                  checker: ICredentialsChecker | None = None, clock: IReactorTime,
-                 junk_command_limit: int = 100, hard_error_limit: int = 20) -> None:
+                 junk_command_limit: int = 100, hard_error_limit: int = 20,
+                 auth_guard: AuthGuard | None = None) -> None:
         """``clock`` runs the sessions' timeouts; the connection budget is the listener's own."""
         self.listener = listener
         self.injector = injector
@@ -65,6 +67,7 @@ class InjectionFactory(protocol.ServerFactory):
         self.clock = clock
         self.junk_command_limit = junk_command_limit
         self.hard_error_limit = hard_error_limit
+        self.auth_guard = auth_guard
         self.budget = ConnectionBudget(listener.max_connections, listener.max_connections_per_client)
 
     def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol:
@@ -87,6 +90,7 @@ class InjectionFactory(protocol.ServerFactory):
         p.junk_command_limit = self.junk_command_limit
         p.hard_error_limit = self.hard_error_limit
         p._client = client
+        p.auth.guard, p.auth.client = self.auth_guard, client
         return p
 
 
@@ -111,16 +115,19 @@ class _LimitedESMTP(InjectionESMTP):
 
 def listener_factory(listener: ListenerConfig, injector: Injector, hostname: str, smtp_config: SmtpConfig,
                      limits: ConnectionLimits, checker: ICredentialsChecker | None = None,
-                     tls: CertificateOptions | None = None, *, clock: IReactorTime) -> protocol.Factory:
+                     tls: CertificateOptions | None = None, *, clock: IReactorTime,
+                     auth_guard: AuthGuard | None = None) -> protocol.Factory:
     """
     The factory for one listener, wrapped in TLS from the first byte for ``tls = "implicit"``.
     ``tls``: the listener's certificate as the builder loaded it; ``None`` for no TLS.
+    ``auth_guard``: shared by all listeners, since the password thread is.
     """
     factory = InjectionFactory(
         listener, injector, hostname, smtp_config.timeout,
         command_timeout=smtp_config.command_timeout, data_timeout=smtp_config.data_timeout,
         limits=limits, tls=tls, checker=checker, clock=clock,
         junk_command_limit=smtp_config.junk_command_limit, hard_error_limit=smtp_config.hard_error_limit,
+        auth_guard=auth_guard,
     )
     if listener.tls == "implicit" and tls is not None and not listener.endpoint.startswith("ssl:"):
         return TLSMemoryBIOFactory(tls, False, factory, clock)

@@ -340,6 +340,8 @@ class InjectionESMTP(EnvelopeCommands):
             answer.addCallback(self._reply_and_resume)
         else:
             self.sendCode(*answer)
+            if answer[0] == 421:  # too many failures, refused without a check
+                self.transport.loseConnection()
 
     # -- the message ---------------------------------------------------------
 
