@@ -149,8 +149,9 @@ class StartTLSTests(ApplianceTestCase):
 
 
 class AuthTests(ApplianceTestCase):
-    # Loopback is not a relay network here: only authenticated users may inject.
-    smtp = {"relay_networks": ["192.0.2.0/24"]}
+    # Loopback is not a relay network here: only authenticated users may inject. No back-off
+    # between failed logins, so one session can show every answer (tests.test_smtp_guard has it).
+    smtp = {"relay_networks": ["192.0.2.0/24"], "auth_failure_backoff": "0s"}
 
     def tls_client(self) -> RawClient:
         c = RawClient(self.port)
