@@ -188,7 +188,7 @@ class Appliance(MultiService):
             factory = listener_factory(listener, self.injector, config.node.hostname, config.smtp,
                                        self.smtp_limits, self.users,
                                        tls=parts.listener_tls.get(listener.name), clock=reactor,
-                                       auth_guard=self.auth_guard)
+                                       auth_guard=self.auth_guard, postmaster=config.node.postmaster)
             svc = strports.service(listener.endpoint, factory, reactor=reactor)
             svc.setName(f"smtp:{listener.name}")
             svc.setServiceParent(self)

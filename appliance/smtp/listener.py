@@ -53,7 +53,7 @@ class InjectionFactory(protocol.ServerFactory):
                  limits: ConnectionLimits | None = None, tls: CertificateOptions | None = None,
                  checker: ICredentialsChecker | None = None, clock: IReactorTime,
                  junk_command_limit: int = 100, hard_error_limit: int = 20,
-                 auth_guard: AuthGuard | None = None) -> None:
+                 auth_guard: AuthGuard | None = None, postmaster: str = "") -> None:
         """``clock`` runs the sessions' timeouts; the connection budget is the listener's own."""
         self.listener = listener
         self.injector = injector
@@ -68,6 +68,7 @@ class InjectionFactory(protocol.ServerFactory):
         self.junk_command_limit = junk_command_limit
         self.hard_error_limit = hard_error_limit
         self.auth_guard = auth_guard
+        self.postmaster = (postmaster or f"postmaster@{hostname}").encode("ascii")
         self.budget = ConnectionBudget(listener.max_connections, listener.max_connections_per_client)
 
     def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol:
@@ -91,6 +92,7 @@ class InjectionFactory(protocol.ServerFactory):
         p.hard_error_limit = self.hard_error_limit
         p._client = client
         p.auth.guard, p.auth.client = self.auth_guard, client
+        p.postmaster = self.postmaster
         return p
 
 
@@ -116,18 +118,19 @@ class _LimitedESMTP(InjectionESMTP):
 def listener_factory(listener: ListenerConfig, injector: Injector, hostname: str, smtp_config: SmtpConfig,
                      limits: ConnectionLimits, checker: ICredentialsChecker | None = None,
                      tls: CertificateOptions | None = None, *, clock: IReactorTime,
-                     auth_guard: AuthGuard | None = None) -> protocol.Factory:
+                     auth_guard: AuthGuard | None = None, postmaster: str = "") -> protocol.Factory:
     """
     The factory for one listener, wrapped in TLS from the first byte for ``tls = "implicit"``.
     ``tls``: the listener's certificate as the builder loaded it; ``None`` for no TLS.
     ``auth_guard``: shared by all listeners, since the password thread is.
+    ``postmaster``: where ``RCPT TO:<postmaster>`` goes (``node.postmaster``).
     """
     factory = InjectionFactory(
         listener, injector, hostname, smtp_config.timeout,
         command_timeout=smtp_config.command_timeout, data_timeout=smtp_config.data_timeout,
         limits=limits, tls=tls, checker=checker, clock=clock,
         junk_command_limit=smtp_config.junk_command_limit, hard_error_limit=smtp_config.hard_error_limit,
-        auth_guard=auth_guard,
+        auth_guard=auth_guard, postmaster=postmaster,
     )
     if listener.tls == "implicit" and tls is not None and not listener.endpoint.startswith("ssl:"):
         return TLSMemoryBIOFactory(tls, False, factory, clock)

@@ -12,6 +12,7 @@ answers ``250`` only once the spool has the message on disk.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -86,6 +87,7 @@ class InjectionESMTP(EnvelopeCommands):
         self._store_error: OSError | None = None
         self._hold_input = InputHold()
         self._unread = b""  # the start of a command line whose CRLF has not come yet
+        self._feeding: deque[bytes] | None = None  # input still to read while dataReceived runs
         self._drop_rest = False
         self._raw_reply = False
         self._command_timer: IDelayedCall | None = None
@@ -107,44 +109,59 @@ class InjectionESMTP(EnvelopeCommands):
     # -- input -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._shut:
+        # A loop, never a recursion: 1,000 pipelined messages are 1,000 turns, not 1,000 frames.
+        if self._feeding is not None:  # a reply released held input while we read: it comes next
+            self._feeding.append(data)
             return
+        self._feeding = queue = deque([data])
+        try:
+            while queue:
+                rest = self._consume(queue.popleft())
+                if rest:
+                    queue.appendleft(rest)
+        finally:
+            self._feeding = None
+
+    def _consume(self, data: bytes) -> bytes:
+        """Read ``data``; returns what to read afresh (message text once DATA began, or input to hold)."""
+        if self._shut:
+            return b""
         if self._hold_input.active:
             self._hold_input.keep(data)
-            return
+            return b""
         if self._reader is not None:
             self.resetTimeout()
             rest = self._reader.feed(data)
             if rest is None:
-                return
+                return b""
             self._end_of_data()
             if self._hold_input.active:
                 self._hold_input.keep(rest)
-                return
+                return b""
             data = rest
         buf = self._unread + data
+        pos = 0  # lines are read by offset: slicing off each line would copy the rest every time
         while True:
             if self.transport.disconnecting:
-                return
-            i = buf.find(b"\r\n")
+                return b""
+            i = buf.find(b"\r\n", pos)
             if i < 0:
                 break
-            line, buf = buf[:i], buf[i + 2 :]
-            if i > MAX_COMMAND_LINE:
+            line, pos = buf[pos:i], i + 2
+            if len(line) > MAX_COMMAND_LINE:
                 self.lineLengthExceeded(line)
-                return
+                return b""
             self._cancel("_command_timer")
             if not self._count_junk(line):
-                return
+                return b""
             self.lineReceived(line)
             if self._drop_rest:
-                self._drop_rest, buf = False, b""
+                self._drop_rest, pos = False, len(buf)
             if self._reader is not None or self._hold_input.active:
                 # DATA began (what follows is message text) or we wait on ourselves.
                 self._unread = b""
-                if buf:
-                    self.dataReceived(buf)
-                return
+                return buf[pos:]
+        buf = buf[pos:]
         self._unread = buf
         if len(buf) > MAX_COMMAND_LINE:
             self.lineLengthExceeded(buf)
@@ -152,6 +169,7 @@ class InjectionESMTP(EnvelopeCommands):
             # A line has begun: the command clock bounds it; the idle clock waits for its end.
             self.setTimeout(None)
             self._command_timer = self.callLater(self.command_timeout, self._command_timed_out)
+        return b""
 
     def _now(self) -> float:
         return self.clock.seconds() if self.clock is not None else 0.0
@@ -319,6 +337,8 @@ class InjectionESMTP(EnvelopeCommands):
             self.sendCode(503, b"5.5.1 TLS already active")
         elif not self.canStartTLS or self.listener.tls not in ("starttls", "required"):
             self.sendCode(502, b"5.5.1 STARTTLS not available")
+        elif self.helo_argument() is None:
+            self.sendCode(503, b"5.5.1 Send EHLO first")
         elif self.sender() is not None:
             self.sendCode(503, b"5.5.1 STARTTLS not allowed during a mail transaction")
         else:
