@@ -4,6 +4,7 @@ The ``[smtp]`` table with its listeners, and ``[smtpapi]``, which a listener may
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from appliance.config.tables import Table, optional_path
@@ -45,6 +46,11 @@ def read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
 
 LOOPBACK = parse_networks(["127.0.0.0/8", "::1/128"])
 
+# Where the first start puts the self-signed pair of smtp.create_certificate (relative to the
+# start-up directory, like every relative path; the same as engage-appliance-certificate's).
+CREATED_CERTIFICATE = os.path.join("var", "tls", "certificate.pem")
+CREATED_KEY = os.path.join("var", "tls", "key.pem")
+
 TLS_MODES = ("off", "starttls", "required", "implicit")
 
 
@@ -83,6 +89,10 @@ class SmtpConfig:
     max_connections_per_client: int = 20
     tls_certificate: str = ""
     tls_key: str = ""
+    # With no tls_certificate: make a self-signed pair for node.hostname at the first start
+    # (CREATED_CERTIFICATE, CREATED_KEY) and use it; certificate_created says the pair is that one.
+    create_certificate: bool = True
+    certificate_created: bool = False
     users_file: str = ""
     # Received: headers a message may carry, the appliance's own included (mail loops).
     max_hops: int = 50
@@ -126,6 +136,10 @@ def read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
     certificate = optional_path(t, "tls_certificate", "")
     key = optional_path(t, "tls_key", "")
     _check_tls_pair(t, certificate, key)
+    create_certificate = t.bool("create_certificate", d.create_certificate)
+    created = create_certificate and not certificate and not key
+    if created:
+        certificate, key = os.path.abspath(CREATED_CERTIFICATE), os.path.abspath(CREATED_KEY)
     users_file = optional_path(t, "users_file", "")
     for name, value in (("timeout", timeout), ("command_timeout", command_timeout),
                         ("data_timeout", data_timeout)):
@@ -188,4 +202,5 @@ def read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
                       tls_key=key, users_file=users_file, max_hops=max_hops,
                       junk_command_limit=junk_limit, hard_error_limit=error_limit,
                       auth_attempts_per_second=auth_rate, auth_failure_backoff=backoff,
-                      auth_failure_backoff_max=backoff_max)
+                      auth_failure_backoff_max=backoff_max, create_certificate=create_certificate,
+                      certificate_created=created)
