@@ -80,6 +80,8 @@ class EnvelopeCommands(ESMTPAdapter):
     injector: Injector
     auth: SessionAuth
     postmaster = b"postmaster@localhost"  # node.postmaster, set by the listener factory
+    _mailboxes_of: object | None = None  # the envelope_marker that _mailbox_set belongs to
+    _mailbox_set: set[tuple[bytes, bytes]]
 
     @property
     def auth_user(self) -> str | None:
@@ -167,7 +169,7 @@ class EnvelopeCommands(ESMTPAdapter):
     def _mailboxes(self) -> set[tuple[bytes, bytes]]:
         """The transaction's mailboxes (``mailbox_key``), so a duplicate is found in O(1), not O(n)."""
         marker = self.envelope_marker()
-        if getattr(self, "_mailboxes_of", None) is not marker:
+        if self._mailboxes_of is not marker:
             self._mailboxes_of = marker
             self._mailbox_set = {mailbox_key(u.dest) for u in self.recipients()}
         return self._mailbox_set
