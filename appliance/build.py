@@ -26,7 +26,7 @@ from appliance.config import Config, ConfigError, WebhookConfig, read_config, re
 from appliance.dkim import PrivateKey, Signer, SigningKey, load_private_key, weakness
 from appliance.links import KeyFileError, Keyring, prepare_keyring
 from appliance.policy import Hook, PolicyError, load_hook
-from appliance.tls import load_server_options, load_trust_root
+from appliance.tls import load_server_options, load_trust_root, write_pair
 from appliance.users import UsersTable, load_users
 
 log = Logger()
@@ -170,6 +170,26 @@ def _load(problems: Problems, where: str, loader: Callable[..., Any], *args: str
         return None
 
 
+def _create_certificate(config: Config, problems: Problems) -> None:
+    """
+    ``smtp.create_certificate``: the first start makes a self-signed pair for
+    ``node.hostname`` (the key readable by its owner only), so STARTTLS is offered
+    out of the box, as Debian's Postfix does with its snake-oil certificate.
+    """
+    certificate, key = config.smtp.tls_certificate, config.smtp.tls_key
+    if os.path.exists(certificate) and os.path.exists(key):
+        return
+    try:
+        os.makedirs(os.path.dirname(key), mode=0o700, exist_ok=True)
+        write_pair(certificate, key, config.node.hostname, days=825, force=True)
+    except OSError as e:
+        problems.append(("smtp.create_certificate", f"cannot create {certificate} and {key}: {e.strerror}"))
+        return
+    log.info("created a self-signed certificate for {host} in {certificate} (smtp.create_certificate); "
+             "set smtp.tls_certificate and smtp.tls_key to use another", host=config.node.hostname,
+             certificate=certificate)
+
+
 def _listener_tls(config: Config, problems: Problems, loaders: Loaders) -> dict[str, ssl.CertificateOptions]:
     """
     TLS options per listener. A pair shared by several listeners is loaded once,
@@ -184,7 +204,11 @@ def _listener_tls(config: Config, problems: Problems, loaders: Loaders) -> dict[
                                              loaders.server_options, certificate, key)
         return loaded[certificate, key]
 
-    if smtp.tls_certificate and smtp.tls_key:
+    if smtp.certificate_created:
+        # Made and loaded only where a listener serves it.
+        if smtp.tls_certificate in (li.tls_certificate for li in smtp.listeners if li.tls != "off"):
+            _create_certificate(config, problems)
+    elif smtp.tls_certificate and smtp.tls_key:
         pair(smtp.tls_certificate, smtp.tls_key, "smtp")
     options = {}
     for listener in smtp.listeners:

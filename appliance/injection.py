@@ -201,13 +201,18 @@ class Injector:
         """The trace header RFC 5321 §4.4 asks every relay to add."""
         proto = "ESMTP" + ("S" if session.tls else "") + ("A" if session.auth_user else "")
         helo = "".join(c for c in session.helo if c.isprintable() and c not in "()") or "unknown"
+        # Every line within RFC 5322's 998 octets: a HELO name is at most a domain name's 255
+        # (a longer one is cut), and a recipient too long for its line is left out.
+        if len(helo.encode("utf-8", "replace")) > 255:
+            helo = helo.encode("utf-8", "replace")[:252].decode("utf-8", "ignore") + "..."
         lines = [
             f"Received: from {helo} ([{session.client_address}])",
             f"\tby {self.hostname} (engage-appliance) with {proto} id {transmission_id}",
         ]
-        if len(recipients) == 1:
+        date = f"; {email.utils.formatdate(now)}"
+        if len(recipients) == 1 and len(address_text(recipients[0])) + len(date) <= 900:
             lines.append(f"\tfor <{address_text(recipients[0])}>")
-        lines[-1] += f"; {email.utils.formatdate(now)}"
+        lines[-1] += date
         return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
     def finish(self, transaction: Transaction) -> defer.Deferred:

@@ -34,7 +34,7 @@ from appliance.injection import Injector
 from appliance.links import LinkCodec
 from appliance.policy import Policy
 from appliance.reactors import Reactor, Runner, thread_runner
-from appliance.smtp import ConnectionLimits, SessionDrain, listener_factory
+from appliance.smtp import AuthGuard, ConnectionLimits, SessionDrain, listener_factory
 from appliance.spool import Spool
 from appliance.tracker import make_site
 from appliance.users import UsersFileChecker
@@ -67,9 +67,10 @@ class FilePool(Service):
 
     name = "file-pool"
     threads = 4
+    thread_name = "appliance-files"
 
     def __init__(self) -> None:
-        self.pool = ThreadPool(minthreads=1, maxthreads=self.threads, name="appliance-files")
+        self.pool = ThreadPool(minthreads=1, maxthreads=self.threads, name=self.thread_name)
 
     def startService(self) -> None:
         self.pool.start()
@@ -78,6 +79,21 @@ class FilePool(Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
+
+
+class PasswordPool(FilePool):
+    """
+    The one thread that checks AUTH passwords (scrypt).
+
+    In the reactor's pool, checks clients ask for at will queued ahead of the
+    CPU work replies wait on; and scrypt releases the GIL, so a larger pool
+    under attack would take every core. ``smtp.auth_attempts_per_second``
+    bounds what queues here.
+    """
+
+    name = "password-pool"
+    threads = 1
+    thread_name = "appliance-passwords"
 
 
 class Appliance(MultiService):
@@ -107,13 +123,17 @@ class Appliance(MultiService):
         self.config = config
         self.reactor = reactor
         self.file_pool: FilePool | None = None
+        self.password_pool: PasswordPool | None = None
         if run is None:
             self.file_pool = FilePool()
             self.file_pool.setServiceParent(self)  # first: it is stopped after everything else
+            self.password_pool = PasswordPool()
+            self.password_pool.setServiceParent(self)
             run_files = thread_runner(reactor, self.file_pool.pool)
+            run_passwords = thread_runner(reactor, self.password_pool.pool)
             run = thread_runner(reactor)
         else:
-            run_files = run
+            run_files = run_passwords = run
         self.links = LinkCodec(parts.keyring)
         self.events = EventLog(config.events.log_file, config.node.name,
                                customer_id=config.events.customer_id,
@@ -153,19 +173,22 @@ class Appliance(MultiService):
         SpoolService(self.spool).setServiceParent(self)
         self.delivery.setServiceParent(self)
         self.smtp_listeners = []
-        self.smtp_limits = ConnectionLimits(config.smtp.max_connections,
-                                            config.smtp.max_connections_per_client)
+        self.smtp_limits = ConnectionLimits()
         # Stopped right after the listeners: messages already received get their decision,
         # events and reply before delivery and the event log stop.
         self.smtp_drain = SessionDrain(self.smtp_limits, self.injector, reactor)
         self.smtp_drain.setServiceParent(self)
         self.users = None
         if config.smtp.users_file:
-            self.users = UsersFileChecker(config.smtp.users_file, run, parts.users)
+            self.users = UsersFileChecker(config.smtp.users_file, run_passwords, parts.users)
+        smtp = config.smtp
+        self.auth_guard = AuthGuard(reactor, smtp.auth_attempts_per_second, smtp.auth_failure_backoff,
+                                    smtp.auth_failure_backoff_max)
         for listener in config.smtp.listeners:
             factory = listener_factory(listener, self.injector, config.node.hostname, config.smtp,
                                        self.smtp_limits, self.users,
-                                       tls=parts.listener_tls.get(listener.name), clock=reactor)
+                                       tls=parts.listener_tls.get(listener.name), clock=reactor,
+                                       auth_guard=self.auth_guard, postmaster=config.node.postmaster)
             svc = strports.service(listener.endpoint, factory, reactor=reactor)
             svc.setName(f"smtp:{listener.name}")
             svc.setServiceParent(self)

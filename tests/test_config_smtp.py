@@ -38,6 +38,30 @@ class SmtpConfigTests(SynchronousTestCase):
         self.assertEqual(c.listeners[0].tls, "off")
         self.assertFalse(c.listeners[0].require_auth)
 
+    def test_listener_budgets_and_session_limits(self) -> None:
+        c = self.parse(max_connections=50, max_connections_per_client=5, junk_command_limit=30,
+                       hard_error_limit=7, listeners={
+                           "default": {"endpoint": "tcp:2525"},
+                           "public": {"endpoint": "tcp:25", "max_connections": 300,
+                                      "max_connections_per_client": 2}}).smtp
+        self.assertEqual([(li.name, li.max_connections, li.max_connections_per_client)
+                          for li in c.listeners], [("default", 50, 5), ("public", 300, 2)])
+        self.assertEqual((c.junk_command_limit, c.hard_error_limit), (30, 7))
+        d = self.parse().smtp
+        self.assertEqual((d.junk_command_limit, d.hard_error_limit), (100, 20))
+        self.assertEqual((d.auth_attempts_per_second, d.auth_failure_backoff, d.auth_failure_backoff_max),
+                         (10, 1.0, 60.0))
+        a = self.parse(auth_attempts_per_second=3, auth_failure_backoff="2s",
+                       auth_failure_backoff_max="10m").smtp
+        self.assertEqual((a.auth_attempts_per_second, a.auth_failure_backoff, a.auth_failure_backoff_max),
+                         (3, 2.0, 600.0))
+        self.assertEqual(self.problems(auth_failure_backoff="2m", auth_failure_backoff_max="1m"),
+                         {"smtp.auth_failure_backoff": "must not be more than auth_failure_backoff_max"})
+        self.assertEqual(self.problems(hard_error_limit=0, listeners={
+            "default": {"endpoint": "tcp:2525", "max_connections": 0}}),
+            {"smtp.hard_error_limit": "expected an integer >= 1, got 0",
+             "smtp.listeners.default.max_connections": "expected an integer >= 1, got 0"})
+
     def test_certificate_turns_starttls_on_and_listeners_choose(self) -> None:
         c = self.parse(tls_certificate=self.cert, tls_key=self.key, users_file=self.users, listeners={
             "default": {"endpoint": "tcp:2525"},

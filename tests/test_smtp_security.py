@@ -149,8 +149,9 @@ class StartTLSTests(ApplianceTestCase):
 
 
 class AuthTests(ApplianceTestCase):
-    # Loopback is not a relay network here: only authenticated users may inject.
-    smtp = {"relay_networks": ["192.0.2.0/24"]}
+    # Loopback is not a relay network here: only authenticated users may inject. No back-off
+    # between failed logins, so one session can show every answer (tests.test_smtp_guard has it).
+    smtp = {"relay_networks": ["192.0.2.0/24"], "auth_failure_backoff": "0s"}
 
     def tls_client(self) -> RawClient:
         c = RawClient(self.port)
@@ -456,6 +457,32 @@ class TotalConnectionLimitTests(MemoryApplianceTestCase):
         a.reply(), b.reply()
         c = self.running.smtp()
         self.assertEqual(c.reply(), (421, [b"421 4.7.0 localhost Too many connections, try again later"]))
+
+
+PUBLIC_PORT = 2587
+
+
+class ListenerBudgetTests(MemoryApplianceTestCase):
+    """Each listener counts its own connections: a full public one leaves the trusted one working."""
+
+    smtp = {"max_connections_per_client": 3, "max_connections": 4,
+            "listeners": {"public": {"endpoint": f"tcp:{PUBLIC_PORT}:interface=0.0.0.0",
+                                     "max_connections": 2, "max_connections_per_client": 1}}}
+
+    def test_full_public_listener_leaves_the_trusted_one_working(self) -> None:
+        public = [self.running.smtp(f"198.51.100.{i}", port=PUBLIC_PORT) for i in range(2)]
+        self.assertEqual([c.reply()[0] for c in public], [220, 220])
+        refused = self.running.smtp("198.51.100.9", port=PUBLIC_PORT)
+        self.assertEqual(refused.reply(), (421, [b"421 4.7.0 localhost Too many connections, try again "
+                                                 b"later"]))
+        again = self.running.smtp("198.51.100.0", port=PUBLIC_PORT)
+        self.assertEqual(again.reply()[0], 421)
+        trusted = [self.running.smtp() for _ in range(3)]
+        self.assertEqual([c.reply()[0] for c in trusted], [220, 220, 220])
+        self.assertEqual(trusted[0].command(b"EHLO client.test")[0], 250)
+        fourth = self.running.smtp()
+        self.assertEqual(fourth.reply(), (421, [b"421 4.7.0 localhost Too many connections from your "
+                                                b"address, try again later"]))
 
 
 class TimeoutTests(MemoryApplianceTestCase):

@@ -107,11 +107,52 @@ class SessionTests(SynchronousTestCase):
         proto, transport = self.connect()
         for _ in range(10):
             self.clock.advance(50)
-            self.assertEqual(talk(proto, transport, b"NOOP\r\n"), [b"250 2.0.0 OK"])
+            self.assertEqual(talk(proto, transport, b"HELO c\r\n")[0][:4], b"250 ")
         self.assertFalse(transport.disconnecting)
         self.clock.advance(300)
         self.assertIn(b"idle for too long", transport.value())
         self.assertTrue(transport.disconnecting)
+
+    def test_junk_commands_do_not_keep_the_session(self) -> None:
+        proto, transport = self.connect()
+        talk(proto, transport, b"EHLO c\r\n")
+        for _ in range(5):
+            self.clock.advance(50)
+            self.assertEqual(talk(proto, transport, b"NOOP\r\nRSET\r\nHELP\r\n")[0], b"250 2.0.0 OK")
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(49)  # 299 s since EHLO, the last command that made progress
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertIn(b"idle for too long", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_junk_command_limit(self) -> None:
+        proto, transport = self.connect()
+        proto.junk_command_limit = 5
+        lines = talk(proto, transport, b"EHLO c\r\n" + b"NOOP\r\n" * 6 + b"MAIL FROM:<a@b.test>\r\n")
+        self.assertEqual(lines[-6:], [b"250 2.0.0 OK"] * 5 + [
+            b"421 4.7.0 mx.test Too many commands that do not make progress, closing connection"])
+        self.assertTrue(transport.disconnecting)
+
+    def test_hard_error_limit(self) -> None:
+        proto, transport = self.connect()
+        proto.hard_error_limit = 3
+        lines = talk(proto, transport, b"EHLO c\r\n" + b"BOGUS\r\n" * 4)
+        self.assertEqual(lines[-4:-1], [b"500 5.5.1 Command not recognised"] * 3)
+        self.assertEqual(lines[-1], b"421 4.7.0 mx.test Too many errors, closing connection")
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_message_accepted_starts_the_counts_again(self) -> None:
+        proto, transport = self.connect(relay_networks=())
+        proto.auth_user = "alice"  # relaying for an authenticated user
+        proto.junk_command_limit = proto.hard_error_limit = 3
+        talk(proto, transport, b"EHLO c\r\n")
+        for _ in range(3):
+            lines = talk(proto, transport, b"NOOP\r\nNOOP\r\nBOGUS\r\nBOGUS\r\nMAIL FROM:<a@b.test>\r\n"
+                                           b"RCPT TO:<x@example.test>\r\nDATA\r\n")
+            lines += talk(proto, transport, b"Subject: x\r\n\r\nx\r\n.\r\n")
+            self.assertEqual(lines[-1][:4], b"250 ")
+        self.assertFalse(transport.disconnecting)
 
     def test_data_deadline(self) -> None:
         proto, transport = self.connect(relay_networks=())

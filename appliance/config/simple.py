@@ -18,11 +18,18 @@ from appliance.config.values import Network, show
 class NodeConfig:
     name: str = "appliance1"
     hostname: str = "localhost"
+    # Where RCPT TO:<postmaster> (no domain, RFC 5321 §4.5.1) goes; "" reads postmaster@hostname.
+    postmaster: str = ""
 
 
 def read_node(t: Table) -> NodeConfig:
-    c = NodeConfig(name=t.str("name", NodeConfig.name, allow_empty=False),
-                   hostname=t.str("hostname", NodeConfig.hostname, allow_empty=False))
+    hostname = t.str("hostname", NodeConfig.hostname, allow_empty=False)
+    postmaster = t.str("postmaster", "") or f"postmaster@{hostname}"
+    if not re.fullmatch(r"[\x21-\x3b\x3d\x3f-\x7e]+@[A-Za-z0-9.-]+", postmaster):
+        t.error("postmaster", f"expected an address like postmaster@example.com, got {show(postmaster)}")
+        postmaster = f"postmaster@{hostname}"
+    c = NodeConfig(name=t.str("name", NodeConfig.name, allow_empty=False), hostname=hostname,
+                   postmaster=postmaster)
     t.finish()
     return c
 

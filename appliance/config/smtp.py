@@ -4,6 +4,7 @@ The ``[smtp]`` table with its listeners, and ``[smtpapi]``, which a listener may
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from appliance.config.tables import Table, optional_path
@@ -45,6 +46,11 @@ def read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
 
 LOOPBACK = parse_networks(["127.0.0.0/8", "::1/128"])
 
+# Where the first start puts the self-signed pair of smtp.create_certificate (relative to the
+# start-up directory, like every relative path; the same as engage-appliance-certificate's).
+CREATED_CERTIFICATE = os.path.join("var", "tls", "certificate.pem")
+CREATED_KEY = os.path.join("var", "tls", "key.pem")
+
 TLS_MODES = ("off", "starttls", "required", "implicit")
 
 
@@ -58,6 +64,9 @@ class ListenerConfig:
     relay_networks: tuple[Network, ...]
     max_message_size: int
     max_recipients: int
+    # This listener's own connection budget (a full public listener leaves a trusted one working).
+    max_connections: int = 200
+    max_connections_per_client: int = 20
     # "off": no STARTTLS; "starttls": offered; "required": MAIL needs TLS first;
     # "implicit": TLS from the first byte (RFC 8314, port 465).
     tls: str = "off"
@@ -80,9 +89,21 @@ class SmtpConfig:
     max_connections_per_client: int = 20
     tls_certificate: str = ""
     tls_key: str = ""
+    # With no tls_certificate: make a self-signed pair for node.hostname at the first start
+    # (CREATED_CERTIFICATE, CREATED_KEY) and use it; certificate_created says the pair is that one.
+    create_certificate: bool = True
+    certificate_created: bool = False
     users_file: str = ""
     # Received: headers a message may carry, the appliance's own included (mail loops).
     max_hops: int = 50
+    # Per session, Postfix's smtpd_junk_command_limit and smtpd_hard_error_limit: 421 4.7.0 past them.
+    junk_command_limit: int = 100
+    hard_error_limit: int = 20
+    # Password checks: started per second, server-wide; an address's wait after a failed login,
+    # doubled per further failure up to the maximum. Over either: 454 4.7.0 without a check.
+    auth_attempts_per_second: int = 10
+    auth_failure_backoff: float = 1.0
+    auth_failure_backoff_max: float = 60.0
 
 
 def _check_tls_pair(t: Table, certificate: str, key: str) -> bool:
@@ -105,9 +126,20 @@ def read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
     data_timeout = t.duration("data_timeout", d.data_timeout)
     max_connections = t.int("max_connections", d.max_connections, minimum=1)
     per_client = t.int("max_connections_per_client", d.max_connections_per_client, minimum=1)
+    junk_limit = t.int("junk_command_limit", d.junk_command_limit, minimum=1)
+    error_limit = t.int("hard_error_limit", d.hard_error_limit, minimum=1)
+    auth_rate = t.int("auth_attempts_per_second", d.auth_attempts_per_second, minimum=1)
+    backoff = t.duration("auth_failure_backoff", d.auth_failure_backoff)
+    backoff_max = t.duration("auth_failure_backoff_max", d.auth_failure_backoff_max)
+    if backoff > backoff_max:
+        t.error("auth_failure_backoff", "must not be more than auth_failure_backoff_max")
     certificate = optional_path(t, "tls_certificate", "")
     key = optional_path(t, "tls_key", "")
     _check_tls_pair(t, certificate, key)
+    create_certificate = t.bool("create_certificate", d.create_certificate)
+    created = create_certificate and not certificate and not key
+    if created:
+        certificate, key = os.path.abspath(CREATED_CERTIFICATE), os.path.abspath(CREATED_KEY)
     users_file = optional_path(t, "users_file", "")
     for name, value in (("timeout", timeout), ("command_timeout", command_timeout),
                         ("data_timeout", data_timeout)):
@@ -149,6 +181,8 @@ def read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
                 relay_networks=lt.networks("relay_networks", relay),
                 max_message_size=lt.size("max_message_size", size),
                 max_recipients=lt.int("max_recipients", rcpts, minimum=1),
+                max_connections=lt.int("max_connections", max_connections, minimum=1),
+                max_connections_per_client=lt.int("max_connections_per_client", per_client, minimum=1),
                 tls=tls,
                 tls_certificate=l_cert,
                 tls_key=l_key,
@@ -165,4 +199,8 @@ def read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
                       max_recipients=rcpts, timeout=timeout, command_timeout=command_timeout,
                       data_timeout=data_timeout, max_connections=max_connections,
                       max_connections_per_client=per_client, tls_certificate=certificate,
-                      tls_key=key, users_file=users_file, max_hops=max_hops)
+                      tls_key=key, users_file=users_file, max_hops=max_hops,
+                      junk_command_limit=junk_limit, hard_error_limit=error_limit,
+                      auth_attempts_per_second=auth_rate, auth_failure_backoff=backoff,
+                      auth_failure_backoff_max=backoff_max, create_certificate=create_certificate,
+                      certificate_created=created)

@@ -20,6 +20,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from appliance.smtp.guard import AuthGuard
+
 log = Logger()
 
 Reply = tuple[int, bytes]
@@ -82,8 +84,12 @@ class SessionAuth:
     ``421`` reply means the session must close.
     """
 
-    def __init__(self, checker: ICredentialsChecker | None) -> None:
+    def __init__(self, checker: ICredentialsChecker | None, guard: AuthGuard | None = None,
+                 client: str = "") -> None:
+        """``guard`` bounds the password checks, ``client`` (the peer's address) is who it counts."""
         self.checker = checker
+        self.guard = guard
+        self.client = client
         self.user: str | None = None
         self.failures = 0
         self._exchange: AuthExchange | None = None
@@ -133,6 +139,10 @@ class SessionAuth:
         self._exchange = None
         assert exchange.username is not None and exchange.password is not None
         assert self.checker is not None
+        if self.guard is not None:
+            refusal = self.guard.admit(self.client)
+            if refusal is not None:
+                return self._failed(refusal)
         try:
             name = exchange.username.decode("utf-8")
         except UnicodeDecodeError:
@@ -144,13 +154,21 @@ class SessionAuth:
 
     def _authenticated(self, user: str) -> Reply:
         self.user = user
+        if self.guard is not None:
+            self.guard.succeeded(self.client)
         return 235, b"2.7.0 Authentication successful"
 
     def _not_authenticated(self, failure: Failure) -> Reply:
         if not failure.check(UnauthorizedLogin):
             log.failure("checking a password failed", failure)
             return 454, b"4.7.0 Temporary authentication failure"
+        if self.guard is not None:
+            self.guard.failed(self.client)
+        return self._failed((535, b"5.7.8 Authentication credentials invalid"))
+
+    def _failed(self, reply: Reply) -> Reply:
+        """A failed attempt, checked or refused unchecked: enough of them end the session."""
         self.failures += 1
         if self.failures >= MAX_AUTH_FAILURES:
             return 421, b"4.7.0 Too many authentication failures, closing connection"
-        return 535, b"5.7.8 Authentication credentials invalid"
+        return reply

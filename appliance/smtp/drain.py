@@ -5,8 +5,9 @@ A stop must not cut off a client whose message is on its way to the spool,
 nor leave clients waiting on a server that will not answer: ``SessionDrain``
 lets every message received whole get its decision and reply, tells every
 session ``421``, and cuts off what is left after a grace period.
-``ConnectionLimits`` counts the sessions across all listeners and so knows
-which ones a stop has to close.
+``ConnectionLimits`` knows the sessions of all listeners, so a stop can close
+them; each listener counts its own connections in a ``ConnectionBudget``, so a
+public listener that is full never keeps a trusted one from taking mail.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ class DrainableSession(Protocol):
     def shut_down(self) -> None: ...
 
 
-class ConnectionLimits:
+class ConnectionBudget:
     """
-    Open injection connections, in total and per client address, across all listeners.
+    One listener's open connections, in total and per client address.
 
-    It also knows the sessions themselves, so that a stop can close them all.
+    Each listener has its own, so that clients filling a public listener
+    cannot take the places of the trusted ones.
     """
 
     def __init__(self, total: int, per_client: int) -> None:
@@ -45,6 +47,35 @@ class ConnectionLimits:
         self.per_client = per_client
         self.open = 0
         self.by_client: dict[str, int] = {}
+
+    def acquire(self, client: str) -> bytes | None:
+        """Count one more connection, or say why not."""
+        if self.open >= self.total:
+            return b"4.7.0 Too many connections, try again later"
+        if self.by_client.get(client, 0) >= self.per_client:
+            return b"4.7.0 Too many connections from your address, try again later"
+        self.open += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.open -= 1
+        left = self.by_client[client] - 1
+        if left:
+            self.by_client[client] = left
+        else:
+            del self.by_client[client]
+
+
+class ConnectionLimits:
+    """
+    The open injection sessions of all listeners, each counted in its listener's budget.
+
+    It knows the sessions themselves, so that a stop can close them all.
+    """
+
+    def __init__(self) -> None:
+        self.open = 0
         self.sessions: set[DrainableSession] = set()
         self._closed_waiters: list[defer.Deferred] = []
 
@@ -85,23 +116,16 @@ class ConnectionLimits:
             ip = ip.ipv4_mapped
         return str(ip)
 
-    def acquire(self, client: str) -> bytes | None:
-        """Count one more connection, or say why not."""
-        if self.open >= self.total:
-            return b"4.7.0 Too many connections, try again later"
-        if self.by_client.get(client, 0) >= self.per_client:
-            return b"4.7.0 Too many connections from your address, try again later"
-        self.open += 1
-        self.by_client[client] = self.by_client.get(client, 0) + 1
-        return None
+    def acquire(self, client: str, budget: ConnectionBudget) -> bytes | None:
+        """Count one more connection in ``budget`` (its listener's), or say why not."""
+        refusal = budget.acquire(client)
+        if refusal is None:
+            self.open += 1
+        return refusal
 
-    def release(self, client: str) -> None:
+    def release(self, client: str, budget: ConnectionBudget) -> None:
         self.open -= 1
-        left = self.by_client[client] - 1
-        if left:
-            self.by_client[client] = left
-        else:
-            del self.by_client[client]
+        budget.release(client)
 
 
 class SessionDrain(Service):

@@ -60,7 +60,12 @@ def same_mailbox(a: smtp.Address, b: smtp.Address) -> bool:
     may be two people; dropping one would lose mail, while a duplicate copy
     of one mailbox only costs a second message.
     """
-    return a.local == b.local and a.domain.lower() == b.domain.lower()
+    return mailbox_key(a) == mailbox_key(b)
+
+
+def mailbox_key(a: smtp.Address) -> tuple[bytes, bytes]:
+    """What ``same_mailbox`` compares, as a key for a set."""
+    return a.local, a.domain.lower()
 
 
 class EnvelopeCommands(ESMTPAdapter):
@@ -74,6 +79,9 @@ class EnvelopeCommands(ESMTPAdapter):
     listener: ListenerConfig
     injector: Injector
     auth: SessionAuth
+    postmaster = b"postmaster@localhost"  # node.postmaster, set by the listener factory
+    _mailboxes_of: object | None = None  # the envelope_marker that _mailbox_set belongs to
+    _mailbox_set: set[tuple[bytes, bytes]]
 
     @property
     def auth_user(self) -> str | None:
@@ -130,6 +138,11 @@ class EnvelopeCommands(ESMTPAdapter):
 
     def do_RCPT(self, rest: bytes) -> None:
         m = self.rcpt_re.match(rest) if self.sender() is not None else None
+        if m is not None and m.group("path").strip(b"<> ").lower() == b"postmaster":
+            # RFC 5321 §4.5.1: <Postmaster> without a domain is this server's; Twisted would
+            # complete it with its own idea of the host name.
+            rest = rest[: m.start("path")] + b"<" + self.postmaster + b">" + rest[m.end("path"):]
+            m = self.rcpt_re.match(rest)
         if m is not None and m.group("opts"):
             self.sendCode(555, b"5.5.4 Unsupported RCPT parameter")
             return
@@ -142,14 +155,24 @@ class EnvelopeCommands(ESMTPAdapter):
         return origin
 
     def validateTo(self, user: smtp.User) -> Any:
-        known = self.recipients()
-        if any(same_mailbox(user.dest, other.dest) for other in known):
+        mailboxes = self._mailboxes()
+        key = mailbox_key(user.dest)
+        if key in mailboxes:
             # Accepted again, queued once (Postfix's cleanup does the same).
             return ACCEPTED_AGAIN
-        code, text = self.injector.check_recipient(self.session(), user.dest, len(known))
+        code, text = self.injector.check_recipient(self.session(), user.dest, self.recipient_count())
         if code >= 400:
             raise smtp.SMTPServerError(code, text.decode("utf-8", "replace"))
+        mailboxes.add(key)  # validateTo answers at once: the recipient is appended next
         return lambda: None
+
+    def _mailboxes(self) -> set[tuple[bytes, bytes]]:
+        """The transaction's mailboxes (``mailbox_key``), so a duplicate is found in O(1), not O(n)."""
+        marker = self.envelope_marker()
+        if self._mailboxes_of is not marker:
+            self._mailboxes_of = marker
+            self._mailbox_set = {mailbox_key(u.dest) for u in self.recipients()}
+        return self._mailbox_set
 
     def session(self) -> Session:
         peer = self.transport.getPeer()

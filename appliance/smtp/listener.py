@@ -20,7 +20,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from appliance.config import ListenerConfig, SmtpConfig
-from appliance.smtp.drain import ConnectionLimits
+from appliance.smtp.drain import ConnectionBudget, ConnectionLimits
+from appliance.smtp.guard import AuthGuard
 from appliance.smtp.server import InjectionESMTP
 
 if TYPE_CHECKING:
@@ -50,8 +51,10 @@ class InjectionFactory(protocol.ServerFactory):
     def __init__(self, listener: ListenerConfig, injector: Injector, hostname: str,
                  timeout: float, *, command_timeout: float = 60.0, data_timeout: float = 1800.0,
                  limits: ConnectionLimits | None = None, tls: CertificateOptions | None = None,
-                 checker: ICredentialsChecker | None = None, clock: IReactorTime) -> None:
-        """``clock`` runs the sessions' timeouts."""
+                 checker: ICredentialsChecker | None = None, clock: IReactorTime,
+                 junk_command_limit: int = 100, hard_error_limit: int = 20,
+                 auth_guard: AuthGuard | None = None, postmaster: str = "") -> None:
+        """``clock`` runs the sessions' timeouts; the connection budget is the listener's own."""
         self.listener = listener
         self.injector = injector
         self.hostname = hostname
@@ -62,12 +65,17 @@ class InjectionFactory(protocol.ServerFactory):
         self.tls = tls
         self.checker = checker
         self.clock = clock
+        self.junk_command_limit = junk_command_limit
+        self.hard_error_limit = hard_error_limit
+        self.auth_guard = auth_guard
+        self.postmaster = (postmaster or f"postmaster@{hostname}").encode("ascii")
+        self.budget = ConnectionBudget(listener.max_connections, listener.max_connections_per_client)
 
     def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol:
         host = self.hostname.encode("idna")
         client = ConnectionLimits.client_of(addr)
         if self.limits is not None:
-            refusal = self.limits.acquire(client)
+            refusal = self.limits.acquire(client, self.budget)
             if refusal is not None:
                 log.info("refused a connection from {client}: {why}", client=client,
                          why=refusal.decode())
@@ -75,11 +83,16 @@ class InjectionFactory(protocol.ServerFactory):
         p = _LimitedESMTP(self.listener, self.injector, self.tls, self.checker)
         p.factory = self
         p.callLater = self.clock.callLater
+        p.clock = self.clock
         p.host = host
         p.timeout = self.timeout
         p.command_timeout = self.command_timeout
         p.data_timeout = self.data_timeout
+        p.junk_command_limit = self.junk_command_limit
+        p.hard_error_limit = self.hard_error_limit
         p._client = client
+        p.auth.guard, p.auth.client = self.auth_guard, client
+        p.postmaster = self.postmaster
         return p
 
 
@@ -98,21 +111,26 @@ class _LimitedESMTP(InjectionESMTP):
             super().connectionLost(reason)
         finally:
             if self.factory.limits is not None:
-                self.factory.limits.release(self._client)
+                self.factory.limits.release(self._client, self.factory.budget)
                 self.factory.limits.session_closed(self)
 
 
 def listener_factory(listener: ListenerConfig, injector: Injector, hostname: str, smtp_config: SmtpConfig,
                      limits: ConnectionLimits, checker: ICredentialsChecker | None = None,
-                     tls: CertificateOptions | None = None, *, clock: IReactorTime) -> protocol.Factory:
+                     tls: CertificateOptions | None = None, *, clock: IReactorTime,
+                     auth_guard: AuthGuard | None = None, postmaster: str = "") -> protocol.Factory:
     """
     The factory for one listener, wrapped in TLS from the first byte for ``tls = "implicit"``.
     ``tls``: the listener's certificate as the builder loaded it; ``None`` for no TLS.
+    ``auth_guard``: shared by all listeners, since the password thread is.
+    ``postmaster``: where ``RCPT TO:<postmaster>`` goes (``node.postmaster``).
     """
     factory = InjectionFactory(
         listener, injector, hostname, smtp_config.timeout,
         command_timeout=smtp_config.command_timeout, data_timeout=smtp_config.data_timeout,
         limits=limits, tls=tls, checker=checker, clock=clock,
+        junk_command_limit=smtp_config.junk_command_limit, hard_error_limit=smtp_config.hard_error_limit,
+        auth_guard=auth_guard, postmaster=postmaster,
     )
     if listener.tls == "implicit" and tls is not None and not listener.endpoint.startswith("ssl:"):
         return TLSMemoryBIOFactory(tls, False, factory, clock)

@@ -12,11 +12,12 @@ answers ``250`` only once the spool has the message on disk.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IDelayedCall, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,6 +37,10 @@ log = Logger()
 
 MAX_COMMAND_LINE = 4096  # generous: RFC 5321 allows 512 plus extension parameters
 
+# Commands that never move a transaction on: they do not restart the idle clock,
+# and a session may send only so many (Postfix's smtpd_junk_command_limit).
+JUNK_COMMANDS = frozenset({b"NOOP", b"RSET", b"HELP", b"VRFY", b"EXPN"})
+
 
 class InjectionESMTP(EnvelopeCommands):
     """
@@ -51,7 +56,11 @@ class InjectionESMTP(EnvelopeCommands):
     a client that pipelines without being offered PIPELINING. Three clocks
     guard the session: ``timeout`` (no input at all), ``command_timeout`` (a
     command line, once begun, must be finished) and ``data_timeout`` (the
-    whole message text).
+    whole message text). Only commands that make progress restart the idle
+    clock (not ``JUNK_COMMANDS``), and a session that sends more than
+    ``junk_command_limit`` of those, or earns ``hard_error_limit`` error
+    replies, is told ``421 4.7.0`` and closed; both counts start again once a
+    message is accepted.
     """
 
     noisy = False
@@ -66,12 +75,19 @@ class InjectionESMTP(EnvelopeCommands):
         self.auth = SessionAuth(checker)
         self.command_timeout = 60.0
         self.data_timeout = 1800.0
+        self.clock: IReactorTime | None = None  # set by the factory; measures the idle clock
+        self._progress_at = 0.0  # when the session last made progress (the idle clock's start)
+        self.junk_command_limit = 100
+        self.hard_error_limit = 20
+        self._junk = 0
+        self._errors = 0
         self._reader: DataReader | None = None
         self._transaction: Transaction | None = None
         self._deciding: Transaction | None = None  # received whole, its reply not yet known
         self._store_error: OSError | None = None
         self._hold_input = InputHold()
         self._unread = b""  # the start of a command line whose CRLF has not come yet
+        self._feeding: deque[bytes] | None = None  # input still to read while dataReceived runs
         self._drop_rest = False
         self._raw_reply = False
         self._command_timer: IDelayedCall | None = None
@@ -80,6 +96,7 @@ class InjectionESMTP(EnvelopeCommands):
         self._shut = False  # told 421 for a stop: nothing more is read
 
     def connectionMade(self) -> None:
+        self._progress_at = self._now()
         self._raw_reply = True  # the greeting carries no enhanced code
         try:
             super().connectionMade()
@@ -92,47 +109,100 @@ class InjectionESMTP(EnvelopeCommands):
     # -- input -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._shut:
+        # A loop, never a recursion: 1,000 pipelined messages are 1,000 turns, not 1,000 frames.
+        if self._feeding is not None:  # a reply released held input while we read: it comes next
+            self._feeding.append(data)
             return
+        self._feeding = queue = deque([data])
+        try:
+            while queue:
+                rest = self._consume(queue.popleft())
+                if rest:
+                    queue.appendleft(rest)
+        finally:
+            self._feeding = None
+
+    def _consume(self, data: bytes) -> bytes:
+        """Read ``data``; returns what to read afresh (message text once DATA began, or input to hold)."""
+        if self._shut:
+            return b""
         if self._hold_input.active:
             self._hold_input.keep(data)
-            return
-        self.resetTimeout()
+            return b""
         if self._reader is not None:
+            self.resetTimeout()
             rest = self._reader.feed(data)
             if rest is None:
-                return
+                return b""
             self._end_of_data()
             if self._hold_input.active:
                 self._hold_input.keep(rest)
-                return
+                return b""
             data = rest
         buf = self._unread + data
+        pos = 0  # lines are read by offset: slicing off each line would copy the rest every time
         while True:
             if self.transport.disconnecting:
-                return
-            i = buf.find(b"\r\n")
+                return b""
+            i = buf.find(b"\r\n", pos)
             if i < 0:
                 break
-            line, buf = buf[:i], buf[i + 2 :]
-            if i > MAX_COMMAND_LINE:
+            line, pos = buf[pos:i], i + 2
+            if len(line) > MAX_COMMAND_LINE:
                 self.lineLengthExceeded(line)
-                return
+                return b""
             self._cancel("_command_timer")
+            if not self._count_junk(line):
+                return b""
             self.lineReceived(line)
             if self._drop_rest:
-                self._drop_rest, buf = False, b""
+                self._drop_rest, pos = False, len(buf)
             if self._reader is not None or self._hold_input.active:
                 # DATA began (what follows is message text) or we wait on ourselves.
                 self._unread = b""
-                if buf:
-                    self.dataReceived(buf)
-                return
+                return buf[pos:]
+        buf = buf[pos:]
         self._unread = buf
         if len(buf) > MAX_COMMAND_LINE:
             self.lineLengthExceeded(buf)
         elif buf and self._command_timer is None and not self.transport.disconnecting:
+            # A line has begun: the command clock bounds it; the idle clock waits for its end.
+            self.setTimeout(None)
             self._command_timer = self.callLater(self.command_timeout, self._command_timed_out)
+        return b""
+
+    def _now(self) -> float:
+        return self.clock.seconds() if self.clock is not None else 0.0
+
+    def _count_junk(self, line: bytes) -> bool:
+        """
+        Restart the idle clock for a command that makes progress, and only for one:
+        after a junk command it runs on from the last progress. False once the
+        session is closed.
+        """
+        if self.auth.in_progress or line.split(b" ", 1)[0].upper() not in JUNK_COMMANDS:
+            self._progress_at = self._now()
+            self.setTimeout(self.timeout)
+            return True
+        self._junk += 1
+        if self._junk > self.junk_command_limit:
+            self._cut_off(b"Too many commands that do not make progress")
+            return False
+        left = self._progress_at + self.timeout - self._now()
+        if left <= 0:
+            self.timeoutConnection()
+            return False
+        self.setTimeout(left)
+        return True
+
+    def _cut_off(self, why: bytes) -> None:
+        """421 and close, for a session that only spends the server's time."""
+        self._raw_reply = False
+        self._shut = True
+        self.sendCode(421, b"4.7.0 " + self.host + b" " + why + b", closing connection")
+        if self._hold_input.active:
+            self._hold_input.abandon(self.transport)
+        self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> Any:
         if self.auth.in_progress:
@@ -159,6 +229,7 @@ class InjectionESMTP(EnvelopeCommands):
         self.setTimeout(None)
 
     def _release(self) -> None:
+        self._progress_at = self._now()
         self.setTimeout(self.timeout)
         held = self._hold_input.end(self.transport)
         if held:
@@ -173,6 +244,10 @@ class InjectionESMTP(EnvelopeCommands):
         if not self._raw_reply:
             message = with_enhanced_code(code, message)
         super().sendCode(code, message)
+        if code >= 400 and code != 421 and not self._shut:
+            self._errors += 1
+            if self._errors >= self.hard_error_limit:
+                self._cut_off(b"Too many errors")
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP engage-appliance"
@@ -262,6 +337,8 @@ class InjectionESMTP(EnvelopeCommands):
             self.sendCode(503, b"5.5.1 TLS already active")
         elif not self.canStartTLS or self.listener.tls not in ("starttls", "required"):
             self.sendCode(502, b"5.5.1 STARTTLS not available")
+        elif self.helo_argument() is None:
+            self.sendCode(503, b"5.5.1 Send EHLO first")
         elif self.sender() is not None:
             self.sendCode(503, b"5.5.1 STARTTLS not allowed during a mail transaction")
         else:
@@ -283,6 +360,8 @@ class InjectionESMTP(EnvelopeCommands):
             answer.addCallback(self._reply_and_resume)
         else:
             self.sendCode(*answer)
+            if answer[0] == 421:  # too many failures, refused without a check
+                self.transport.loseConnection()
 
     # -- the message ---------------------------------------------------------
 
@@ -351,6 +430,10 @@ class InjectionESMTP(EnvelopeCommands):
         if self._gone():
             return
         self.sendCode(*reply)
+        if self._shut:
+            return
+        if reply[0] == 250:  # a message accepted: the session is doing real work
+            self._junk = self._errors = 0
         if reply[0] == 421:
             self._hold_input.abandon(self.transport)
             self.transport.loseConnection()

@@ -62,6 +62,19 @@ class ESMTPAdapter(smtp.ESMTP):
         """
         return [user for user, _ in self._to]
 
+    def recipient_count(self) -> int:
+        """How many recipients the transaction has, without copying them (``SMTP._to``)."""
+        return len(self._to)
+
+    def envelope_marker(self) -> object:
+        """
+        An object that is replaced whenever the transaction's recipients are reset.
+
+        Relies on ``SMTP._to`` being given a new list (``[]``) by HELO/EHLO, RSET,
+        DATA and ``reset_envelope``, and only appended to otherwise.
+        """
+        return self._to
+
     def reset_envelope(self) -> None:
         """
         End the transaction (RSET, the start of DATA): no sender, no recipients.
