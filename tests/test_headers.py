@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -81,6 +81,7 @@ def without(message: bytes, fields: list[headers.Field], name: str) -> bytes:
 class PropertyTests(SynchronousTestCase):
     @settings(max_examples=200, deadline=None)
     @given(header_blocks())
+    @example(b"Subject: x=?\r\n a")  # a one-character continuation ends the message
     def test_splitting_round_trips_the_bytes(self, message: bytes) -> None:
         block, body = headers.split_message(message)
         pos = 0
@@ -90,8 +91,10 @@ class PropertyTests(SynchronousTestCase):
             self.assertTrue(is_field_name(f.written_name), f.raw)
             self.assertEqual(f.name, f.written_name.lower())
             self.assertTrue(f.raw.endswith(b"\r\n") or f.end == len(message), f.raw)
-            # Every line break inside a field is folding: CRLF followed by white space.
-            self.assertNotIn(b"\r\n", f.raw[:-2].replace(b"\r\n ", b"").replace(b"\r\n\t", b""))
+            # Every line break inside a field is folding: CRLF followed by white space. The
+            # last field of a block with no final CRLF ends where the message does.
+            inside = f.raw[:-2] if f.raw.endswith(b"\r\n") else f.raw
+            self.assertNotIn(b"\r\n", inside.replace(b"\r\n ", b"").replace(b"\r\n\t", b""))
             self.assertEqual(f.value, f.raw.partition(b":")[2].replace(b"\r\n", b""))
             pos = f.end
         rest = message[pos:block.body_start]
