@@ -109,3 +109,114 @@ class PeriodicSyncTests(SynchronousTestCase):
         self.assertEqual(len(self.jobs), 2, "a failed fsync leaves the file to be synced again")
         os.close(self.jobs[1][1][0])
         self.jobs[1][2].callback(None)
+
+
+class _Failing:
+    """A real unbuffered log file whose next writes go short (``keep`` bytes) or fail."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.keep: int | None = None
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        if self.keep is not None:
+            return self.real.write(data[:self.keep])  # type: ignore[attr-defined, no-any-return]
+        return self.real.write(data)  # type: ignore[attr-defined, no-any-return]
+
+    def fileno(self) -> int:
+        return self.real.fileno()  # type: ignore[attr-defined, no-any-return]
+
+    def close(self) -> None:
+        self.real.close()  # type: ignore[attr-defined]
+
+
+class IntegrityTests(SynchronousTestCase):
+    """Only whole lines of strict JSON reach the log; what could not be written is counted."""
+
+    def setUp(self) -> None:
+        self.path = os.path.join(self.mktemp(), "events.jsonl")
+        self.log = EventLog(self.path, "n", fsync_interval=0, clock=Clock())
+        self.log.startService()
+        self.addCleanup(self.log.stopService)
+        self.file = _Failing(self.log._file)
+        self.log._file = self.file
+
+    def lines(self) -> list[dict[str, object]]:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        self.assertTrue(data == b"" or data.endswith(b"\n"), data)
+        return [json.loads(line) for line in data.splitlines()]
+
+    def test_non_finite_number_is_not_written(self) -> None:
+        self.log.emit("injection", subject="before")
+        self.log.emit("injection", rcpt_meta={"a": float("inf")})
+        self.log.emit("injection", rcpt_meta={"a": float("nan")})
+        self.log.emit("injection", subject="after")
+        self.assertEqual([e["subject"] for e in self.lines()], ["before", "after"])
+        self.assertEqual(self.log.lost, 2)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_short_write_is_cut_off_and_next_line_whole(self) -> None:
+        self.log.emit("click", n=1)
+        self.file.keep = 10
+        self.assertRaises(OSError, self.log.emit, "click", n=2)
+        self.file.keep = None
+        self.log.emit("click", n=3)
+        self.assertEqual([e["n"] for e in self.lines()], [1, 3])
+        self.assertEqual(self.log.lost, 1)
+
+    def test_cut_line_that_cannot_be_removed_is_ended(self) -> None:
+        self.log.emit("click", n=1)
+        self.file.keep = 10
+        self.patch(os, "ftruncate", lambda fd, size: (_ for _ in ()).throw(OSError(28, "full")))
+        self.assertRaises(OSError, self.log.emit, "click", n=2)
+        self.file.keep = None
+        self.log.emit("click", n=3)
+        with open(self.path, "rb") as f:
+            raw = f.read().splitlines()
+        self.assertEqual(len(raw), 3)
+        self.assertEqual([json.loads(raw[0])["n"], json.loads(raw[2])["n"]], [1, 3])
+        self.assertRaises(ValueError, json.loads, raw[1])
+        self.assertEqual(self.log.lost, 1)
+
+    def test_enospc_counts_and_the_log_goes_on(self) -> None:
+        self.file.error = OSError(28, "No space left on device")
+        self.assertRaises(OSError, self.log.emit, "click", n=1)
+        self.file.error = None
+        self.log.emit("click", n=2)
+        self.assertEqual([e["n"] for e in self.lines()], [2])
+        self.assertEqual(self.log.lost, 1)
+
+
+class FileModeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        old = os.umask(0o077)  # what twistd sets when it daemonizes
+        self.addCleanup(os.umask, old)
+        self.path = os.path.join(self.mktemp(), "events.jsonl")
+
+    def mode(self) -> int:
+        return os.stat(self.path).st_mode & 0o777
+
+    def test_new_file_gets_the_mode_whatever_the_umask(self) -> None:
+        log = EventLog(self.path, "n", fsync_interval=0, clock=Clock())
+        log.open()
+        log.close()
+        self.assertEqual(self.mode(), 0o640)
+        log = EventLog(self.path + "2", "n", fsync_interval=0, clock=Clock(), file_mode=0o604)
+        log.open()
+        log.close()
+        self.assertEqual(os.stat(self.path + "2").st_mode & 0o777, 0o604)
+
+    def test_existing_file_keeps_its_mode(self) -> None:
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "wb"):
+            pass
+        os.chmod(self.path, 0o600)
+        log = EventLog(self.path, "n", fsync_interval=0, clock=Clock())
+        log.open()
+        log.emit("click")
+        log.close()
+        self.assertEqual(self.mode(), 0o600)
