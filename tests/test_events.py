@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
+import subprocess
+import sys
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -11,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.events import EventLog, IdGenerator
 from appliance.files import fsync_and_close
+from tests.helpers import REPO
 
 
 class IdTests(SynchronousTestCase):
@@ -220,3 +225,43 @@ class FileModeTests(SynchronousTestCase):
         log.emit("click")
         log.close()
         self.assertEqual(self.mode(), 0o600)
+
+
+# Writes events of 100 bytes or so into argv[1] until two could not be written; prints the count lost.
+_FILL = """
+import sys
+from twisted.internet.task import Clock
+from appliance.events import EventLog
+log = EventLog(sys.argv[1], "n", fsync_interval=0, clock=Clock())
+log.open()
+n = 0
+while log.lost < 2 and n < 1000:
+    n += 1
+    try:
+        log.emit("click", n=n, pad="x" * 50)
+    except OSError:
+        pass
+print(log.lost)
+"""
+
+
+class FileSizeLimitTests(SynchronousTestCase):
+    def test_a_real_short_write_leaves_whole_lines(self) -> None:
+        """A file size limit cuts a write short as a full disk does; no part of the line stays."""
+        limit = 1000
+
+        def limit_file_size() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        path = os.path.abspath(os.path.join(self.mktemp(), "events.jsonl"))
+        done = subprocess.run([sys.executable, "-c", _FILL, path], cwd=REPO, capture_output=True,
+                              env={**os.environ, "PYTHONPATH": REPO}, preexec_fn=limit_file_size,
+                              timeout=60, check=True)
+        self.assertEqual(done.stdout.strip(), b"2")
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertTrue(data.endswith(b"\n"))
+        numbers = [json.loads(line)["n"] for line in data.splitlines()]
+        self.assertEqual(numbers, list(range(1, len(numbers) + 1)))
+        self.assertLess(len(data), limit)
