@@ -8,6 +8,7 @@ and field names follow SparkPost's, not ours.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -62,12 +63,27 @@ class IdGenerator:
         return str((ms << 20) | seq)
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# Strict JSON only: ``NaN`` and ``Infinity`` are Python's, and strict parsers
+# (webhook receivers among them) refuse a whole batch for one of them.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+DEFAULT_FILE_MODE = 0o640
 
 
 def encode_event(event: Event) -> bytes:
-    """One log line: compact JSON, non-ASCII kept readable, LF-terminated."""
+    """
+    One log line: compact JSON, non-ASCII kept readable, LF-terminated.
+
+    Raises ``ValueError`` (or ``TypeError``) for what strict JSON cannot
+    hold: a non-finite number, a lone surrogate, a value of no JSON type.
+    """
     return _ENCODER.encode(event).encode("utf-8") + b"\n"
+
+
+def _describe(event: Event) -> str:
+    """Which event was lost, for the operational log: its type and ids, never its whole text."""
+    keys = ("type", "event_id", "message_id", "transmission_id")
+    return " ".join(f"{k}={event[k]!r:.80}" for k in keys if k in event)
 
 
 class EventLog(Service):
@@ -82,6 +98,13 @@ class EventLog(Service):
     Given ``sighup``, the reactor the appliance runs on, SIGHUP reopens the file
     for logrotate's ``postrotate``: the handler only asks that reactor's thread
     to do it, since a signal can interrupt a write half done.
+
+    A new file is created with ``file_mode`` whatever the umask (twistd sets
+    0077 when it daemonizes); an existing file keeps the mode it has, which
+    the operator may have chosen. An event that cannot be encoded or written
+    whole is counted in ``lost`` and logged; a line cut short by a full disk
+    is removed again, or, when it cannot be, ended, so the next event starts
+    on a line of its own.
     """
 
     name = "events"
@@ -97,8 +120,11 @@ class EventLog(Service):
         now: Callable[[], float] = time.time,
         sighup: IReactorFromThreads | None = None,
         run: Callable[..., defer.Deferred] | None = None,
+        file_mode: int = DEFAULT_FILE_MODE,
     ) -> None:
         self.path = path
+        self.file_mode = file_mode
+        self.lost = 0  # events not written (a counter until there are metrics)
         self.node_name = node_name
         self.customer_id = customer_id
         self.ids = IdGenerator(node_name, now)
@@ -112,6 +138,8 @@ class EventLog(Service):
         self._dirty = False
         self._syncer: task.LoopingCall | None = None
         self._wakers: list[Callable[[], None]] = []
+        self._end = 0  # the file's size as this log last left it
+        self._cut = False  # a cut line could not be removed: end it before the next event
 
     def wake_on_write(self, wake: Callable[[], None]) -> None:
         """
@@ -146,7 +174,20 @@ class EventLog(Service):
 
     def open(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self._file = open(self.path, "ab", buffering=0)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags | os.O_EXCL, self.file_mode)
+        except FileExistsError:
+            fd = os.open(self.path, flags, self.file_mode)
+        else:
+            try:
+                os.fchmod(fd, self.file_mode)  # the umask took bits away
+            except OSError:
+                os.close(fd)
+                raise
+        self._file = open(fd, "ab", buffering=0)
+        self._end = os.fstat(fd).st_size
+        self._cut = False
 
     def close(self) -> None:
         if self._file is not None:
@@ -197,11 +238,72 @@ class EventLog(Service):
         return event
 
     def write(self, event: Event) -> None:
-        """Append one event; raises ``OSError`` if it could not be written."""
+        """
+        Append one event; raises ``OSError`` if it could not be written whole.
+
+        An event that is not strict JSON is logged and counted, not raised:
+        the caller could do nothing better, and nothing of it is written.
+        """
         if self._file is None:
             raise OSError(f"event log {self.path} is not open")
-        self._file.write(encode_event(event))
+        try:
+            line = encode_event(event)
+        except (ValueError, TypeError, RecursionError) as e:
+            self.lost += 1
+            log.error("event log {path}: event not written, it is not strict JSON ({error}): "
+                      "{event}", path=self.path, error=e, event=_describe(event))
+            return
+        data = b"\n" + line if self._cut else line
+        try:
+            written = self._file.write(data) or 0
+        except OSError as e:
+            self._lost(event, e)
+            raise
         self._dirty = True
+        if written < len(data):
+            self._short(written, len(data) - len(line))
+            error = OSError(errno.ENOSPC, f"short write: {written} of {len(data)} bytes")
+            self._lost(event, error)
+            raise error
+        self._cut = False
+        self._end += written
+        for wake in self._wakers:
+            try:
+                wake()
+            except Exception:
+                log.failure("waking an event log follower failed")
+
+    def _short(self, written: int, newline: int) -> None:
+        """
+        ``written`` bytes of a line (after ``newline`` bytes ending a cut one) reached the file.
+
+        The part is cut off again if the file is as this log left it (not
+        truncated or appended to by anyone else meanwhile); otherwise, or if
+        truncating fails, the next event first ends the line.
+        """
+        if written == 0:
+            return
+        if newline and written <= newline:
+            self._cut = False
+            self._end += written
+            return
+        start = self._end + newline
+        try:
+            fd = self._file.fileno()
+            if os.fstat(fd).st_size == self._end + written:
+                os.ftruncate(fd, start)
+                self._end, self._cut = start, False
+                return
+        except OSError as e:
+            log.error("event log {path}: could not remove a cut line: {error}", path=self.path,
+                      error=e)
+        self._end += written
+        self._cut = True
+
+    def _lost(self, event: Event, error: OSError) -> None:
+        self.lost += 1
+        log.error("event log {path}: event lost ({lost} so far): {error}: {event}", path=self.path,
+                  lost=self.lost, error=error, event=_describe(event))
         for wake in self._wakers:
             try:
                 wake()

@@ -72,10 +72,30 @@ FIELDS: Mapping[str, tuple[str, ...]] = {
 
 # Fields an event has only sometimes: why tracking was skipped or a DKIM signature
 # broken (injection); the recipient's metadata, when the clicked link carries it.
+# Each marked ``<field>_truncated: true`` when its field was cut to its cap (``TEXT_CAPS``).
 OPTIONAL_FIELDS: Mapping[str, tuple[str, ...]] = {
-    INJECTION: ("tracking_skipped", "tracking_skipped_reason", "dkim_broken"),
+    INJECTION: ("tracking_skipped", "tracking_skipped_reason", "dkim_broken", "msg_from_truncated",
+                "friendly_from_truncated", "subject_truncated"),
+    POLICY_REJECTION: ("msg_from_truncated", "friendly_from_truncated", "subject_truncated",
+                       "remote_addr_truncated", "reason_truncated", "raw_reason_truncated"),
+    DELAY: ("msg_from_truncated", "reason_truncated", "raw_reason_truncated"),
+    BOUNCE: ("msg_from_truncated", "reason_truncated", "raw_reason_truncated"),
+    DELIVERY: ("msg_from_truncated",),
     CLICK: ("rcpt_meta",),
     LINK_UNSUBSCRIBE: ("rcpt_meta",),
+}
+
+# The most UTF-8 bytes an event carries of text that a message, an SMTP client,
+# a policy or a remote server chose: a 1 MB folded subject would otherwise be
+# written once per recipient. 998 is a header line's limit (RFC 5322 §2.1.1).
+# The tracker caps its clients' values itself (``appliance.tracker.limits``).
+TEXT_CAPS: Mapping[str, int] = {
+    "msg_from": 998,
+    "friendly_from": 998,
+    "subject": 998,
+    "remote_addr": 256,
+    "reason": 998,
+    "raw_reason": 998,
 }
 
 # SparkPost's event classes, the key under "msys" a webhook files an event under;
@@ -99,6 +119,27 @@ class Draft(NamedTuple):
 
     type: str
     fields: dict[str, Any]
+
+
+def cap_text(text: str, limit: int) -> tuple[str, bool]:
+    """``text`` cut to at most ``limit`` UTF-8 bytes on a character boundary, and whether it was cut."""
+    if len(text) * 4 <= limit:  # no string of this length can exceed it
+        return text, False
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text, False
+    return raw[:limit].decode("utf-8", "ignore"), True
+
+
+def _capped(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with each text of ``TEXT_CAPS`` cut to its cap and marked where it was."""
+    for name, limit in TEXT_CAPS.items():
+        value = fields.get(name)
+        if isinstance(value, str):
+            fields[name], cut = cap_text(value, limit)
+            if cut:
+                fields[f"{name}_truncated"] = True
+    return fields
 
 
 def iso_time(ts: float) -> str:
@@ -158,13 +199,13 @@ def injection_event(envelope: Envelope, recipient: Recipient, friendly_from: str
         fields["tracking_skipped_reason"] = "; ".join(tracking_skipped)
     if dkim_broken:
         fields["dkim_broken"] = True
-    return Draft(INJECTION, fields)
+    return Draft(INJECTION, _capped(fields))
 
 
 def policy_rejection_event(recipient: Recipient, mail_from: str, friendly_from: str, subject: str,
                            remote_addr: str, code: int, text: str, received_at: float) -> Draft:
     """A recipient refused at injection (policy, bad ``X-MSYS-API``, loop), with the reply it got."""
-    return Draft(POLICY_REJECTION, {
+    return Draft(POLICY_REJECTION, _capped({
         **recipient.event_fields,
         "routing_domain": _routing_domain(recipient.address),
         "msg_from": mail_from,
@@ -177,7 +218,7 @@ def policy_rejection_event(recipient: Recipient, mail_from: str, friendly_from: 
         "raw_reason": f"{code} {text}",
         "bounce_class": bounce_class(code, text),
         "injection_time": iso_time(received_at),
-    })
+    }))
 
 
 # -- delivery -------------------------------------------------------------------------
@@ -227,7 +268,7 @@ def delivery_event(envelope: Envelope, recipient: Recipient, outcome: Attempt, r
             raw_reason=outcome.raw_reason,
             bounce_class=bounce_class(outcome.code, outcome.raw_reason),
         )
-    return Draft(outcome.kind, fields)
+    return Draft(outcome.kind, _capped(fields))
 
 
 # -- engagement -----------------------------------------------------------------------

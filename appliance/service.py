@@ -138,7 +138,8 @@ class Appliance(MultiService):
         self.events = EventLog(config.events.log_file, config.node.name,
                                customer_id=config.events.customer_id,
                                fsync_interval=config.events.fsync_interval, clock=reactor,
-                               sighup=reactor if handle_sighup else None, run=run_files)
+                               sighup=reactor if handle_sighup else None, run=run_files,
+                               file_mode=config.events.file_mode)
         self.spool = Spool(config.spool.directory, run=run_files)
         self.router = Router(config.delivery)
         # Each recipient's copy is made from the spooled text when delivery needs it;

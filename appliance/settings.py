@@ -10,6 +10,7 @@ inputs, so every rule can be tested without a server.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from email.message import Message
@@ -60,11 +61,12 @@ def _compact_size(value: Any) -> int:
 
 def _string_problem(value: Any) -> str | None:
     """
-    What is wrong with the strings of a parsed JSON value, if anything.
+    What is wrong with the strings and numbers of a parsed JSON value, if anything.
 
     A CR or LF could end a header line; a lone surrogate (``"\\ud800"``) is
     not text and fails wherever the value is written as UTF-8 (spool, event
-    log, links). Walked without recursion, and nesting is bounded, because
+    log, links); a number too large for a float (``1e999``) parses as
+    infinity, which strict JSON cannot write back. Walked without recursion, and nesting is bounded, because
     everything that later serialises the value recurses.
     """
     stack: list[tuple[Any, int]] = [(value, 0)]
@@ -77,6 +79,8 @@ def _string_problem(value: Any) -> str | None:
                 item.encode("utf-8")
             except UnicodeEncodeError:
                 return "must not contain a lone surrogate (not Unicode text)"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "must not contain a number out of range (it would be Infinity)"
         elif isinstance(item, dict | list):
             if depth >= MAX_NESTING:
                 return f"must not be nested more than {MAX_NESTING} levels deep"

@@ -259,3 +259,19 @@ class DeliveryConfigTests(SynchronousTestCase):
                            smarthost_password_file=path, tls=tls)
             self.assertEqual((d.smarthost_username, d.tls), ("u", tls))
         self.assertEqual(self.parse(smarthost="relay.example:587", tls="none").tls, "none")
+
+
+class EventsFileModeTests(SynchronousTestCase):
+    """``events.file_mode``: the mode a new event log is created with."""
+
+    def test_default_and_set(self) -> None:
+        self.assertEqual(parse_config(base_toml()).events.file_mode, 0o640)
+        for text, mode in (("0600", 0o600), ("644", 0o644), ("0660", 0o660)):
+            config = parse_config(merge(base_toml(), {"events": {"file_mode": text}}))
+            self.assertEqual(config.events.file_mode, mode)
+
+    def test_bad_modes_name_the_key(self) -> None:
+        for bad in ("rw-r-----", "0800", "00640", "0440", "", 0o640):
+            changes = {"events": {"file_mode": bad}}
+            e = self.assertRaises(ConfigError, parse_config, merge(base_toml(), changes))
+            self.assertEqual([p for p, _ in e.problems], ["events.file_mode"], bad)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
+import subprocess
+import sys
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -11,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.events import EventLog, IdGenerator
 from appliance.files import fsync_and_close
+from tests.helpers import REPO
 
 
 class IdTests(SynchronousTestCase):
@@ -109,3 +114,154 @@ class PeriodicSyncTests(SynchronousTestCase):
         self.assertEqual(len(self.jobs), 2, "a failed fsync leaves the file to be synced again")
         os.close(self.jobs[1][1][0])
         self.jobs[1][2].callback(None)
+
+
+class _Failing:
+    """A real unbuffered log file whose next writes go short (``keep`` bytes) or fail."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.keep: int | None = None
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        if self.keep is not None:
+            return self.real.write(data[:self.keep])  # type: ignore[attr-defined, no-any-return]
+        return self.real.write(data)  # type: ignore[attr-defined, no-any-return]
+
+    def fileno(self) -> int:
+        return self.real.fileno()  # type: ignore[attr-defined, no-any-return]
+
+    def close(self) -> None:
+        self.real.close()  # type: ignore[attr-defined]
+
+
+class IntegrityTests(SynchronousTestCase):
+    """Only whole lines of strict JSON reach the log; what could not be written is counted."""
+
+    def setUp(self) -> None:
+        self.path = os.path.join(self.mktemp(), "events.jsonl")
+        self.log = EventLog(self.path, "n", fsync_interval=0, clock=Clock())
+        self.log.startService()
+        self.addCleanup(self.log.stopService)
+        self.file = _Failing(self.log._file)
+        self.log._file = self.file
+
+    def lines(self) -> list[dict[str, object]]:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        self.assertTrue(data == b"" or data.endswith(b"\n"), data)
+        return [json.loads(line) for line in data.splitlines()]
+
+    def test_non_finite_number_is_not_written(self) -> None:
+        self.log.emit("injection", subject="before")
+        self.log.emit("injection", rcpt_meta={"a": float("inf")})
+        self.log.emit("injection", rcpt_meta={"a": float("nan")})
+        self.log.emit("injection", subject="after")
+        self.assertEqual([e["subject"] for e in self.lines()], ["before", "after"])
+        self.assertEqual(self.log.lost, 2)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_short_write_is_cut_off_and_next_line_whole(self) -> None:
+        self.log.emit("click", n=1)
+        self.file.keep = 10
+        self.assertRaises(OSError, self.log.emit, "click", n=2)
+        self.file.keep = None
+        self.log.emit("click", n=3)
+        self.assertEqual([e["n"] for e in self.lines()], [1, 3])
+        self.assertEqual(self.log.lost, 1)
+
+    def test_cut_line_that_cannot_be_removed_is_ended(self) -> None:
+        self.log.emit("click", n=1)
+        self.file.keep = 10
+        self.patch(os, "ftruncate", lambda fd, size: (_ for _ in ()).throw(OSError(28, "full")))
+        self.assertRaises(OSError, self.log.emit, "click", n=2)
+        self.file.keep = None
+        self.log.emit("click", n=3)
+        with open(self.path, "rb") as f:
+            raw = f.read().splitlines()
+        self.assertEqual(len(raw), 3)
+        self.assertEqual([json.loads(raw[0])["n"], json.loads(raw[2])["n"]], [1, 3])
+        self.assertRaises(ValueError, json.loads, raw[1])
+        self.assertEqual(self.log.lost, 1)
+
+    def test_enospc_counts_and_the_log_goes_on(self) -> None:
+        self.file.error = OSError(28, "No space left on device")
+        self.assertRaises(OSError, self.log.emit, "click", n=1)
+        self.file.error = None
+        self.log.emit("click", n=2)
+        self.assertEqual([e["n"] for e in self.lines()], [2])
+        self.assertEqual(self.log.lost, 1)
+
+
+class FileModeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        old = os.umask(0o077)  # what twistd sets when it daemonizes
+        self.addCleanup(os.umask, old)
+        self.path = os.path.join(self.mktemp(), "events.jsonl")
+
+    def mode(self) -> int:
+        return os.stat(self.path).st_mode & 0o777
+
+    def test_new_file_gets_the_mode_whatever_the_umask(self) -> None:
+        log = EventLog(self.path, "n", fsync_interval=0, clock=Clock())
+        log.open()
+        log.close()
+        self.assertEqual(self.mode(), 0o640)
+        log = EventLog(self.path + "2", "n", fsync_interval=0, clock=Clock(), file_mode=0o604)
+        log.open()
+        log.close()
+        self.assertEqual(os.stat(self.path + "2").st_mode & 0o777, 0o604)
+
+    def test_existing_file_keeps_its_mode(self) -> None:
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "wb"):
+            pass
+        os.chmod(self.path, 0o600)
+        log = EventLog(self.path, "n", fsync_interval=0, clock=Clock())
+        log.open()
+        log.emit("click")
+        log.close()
+        self.assertEqual(self.mode(), 0o600)
+
+
+# Writes events of 100 bytes or so into argv[1] until two could not be written; prints the count lost.
+_FILL = """
+import sys
+from twisted.internet.task import Clock
+from appliance.events import EventLog
+log = EventLog(sys.argv[1], "n", fsync_interval=0, clock=Clock())
+log.open()
+n = 0
+while log.lost < 2 and n < 1000:
+    n += 1
+    try:
+        log.emit("click", n=n, pad="x" * 50)
+    except OSError:
+        pass
+print(log.lost)
+"""
+
+
+class FileSizeLimitTests(SynchronousTestCase):
+    def test_a_real_short_write_leaves_whole_lines(self) -> None:
+        """A file size limit cuts a write short as a full disk does; no part of the line stays."""
+        limit = 1000
+
+        def limit_file_size() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        path = os.path.abspath(os.path.join(self.mktemp(), "events.jsonl"))
+        done = subprocess.run([sys.executable, "-c", _FILL, path], cwd=REPO, capture_output=True,
+                              env={**os.environ, "PYTHONPATH": REPO}, preexec_fn=limit_file_size,
+                              timeout=60, check=True)
+        self.assertEqual(done.stdout.strip(), b"2")
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertTrue(data.endswith(b"\n"))
+        numbers = [json.loads(line)["n"] for line in data.splitlines()]
+        self.assertEqual(numbers, list(range(1, len(numbers) + 1)))
+        self.assertLess(len(data), limit)

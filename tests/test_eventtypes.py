@@ -24,16 +24,20 @@ OUTCOME = ["msg_from", "routing_domain", "ip_address", "queue_time", "num_retrie
 TRACK = ["message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_tags",
          "ip_address", "user_agent"]
 CLICK = [*TRACK, "target_link_url", "target_link_name", "accept_language"]
+# A text field cut to its cap is marked ``<field>_truncated``.
+CUT = ["msg_from_truncated", "friendly_from_truncated", "subject_truncated"]
+CUT_REASON = ["reason_truncated", "raw_reason_truncated"]
 CONTRACT: dict[str, tuple[list[str], list[str]]] = {
     "injection": ([*COMMON, *RECIPIENT, "routing_domain", "msg_from", "friendly_from", "subject",
                    "msg_size", "recv_method", "injection_time", "auth_user", "open_tracking",
                    "click_tracking"],
-                  ["tracking_skipped", "tracking_skipped_reason", "dkim_broken"]),
+                  ["tracking_skipped", "tracking_skipped_reason", "dkim_broken", *CUT]),
     "policy_rejection": ([*COMMON, *RECIPIENT, "routing_domain", "msg_from", "friendly_from", "subject",
-                          "remote_addr", "recv_method", *FAILURE, "injection_time"], []),
-    "delivery": ([*COMMON, *RECIPIENT, *OUTCOME], []),
-    "delay": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], []),
-    "bounce": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], []),
+                          "remote_addr", "recv_method", *FAILURE, "injection_time"],
+                         [*CUT, "remote_addr_truncated", *CUT_REASON]),
+    "delivery": ([*COMMON, *RECIPIENT, *OUTCOME], ["msg_from_truncated"]),
+    "delay": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], ["msg_from_truncated", *CUT_REASON]),
+    "bounce": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], ["msg_from_truncated", *CUT_REASON]),
     "open": ([*COMMON, *TRACK, "rcpt_meta"], []),
     "initial_open": ([*COMMON, *TRACK, "rcpt_meta"], []),
     "click": ([*COMMON, *CLICK], ["rcpt_meta"]),
@@ -168,3 +172,50 @@ class ContractTests(SynchronousTestCase):
             "injection": "message_event", "policy_rejection": "message_event", "delivery": "message_event",
             "delay": "message_event", "bounce": "message_event", "open": "track_event",
             "initial_open": "track_event", "click": "track_event", "link_unsubscribe": "unsubscribe_event"})
+
+
+class CapTests(SynchronousTestCase):
+    """Text from a message, a client, a policy or a remote server is cut to its cap, and marked."""
+
+    def setUp(self) -> None:
+        self.log = EventLog("unused", "node-a", now=lambda: 1767225660.9, clock=Clock())
+
+    def made(self, draft: et.Draft) -> Event:
+        kind, fields = draft
+        return self.log.make(kind, **fields)
+
+    def test_cap_text_cuts_on_a_character_boundary(self) -> None:
+        self.assertEqual(et.cap_text("a" * 10, 10), ("a" * 10, False))
+        self.assertEqual(et.cap_text("a" * 11, 10), ("a" * 10, True))
+        self.assertEqual(et.cap_text("é" * 6, 9), ("é" * 4, True))
+
+    def test_injection_subject_and_senders(self) -> None:
+        subject = "ü" * 600  # 1,200 bytes
+        envelope = Envelope(TID, "s" * 1200 + "@example.net", [recipient()], received_at=1767225600.5,
+                            client_address="192.0.2.1", auth_user=None, listener="default",
+                            message_size=1)
+        event = self.made(et.injection_event(envelope, envelope.recipients[0], "f" * 999, subject))
+        self.assertEqual(event["subject"], "ü" * 499)
+        self.assertEqual(len(event["friendly_from"]), 998)
+        self.assertEqual(len(event["msg_from"]), 998)
+        self.assertEqual((event["subject_truncated"], event["friendly_from_truncated"],
+                          event["msg_from_truncated"]), (True, True, True))
+        whole = self.made(et.injection_event(envelope, envelope.recipients[0], "f" * 998, "ü" * 499))
+        self.assertEqual((len(whole["friendly_from"]), whole["subject"]), (998, "ü" * 499))
+        self.assertNotIn("subject_truncated", whole)
+        self.assertNotIn("friendly_from_truncated", whole)
+
+    def test_policy_rejection_reason_and_address(self) -> None:
+        event = self.made(et.policy_rejection_event(recipient(None), "a@example.net", "", "s" * 5000,
+                                                    "x" * 300, 550, "5.7.1 " + "n" * 5000, 0.0))
+        self.assertEqual((len(event["subject"]), len(event["remote_addr"]), len(event["reason"]),
+                          len(event["raw_reason"])), (998, 256, 998, 998))
+        self.assertEqual({k for k in event if k.endswith("_truncated")},
+                         {"subject_truncated", "remote_addr_truncated", "reason_truncated",
+                          "raw_reason_truncated"})
+
+    def test_a_remote_servers_long_reply(self) -> None:
+        event = self.made(et.delivery_event(ENVELOPE, ENVELOPE.recipients[0],
+                                            reply_outcome(550, "5.1.1 " + "x" * 3000), "example.test", 0, 1))
+        self.assertEqual((len(event["raw_reason"]), event["raw_reason_truncated"]), (998, True))
+        self.assertLessEqual(len(event["reason"].encode()), 998)

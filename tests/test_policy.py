@@ -108,7 +108,8 @@ class PolicyTests(SynchronousTestCase):
     def test_values_nothing_could_store_are_temporary_failures(self) -> None:
         """Half a character or JSON nested past recursion is a bad value, not a crash."""
         for name, value in (("smtpapi_campaign_id", "\ud800"), ("smtpapi_tags", '["\\udfff"]'),
-                            ("smtpapi_metadata", '{"a":' * 5000 + "1" + "}" * 5000)):
+                            ("smtpapi_metadata", '{"a":' * 5000 + "1" + "}" * 5000),
+                            ("smtpapi_metadata", '{"a":1e999}')):
             def hook(envelope: Any, client: str, user: Any, headers: Message, context: dict,
                      name: str = name, value: str = value) -> None:
                 context[name] = value

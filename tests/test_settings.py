@@ -83,6 +83,10 @@ class MsysApiTests(SynchronousTestCase):
         cases = {
             b"{": "X-MSYS-API is not valid JSON",
             b'{"a":NaN}': "X-MSYS-API is not valid JSON",
+            b'{"a":1e999}': "X-MSYS-API 'a' must not contain a number out of range "
+                            "(it would be Infinity)",
+            b'{"metadata":{"x":{"y":-1E400}}}': "X-MSYS-API 'metadata' must not contain a number "
+                                                "out of range (it would be Infinity)",
             b"[]": "X-MSYS-API must be of type 'json object'",
             b'"x"': "X-MSYS-API must be of type 'json object'",
             b'{"options":[]}': "X-MSYS-API 'options' must be of type 'json object'",
@@ -194,6 +198,8 @@ class ContextTests(SynchronousTestCase):
                             ("smtpapi_campaign_id", "\ud800"), ("smtpapi_tracking_domain", "\ud800"),
                             ("smtpapi_metadata", '{"a":' * 2000 + "1" + "}" * 2000),
                             ("smtpapi_metadata", '{"a":' + "[" * 100 + "]" * 100 + "}"),
+                            ("smtpapi_metadata", '{"a":1e999}'),
+                            ("smtpapi_metadata", '{"a":{"b":[-1e309]}}'),
                             ("smtpapi_open_tracking_scheme", "ftp"),
                             ("smtpapi_tracking_domain", "a b"),
                             ("smtpapi_tracking_link_expiry", "soon")):

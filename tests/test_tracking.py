@@ -130,6 +130,10 @@ class HeaderTests(TrackingTestCase):
              "X-MSYS-API is nested too deeply"),
             ('{"tags":["' + "t" * 65 + '"]}',
              "X-MSYS-API 'tags' must not contain a tag longer than 64 bytes"),
+            ('{"a": 1e999}',
+             "X-MSYS-API 'a' must not contain a number out of range (it would be Infinity)"),
+            ('{"metadata": {"n": [1, -1e400]}}',
+             "X-MSYS-API 'metadata' must not contain a number out of range (it would be Infinity)"),
         ]
         for api, text in cases:
             code, reply = send_expecting_refusal(self.running, ["a@example.test"], message(api))

@@ -65,3 +65,13 @@ class ApplianceReactorTests(SynchronousTestCase):
         running.advance(running.config.smtp.timeout)
         self.assertEqual(client.reply()[0], 421)
         self.assertTrue(client.closed)
+
+
+class EventLogModeTests(SynchronousTestCase):
+    def test_the_appliance_creates_its_event_log_with_the_configured_mode(self) -> None:
+        old = os.umask(0o077)  # what twistd sets when it daemonizes
+        self.addCleanup(os.umask, old)
+        running = MemoryAppliance(self.mktemp(), events={"file_mode": "0660"})
+        running.start()
+        self.addCleanup(running.stop)
+        self.assertEqual(os.stat(running.config.events.log_file).st_mode & 0o777, 0o660)

@@ -161,13 +161,24 @@ class EventsConfig:
     log_file: str
     customer_id: str = "1"
     fsync_interval: float = 1.0
+    # The mode a new event log file is created with, whatever the umask; an existing one keeps its own.
+    file_mode: int = 0o640
 
 
 def read_events(t: Table) -> EventsConfig:
+    mode = t.str("file_mode", "0640")
+    file_mode = EventsConfig.file_mode
+    if re.fullmatch(r"0?[0-7]{3}", mode) and int(mode, 8) & 0o600 == 0o600:
+        file_mode = int(mode, 8)
+    else:
+        # The appliance and its followers reopen the file: its owner must read and write it.
+        t.error("file_mode", f"expected an octal mode with owner read and write, like \"0640\", "
+                f"got {show(mode)}")
     c = EventsConfig(
         log_file=t.path_("log_file", "var/log/events.jsonl"),
         customer_id=t.str("customer_id", EventsConfig.customer_id),
         fsync_interval=t.duration("fsync_interval", EventsConfig.fsync_interval),
+        file_mode=file_mode,
     )
     t.finish()
     return c

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.web import http
 
 from appliance.config import TrackerLimits
+from appliance.eventtypes import cap_text as cap_text  # cut client text: shared with every event
 
 log = Logger()
 
@@ -34,19 +35,6 @@ OTHER_CAP = 256
 Limits = TrackerLimits
 
 DEFAULT_LIMITS = Limits()
-
-
-# -- client text ----------------------------------------------------------------------
-
-
-def cap_text(text: str, limit: int) -> tuple[str, bool]:
-    """``text`` cut to at most ``limit`` UTF-8 bytes on a character boundary, and whether it was cut."""
-    if len(text) * 4 <= limit:  # no string of this length can exceed it
-        return text, False
-    raw = text.encode("utf-8", "surrogatepass")
-    if len(raw) <= limit:
-        return text, False
-    return raw[:limit].decode("utf-8", "ignore"), True
 
 
 # -- repeated hits ----------------------------------------------------------------------
