@@ -143,7 +143,9 @@ class Appliance(MultiService):
         self.router = Router(config.delivery)
         # Each recipient's copy is made from the spooled text when delivery needs it;
         # the prepared form of a message is cached, so N copies cost one parse.
-        self.copies = CopyMaker(self.spool.read_message, self.links, signer=parts.signer, run=run)
+        self.copies = CopyMaker(self.spool.read_message, self.links, signer=parts.signer, run=run,
+                                max_links=config.smtpapi.max_tracked_links,
+                                max_size=config.smtp.max_message_size)
         self.delivery = DeliveryService(
             config.delivery, self.spool, self.events, self.copies,
             self.router, helo_name=config.delivery.helo_name or config.node.hostname,

@@ -46,7 +46,7 @@ INITIAL_PIXEL = ('<div style="display:none !important;max-height:0;overflow:hidd
                  '<img border="0" width="1" height="1" alt="" src="{}"></div>')
 
 
-def _attribute_safe(url: str) -> str:
+def attribute_safe(url: str) -> str:
     if "&" in url or '"' in url or "'" in url:
         url = url.replace("&", "&amp;").replace('"', "&quot;").replace("'", "&#39;")
     return url
@@ -147,7 +147,7 @@ def render_part(part: PreparedPart, links: LinkRenderer, tracking: Tracking,
                     urls[link.index], done[link.index] = links.click(link), True
                 url = urls[link.index]
                 if url is not None:
-                    pieces[index] = (_attribute_safe(url) if edit.quote is not None else url).encode()
+                    pieces[index] = (attribute_safe(url) if edit.quote is not None else url).encode()
         elif tracking.open_tracking and (edit.slot == OPEN_SLOT or tracking.initial_open):
             url = links.open(edit.slot)
             if url is not None:  # else left out: tracking_notes says so
