@@ -6,12 +6,14 @@ copies, and large copies rendered off the reactor thread.
 from __future__ import annotations
 
 import json
+from typing import NoReturn
 
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.config import ConfigError, parse_config
 from appliance.delivery.copies import RENDER_INLINE_BYTES, CopyMaker
+from appliance.links import LinkCodec
 from appliance.rewrite import Identity, prepare
 from appliance.spool import run_synchronously
 from tests.building import checked
@@ -88,6 +90,18 @@ class SizeCapTests(SynchronousTestCase):
             for tracking in (BOTH, CLICK, OPEN):
                 bound = prepared.size_bound(CODEC, ID, tracking)
                 self.assertGreaterEqual(bound, len(prepared.render(CODEC, ID, tracking)))
+
+    def test_the_bound_signs_no_link_that_fits(self) -> None:
+        """At injection it runs for every recipient: its cost must not be a token per link."""
+        prepared = prepare(text_of_links(1000, "https://x.example/a"))
+
+        class Unsigned(LinkCodec):
+            def click_encoder(self, common: object) -> NoReturn:
+                raise AssertionError("a link was signed")
+
+        unsigned = Unsigned(CODEC.keyring)
+        self.assertGreaterEqual(prepared.size_bound(unsigned, ID, CLICK),
+                                len(prepared.render(CODEC, ID, CLICK)))
 
     def test_a_copy_too_large_to_track_goes_untracked(self) -> None:
         data = text_of_links(1000)

@@ -26,9 +26,11 @@ from appliance.settings import Tracking
 
 log = Logger()
 
-# Messages larger than this have their tracked copies rendered in the worker: below it,
-# the thread hop costs more than the render it would move off the reactor (bench/rewrite_bench.py).
-RENDER_INLINE_BYTES = 256 * 1024
+# Tracked copies whose rewritten parts are larger than this are rendered in the worker.
+# A render in the worker still holds the GIL, so the reactor gets back in once per switch
+# interval (5 ms): a shorter render gains nothing from the hop (0.1-0.3 ms) but its cost.
+# A quoted-printable HTML part renders in about 5 ms at 96 KiB (bench/render_hop_bench.py).
+RENDER_INLINE_BYTES = 96 * 1024
 
 # What the copy cache holds of a message: its prepared form, which every copy can be made
 # from, or, while no recipient of it has needed more, its text without X-MSYS-API.
@@ -59,9 +61,9 @@ class CopyMaker:
     really take), so N copies of one message cost one read and at most one
     parse. Whatever reads or parses runs where ``run`` says, a worker thread
     in the appliance: a copy that needs that work comes as a Deferred, and
-    one made from what is cached comes at once, unless its message is over
-    ``render_inline_bytes``: such a copy is rendered in the worker too, so no
-    large copy holds up the reactor. ``forget`` drops a message when its last
+    one made from what is cached comes at once, unless the parts it rewrites
+    are over ``render_inline_bytes``: such a copy is rendered in the worker
+    too, so no large copy holds up the reactor. ``forget`` drops a message when its last
     copy is final.
 
     ``max_links`` caps the tracked links of each part (``smtpapi.max_tracked_links``);
@@ -158,7 +160,8 @@ class CopyMaker:
 
     def _copy(self, prepared: Prepared, tid: str, recipient: Any,
               tracking: Tracking) -> bytes | defer.Deferred:
-        if len(prepared.data) > self.render_inline_bytes and prepared.changes_body(tracking):
+        if prepared.changes_body(tracking) and sum(
+                p.end - p.start for p in prepared.parts if p.changes(tracking)) > self.render_inline_bytes:
             d = defer.maybeDeferred(self.run, lambda: self._render(prepared, tid, recipient, tracking))
             return d.addCallback(self._sign)
         return self._sign(self._render(prepared, tid, recipient, tracking))

@@ -33,7 +33,6 @@ from appliance.rewrite.render import (
     Change,
     Identity,
     LinkRenderer,
-    attribute_safe,
     render_part,
 )
 from appliance.settings import Tracking
@@ -213,11 +212,12 @@ class Prepared:
         """
         The most bytes one recipient's copy can have, without rendering it.
 
-        Exact up to the transfer encoding: each link's URL is made (once per
-        distinct link, at most ``max_links`` a part), every piece is counted,
-        and the part's encoding is bounded (base64 exactly, quoted-printable
-        at three bytes a byte with its soft line breaks). Injection and
-        delivery both decide with it whether a copy is too large to track.
+        Every piece is counted; each link's URL by its longest (undeflated)
+        token, so no link is signed for it but one that could be too long to
+        track; and the part's encoding is bounded (base64 exactly,
+        quoted-printable at three bytes a byte with its soft line breaks).
+        Injection and delivery both decide with it whether a copy is too
+        large to track, so the injection event says what delivery does.
         """
         if not self.changes_body(tracking):
             return len(self.data)
@@ -233,12 +233,12 @@ class Prepared:
                 link = edit.link
                 if link is not None:
                     if tracking.click_tracking:
-                        if link.index not in urls:
-                            url = links.click(link)
-                            urls[link.index] = -1 if url is None else len(
-                                attribute_safe(url) if edit.quote is not None else url)
-                        if urls[link.index] >= 0:
-                            n += urls[link.index] - len(part.template[index])
+                        key = link.index if edit.quote is None else ~link.index
+                        length = urls.get(key)
+                        if length is None:
+                            length = urls[key] = links.click_length_bound(link, edit.quote is not None)
+                        if length >= 0:
+                            n += length - len(part.template[index])
                 elif tracking.open_tracking and (edit.slot == OPEN_SLOT or tracking.initial_open):
                     url = links.open(edit.slot)
                     if url is not None:
