@@ -112,6 +112,169 @@ def read_header(data: bytes, start: int = 0, end: int | None = None) -> HeaderBl
     return block
 
 
+class HeaderReader:
+    """
+    ``read_header`` for a message that arrives in pieces, holding a bounded part of it.
+
+    Fed the message as it comes (``feed``), it reads lines by the same rules
+    as ``read_header`` and keeps the fields that start within the first
+    ``keep_bytes`` of lines, so a header of any length costs no more memory
+    than that; fields named in ``always`` are kept wherever they stand, whole
+    (``X-MSYS-API``, which must be checked wherever it is, as the rewriter
+    strips it wherever it is). A field's continuation lines past the budget
+    are left out of it.
+    """
+
+    def __init__(self, keep_bytes: int, always: frozenset[str] = frozenset()) -> None:
+        self.keep_bytes = keep_bytes
+        self.always = always
+        self.fields: list[Field] = []
+        self.done = False
+        self._kept = 0
+        self._pos = 0  # stream offset of the start of the pending line
+        self._line = bytearray()  # the pending line, while it may be kept
+        self._skipping = False  # the pending line is being dropped: only its end is looked for
+        self._cr = False  # the dropped pending line's last byte was CR
+        self._need_colon = False  # the dropped pending line is a field only if a colon follows
+        self._longest = max(map(len, always), default=0)
+        self._current: Field | None = None  # the field continuation lines belong to
+        self._current_kept = False
+        self._parts: dict[int, list[bytes]] = {}  # id of a kept field -> its lines
+
+    def feed(self, data: bytes) -> None:
+        pos = 0
+        size = len(data)
+        while pos < size and not self.done:
+            if self._skipping:
+                if self._cr and data[pos:pos + 1] == b"\n":
+                    end = pos + 1  # the CRLF was cut between two pieces
+                else:
+                    eol = data.find(b"\r\n", pos)
+                    end = eol + 2 if eol >= 0 else -1
+                if self._need_colon and data.find(b":", pos, end if end >= 0 else size) >= 0:
+                    self._need_colon = False
+                if end < 0:
+                    self._cr = data.endswith(b"\r")
+                    self._pos += size - pos
+                    return
+                if self._need_colon:  # a line without a colon is not a field: the header ends
+                    self.done = True
+                    return
+                self._pos += end - pos
+                pos = end
+                self._skipping = self._cr = False
+                continue
+            if self._line.endswith(b"\r") and data[pos:pos + 1] == b"\n":
+                end = pos + 1  # the CRLF was cut between two pieces
+            else:
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    self._line += data[pos:]
+                    self._maybe_skip()
+                    return
+                end = eol + 2
+            self._line += data[pos:end]
+            line = bytes(self._line)
+            self._line.clear()
+            pos = end
+            self._take(line)
+
+    def finish(self) -> list[Field]:
+        """The fields, once the whole message was fed (a last line without CRLF counts too)."""
+        if not self.done and self._line and not self._skipping:
+            self._take(bytes(self._line))
+            self._line.clear()
+        self.done = True
+        for f in self.fields:
+            parts = self._parts.pop(id(f), None)
+            if parts is not None:
+                f.raw = b"".join(parts)
+        return self.fields
+
+    def _classify(self, line: bytes | bytearray) -> tuple[str, bytes]:
+        """("end" | "continuation" | "field" | "unknown", name) of a line, complete or not."""
+        if line[:2] == b"\r\n":
+            return "end", b""
+        if line[:1] in (b" ", b"\t"):
+            return "continuation", b""
+        stop = line.find(b"\r\n")
+        colon = line.find(b":", 0, stop if stop >= 0 else len(line))
+        if colon < 0:
+            return "unknown", b""
+        return "field", bytes(line[:colon]).rstrip(_WSP)
+
+    def _keeps(self, kind: str, name: bytes, length: int) -> bool:
+        if kind == "continuation":
+            current = self._current
+            return current is not None and self._current_kept and (
+                current.name in self.always or self._kept + length <= self.keep_bytes)
+        return (name.decode("ascii", "replace").lower() in self.always
+                or self._kept + length <= self.keep_bytes)
+
+    def _maybe_skip(self) -> None:
+        """Drop a pending line that will not be kept, once that is known: its bytes need no memory."""
+        kind, name = self._classify(self._line)
+        if kind == "continuation" and self._current is None:
+            return
+        if kind == "unknown":
+            # A name still without its colon: longer than any name kept wherever it stands
+            # and past the budget, it is dropped as a field, if a colon ever comes.
+            pending = bytes(self._line).rstrip(b" \t\r")
+            if (len(pending) > self._longest and FIELD_NAME.fullmatch(pending)
+                    and pending == bytes(self._line).rstrip(b"\r")
+                    and self._kept + len(self._line) > self.keep_bytes):
+                self._start_field(pending, kept=False)
+                self._cr = self._line.endswith(b"\r")
+                self._pos += len(self._line)
+                self._line.clear()
+                self._skipping = self._need_colon = True
+            return
+        if kind == "continuation" or (kind == "field" and FIELD_NAME.fullmatch(name)):
+            if not self._keeps(kind, name, len(self._line)):
+                if kind == "field":
+                    self._start_field(name, kept=False)
+                elif self._current is not None:
+                    self._current_kept = False  # its later continuations are left out too
+                self._cr = self._line.endswith(b"\r")
+                self._pos += len(self._line)
+                self._line.clear()
+                self._skipping = True
+
+    def _start_field(self, name: bytes, kept: bool) -> None:
+        field = Field(name.decode("ascii").lower(), self._pos, self._pos)
+        self._current, self._current_kept = field, kept
+        if kept:
+            self.fields.append(field)
+            self._parts[id(field)] = []
+
+    def _take(self, line: bytes) -> None:
+        """One whole line (with its CRLF, unless it is the last of the message)."""
+        kind, name = self._classify(line)
+        length = len(line)
+        if kind == "end":
+            self.done = True
+        elif kind == "continuation":
+            if self._current is None:
+                self.done = True
+            elif self._keeps(kind, name, length):
+                self._parts[id(self._current)].append(line)
+                self._current.end = self._pos + length
+                self._kept += length
+            else:
+                self._current_kept = False
+        elif kind == "field" and FIELD_NAME.fullmatch(name):
+            kept = self._keeps(kind, name, length)
+            self._start_field(name, kept)
+            if kept:
+                assert self._current is not None
+                self._parts[id(self._current)].append(line)
+                self._current.end = self._pos + length
+                self._kept += length
+        else:
+            self.done = True
+        self._pos += length
+
+
 def split_message(message: bytes) -> tuple[HeaderBlock, bytes]:
     """The message's header block and its body."""
     block = read_header(message)

@@ -36,7 +36,7 @@ from twisted.mail import smtp
 from appliance.config import EngagementTrackerConfig
 from appliance.events import EventLog
 from appliance.eventtypes import injection_event, policy_rejection_event, recipient_fields
-from appliance.headers import as_message, read_header, readable
+from appliance.headers import HeaderReader, as_message, readable
 from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
 from appliance.settings import MsysApiError, header_values, parse_msys_api, resolve
 from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolWriter
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-MAX_HEADER_BYTES = 1024 * 1024  # headers beyond this are not read for events
+MAX_HEADER_BYTES = 1024 * 1024  # header fields beyond this are not kept for events, but X-MSYS-API
 # How much of the event log recovery reads for owed events written just before a crash:
 # far more than is written between an event and its journal mark.
 EVENT_LOG_TAIL = 8 * 1024 * 1024
@@ -110,9 +110,10 @@ class Transaction:
         self.started = now
         # Set by the session when its connection drops before the reply: nothing is committed then.
         self.client_gone = False
-        self._head: list[bytes] = [received]
-        self._head_size = len(received)
-        self._head_done = False
+        # The header as appliance.headers reads it, at most MAX_HEADER_BYTES of it kept but
+        # every X-MSYS-API field, however far down: the rewriter strips each one it finds.
+        self._header = HeaderReader(MAX_HEADER_BYTES, frozenset({"x-msys-api"}))
+        self._header.feed(received)
         writer.write(received)
 
     @property
@@ -121,21 +122,18 @@ class Transaction:
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
-        if not self._head_done:
-            seam = self._head[-1][-3:] + data
-            self._head.append(data)
-            self._head_size += len(data)
-            if b"\r\n\r\n" in seam or self._head_size > MAX_HEADER_BYTES:
-                self._head_done = True
+        if not self._header.done:
+            self._header.feed(data)
 
     def headers(self) -> Message:
         """
         The header fields as ``appliance.headers`` reads them, for the policy and the events.
 
         The same fields the rewriter strips X-MSYS-API from and DKIM signs:
-        up to the empty line, or to the first line that is not a field.
+        up to the empty line, or to the first line that is not a field; past
+        MAX_HEADER_BYTES only the X-MSYS-API fields.
         """
-        return as_message(read_header(b"".join(self._head)).fields)
+        return as_message(self._header.finish())
 
     def abort(self) -> None:
         self.writer.abort()

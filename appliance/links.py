@@ -53,6 +53,7 @@ DEFLATE_FROM = 320
 
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
+_log = Logger()
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
@@ -156,12 +157,48 @@ _TOKEN_RE = re.compile(rb"[A-Za-z0-9_-]{8,8192}")
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
-class LinkCodec:
+class _Keys:
+    """A keyring with its HMAC states keyed once; replaced whole, never changed."""
+
     def __init__(self, keyring: Keyring) -> None:
         self.keyring = keyring
-        # HMAC states keyed once; each verification copies one (cheaper than keying anew).
-        self._macs = {kid: hmac.new(key, digestmod=sha256) for kid, key in keyring.keys}
-        self._signing_pads = _hmac_pads(keyring.signing[1])
+        # Each verification copies one of these (cheaper than keying anew).
+        self.macs = {kid: hmac.new(key, digestmod=sha256) for kid, key in keyring.keys}
+        self.signing_pads = _hmac_pads(keyring.signing[1])
+
+
+class LinkCodec:
+    def __init__(self, keyring: Keyring) -> None:
+        self._keys = _Keys(keyring)
+
+    @property
+    def keyring(self) -> Keyring:
+        return self._keys.keyring
+
+    def use(self, keyring: Keyring) -> None:
+        """
+        Sign and verify with ``keyring`` from now on: a retired key stops verifying at once.
+
+        Copies rendered in the worker meanwhile read the keys once per token,
+        so each token is made with one keyring, the old or the new.
+        """
+        self._keys = _Keys(keyring)
+
+    def reload(self, path: str) -> bool:
+        """
+        Re-read the key file (on SIGHUP); a file that cannot be used keeps the keys in use.
+
+        Done on the reactor thread: the file is a few lines.
+        """
+        try:
+            keyring = read_keyring(path)
+        except KeyFileError as e:
+            _log.error("kept the link keys in use: {error}", error=str(e))
+            return False
+        self.use(keyring)
+        _log.info("link keys re-read from {path}: key ids {kids}, {signing} signs", path=path,
+                  kids=[kid for kid, _ in keyring.keys], signing=keyring.signing[0])
+        return True
 
     def encode(self, data: LinkData) -> str:
         return self._seal(_json(data.to_array()))
@@ -180,9 +217,13 @@ class LinkCodec:
         enough to be deflated takes the general path.
         """
         shared = _json(common._replace(kind="click").to_array()[:8])[:-1] + b","
-        seal = self._seal
-        head = bytes((_VERSION, self.keyring.signing[0])) + shared
-        inner_pad, outer = self._signing_pads
+        keys = self._keys
+
+        def seal(body: bytes) -> str:
+            return self._seal(body, keys)
+
+        head = bytes((_VERSION, keys.keyring.signing[0])) + shared
+        inner_pad, outer = keys.signing_pads
         inner = inner_pad.copy()
         inner.update(head)
         aligned = len(head) - len(head) % 3  # base64 of whole groups does not depend on what follows
@@ -203,7 +244,8 @@ class LinkCodec:
 
         return encode
 
-    def _seal(self, body: bytes) -> str:
+    def _seal(self, body: bytes, keys: _Keys | None = None) -> str:
+        keys = keys or self._keys
         version = _VERSION
         if len(body) >= DEFLATE_FROM:
             # A small window and hash table: tokens are short, and zlib's defaults
@@ -212,8 +254,8 @@ class LinkCodec:
             packed = deflater.compress(body) + deflater.flush()
             if len(packed) < len(body):
                 body, version = packed, _VERSION | _DEFLATED
-        signed = bytes((version, self.keyring.signing[0])) + body
-        inner, outer = (h.copy() for h in self._signing_pads)
+        signed = bytes((version, keys.keyring.signing[0])) + body
+        inner, outer = (h.copy() for h in keys.signing_pads)
         inner.update(signed)
         outer.update(inner.digest())
         tag = outer.digest()[:TAG_BYTES]
@@ -233,7 +275,7 @@ class LinkCodec:
         if len(raw) < 2 + TAG_BYTES or raw[0] & ~_DEFLATED != _VERSION:
             raise InvalidToken("token has an unknown version")
         signed, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
-        mac = self._macs.get(raw[1])
+        mac = self._keys.macs.get(raw[1])
         if mac is None:
             raise InvalidToken(f"token is signed with unknown key id {raw[1]}")
         mac = mac.copy()

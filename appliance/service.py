@@ -34,6 +34,7 @@ from appliance.injection import Injector
 from appliance.links import LinkCodec
 from appliance.policy import Policy
 from appliance.reactors import Reactor, Runner, thread_runner
+from appliance.sighup import SighupService
 from appliance.smtp import AuthGuard, ConnectionLimits, SessionDrain, listener_factory
 from appliance.spool import Spool
 from appliance.tracker import make_site
@@ -115,8 +116,8 @@ class Appliance(MultiService):
         ``parts`` come from ``appliance.build``; ``reactor`` makes every timer, connection and
         listener. ``run`` runs blocking work, file and CPU alike (unless given: file work in
         a ``FilePool``, CPU work in the reactor's thread pool).
-        ``handle_sighup``: SIGHUP reopens the event log; off where the process is not ours
-        to signal (tests).
+        ``handle_sighup``: SIGHUP reopens the event log and re-reads the link key file; off
+        where the process is not ours to signal (tests).
         """
         super().__init__()
         config = parts.config
@@ -144,7 +145,9 @@ class Appliance(MultiService):
         self.router = Router(config.delivery)
         # Each recipient's copy is made from the spooled text when delivery needs it;
         # the prepared form of a message is cached, so N copies cost one parse.
-        self.copies = CopyMaker(self.spool.read_message, self.links, signer=parts.signer, run=run)
+        self.copies = CopyMaker(self.spool.read_message, self.links, signer=parts.signer, run=run,
+                                max_links=config.smtpapi.max_tracked_links,
+                                max_size=config.smtp.max_message_size)
         self.delivery = DeliveryService(
             config.delivery, self.spool, self.events, self.copies,
             self.router, helo_name=config.delivery.helo_name or config.node.hostname,
@@ -200,3 +203,11 @@ class Appliance(MultiService):
         self.tracker = strports.service(config.tracker.endpoint, self.tracker_site, reactor=reactor)
         self.tracker.setName("tracker")
         self.tracker.setServiceParent(self)
+
+        # SIGHUP re-reads the link key file, so a retired key stops verifying without a
+        # restart. Started after the event log, whose own SIGHUP handler it chains to.
+        self.sighup: SighupService | None = None
+        if handle_sighup:
+            self.sighup = SighupService(reactor)
+            self.sighup.add(lambda: self.links.reload(config.links.keys_file))
+            self.sighup.setServiceParent(self)

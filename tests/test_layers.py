@@ -34,6 +34,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "headers": set(),
     "retry": set(),
     "reactors": set(),
+    "sighup": set(),  # one SIGHUP handler for every part that re-reads something
     "events": {"files"},
     "eventtypes": {"bounces"},
     "config": {"dkim", "eventtypes", "headers"},
@@ -56,7 +57,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "smtp": {"config", "reactors", "tls"},
     "build": {"config", "dkim", "links", "policy", "reactors", "tls", "users"},
     "service": {"build", "config", "delivery", "events", "files", "injection", "links", "policy",
-                "reactors", "smtp", "spool", "tracker", "users", "webhooks"},
+                "reactors", "sighup", "smtp", "spool", "tracker", "users", "webhooks"},
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
     "console": {"build", "config", "dkim", "eventtypes", "links", "tls", "users", "webhooks"},

@@ -22,10 +22,16 @@ class SmtpapiConfig:
     tracking_domain: str = "localhost:8080"
     tracking_link_expiry: float = 31536000.0
     initial_open: bool = True
+    max_tracked_links: int = 1000  # per part; copies are made at delivery, so appliance-wide
 
 
-def read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
-    """Read ``smtpapi`` keys over ``base``, so a listener inherits what it does not set."""
+def read_smtpapi(t: Table, base: SmtpapiConfig, listener: bool = False) -> SmtpapiConfig:
+    """
+    Read ``smtpapi`` keys over ``base``, so a listener inherits what it does not set.
+
+    ``max_tracked_links`` binds the copies delivery makes, which do not know
+    their listener: a listener's table may not set it.
+    """
     schemes = ("http", "https")
     c = replace(
         base,
@@ -36,7 +42,11 @@ def read_smtpapi(t: Table, base: SmtpapiConfig) -> SmtpapiConfig:
         tracking_domain=t.str("tracking_domain", base.tracking_domain, allow_empty=False),
         tracking_link_expiry=t.duration("tracking_link_expiry", base.tracking_link_expiry),
         initial_open=t.bool("initial_open", base.initial_open),
+        max_tracked_links=t.int("max_tracked_links", base.max_tracked_links, minimum=0),
     )
+    if listener and t.has("max_tracked_links"):
+        t.error("max_tracked_links", "set it in [smtpapi]: it applies to every message")
+        c = replace(c, max_tracked_links=base.max_tracked_links)
     if t.has("tracking_domain") and not is_host_port(c.tracking_domain):
         t.error("tracking_domain", f"expected host[:port], got {show(c.tracking_domain)}")
         c = replace(c, tracking_domain=base.tracking_domain)
@@ -177,7 +187,7 @@ def read_smtp(t: Table, smtpapi: SmtpapiConfig) -> SmtpConfig:
             ListenerConfig(
                 name=name,
                 endpoint=endpoint,
-                smtpapi=read_smtpapi(lt.table("smtpapi"), smtpapi),
+                smtpapi=read_smtpapi(lt.table("smtpapi"), smtpapi, listener=True),
                 relay_networks=lt.networks("relay_networks", relay),
                 max_message_size=lt.size("max_message_size", size),
                 max_recipients=lt.int("max_recipients", rcpts, minimum=1),

@@ -21,9 +21,16 @@ from appliance import rewrite
 from appliance.dkim import Signer
 from appliance.links import LinkCodec
 from appliance.rewrite import Identity, Prepared, without_msys_api
+from appliance.rewrite.prepared import MAX_TRACKED_LINKS
 from appliance.settings import Tracking
 
 log = Logger()
+
+# Tracked copies whose rewritten parts are larger than this are rendered in the worker.
+# A render in the worker still holds the GIL, so the reactor gets back in once per switch
+# interval (5 ms): a shorter render gains nothing from the hop (0.1-0.3 ms) but its cost.
+# A quoted-printable HTML part renders in about 5 ms at 96 KiB (bench/render_hop_bench.py).
+RENDER_INLINE_BYTES = 96 * 1024
 
 # What the copy cache holds of a message: its prepared form, which every copy can be made
 # from, or, while no recipient of it has needed more, its text without X-MSYS-API.
@@ -54,13 +61,21 @@ class CopyMaker:
     really take), so N copies of one message cost one read and at most one
     parse. Whatever reads or parses runs where ``run`` says, a worker thread
     in the appliance: a copy that needs that work comes as a Deferred, and
-    one made from what is cached comes at once. ``forget`` drops a message
-    when its last copy is final.
+    one made from what is cached comes at once, unless the parts it rewrites
+    are over ``render_inline_bytes``: such a copy is rendered in the worker
+    too, so no large copy holds up the reactor. ``forget`` drops a message when its last
+    copy is final.
+
+    ``max_links`` caps the tracked links of each part (``smtpapi.max_tracked_links``);
+    a copy that could be over ``max_size`` tracked (``smtp.max_message_size``) is
+    sent untracked, as the recipient's injection event says.
     """
 
     def __init__(self, read: Callable[[Any], bytes], codec: LinkCodec,
                  max_bytes: int = 64 * 1024 * 1024, signer: Signer | None = None,
-                 run: Callable[..., defer.Deferred] = threads.deferToThread) -> None:
+                 run: Callable[..., defer.Deferred] = threads.deferToThread,
+                 max_links: int = MAX_TRACKED_LINKS, max_size: int | None = None,
+                 render_inline_bytes: int = RENDER_INLINE_BYTES) -> None:
         self.read = read
         self.codec = codec
         self.max_bytes = max_bytes
@@ -69,6 +84,9 @@ class CopyMaker:
         self._cache: OrderedDict[tuple[str, str], Prepared | bytes] = OrderedDict()
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._bytes = 0
+        self.max_links = max_links
+        self.max_size = max_size
+        self.render_inline_bytes = render_inline_bytes
 
     def __contains__(self, transmission_id: str) -> bool:
         """Whether anything of this message is cached."""
@@ -105,7 +123,8 @@ class CopyMaker:
         hit = self._hit((tid, _PREPARED))
         if hit is not None:
             return defer.succeed(hit)
-        return self._later((tid, _PREPARED), lambda: self._prepare(tid, self.read(queued)))
+        return self._later((tid, _PREPARED),
+                           lambda: self._prepare(tid, self.read(queued), self.max_links))
 
     def forget(self, transmission_id: str) -> None:
         """Drop what is held of a message: its last copy is final."""
@@ -121,7 +140,7 @@ class CopyMaker:
     def tracking_notes(self, prepared: Prepared, transmission_id: str, recipient: Any) -> list[str]:
         """``Prepared.tracking_notes`` for one recipient of the spool's envelope."""
         return prepared.tracking_notes(self.codec, _identity(transmission_id, recipient),
-                                       recipient.tracking)
+                                       recipient.tracking, self.max_size)
 
     def resigns(self, prepared: Prepared) -> bool:
         """Whether the copies of this message get the appliance's own DKIM signature."""
@@ -141,13 +160,23 @@ class CopyMaker:
 
     def _copy(self, prepared: Prepared, tid: str, recipient: Any,
               tracking: Tracking) -> bytes | defer.Deferred:
+        if prepared.changes_body(tracking) and sum(
+                p.end - p.start for p in prepared.parts if p.changes(tracking)) > self.render_inline_bytes:
+            d = defer.maybeDeferred(self.run, lambda: self._render(prepared, tid, recipient, tracking))
+            return d.addCallback(self._sign)
+        return self._sign(self._render(prepared, tid, recipient, tracking))
+
+    def _render(self, prepared: Prepared, tid: str, recipient: Any, tracking: Tracking) -> bytes:
+        identity = _identity(tid, recipient)
         try:
-            copy = prepared.render(self.codec, _identity(tid, recipient), tracking)
+            if self.max_size is not None and prepared.size_bound(
+                    self.codec, identity, tracking) > self.max_size:
+                return prepared.data  # the injection event said so: tracking_notes
+            return prepared.render(self.codec, identity, tracking)
         except Exception:
             log.failure("could not render the copy {mid}; delivering it untracked",
                         mid=recipient.message_id)
-            copy = prepared.data
-        return self._sign(copy)
+            return prepared.data
 
     def _sign(self, copy: bytes) -> bytes | defer.Deferred:
         # Signing is last: nothing may change the copy after it. A failure here is not
@@ -159,9 +188,9 @@ class CopyMaker:
         return defer.maybeDeferred(self.run, self.signer.sign, copy)
 
     @staticmethod
-    def _prepare(key: str, message: bytes) -> Prepared:
+    def _prepare(key: str, message: bytes, max_links: int = MAX_TRACKED_LINKS) -> Prepared:
         try:
-            prepared = rewrite.prepare(message)  # looked up here, so tests can stand in for it
+            prepared = rewrite.prepare(message, max_links)  # looked up here, so tests can stand in for it
         except Exception as e:  # a bug must not cost a message: deliver it as it came
             log.failure("could not prepare message {tid} for tracking", tid=key)
             data = without_msys_api(message)

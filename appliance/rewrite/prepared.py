@@ -27,7 +27,14 @@ from appliance.rewrite.mime import (
     find_parts,
     qp_header,
 )
-from appliance.rewrite.render import Change, Identity, LinkRenderer, render_part
+from appliance.rewrite.render import (
+    INITIAL_PIXEL,
+    OPEN_PIXEL,
+    Change,
+    Identity,
+    LinkRenderer,
+    render_part,
+)
 from appliance.settings import Tracking
 
 
@@ -54,6 +61,7 @@ class PreparedPart:
     body_ends_with_crlf: bool
     bare_newlines: bool  # the decoded text has CR or LF outside CRLF (only base64 can carry them)
     has_crlf: bool
+    over_cap: int = 0  # link occurrences left as they are: past the part's cap on tracked links
 
     def changes(self, tracking: Tracking) -> bool:
         return (self.static_changes or (tracking.click_tracking and self.has_links)
@@ -98,7 +106,35 @@ def _compile_text(text: str, charset: str, edits: list[Edit]) -> tuple[
     return template, dynamic, originals, static_changes
 
 
-def prepare_part(data: bytes, c: Candidate, top_level: bool) -> PreparedPart:
+# How many tracked links one part may have (``smtpapi.max_tracked_links``): each costs
+# a token per copy, so a part of a million links would cost a million signatures a copy.
+MAX_TRACKED_LINKS = 1000
+
+
+def _cap_links(edits: list[Edit], max_links: int) -> tuple[list[Edit], int]:
+    """
+    The edits with every tracked link past the first ``max_links`` left as it came.
+
+    Such a link keeps what an untracked link gets (its macros expanded); the
+    distinct links before the cap keep their indexes, numbered by first use.
+    """
+    seen = 0
+    over = 0
+    out = edits
+    for i, e in enumerate(edits):
+        if e.slot != LINK_SLOT:
+            continue
+        seen += 1
+        if seen > max_links:
+            if out is edits:
+                out = list(edits)
+            out[i] = Edit(e.start, e.end, e.replacement)
+            over += 1
+    return out, over
+
+
+def prepare_part(data: bytes, c: Candidate, top_level: bool,
+                 max_links: int = MAX_TRACKED_LINKS) -> PreparedPart:
     """One part decoded, its edits found and compiled; ``PartSkipped`` when it must stay as it came."""
     cte = (c.info.get("content-transfer-encoding") or "7bit").strip().lower()
     body = data[c.body_start:c.end]
@@ -113,6 +149,7 @@ def prepare_part(data: bytes, c: Candidate, top_level: bool) -> PreparedPart:
     if "\x00" in text:
         raise PartSkipped("it contains NUL characters")
     edits, too_long = html_edits(text) if c.kind == "html" else text_edits(text)
+    edits, over_cap = _cap_links(edits, max_links)
     template, dynamic, originals, static_changes = _compile_text(text, charset, edits)
     # The edits share one Link object per distinct link, numbered in order of first use.
     links: list[Link] = []
@@ -136,6 +173,7 @@ def prepare_part(data: bytes, c: Candidate, top_level: bool) -> PreparedPart:
         body_ends_with_crlf=body.endswith(b"\r\n"),
         bare_newlines=raw.count(b"\r") != crlf or raw.count(b"\n") != crlf,
         has_crlf=crlf > 0,
+        over_cap=over_cap,
     )
 
 
@@ -149,6 +187,7 @@ class Prepared:
     dkim_signed: bool = False
     dkim_signs_msys_api: bool = False
     had_msys_api: bool = False
+    max_links: int = MAX_TRACKED_LINKS  # the cap each part was prepared with
 
     @functools.cached_property
     def size(self) -> int:
@@ -169,17 +208,70 @@ class Prepared:
             return False
         return self.changes_body(tracking) or (self.had_msys_api and self.dkim_signs_msys_api)
 
-    def tracking_notes(self, codec: LinkCodec, identity: Identity, tracking: Tracking) -> list[str]:
+    def size_bound(self, codec: LinkCodec, identity: Identity, tracking: Tracking) -> int:
+        """
+        The most bytes one recipient's copy can have, without rendering it.
+
+        Every piece is counted; each link's URL by its longest (undeflated)
+        token, so no link is signed for it but one that could be too long to
+        track; and the part's encoding is bounded (base64 exactly,
+        quoted-printable at three bytes a byte with its soft line breaks).
+        Injection and delivery both decide with it whether a copy is too
+        large to track, so the injection event says what delivery does.
+        """
+        if not self.changes_body(tracking):
+            return len(self.data)
+        links = LinkRenderer(codec, identity, tracking)
+        size = len(self.data)
+        for part in self.parts:
+            if not part.changes(tracking):
+                continue
+            size -= part.end - part.start
+            n = sum(map(len, part.template))
+            urls: dict[int, int] = {}
+            for index, edit in part.dynamic:
+                link = edit.link
+                if link is not None:
+                    if tracking.click_tracking:
+                        key = link.index if edit.quote is None else ~link.index
+                        length = urls.get(key)
+                        if length is None:
+                            length = urls[key] = links.click_length_bound(link, edit.quote is not None)
+                        if length >= 0:
+                            n += length - len(part.template[index])
+                elif tracking.open_tracking and (edit.slot == OPEN_SLOT or tracking.initial_open):
+                    url = links.open(edit.slot)
+                    if url is not None:
+                        pixel = OPEN_PIXEL if edit.slot == OPEN_SLOT else INITIAL_PIXEL
+                        n += len(pixel) - 2 + len(url)
+            if part.cte == "base64":
+                body = -(-n // 3) * 4
+                body += -(-body // 76) * 2
+            else:
+                body = 3 * n + 3 * (n // 75 + 1)
+            size += max(len(part.header), len(part.qp_header)) + body
+        return size
+
+    def tracking_notes(self, codec: LinkCodec, identity: Identity, tracking: Tracking,
+                       max_size: int | None = None) -> list[str]:
         """
         Why one recipient's copy is tracked less than its settings ask, if it is.
 
         The message's skipped parts, and the links and pixels whose URLs would
         be over 4096 characters with this recipient's campaign, tags and
-        metadata (SPEC §6: such a link is never produced).
+        metadata (SPEC §6: such a link is never produced). Given ``max_size``,
+        a copy that could be larger tracked is sent untracked, and says so.
         """
         if not tracking.enabled:
             return []
+        if max_size is not None and self.size_bound(codec, identity, tracking) > max_size:
+            return [f"copy not tracked: tracked, it could be over the {max_size}-byte "
+                    "message size limit"]
         notes = list(self.skipped)
+        over_cap = sum(p.over_cap for p in self.parts) if tracking.click_tracking else 0
+        if over_cap:
+            notes.append(f"{over_cap} link{'s' if over_cap > 1 else ''} left untracked: "
+                         f"a part may have at most {self.max_links} tracked links")
         if not self.changes_body(tracking) and not any(p.too_long for p in self.parts):
             return notes
         links = LinkRenderer(codec, identity, tracking)
@@ -273,15 +365,19 @@ def without_msys_api(message: bytes) -> bytes:
     return strip_header(message, read_header(message).fields, "x-msys-api")
 
 
-def prepare(message: bytes) -> Prepared:
-    """Compile a message (the spooled text) for rendering; never raises for bad input."""
+def prepare(message: bytes, max_links: int = MAX_TRACKED_LINKS) -> Prepared:
+    """
+    Compile a message (the spooled text) for rendering; never raises for bad input.
+
+    ``max_links``: how many tracked links each part may have; the rest stay as they came.
+    """
     top = read_header(message)
     # Even when a line of it is not a field, what a mail reader would take for the header
     # (the fields before that line) loses its X-MSYS-API field.
     data = strip_header(message, top.fields, "x-msys-api")
     if top.error:
         return Prepared(data, [], [f"malformed MIME: {top.error}"], had_msys_api=len(data) != len(message))
-    prepared = Prepared(data, [], [], had_msys_api=len(data) != len(message))
+    prepared = Prepared(data, [], [], had_msys_api=len(data) != len(message), max_links=max_links)
     for f in top.fields:
         if f.name == "dkim-signature":
             prepared.dkim_signed = True
@@ -296,7 +392,7 @@ def prepare(message: bytes) -> Prepared:
     prepared.skipped.extend(notes)
     for c in candidates:
         try:
-            prepared.parts.append(prepare_part(data, c, top_level=c.start == 0))
+            prepared.parts.append(prepare_part(data, c, top_level=c.start == 0, max_links=max_links))
         except PartSkipped as e:
             prepared.skipped.append(f"text/{'html' if c.kind == 'html' else 'plain'} part: {e}")
     return prepared

@@ -46,7 +46,7 @@ INITIAL_PIXEL = ('<div style="display:none !important;max-height:0;overflow:hidd
                  '<img border="0" width="1" height="1" alt="" src="{}"></div>')
 
 
-def _attribute_safe(url: str) -> str:
+def attribute_safe(url: str) -> str:
     if "&" in url or '"' in url or "'" in url:
         url = url.replace("&", "&amp;").replace('"', "&quot;").replace("'", "&#39;")
     return url
@@ -114,6 +114,26 @@ class LinkRenderer:
                  + _token_length(self._shared_length + len(link.suffix)))
         return bound > MAX_URL_LENGTH and self.click(link) is None
 
+    def click_length_bound(self, link: Link, quoted: bool) -> int:
+        """
+        The most characters the link's tracked URL can have, or -1 if it is too long to track.
+
+        Only a URL that could be too long is encoded; the others are bounded
+        by their undeflated length, so a bound for every link costs no HMAC.
+        """
+        if self._shared_length is None:
+            self._shared_length = _json_length(self._common.to_array()[:8])
+        head = self._heads.get(link.sublink)
+        if head is None:
+            head = self._heads[link.sublink] = click_url(self._scheme, self._domain, "", link.sublink)
+        token = _token_length(self._shared_length + len(link.suffix))
+        if len(head) + token > MAX_URL_LENGTH:
+            url = self.click(link)
+            if url is None:
+                return -1
+            return len(attribute_safe(url) if quoted else url)
+        return len(attribute_safe(head) if quoted else head) + token
+
     def open_too_long(self, slot: int) -> bool:
         t = self.tracking
         bound = (len(open_url(t.open_tracking_scheme, t.tracking_domain, ""))
@@ -147,7 +167,7 @@ def render_part(part: PreparedPart, links: LinkRenderer, tracking: Tracking,
                     urls[link.index], done[link.index] = links.click(link), True
                 url = urls[link.index]
                 if url is not None:
-                    pieces[index] = (_attribute_safe(url) if edit.quote is not None else url).encode()
+                    pieces[index] = (attribute_safe(url) if edit.quote is not None else url).encode()
         elif tracking.open_tracking and (edit.slot == OPEN_SLOT or tracking.initial_open):
             url = links.open(edit.slot)
             if url is not None:  # else left out: tracking_notes says so
