@@ -76,7 +76,7 @@ class BuildTests(SynchronousTestCase):
         parts = configure(merge(base_toml(), {
             "smtp": {"users_file": users, "tls_certificate": self.cert, "tls_key": self.key,
                      "listeners": {"default": {"endpoint": "tcp:2525"},
-                                   "plain": {"endpoint": "tcp:2526", "tls": "off"}}},
+                                   "plain": {"endpoint": "tcp:2601", "tls": "off"}}},
             "delivery": {"tls": "required", "tls_verify": True, "tls_ca_file": self.cert,
                          "smarthost": "relay.example:587", "smarthost_username": "u",
                          "smarthost_password_file": password},

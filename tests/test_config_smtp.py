@@ -67,7 +67,7 @@ class SmtpConfigTests(SynchronousTestCase):
             "default": {"endpoint": "tcp:2525"},
             "submission": {"endpoint": "tcp:2587", "tls": "required", "require_auth": True},
             "smtps": {"endpoint": "tcp:2465", "tls": "implicit"},
-            "plain": {"endpoint": "tcp:2526", "tls": "off"},
+            "plain": {"endpoint": "tcp:2601", "tls": "off"},
         }).smtp
         self.assertEqual([(li.name, li.tls, li.require_auth) for li in c.listeners],
                          [("default", "starttls", False), ("submission", "required", True),

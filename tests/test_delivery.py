@@ -247,7 +247,7 @@ class HopFinderTests(SynchronousTestCase):
 class ServiceTestBase(SynchronousTestCase):
     """A DeliveryService on a memory reactor: connections are recorded, not made."""
 
-    config = DeliveryConfig(routes={"x.test": Route("127.0.0.1", 2526)}, retry_initial=300,
+    config = DeliveryConfig(routes={"x.test": Route("127.0.0.1", 2601)}, retry_initial=300,
                             retry_max=1000, max_queue_lifetime=3000)
 
     @property
@@ -320,7 +320,7 @@ class ScheduleTests(ServiceTestBase):
         first = self.written[0]
         self.assertEqual(first["error_code"], "421")
         self.assertEqual(first["bounce_class"], "70")
-        self.assertIn("cannot connect to 127.0.0.1:2526", first["reason"])
+        self.assertIn("cannot connect to 127.0.0.1:2601", first["reason"])
         self.assertFalse(os.path.exists(queued.path))
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
@@ -348,7 +348,7 @@ class ScheduleTests(ServiceTestBase):
 
 
 class ConcurrencyTests(ServiceTestBase):
-    config = DeliveryConfig(routes={"x.test": Route("127.0.0.1", 2526), "y.test": Route("127.0.0.2", 2526)},
+    config = DeliveryConfig(routes={"x.test": Route("127.0.0.1", 2601), "y.test": Route("127.0.0.2", 2601)},
                             max_connections=4, max_connections_per_destination=3)
 
     def test_limits_per_destination_and_in_total(self) -> None:
@@ -553,7 +553,7 @@ class SessionFailureTests(ServiceTestBase):
         self.assertEqual(len(calls), 2)
         self.assertEqual([e["type"] for e in self.written], ["delay", "delay"])
         self.assertEqual(self.written[0]["raw_reason"],
-                         "451 4.3.0 [internal] delivery to route 127.0.0.1:2526 failed: ValueError: "
+                         "451 4.3.0 [internal] delivery to route 127.0.0.1:2601 failed: ValueError: "
                          "no certificate in ca.pem")
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
         self.assert_idle()
@@ -599,7 +599,7 @@ class SessionFailureTests(ServiceTestBase):
         self.assertEqual(len(calls), 1)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         self.assertEqual(self.written, [])
-        self.assertEqual((self.service._connections, len(self.service._queues["route 127.0.0.1:2526"].ready)),
+        self.assertEqual((self.service._connections, len(self.service._queues["route 127.0.0.1:2601"].ready)),
                          (1, 4))
         self.assertIn(b"MAIL FROM:", transport.value())
         client.setTimeout(None)
@@ -630,7 +630,7 @@ class SessionFailureTests(ServiceTestBase):
         self.reactor.advance(0)
         client, _transport = self.connect(0)
         client.dataReceived(b"220 hi\r\n250 ok\r\n")  # EHLO answered: MAIL FROM is out, the copy in flight
-        self.assertEqual(self.service._queues["route 127.0.0.1:2526"].busy, 1)
+        self.assertEqual(self.service._queues["route 127.0.0.1:2601"].busy, 1)
         real_emit = self.events.emit
 
         def broken(type_: str, **fields: object) -> object:
