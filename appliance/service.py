@@ -123,18 +123,35 @@ class Appliance(MultiService):
         config = parts.config
         self.config = config
         self.reactor = reactor
+        run, run_files, run_passwords = self._pools(reactor, run)
+        self._mail_path(parts, reactor, run, run_files, resolver, handle_sighup)
+        self._webhooks(parts, reactor, run_files)
+        # The order children are added is the start order (and stop goes the other way).
+        self.webhooks.setServiceParent(self)
+        self.events.setServiceParent(self)
+        SpoolService(self.spool).setServiceParent(self)
+        self.delivery.setServiceParent(self)
+        self._smtp(parts, reactor, run_passwords)
+        self._tracker(reactor)
+        self._sighup(reactor, handle_sighup)
+
+    def _pools(self, reactor: Reactor, run: Runner | None) -> tuple[Runner, Runner, Runner]:
+        """Where blocking work runs: CPU, file system and password checks, each apart."""
         self.file_pool: FilePool | None = None
         self.password_pool: PasswordPool | None = None
-        if run is None:
-            self.file_pool = FilePool()
-            self.file_pool.setServiceParent(self)  # first: it is stopped after everything else
-            self.password_pool = PasswordPool()
-            self.password_pool.setServiceParent(self)
-            run_files = thread_runner(reactor, self.file_pool.pool)
-            run_passwords = thread_runner(reactor, self.password_pool.pool)
-            run = thread_runner(reactor)
-        else:
-            run_files = run_passwords = run
+        if run is not None:
+            return run, run, run
+        self.file_pool = FilePool()
+        self.file_pool.setServiceParent(self)  # first: it is stopped after everything else
+        self.password_pool = PasswordPool()
+        self.password_pool.setServiceParent(self)
+        return (thread_runner(reactor), thread_runner(reactor, self.file_pool.pool),
+                thread_runner(reactor, self.password_pool.pool))
+
+    def _mail_path(self, parts: Parts, reactor: Reactor, run: Runner, run_files: Runner,
+                   resolver: Any, handle_sighup: bool) -> None:
+        """The event log, the spool, the copies, delivery and injection."""
+        config = parts.config
         self.links = LinkCodec(parts.keyring)
         self.events = EventLog(config.events.log_file, config.node.name,
                                customer_id=config.events.customer_id,
@@ -163,33 +180,36 @@ class Appliance(MultiService):
         # Recovery writes the events a message still owed when the process ended.
         self.spool.on_owed = self.injector.recover_owed
 
-        # Each webhook reads the event log from its own cursor and queues the events it
-        # wants under the spool; batches are posted from there, so the event log never
-        # waits for a receiver. A write to the log wakes the followers.
+    def _webhooks(self, parts: Parts, reactor: Reactor, run_files: Runner) -> None:
+        """
+        Each webhook reads the event log from its own cursor and queues the events it
+        wants under the spool; batches are posted from there, so the event log never
+        waits for a receiver. A write to the log wakes the followers.
+        """
+        config = parts.config
         self.webhooks = Webhooks(config.webhooks, os.path.join(config.spool.directory, "webhooks"),
                                  config.events.log_file, clock=reactor, run=run_files,
                                  trust=parts.webhook_trust,
                                  fsync_interval=config.events.fsync_interval)
         self.events.wake_on_write(self.webhooks.wake)
 
-        self.webhooks.setServiceParent(self)
-        self.events.setServiceParent(self)
-        SpoolService(self.spool).setServiceParent(self)
-        self.delivery.setServiceParent(self)
-        self.smtp_listeners = []
+    def _smtp(self, parts: Parts, reactor: Reactor, run_passwords: Runner) -> None:
+        """The stop drain, the AUTH users and guard, and one listener per configured table."""
+        config = parts.config
+        smtp = config.smtp
+        self.smtp_listeners: list[Service] = []
         self.smtp_limits = ConnectionLimits()
         # Stopped right after the listeners: messages already received get their decision,
         # events and reply before delivery and the event log stop.
         self.smtp_drain = SessionDrain(self.smtp_limits, self.injector, reactor)
         self.smtp_drain.setServiceParent(self)
         self.users = None
-        if config.smtp.users_file:
-            self.users = UsersFileChecker(config.smtp.users_file, run_passwords, parts.users)
-        smtp = config.smtp
+        if smtp.users_file:
+            self.users = UsersFileChecker(smtp.users_file, run_passwords, parts.users)
         self.auth_guard = AuthGuard(reactor, smtp.auth_attempts_per_second, smtp.auth_failure_backoff,
                                     smtp.auth_failure_backoff_max)
-        for listener in config.smtp.listeners:
-            factory = listener_factory(listener, self.injector, config.node.hostname, config.smtp,
+        for listener in smtp.listeners:
+            factory = listener_factory(listener, self.injector, config.node.hostname, smtp,
                                        self.smtp_limits, self.users,
                                        tls=parts.listener_tls.get(listener.name), clock=reactor,
                                        auth_guard=self.auth_guard, postmaster=config.node.postmaster)
@@ -197,17 +217,23 @@ class Appliance(MultiService):
             svc.setName(f"smtp:{listener.name}")
             svc.setServiceParent(self)
             self.smtp_listeners.append(svc)
-        t = config.tracker
+
+    def _tracker(self, reactor: Reactor) -> None:
+        t = self.config.tracker
         self.tracker_site = make_site(self.links, self.events, t.trusted_proxies,
                                       reactor=reactor, limits=t.limits)
-        self.tracker = strports.service(config.tracker.endpoint, self.tracker_site, reactor=reactor)
+        self.tracker = strports.service(t.endpoint, self.tracker_site, reactor=reactor)
         self.tracker.setName("tracker")
         self.tracker.setServiceParent(self)
 
-        # SIGHUP re-reads the link key file, so a retired key stops verifying without a
-        # restart. Started after the event log, whose own SIGHUP handler it chains to.
+    def _sighup(self, reactor: Reactor, handle_sighup: bool) -> None:
+        """
+        SIGHUP re-reads the link key file, so a retired key stops verifying without a
+        restart. Started after the event log, whose own SIGHUP handler it chains to.
+        """
         self.sighup: SighupService | None = None
         if handle_sighup:
             self.sighup = SighupService(reactor)
-            self.sighup.add(lambda: self.links.reload(config.links.keys_file))
+            keys_file = self.config.links.keys_file
+            self.sighup.add(lambda: self.links.reload(keys_file))
             self.sighup.setServiceParent(self)
