@@ -91,6 +91,21 @@ class SizeCapTests(SynchronousTestCase):
                 bound = prepared.size_bound(CODEC, ID, tracking)
                 self.assertGreaterEqual(bound, len(prepared.render(CODEC, ID, tracking)))
 
+    def test_the_coarse_bound_is_never_below_the_exact_one(self) -> None:
+        too_long = text_of_links(3, "https://x.example/" + "q" * 5000)
+        for data in self.MESSAGES + (text_of_links(1000), too_long):
+            prepared = prepare(data)
+            for tracking in (BOTH, CLICK, OPEN):
+                self.assertGreaterEqual(prepared.coarse_size_bound,
+                                        prepared.size_bound(CODEC, ID, tracking))
+
+    def test_far_below_the_limit_no_link_is_priced(self) -> None:
+        """The exact bound prices every link per recipient; a small message needs none of it."""
+        prepared = prepare(text_of_links(1000))
+        prepared.size_bound = None  # type: ignore[assignment,method-assign]  # calling it fails
+        self.assertFalse(prepared.over_size(CODEC, ID, CLICK, 25 * 1024 * 1024))
+        self.assertRaises(TypeError, prepared.over_size, CODEC, ID, CLICK, prepared.coarse_size_bound - 1)
+
     def test_the_bound_signs_no_link_that_fits(self) -> None:
         """At injection it runs for every recipient: its cost must not be a token per link."""
         prepared = prepare(text_of_links(1000, "https://x.example/a"))

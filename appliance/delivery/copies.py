@@ -169,8 +169,8 @@ class CopyMaker:
     def _render(self, prepared: Prepared, tid: str, recipient: Any, tracking: Tracking) -> bytes:
         identity = _identity(tid, recipient)
         try:
-            if self.max_size is not None and prepared.size_bound(
-                    self.codec, identity, tracking) > self.max_size:
+            if self.max_size is not None and prepared.over_size(
+                    self.codec, identity, tracking, self.max_size):
                 return prepared.data  # the injection event said so: tracking_notes
             return prepared.render(self.codec, identity, tracking)
         except Exception:
