@@ -124,7 +124,7 @@ class Appliance(MultiService):
         self.config = config
         self.reactor = reactor
         run, run_files, run_passwords = self._pools(reactor, run)
-        self._mail_path(parts, reactor, run, run_files, resolver, handle_sighup)
+        self._mail_path(parts, reactor, run, run_files, resolver)
         self._webhooks(parts, reactor, run_files)
         # The order children are added is the start order (and stop goes the other way).
         self.webhooks.setServiceParent(self)
@@ -149,14 +149,14 @@ class Appliance(MultiService):
                 thread_runner(reactor, self.password_pool.pool))
 
     def _mail_path(self, parts: Parts, reactor: Reactor, run: Runner, run_files: Runner,
-                   resolver: Any, handle_sighup: bool) -> None:
+                   resolver: Any) -> None:
         """The event log, the spool, the copies, delivery and injection."""
         config = parts.config
         self.links = LinkCodec(parts.keyring)
         self.events = EventLog(config.events.log_file, config.node.name,
                                customer_id=config.events.customer_id,
                                fsync_interval=config.events.fsync_interval, clock=reactor,
-                               sighup=reactor if handle_sighup else None, run=run_files,
+                               run=run_files,
                                file_mode=config.events.file_mode)
         self.spool = Spool(config.spool.directory, run=run_files)
         self.router = Router(config.delivery)
@@ -228,12 +228,14 @@ class Appliance(MultiService):
 
     def _sighup(self, reactor: Reactor, handle_sighup: bool) -> None:
         """
-        SIGHUP re-reads the link key file, so a retired key stops verifying without a
-        restart. Started after the event log, whose own SIGHUP handler it chains to.
+        SIGHUP reopens the event log (logrotate's ``postrotate``) and re-reads the link key
+        file, so a retired key stops verifying without a restart: one handler for both.
+        Added last, it is stopped first, so no reopen comes after the event log closed.
         """
         self.sighup: SighupService | None = None
         if handle_sighup:
             self.sighup = SighupService(reactor)
+            self.sighup.add(self.events.reopen)
             keys_file = self.config.links.keys_file
             self.sighup.add(lambda: self.links.reload(keys_file))
             self.sighup.setServiceParent(self)

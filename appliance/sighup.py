@@ -6,8 +6,9 @@ would have to chain to the one before and give it back in the right order.
 ``SighupService`` installs a single handler that runs every registered
 callback on the reactor thread (a signal can interrupt any line, so nothing
 is done inside the handler itself) and then calls the handler it replaced,
-so a part that still installs its own (the event log's reopen) keeps
-working as long as it was installed first. Stopped, it gives the replaced
+so a handler installed before it (another library's, or an ``EventLog``
+used on its own with ``sighup=``) keeps working. In the appliance the event
+log's reopen is one of its callbacks. Stopped, it gives the replaced
 handler back.
 """
 

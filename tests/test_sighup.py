@@ -123,6 +123,22 @@ class ApplianceTests(SignalCase):
         # The tracker and the copy maker verify and sign with that same codec.
         self.assertIs(appliance.copies.codec, appliance.links)
 
+    def test_sighup_reopens_the_appliances_event_log(self) -> None:
+        """One handler: the event log's reopen is a callback of the same dispatcher."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        config = make_config(directory)
+        appliance = Appliance(build(config), MemoryReactorClock(), run=run_synchronously)
+        appliance.events.open()
+        self.addCleanup(appliance.events.close)
+        path = config.events.log_file
+        os.rename(path, path + ".1")  # logrotate's rename
+        assert appliance.sighup is not None
+        appliance.sighup._run()
+        appliance.events.emit("open")
+        self.assertTrue(os.path.exists(path))
+        self.assertEqual(os.path.getsize(path + ".1"), 0)
+
     def test_no_handler_in_tests_that_ask_for_none(self) -> None:
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
