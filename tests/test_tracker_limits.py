@@ -18,9 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.config import ConfigError, parse_config
 from appliance.events import EventLog
+from appliance.eventtypes import cap_text
 from appliance.links import click_url
 from appliance.tracker import SUMMARY_INTERVAL, Client, Tracker, make_site
-from appliance.tracker.limits import HitLimiter, Limits, cap_text
+from appliance.tracker.limits import HitLimiter, Limits
 from tests.helpers import base_toml, in_thread, merge
 from tests.memory import MemoryAppliance
 from tests.test_tracker import CODEC, NOW, UA, FakeEvents, http, link

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from appliance.events import Event, EventLog
-from appliance.eventtypes import CLICK, INITIAL_OPEN, OPEN, click_events, open_event
+from appliance.eventtypes import CLICK, INITIAL_OPEN, OPEN, cap_text, click_events, open_event
 from appliance.links import InvalidToken, LinkCodec, LinkData, location_header
 from appliance.tracker.limits import (
     DEFAULT_LIMITS,
@@ -41,7 +41,6 @@ from appliance.tracker.limits import (
     GuardedChannel,
     HitLimiter,
     Limits,
-    cap_text,
 )
 
 log = Logger()

@@ -21,7 +21,6 @@ from twisted.logger import Logger
 from twisted.web import http
 
 from appliance.config import TrackerLimits
-from appliance.eventtypes import cap_text as cap_text  # cut client text: shared with every event
 
 log = Logger()
 
