@@ -58,6 +58,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "build": {"config", "dkim", "links", "policy", "reactors", "tls", "users"},
     "service": {"build", "config", "delivery", "events", "files", "injection", "links", "policy",
                 "reactors", "sighup", "smtp", "spool", "tracker", "users", "webhooks"},
+    # The admin listener's resources: they read what the services hand them.
+    "admin": set(),
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
     "console": {"build", "config", "dkim", "eventtypes", "links", "tls", "users", "webhooks"},
