@@ -34,7 +34,7 @@ def render_text(preview: Preview, out: str | None, reading_notes: list[str]) -> 
                  "tracked" if r.tracked else "left alone", r.why]
                 for i, r in enumerate(preview.links, 1)]
         lines += ["  " + line for line in _table(
-            ["#", "part", "line", "anchor text", "target", "link name", "", "why"], rows)]
+            ["#", "part", "line", "anchor text", "target", "link name", "decision", "why"], rows)]
     else:
         lines.append("  none")
     lines += ["", "Pixels:"]
