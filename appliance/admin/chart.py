@@ -74,6 +74,12 @@ def _number(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def scale(value: int) -> tuple[int, int]:
+    """The top of the y axis and its grid step: one to four steps of 1, 2 or 5 times a power of ten."""
+    step = nice_ceiling(math.ceil(value / 4))
+    return max(step, -(-value // step) * step), step
+
+
 def _ticks(hours: Sequence[datetime], max_labels: int) -> tuple[list[int], int]:
     """The indexes of ``hours`` that get a label, and the spacing chosen (in hours)."""
     count = len(hours)
@@ -87,9 +93,11 @@ def hourly_chart(hours: Sequence[datetime], series: Iterable[Series], title: str
                  frame: Frame = WIDE) -> Markup:
     """The SVG of ``series`` (one value per hour of ``hours``), as markup safe to put in a page."""
     series = list(series)
+    if any(len(s.values) != len(hours) for s in series):
+        raise ValueError("every series needs one value per hour")
     f = frame
     count = len(hours)
-    top_value = nice_ceiling(max((max(s.values, default=0) for s in series), default=0))
+    top_value, grid = scale(max((max(s.values, default=0) for s in series), default=0))
     plot_w, plot_h = f.width - f.left - f.right, f.height - f.top - f.bottom
     base = f.top + plot_h
 
@@ -101,8 +109,7 @@ def hourly_chart(hours: Sequence[datetime], series: Iterable[Series], title: str
 
     parts = [f'<svg class="chart" viewBox="0 0 {f.width} {f.height}" role="img" '
              f'aria-label="{escape(title)}" font-size="{f.font}">', f"<title>{escape(title)}</title>"]
-    for k in range(5):  # horizontal grid lines and the y axis's numbers
-        v = top_value * k / 4
+    for v in range(0, top_value + 1, grid):  # horizontal grid lines and the y axis's numbers
         parts.append(f'<line class="grid" x1="{f.left}" x2="{f.width - f.right}" y1="{y(v):.1f}" '
                      f'y2="{y(v):.1f}"/>')
         parts.append(f'<text class="y-label" x="{f.left - 6}" y="{y(v) + f.font / 3:.1f}" '

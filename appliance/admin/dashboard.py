@@ -302,7 +302,7 @@ class _Page(resource.Resource):
 
     def _failed(self, failure: Failure, request: IRequest, gone: list[bool]) -> None:
         if not failure.check(NotFound):
-            log.failure("dashboard page {path} failed", failure, path=request.path)
+            log.failure("dashboard page {uri} failed", failure, uri=request.uri)
         if gone:
             return
         if failure.check(NotFound):
