@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance import console
 from appliance.links import LinkCodec, new_keyring
 from appliance.policy import ACCEPT, PolicyEnvelope, Reject, Verdict
 from appliance.preview import PreviewError, make_preview, not_trackable, read_message, with_msys_api
@@ -325,6 +326,16 @@ class CommandTests(SynchronousTestCase):
             self.assertEqual(out, "")
             self.assertIn(text, err)
             self.assertFalse(os.path.exists(out_path))
+
+    def test_a_subcommand_of_engage_appliance(self) -> None:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(console.main(["preview", self.eml, "--config", self.config, "--json"]), 0)
+        self.assertEqual(json.loads(out.getvalue())["rcpt"], "reader@example.test")
+        with contextlib.redirect_stdout(io.StringIO()) as usage:
+            e = self.assertRaises(SystemExit, console.main, ["preview", "--help"])
+        self.assertEqual(e.code, 0)
+        self.assertIn("--x-msys-api JSON", usage.getvalue())
 
     def test_a_bad_configuration(self) -> None:
         self.write_config("[smtpapi2]\n")

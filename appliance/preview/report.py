@@ -47,6 +47,8 @@ def render_text(preview: Preview, out: str | None, reading_notes: list[str]) -> 
     notes = reading_notes + preview.notes
     if notes:
         lines += ["", "Notes:"] + [f"  {n}" for n in notes]
-    lines += ["", "Links are signed with a key made for this preview: the tracker answers 404 to them."]
+    lines += ["", "Links are signed with a key made for this preview: the tracker answers 404 to them.",
+              "Only a real injection adds the Received: trace field and, if configured, the DKIM "
+              "signature."]
     lines.append(f"The copy was written to {out}." if out else "Give --out FILE to write the copy.")
     return "\n".join(lines) + "\n"
