@@ -3,6 +3,7 @@
 
 - ``webhooks list``: each webhook, what waits in its queue, and its receiver's last answer;
 - ``webhooks test NAME``: post one sample batch with the webhook's credentials, print the answer;
+- ``preview MESSAGE.eml``: what tracking would do to a message (``appliance.preview``);
 - ``keys``, ``users``, ``certificate``, ``dkim-key``: the commands that were
   ``engage-appliance-keys`` and so on (those names still work), run as they were.
 
@@ -62,12 +63,20 @@ def _dkim_key(argv: list[str]) -> int:
     return main(argv)
 
 
+def _preview(argv: list[str]) -> int:
+    from appliance.preview.command import main
+
+    return main(argv)
+
+
 # The commands that came first, each with its own options: their arguments are passed on as given.
 DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "keys": (_keys, "create, rotate, retire and list the keys that sign tracked links"),
     "users": (_users, "manage the SMTP AUTH users file"),
     "certificate": (_certificate, "write a self-signed TLS certificate and key"),
     "dkim-key": (_dkim_key, "make a DKIM key and print its DNS record"),
+    # Not one of those, but a command with its own options all the same (appliance.preview).
+    "preview": (_preview, "show what tracking would do to a message, without sending it"),
 }
 
 

@@ -62,7 +62,11 @@ MAY_IMPORT: dict[str, set[str]] = {
     "admin": set(),
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
-    "console": {"build", "config", "dkim", "eventtypes", "links", "tls", "users", "webhooks"},
+    "console": {"build", "config", "dkim", "eventtypes", "links", "preview", "tls", "users", "webhooks"},
+    # The message preview: the injection path's pure parts (X-MSYS-API, policy answer,
+    # resolution, rewrite) run on one message, and events' id generator for ids of the
+    # real shape (their length is in every token).
+    "preview": {"config", "events", "headers", "links", "policy", "rewrite", "settings"},
 }
 TYPE_ONLY: dict[str, set[str]] = {
     "eventtypes": {"links", "settings", "spool"},

@@ -26,16 +26,21 @@ The modules, in the order a message meets them:
 - ``edits``: what tracking may change in a decoded part (links, pixels,
   ``data-msys-*`` attributes, ``[[...]]`` suffixes, brace macros);
 - ``prepared``: a message compiled once for all its copies;
-- ``render``: one recipient's copy filled in from the compiled form.
+- ``render``: one recipient's copy filled in from the compiled form;
+- ``audit``: what was decided about each link, for the preview (off the delivery path).
 
 Header fields are read by ``appliance.headers``, as DKIM and the injection
 server read them. The copy cache that calls all this is
 ``appliance.delivery.copies``.
 """
 
+from appliance.rewrite.audit import OVER_CAP, Audit, LinkAudit, PartAudit
 from appliance.rewrite.edits import (
+    CLICKTRACK_OFF,
     DEFAULT_LINK_NAME,
     MAX_LINK_NAME_BYTES,
+    NOT_TRACKABLE,
+    TOO_LONG,
     Link,
     expand_macros,
     html_edits,
@@ -56,6 +61,13 @@ from appliance.rewrite.prepared import (
 from appliance.rewrite.render import INITIAL_PIXEL, OPEN_PIXEL, Change, Identity
 
 __all__ = [
+    "CLICKTRACK_OFF",
+    "NOT_TRACKABLE",
+    "OVER_CAP",
+    "TOO_LONG",
+    "Audit",
+    "LinkAudit",
+    "PartAudit",
     "DEFAULT_LINK_NAME",
     "INITIAL_PIXEL",
     "MAX_DEPTH",

@@ -32,6 +32,24 @@ class Link:
     suffix: bytes = field(default=b"", compare=False)  # its half of every click token's body
 
 
+# Why a link found in a part is left as it came, whatever the settings; recorded only
+# when the caller asks (``untracked``): the preview's audit, never the delivery path.
+CLICKTRACK_OFF = "clicktrack_off"  # data-msys-clicktrack="0", or its [[...]] suffix in text
+NOT_TRACKABLE = "not_trackable"  # not an absolute http(s) URL (mailto:, #top, relative, ...)
+TOO_LONG = "too_long"  # longer than MAX_URL_LENGTH as written: never even decoded
+
+
+@dataclass(frozen=True)
+class Untracked:
+    """A link the rewriter leaves alone: where its target is written, and why."""
+
+    start: int  # span of the href value (or the URL) in the decoded text
+    end: int
+    written: str  # as written, character references and macros included
+    target: str  # decoded as a browser would ("" when too long to decode)
+    reason: str
+
+
 # Kinds of open slots in a compiled part: what each recipient's copy fills in.
 LINK_SLOT, OPEN_SLOT, INITIAL_SLOT = 0, 1, 2
 
@@ -123,8 +141,13 @@ def _link_name(value: str) -> str:
 _NOTHING_ELSE: dict[str, Attribute] = {}  # a link tag's attributes other than href: none (never filled)
 
 
-def html_edits(text: str) -> tuple[list[Edit], int]:
-    """Every change tracking may make to an HTML text, in order; and how many links are too long."""
+def html_edits(text: str, untracked: list[Untracked] | None = None) -> tuple[list[Edit], int]:
+    """
+    Every change tracking may make to an HTML text, in order; and how many links are too long.
+
+    Given a list, ``untracked`` receives every link left alone and why (the
+    preview's audit); the delivery path passes none and pays nothing for it.
+    """
     scan = scan_html(text)
     edits: list[Edit] = []
     links = _Links()
@@ -143,16 +166,22 @@ def html_edits(text: str) -> tuple[list[Edit], int]:
             if href is None:
                 continue
         track = first.get("data-msys-clicktrack")
-        untracked = track is not None and unescape_attribute(track.value).strip() == "0"
+        off = track is not None and unescape_attribute(track.value).strip() == "0"
         if len(href.value) > MAX_URL_LENGTH:  # could never be tracked: not even decoded
-            too_long += not untracked and href.value.lstrip(HTML_SPACE)[:8].lower().startswith(
-                ("http://", "https://"))
+            http = href.value.lstrip(HTML_SPACE)[:8].lower().startswith(("http://", "https://"))
+            too_long += not off and http
+            if untracked is not None:
+                untracked.append(Untracked(href.value_start, href.value_end, href.value, "",
+                                           CLICKTRACK_OFF if off else TOO_LONG if http else NOT_TRACKABLE))
             continue
         raw = expand_macros(href.value)
         target = unescape_attribute(raw).strip(HTML_SPACE)
-        if untracked or not is_trackable_target(target):
+        if off or not is_trackable_target(target):
             if raw != href.value:
                 edits.append(Edit(href.value_start, href.value_end, raw))
+            if untracked is not None:
+                untracked.append(Untracked(href.value_start, href.value_end, href.value, target,
+                                           CLICKTRACK_OFF if off else NOT_TRACKABLE))
             continue
         name = first.get("data-msys-linkname")
         sublink = first.get("data-msys-sublink")
@@ -198,9 +227,9 @@ def _trim_url(url: str) -> str:
     return url[:end]
 
 
-def text_edits(text: str) -> tuple[list[Edit], int]:
+def text_edits(text: str, untracked: list[Untracked] | None = None) -> tuple[list[Edit], int]:
     """Every change tracking may make to a plain text (URLs, ``[[...]]`` suffixes); and how many
-    URLs are too long to track."""
+    URLs are too long to track. ``untracked``: as for ``html_edits``."""
     edits: list[Edit] = []
     links = _Links()
     too_long = 0
@@ -215,16 +244,23 @@ def text_edits(text: str) -> tuple[list[Edit], int]:
             s = _SUFFIX.match(text, end)
         if end != suffix_start:
             edits.append(Edit(suffix_start, end))
+        off = attrs.get("clicktrack") == "0"
         if len(url) > MAX_URL_LENGTH:  # could never be tracked; its text stays as it is
-            too_long += attrs.get("clicktrack") != "0"
+            too_long += not off
+            if untracked is not None:
+                untracked.append(Untracked(m.start(), m.start() + len(url), url, "",
+                                           CLICKTRACK_OFF if off else TOO_LONG))
             continue
         if end == suffix_start:
             url = _trim_url(url)
         start = m.start()
         raw = expand_macros(url)
-        if attrs.get("clicktrack") == "0" or not is_trackable_target(raw):
+        if off or not is_trackable_target(raw):
             if raw != url:
                 edits.append(Edit(start, start + len(url), raw))
+            if untracked is not None:
+                untracked.append(Untracked(start, start + len(url), url, raw,
+                                           CLICKTRACK_OFF if off else NOT_TRACKABLE))
             continue
         link = links.get(raw, DEFAULT_LINK_NAME, attrs.get("sublink", "").strip(),
                          attrs.get("unsubscribe") == "1")

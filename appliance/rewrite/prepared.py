@@ -17,7 +17,17 @@ from dataclasses import fields as dataclass_fields
 
 from appliance.headers import Field, read_header
 from appliance.links import MAX_URL_LENGTH, LinkCodec
-from appliance.rewrite.edits import INITIAL_SLOT, LINK_SLOT, OPEN_SLOT, Edit, Link, html_edits, text_edits
+from appliance.rewrite.audit import Audit
+from appliance.rewrite.edits import (
+    INITIAL_SLOT,
+    LINK_SLOT,
+    OPEN_SLOT,
+    Edit,
+    Link,
+    Untracked,
+    html_edits,
+    text_edits,
+)
 from appliance.rewrite.errors import MimeError, PartSkipped
 from appliance.rewrite.mime import (
     MAX_PART_BYTES,
@@ -134,8 +144,12 @@ def _cap_links(edits: list[Edit], max_links: int) -> tuple[list[Edit], int]:
 
 
 def prepare_part(data: bytes, c: Candidate, top_level: bool,
-                 max_links: int = MAX_TRACKED_LINKS) -> PreparedPart:
-    """One part decoded, its edits found and compiled; ``PartSkipped`` when it must stay as it came."""
+                 max_links: int = MAX_TRACKED_LINKS, audit: Audit | None = None) -> PreparedPart:
+    """
+    One part decoded, its edits found and compiled; ``PartSkipped`` when it must stay as it came.
+
+    ``audit``, if given, receives the part's links and what was decided about each.
+    """
     cte = (c.info.get("content-transfer-encoding") or "7bit").strip().lower()
     body = data[c.body_start:c.end]
     if len(body) > MAX_PART_BYTES:
@@ -148,9 +162,12 @@ def prepare_part(data: bytes, c: Candidate, top_level: bool,
         raise PartSkipped(f"it is not valid {c.info.get_content_charset() or 'us-ascii'}") from None
     if "\x00" in text:
         raise PartSkipped("it contains NUL characters")
-    edits, too_long = html_edits(text) if c.kind == "html" else text_edits(text)
-    edits, over_cap = _cap_links(edits, max_links)
+    untracked: list[Untracked] | None = [] if audit is not None else None
+    found, too_long = html_edits(text, untracked) if c.kind == "html" else text_edits(text, untracked)
+    edits, over_cap = _cap_links(found, max_links)
     template, dynamic, originals, static_changes = _compile_text(text, charset, edits)
+    if audit is not None and untracked is not None:
+        audit.add(c.kind, text, found, edits, untracked)
     # The edits share one Link object per distinct link, numbered in order of first use.
     links: list[Link] = []
     has_links = has_open_pixel = False
@@ -396,11 +413,12 @@ def without_msys_api(message: bytes) -> bytes:
     return strip_header(message, read_header(message).fields, "x-msys-api")
 
 
-def prepare(message: bytes, max_links: int = MAX_TRACKED_LINKS) -> Prepared:
+def prepare(message: bytes, max_links: int = MAX_TRACKED_LINKS, audit: Audit | None = None) -> Prepared:
     """
     Compile a message (the spooled text) for rendering; never raises for bad input.
 
     ``max_links``: how many tracked links each part may have; the rest stay as they came.
+    ``audit``: filled with every part and link and what was decided (the preview's).
     """
     top = read_header(message)
     # Even when a line of it is not a field, what a mail reader would take for the header
@@ -423,7 +441,10 @@ def prepare(message: bytes, max_links: int = MAX_TRACKED_LINKS) -> Prepared:
     prepared.skipped.extend(notes)
     for c in candidates:
         try:
-            prepared.parts.append(prepare_part(data, c, top_level=c.start == 0, max_links=max_links))
+            prepared.parts.append(prepare_part(data, c, top_level=c.start == 0, max_links=max_links,
+                                               audit=audit))
         except PartSkipped as e:
             prepared.skipped.append(f"text/{'html' if c.kind == 'html' else 'plain'} part: {e}")
+            if audit is not None:
+                audit.skip(c.kind, str(e))
     return prepared
