@@ -275,6 +275,8 @@ def _listener_tls(config: Config, problems: Problems, loaders: Loaders) -> dict[
         if not (listener.tls_certificate and listener.tls_key) or listener.tls == "off":
             continue
         own = (listener.tls_certificate, listener.tls_key) != (smtp.tls_certificate, smtp.tls_key)
+        if not own and smtp.certificate_created and not os.path.exists(smtp.tls_certificate):
+            continue  # the pair a first start makes; not made by a check
         tls = pair(listener.tls_certificate, listener.tls_key,
                    f"smtp.listeners.{listener.name}" if own else "smtp")
         if tls is not None:

@@ -353,8 +353,6 @@ class Appliance(MultiService):
 
 def _listener_problem(svc: Service) -> str | None:
     """A listener that should be listening and is not (its port never opened, or closed)."""
-    if not svc.running:
-        return "not started"
     factory = svc.factory  # type: ignore[attr-defined]
     return None if factory.numPorts > 0 else "not listening"
 

@@ -53,8 +53,9 @@ class SpoolLock:
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
             who = f"process {holder}" if holder else "another process"
-            raise SpoolLocked(f"spool {self.directory} is in use by {who} "
-                              f"(lock {self.path}); is the appliance already running?") from None
+            # Short and the process first: a daemonizing twistd shows only 100 bytes of it.
+            raise SpoolLocked(f"the spool is in use by {who}: {self.directory} "
+                              "(is the appliance already running?)") from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -67,7 +67,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "spoollock": set(),
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
-    "console": {"build", "config", "dkim", "eventtypes", "links", "tls", "users", "webhooks"},
+    "console": {"build", "config", "console_check", "dkim", "eventtypes", "links", "tls", "users",
+                "webhooks"},
+    # engage-appliance check: the build's own loaders, making no file.
+    "console_check": {"build", "config"},
 }
 TYPE_ONLY: dict[str, set[str]] = {
     "eventtypes": {"links", "settings", "spool"},
