@@ -29,7 +29,7 @@ def writable_directories(config: Config) -> Problems:
                              ("events.log_file", os.path.dirname(config.events.log_file))):
         problem = unwritable(directory)
         if problem:
-            problems.append((where, f"{directory}: {problem}"))
+            problems.append((where, f"cannot write in {directory}: {problem}"))
     return problems
 
 
