@@ -129,7 +129,8 @@ class HealthTests(SynchronousTestCase):
     def test_a_check_that_raises_is_a_problem(self) -> None:
         health = Health()
         health.add("broken", lambda: 1 // 0)  # type: ignore[arg-type,func-returns-value]
-        self.assertEqual(health.problems(), {"broken": "the check failed: integer division or modulo by zero"})
+        self.assertEqual(health.problems(),
+                         {"broken": "the check failed: integer division or modulo by zero"})
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
