@@ -1,0 +1,86 @@
+"""The operating files (systemd unit, logrotate) and twistd's own log reopened on SIGHUP."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import signal
+import subprocess
+import time
+
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.crash_durability import TWISTD, write_config
+from tests.helpers import REPO
+from tests.ports import free_port, wait_for_port
+
+
+def read(path: str) -> str:
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def wait_for(predicate: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s")
+        time.sleep(0.05)
+
+
+class TwistdLogTests(TestCase):
+    """A real ``twistd -n -l FILE``: logrotate's rename and SIGHUP move its log to a new file."""
+
+    timeout = 120
+
+    def test_sighup_reopens_twistds_log_file(self) -> None:
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        port = free_port()
+        config = write_config(workdir, port, free_port())
+        log = os.path.join(workdir, "twistd.log")
+        proc = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "-l", log, "engage-appliance", "-c", config],
+                                cwd=workdir, env={**os.environ, "PYTHONPATH": REPO},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (proc.terminate(), proc.wait(30)))
+        wait_for_port(port, proc)
+        os.rename(log, log + ".1")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: os.path.exists(log) and b"reopened twistd's log file" in open(log, "rb").read())
+        with open(log + ".1", "rb") as f:
+            old = f.read()
+        self.assertIn(b"twistd 26", old)  # the start-up lines stayed in the renamed file
+        self.assertNotIn(b"reopened twistd's log file", old)
+        proc.terminate()
+        proc.wait(30)  # twistd ends by the signal it was stopped with, as it reports its stop
+        with open(log, "rb") as f:
+            self.assertIn(b"Main loop terminated.", f.read())  # everything after, in the new file
+
+
+class SystemdUnitTests(SynchronousTestCase):
+    def test_the_unit(self) -> None:
+        unit = configparser.ConfigParser(strict=True, interpolation=None)
+        unit.optionxform = str  # type: ignore[assignment,method-assign]
+        unit.read_string(read("etc/engage-appliance.service"))
+        service = unit["Service"]
+        start = service["ExecStart"].split()
+        self.assertTrue(start[0].endswith("/twistd"))
+        self.assertEqual(start[1:4], ["-n", "--pidfile=", "engage-appliance"])
+        self.assertIn("check", service["ExecStartPre"].split())
+        self.assertEqual(service["ExecReload"], "/bin/kill -HUP $MAINPID")
+        self.assertEqual(service["Restart"], "on-failure")
+        self.assertTrue(service["WorkingDirectory"].startswith("/"))
+        self.assertTrue(service["ReadWritePaths"].startswith(service["WorkingDirectory"]))
+        for key in ("NoNewPrivileges", "ProtectSystem", "PrivateTmp", "ProtectHome"):
+            self.assertIn(key, service)
+        self.assertEqual(unit["Install"]["WantedBy"], "multi-user.target")
+
+
+class LogrotateTests(SynchronousTestCase):
+    def test_both_logs_rotated_by_rename_and_sighup(self) -> None:
+        lines = [x.split("#")[0].strip() for x in read("etc/logrotate.d/engage-appliance").splitlines()]
+        [head] = [x for x in lines if x.endswith("{")]
+        self.assertEqual([os.path.basename(p) for p in head[:-1].split()], ["events.jsonl", "twistd.log"])
+        directives = {x.split()[0] for x in lines if x and not x.endswith("{") and x != "}"}
+        self.assertNotIn("copytruncate", directives)
+        self.assertTrue({"nocreate", "delaycompress", "sharedscripts"} <= directives)
