@@ -84,3 +84,38 @@ class LogrotateTests(SynchronousTestCase):
         directives = {x.split()[0] for x in lines if x and not x.endswith("{") and x != "}"}
         self.assertNotIn("copytruncate", directives)
         self.assertTrue({"nocreate", "delaycompress", "sharedscripts"} <= directives)
+
+
+class TwistdLogFileTests(SynchronousTestCase):
+    """Where twistd keeps its log file, as ``twisted.scripts._twistd_unix`` installs it."""
+
+    def setUp(self) -> None:
+        self.previous = signal.getsignal(signal.SIGUSR1)
+        self.addCleanup(signal.signal, signal.SIGUSR1, self.previous)
+
+    def test_found_through_twistds_handler_then_reopened_unrotated(self) -> None:
+        from twisted.python import logfile
+        from twisted.scripts._twistd_unix import UnixAppLogger
+
+        from appliance import tap
+
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        self.assertIsNone(tap.twistd_log_file())
+        path = os.path.abspath(self.mktemp())
+        observer = UnixAppLogger({"logfile": path, "nodaemon": True})._getLogObserver()
+        found = tap.twistd_log_file()
+        self.assertIsInstance(found, logfile.LogFile)
+        assert found is not None
+        self.addCleanup(found.close)
+        self.assertEqual(found.path, path)
+        self.assertEqual(found.rotateLength, 1000000)
+        tap.rotate_twistd_log_externally()
+        self.assertIsNone(found.rotateLength)
+        os.rename(path, path + ".1")
+        tap.reopen_twistd_log()
+        observer({"log_format": "after", "log_time": 0, "log_level": None, "log_namespace": "x"})
+        found.flush()
+        with open(path) as f:
+            self.assertIn("after", f.read())
+        with open(path + ".1") as f:
+            self.assertNotIn("after", f.read())
