@@ -7,11 +7,14 @@ import os
 import signal
 import subprocess
 import time
+import tomllib
+import urllib.error
+import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.crash_durability import TWISTD, write_config
-from tests.helpers import REPO
+from tests.helpers import REPO, port_of
 from tests.ports import free_port, wait_for_port
 
 
@@ -26,6 +29,14 @@ def wait_for(predicate: object, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s")
         time.sleep(0.05)
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 class TwistdLogTests(TestCase):
@@ -44,6 +55,11 @@ class TwistdLogTests(TestCase):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(lambda: (proc.terminate(), proc.wait(30)))
         wait_for_port(port, proc)
+        # Ports open before the reactor runs, the SIGHUP handler once it does: a /healthz
+        # answer comes after the whole start, handler included.
+        with open(config, "rb") as f:
+            admin = tomllib.load(f)["admin"]["endpoint"]
+        wait_for(lambda: healthy(f"http://127.0.0.1:{port_of(admin)}/healthz"))
         os.rename(log, log + ".1")
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: os.path.exists(log) and b"reopened twistd's log file" in open(log, "rb").read())

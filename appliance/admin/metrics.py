@@ -51,22 +51,30 @@ class EventCounters:
         self.initial_opens = counter("initial_opens", "Opens of the top pixel (initial_open events).")
         self.clicks = counter("clicks", "Clicks (click events).")
         self.unsubscribes = counter("link_unsubscribes", "Unsubscribe link clicks (link_unsubscribe events).")
-        self._plain: dict[str, Counter] = {
-            "injection": self.injected, "policy_rejection": self.policy_rejected,
-            "delivery": self.delivered, "open": self.opens, "initial_open": self.initial_opens,
-            "click": self.clicks, "link_unsubscribe": self.unsubscribes,
+        # The bound ``inc`` of each, found by one dict lookup per event.
+        self._plain: dict[object, Callable[[], None]] = {
+            "injection": self.injected.inc, "policy_rejection": self.policy_rejected.inc,
+            "delivery": self.delivered.inc, "open": self.opens.inc, "initial_open": self.initial_opens.inc,
+            "click": self.clicks.inc, "link_unsubscribe": self.unsubscribes.inc,
         }
-        self._by_class: dict[str, Counter] = {"delay": self.delayed, "bounce": self.bounced}
+        # Bounce classes are a small fixed set (appliance.bounces): a child per class, kept.
+        self._by_class: dict[object, tuple[Counter, dict[object, Callable[[], None]]]] = {
+            "delay": (self.delayed, {}), "bounce": (self.bounced, {})}
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         kind = event.get("type")
-        plain = self._plain.get(kind)  # type: ignore[arg-type]
-        if plain is not None:
-            plain.inc()
+        inc = self._plain.get(kind)
+        if inc is not None:
+            inc()
             return
-        by_class = self._by_class.get(kind)  # type: ignore[arg-type]
+        by_class = self._by_class.get(kind)
         if by_class is not None:
-            by_class.labels(str(event.get("bounce_class", ""))).inc()
+            counter, children = by_class
+            bounce_class = event.get("bounce_class", "")
+            inc = children.get(bounce_class)
+            if inc is None:
+                inc = children[bounce_class] = counter.labels(str(bounce_class)).inc
+            inc()
 
 
 def tracker_latency(registry: CollectorRegistry) -> Histogram:
