@@ -2,7 +2,8 @@
 ``engage-appliance check``: the configuration and every file it names, without starting.
 
 What ``twistd engage-appliance`` would refuse to start with, all at once: the
-configuration's own problems, then each file it names (certificates and
+configuration's own problems, each listener's endpoint as a start parses it,
+then each file it names (certificates and
 keys, CA bundles, DKIM keys, the users file, secrets, link keys, the admin
 token, the policy hook) read as a start reads it, and the directories the
 appliance writes. Files a first start would make (link keys, admin token,
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from twisted.internet import endpoints
 
 from appliance.build import Loaders, Problems, build, unwritable
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, read_config, read_toml
@@ -33,6 +36,27 @@ def writable_directories(config: Config) -> Problems:
     return problems
 
 
+def listener_endpoints(config: Config) -> Problems:
+    """
+    Each listener's endpoint description parsed as the start parses it (nothing listens):
+    a port that is no number, an unknown option, an ``ssl:`` key file that cannot be read.
+    """
+    named = [(f"smtp.listeners.{li.name}.endpoint", li.endpoint) for li in config.smtp.listeners]
+    named.append(("tracker.endpoint", config.tracker.endpoint))
+    if config.admin.endpoint:
+        named.append(("admin.endpoint", config.admin.endpoint))
+    problems: Problems = []
+    for where, description in named:
+        if not description or description.startswith("systemd:"):
+            continue  # empty: reported already; systemd: only parses under socket activation
+        try:
+            # The reactor is only stored by the endpoint, never called while parsing.
+            endpoints.serverFromString(object(), description)
+        except Exception as e:
+            problems.append((where, f"{description!r}: {e}"))
+    return problems
+
+
 def check(path: str) -> ConfigError | None:
     """Every problem of the configuration at ``path`` and of what it names; None when all is well."""
     try:
@@ -40,6 +64,7 @@ def check(path: str) -> ConfigError | None:
     except ConfigError as e:
         return e
     problems += writable_directories(config)
+    problems += listener_endpoints(config)
     try:
         build(config, problems, Loaders(create_files=False))
     except ConfigError as e:

@@ -18,10 +18,12 @@ class CheckTests(SynchronousTestCase):
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
 
-    def write(self, extra: str = "", directory: str | None = None) -> str:
+    def write(self, extra: str = "", directory: str | None = None, tracker: str = "tcp:0") -> str:
         path = os.path.join(self.directory, "appliance.toml")
+        text = toml_text(directory or self.directory).replace(
+            '[tracker]\nendpoint = "tcp:0:', f'[tracker]\nendpoint = "{tracker}:')
         with open(path, "w", encoding="utf-8") as f:
-            f.write(toml_text(directory or self.directory) + extra)
+            f.write(text + extra)
         return path
 
     def run_check(self, path: str) -> tuple[int, str, str]:
@@ -58,14 +60,16 @@ class CheckTests(SynchronousTestCase):
             "[dkim]\n"
             'domain = "example.com"\nselector = "s1"\n'
             f'key_file = {json.dumps(os.path.join(missing, "dkim.pem"))}\n',
-            directory=blocker)
+            directory=blocker, tracker="tcp:notaport")
         status, out, err = self.run_check(path)
         self.assertEqual((status, out), (1, ""))
         lines = err.splitlines()
         self.assertTrue(lines[0].endswith(f" configuration error(s) in {path}:"), lines[0])
         keys = [line.strip().split(":", 1)[0] for line in lines[1:]]
-        for key in ("admin.bogus", "spool.directory", "events.log_file", "smtp.tls_certificate",
-                    "dkim.key_file", "smtp.users_file", "links.keys_file", "admin.token_file"):
+        self.assertIn("tracker.endpoint: 'tcp:notaport:interface=127.0.0.1': invalid literal for int()", err)
+        for key in ("admin.bogus", "tracker.endpoint", "spool.directory", "events.log_file",
+                    "smtp.tls_certificate", "dkim.key_file", "smtp.users_file", "links.keys_file",
+                    "admin.token_file"):
             self.assertIn(key, keys, err)
         self.assertIn(f"admin.token_file: {blocker}/admin.token cannot be created: {blocker} is not a "
                       "directory", err)
