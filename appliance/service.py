@@ -117,8 +117,12 @@ class Appliance(MultiService):
     def privilegedStartService(self) -> None:
         self._lock_spool()
         try:
+            if self.sighup is not None:
+                self.sighup.install()  # before the ports: see SighupService.install
             super().privilegedStartService()
         except BaseException:
+            if self.sighup is not None:
+                self.sighup.stopService()  # gives the handler it replaced back
             self.spool_lock.release()
             raise
 

@@ -135,3 +135,31 @@ class TwistdLogFileTests(SynchronousTestCase):
             self.assertIn("after", f.read())
         with open(path + ".1") as f:
             self.assertNotIn("after", f.read())
+
+
+class EarlySighupTests(SynchronousTestCase):
+    """twistd opens the ports before the reactor runs: SIGHUP is taken before them."""
+
+    def setUp(self) -> None:
+        self.previous = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, self.previous)
+
+    def test_the_handler_is_installed_by_the_privileged_start(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from appliance.build import build
+        from appliance.service import Appliance
+        from tests.helpers import make_config
+        from tests.memory import run_synchronously
+
+        reactor = MemoryReactorClock()
+        appliance = Appliance(build(make_config(os.path.abspath(self.mktemp()))), reactor,
+                              run=run_synchronously)
+        assert appliance.sighup is not None
+        appliance.privilegedStartService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), appliance.sighup._handle)
+        self.assertTrue(reactor.tcpServers)  # the ports are open, the services not started
+        self.assertFalse(appliance.events.running)
+        appliance.startService()
+        appliance.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), self.previous)
