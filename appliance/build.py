@@ -22,9 +22,10 @@ from typing import Any
 from twisted.internet import ssl
 from twisted.logger import Logger
 
+from appliance.admin.token import prepare_token
 from appliance.config import Config, ConfigError, WebhookConfig, read_config, read_toml
 from appliance.dkim import PrivateKey, Signer, SigningKey, load_private_key, weakness
-from appliance.links import KeyFileError, Keyring, prepare_keyring
+from appliance.links import KeyFileError, Keyring, new_keyring, prepare_keyring
 from appliance.policy import Hook, PolicyError, load_hook
 from appliance.tls import load_server_options, load_trust_root, write_pair
 from appliance.users import UsersTable, load_users
@@ -54,6 +55,11 @@ class Loaders:
     keyring: Callable[[str, bool], Keyring] = prepare_keyring
     hook: Callable[[str, Sequence[str]], Hook | None] = load_hook
     secret: Callable[[str], str] = read_secret
+    admin_token: Callable[[str, bool], str] = prepare_token
+    # False for ``engage-appliance check``: files a start would make (link keys, admin
+    # token, certificate) are only checked to be makeable, and every loader runs
+    # even when others failed, so one run lists every problem.
+    create_files: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class Parts:
     webhook_trust: Mapping[str, ssl.IOpenSSLTrustRoot] = field(default_factory=dict)  # by webhook name
     signer: Signer | None = None
     users: UsersTable | None = None
+    admin_token: str | None = None  # None: no admin listener (admin.endpoint is "")
 
 
 def build(config: Config, problems: Problems | None = None, loaders: Loaders = Loaders()) -> Parts:
@@ -98,11 +105,13 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
         users = _load(problems, "smtp.users_file", loaders.users, config.smtp.users_file)
     keyring: Keyring | None = None
     policy_hook = None
-    if not problems:
-        try:
-            keyring = loaders.keyring(config.links.keys_file, config.links.create_keys_file)
-        except KeyFileError as e:
-            problems.append(("links.keys_file", str(e)))
+    admin_token = None
+    if not problems or not loaders.create_files:
+        keyring = _keyring(config, problems, loaders)
+        if config.admin.endpoint:
+            token = _made_file(problems, "admin.token_file", loaders.admin_token,
+                               config.admin.token_file, True, loaders.create_files)
+            admin_token = None if token is _TO_BE_MADE else token
         try:
             policy_hook = loaders.hook(config.policy.hook, config.policy.path)
         except PolicyError as e:
@@ -110,7 +119,53 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
     if problems or keyring is None:
         raise ConfigError(problems, config.source)
     return Parts(config=config, keyring=keyring, policy_hook=policy_hook, listener_tls=listener_tls,
-                 delivery_trust=delivery_trust, webhook_trust=webhook_trust, signer=signer, users=users)
+                 delivery_trust=delivery_trust, webhook_trust=webhook_trust, signer=signer, users=users,
+                 admin_token=admin_token)
+
+
+def _keyring(config: Config, problems: Problems, loaders: Loaders) -> Keyring | None:
+    try:
+        keyring = _made_file(problems, "links.keys_file", loaders.keyring, config.links.keys_file,
+                             config.links.create_keys_file, loaders.create_files)
+    except KeyFileError as e:
+        problems.append(("links.keys_file", str(e)))
+        return None
+    return new_keyring() if keyring is _TO_BE_MADE else keyring
+
+
+_TO_BE_MADE: Any = object()
+
+
+def _made_file(problems: Problems, where: str, loader: Callable[[str, bool], Any], path: str,
+               create: bool, may_create: bool) -> Any:
+    """
+    What ``loader`` reads from ``path``, a file a start makes when it is missing and ``create``.
+
+    Without ``may_create`` a missing file is not made: its directory must let it be
+    (``_TO_BE_MADE``), or the problem is recorded.
+    """
+    if create and not may_create and not os.path.exists(path):
+        problem = unwritable(os.path.dirname(path))
+        if problem:
+            problems.append((where, f"{path} cannot be created: {problem}"))
+            return None
+        return _TO_BE_MADE
+    return _load(problems, where, loader, path, create)
+
+
+def unwritable(directory: str) -> str | None:
+    """Why the appliance could not create files in ``directory`` (made if missing), or None."""
+    path = os.path.abspath(directory)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not os.path.isdir(path):
+        return f"{path} is not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None
 
 
 def build_from_toml(data: dict[str, Any], source: str = "", loaders: Loaders = Loaders()) -> Parts:
@@ -170,7 +225,7 @@ def _load(problems: Problems, where: str, loader: Callable[..., Any], *args: str
         return None
 
 
-def _create_certificate(config: Config, problems: Problems) -> None:
+def _create_certificate(config: Config, problems: Problems, create: bool = True) -> None:
     """
     ``smtp.create_certificate``: the first start makes a self-signed pair for
     ``node.hostname`` (the key readable by its owner only), so STARTTLS is offered
@@ -178,6 +233,11 @@ def _create_certificate(config: Config, problems: Problems) -> None:
     """
     certificate, key = config.smtp.tls_certificate, config.smtp.tls_key
     if os.path.exists(certificate) and os.path.exists(key):
+        return
+    if not create:
+        problem = unwritable(os.path.dirname(key)) or unwritable(os.path.dirname(certificate))
+        if problem:
+            problems.append(("smtp.create_certificate", f"cannot create {certificate} and {key}: {problem}"))
         return
     try:
         os.makedirs(os.path.dirname(key), mode=0o700, exist_ok=True)
@@ -207,7 +267,7 @@ def _listener_tls(config: Config, problems: Problems, loaders: Loaders) -> dict[
     if smtp.certificate_created:
         # Made and loaded only where a listener serves it.
         if smtp.tls_certificate in (li.tls_certificate for li in smtp.listeners if li.tls != "off"):
-            _create_certificate(config, problems)
+            _create_certificate(config, problems, loaders.create_files)
     elif smtp.tls_certificate and smtp.tls_key:
         pair(smtp.tls_certificate, smtp.tls_key, "smtp")
     options = {}
@@ -215,6 +275,8 @@ def _listener_tls(config: Config, problems: Problems, loaders: Loaders) -> dict[
         if not (listener.tls_certificate and listener.tls_key) or listener.tls == "off":
             continue
         own = (listener.tls_certificate, listener.tls_key) != (smtp.tls_certificate, smtp.tls_key)
+        if not own and smtp.certificate_created and not os.path.exists(smtp.tls_certificate):
+            continue  # the pair a first start makes; not made by a check
         tls = pair(listener.tls_certificate, listener.tls_key,
                    f"smtp.listeners.{listener.name}" if own else "smtp")
         if tls is not None:

@@ -4,6 +4,7 @@
 - ``webhooks list``: each webhook, what waits in its queue, and its receiver's last answer;
 - ``webhooks test NAME``: post one sample batch with the webhook's credentials, print the answer;
 - ``preview MESSAGE.eml``: what tracking would do to a message (``appliance.preview``);
+- ``check``: the configuration and every file it names, without starting;
 - ``keys``, ``users``, ``certificate``, ``dkim-key``: the commands that were
   ``engage-appliance-keys`` and so on (those names still work), run as they were.
 
@@ -69,14 +70,21 @@ def _preview(argv: list[str]) -> int:
     return main(argv)
 
 
+def _check(argv: list[str]) -> int:
+    from appliance.console_check import main
+
+    return main(argv)
+
+
 # The commands that came first, each with its own options: their arguments are passed on as given.
 DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "keys": (_keys, "create, rotate, retire and list the keys that sign tracked links"),
     "users": (_users, "manage the SMTP AUTH users file"),
     "certificate": (_certificate, "write a self-signed TLS certificate and key"),
     "dkim-key": (_dkim_key, "make a DKIM key and print its DNS record"),
-    # Not one of those, but a command with its own options all the same (appliance.preview).
+    # Not those, but commands with their own options all the same.
     "preview": (_preview, "show what tracking would do to a message, without sending it"),
+    "check": (_check, "check the configuration and every file it names, without starting"),
 }
 
 

@@ -124,7 +124,8 @@ class EventLog(Service):
     ) -> None:
         self.path = path
         self.file_mode = file_mode
-        self.lost = 0  # events not written (a counter until there are metrics)
+        self.lost = 0  # events not written
+        self.failing = False  # the last write failed; the next that succeeds clears it
         self.node_name = node_name
         self.customer_id = customer_id
         self.ids = IdGenerator(node_name, now)
@@ -138,6 +139,7 @@ class EventLog(Service):
         self._dirty = False
         self._syncer: task.LoopingCall | None = None
         self._wakers: list[Callable[[], None]] = []
+        self._observers: list[Callable[[Event], None]] = []
         self._end = 0  # the file's size as this log last left it
         self._cut = False  # a cut line could not be removed: end it before the next event
 
@@ -150,6 +152,15 @@ class EventLog(Service):
         cursors; this only saves them waiting for their poll.
         """
         self._wakers.append(wake)
+
+    def observe(self, observer: Callable[[Event], None]) -> None:
+        """
+        Call ``observer`` with each event once it is written whole, on the writer's thread.
+
+        For counters only (the admin listener's metrics): it must be cheap and must
+        not keep the event. Everything else reads the file, as ``wake_on_write`` says.
+        """
+        self._observers.append(observer)
 
     def startService(self) -> None:
         self.open()
@@ -266,7 +277,13 @@ class EventLog(Service):
             self._lost(event, error)
             raise error
         self._cut = False
+        self.failing = False
         self._end += written
+        for observe in self._observers:
+            try:
+                observe(event)
+            except Exception:
+                log.failure("an event log observer failed")
         for wake in self._wakers:
             try:
                 wake()
@@ -302,6 +319,7 @@ class EventLog(Service):
 
     def _lost(self, event: Event, error: OSError) -> None:
         self.lost += 1
+        self.failing = True
         log.error("event log {path}: event lost ({lost} so far): {error}: {event}", path=self.path,
                   lost=self.lost, error=error, event=_describe(event))
         for wake in self._wakers:

@@ -17,15 +17,21 @@ before delivery and the event log stop.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import IResource
 
+from appliance.admin.health import Health
+from appliance.admin.metrics import EventCounters, Readings, tracker_latency
+from appliance.admin.site import AdminSite, make_admin_site
 from appliance.build import Parts
 from appliance.delivery import DeliveryService, Router
 from appliance.delivery.copies import CopyMaker
@@ -37,6 +43,7 @@ from appliance.reactors import Reactor, Runner, thread_runner
 from appliance.sighup import SighupService
 from appliance.smtp import AuthGuard, ConnectionLimits, SessionDrain, listener_factory
 from appliance.spool import Spool
+from appliance.spoollock import SpoolLock, SpoolLocked
 from appliance.tracker import make_site
 from appliance.users import UsersFileChecker
 from appliance.webhooks import Webhooks
@@ -98,7 +105,37 @@ class PasswordPool(FilePool):
 
 
 class Appliance(MultiService):
-    """The whole appliance; its parts are attributes so tests and tools can reach them."""
+    """
+    The whole appliance; its parts are attributes so tests and tools can reach them.
+
+    It holds its spool's lock (``appliance.spoollock``) from before the first port
+    opens until every part has stopped: twistd calls ``privilegedStartService`` in
+    the process that runs, after it has daemonized, and a second appliance on the
+    same spool fails there, having opened and moved nothing.
+    """
+
+    def privilegedStartService(self) -> None:
+        self._lock_spool()
+        try:
+            if self.sighup is not None:
+                self.sighup.install()  # before the ports: see SighupService.install
+            super().privilegedStartService()
+        except BaseException:
+            if self.sighup is not None:
+                self.sighup.stopService()  # gives the handler it replaced back
+            self.spool_lock.release()
+            raise
+
+    def startService(self) -> None:
+        self._lock_spool()  # already held when twistd made the privileged start
+        super().startService()
+
+    def _lock_spool(self) -> None:
+        try:
+            self.spool_lock.acquire()
+        except SpoolLocked as e:
+            log.critical("not starting: {why}", why=e)
+            raise
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -109,6 +146,7 @@ class Appliance(MultiService):
                 yield defer.maybeDeferred(child.stopService)
             except Exception:
                 log.failure("stopping {name} failed", name=child.name)
+        self.spool_lock.release()
 
     def __init__(self, parts: Parts, reactor: Reactor, run: Runner | None = None,
                  resolver: Any = None, handle_sighup: bool = True) -> None:
@@ -133,6 +171,7 @@ class Appliance(MultiService):
         self.delivery.setServiceParent(self)
         self._smtp(parts, reactor, run_passwords)
         self._tracker(reactor)
+        self._admin(parts, reactor)
         self._sighup(reactor, handle_sighup)
 
     def _pools(self, reactor: Reactor, run: Runner | None) -> tuple[Runner, Runner, Runner]:
@@ -159,6 +198,7 @@ class Appliance(MultiService):
                                run=run_files,
                                file_mode=config.events.file_mode)
         self.spool = Spool(config.spool.directory, run=run_files)
+        self.spool_lock = SpoolLock(config.spool.directory)
         self.router = Router(config.delivery)
         # Each recipient's copy is made from the spooled text when delivery needs it;
         # the prepared form of a message is cached, so N copies cost one parse.
@@ -226,6 +266,80 @@ class Appliance(MultiService):
         self.tracker.setName("tracker")
         self.tracker.setServiceParent(self)
 
+    def _admin(self, parts: Parts, reactor: Reactor) -> None:
+        """
+        Health, metrics and the admin listener (``[admin]``; none when its endpoint is "").
+
+        Counts of events are taken as the event log writes them; the rest is read
+        from the parts when ``/metrics`` is asked for.
+        """
+        self.health = Health()
+        self.health.add("spool", self._spool_problem)
+        self.health.add("events", self._event_log_problem)
+        for svc in (*self.smtp_listeners, self.tracker):
+            self.health.add(svc.name, functools.partial(_listener_problem, svc))
+        self.metrics = CollectorRegistry(auto_describe=False)
+        self.events.observe(EventCounters(self.metrics))
+        self.tracker_site.on_answered = tracker_latency(self.metrics).observe
+        self.metrics.register(self._readings())
+        self.admin_site: AdminSite | None = None
+        self.admin_listener: Service | None = None
+        api: dict[bytes, IResource] = {}  # /api/v1/<name>: one line per resource
+        if parts.admin_token is None:
+            return
+        self.admin_site = make_admin_site(parts.admin_token, self.health, self.metrics, api,
+                                          reactor=reactor)
+        self.admin_listener = strports.service(self.config.admin.endpoint, self.admin_site,
+                                               reactor=reactor)
+        self.admin_listener.setName("admin")
+        self.admin_listener.setServiceParent(self)
+
+    def _readings(self) -> Readings:
+        """What ``/metrics`` reads from the parts at each scrape."""
+        readings = Readings()
+        readings.gauge("queue_copies", "Copies not yet final, by destination.",
+                       self.delivery.depth_by_destination, label="destination")
+        readings.gauge("smtp_connections", "Open injection sessions, by listener.",
+                       lambda: {svc.name.removeprefix("smtp:"): _injection_factory(svc).budget.open
+                                for svc in self.smtp_listeners}, label="listener")
+        readings.counter("smtp_auth_failed", "Failed SMTP AUTH logins.",
+                         lambda: self.auth_guard.failed_logins)
+        readings.counter("smtp_auth_refused", "AUTH attempts refused before a password check.",
+                         lambda: {"busy": self.auth_guard.refused_busy,
+                                  "backing_off": self.auth_guard.refused_backing_off}, label="reason")
+        readings.gauge("webhook_batches_waiting", "Sealed webhook batches not yet accepted, by webhook.",
+                       lambda: {w.config.name: len(w.batches) for w in self.webhooks.webhooks},
+                       label="webhook")
+        readings.gauge("webhook_failures_in_a_row", "Failed posts in a row, by webhook.",
+                       lambda: {w.config.name: w.failures for w in self.webhooks.webhooks}, label="webhook")
+        readings.counter("event_log_lost", "Events the event log could not write.",
+                         lambda: self.events.lost)
+        readings.gauge("event_log_failing", "1 while the event log's last write failed.",
+                       lambda: int(self.events.failing))
+        site = self.tracker_site
+        readings.gauge("tracker_connections", "Open tracker connections.", lambda: site.connections.total)
+        readings.counter("tracker_connections_refused", "Tracker connections refused over a limit.",
+                         lambda: site.connections.refused)
+        readings.counter("tracker_connections_evicted",
+                         "Waiting tracker connections closed to make room.", lambda: site.connections.evicted)
+        readings.counter("tracker_hits_suppressed", "Repeated tracker hits answered without events.",
+                         lambda: site.limiter.suppressed if site.limiter is not None else 0)
+        return readings
+
+    def _spool_problem(self) -> str | None:
+        if not self.spool_lock.held:
+            return "the spool is not locked by this process"
+        if not os.access(self.spool.active, os.W_OK | os.X_OK):
+            return f"{self.spool.active} is not writable"
+        return None
+
+    def _event_log_problem(self) -> str | None:
+        if not self.events.running:
+            return "not open"
+        if self.events.failing:
+            return f"writes are failing ({self.events.lost} event(s) lost)"
+        return None
+
     def _sighup(self, reactor: Reactor, handle_sighup: bool) -> None:
         """
         SIGHUP reopens the event log (logrotate's ``postrotate``) and re-reads the link key
@@ -239,3 +353,15 @@ class Appliance(MultiService):
             keys_file = self.config.links.keys_file
             self.sighup.add(lambda: self.links.reload(keys_file))
             self.sighup.setServiceParent(self)
+
+
+def _listener_problem(svc: Service) -> str | None:
+    """A listener that should be listening and is not (its port never opened, or closed)."""
+    factory = svc.factory  # type: ignore[attr-defined]
+    return None if factory.numPorts > 0 else "not listening"
+
+
+def _injection_factory(svc: Service) -> Any:
+    """An SMTP listener's factory, inside its TLS wrapper for ``tls = "implicit"``."""
+    factory = svc.factory  # type: ignore[attr-defined]
+    return getattr(factory, "wrappedFactory", factory)

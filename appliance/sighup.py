@@ -40,10 +40,19 @@ class SighupService(Service):
     def add(self, callback: Callable[[], object]) -> None:
         self._callbacks.append(callback)
 
-    def startService(self) -> None:
-        if hasattr(signal, "SIGHUP"):
+    def install(self) -> None:
+        """
+        Take SIGHUP now (once): under twistd, ``Appliance.privilegedStartService`` calls this
+        before the first port opens, so a SIGHUP sent to a process that already listens
+        but whose reactor does not run yet is queued for it, never the default action
+        (which ends the process). Callbacks run once the reactor runs.
+        """
+        if not self._installed and hasattr(signal, "SIGHUP"):
             self._previous = signal.signal(signal.SIGHUP, self._handle)
             self._installed = True
+
+    def startService(self) -> None:
+        self.install()
         super().startService()
 
     def stopService(self) -> Any:

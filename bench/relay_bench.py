@@ -192,6 +192,9 @@ create_keys_file = true
 
 [events]
 log_file = "{directory}/events.jsonl"
+
+[admin]
+endpoint = ""
 """
     if dkim_key:
         text += (f'\n[dkim]\ndomain = "shop.example.com"\nselector = "bench"\n'

@@ -13,7 +13,11 @@ def _keyring(path: str, create: bool) -> Keyring:
     return new_keyring()  # the link key file is not what these tests are about: none is written
 
 
-LOADERS = Loaders(keyring=_keyring)
+def _admin_token(path: str, create: bool) -> str:
+    return "token"  # nor is the admin token file
+
+
+LOADERS = Loaders(keyring=_keyring, admin_token=_admin_token)
 
 
 def configure(data: dict[str, Any], source: str = "x.toml") -> Parts:

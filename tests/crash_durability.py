@@ -179,6 +179,9 @@ retry_max = "2s"
 endpoint = "tcp:{free_port()}:interface=127.0.0.1"
 [events]
 log_file = "events.jsonl"
+[admin]
+endpoint = "tcp:{free_port()}:interface=127.0.0.1"
+token_file = "admin.token"
 """)
     return path
 

@@ -42,6 +42,8 @@ def base_toml(directory: str = "var") -> dict[str, Any]:
         "spool": {"directory": os.path.join(directory, "spool")},
         "events": {"log_file": os.path.join(directory, "events.jsonl")},
         "links": {"keys_file": os.path.join(directory, "links.keys")},
+        "admin": {"endpoint": "tcp:0:interface=127.0.0.1",
+                  "token_file": os.path.join(directory, "admin.token")},
     }
 
 
@@ -60,6 +62,7 @@ def make_config(directory: str, **changes: Any) -> Config:
     data = merge(base_toml(directory), {
         "smtp": {"listeners": {"default": {"endpoint": f"tcp:{free_port()}:interface=127.0.0.1"}}},
         "tracker": {"endpoint": f"tcp:{free_port()}:interface=127.0.0.1"},
+        "admin": {"endpoint": f"tcp:{free_port()}:interface=127.0.0.1"},
     })
     return parse_config(merge(data, changes), "test")
 

@@ -32,6 +32,7 @@ from tests.sink import SinkFactory
 
 SMTP_PORT = 2525
 HTTP_PORT = 8080
+ADMIN_PORT = 8025
 SINK = ("127.0.0.1", 2500)
 START = 1_000_000.0  # the clock's start; timers are relative to it
 
@@ -134,6 +135,7 @@ class MemoryAppliance:
         self.config: Config = make_config(directory, **merge({
             "smtp": {"listeners": {"default": {"endpoint": f"tcp:{SMTP_PORT}:interface=127.0.0.1"}}},
             "tracker": {"endpoint": f"tcp:{HTTP_PORT}:interface=127.0.0.1"},
+            "admin": {"endpoint": f"tcp:{ADMIN_PORT}:interface=127.0.0.1"},
             "delivery": {"routes": {"example.test": route, "example.org": route}},
         }, changes))
         # Never the real DNS in tests: a resolver that knows nothing unless told.

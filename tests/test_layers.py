@@ -55,14 +55,22 @@ MAY_IMPORT: dict[str, set[str]] = {
     "injection": {"config", "events", "eventtypes", "files", "headers", "policy", "reactors",
                   "settings", "spool"},
     "smtp": {"config", "reactors", "tls"},
-    "build": {"config", "dkim", "links", "policy", "reactors", "tls", "users"},
-    "service": {"build", "config", "delivery", "events", "files", "injection", "links", "policy",
-                "reactors", "sighup", "smtp", "spool", "tracker", "users", "webhooks"},
-    # The admin listener's resources: they read what the services hand them.
-    "admin": set(),
+    # admin: the token file is made with the link keys, and read the same way.
+    "build": {"admin", "config", "dkim", "links", "policy", "reactors", "tls", "users"},
+    # admin: health, metrics and the admin listener; spoollock: one appliance per spool.
+    "service": {"admin", "build", "config", "delivery", "events", "files", "injection", "links", "policy",
+                "reactors", "sighup", "smtp", "spool", "spoollock", "tracker", "users", "webhooks"},
+    # The admin listener's resources: they read what the services hand them. config: the
+    # client reads [admin]; files: the token file is written atomically.
+    "admin": {"config", "files"},
+    # One appliance per spool: an flock, nothing else.
+    "spoollock": set(),
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
-    "console": {"build", "config", "dkim", "eventtypes", "links", "preview", "tls", "users", "webhooks"},
+    "console": {"build", "config", "console_check", "dkim", "eventtypes", "links", "preview", "tls",
+                "users", "webhooks"},
+    # engage-appliance check: the build's own loaders, making no file.
+    "console_check": {"build", "config"},
     # The message preview: the injection path's pure parts (X-MSYS-API, policy answer,
     # resolution, rewrite) run on one message, and events' id generator for ids of the
     # real shape (their length is in every token).

@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.events import EventLog
-from tests.memory import HTTP_PORT, SMTP_PORT, MemoryAppliance
+from tests.memory import ADMIN_PORT, HTTP_PORT, SMTP_PORT, MemoryAppliance
 
 
 class FromThreads:
@@ -55,7 +55,8 @@ class ApplianceReactorTests(SynchronousTestCase):
         running = MemoryAppliance(self.mktemp(), events={"fsync_interval": "1s"})
         running.start()
         self.addCleanup(running.stop)
-        self.assertEqual(sorted(port for port, *_ in running.reactor.tcpServers), [SMTP_PORT, HTTP_PORT])
+        self.assertEqual(sorted(port for port, *_ in running.reactor.tcpServers),
+                         [SMTP_PORT, ADMIN_PORT, HTTP_PORT])
         # The event log's fsync timer runs on it too.
         self.assertTrue(running.reactor.getDelayedCalls())
         # A session's timeouts are the given reactor's as well, and nothing waits on the global one.

@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.config.admin import AdminConfig, read_admin
 from appliance.config.delivery import DeliveryConfig, Route, read_delivery
 from appliance.config.dkim import DkimKeyConfig, read_dkim
 from appliance.config.simple import (
@@ -45,6 +46,7 @@ from appliance.eventtypes import EVENT_TYPES
 # What the rest of the appliance, its tests and benchmarks import from here.
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "AdminConfig",
     "EVENT_TYPES",
     "LOOPBACK",
     "Config",
@@ -100,6 +102,7 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     webhooks: tuple[WebhookConfig, ...] = ()
     dkim: tuple[DkimKeyConfig, ...] = ()  # signing keys; empty: copies are not signed
+    admin: AdminConfig = AdminConfig()
     source: str = ""
 
 
@@ -136,6 +139,7 @@ def read_config(data: dict[str, Any], source: str = "") -> tuple[Config, list[tu
         policy=read_policy(top.table("policy")),
         webhooks=read_webhooks(top),
         dkim=read_dkim(top),
+        admin=read_admin(top.table("admin")),
         source=source,
     )
     for name in top.data:

@@ -193,6 +193,24 @@ class DeliveryService(Service):
             self._jobs[job.key] = job
             self._schedule(job, max(0.0, state.next_attempt - self.now()))
 
+    def depth_by_destination(self) -> dict[str, int]:
+        """
+        Copies not yet final, by destination (a route, the smarthost, or a recipient domain).
+
+        Read only, for the admin listener's metrics; a copy waiting for its next
+        attempt counts towards the destination it will join.
+        """
+        depth: dict[str, int] = {}
+        keys: dict[str, str] = {}  # by recipient domain: one routing decision per domain
+        for job in self._jobs.values():
+            if job.destination is not None:
+                key = job.destination.key
+            else:
+                domain = job.domain
+                key = keys.get(domain) or keys.setdefault(domain, self.router.destination(domain).key)
+            depth[key] = depth.get(key, 0) + 1
+        return depth
+
     def _schedule(self, job: Job, delay: float) -> None:
         self._timers[job.key] = self.clock.callLater(delay, self._due, job)
 

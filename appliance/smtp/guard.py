@@ -38,22 +38,29 @@ class AuthGuard:
         self._started = 0
         # client -> (failures in a row, the time before which no check is started for it)
         self._failures: dict[str, tuple[int, float]] = {}
+        # Since the start, for the admin listener's metrics.
+        self.refused_busy = 0  # over attempts_per_second
+        self.refused_backing_off = 0  # from an address in its back-off
+        self.failed_logins = 0
 
     def admit(self, client: str) -> Reply | None:
         """``None`` when a check may start now (and counts it), else the reply to send instead."""
         now = self.clock.seconds()
         entry = self._failures.get(client)
         if entry is not None and now < entry[1]:
+            self.refused_backing_off += 1
             return BACKING_OFF
         second = int(now)
         if second != self._second:
             self._second, self._started = second, 0
         if self._started >= self.attempts_per_second:
+            self.refused_busy += 1
             return BUSY
         self._started += 1
         return None
 
     def failed(self, client: str) -> None:
+        self.failed_logins += 1
         now = self.clock.seconds()
         count, until = self._failures.get(client, (0, now))
         if now - until > self.backoff_max:

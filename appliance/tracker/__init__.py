@@ -330,11 +330,27 @@ class Root(resource.Resource):
 
 
 class TrackerRequest(server.Request):
-    """A request whose answer carries no ``Server`` header: the version helps only an attacker."""
+    """
+    A request whose answer carries no ``Server`` header: the version helps only an attacker.
+
+    The time from the whole request to the whole answer goes to the site's ``on_answered``.
+    """
+
+    _began: float | None = None
+
+    def process(self) -> None:
+        self._began = self.channel.site.reactor.seconds()
+        super().process()
 
     def render(self, resrc: resource.IResource) -> None:
         self.responseHeaders.removeHeader(b"server")
         super().render(resrc)
+
+    def finish(self) -> None:
+        super().finish()
+        answered = getattr(self.site, "on_answered", None)
+        if answered is not None and self._began is not None:
+            answered(self.site.reactor.seconds() - self._began)
 
 
 class TrackerSite(server.Site):
@@ -350,6 +366,7 @@ class TrackerSite(server.Site):
     noisy = False
     requestFactory = TrackerRequest
     protocol = GuardedChannel
+    on_answered: Callable[[float], None] | None = None  # seconds from request to answer (metrics)
 
     def __init__(self, root: resource.IResource, *, reactor: IReactorTime | None = None,
                  limits: Limits = DEFAULT_LIMITS, connections: ConnectionCount | None = None,
