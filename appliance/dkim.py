@@ -48,6 +48,11 @@ DEFAULT_HEADERS = (
     "in-reply-to", "references", "list-unsubscribe", "list-unsubscribe-post",
 )
 
+# Signed whatever a key's ``headers`` list says: a one-click unsubscribe is honoured by
+# mailbox providers only when both fields are covered by a valid signature (RFC 8058 §4),
+# and a relay that added or altered them must break it.
+ALWAYS_SIGNED = ("list-unsubscribe", "list-unsubscribe-post")
+
 FOLD_WIDTH = 78
 
 
@@ -270,7 +275,7 @@ def signature_field(fields: Sequence[tuple[str, bytes]], body: bytes, key: Signi
                     timestamp: int, body_hash_value: str | None = None) -> bytes:
     """The ``DKIM-Signature`` field (with its CRLF) that signs a message of these fields and body."""
     names: list[str] = []
-    for name in key.headers:
+    for name in (*key.headers, *(n for n in ALWAYS_SIGNED if n not in key.headers)):
         present = sum(1 for n, _ in fields if n == name)
         if present:
             names += [name] * (present + 1)

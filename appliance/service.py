@@ -37,6 +37,7 @@ from appliance.reactors import Reactor, Runner, thread_runner
 from appliance.sighup import SighupService
 from appliance.smtp import AuthGuard, ConnectionLimits, SessionDrain, listener_factory
 from appliance.spool import Spool
+from appliance.suppression import SuppressionService
 from appliance.tracker import make_site
 from appliance.users import UsersFileChecker
 from appliance.webhooks import Webhooks
@@ -131,6 +132,7 @@ class Appliance(MultiService):
         self.events.setServiceParent(self)
         SpoolService(self.spool).setServiceParent(self)
         self.delivery.setServiceParent(self)
+        self._suppression(reactor, run_files)
         self._smtp(parts, reactor, run_passwords)
         self._tracker(reactor)
         self._sighup(reactor, handle_sighup)
@@ -192,6 +194,19 @@ class Appliance(MultiService):
                                  trust=parts.webhook_trust,
                                  fsync_interval=config.events.fsync_interval)
         self.events.wake_on_write(self.webhooks.wake)
+
+    def _suppression(self, reactor: Reactor, run_files: Runner) -> None:
+        """
+        The suppression list: loaded before the listeners start, so injection asks it from
+        the first message on; fed by its own follower of the event log, woken on each write.
+        """
+        config = self.config
+        self.suppression = SuppressionService(config.suppression.database, config.events.log_file,
+                                              reactor, run_files,
+                                              check_interval=config.suppression.check_interval)
+        self.suppression.setServiceParent(self)
+        self.events.wake_on_write(self.suppression.wake)
+        self.injector.suppressions = self.suppression.list
 
     def _smtp(self, parts: Parts, reactor: Reactor, run_passwords: Runner) -> None:
         """The stop drain, the AUTH users and guard, and one listener per configured table."""

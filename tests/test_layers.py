@@ -49,6 +49,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "tls": {"files"},
     "users": {"files", "reactors"},
     "tracker": {"config", "events", "eventtypes", "links", "reactors"},
+    # The suppression list: its database, and its own follower of the event log.
+    "suppression": {"follower", "reactors"},
     "delivery": {"bounces", "config", "dkim", "events", "eventtypes", "files", "links", "reactors",
                  "retry", "rewrite", "settings", "spool"},
     "webhooks": {"config", "events", "eventtypes", "files", "follower", "reactors", "retry"},
@@ -57,9 +59,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "smtp": {"config", "reactors", "tls"},
     "build": {"config", "dkim", "links", "policy", "reactors", "tls", "users"},
     "service": {"build", "config", "delivery", "events", "files", "injection", "links", "policy",
-                "reactors", "sighup", "smtp", "spool", "tracker", "users", "webhooks"},
-    # The admin listener's resources: they read what the services hand them.
-    "admin": set(),
+                "reactors", "sighup", "smtp", "spool", "suppression", "tracker", "users", "webhooks"},
+    # The admin listener's resources: they read what the services hand them
+    # (the suppression list's entries, errors and scopes are its own).
+    "admin": {"suppression"},
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
     "console": {"build", "config", "dkim", "eventtypes", "links", "tls", "users", "webhooks"},

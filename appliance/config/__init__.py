@@ -26,6 +26,7 @@ from appliance.config.simple import (
     NodeConfig,
     PolicyConfig,
     SpoolConfig,
+    SuppressionConfig,
     TrackerConfig,
     TrackerLimits,
     read_engagement_tracker,
@@ -34,6 +35,7 @@ from appliance.config.simple import (
     read_node,
     read_policy,
     read_spool,
+    read_suppression,
     read_tracker,
 )
 from appliance.config.smtp import LOOPBACK, ListenerConfig, SmtpapiConfig, SmtpConfig, read_smtp, read_smtpapi
@@ -55,6 +57,7 @@ __all__ = [
     "Route",
     "SmtpConfig",
     "SmtpapiConfig",
+    "SuppressionConfig",
     "Table",
     "TrackerLimits",
     "WebhookConfig",
@@ -100,6 +103,7 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     webhooks: tuple[WebhookConfig, ...] = ()
     dkim: tuple[DkimKeyConfig, ...] = ()  # signing keys; empty: copies are not signed
+    suppression: SuppressionConfig = SuppressionConfig("var/suppression.sqlite3")
     source: str = ""
 
 
@@ -136,6 +140,7 @@ def read_config(data: dict[str, Any], source: str = "") -> tuple[Config, list[tu
         policy=read_policy(top.table("policy")),
         webhooks=read_webhooks(top),
         dkim=read_dkim(top),
+        suppression=read_suppression(top.table("suppression")),
         source=source,
     )
     for name in top.data:
