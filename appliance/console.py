@@ -3,6 +3,7 @@
 
 - ``webhooks list``: each webhook, what waits in its queue, and its receiver's last answer;
 - ``webhooks test NAME``: post one sample batch with the webhook's credentials, print the answer;
+- ``suppressions list|add|remove|import``: the suppression list (``appliance.console_suppressions``);
 - ``keys``, ``users``, ``certificate``, ``dkim-key``: the commands that were
   ``engage-appliance-keys`` and so on (those names still work), run as they were.
 
@@ -62,12 +63,19 @@ def _dkim_key(argv: list[str]) -> int:
     return main(argv)
 
 
+def _suppressions(argv: list[str]) -> int:
+    from appliance.console_suppressions import main
+
+    return main(argv)
+
+
 # The commands that came first, each with its own options: their arguments are passed on as given.
 DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "keys": (_keys, "create, rotate, retire and list the keys that sign tracked links"),
     "users": (_users, "manage the SMTP AUTH users file"),
     "certificate": (_certificate, "write a self-signed TLS certificate and key"),
     "dkim-key": (_dkim_key, "make a DKIM key and print its DNS record"),
+    "suppressions": (_suppressions, "list, add, remove and import suppressed recipients"),
 }
 
 

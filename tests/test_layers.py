@@ -65,7 +65,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "admin": {"suppression"},
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
-    "console": {"build", "config", "dkim", "eventtypes", "links", "tls", "users", "webhooks"},
+    "console": {"build", "config", "console_suppressions", "dkim", "eventtypes", "links", "tls", "users",
+                "webhooks"},
+    # engage-appliance suppressions: it opens the suppression database itself.
+    "console_suppressions": {"config", "suppression"},
 }
 TYPE_ONLY: dict[str, set[str]] = {
     "eventtypes": {"links", "settings", "spool"},
