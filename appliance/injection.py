@@ -240,8 +240,9 @@ class Injector:
         refuses it for everyone (``550 5.6.0``); a temporary policy answer
         for any recipient refuses it for everyone with that answer, so the
         client retries and nobody is lost; recipients the policy rejects
-        for good are left out, each with a ``policy_rejection`` event, and
-        if that leaves nobody the first rejection is the reply.
+        for good, and recipients on the suppression list, are left out,
+        each with a ``policy_rejection`` event, and if that leaves nobody
+        the first rejection is the reply.
 
         An accepted message's events and its hand-over to delivery come after
         the reply has been given to whoever waits on the returned Deferred.

@@ -26,13 +26,7 @@ from twisted.python.failure import Failure
 
 from appliance.follower import Follower
 from appliance.reactors import Runner
-from appliance.suppression.store import (
-    TRANSACTIONAL,
-    Change,
-    Entry,
-    SuppressionStore,
-    changes_in,
-)
+from appliance.suppression.store import TRANSACTIONAL, Change, SuppressionStore, changes_in
 
 log = Logger()
 
@@ -200,6 +194,3 @@ class SuppressionService(MultiService):
         if self.store is None:
             raise RuntimeError("the suppression list is not open")
         return self.store
-
-
-__all__ = ["Entry", "SuppressionConsumer", "SuppressionList", "SuppressionService"]
