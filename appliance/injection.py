@@ -378,7 +378,10 @@ class Injector:
               rejected: list[tuple[Recipient, Verdict]]) -> dict[str, Any]:
         """What the events owed after the 250 say, and their event_ids: stored in the envelope."""
         tracked = any(r.tracking.enabled for r in accepted)
-        signed_api = headers.get("DKIM-Signature") is not None and bool(header_values(headers))
+        # A sender's signature the copies may break without tracking: by losing X-MSYS-API, or
+        # by gaining List-Unsubscribe fields it signed as absent.
+        signed_api = headers.get("DKIM-Signature") is not None and (
+            bool(header_values(headers)) or any(r.tracking.list_unsubscribe for r in accepted))
         return {
             "friendly_from": friendly_from(headers),
             "subject": header_text(headers, "Subject"),

@@ -125,6 +125,17 @@ class FlowTests(unittest.TestCase):
         self.assertEqual(self.types().count("policy_rejection"), 2)
 
     @defer.inlineCallbacks
+    def test_a_senders_signature_over_absent_fields_is_reported_broken(self) -> defer.Generator:
+        signed = (b"DKIM-Signature: v=1; a=rsa-sha256; d=shop.example; s=s; h=from:subject:"
+                  b"list-unsubscribe; bh=x; b=y\r\n" + message())
+        yield self.deliver(["ann@example.test"], signed, 1)
+        [event] = [e for e in self.running.events() if e["type"] == "injection"]
+        self.assertTrue(event["dkim_broken"])
+        yield self.deliver(["ann@example.test"], signed.replace(b"list-unsubscribe;", b"to;"), 2)
+        events = [e for e in self.running.events() if e["type"] == "injection"]
+        self.assertNotIn("dkim_broken", events[1])
+
+    @defer.inlineCallbacks
     def test_everyone_suppressed_refuses_the_message(self) -> defer.Generator:
         yield self.running.appliance.suppression.put([Change("ann@example.test", "non_transactional",
                                                              "Manually Added")])
