@@ -26,6 +26,7 @@ from appliance.config import Config, ConfigError, WebhookConfig, read_config, re
 from appliance.dkim import PrivateKey, Signer, SigningKey, load_private_key, weakness
 from appliance.links import KeyFileError, Keyring, prepare_keyring
 from appliance.policy import Hook, PolicyError, load_hook
+from appliance.suppression import SuppressionError, check_database
 from appliance.tls import load_server_options, load_trust_root, write_pair
 from appliance.users import UsersTable, load_users
 
@@ -54,6 +55,7 @@ class Loaders:
     keyring: Callable[[str, bool], Keyring] = prepare_keyring
     hook: Callable[[str, Sequence[str]], Hook | None] = load_hook
     secret: Callable[[str], str] = read_secret
+    suppression: Callable[[str], None] = check_database
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,10 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
             keyring = loaders.keyring(config.links.keys_file, config.links.create_keys_file)
         except KeyFileError as e:
             problems.append(("links.keys_file", str(e)))
+        try:
+            loaders.suppression(config.suppression.database)  # created if missing, as the keyring
+        except SuppressionError as e:
+            problems.append(("suppression.database", str(e)))
         try:
             policy_hook = loaders.hook(config.policy.hook, config.policy.path)
         except PolicyError as e:

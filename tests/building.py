@@ -13,7 +13,11 @@ def _keyring(path: str, create: bool) -> Keyring:
     return new_keyring()  # the link key file is not what these tests are about: none is written
 
 
-LOADERS = Loaders(keyring=_keyring)
+def _suppression(path: str) -> None:
+    pass  # nor the suppression database: none is created
+
+
+LOADERS = Loaders(keyring=_keyring, suppression=_suppression)
 
 
 def configure(data: dict[str, Any], source: str = "x.toml") -> Parts:

@@ -57,7 +57,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "injection": {"config", "events", "eventtypes", "files", "headers", "policy", "reactors",
                   "settings", "spool"},
     "smtp": {"config", "reactors", "tls"},
-    "build": {"config", "dkim", "links", "policy", "reactors", "tls", "users"},
+    # build opens the suppression database once, so a bad path fails before twistd forks.
+    "build": {"config", "dkim", "links", "policy", "reactors", "suppression", "tls", "users"},
     "service": {"build", "config", "delivery", "events", "files", "injection", "links", "policy",
                 "reactors", "sighup", "smtp", "spool", "suppression", "tracker", "users", "webhooks"},
     # The admin listener's resources: they read what the services hand them

@@ -19,6 +19,7 @@ from appliance.suppression.store import (
     SuppressionStore,
     changes_for,
     changes_in,
+    check_database,
     normalize,
     read_csv,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "SuppressionStore",
     "changes_for",
     "changes_in",
+    "check_database",
     "normalize",
     "read_csv",
 ]

@@ -208,15 +208,15 @@ class SuppressionStore:
 
     def __init__(self, path: str, busy_timeout: float = 5.0) -> None:
         self.path = path
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
         try:
+            directory = os.path.dirname(path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
             self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise SuppressionError(f"{path}: cannot open the suppression database: {e}") from None
         self._lock = threading.Lock()
 
@@ -309,3 +309,11 @@ class SuppressionStore:
     def __iter__(self) -> Iterator[Entry]:
         entries, _ = self.search(limit=-1)
         return iter(entries)
+
+
+def check_database(path: str) -> None:
+    """Open (creating if need be) and close the database: what start-up checks before it forks."""
+    try:
+        SuppressionStore(path).close()
+    except OSError as e:
+        raise SuppressionError(f"{path}: cannot create the suppression database: {e.strerror}") from None
