@@ -1,5 +1,6 @@
 """
-The HTTP tracker: serves open pixels (``/q/…``) and click redirects (``/f/…``).
+The HTTP tracker: serves open pixels (``/q/…``), click redirects (``/f/…``) and
+one-click unsubscribes (``/u/…``, in ``appliance.tracker.unsubscribe``).
 
 The tracker keeps no state: a hit is answered from the signed token alone, so
 any node holding the signing keys serves any link. A token that does not
