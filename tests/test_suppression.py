@@ -248,6 +248,17 @@ class ServiceTests(SynchronousTestCase):
         third = self.start()
         self.assertEqual(third.list.suppressed("dora@example.test", False), NON_TRANSACTIONAL)
 
+    def test_a_new_list_learns_from_the_log_as_it_stands(self) -> None:
+        self.events.write(self.events.make("link_unsubscribe", rcpt_to="ann@example.test"))
+        svc = self.start()
+        self.assertEqual(svc.list.suppressed("ann@example.test", False), NON_TRANSACTIONAL)
+        self.successResultOf(svc.stopService())
+        other = SuppressionStore(self.db)
+        other.remove("ann@example.test")
+        other.close()
+        again = self.start()  # from its cursor: the old event is not taken again
+        self.assertIsNone(again.list.suppressed("ann@example.test", False))
+
     def test_changes_by_another_process_arrive_within_the_interval(self) -> None:
         svc = self.start()
         other = SuppressionStore(self.db)

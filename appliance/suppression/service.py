@@ -9,11 +9,14 @@ appliance's own unsubscribes and hard bounces), the admin API, and, for
 writers in other processes (``engage-appliance suppressions``), a check of
 SQLite's ``data_version`` every ``check_interval`` seconds that reloads the
 sets when another process has committed. Every database call runs in the
-file pool.
+file pool. A new list (no cursor yet) reads the current event log file from
+its start, so an appliance upgraded in place suppresses what its log already
+holds.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from appliance.follower import Follower
+from appliance.follower import Cursor, Follower, save_cursor
 from appliance.reactors import Runner
 from appliance.suppression.store import TRANSACTIONAL, Change, SuppressionStore, changes_in
 
@@ -98,6 +101,7 @@ class SuppressionService(MultiService):
                  now: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.path = path
+        self.log_path = log_path
         self.list = SuppressionList()
         self.store: SuppressionStore | None = None
         self._clock = clock
@@ -113,6 +117,12 @@ class SuppressionService(MultiService):
         self.follower.setServiceParent(self)
 
     def startService(self) -> None:
+        cursor_path = self.follower.consumer.cursor_path
+        if not os.path.exists(cursor_path) and os.path.exists(self.log_path):
+            # A new list learns from the event log as it stands (a follower without a cursor
+            # would start at its end): the unsubscribes and hard bounces of the current file.
+            st = os.stat(self.log_path)
+            save_cursor(cursor_path, Cursor(st.st_dev, st.st_ino, 0))
         self.store = SuppressionStore(self.path)
         self._version = self.store.data_version()
         started = time.monotonic()
