@@ -27,6 +27,7 @@ from appliance.config import Config, ConfigError, WebhookConfig, read_config, re
 from appliance.dkim import PrivateKey, Signer, SigningKey, load_private_key, weakness
 from appliance.links import KeyFileError, Keyring, new_keyring, prepare_keyring
 from appliance.policy import Hook, PolicyError, load_hook
+from appliance.suppression import SuppressionError, check_database
 from appliance.tls import load_server_options, load_trust_root, write_pair
 from appliance.users import UsersTable, load_users
 
@@ -60,6 +61,7 @@ class Loaders:
     # token, certificate) are only checked to be makeable, and every loader runs
     # even when others failed, so one run lists every problem.
     create_files: bool = True
+    suppression: Callable[[str], None] = check_database
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,10 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
             token = _made_file(problems, "admin.token_file", loaders.admin_token,
                                config.admin.token_file, True, loaders.create_files)
             admin_token = None if token is _TO_BE_MADE else token
+        try:
+            loaders.suppression(config.suppression.database)  # created if missing, as the keyring
+        except SuppressionError as e:
+            problems.append(("suppression.database", str(e)))
         try:
             policy_hook = loaders.hook(config.policy.hook, config.policy.path)
         except PolicyError as e:

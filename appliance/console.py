@@ -5,6 +5,7 @@
 - ``webhooks test NAME``: post one sample batch with the webhook's credentials, print the answer;
 - ``preview MESSAGE.eml``: what tracking would do to a message (``appliance.preview``);
 - ``check``: the configuration and every file it names, without starting;
+- ``suppressions list|add|remove|import``: the suppression list (``appliance.console_suppressions``);
 - ``keys``, ``users``, ``certificate``, ``dkim-key``: the commands that were
   ``engage-appliance-keys`` and so on (those names still work), run as they were.
 
@@ -76,6 +77,12 @@ def _check(argv: list[str]) -> int:
     return main(argv)
 
 
+def _suppressions(argv: list[str]) -> int:
+    from appliance.console_suppressions import main
+
+    return main(argv)
+
+
 # The commands that came first, each with its own options: their arguments are passed on as given.
 DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "keys": (_keys, "create, rotate, retire and list the keys that sign tracked links"),
@@ -85,6 +92,7 @@ DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
     # Not those, but commands with their own options all the same.
     "preview": (_preview, "show what tracking would do to a message, without sending it"),
     "check": (_check, "check the configuration and every file it names, without starting"),
+    "suppressions": (_suppressions, "list, add, remove and import suppressed recipients"),
 }
 
 

@@ -48,6 +48,11 @@ DEFAULT_HEADERS = (
     "in-reply-to", "references", "list-unsubscribe", "list-unsubscribe-post",
 )
 
+# Signed whatever a key's ``headers`` list says, present or not: a one-click unsubscribe is
+# honoured by mailbox providers only when both fields are covered by a valid signature
+# (RFC 8058 §4), and a relay that adds or alters them must break it.
+ALWAYS_SIGNED = ("list-unsubscribe", "list-unsubscribe-post")
+
 FOLD_WIDTH = 78
 
 
@@ -270,9 +275,11 @@ def signature_field(fields: Sequence[tuple[str, bytes]], body: bytes, key: Signi
                     timestamp: int, body_hash_value: str | None = None) -> bytes:
     """The ``DKIM-Signature`` field (with its CRLF) that signs a message of these fields and body."""
     names: list[str] = []
-    for name in key.headers:
+    for name in (*key.headers, *(n for n in ALWAYS_SIGNED if n not in key.headers)):
         present = sum(1 for n, _ in fields if n == name)
-        if present:
+        # The always-signed fields are signed absent too (RFC 6376 §5.4): nobody may add a
+        # one-click unsubscribe to a copy that went out without one.
+        if present or name in ALWAYS_SIGNED:
             names += [name] * (present + 1)
     if "from" not in names:
         raise DkimError("the message has no From field")

@@ -34,11 +34,12 @@ OPEN = "open"
 INITIAL_OPEN = "initial_open"
 CLICK = "click"
 LINK_UNSUBSCRIBE = "link_unsubscribe"
+LIST_UNSUBSCRIBE = "list_unsubscribe"
 
 # Every type the appliance writes, in the order of a message's life. A webhook's
 # ``events`` may name only these, so a misspelt type is a configuration error.
 EVENT_TYPES = (INJECTION, POLICY_REJECTION, DELIVERY, DELAY, BOUNCE, OPEN, INITIAL_OPEN, CLICK,
-               LINK_UNSUBSCRIBE)
+               LINK_UNSUBSCRIBE, LIST_UNSUBSCRIBE)
 
 # What EventLog.make puts first in every event.
 COMMON_FIELDS = ("type", "event_id", "timestamp", "node_name", "customer_id")
@@ -68,6 +69,10 @@ FIELDS: Mapping[str, tuple[str, ...]] = {
     INITIAL_OPEN: (*COMMON_FIELDS, *_TRACK, "rcpt_meta"),
     CLICK: (*COMMON_FIELDS, *_CLICK),
     LINK_UNSUBSCRIBE: (*COMMON_FIELDS, *_CLICK),
+    # SparkPost's sample, where the token tells: the copy was not transactional (only such
+    # copies carry the header) and went out by ESMTP.
+    LIST_UNSUBSCRIBE: (*COMMON_FIELDS, *_TRACK, "rcpt_meta", "routing_domain", "transactional",
+                       "delv_method"),
 }
 
 # Fields an event has only sometimes: why tracking was skipped or a DKIM signature
@@ -304,3 +309,12 @@ def click_events(link: LinkData, ip_address: str, user_agent: str, accept_langua
     if link.unsubscribe:
         return [Draft(CLICK, fields), Draft(LINK_UNSUBSCRIBE, dict(fields))]
     return [Draft(CLICK, fields)]
+
+
+def list_unsubscribe_event(link: LinkData, ip_address: str, user_agent: str) -> Draft:
+    """A one-click unsubscribe (RFC 8058) of the copy ``link`` names: SparkPost's ``list_unsubscribe``."""
+    fields = _track_fields(link, ip_address, user_agent)
+    fields.update(rcpt_meta=link.metadata if link.metadata is not None else {},
+                  routing_domain=_routing_domain(link.rcpt_to), transactional="0",
+                  delv_method="esmtp")
+    return Draft(LIST_UNSUBSCRIBE, fields)

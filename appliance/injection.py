@@ -38,7 +38,14 @@ from appliance.events import EventLog
 from appliance.eventtypes import injection_event, policy_rejection_event, recipient_fields
 from appliance.headers import HeaderReader, as_message, readable
 from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
-from appliance.settings import MsysApiError, header_values, parse_msys_api, resolve
+from appliance.settings import (
+    MsysApi,
+    MsysApiError,
+    header_values,
+    is_transactional,
+    parse_msys_api,
+    resolve,
+)
 from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolWriter
 
 if TYPE_CHECKING:
@@ -63,6 +70,16 @@ class Router(Protocol):
 
 class Queue(Protocol):
     def enqueue(self, queued: QueuedMessage) -> None: ...
+
+
+class Suppressions(Protocol):
+    """The suppression list (``appliance.suppression.SuppressionList``), asked in memory."""
+
+    def suppressed(self, address: str, transactional: bool) -> str | None: ...
+
+
+# SparkPost's reply for a suppressed recipient, with the scope that stopped it.
+SUPPRESSED = "5.7.1 Recipient address was suppressed due to customer policy ({scope} suppression list)"
 
 
 def address_text(address: smtp.Address | bytes | str) -> str:
@@ -152,6 +169,7 @@ class Injector:
         copies: CopyMaker | None = None,
         tracker: EngagementTrackerConfig | None = None,
         max_hops: int = 50,
+        suppressions: Suppressions | None = None,
     ) -> None:
         self.spool = spool
         self.events = events
@@ -163,6 +181,7 @@ class Injector:
         self.copies = copies
         self.tracker = tracker or EngagementTrackerConfig()
         self.max_hops = max_hops
+        self.suppressions = suppressions
         # Transactions received whole whose reply is not yet known, and the owed events of
         # messages already answered: a stop waits for both, or their events would find the
         # event log closed.
@@ -221,8 +240,9 @@ class Injector:
         refuses it for everyone (``550 5.6.0``); a temporary policy answer
         for any recipient refuses it for everyone with that answer, so the
         client retries and nobody is lost; recipients the policy rejects
-        for good are left out, each with a ``policy_rejection`` event, and
-        if that leaves nobody the first rejection is the reply.
+        for good, and recipients on the suppression list, are left out,
+        each with a ``policy_rejection`` event, and if that leaves nobody
+        the first rejection is the reply.
 
         An accepted message's events and its hand-over to delivery come after
         the reply has been given to whoever waits on the returned Deferred.
@@ -291,6 +311,7 @@ class Injector:
                                     [(550, f"5.6.0 {e}")] * len(recipients))
 
         verdicts = yield self._policy_verdicts(transaction, headers)
+        verdicts = self._suppressed(transaction.recipients, verdicts, api)
         temporary = next((v for v in verdicts if v.temporary), None)
         if temporary is not None:
             return self._refuse_now(transaction, headers, recipients,
@@ -334,11 +355,33 @@ class Injector:
         # The message is durable now and its 250 stands; its events are owed (``finish``).
         return (250, f"2.0.0 OK queued as {envelope.transmission_id}".encode()), queued
 
+    def _suppressed(self, recipients: list[str], verdicts: list[Verdict], api: MsysApi) -> list[Verdict]:
+        """
+        The verdicts with each suppressed recipient refused (``550 5.7.1``, naming its scope).
+
+        Whether a copy is transactional is the policy's or the header's to
+        say, so it is decided per recipient after the policy. A lookup is a
+        set membership test in memory: nothing here waits.
+        """
+        if self.suppressions is None:
+            return verdicts
+        out = []
+        for rcpt, verdict in zip(recipients, verdicts, strict=True):
+            if verdict.accepted:
+                scope = self.suppressions.suppressed(rcpt, is_transactional(api, verdict.context))
+                if scope is not None:
+                    verdict = Verdict(550, SUPPRESSED.format(scope=scope))
+            out.append(verdict)
+        return out
+
     def _owed(self, headers: Message, accepted: list[Recipient],
               rejected: list[tuple[Recipient, Verdict]]) -> dict[str, Any]:
         """What the events owed after the 250 say, and their event_ids: stored in the envelope."""
         tracked = any(r.tracking.enabled for r in accepted)
-        signed_api = headers.get("DKIM-Signature") is not None and bool(header_values(headers))
+        # A sender's signature the copies may break without tracking: by losing X-MSYS-API, or
+        # by gaining List-Unsubscribe fields it signed as absent.
+        signed_api = headers.get("DKIM-Signature") is not None and (
+            bool(header_values(headers)) or any(r.tracking.list_unsubscribe for r in accepted))
         return {
             "friendly_from": friendly_from(headers),
             "subject": header_text(headers, "Subject"),

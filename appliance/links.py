@@ -44,8 +44,9 @@ TAG_BYTES = 16
 MAX_URL_LENGTH = 4096
 _VERSION = 0x10
 _DEFLATED = 0x01
-KINDS = ("open", "initial_open", "click")
-_KIND_CODES = {"open": "o", "initial_open": "i", "click": "c"}
+# "unsubscribe": a copy's List-Unsubscribe URL (RFC 8058), served at /u/ by the tracker.
+KINDS = ("open", "initial_open", "click", "unsubscribe")
+_KIND_CODES = {"open": "o", "initial_open": "i", "click": "c", "unsubscribe": "u"}
 _KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
 # Bodies shorter than this are not deflated: the saving on a short link is a few
 # characters, and the token of such a link stays well under 500 characters anyway.
@@ -302,6 +303,11 @@ def click_suffix(link_name: str, target: str, unsubscribe: bool) -> bytes:
 
 def open_url(scheme: str, domain: str, token: str) -> str:
     return f"{scheme}://{domain}/q/{token}"
+
+
+def unsubscribe_url(domain: str, token: str) -> str:
+    """``https://{domain}/u/{token}``: always HTTPS, as RFC 8058 requires of a one-click URL."""
+    return f"https://{domain}/u/{token}"
 
 
 def click_url(scheme: str, domain: str, token: str, sublink: str = "") -> str:

@@ -32,6 +32,7 @@ from twisted.web.resource import IResource
 from appliance.admin.health import Health
 from appliance.admin.metrics import EventCounters, Readings, tracker_latency
 from appliance.admin.site import AdminSite, make_admin_site
+from appliance.admin.suppressions import SuppressionList
 from appliance.build import Parts
 from appliance.delivery import DeliveryService, Router
 from appliance.delivery.copies import CopyMaker
@@ -44,6 +45,7 @@ from appliance.sighup import SighupService
 from appliance.smtp import AuthGuard, ConnectionLimits, SessionDrain, listener_factory
 from appliance.spool import Spool
 from appliance.spoollock import SpoolLock, SpoolLocked
+from appliance.suppression import SuppressionService
 from appliance.tracker import make_site
 from appliance.users import UsersFileChecker
 from appliance.webhooks import Webhooks
@@ -169,6 +171,7 @@ class Appliance(MultiService):
         self.events.setServiceParent(self)
         SpoolService(self.spool).setServiceParent(self)
         self.delivery.setServiceParent(self)
+        self._suppression(reactor, run_files)
         self._smtp(parts, reactor, run_passwords)
         self._tracker(reactor)
         self._admin(parts, reactor)
@@ -233,6 +236,19 @@ class Appliance(MultiService):
                                  fsync_interval=config.events.fsync_interval)
         self.events.wake_on_write(self.webhooks.wake)
 
+    def _suppression(self, reactor: Reactor, run_files: Runner) -> None:
+        """
+        The suppression list: loaded before the listeners start, so injection asks it from
+        the first message on; fed by its own follower of the event log, woken on each write.
+        """
+        config = self.config
+        self.suppression = SuppressionService(config.suppression.database, config.events.log_file,
+                                              reactor, run_files,
+                                              check_interval=config.suppression.check_interval)
+        self.suppression.setServiceParent(self)
+        self.events.wake_on_write(self.suppression.wake)
+        self.injector.suppressions = self.suppression.list
+
     def _smtp(self, parts: Parts, reactor: Reactor, run_passwords: Runner) -> None:
         """The stop drain, the AUTH users and guard, and one listener per configured table."""
         config = parts.config
@@ -284,7 +300,9 @@ class Appliance(MultiService):
         self.metrics.register(self._readings())
         self.admin_site: AdminSite | None = None
         self.admin_listener: Service | None = None
-        api: dict[bytes, IResource] = {}  # /api/v1/<name>: one line per resource
+        api: dict[bytes, IResource] = {  # /api/v1/<name>: one line per resource
+            b"suppression-list": SuppressionList(self.suppression),
+        }
         if parts.admin_token is None:
             return
         self.admin_site = make_admin_site(parts.admin_token, self.health, self.metrics, api,

@@ -43,6 +43,7 @@ class MsysApi:
     campaign_id: str | None = None
     metadata: dict[str, Any] | None = None
     tags: tuple[str, ...] | None = None
+    transactional: bool | None = None
 
 
 # -- X-MSYS-API -------------------------------------------------------------------
@@ -151,7 +152,7 @@ def parse_msys_api(values: list[str], max_metadata_len: int) -> MsysApi:
     if not isinstance(options, dict):
         raise wrong("options", "json object")
     flags: dict[str, bool | None] = {}
-    for name in ("open_tracking", "click_tracking"):
+    for name in ("open_tracking", "click_tracking", "transactional"):
         value = options.get(name)
         if value is not None and not isinstance(value, bool):
             raise wrong(f"options.{name}", "boolean")
@@ -185,7 +186,8 @@ def parse_msys_api(values: list[str], max_metadata_len: int) -> MsysApi:
             raise MsysApiError(f"{HEADER} 'tags' {problem}")
 
     return MsysApi(open_tracking=flags["open_tracking"], click_tracking=flags["click_tracking"],
-                   campaign_id=campaign_id, metadata=metadata, tags=tags)
+                   campaign_id=campaign_id, metadata=metadata, tags=tags,
+                   transactional=flags["transactional"])
 
 
 # -- policy context variables ---------------------------------------------------------
@@ -200,6 +202,7 @@ CONTEXT_VARIABLES = (
     "smtpapi_click_tracking_scheme",
     "smtpapi_tracking_domain",
     "smtpapi_tracking_link_expiry",
+    "smtpapi_transactional",
 )
 
 _TRUE = ("1", "true")
@@ -243,6 +246,7 @@ class ContextSettings:
     click_tracking_scheme: str | None = None
     tracking_domain: str | None = None
     tracking_link_expiry: float | None = None
+    transactional: bool | None = None
 
 
 def parse_context(context: Mapping[str, Any], max_metadata_len: int) -> ContextSettings:
@@ -259,7 +263,7 @@ def parse_context(context: Mapping[str, Any], max_metadata_len: int) -> ContextS
         except UnicodeEncodeError:
             raise PolicyValueError(f"{name} must not contain a lone surrogate (not Unicode text)") from None
         key = name.removeprefix("smtpapi_")
-        if key in ("open_tracking", "click_tracking"):
+        if key in ("open_tracking", "click_tracking", "transactional"):
             values[key] = _context_bool(name, value)
         elif key == "campaign_id":
             if "\r" in value or "\n" in value:
@@ -320,6 +324,13 @@ class Tracking:
     expiry: int = 0  # absolute Unix time at which the copy's links stop producing events
     initial_open: bool = True
     include_metadata: bool = True
+    # SparkPost's options.transactional: a transactional copy gets no List-Unsubscribe and
+    # only a transactional suppression stops it.
+    transactional: bool = False
+    # The copy carries RFC 8058's one-click List-Unsubscribe (never a transactional one),
+    # with a mailto: form to this address when it is not "".
+    list_unsubscribe: bool = False
+    list_unsubscribe_mailto: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -349,9 +360,21 @@ def _first(*values: Any) -> Any:
     return next(v for v in values if v is not None)
 
 
+def is_transactional(header: MsysApi, context: ContextSettings) -> bool:
+    """SparkPost's ``options.transactional``: the policy's, else the header's, else false."""
+    return bool(_first(context.transactional, header.transactional, False))
+
+
 def resolve(config: SmtpapiConfig, tracker: EngagementTrackerConfig, header: MsysApi,
             context: ContextSettings, received_at: float) -> Tracking:
-    """Each setting on its own: policy, then header, then configuration."""
+    """
+    Each setting on its own: policy, then header, then configuration.
+
+    A transactional message (policy or header) gets no List-Unsubscribe,
+    whatever the listener's or the global ``list_unsubscribe`` says.
+    """
+    transactional = is_transactional(header, context)
+    list_unsubscribe = config.list_unsubscribe and not transactional
     return Tracking(
         open_tracking=_first(context.open_tracking, header.open_tracking, config.open_tracking_enabled),
         click_tracking=_first(context.click_tracking, header.click_tracking,
@@ -365,4 +388,7 @@ def resolve(config: SmtpapiConfig, tracker: EngagementTrackerConfig, header: Msy
         expiry=int(received_at + _first(context.tracking_link_expiry, config.tracking_link_expiry)),
         initial_open=config.initial_open,
         include_metadata=tracker.click_tracking_include_metadata,
+        transactional=transactional,
+        list_unsubscribe=list_unsubscribe,
+        list_unsubscribe_mailto=config.list_unsubscribe_mailto if list_unsubscribe else "",
     )

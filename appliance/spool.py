@@ -72,7 +72,9 @@ def run_synchronously(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer
 #   2: "tracking" is always a whole ``Tracking.to_json`` record.
 #   3: the envelope follows the message in one file (``active/<id>``, journal in
 #      ``journal/<id>``); "announce" holds the events owed since the 250.
-ENVELOPE_SCHEMA = 3
+#   4: "tracking" may carry transactional, list_unsubscribe and list_unsubscribe_mailto
+#      (an envelope of 3 or less has none: its copies are made as they were).
+ENVELOPE_SCHEMA = 4
 
 # After a schema-3 entry's envelope: b"\nenvelope " + its length in 10 digits + b"\n".
 _TRAILER_START = b"\nenvelope "

@@ -17,7 +17,11 @@ def _admin_token(path: str, create: bool) -> str:
     return "token"  # nor is the admin token file
 
 
-LOADERS = Loaders(keyring=_keyring, admin_token=_admin_token)
+def _suppression(path: str) -> None:
+    pass  # nor the suppression database: none is created
+
+
+LOADERS = Loaders(keyring=_keyring, admin_token=_admin_token, suppression=_suppression)
 
 
 def configure(data: dict[str, Any], source: str = "x.toml") -> Parts:

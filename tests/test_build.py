@@ -139,6 +139,18 @@ class BuildTests(SynchronousTestCase):
                                       ("", "policy.hook: cannot import 'nowhere'")])
         self.assertIn("\n  policy.hook: cannot import 'nowhere'", str(e))
 
+    def test_the_suppression_database_is_opened_before_the_start(self) -> None:
+        config = make_config(self.dir)
+        build(config)
+        self.assertTrue(os.path.isfile(config.suppression.database))  # created, empty
+        unusable = os.path.join(self.dir, "a-directory")
+        os.makedirs(unusable)
+        config = make_config(self.dir, suppression={"database": unusable})
+        e = self.assertRaises(ConfigError, build, config)
+        [(path, message)] = e.problems
+        self.assertEqual(path, "suppression.database")
+        self.assertIn(f"{unusable}: cannot open the suppression database", message)
+
     def test_the_key_file_is_created_by_default(self) -> None:
         config = make_config(self.dir)
         parts = build(config)
@@ -153,7 +165,8 @@ class TapTests(SynchronousTestCase):
         os.makedirs(directory)
         config = {"spool": {"directory": os.path.join(directory, "spool")},
                   "events": {"log_file": os.path.join(directory, "events.jsonl")},
-                  "links": {"keys_file": os.path.join(directory, "links.keys")}}
+                  "links": {"keys_file": os.path.join(directory, "links.keys")},
+                  "suppression": {"database": os.path.join(directory, "suppression.sqlite3")}}
         lines = []
         for table, values in merge(config, changes).items():
             lines.append(f"[{table}]")

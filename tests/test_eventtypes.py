@@ -42,6 +42,8 @@ CONTRACT: dict[str, tuple[list[str], list[str]]] = {
     "initial_open": ([*COMMON, *TRACK, "rcpt_meta"], []),
     "click": ([*COMMON, *CLICK], ["rcpt_meta"]),
     "link_unsubscribe": ([*COMMON, *CLICK], ["rcpt_meta"]),
+    "list_unsubscribe": ([*COMMON, *TRACK, "rcpt_meta", "routing_domain", "transactional",
+                          "delv_method"], []),
 }
 
 TID = "4242"
@@ -171,7 +173,8 @@ class ContractTests(SynchronousTestCase):
         self.assertEqual({t: et.event_class(t) for t in et.EVENT_TYPES}, {
             "injection": "message_event", "policy_rejection": "message_event", "delivery": "message_event",
             "delay": "message_event", "bounce": "message_event", "open": "track_event",
-            "initial_open": "track_event", "click": "track_event", "link_unsubscribe": "unsubscribe_event"})
+            "initial_open": "track_event", "click": "track_event", "link_unsubscribe": "unsubscribe_event",
+            "list_unsubscribe": "unsubscribe_event"})
 
 
 class CapTests(SynchronousTestCase):

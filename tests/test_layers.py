@@ -49,32 +49,39 @@ MAY_IMPORT: dict[str, set[str]] = {
     "tls": {"files"},
     "users": {"files", "reactors"},
     "tracker": {"config", "events", "eventtypes", "links", "reactors"},
+    # The suppression list: its database, and its own follower of the event log.
+    "suppression": {"follower", "reactors"},
     "delivery": {"bounces", "config", "dkim", "events", "eventtypes", "files", "links", "reactors",
                  "retry", "rewrite", "settings", "spool"},
     "webhooks": {"config", "events", "eventtypes", "files", "follower", "reactors", "retry"},
     "injection": {"config", "events", "eventtypes", "files", "headers", "policy", "reactors",
                   "settings", "spool"},
     "smtp": {"config", "reactors", "tls"},
-    # admin: the token file is made with the link keys, and read the same way.
-    "build": {"admin", "config", "dkim", "links", "policy", "reactors", "tls", "users"},
+    # admin: the token file is made with the link keys, and read the same way; suppression:
+    # the database is opened once, so a bad path fails before twistd forks.
+    "build": {"admin", "config", "dkim", "links", "policy", "reactors", "suppression", "tls", "users"},
     # admin: health, metrics and the admin listener; spoollock: one appliance per spool.
     "service": {"admin", "build", "config", "delivery", "events", "files", "injection", "links", "policy",
-                "reactors", "sighup", "smtp", "spool", "spoollock", "tracker", "users", "webhooks"},
+                "reactors", "sighup", "smtp", "spool", "spoollock", "suppression", "tracker", "users",
+                "webhooks"},
     # The admin listener's resources: they read what the services hand them. config: the
-    # client reads [admin]; files: the token file is written atomically.
-    "admin": {"config", "files"},
+    # client reads [admin]; files: the token file is written atomically; suppression: the
+    # list's entries, errors and scopes are its own.
+    "admin": {"config", "files", "suppression"},
     # One appliance per spool: an flock, nothing else.
     "spoollock": set(),
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
-    "console": {"build", "config", "console_check", "dkim", "eventtypes", "links", "preview", "tls",
-                "users", "webhooks"},
+    "console": {"build", "config", "console_check", "console_suppressions", "dkim", "eventtypes", "links",
+                "preview", "tls", "users", "webhooks"},
     # engage-appliance check: the build's own loaders, making no file.
     "console_check": {"build", "config"},
     # The message preview: the injection path's pure parts (X-MSYS-API, policy answer,
     # resolution, rewrite) run on one message, and events' id generator for ids of the
     # real shape (their length is in every token).
     "preview": {"config", "events", "headers", "links", "policy", "rewrite", "settings"},
+    # engage-appliance suppressions: it opens the suppression database itself.
+    "console_suppressions": {"config", "suppression"},
 }
 TYPE_ONLY: dict[str, set[str]] = {
     "eventtypes": {"links", "settings", "spool"},

@@ -361,6 +361,15 @@ class FixtureTests(SynchronousTestCase):
                          crlf("\nbody\n"))
         self.assertTrue(prepare(covers).dkim_broken(OFF))  # removing a signed header breaks it too
         self.assertFalse(prepare(ALTERNATIVE_IN_MIXED).dkim_broken(BOTH))
+        # A signature over absent List-Unsubscribe fields breaks when the copy gets ours ...
+        unsubscribe = Tracking(list_unsubscribe=True)
+        absent = message(crlf("DKIM-Signature: v=1; h=from:list-unsubscribe; b=y\n"), crlf("\nbody\n"))
+        self.assertTrue(prepare(absent).dkim_broken(unsubscribe))
+        self.assertFalse(prepare(absent).dkim_broken(OFF))
+        # ... but not when the sender wrote its own, which the copy keeps.
+        own = message(crlf("DKIM-Signature: v=1; h=from:list-unsubscribe; b=y\n"
+                           "List-Unsubscribe: <https://shop.example/u>\n"), crlf("\nbody\n"))
+        self.assertFalse(prepare(own).dkim_broken(unsubscribe))
 
 
 class BadInputTests(SynchronousTestCase):

@@ -77,7 +77,7 @@ class MsysApiTests(SynchronousTestCase):
     def test_unknown_fields_and_options_ignored(self) -> None:
         api = parse(b'X-MSYS-API: {"transactional":true,"ip_pool":"x","options":'
                     b'{"transactional":true,"sandbox":1,"open_tracking":true}}\r\n')
-        self.assertEqual(api, MsysApi(open_tracking=True))
+        self.assertEqual(api, MsysApi(open_tracking=True, transactional=True))
 
     def test_every_type_rule(self) -> None:
         cases = {

@@ -117,9 +117,8 @@ class EnvelopeTests(SynchronousTestCase):
             "injection": "message_event", "policy_rejection": "message_event",
             "delivery": "message_event", "delay": "message_event", "bounce": "message_event",
             "open": "track_event", "initial_open": "track_event", "click": "track_event",
-            "link_unsubscribe": "unsubscribe_event",
+            "link_unsubscribe": "unsubscribe_event", "list_unsubscribe": "unsubscribe_event",
         })
-        self.assertEqual(event_class("list_unsubscribe"), "unsubscribe_event")
         self.assertEqual(event_class("out_of_band"), "message_event")
 
     def test_line_and_body(self) -> None:

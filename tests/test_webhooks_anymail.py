@@ -109,6 +109,7 @@ def every_event_type(log: Any) -> list[dict[str, Any]]:
         et.open_event(link("initial_open", {"plan": "gold"}), "203.0.113.5", AGENT),
         et.open_event(link("open", {"plan": "gold"}), "203.0.113.5", AGENT),
         *et.click_events(link("click", {"plan": "gold"}, unsubscribe=True), "203.0.113.5", AGENT, "de"),
+        et.list_unsubscribe_event(link("unsubscribe", {"plan": "gold"}), "203.0.113.5", AGENT),
     ]
     return [log.make(kind, **fields) for kind, fields in drafts]
 
@@ -157,6 +158,7 @@ class AnymailTests(ServiceTestCase):
             ("track_event", "open", "opened"),
             ("track_event", "click", "clicked"),
             ("unsubscribe_event", "link_unsubscribe", "unsubscribed"),
+            ("unsubscribe_event", "list_unsubscribe", "unsubscribed"),
         ])
         for got, sent in zip(self.received, events, strict=True):
             self.assertEqual(got.event_id, sent["event_id"])
@@ -166,7 +168,7 @@ class AnymailTests(ServiceTestCase):
             self.assertEqual(got.tags, ["spring"])  # the campaign is Anymail's tag
             self.assertEqual(got.metadata, {"plan": "gold"})
         by_type = {e["type"]: got for e, got in zip(events, self.received, strict=True)}
-        for kind in ("initial_open", "open", "click", "link_unsubscribe"):
+        for kind in ("initial_open", "open", "click", "link_unsubscribe", "list_unsubscribe"):
             self.assertEqual(by_type[kind].user_agent, AGENT)
         for kind in ("click", "link_unsubscribe"):
             self.assertEqual(by_type[kind].click_url, "https://example.net/x")
@@ -194,7 +196,7 @@ class AnymailTests(ServiceTestCase):
         self.assertEqual((answer.code, answer.count), (200, len(et.EVENT_TYPES)))
         self.assertEqual([e.event_type for e in self.received],
                          ["queued", "rejected", "delivered", "deferred", "bounced", "opened", "opened",
-                          "clicked", "unsubscribed"])
+                          "clicked", "unsubscribed", "unsubscribed"])
         self.assertEqual({e.recipient for e in self.received}, {"Recipient@example.com"})
         self.assertEqual({tuple(e.tags) for e in self.received}, {("Example Campaign Name",)})
 

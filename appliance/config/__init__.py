@@ -27,6 +27,7 @@ from appliance.config.simple import (
     NodeConfig,
     PolicyConfig,
     SpoolConfig,
+    SuppressionConfig,
     TrackerConfig,
     TrackerLimits,
     read_engagement_tracker,
@@ -35,6 +36,7 @@ from appliance.config.simple import (
     read_node,
     read_policy,
     read_spool,
+    read_suppression,
     read_tracker,
 )
 from appliance.config.smtp import LOOPBACK, ListenerConfig, SmtpapiConfig, SmtpConfig, read_smtp, read_smtpapi
@@ -57,6 +59,7 @@ __all__ = [
     "Route",
     "SmtpConfig",
     "SmtpapiConfig",
+    "SuppressionConfig",
     "Table",
     "TrackerLimits",
     "WebhookConfig",
@@ -103,6 +106,7 @@ class Config:
     webhooks: tuple[WebhookConfig, ...] = ()
     dkim: tuple[DkimKeyConfig, ...] = ()  # signing keys; empty: copies are not signed
     admin: AdminConfig = AdminConfig()
+    suppression: SuppressionConfig = SuppressionConfig("var/suppression.sqlite3")
     source: str = ""
 
 
@@ -140,6 +144,7 @@ def read_config(data: dict[str, Any], source: str = "") -> tuple[Config, list[tu
         webhooks=read_webhooks(top),
         dkim=read_dkim(top),
         admin=read_admin(top.table("admin")),
+        suppression=read_suppression(top.table("suppression")),
         source=source,
     )
     for name in top.data:

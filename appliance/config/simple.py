@@ -1,7 +1,7 @@
 """
 The tables of a few plain keys each, none of which depends on another table:
 ``[node]``, ``[engagement_tracker]``, ``[spool]``, ``[tracker]``, ``[links]``,
-``[policy]`` and ``[events]``.
+``[policy]``, ``[events]`` and ``[suppression]``.
 """
 
 from __future__ import annotations
@@ -180,5 +180,27 @@ def read_events(t: Table) -> EventsConfig:
         fsync_interval=t.duration("fsync_interval", EventsConfig.fsync_interval),
         file_mode=file_mode,
     )
+    t.finish()
+    return c
+
+
+@dataclass(frozen=True)
+class SuppressionConfig:
+    """The suppression list: who gets no copy, by SparkPost's two scopes."""
+
+    database: str
+    # How often the running appliance looks for changes others made to the database
+    # (``engage-appliance suppressions``): one cheap read of SQLite's data_version.
+    check_interval: float = 1.0
+
+
+def read_suppression(t: Table) -> SuppressionConfig:
+    c = SuppressionConfig(
+        database=t.path_("database", "var/suppression.sqlite3"),
+        check_interval=t.duration("check_interval", SuppressionConfig.check_interval),
+    )
+    if t.has("check_interval") and c.check_interval <= 0:
+        t.error("check_interval", "must be more than 0 seconds")
+        c = replace(c, check_interval=SuppressionConfig.check_interval)
     t.finish()
     return c

@@ -5,6 +5,7 @@ The ``[smtp]`` table with its listeners, and ``[smtpapi]``, which a listener may
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 
 from appliance.config.tables import Table, optional_path
@@ -23,6 +24,15 @@ class SmtpapiConfig:
     tracking_link_expiry: float = 31536000.0
     initial_open: bool = True
     max_tracked_links: int = 1000  # per part; copies are made at delivery, so appliance-wide
+    # RFC 8058 one-click List-Unsubscribe on every non-transactional copy, and the address of
+    # its mailto: form ("" for none).
+    list_unsubscribe: bool = False
+    list_unsubscribe_mailto: str = ""
+
+
+# An address that stands in a mailto: URI as it is: no characters a URI or a header field
+# would take for something else (RFC 6068 reserves "?", "&", "%", "#", "<", ">", ",").
+_MAILTO_ADDRESS = re.compile(r"[A-Za-z0-9!$'*+\-./=^_`{|}~]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
 def read_smtpapi(t: Table, base: SmtpapiConfig, listener: bool = False) -> SmtpapiConfig:
@@ -43,7 +53,13 @@ def read_smtpapi(t: Table, base: SmtpapiConfig, listener: bool = False) -> Smtpa
         tracking_link_expiry=t.duration("tracking_link_expiry", base.tracking_link_expiry),
         initial_open=t.bool("initial_open", base.initial_open),
         max_tracked_links=t.int("max_tracked_links", base.max_tracked_links, minimum=0),
+        list_unsubscribe=t.bool("list_unsubscribe", base.list_unsubscribe),
+        list_unsubscribe_mailto=t.str("list_unsubscribe_mailto", base.list_unsubscribe_mailto),
     )
+    if c.list_unsubscribe_mailto and not _MAILTO_ADDRESS.fullmatch(c.list_unsubscribe_mailto):
+        t.error("list_unsubscribe_mailto", "expected an address like unsubscribe@example.com, got "
+                f"{show(c.list_unsubscribe_mailto)}")
+        c = replace(c, list_unsubscribe_mailto=base.list_unsubscribe_mailto)
     if listener and t.has("max_tracked_links"):
         t.error("max_tracked_links", "set it in [smtpapi]: it applies to every message")
         c = replace(c, max_tracked_links=base.max_tracked_links)

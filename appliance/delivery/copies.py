@@ -22,6 +22,7 @@ from appliance.dkim import Signer
 from appliance.links import LinkCodec
 from appliance.rewrite import Identity, Prepared, without_msys_api
 from appliance.rewrite.prepared import MAX_TRACKED_LINKS
+from appliance.rewrite.unsubscribe import add_list_unsubscribe, list_unsubscribe_fields
 from appliance.settings import Tracking
 
 log = Logger()
@@ -103,9 +104,9 @@ class CopyMaker:
         if not tracking.enabled:
             data = self._untracked(tid)
             if data is not None:
-                return self._sign(data)
+                return self._finish(data, tid, recipient)
             later = self._later((tid, _UNTRACKED), lambda: without_msys_api(self.read(queued)))
-            return later.addCallback(self._sign)
+            return later.addCallback(self._finish, tid, recipient)
         prepared = self._hit((tid, _PREPARED))
         if prepared is not None:
             return self._copy(prepared, tid, recipient, tracking)
@@ -163,8 +164,8 @@ class CopyMaker:
         if prepared.changes_body(tracking) and sum(
                 p.end - p.start for p in prepared.parts if p.changes(tracking)) > self.render_inline_bytes:
             d = defer.maybeDeferred(self.run, lambda: self._render(prepared, tid, recipient, tracking))
-            return d.addCallback(self._sign)
-        return self._sign(self._render(prepared, tid, recipient, tracking))
+            return d.addCallback(self._finish, tid, recipient)
+        return self._finish(self._render(prepared, tid, recipient, tracking), tid, recipient)
 
     def _render(self, prepared: Prepared, tid: str, recipient: Any, tracking: Tracking) -> bytes:
         identity = _identity(tid, recipient)
@@ -177,6 +178,15 @@ class CopyMaker:
             log.failure("could not render the copy {mid}; delivering it untracked",
                         mid=recipient.message_id)
             return prepared.data
+
+    def _finish(self, copy: bytes, tid: str, recipient: Any) -> bytes | defer.Deferred:
+        """The copy's own List-Unsubscribe fields (if it gets them), then its signature."""
+        if recipient.tracking.list_unsubscribe:
+            fields = list_unsubscribe_fields(self.codec, recipient.tracking, recipient.message_id, tid,
+                                             _identity(tid, recipient).rcpt_to)
+            if fields is not None:
+                copy = add_list_unsubscribe(copy, fields)
+        return self._sign(copy)
 
     def _sign(self, copy: bytes) -> bytes | defer.Deferred:
         # Signing is last: nothing may change the copy after it. A failure here is not

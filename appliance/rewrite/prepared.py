@@ -207,6 +207,8 @@ class Prepared:
     skipped: list[str]
     dkim_signed: bool = False
     dkim_signs_msys_api: bool = False
+    # A sender's signature covers List-Unsubscribe fields the message lacks: adding ours breaks it.
+    dkim_signs_list_unsubscribe: bool = False
     had_msys_api: bool = False
     max_links: int = MAX_TRACKED_LINKS  # the cap each part was prepared with
 
@@ -227,7 +229,8 @@ class Prepared:
         """
         if not self.dkim_signed:
             return False
-        return self.changes_body(tracking) or (self.had_msys_api and self.dkim_signs_msys_api)
+        return (self.changes_body(tracking) or (self.had_msys_api and self.dkim_signs_msys_api)
+                or (tracking.list_unsubscribe and self.dkim_signs_list_unsubscribe))
 
     @functools.cached_property
     def coarse_size_bound(self) -> int:
@@ -392,6 +395,7 @@ def footprint(prepared: Prepared) -> int:
 
 # -- preparing a message --------------------------------------------------------------------------
 
+_UNSUBSCRIBE_FIELDS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
 _DKIM_H = re.compile(r"(?:^|;)\s*h\s*=\s*([^;]*)")
 
 
@@ -427,12 +431,16 @@ def prepare(message: bytes, max_links: int = MAX_TRACKED_LINKS, audit: Audit | N
     if top.error:
         return Prepared(data, [], [f"malformed MIME: {top.error}"], had_msys_api=len(data) != len(message))
     prepared = Prepared(data, [], [], had_msys_api=len(data) != len(message), max_links=max_links)
+    own_unsubscribe = any(f.name in _UNSUBSCRIBE_FIELDS for f in top.fields)
     for f in top.fields:
         if f.name == "dkim-signature":
             prepared.dkim_signed = True
             m = _DKIM_H.search(" ".join(f.value.decode("latin-1").split()))
-            if m and "x-msys-api" in {h.strip().lower() for h in m.group(1).split(":")}:
+            signed = {h.strip().lower() for h in m.group(1).split(":")} if m else set()
+            if "x-msys-api" in signed:
                 prepared.dkim_signs_msys_api = True
+            if signed & _UNSUBSCRIBE_FIELDS and not own_unsubscribe:
+                prepared.dkim_signs_list_unsubscribe = True
     try:
         candidates, notes = find_parts(data)
     except MimeError as e:

@@ -1,5 +1,6 @@
 """
-The HTTP tracker: serves open pixels (``/q/…``) and click redirects (``/f/…``).
+The HTTP tracker: serves open pixels (``/q/…``), click redirects (``/f/…``) and
+one-click unsubscribes (``/u/…``, in ``appliance.tracker.unsubscribe``).
 
 The tracker keeps no state: a hit is answered from the signed token alone, so
 any node holding the signing keys serves any link. A token that does not
@@ -18,6 +19,7 @@ keep it answering under abuse are in ``appliance.tracker.limits``.
 from __future__ import annotations
 
 import functools
+import io
 import ipaddress
 import re
 import time
@@ -31,10 +33,19 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from appliance.events import Event, EventLog
-from appliance.eventtypes import CLICK, INITIAL_OPEN, OPEN, cap_text, click_events, open_event
+from appliance.eventtypes import (
+    CLICK,
+    INITIAL_OPEN,
+    OPEN,
+    cap_text,
+    click_events,
+    list_unsubscribe_event,
+    open_event,
+)
 from appliance.links import InvalidToken, LinkCodec, LinkData, location_header
 from appliance.tracker.limits import (
     DEFAULT_LIMITS,
+    MAX_BODY_BYTES,
     OTHER_CAP,
     USER_AGENT_CAP,
     ConnectionCount,
@@ -42,6 +53,7 @@ from appliance.tracker.limits import (
     HitLimiter,
     Limits,
 )
+from appliance.tracker.unsubscribe import Unsubscribe
 
 log = Logger()
 
@@ -180,6 +192,10 @@ class Tracker:
             return None
         return data if data.kind in kinds else None
 
+    def live(self, link: LinkData) -> bool:
+        """Whether ``link`` has not expired yet."""
+        return not link.expired(self._now())
+
     def client(self, request: server.Request) -> Client:
         peer = getattr(request.getClientAddress(), "host", "")
         forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
@@ -195,6 +211,8 @@ class Tracker:
             return []
         if link.kind in OPEN_KINDS:
             drafts = [open_event(link, client.ip_address, client.user_agent)]
+        elif link.kind == "unsubscribe":
+            drafts = [list_unsubscribe_event(link, client.ip_address, client.user_agent)]
         else:
             drafts = click_events(link, client.ip_address, client.user_agent, client.accept_language)
         for _, fields in drafts:
@@ -321,6 +339,7 @@ class Root(resource.Resource):
         self.putChild(b"robots.txt", Robots())
         self.putChild(b"q", OpenPixel(tracker))
         self.putChild(b"f", ClickRedirect(tracker))
+        self.putChild(b"u", Unsubscribe(tracker))
 
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         return NotFound()
@@ -334,13 +353,27 @@ class TrackerRequest(server.Request):
     A request whose answer carries no ``Server`` header: the version helps only an attacker.
 
     The time from the whole request to the whole answer goes to the site's ``on_answered``.
+    Its body is kept in memory up to ``MAX_BODY_BYTES``; beyond that it is
+    dropped as it arrives and ``body_too_large`` is set (``/u/`` answers 413).
     """
 
     _began: float | None = None
+    body_too_large = False
 
     def process(self) -> None:
         self._began = self.channel.site.reactor.seconds()
         super().process()
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = io.BytesIO()
+        if length is not None and length > MAX_BODY_BYTES:
+            self.body_too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large or self.content.tell() + len(data) > MAX_BODY_BYTES:
+            self.body_too_large = True
+            return
+        self.content.write(data)
 
     def render(self, resrc: resource.IResource) -> None:
         self.responseHeaders.removeHeader(b"server")

@@ -28,6 +28,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 USER_AGENT_CAP = 512
 OTHER_CAP = 256
+# The most of a request body kept (a one-click unsubscribe's is 26 bytes); the rest is
+# read and dropped, and the request is answered 413.
+MAX_BODY_BYTES = 16 * 1024
 
 
 # The ``[tracker]`` limits; the defaults are the shipped ones.

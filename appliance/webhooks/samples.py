@@ -56,6 +56,7 @@ _SAMPLE: dict[str, Any] = {
     "target_link_url": "http://example.com",
     "target_link_name": "Example Link Name",
     "accept_language": "en-US,en;q=0.9",
+    "transactional": "0",
 }
 _FAILURES = {
     POLICY_REJECTION: ("554", "554 5.7.1 Example policy rejection", "25"),
