@@ -37,6 +37,7 @@ from appliance.reactors import Reactor, Runner, thread_runner
 from appliance.sighup import SighupService
 from appliance.smtp import AuthGuard, ConnectionLimits, SessionDrain, listener_factory
 from appliance.spool import Spool
+from appliance.stats import StatsService
 from appliance.tracker import make_site
 from appliance.users import UsersFileChecker
 from appliance.webhooks import Webhooks
@@ -129,6 +130,7 @@ class Appliance(MultiService):
         # The order children are added is the start order (and stop goes the other way).
         self.webhooks.setServiceParent(self)
         self.events.setServiceParent(self)
+        self._stats(parts, reactor, run_files)
         SpoolService(self.spool).setServiceParent(self)
         self.delivery.setServiceParent(self)
         self._smtp(parts, reactor, run_passwords)
@@ -192,6 +194,16 @@ class Appliance(MultiService):
                                  trust=parts.webhook_trust,
                                  fsync_interval=config.events.fsync_interval)
         self.events.wake_on_write(self.webhooks.wake)
+
+    def _stats(self, parts: Parts, reactor: Reactor, run_files: Runner) -> None:
+        """
+        The statistics store follows the event log from its own cursor, counting in the file
+        pool; started after the event log (it may rebuild from it), it never holds up mail.
+        """
+        self.stats = StatsService(parts.config.stats.database, parts.config.events.log_file,
+                                  clock=reactor, run=run_files)
+        self.events.wake_on_write(self.stats.wake)
+        self.stats.setServiceParent(self)
 
     def _smtp(self, parts: Parts, reactor: Reactor, run_passwords: Runner) -> None:
         """The stop drain, the AUTH users and guard, and one listener per configured table."""

@@ -42,6 +42,7 @@ def base_toml(directory: str = "var") -> dict[str, Any]:
         "spool": {"directory": os.path.join(directory, "spool")},
         "events": {"log_file": os.path.join(directory, "events.jsonl")},
         "links": {"keys_file": os.path.join(directory, "links.keys")},
+        "stats": {"database": os.path.join(directory, "stats.sqlite3")},
     }
 
 

@@ -46,6 +46,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "groupcommit": {"files"},
     "spool": {"files", "groupcommit", "reactors", "settings"},
     "follower": {"files", "reactors"},
+    # Reading the event log and its rotated files for a search: plain files, no other part.
+    "eventsearch": set(),
+    # The statistics store follows the event log (follower) and reads rotated files to rebuild.
+    "stats": {"eventsearch", "files", "follower", "reactors"},
     "tls": {"files"},
     "users": {"files", "reactors"},
     "tracker": {"config", "events", "eventtypes", "links", "reactors"},
@@ -57,9 +61,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "smtp": {"config", "reactors", "tls"},
     "build": {"config", "dkim", "links", "policy", "reactors", "tls", "users"},
     "service": {"build", "config", "delivery", "events", "files", "injection", "links", "policy",
-                "reactors", "sighup", "smtp", "spool", "tracker", "users", "webhooks"},
+                "reactors", "sighup", "smtp", "spool", "stats", "tracker", "users", "webhooks"},
     # The admin listener's resources: they read what the services hand them.
-    "admin": set(),
+    "admin": {"eventsearch", "reactors", "stats"},
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
     "console": {"build", "config", "dkim", "eventtypes", "links", "tls", "users", "webhooks"},

@@ -37,6 +37,7 @@ from appliance.config.simple import (
     read_tracker,
 )
 from appliance.config.smtp import LOOPBACK, ListenerConfig, SmtpapiConfig, SmtpConfig, read_smtp, read_smtpapi
+from appliance.config.stats import StatsConfig, read_stats
 from appliance.config.tables import Table
 from appliance.config.values import is_host_port, parse_duration, parse_size
 from appliance.config.webhooks import WebhookConfig, read_webhooks
@@ -55,6 +56,7 @@ __all__ = [
     "Route",
     "SmtpConfig",
     "SmtpapiConfig",
+    "StatsConfig",
     "Table",
     "TrackerLimits",
     "WebhookConfig",
@@ -100,6 +102,7 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     webhooks: tuple[WebhookConfig, ...] = ()
     dkim: tuple[DkimKeyConfig, ...] = ()  # signing keys; empty: copies are not signed
+    stats: StatsConfig = StatsConfig()
     source: str = ""
 
 
@@ -136,6 +139,7 @@ def read_config(data: dict[str, Any], source: str = "") -> tuple[Config, list[tu
         policy=read_policy(top.table("policy")),
         webhooks=read_webhooks(top),
         dkim=read_dkim(top),
+        stats=read_stats(top.table("stats")),
         source=source,
     )
     for name in top.data:
