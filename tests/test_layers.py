@@ -63,7 +63,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "service": {"build", "config", "delivery", "events", "files", "injection", "links", "policy",
                 "reactors", "sighup", "smtp", "spool", "stats", "tracker", "users", "webhooks"},
     # The admin listener's resources: they read what the services hand them.
-    "admin": {"eventsearch", "reactors", "stats"},
+    "admin": {"eventsearch", "eventtypes", "reactors", "stats"},
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
     "console": {"build", "config", "dkim", "eventtypes", "links", "tls", "users", "webhooks"},
