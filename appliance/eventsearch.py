@@ -75,10 +75,14 @@ def parse(line: bytes) -> Event | None:
 
 def event_time(event: Event) -> int:
     """The event's ``timestamp`` (epoch seconds, a string in the log) as an int; 0 if unreadable."""
+    value = event.get("timestamp", 0)
     try:
-        return int(event.get("timestamp", 0))
+        return int(value)
     except (TypeError, ValueError):
-        return 0
+        try:
+            return int(float(value))  # "1796080927.25", written by another tool
+        except (TypeError, ValueError, OverflowError):
+            return 0
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,12 @@ class Filters:
 
 def search(path: str, filters: Filters) -> Iterator[tuple[Event, bytes]]:
     """Every event of the log and its rotated files that ``filters`` keeps, in log order, with its line."""
-    for name in log_files(path):
+    return search_files(log_files(path), filters)
+
+
+def search_files(names: Iterable[str], filters: Filters) -> Iterator[tuple[Event, bytes]]:
+    """Every event of the files ``names``, in that order, that ``filters`` keeps, with its line."""
+    for name in names:
         try:
             f = open_log_file(name)
         except OSError:

@@ -66,7 +66,12 @@ MAY_IMPORT: dict[str, set[str]] = {
     "admin": {"eventsearch", "eventtypes", "reactors", "stats"},
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
-    "console": {"build", "config", "dkim", "eventtypes", "links", "tls", "users", "webhooks"},
+    "console": {"build", "config", "console_events", "console_stats", "dkim", "eventtypes", "links",
+                "tls", "users", "webhooks"},
+    # ``engage-appliance events``: the log search, and the follower's reader for --follow.
+    "console_events": {"config", "eventsearch", "eventtypes", "follower"},
+    # ``engage-appliance stats``: the store, read-only, or rebuilt from the log.
+    "console_stats": {"config", "stats"},
 }
 TYPE_ONLY: dict[str, set[str]] = {
     "eventtypes": {"links", "settings", "spool"},
