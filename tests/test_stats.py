@@ -288,3 +288,29 @@ class Service(SynchronousTestCase):
         svc = self.service()
         self.assertEqual(self.figures(), expected(self.lines))
         self.stop(svc)
+
+
+class InTheAppliance(SynchronousTestCase):
+    """The appliance's own stats step: mail sent through it is counted, and a stop stops it."""
+
+    def test_injections_and_deliveries_are_counted(self) -> None:
+        from tests.memory import MemoryAppliance, sendmail
+
+        running = MemoryAppliance(self.mktemp())
+        running.start()
+        self.addCleanup(running.stop)
+        message = (b"From: a@example.com\r\nTo: b@example.test\r\nSubject: hi\r\n"
+                   b"X-MSYS-API: {\"campaign_id\": \"spring\"}\r\n\r\nHello\r\n")
+        replies = sendmail(running.smtp(), "a@example.com", ["b@example.test", "c@example.test"],
+                           message)
+        self.assertEqual(replies[-2][0], 250)
+        running.settle()
+        running.advance(1)
+        db = connect(running.config.stats.database, read_only=True)
+        self.addCleanup(db.close)
+        [row] = query_metrics(db, ["count_injected", "count_delivered"], *FOREVER, by_campaign=True)
+        self.assertEqual(row, {"campaign_id": "spring", "count_injected": 2, "count_delivered": 2})
+        self.assertEqual(len([e for e in running.events() if e["type"] in ("injection", "delivery")]), 4)
+        running.stop()
+        self.assertFalse(running.appliance.stats.running)
+        self.assertIsNone(running.appliance.stats.store.db)
