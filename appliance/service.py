@@ -200,6 +200,9 @@ class Appliance(MultiService):
         The statistics store follows the event log from its own cursor, counting in the file
         pool; started after the event log (it may rebuild from it), it never holds up mail.
         """
+        self.stats: StatsService | None = None
+        if not parts.config.stats.enabled:
+            return
         self.stats = StatsService(parts.config.stats.database, parts.config.events.log_file,
                                   clock=reactor, run=run_files)
         self.events.wake_on_write(self.stats.wake)

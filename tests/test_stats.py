@@ -311,6 +311,18 @@ class InTheAppliance(SynchronousTestCase):
         [row] = query_metrics(db, ["count_injected", "count_delivered"], *FOREVER, by_campaign=True)
         self.assertEqual(row, {"campaign_id": "spring", "count_injected": 2, "count_delivered": 2})
         self.assertEqual(len([e for e in running.events() if e["type"] in ("injection", "delivery")]), 4)
+        stats = running.appliance.stats
+        assert stats is not None
         running.stop()
-        self.assertFalse(running.appliance.stats.running)
-        self.assertIsNone(running.appliance.stats.store.db)
+        self.assertFalse(stats.running)
+        self.assertIsNone(stats.store.db)
+
+    def test_disabled_nothing_follows_the_log(self) -> None:
+        from tests.memory import MemoryAppliance
+
+        running = MemoryAppliance(self.mktemp(), stats={"enabled": False})
+        running.start()
+        self.addCleanup(running.stop)
+        self.assertIsNone(running.appliance.stats)
+        self.assertNotIn("stats", [s.name for s in running.appliance])
+        self.assertFalse(os.path.exists(running.config.stats.database))

@@ -6,7 +6,7 @@ for the window; ``.../deliverability/campaign`` one object per campaign with
 its ``campaign_id``. Parameters: ``from`` and ``metrics`` required, ``to``
 (default now), ``campaigns``, ``timezone`` (UTC only), and ``limit`` for the
 campaign report. The store keeps hourly counts, so a window is widened to
-the start of its first hour. The query runs in a thread, on a read-only
+whole hours. The query runs in a thread, on a read-only
 connection of its own: the service's writer never waits for a report.
 """
 

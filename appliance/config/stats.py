@@ -11,9 +11,12 @@ from appliance.config.tables import Table
 class StatsConfig:
     # The SQLite file of counts per campaign, hour and link; rebuilt from the event log if lost.
     database: str = "var/stats.sqlite3"
+    # Off: no follower counts the log (the metrics API and "stats" then answer from what was kept).
+    enabled: bool = True
 
 
 def read_stats(t: Table) -> StatsConfig:
-    c = StatsConfig(database=t.path_("database", StatsConfig.database))
+    c = StatsConfig(database=t.path_("database", StatsConfig.database),
+                    enabled=t.bool("enabled", StatsConfig.enabled))
     t.finish()
     return c

@@ -8,7 +8,8 @@ Layout. ``hourly`` holds one row per hour and campaign with a column per
 counter; ``links`` one row per hour, campaign and link (name, URL and anchor
 text) with its clicks. A query sums the rows of its window: over a million
 events that is a few thousand rows, not a million lines. So a window is
-widened to whole hours (its start to the start of its hour).
+widened to whole hours: from the start of the hour ``from`` falls in to the
+end of the hour ``to`` falls in (``to`` on the hour ends there).
 
 Unique counts. SparkPost counts a unique open or click at the first
 occurrence per recipient copy (``message_id``). ``firsts`` records, per copy
