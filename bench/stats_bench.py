@@ -79,6 +79,7 @@ def queries(events: int, repeat: int) -> None:
         whole = timed(lambda: query_metrics(db, names, since, until), repeat)
         by_campaign = timed(lambda: query_metrics(db, names, since, until, by_campaign=True), repeat)
         count_hourly = timed(lambda: db.execute("SELECT count(*) FROM hourly").fetchone(), repeat)
+        count_daily = timed(lambda: db.execute("SELECT count(*) FROM daily").fetchone(), repeat)
         count_raw = timed(lambda: db.execute("SELECT count(*) FROM raw").fetchone(), repeat)
         [totals] = query_metrics(db, ["count_injected", "count_unique_confirmed_opened"], since, until)
         db.close()
@@ -87,6 +88,8 @@ def queries(events: int, repeat: int) -> None:
     print(f"medians of {repeat} runs, {len(names)} metrics over 30 days:")
     print(f"  deliverability             {whole:7.2f} ms")
     print(f"  deliverability/campaign    {by_campaign:7.2f} ms")
+    print(f"  baseline count(*) daily    {count_daily:7.2f} ms   (query / baseline "
+          f"{whole / count_daily:.1f})")
     print(f"  baseline count(*) hourly   {count_hourly:7.2f} ms   (query / baseline "
           f"{whole / count_hourly:.1f})")
     print(f"  baseline count(*) of {events} event rows {count_raw:7.2f} ms   (query / baseline "

@@ -118,6 +118,18 @@ class Figures(SynchronousTestCase):
         self.assertEqual(got, expected(self.lines, since, until))
         self.assertLess(got["count_injected"], expected(self.lines)["count_injected"])
 
+    def test_a_window_of_whole_days_and_odd_hours_each_side(self) -> None:
+        store = StatsStore(self.db_path)
+        store.open()
+        self.addCleanup(store.close)
+        store.apply(self.lines, b"c")
+        day = eventgen.START - eventgen.START % 86400 + 86400
+        since, until = day - 3 * 3600, day + 86400 + 5 * 3600  # 3 hours, a day, 5 hours
+        [got] = self.query(since, until)
+        self.assertEqual(got, expected(self.lines, since, until))
+        # A window inside the hour is widened to it: the same figures as the whole hour.
+        self.assertEqual(self.query(day + 600, day + 1200), self.query(day, day + 3600))
+
     def test_per_campaign_rows_sum_to_the_campaigns_total(self) -> None:
         write(self.log_path, self.lines)
         rebuild(self.db_path, self.log_path)

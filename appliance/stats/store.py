@@ -72,6 +72,10 @@ CREATE TABLE IF NOT EXISTS hourly (
     hour INTEGER NOT NULL, campaign TEXT NOT NULL,
     {", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in COUNTERS)},
     PRIMARY KEY (hour, campaign)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS daily (
+    day INTEGER NOT NULL, campaign TEXT NOT NULL,
+    {", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in COUNTERS)},
+    PRIMARY KEY (day, campaign)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS links (
     hour INTEGER NOT NULL, campaign TEXT NOT NULL, link_name TEXT NOT NULL,
     link_url TEXT NOT NULL, anchor TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
@@ -85,6 +89,8 @@ _HOURLY_UPSERT = (
     f"INSERT INTO hourly (hour, campaign, {', '.join(COUNTERS)}) "
     f"VALUES (?, ?, {', '.join('?' for _ in COUNTERS)}) ON CONFLICT (hour, campaign) DO UPDATE SET "
     + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS))
+_DAILY_UPSERT = _HOURLY_UPSERT.replace("hourly (hour,", "daily (day,").replace("(hour, campaign)",
+                                                                               "(day, campaign)")
 _LINKS_UPSERT = (
     "INSERT INTO links VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (hour, campaign, link_name, link_url, anchor) DO UPDATE SET "
@@ -106,6 +112,9 @@ def connect(path: str, read_only: bool = False) -> sqlite3.Connection:
     return db
 
 
+DAY = 86400
+
+
 def _hour(ts: int) -> int:
     return ts - ts % 3600
 
@@ -122,6 +131,15 @@ class Tally:
     hourly: dict[tuple[int, str], list[int]] = field(default_factory=dict)
     links: dict[tuple[int, str, str, str, str], list[int]] = field(default_factory=dict)
     skipped: int = 0
+
+    def daily(self) -> dict[tuple[int, str], list[int]]:
+        """The hourly rows summed by day (UTC)."""
+        days: dict[tuple[int, str], list[int]] = {}
+        for (hour, campaign), row in self.hourly.items():
+            key = (hour - hour % DAY, campaign)
+            total = days.get(key)
+            days[key] = list(row) if total is None else [a + b for a, b in zip(total, row, strict=True)]
+        return days
 
     def add(self, hour: int, campaign: str, *names: str) -> None:
         row = self.hourly.get((hour, campaign))
@@ -193,6 +211,8 @@ class StatsStore:
                 counted += self._count(db, event, tally)
             db.executemany(_HOURLY_UPSERT, [(hour, campaign, *row)
                                             for (hour, campaign), row in tally.hourly.items()])
+            db.executemany(_DAILY_UPSERT, [(day, campaign, *row)
+                                           for (day, campaign), row in tally.daily().items()])
             db.executemany(_LINKS_UPSERT, [(*key, *row) for key, row in tally.links.items()])
             if cursor is not None:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor', ?)", (cursor,))
@@ -356,6 +376,21 @@ def metric_sql(names: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
+def _spans(since: int, until: int) -> list[tuple[str, str, int, int]]:
+    """
+    The window as (table, key column, start, end) ranges: whole days from ``daily``, the rest by the hour.
+
+    ``[since, until)`` is widened to whole hours; a month is then some 30 daily
+    rows per campaign and at most 46 hourly ones, whatever the traffic.
+    """
+    start, end = _hour(since), _hour(until - 1) + 3600
+    first_day, last_day = -(-start // DAY) * DAY, end - end % DAY
+    if first_day >= last_day:
+        return [("hourly", "hour", start, end)]
+    return [("hourly", "hour", start, first_day), ("daily", "day", first_day, last_day),
+            ("hourly", "hour", last_day, end)]
+
+
 def query_metrics(db: sqlite3.Connection, names: Sequence[str], since: int, until: int,
                   campaigns: Sequence[str] = (), by_campaign: bool = False) -> list[dict[str, Any]]:
     """
@@ -363,18 +398,25 @@ def query_metrics(db: sqlite3.Connection, names: Sequence[str], since: int, unti
 
     ``by_campaign`` leaves out copies without a campaign, as SparkPost's campaign report does.
     """
-    where = ["hour >= ?", "hour < ?"]
-    args: list[Any] = [_hour(since), until]
-    if campaigns:
-        where.append(f"campaign IN ({', '.join('?' for _ in campaigns)})")
-        args += list(campaigns)
+    columns = sorted({c for name in names for c in METRICS[name] if c})
+    parts, args = [], []
+    for table, key, start, end in _spans(since, until):
+        if start >= end:
+            continue
+        where = [f"{key} >= ?", f"{key} < ?"]
+        args += [start, end]
+        if campaigns:
+            where.append(f"campaign IN ({', '.join('?' for _ in campaigns)})")
+            args += list(campaigns)
+        if by_campaign:
+            where.append("campaign != ''")
+        parts.append(f"SELECT campaign, {', '.join(columns)} FROM {table} WHERE {' AND '.join(where)}")
+    rows = " UNION ALL ".join(parts)
     if by_campaign:
-        where.append("campaign != ''")
-        sql = (f"SELECT campaign, {metric_sql(names)} FROM hourly WHERE {' AND '.join(where)} "
-               "GROUP BY campaign ORDER BY campaign")
+        sql = f"SELECT campaign, {metric_sql(names)} FROM ({rows}) GROUP BY campaign ORDER BY campaign"
         return [{"campaign_id": row[0], **dict(zip(names, row[1:], strict=True))}
                 for row in db.execute(sql, args)]
-    row = db.execute(f"SELECT {metric_sql(names)} FROM hourly WHERE {' AND '.join(where)}", args).fetchone()
+    row = db.execute(f"SELECT {metric_sql(names)} FROM ({rows})", args).fetchone()
     return [dict(zip(names, row, strict=True))]
 
 
@@ -392,10 +434,3 @@ def query_links(db: sqlite3.Connection, since: int, until: int,
     keys = ("campaign_id", "target_link_name", "target_link_url", "target_link_anchor",
             "count_clicked", "count_unique_clicked", "count_prefetched_clicked")
     return [dict(zip(keys, row, strict=True)) for row in db.execute(sql, args)]
-
-
-def hourly_rows(db: sqlite3.Connection, since: int, until: int) -> list[dict[str, Any]]:
-    """Every (hour, campaign) row of the window, for tests and reports."""
-    sql = f"SELECT hour, campaign, {', '.join(COUNTERS)} FROM hourly WHERE hour >= ? AND hour < ?"
-    return [dict(zip(("hour", "campaign", *COUNTERS), row, strict=True))
-            for row in db.execute(sql, (_hour(since), until))]
