@@ -199,13 +199,15 @@ class Appliance(MultiService):
         """
         The statistics store follows the event log from its own cursor, counting in the file
         pool; started after the event log (it may rebuild from it), it never holds up mail.
+        It reads on its poll, once a second, not after every write: one transaction and
+        one cursor save a second, where a wake per event made a round (and its fsyncs)
+        per few messages that competed with the spool's commits.
         """
         self.stats: StatsService | None = None
         if not parts.config.stats.enabled:
             return
         self.stats = StatsService(parts.config.stats.database, parts.config.events.log_file,
                                   clock=reactor, run=run_files)
-        self.events.wake_on_write(self.stats.wake)
         self.stats.setServiceParent(self)
 
     def _smtp(self, parts: Parts, reactor: Reactor, run_passwords: Runner) -> None:

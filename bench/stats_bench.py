@@ -10,7 +10,8 @@ scanned the events would at least cost). Medians of ``--repeat`` runs.
 
 Message path: two appliances (``bench/smtp_bench.py``'s setup), one with the
 statistics follower and one with ``[stats] enabled = false``, driven in
-alternating rounds by the same client; medians and their ratio.
+alternating rounds (the order swapped each round, each appliance left to
+finish its deliveries before the next) by the same client; medians and their ratio.
 
     .venv/bin/python bench/stats_bench.py [--events 1000000] [--repeat 30]
         [--messages 400] [--concurrency 8] [--rounds 5] [--skip-queries] [--skip-mail]
@@ -96,6 +97,19 @@ def queries(events: int, repeat: int) -> None:
           f"{whole / count_raw:.2f})")
 
 
+def quiet(log_path: str, still: float = 1.5, longest: float = 30.0) -> None:
+    """Wait until the appliance has delivered what it took (its event log stopped growing)."""
+    deadline = time.monotonic() + longest
+    size, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= still:
+            return
+        time.sleep(0.1)
+
+
 def mail(messages: int, concurrency: int, rounds: int) -> None:
     env = {**os.environ, "PYTHONPATH": REPO}
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -123,9 +137,11 @@ def mail(messages: int, concurrency: int, rounds: int) -> None:
                 wait_for_port(port, proc)
                 asyncio.run(drive(port, 40, 4))  # warm-up
             results: dict[str, list[float]] = {name: [] for name in ports}
-            for _ in range(rounds):
-                for name, port in ports.items():
-                    results[name].append(asyncio.run(drive(port, messages, concurrency)))
+            for i in range(rounds):
+                order = list(ports) if i % 2 == 0 else list(reversed(ports))
+                for name in order:
+                    results[name].append(asyncio.run(drive(ports[name], messages, concurrency)))
+                    quiet(os.path.join(tmp, name.replace(" ", "_"), "var", "log", "events.jsonl"))
         finally:
             for proc in procs:
                 proc.terminate()
