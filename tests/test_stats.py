@@ -338,3 +338,22 @@ class InTheAppliance(SynchronousTestCase):
         self.assertIsNone(running.appliance.stats)
         self.assertNotIn("stats", [s.name for s in running.appliance])
         self.assertFalse(os.path.exists(running.config.stats.database))
+
+
+class Unbuildable(SynchronousTestCase):
+    def test_a_store_that_cannot_be_made_is_logged_and_mail_goes_on(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(os.path.join(directory, "stats.sqlite3"))  # a directory where the file should be
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        svc = StatsService(os.path.join(directory, "stats.sqlite3"),
+                           os.path.join(directory, "events.jsonl"), Clock(), run=run_synchronously,
+                           poll_interval=0)
+        svc.startService()
+        self.assertIsNone(svc.follower)
+        svc.wake()  # nothing to wake, and no error
+        failures = [e for e in logged if "could not be opened or rebuilt" in str(e.get("log_format"))]
+        self.assertEqual(len(failures), 1)
+        self.flushLoggedErrors()
+        self.successResultOf(defer.maybeDeferred(svc.stopService))
