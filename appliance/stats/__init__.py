@@ -84,7 +84,7 @@ class _Consumer:
 
 
 class StatsService(Service):
-    """Counts the event log into the store at ``database``; ``wake`` after each write to the log."""
+    """Counts the event log into the store at ``database``, on the follower's poll or when woken."""
 
     name = "stats"
 
