@@ -11,7 +11,9 @@ scanned the events would at least cost). Medians of ``--repeat`` runs.
 Message path: two appliances (``bench/smtp_bench.py``'s setup), one with the
 statistics follower and one with ``[stats] enabled = false``, driven in
 alternating rounds (the order swapped each round, each appliance left to
-finish its deliveries before the next) by the same client; medians and their ratio.
+finish its deliveries before the next) by the same client; medians and their ratio, of throughput and (less
+sensitive to other load on the machine) of each appliance process's CPU
+time per message, its deliveries and statistics included.
 
     .venv/bin/python bench/stats_bench.py [--events 1000000] [--repeat 30]
         [--messages 400] [--concurrency 8] [--rounds 5] [--skip-queries] [--skip-mail]
@@ -97,6 +99,13 @@ def queries(events: int, repeat: int) -> None:
           f"{whole / count_raw:.2f})")
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's user and system CPU time so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def quiet(log_path: str, still: float = 1.5, longest: float = 30.0) -> None:
     """Wait until the appliance has delivered what it took (its event log stopped growing)."""
     deadline = time.monotonic() + longest
@@ -137,23 +146,31 @@ def mail(messages: int, concurrency: int, rounds: int) -> None:
                 wait_for_port(port, proc)
                 asyncio.run(drive(port, 40, 4))  # warm-up
             results: dict[str, list[float]] = {name: [] for name in ports}
+            cpu: dict[str, list[float]] = {name: [] for name in ports}
+            pids = {name: proc.pid for name, proc in zip(ports, procs[1:], strict=True)}
             for i in range(rounds):
                 order = list(ports) if i % 2 == 0 else list(reversed(ports))
                 for name in order:
+                    before = cpu_seconds(pids[name])
                     results[name].append(asyncio.run(drive(ports[name], messages, concurrency)))
                     quiet(os.path.join(tmp, name.replace(" ", "_"), "var", "log", "events.jsonl"))
+                    cpu[name].append((cpu_seconds(pids[name]) - before) * 1000 / messages)
         finally:
             for proc in procs:
                 proc.terminate()
                 proc.wait()
         counted = os.path.exists(os.path.join(tmp, "with_stats", "var", "stats.sqlite3"))
     base = statistics.median(results["without stats"])
+    base_cpu = statistics.median(cpu["without stats"])
     print(f"{messages} messages, {concurrency} connections, {rounds} rounds (medians); store "
           f"written: {counted}")
     for name, values in results.items():
         median = statistics.median(values)
+        cpu_median = statistics.median(cpu[name])
         print(f"  {name:<14} {median:8.1f} msg/s   ratio {median / base:5.3f}   "
               f"(rounds: {', '.join(f'{v:.0f}' for v in values)})")
+        print(f"  {'':<14} {cpu_median:8.3f} ms of appliance CPU per message (until its deliveries "
+              f"are done)   ratio {cpu_median / base_cpu:5.3f}")
 
 
 def main() -> None:
