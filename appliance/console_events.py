@@ -23,8 +23,9 @@ from appliance.config import DEFAULT_CONFIG_PATH, parse_duration
 from appliance.eventtypes import EVENT_TYPES
 from appliance.follower import Cursor, LogReader
 
-COLUMNS = "time                 type              campaign          recipient                      " \
-          "message_id            transmission_id   detail"
+HEADINGS = ("time", "type", "campaign", "recipient", "message_id", "transmission_id")
+WIDTHS = (20, 17, 17, 30, 20, 19)  # a transmission_id is up to 19 digits, a message_id 20 hex
+COLUMNS = " ".join(f"{h:<{w}}" for h, w in zip(HEADINGS, WIDTHS, strict=True)) + " detail"
 
 
 def add_parser(commands: Any) -> None:
@@ -86,8 +87,7 @@ def row(event: dict[str, Any]) -> str:
         detail = str(event.get("user_agent", ""))
     fields = (when, kind, event.get("campaign_id") or "-", event.get("rcpt_to") or "-",
               event.get("message_id") or "-", event.get("transmission_id") or "-")
-    widths = (20, 17, 17, 30, 21, 17)
-    text = " ".join(f"{str(v):<{w}}" for v, w in zip(fields, widths, strict=True))
+    text = " ".join(f"{str(v):<{w}}" for v, w in zip(fields, WIDTHS, strict=True))
     return f"{text} {detail}".replace("\n", " ").rstrip()
 
 

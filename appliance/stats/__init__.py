@@ -56,8 +56,10 @@ def open_or_rebuild(store: StatsStore, log_path: str) -> bytes | None:
                 return cursor
             store.close()
             why = "it holds no position in the event log"
-    log.warn("statistics: rebuilding {path} from {log_path} and its rotated files: {why}",
-             path=store.path, log_path=log_path, why=why)
+    # A first start makes the store (info); one that was there and is not usable is news (warn).
+    say = log.info if why == "it does not exist" else log.warn
+    say("statistics: rebuilding {path} from {log_path} and its rotated files: {why}",
+        path=store.path, log_path=log_path, why=why)
     for name in (store.path, f"{store.path}-journal", f"{store.path}-wal", f"{store.path}-shm"):
         if name != store.path and os.path.exists(name):
             os.unlink(name)  # a journal of the old file must not be replayed into the new one
