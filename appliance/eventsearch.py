@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -150,23 +151,29 @@ def search_files(names: Iterable[str], filters: Filters) -> Iterator[tuple[Event
 def page(path: str, filters: Filters, per_page: int,
          after: str | None) -> tuple[list[Event], int, str | None]:
     """
-    One page of matching events, newest first (as SparkPost's Events API answers).
+    One page of matching events, newest first (the log's order reversed, as SparkPost answers).
 
     ``after`` is the ``event_id`` the previous page ended with. Returns the
     events, how many match in all, and the ``event_id`` to continue after
-    (``None`` on the last page). Raises ``KeyError`` if ``after`` matches no event.
+    (``None`` on the last page). Raises ``KeyError`` if ``after`` matches no
+    event. One pass, holding at most ``per_page`` events, however long the log.
     """
-    matched = [event for event, _ in search(path, filters)]
-    matched.reverse()  # log order is time order; a stable sort keeps it within one second
-    matched.sort(key=event_time, reverse=True)
-    start = 0
-    if after is not None:
-        for i, event in enumerate(matched):
+    newest: deque[Event] = deque(maxlen=per_page)
+    total = before = 0
+    reached = after is None
+    for event, _ in search(path, filters):
+        total += 1
+        if after is not None and not reached:
             if event.get("event_id") == after:
-                start = i + 1
-                break
-        else:
-            raise KeyError(after)
-    chunk = matched[start:start + per_page]
-    more = start + per_page < len(matched)
-    return chunk, len(matched), (str(chunk[-1].get("event_id")) if more and chunk else None)
+                reached = True
+                continue
+            before += 1
+            newest.append(event)
+        elif after is None:
+            before += 1
+            newest.append(event)
+    if not reached:
+        raise KeyError(after)
+    chunk = list(reversed(newest))
+    more = before > len(chunk)
+    return chunk, total, (str(chunk[-1].get("event_id")) if more and chunk else None)
