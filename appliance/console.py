@@ -6,6 +6,8 @@
 - ``preview MESSAGE.eml``: what tracking would do to a message (``appliance.preview``);
 - ``check``: the configuration and every file it names, without starting;
 - ``suppressions list|add|remove|import``: the suppression list (``appliance.console_suppressions``);
+- ``events``: search or follow the event log (``console_events``);
+- ``stats``: counts per campaign from the statistics store, or rebuild it (``console_stats``);
 - ``keys``, ``users``, ``certificate``, ``dkim-key``: the commands that were
   ``engage-appliance-keys`` and so on (those names still work), run as they were.
 
@@ -30,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgent
 
+from appliance import console_events, console_stats
 from appliance.build import load_webhooks
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, WebhookConfig, read_config, read_toml
 from appliance.eventtypes import EVENT_TYPES
@@ -117,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
     for sub in (listing, testing):
         sub.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH, metavar="PATH",
                          help="the appliance's configuration file (default: %(default)s)")
+    console_events.add_parser(commands)
+    console_stats.add_parser(commands)
     return top
 
 
@@ -127,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser().parse_args(args)
     try:
         config = _load(options.config)
+        if options.command == "events":
+            return console_events.run(options, config.events.log_file,
+                                      lambda line: print(line, flush=options.follow))
+        if options.command == "stats":
+            return console_stats.run(options, config, print)
         if options.action == "list":
             print(webhooks_list(config, time.time()), end="")
             return 0

@@ -29,6 +29,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
 
+from appliance.admin.deliverability import DeliverabilityResource
+from appliance.admin.events import EventSearchResource
 from appliance.admin.health import Health
 from appliance.admin.metrics import EventCounters, Readings, tracker_latency
 from appliance.admin.site import AdminSite, make_admin_site
@@ -45,6 +47,7 @@ from appliance.sighup import SighupService
 from appliance.smtp import AuthGuard, ConnectionLimits, SessionDrain, listener_factory
 from appliance.spool import Spool
 from appliance.spoollock import SpoolLock, SpoolLocked
+from appliance.stats import StatsService
 from appliance.suppression import SuppressionService
 from appliance.tracker import make_site
 from appliance.users import UsersFileChecker
@@ -164,11 +167,13 @@ class Appliance(MultiService):
         self.config = config
         self.reactor = reactor
         run, run_files, run_passwords = self._pools(reactor, run)
+        self._run_cpu, self._run_files = run, run_files
         self._mail_path(parts, reactor, run, run_files, resolver)
         self._webhooks(parts, reactor, run_files)
         # The order children are added is the start order (and stop goes the other way).
         self.webhooks.setServiceParent(self)
         self.events.setServiceParent(self)
+        self._stats(parts, reactor, run_files)
         SpoolService(self.spool).setServiceParent(self)
         self.delivery.setServiceParent(self)
         self._suppression(reactor, run_files)
@@ -248,6 +253,20 @@ class Appliance(MultiService):
         self.suppression.setServiceParent(self)
         self.events.wake_on_write(self.suppression.wake)
         self.injector.suppressions = self.suppression.list
+    def _stats(self, parts: Parts, reactor: Reactor, run_files: Runner) -> None:
+        """
+        The statistics store follows the event log from its own cursor, counting in the file
+        pool; started after the event log (it may rebuild from it), it never holds up mail.
+        It reads on its poll, once a second, not after every write: one transaction and
+        one cursor save a second, where a wake per event made a round (and its fsyncs)
+        per few messages that competed with the spool's commits.
+        """
+        self.stats: StatsService | None = None
+        if not parts.config.stats.enabled:
+            return
+        self.stats = StatsService(parts.config.stats.database, parts.config.events.log_file,
+                                  clock=reactor, run=run_files)
+        self.stats.setServiceParent(self)
 
     def _smtp(self, parts: Parts, reactor: Reactor, run_passwords: Runner) -> None:
         """The stop drain, the AUTH users and guard, and one listener per configured table."""
@@ -302,7 +321,11 @@ class Appliance(MultiService):
         self.admin_listener: Service | None = None
         api: dict[bytes, IResource] = {  # /api/v1/<name>: one line per resource
             b"suppression-list": SuppressionList(self.suppression),
+            b"events/message": EventSearchResource(self.config.events.log_file, self._run_cpu, reactor),
         }
+        if self.config.stats.enabled:
+            api[b"metrics/deliverability"] = DeliverabilityResource(self.config.stats.database,
+                                                                    self._run_files, reactor)
         if parts.admin_token is None:
             return
         self.admin_site = make_admin_site(parts.admin_token, self.health, self.metrics, api,

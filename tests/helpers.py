@@ -45,6 +45,7 @@ def base_toml(directory: str = "var") -> dict[str, Any]:
         "admin": {"endpoint": "tcp:0:interface=127.0.0.1",
                   "token_file": os.path.join(directory, "admin.token")},
         "suppression": {"database": os.path.join(directory, "suppression.sqlite3")},
+        "stats": {"database": os.path.join(directory, "stats.sqlite3")},
     }
 
 

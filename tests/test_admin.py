@@ -7,6 +7,7 @@ import json
 import os
 import smtplib
 import stat
+import time
 import urllib.error
 import urllib.request
 
@@ -94,6 +95,27 @@ class AdminListenerTests(TestCase):
         self.assertEqual((status, json.loads(body)), (404, {"errors": [{"message": "no such resource"}]}))
         status, _, body = yield self.get("/api/v1/echo/a/b", self.token)
         self.assertEqual((status, json.loads(body)), (200, {"results": {"path": ["a", "b"]}}))
+
+    @defer.inlineCallbacks
+    def test_the_apis_are_mounted_behind_the_token(self) -> defer.Generator:
+        """Each API answers in SparkPost's shape through the real listener, and only with the token."""
+        now = time.strftime("%Y-%m-%dT%H:%M", time.gmtime())
+        paths = {
+            "/api/v1/suppression-list": 200,
+            "/api/v1/events/message": 200,
+            f"/api/v1/metrics/deliverability?from=2020-01-01T00:00&to={now}&metrics=count_injected": 200,
+            "/api/v1/metrics/deliverability?metrics=count_injected": 400,  # from is required
+        }
+        status, _, body = yield self.get("/", self.token)
+        for path in ("/api/v1/suppression-list", "/api/v1/events/message",
+                     "/api/v1/metrics/deliverability"):
+            self.assertIn(f'<a href="{path}">'.encode(), body)
+        for path, expected in paths.items():
+            status, _, body = yield self.get(path)
+            self.assertEqual(status, 401, path)
+            status, _, body = yield self.get(path, self.token)
+            self.assertEqual(status, expected, (path, body))
+            self.assertIn("results" if expected == 200 else "errors", json.loads(body), path)
 
     @defer.inlineCallbacks
     def test_healthz_names_what_is_down(self) -> defer.Generator:

@@ -46,6 +46,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "groupcommit": {"files"},
     "spool": {"files", "groupcommit", "reactors", "settings"},
     "follower": {"files", "reactors"},
+    # Reading the event log and its rotated files for a search: plain files, no other part.
+    "eventsearch": set(),
+    # The statistics store follows the event log (follower) and reads rotated files to rebuild.
+    "stats": {"eventsearch", "files", "follower", "reactors"},
     "tls": {"files"},
     "users": {"files", "reactors"},
     "tracker": {"config", "events", "eventtypes", "links", "reactors"},
@@ -62,18 +66,24 @@ MAY_IMPORT: dict[str, set[str]] = {
     "build": {"admin", "config", "dkim", "links", "policy", "reactors", "suppression", "tls", "users"},
     # admin: health, metrics and the admin listener; spoollock: one appliance per spool.
     "service": {"admin", "build", "config", "delivery", "events", "files", "injection", "links", "policy",
-                "reactors", "sighup", "smtp", "spool", "spoollock", "suppression", "tracker", "users",
-                "webhooks"},
+                "reactors", "sighup", "smtp", "spool", "spoollock", "stats", "suppression", "tracker",
+                "users", "webhooks"},
     # The admin listener's resources: they read what the services hand them. config: the
     # client reads [admin]; files: the token file is written atomically; suppression: the
     # list's entries, errors and scopes are its own.
-    "admin": {"config", "files", "suppression"},
+    # eventsearch, stats: the Events and Metrics APIs answer from the same code as the commands.
+    "admin": {"config", "eventsearch", "eventtypes", "files", "reactors", "stats", "suppression"},
     # One appliance per spool: an flock, nothing else.
     "spoollock": set(),
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
-    "console": {"build", "config", "console_check", "console_suppressions", "dkim", "eventtypes", "links",
-                "preview", "tls", "users", "webhooks"},
+    "console": {"build", "config", "console_check", "console_events", "console_stats",
+                "console_suppressions", "dkim", "eventtypes", "links", "preview", "tls", "users",
+                "webhooks"},
+    # ``engage-appliance events``: the log search, and the follower's reader for --follow.
+    "console_events": {"config", "eventsearch", "eventtypes", "follower"},
+    # ``engage-appliance stats``: the store, read-only, or rebuilt from the log.
+    "console_stats": {"config", "stats"},
     # engage-appliance check: the build's own loaders, making no file.
     "console_check": {"build", "config"},
     # The message preview: the injection path's pure parts (X-MSYS-API, policy answer,

@@ -83,6 +83,16 @@ class _Children(resource.Resource):
         return error(request, 404, "no such resource")
 
 
+def _leaves(node: resource.Resource, prefix: str = "") -> list[str]:
+    """The mounted paths below ``node``, through the nodes ``_put`` made."""
+    found = []
+    for name in sorted(node.listNames()):
+        child = node.children[name]
+        path = prefix + name.decode("ascii", "replace")
+        found.extend(_leaves(child, path + "/") if isinstance(child, _Children) else [path])
+    return found
+
+
 class Index(resource.Resource):
     """The page at ``/`` when there is no dashboard: what this listener serves."""
 
@@ -93,8 +103,7 @@ class Index(resource.Resource):
         self.api = api
 
     def render_GET(self, request: server.Request) -> bytes:
-        paths = ["/healthz", "/metrics"] + [f"/api/v1/{name.decode('ascii', 'replace')}"
-                                            for name in sorted(self.api.listNames())]
+        paths = ["/healthz", "/metrics"] + [f"/api/v1/{name}" for name in _leaves(self.api)]
         items = "".join(f'<li><a href="{escape(p)}">{escape(p)}</a></li>' for p in paths)
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
@@ -157,17 +166,29 @@ class AdminSite(server.Site):
         pass
 
 
+def _put(node: resource.Resource, segments: list[bytes], child: resource.IResource) -> None:
+    """Mount ``child`` at ``segments`` below ``node``, making the nodes between."""
+    for segment in segments[:-1]:
+        below = node.children.get(segment)
+        if below is None:
+            below = _Children()
+            node.putChild(segment, below)
+        node = below
+    node.putChild(segments[-1], child)
+
+
 def make_admin_site(token: str, health: Health, registry: CollectorRegistry,
                     api: Mapping[bytes, resource.IResource] | None = None,
                     dashboard: resource.IResource | None = None, *,
                     reactor: IReactorTime | None = None) -> AdminSite:
     """
     The admin site: ``token`` is user ``admin``'s password, ``health`` answers ``/healthz``,
-    ``registry`` ``/metrics``; ``api`` maps names to the resources under ``/api/v1/``.
+    ``registry`` ``/metrics``; ``api`` maps names to the resources under ``/api/v1/``
+    (a name may have several segments, as SparkPost's ``metrics/deliverability`` has).
     """
     api_root = _Children()
     for name, child in (api or {}).items():
-        api_root.putChild(name, child)
+        _put(api_root, name.split(b"/"), child)
     protected = _Protected(registry, api_root, dashboard)
     wrapper = guard.HTTPAuthSessionWrapper(
         portal.Portal(_Realm(protected), [TokenChecker(token)]),

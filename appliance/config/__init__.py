@@ -40,6 +40,7 @@ from appliance.config.simple import (
     read_tracker,
 )
 from appliance.config.smtp import LOOPBACK, ListenerConfig, SmtpapiConfig, SmtpConfig, read_smtp, read_smtpapi
+from appliance.config.stats import StatsConfig, read_stats
 from appliance.config.tables import Table
 from appliance.config.values import is_host_port, parse_duration, parse_size
 from appliance.config.webhooks import WebhookConfig, read_webhooks
@@ -60,6 +61,7 @@ __all__ = [
     "SmtpConfig",
     "SmtpapiConfig",
     "SuppressionConfig",
+    "StatsConfig",
     "Table",
     "TrackerLimits",
     "WebhookConfig",
@@ -107,6 +109,7 @@ class Config:
     dkim: tuple[DkimKeyConfig, ...] = ()  # signing keys; empty: copies are not signed
     admin: AdminConfig = AdminConfig()
     suppression: SuppressionConfig = SuppressionConfig("var/suppression.sqlite3")
+    stats: StatsConfig = StatsConfig()
     source: str = ""
 
 
@@ -145,6 +148,7 @@ def read_config(data: dict[str, Any], source: str = "") -> tuple[Config, list[tu
         dkim=read_dkim(top),
         admin=read_admin(top.table("admin")),
         suppression=read_suppression(top.table("suppression")),
+        stats=read_stats(top.table("stats")),
         source=source,
     )
     for name in top.data:
