@@ -114,10 +114,7 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
             token = _made_file(problems, "admin.token_file", loaders.admin_token,
                                config.admin.token_file, True, loaders.create_files)
             admin_token = None if token is _TO_BE_MADE else token
-        try:
-            loaders.suppression(config.suppression.database)  # created if missing, as the keyring
-        except SuppressionError as e:
-            problems.append(("suppression.database", str(e)))
+        _suppression(config.suppression.database, problems, loaders)
         try:
             policy_hook = loaders.hook(config.policy.hook, config.policy.path)
         except PolicyError as e:
@@ -127,6 +124,19 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
     return Parts(config=config, keyring=keyring, policy_hook=policy_hook, listener_tls=listener_tls,
                  delivery_trust=delivery_trust, webhook_trust=webhook_trust, signer=signer, users=users,
                  admin_token=admin_token)
+
+
+def _suppression(database: str, problems: Problems, loaders: Loaders) -> None:
+    """The suppression database is made if missing, as the keyring; ``check`` makes nothing."""
+    if not loaders.create_files and not os.path.exists(database):
+        problem = unwritable(os.path.dirname(database) or ".")
+        if problem:
+            problems.append(("suppression.database", f"{database} cannot be created: {problem}"))
+        return
+    try:
+        loaders.suppression(database)
+    except SuppressionError as e:
+        problems.append(("suppression.database", str(e)))
 
 
 def _keyring(config: Config, problems: Problems, loaders: Loaders) -> Keyring | None:
