@@ -29,6 +29,9 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
 
+from appliance.admin.dashboard import Dashboard, DestinationQueue
+from appliance.admin.dashboard_data import StoreData
+from appliance.admin.dashboard_data import runner as dashboard_runner
 from appliance.admin.deliverability import DeliverabilityResource
 from appliance.admin.events import EventSearchResource
 from appliance.admin.health import Health
@@ -328,12 +331,21 @@ class Appliance(MultiService):
                                                                     self._run_files, reactor)
         if parts.admin_token is None:
             return
+        dashboard = None
+        if self.config.stats.enabled:
+            data = StoreData(self.config.stats.database, self.config.events.log_file, self._queue_view)
+            dashboard = Dashboard(data, dashboard_runner(self._run_files), now=reactor.seconds).root
         self.admin_site = make_admin_site(parts.admin_token, self.health, self.metrics, api,
-                                          reactor=reactor)
+                                          dashboard, reactor=reactor)
         self.admin_listener = strports.service(self.config.admin.endpoint, self.admin_site,
                                                reactor=reactor)
         self.admin_listener.setName("admin")
         self.admin_listener.setServiceParent(self)
+
+    def _queue_view(self) -> list[DestinationQueue]:
+        """The dashboard's queue: copies by destination, read on the reactor thread."""
+        depth = self.delivery.depth_by_destination()
+        return [DestinationQueue(domain, copies) for domain, copies in sorted(depth.items())]
 
     def _readings(self) -> Readings:
         """What ``/metrics`` reads from the parts at each scrape."""

@@ -12,7 +12,8 @@ import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
@@ -86,7 +87,7 @@ class AdminListenerTests(TestCase):
     @defer.inlineCallbacks
     def test_index_page_and_json_404(self) -> defer.Generator:
         self.running.appliance.admin_site.mount(b"echo", Echo())
-        status, headers, body = yield self.get("/", self.token)
+        status, headers, body = yield self.get("/api/v1/", self.token)
         self.assertEqual(status, 200)
         self.assertEqual(headers["content-type"], "text/html; charset=utf-8")
         for path in (b"/healthz", b"/metrics", b"/api/v1/echo"):
@@ -106,7 +107,7 @@ class AdminListenerTests(TestCase):
             f"/api/v1/metrics/deliverability?from=2020-01-01T00:00&to={now}&metrics=count_injected": 200,
             "/api/v1/metrics/deliverability?metrics=count_injected": 400,  # from is required
         }
-        status, _, body = yield self.get("/", self.token)
+        status, _, body = yield self.get("/api/v1/", self.token)
         for path in ("/api/v1/suppression-list", "/api/v1/events/message",
                      "/api/v1/metrics/deliverability"):
             self.assertIn(f'<a href="{path}">'.encode(), body)
@@ -116,6 +117,49 @@ class AdminListenerTests(TestCase):
             status, _, body = yield self.get(path, self.token)
             self.assertEqual(status, expected, (path, body))
             self.assertIn("results" if expected == 200 else "errors", json.loads(body), path)
+
+    @defer.inlineCallbacks
+    def test_the_dashboard_shows_mail_sent_through_the_appliance(self) -> defer.Generator:
+        """Real mail in, the statistics store counts it, the dashboard at / shows it."""
+        port = self.running.smtp_port
+        message = MESSAGE.replace(b"Subject:", b'X-MSYS-API: {"campaign_id": "autumn-sale"}\r\nSubject:', 1)
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+                c.sendmail("a@example.net", ["x@example.test", "y@example.test", "z@example.test"], message)
+
+        yield in_thread(send)
+        yield wait_until(lambda: len([e for e in self.running.events() if e["type"] == "delivery"]) == 3)
+        status, _, body = yield self.get("/")
+        self.assertEqual(status, 401)
+
+        def counted() -> defer.Deferred:
+            return self.get("/?period=24h", self.token)
+
+        found = []
+
+        def shows_three() -> bool:
+            return bool(found) and b"autumn-sale" in found[-1][2]
+
+        deadline = time.monotonic() + 30
+        while not shows_three() and time.monotonic() < deadline:
+            found.append((yield counted()))
+            if not shows_three():
+                yield deferLater(reactor, 0.2, lambda: None)
+        status, headers, body = found[-1]
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["content-type"].startswith("text/html"))
+        page = body.decode()
+        self.assertIn("autumn-sale", page)
+        row = page[page.index("autumn-sale"):]
+        self.assertIn(">3<", row[:2000])  # three injected, three delivered
+        status, _, body = yield self.get("/events", self.token)
+        self.assertEqual(status, 200)
+        self.assertIn(b"delivery", body)
+        self.assertIn(b"x@example.test", body)
+        status, _, body = yield self.get("/campaign?name=autumn-sale&period=24h", self.token)
+        self.assertEqual(status, 200)
+        self.assertIn(b"<svg", body)
 
     @defer.inlineCallbacks
     def test_healthz_names_what_is_down(self) -> defer.Generator:

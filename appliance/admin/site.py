@@ -87,6 +87,8 @@ def _leaves(node: resource.Resource, prefix: str = "") -> list[str]:
     """The mounted paths below ``node``, through the nodes ``_put`` made."""
     found = []
     for name in sorted(node.listNames()):
+        if not name:
+            continue  # the index itself
         child = node.children[name]
         path = prefix + name.decode("ascii", "replace")
         found.extend(_leaves(child, path + "/") if isinstance(child, _Children) else [path])
@@ -122,14 +124,14 @@ class _Protected(_Children):
         versions = _Children()
         versions.putChild(b"v1", api)
         self.putChild(b"api", versions)
+        index = Index(api)
+        api.putChild(b"", index)  # /api/v1/: what is mounted, with or without a dashboard
         if dashboard is None:
-            self.putChild(b"", Index(api))
+            self.putChild(b"", index)
 
     def getChild(self, path: bytes, request: server.Request) -> resource.IResource:
         if self.dashboard is None:
             return NotFound()
-        if path == b"":
-            return self.dashboard
         return self.dashboard.getChildWithDefault(path, request)
 
 
