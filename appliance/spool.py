@@ -72,7 +72,9 @@ def run_synchronously(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer
 #   2: "tracking" is always a whole ``Tracking.to_json`` record.
 #   3: the envelope follows the message in one file (``active/<id>``, journal in
 #      ``journal/<id>``); "announce" holds the events owed since the 250.
-ENVELOPE_SCHEMA = 3
+#   4: "subject" and "friendly_from" for the events of every copy; recipients'
+#      "tracking" may hold "metadata_in_links".
+ENVELOPE_SCHEMA = 4
 
 # After a schema-3 entry's envelope: b"\nenvelope " + its length in 10 digits + b"\n".
 _TRAILER_START = b"\nenvelope "
@@ -119,6 +121,9 @@ class Envelope:
     auth_user: str | None = None
     listener: str = ""
     message_size: int = 0
+    # What the message's header says, for the events of its copies (``appliance.eventtypes``).
+    subject: str = ""
+    friendly_from: str = ""
     # The events owed once the 250 is sent (``appliance.injection``): their pre-assigned
     # event_ids and what they say. None for a message with nothing owed, or from before.
     announce: dict[str, Any] | None = None
