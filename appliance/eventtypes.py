@@ -51,28 +51,31 @@ RECIPIENT_FIELDS = ("message_id", "transmission_id", "campaign_id", "rcpt_to", "
 _FAILURE = ("error_code", "reason", "raw_reason", "bounce_class")
 # What SparkPost's samples of delivery, delay and bounce carry of the message and its
 # settings (tests/data/sparkpost_samples): kept in the spool's envelope for every copy.
-_MESSAGE = ("subject", "friendly_from", "msg_size", "injection_time", "recv_method", "ip_pool",
-            "open_tracking", "click_tracking", "initial_pixel")
+_MESSAGE = ("subject", "friendly_from", "sending_domain", "recipient_domain", "msg_size", "injection_time",
+            "recv_method", "ip_pool", "open_tracking", "click_tracking", "initial_pixel")
 _OUTCOME = ("msg_from", "routing_domain", "ip_address", "sending_ip", "queue_time", "num_retries",
             "delv_method", "outbound_tls", *_MESSAGE)
 # An engagement event knows what its token carries, and what follows from it: the
 # routing domain from the recipient, the pool and the way in (the appliance has one of
 # each), and the tracking its link proves on.
 _TRACK = ("message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_tags",
-          "ip_address", "user_agent", "routing_domain", "ip_pool", "recv_method")
+          "ip_address", "user_agent", "routing_domain", "recipient_domain", "ip_pool", "recv_method",
+          "delv_method")
 _OPEN = (*_TRACK, "rcpt_meta", "open_tracking")
 _CLICK = (*_TRACK, "target_link_url", "target_link_name", "accept_language", "click_tracking")
 
 # The one IP pool the appliance sends from, named as SparkPost names an account's default pool.
 IP_POOL = "default"
 RECV_METHOD = "esmtp"  # SMTP injection is the only way in
+DELV_METHOD = "esmtp"  # and SMTP the only way out
 
 FIELDS: Mapping[str, tuple[str, ...]] = {
     INJECTION: (*COMMON_FIELDS, *RECIPIENT_FIELDS, "routing_domain", "msg_from", "friendly_from",
                 "subject", "msg_size", "recv_method", "injection_time", "auth_user", "open_tracking",
-                "click_tracking", "initial_pixel", "ip_pool"),
+                "click_tracking", "initial_pixel", "ip_pool", "sending_domain", "recipient_domain"),
     POLICY_REJECTION: (*COMMON_FIELDS, *RECIPIENT_FIELDS, "routing_domain", "msg_from", "friendly_from",
-                       "subject", "remote_addr", "recv_method", *_FAILURE, "injection_time", "ip_pool"),
+                       "subject", "remote_addr", "recv_method", *_FAILURE, "injection_time", "ip_pool",
+                       "sending_domain", "recipient_domain"),
     DELIVERY: (*COMMON_FIELDS, *RECIPIENT_FIELDS, *_OUTCOME),
     DELAY: (*COMMON_FIELDS, *RECIPIENT_FIELDS, *_OUTCOME, *_FAILURE),
     BOUNCE: (*COMMON_FIELDS, *RECIPIENT_FIELDS, *_OUTCOME, *_FAILURE),
@@ -167,6 +170,11 @@ def _routing_domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+def _sending_domain(friendly_from: str) -> str:
+    """SparkPost's ``sending_domain``: the domain of the From header's address, if it has one."""
+    return friendly_from.rpartition("@")[2].lower() if "@" in friendly_from else ""
+
+
 # -- injection ------------------------------------------------------------------------
 
 
@@ -217,6 +225,8 @@ def injection_event(envelope: Envelope, recipient: Recipient, friendly_from: str
         "click_tracking": recipient.tracking.click_tracking,
         "initial_pixel": _initial_pixel(recipient.tracking),
         "ip_pool": IP_POOL,
+        "sending_domain": _sending_domain(friendly_from),
+        "recipient_domain": _routing_domain(recipient.address),
     }
     if limits:
         fields.update(limits)
@@ -245,6 +255,8 @@ def policy_rejection_event(recipient: Recipient, mail_from: str, friendly_from: 
         "bounce_class": bounce_class(code, text),
         "injection_time": iso_time(received_at),
         "ip_pool": IP_POOL,
+        "sending_domain": _sending_domain(friendly_from),
+        "recipient_domain": _routing_domain(recipient.address),
     }))
 
 
@@ -290,10 +302,12 @@ def delivery_event(envelope: Envelope, recipient: Recipient, outcome: Attempt, r
         "sending_ip": outcome.sending_ip,
         "queue_time": str(int(queue_time * 1000)),
         "num_retries": str(attempts - 1),
-        "delv_method": "esmtp",
+        "delv_method": DELV_METHOD,
         "outbound_tls": "1" if outcome.tls else "0",
         "subject": envelope.subject,
         "friendly_from": envelope.friendly_from,
+        "sending_domain": _sending_domain(envelope.friendly_from),
+        "recipient_domain": _routing_domain(recipient.address),
         "msg_size": str(envelope.message_size),
         "injection_time": iso_time(envelope.received_at),
         "recv_method": RECV_METHOD,
@@ -326,8 +340,10 @@ def _track_fields(link: LinkData, ip_address: str, user_agent: str) -> dict[str,
         "ip_address": ip_address,
         "user_agent": user_agent,
         "routing_domain": _routing_domain(link.rcpt_to),
+        "recipient_domain": _routing_domain(link.rcpt_to),
         "ip_pool": IP_POOL,
         "recv_method": RECV_METHOD,
+        "delv_method": DELV_METHOD,
     }
 
 

@@ -19,12 +19,13 @@ COMMON = ["type", "event_id", "timestamp", "node_name", "customer_id"]
 RECIPIENT = ["message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_meta",
              "rcpt_tags"]
 FAILURE = ["error_code", "reason", "raw_reason", "bounce_class"]
-MESSAGE = ["subject", "friendly_from", "msg_size", "injection_time", "recv_method", "ip_pool",
-           "open_tracking", "click_tracking", "initial_pixel"]
+MESSAGE = ["subject", "friendly_from", "sending_domain", "recipient_domain", "msg_size", "injection_time",
+           "recv_method", "ip_pool", "open_tracking", "click_tracking", "initial_pixel"]
 OUTCOME = ["msg_from", "routing_domain", "ip_address", "sending_ip", "queue_time", "num_retries",
            "delv_method", "outbound_tls", *MESSAGE]
 TRACK = ["message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_tags",
-         "ip_address", "user_agent", "routing_domain", "ip_pool", "recv_method"]
+         "ip_address", "user_agent", "routing_domain", "recipient_domain", "ip_pool", "recv_method",
+         "delv_method"]
 OPEN = [*TRACK, "rcpt_meta", "open_tracking"]
 CLICK = [*TRACK, "target_link_url", "target_link_name", "accept_language", "click_tracking"]
 # A text field cut to its cap is marked ``<field>_truncated``.
@@ -33,11 +34,12 @@ CUT_REASON = ["reason_truncated", "raw_reason_truncated"]
 CONTRACT: dict[str, tuple[list[str], list[str]]] = {
     "injection": ([*COMMON, *RECIPIENT, "routing_domain", "msg_from", "friendly_from", "subject",
                    "msg_size", "recv_method", "injection_time", "auth_user", "open_tracking",
-                   "click_tracking", "initial_pixel", "ip_pool"],
+                   "click_tracking", "initial_pixel", "ip_pool", "sending_domain", "recipient_domain"],
                   ["tracking_skipped", "tracking_skipped_reason", "dkim_broken", *CUT,
                    "rcpt_tags_ignored", "rcpt_meta_left_out_of_links", "msys_api_unknown_fields"]),
     "policy_rejection": ([*COMMON, *RECIPIENT, "routing_domain", "msg_from", "friendly_from", "subject",
-                          "remote_addr", "recv_method", *FAILURE, "injection_time", "ip_pool"],
+                          "remote_addr", "recv_method", *FAILURE, "injection_time", "ip_pool",
+                          "sending_domain", "recipient_domain"],
                          [*CUT, "remote_addr_truncated", *CUT_REASON]),
     "delivery": ([*COMMON, *RECIPIENT, *OUTCOME], CUT),
     "delay": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], [*CUT, *CUT_REASON]),
@@ -102,6 +104,7 @@ class ContractTests(SynchronousTestCase):
             "friendly_from": "s@example.net", "subject": "Hi", "msg_size": "1234", "recv_method": "esmtp",
             "injection_time": "2026-01-01T00:00:00.500Z", "auth_user": None,
             "open_tracking": True, "click_tracking": False, "initial_pixel": True, "ip_pool": "default",
+            "sending_domain": "example.net", "recipient_domain": "example.test",
         })
         limits = {"rcpt_tags_ignored": 2, "rcpt_meta_left_out_of_links": True,
                   "msys_api_unknown_fields": ["campain_id"]}
@@ -132,6 +135,7 @@ class ContractTests(SynchronousTestCase):
             "recv_method": "esmtp", "error_code": "550", "reason": "550 5.7.1 No",
             "raw_reason": "550 5.7.1 No", "bounce_class": "50",
             "injection_time": "2026-01-01T00:00:00.500Z", "ip_pool": "default",
+            "sending_domain": "example.net", "recipient_domain": "example.test",
         })
 
     def test_delivery_delay_bounce(self) -> None:
@@ -144,7 +148,8 @@ class ContractTests(SynchronousTestCase):
                          {"msg_from": "sender@example.net", "routing_domain": "example.test",
                           "ip_address": "198.51.100.7", "sending_ip": "192.0.2.25", "queue_time": "1250",
                           "num_retries": "0", "delv_method": "esmtp", "outbound_tls": "1",
-                          "subject": "Hi", "friendly_from": "s@example.net", "msg_size": "1234",
+                          "subject": "Hi", "friendly_from": "s@example.net", "sending_domain": "example.net",
+                          "recipient_domain": "example.test", "msg_size": "1234",
                           "injection_time": "2026-01-01T00:00:00.500Z", "recv_method": "esmtp",
                           "ip_pool": "default", "open_tracking": True, "click_tracking": False,
                           "initial_pixel": True})
@@ -172,8 +177,8 @@ class ContractTests(SynchronousTestCase):
                 "message_id": "00ab", "transmission_id": TID, "campaign_id": "spring",
                 "rcpt_to": "ann@example.test", "raw_rcpt_to": "Ann@Example.TEST", "rcpt_tags": ["a", "b"],
                 "ip_address": "203.0.113.5", "user_agent": "Mail/1.0", "rcpt_meta": {},
-                "routing_domain": "example.test", "ip_pool": "default", "recv_method": "esmtp",
-                "open_tracking": True})
+                "routing_domain": "example.test", "recipient_domain": "example.test", "ip_pool": "default",
+                "recv_method": "esmtp", "delv_method": "esmtp", "open_tracking": True})
             self.assertEqual(event.get("initial_pixel"), True if kind == "initial_open" else None)
         self.assertEqual(self.made(et.open_event(link("open", {"k": 1}), "", ""))["rcpt_meta"], {"k": 1})
 

@@ -48,6 +48,8 @@ _SAMPLE: dict[str, Any] = {
     "initial_pixel": True,
     "ip_pool": "default",
     "sending_ip": "127.0.0.1",
+    "sending_domain": "example.com",
+    "recipient_domain": "example.com",
     "remote_addr": "127.0.0.1",
     "ip_address": "127.0.0.1",
     "queue_time": "12",
