@@ -36,7 +36,13 @@ from twisted.mail import smtp
 
 from appliance.config import EngagementTrackerConfig
 from appliance.events import EventLog
-from appliance.eventtypes import TEXT_CAPS, cap_text, injection_event, policy_rejection_event, recipient_fields
+from appliance.eventtypes import (
+    TEXT_CAPS,
+    cap_text,
+    injection_event,
+    policy_rejection_event,
+    recipient_fields,
+)
 from appliance.headers import HeaderReader, as_message, readable
 from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
 from appliance.settings import MsysApiError, header_values, limit_notes, parse_msys_api, resolve

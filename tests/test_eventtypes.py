@@ -140,9 +140,8 @@ class ContractTests(SynchronousTestCase):
 
     def test_delivery_delay_bounce(self) -> None:
         rcpt = ENVELOPE.recipients[0]
-        delivered = self.made(et.delivery_event(ENVELOPE, rcpt, reply_outcome(250, "2.0.0 Ok", "198.51.100.7",
-                                                                              tls=True, sending_ip="192.0.2.25"),
-                                                "example.test", 1.25, 1))
+        sent = reply_outcome(250, "2.0.0 Ok", "198.51.100.7", tls=True, sending_ip="192.0.2.25")
+        delivered = self.made(et.delivery_event(ENVELOPE, rcpt, sent, "example.test", 1.25, 1))
         self.assertCarries(delivered, [])
         self.assertEqual({k: delivered[k] for k in OUTCOME},
                          {"msg_from": "sender@example.net", "routing_domain": "example.test",

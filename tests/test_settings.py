@@ -18,8 +18,8 @@ from appliance.settings import (
     PolicyValueError,
     Tracking,
     header_values,
-    parse_context,
     limit_notes,
+    parse_context,
     parse_msys_api,
     resolve,
 )

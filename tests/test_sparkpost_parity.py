@@ -153,7 +153,8 @@ def drafts() -> dict[str, et.Draft]:
 class ParityTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.log = EventLog("unused", "node-a", customer_id="1", now=lambda: 1460989507.0, clock=Clock())
-        self.events: dict[str, Event] = {kind: self.log.make(d.type, **d.fields) for kind, d in drafts().items()}
+        self.events: dict[str, Event] = {kind: self.log.make(d.type, **d.fields)
+                                         for kind, d in drafts().items()}
 
     def test_every_type_has_a_sample(self) -> None:
         stored = {name.removesuffix(".json") for name in os.listdir(SAMPLES) if name.endswith(".json")}
