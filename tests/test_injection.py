@@ -375,7 +375,8 @@ class HeaderHygieneTests(InjectorCase):
         # The size the events report is the size stored, added fields and all.
         [queued] = self.queue.queued
         self.assertEqual(queued.envelope.message_size, len(self.stored_message()))
-        self.assertEqual([e["msg_size"] for e in self.events_written()], [str(queued.envelope.message_size)] * 2)
+        self.assertEqual([e["msg_size"] for e in self.events_written()],
+                         [str(queued.envelope.message_size)] * 2)
 
     def test_a_message_with_both_is_stored_byte_for_byte(self) -> None:
         for fields in (b"Date: Mon, 1 Jan 2024 00:00:00 +0100\r\nMessage-ID: <x@y>\r\n",
@@ -459,7 +460,8 @@ class LimitTests(InjectorCase):
             self.assertEqual(event["msys_api_unknown_fields"], ["campain_id", "options.sandbox"])
         [queued] = self.queue.queued
         for rcpt in queued.envelope.recipients:
-            self.assertEqual((rcpt.tracking.metadata_in_links, rcpt.tracking.include_metadata), (False, False))
+            self.assertEqual((rcpt.tracking.metadata_in_links, rcpt.tracking.include_metadata),
+                             (False, False))
 
     def test_nothing_left_out_says_nothing(self) -> None:
         _, d = self.send(self.injector(), b'X-MSYS-API: {"tags":["a"],"metadata":{"k":1}}\r\n' + MESSAGE)

@@ -109,7 +109,8 @@ class HeaderTests(TrackingTestCase):
         off = json.dumps({"options": {"open_tracking": True, "click_tracking": False, "initial_open": False}})
         send(self.running, ["a@example.test"], message(off))
         send(self.running, ["b@example.test"], message(off.replace("false}", "true}")))
-        kinds = {c.rcpt_to[0]: sorted(d.kind for d in self.tokens(c.data)) for c in self.running.sink.messages}
+        kinds = {c.rcpt_to[0]: sorted(d.kind for d in self.tokens(c.data))
+                 for c in self.running.sink.messages}
         self.assertEqual(kinds, {"a@example.test": ["open"], "b@example.test": ["initial_open", "open"]})
         pixels = {e["rcpt_to"]: e["initial_pixel"] for e in self.events("injection")}
         self.assertEqual(pixels, {"a@example.test": False, "b@example.test": True})
