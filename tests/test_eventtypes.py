@@ -233,6 +233,17 @@ class CapTests(SynchronousTestCase):
         self.assertNotIn("subject_truncated", whole)
         self.assertNotIn("friendly_from_truncated", whole)
 
+    def test_delivery_subject_and_sender_from_the_envelope(self) -> None:
+        """The envelope keeps one byte past the cap (``Injector``): enough to mark the cut."""
+        for subject, cut in (("s" * 998, False), ("s" * 999, True)):
+            envelope = Envelope(TID, "a@example.net", [recipient()], received_at=0.0, subject=subject,
+                                friendly_from="f" * len(subject))
+            event = self.made(et.delivery_event(envelope, envelope.recipients[0], reply_outcome(250, "ok"),
+                                                "example.test", 0, 1))
+            self.assertEqual((event["subject"], event["friendly_from"]), ("s" * 998, "f" * 998))
+            self.assertEqual((event.get("subject_truncated"), event.get("friendly_from_truncated")),
+                             (True, True) if cut else (None, None))
+
     def test_policy_rejection_reason_and_address(self) -> None:
         event = self.made(et.policy_rejection_event(recipient(None), "a@example.net", "", "s" * 5000,
                                                     "x" * 300, 550, "5.7.1 " + "n" * 5000, 0.0))

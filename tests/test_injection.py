@@ -221,6 +221,16 @@ class HeaderTextTests(SynchronousTestCase):
 
 
 class EventTextTests(InjectorCase):
+    def test_the_envelope_keeps_a_long_subject_cut_just_past_the_cap(self) -> None:
+        subject = b"\r\n ".join([b"x" * 500] * 5)  # folded: 2,504 bytes unfolded
+        message = b"From: <sender@example.net>\r\nSubject: " + subject + b"\r\n\r\nb\r\n"
+        _, d = self.send(self.injector(), message)
+        self.assertEqual(self.successResultOf(d)[0], 250)
+        [queued] = self.queue.queued
+        self.assertEqual(len(queued.envelope.subject.encode()), 999)
+        [event] = self.events_written()
+        self.assertEqual((len(event["subject"]), event["subject_truncated"]), (998, True))
+
     def test_injection_event_carries_decoded_text(self) -> None:
         message = "From: J\u00fcrgen <j@example.net>\r\nSubject: Caf\u00e9\r\n\r\nbody\r\n".encode()
         _, d = self.send(self.injector(), message)
