@@ -146,6 +146,9 @@ class Envelope:
         if not isinstance(schema, int) or schema > ENVELOPE_SCHEMA:
             raise NewerEnvelope(f"envelope schema {schema!r}; this version reads up to {ENVELOPE_SCHEMA}")
         raw["recipients"] = [Recipient.from_json(r) for r in raw["recipients"]]
+        if schema < 4:  # schema 3 kept the subject and sender only with the events owed
+            owed = raw.get("announce") or {}
+            raw.update(subject=owed.get("subject", ""), friendly_from=owed.get("friendly_from", ""))
         return cls(**raw)
 
 
