@@ -194,3 +194,14 @@ class ParityTests(SynchronousTestCase):
             self.assertEqual(delivered[name], sample("delivery")[name], name)
         self.assertEqual(delivered["raw_rcpt_to"], "Recipient@example.com")  # the case it came with
         self.assertTrue(delivered["timestamp"].isdigit())  # Unix seconds, as webhooks write it
+
+    def test_the_webhook_test_batch_matches_the_events(self) -> None:
+        """``engage-appliance webhooks test`` posts what the event log would hold: same keys, same types."""
+        from appliance.webhooks.samples import sample_events
+
+        for made in sample_events(et.EVENT_TYPES, 1460989507.0, "node-a", "1"):
+            event = self.events[made["type"]]
+            self.assertLessEqual(set(made), set(event), made["type"])
+            self.assertLessEqual(set(event) - set(made), set(et.OPTIONAL_FIELDS.get(made["type"], ())))
+            for name, value in made.items():
+                self.assertIs(type(value), type(event[name]), (made["type"], name))
