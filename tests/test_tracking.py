@@ -90,7 +90,7 @@ class HeaderTests(TrackingTestCase):
             event = injections[rcpt]
             for d in links:
                 self.assertEqual((d.message_id, d.rcpt_to, d.campaign_id, d.tags, d.metadata),
-                                 (event["message_id"], rcpt.lower(), "spring", ("a", "b"), {"user": "42"}))
+                                 (event["message_id"], rcpt, "spring", ("a", "b"), {"user": "42"}))
             self.assertEqual(sorted(d.target for d in links if d.kind == "click"),
                              ["https://shop.example/p?id=1&x=2#top", "https://shop.example/t"])
             self.assertIn(b'href="mailto:s@example.net"', data)
@@ -143,6 +143,22 @@ class HeaderTests(TrackingTestCase):
                          ("Tracked", "s@example.net", "Ann@Example.test"))
         self.assertRegex(delivery["injection_time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
         self.assertIsInstance(delivery["sending_ip"], str)
+
+    def test_engagement_events_keep_the_case_it_was_injected_with(self) -> None:
+        send(self.running, ["Ann@Example.ORG"], message(TRACK_ALL))
+        [copy] = self.running.sink.messages
+        data = copy.data.replace(b"=\r\n", b"")
+        [pixel] = re.findall(rb"/q/([A-Za-z0-9_-]+)", data)[:1]
+        click = re.findall(rb"/f/[^/]+/([A-Za-z0-9_-]+)", data)[0]
+        for path in (b"/q/" + pixel, b"/f/a/" + click):
+            status, _headers, _body = self.running.get(path.decode())
+            self.assertIn(status, (200, 302))
+        engaged = [e for e in self.running.events() if e["type"] in ("open", "initial_open", "click")]
+        self.assertEqual(len(engaged), 2)
+        for event in engaged:
+            self.assertEqual((event["raw_rcpt_to"], event["rcpt_to"]), ("Ann@Example.ORG", "ann@example.org"))
+            self.assertEqual((event["routing_domain"], event["recipient_domain"]),
+                             ("example.org", "example.org"))
 
     def test_bad_header_refuses_the_message(self) -> None:
         code, text = send_expecting_refusal(self.running, ["a@example.test", "b@example.org"],
