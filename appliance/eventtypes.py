@@ -9,7 +9,9 @@ builders below instead of assembling events themselves. A builder returns a
 what every event carries (``COMMON_FIELDS``).
 
 ``FIELDS`` lists what each type always carries and ``OPTIONAL_FIELDS`` what
-it may; ``tests/test_eventtypes.py`` holds each builder to them.
+it may; ``tests/test_eventtypes.py`` holds each builder to them, and
+``tests/test_sparkpost_parity.py`` each type to SparkPost's own sample of it,
+listing every field either side lacks with the reason.
 """
 
 from __future__ import annotations
@@ -50,23 +52,38 @@ RECIPIENT_FIELDS = ("message_id", "transmission_id", "campaign_id", "rcpt_to", "
                     "rcpt_meta", "rcpt_tags")
 
 _FAILURE = ("error_code", "reason", "raw_reason", "bounce_class")
-_OUTCOME = ("msg_from", "routing_domain", "ip_address", "queue_time", "num_retries", "delv_method",
-            "outbound_tls")
+# What SparkPost's samples of delivery, delay and bounce carry of the message and its
+# settings (tests/data/sparkpost_samples): kept in the spool's envelope for every copy.
+_MESSAGE = ("subject", "friendly_from", "sending_domain", "recipient_domain", "msg_size", "injection_time",
+            "recv_method", "ip_pool", "open_tracking", "click_tracking", "initial_pixel")
+_OUTCOME = ("msg_from", "routing_domain", "ip_address", "sending_ip", "queue_time", "num_retries",
+            "delv_method", "outbound_tls", *_MESSAGE)
+# An engagement event knows what its token carries, and what follows from it: the
+# routing domain from the recipient, the pool and the way in (the appliance has one of
+# each), and the tracking its link proves on.
 _TRACK = ("message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_tags",
-          "ip_address", "user_agent")
-_CLICK = (*_TRACK, "target_link_url", "target_link_name", "accept_language")
+          "ip_address", "user_agent", "routing_domain", "recipient_domain", "ip_pool", "recv_method",
+          "delv_method")
+_OPEN = (*_TRACK, "rcpt_meta", "open_tracking")
+_CLICK = (*_TRACK, "target_link_url", "target_link_name", "accept_language", "click_tracking")
+
+# The one IP pool the appliance sends from, named as SparkPost names an account's default pool.
+IP_POOL = "default"
+RECV_METHOD = "esmtp"  # SMTP injection is the only way in
+DELV_METHOD = "esmtp"  # and SMTP the only way out
 
 FIELDS: Mapping[str, tuple[str, ...]] = {
     INJECTION: (*COMMON_FIELDS, *RECIPIENT_FIELDS, "routing_domain", "msg_from", "friendly_from",
                 "subject", "msg_size", "recv_method", "injection_time", "auth_user", "open_tracking",
-                "click_tracking"),
+                "click_tracking", "initial_pixel", "ip_pool", "sending_domain", "recipient_domain"),
     POLICY_REJECTION: (*COMMON_FIELDS, *RECIPIENT_FIELDS, "routing_domain", "msg_from", "friendly_from",
-                       "subject", "remote_addr", "recv_method", *_FAILURE, "injection_time"),
+                       "subject", "remote_addr", "recv_method", *_FAILURE, "injection_time", "ip_pool",
+                       "sending_domain", "recipient_domain"),
     DELIVERY: (*COMMON_FIELDS, *RECIPIENT_FIELDS, *_OUTCOME),
     DELAY: (*COMMON_FIELDS, *RECIPIENT_FIELDS, *_OUTCOME, *_FAILURE),
     BOUNCE: (*COMMON_FIELDS, *RECIPIENT_FIELDS, *_OUTCOME, *_FAILURE),
-    OPEN: (*COMMON_FIELDS, *_TRACK, "rcpt_meta"),
-    INITIAL_OPEN: (*COMMON_FIELDS, *_TRACK, "rcpt_meta"),
+    OPEN: (*COMMON_FIELDS, *_OPEN),
+    INITIAL_OPEN: (*COMMON_FIELDS, *_OPEN, "initial_pixel"),
     CLICK: (*COMMON_FIELDS, *_CLICK),
     LINK_UNSUBSCRIBE: (*COMMON_FIELDS, *_CLICK),
     # SparkPost's sample, where the token tells: the copy was not transactional (only such
@@ -76,16 +93,20 @@ FIELDS: Mapping[str, tuple[str, ...]] = {
 }
 
 # Fields an event has only sometimes: why tracking was skipped or a DKIM signature
-# broken (injection); the recipient's metadata, when the clicked link carries it.
+# broken, and what Momentum's limits left out (injection, ``settings.limit_notes``);
+# the recipient's metadata, when the clicked link carries it.
 # Each marked ``<field>_truncated: true`` when its field was cut to its cap (``TEXT_CAPS``).
 OPTIONAL_FIELDS: Mapping[str, tuple[str, ...]] = {
     INJECTION: ("tracking_skipped", "tracking_skipped_reason", "dkim_broken", "msg_from_truncated",
-                "friendly_from_truncated", "subject_truncated"),
+                "friendly_from_truncated", "subject_truncated", "rcpt_tags_ignored",
+                "rcpt_meta_left_out_of_links", "msys_api_unknown_fields"),
     POLICY_REJECTION: ("msg_from_truncated", "friendly_from_truncated", "subject_truncated",
                        "remote_addr_truncated", "reason_truncated", "raw_reason_truncated"),
-    DELAY: ("msg_from_truncated", "reason_truncated", "raw_reason_truncated"),
-    BOUNCE: ("msg_from_truncated", "reason_truncated", "raw_reason_truncated"),
-    DELIVERY: ("msg_from_truncated",),
+    DELAY: ("msg_from_truncated", "friendly_from_truncated", "subject_truncated", "reason_truncated",
+            "raw_reason_truncated"),
+    BOUNCE: ("msg_from_truncated", "friendly_from_truncated", "subject_truncated", "reason_truncated",
+             "raw_reason_truncated"),
+    DELIVERY: ("msg_from_truncated", "friendly_from_truncated", "subject_truncated"),
     CLICK: ("rcpt_meta",),
     LINK_UNSUBSCRIBE: ("rcpt_meta",),
 }
@@ -147,13 +168,31 @@ def _capped(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+_iso_second: tuple[int, str] = (-1, "")
+
+
 def iso_time(ts: float) -> str:
-    """SparkPost's ``injection_time`` form: 2016-04-18T14:25:07.000+00:00."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    """
+    SparkPost's ``injection_time`` form, as its webhooks write it: 2016-04-18T14:25:07.000Z.
+
+    Written for every event of a copy; the text of the last second is kept,
+    as the copies of a busy second share it.
+    """
+    global _iso_second
+    ms = int(ts * 1000)
+    second = ms // 1000
+    if _iso_second[0] != second:
+        _iso_second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{_iso_second[1]}{ms % 1000:03d}Z"
 
 
 def _routing_domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
+
+
+def _sending_domain(friendly_from: str) -> str:
+    """SparkPost's ``sending_domain``: the domain of the From header's address, if it has one."""
+    return friendly_from.rpartition("@")[2].lower() if "@" in friendly_from else ""
 
 
 # -- injection ------------------------------------------------------------------------
@@ -177,13 +216,19 @@ def recipient_fields(transmission_id: str, address: str, message_id: str,
     }
 
 
+def _initial_pixel(tracking: Tracking) -> bool:
+    return tracking.open_tracking and tracking.initial_open
+
+
 def injection_event(envelope: Envelope, recipient: Recipient, friendly_from: str, subject: str,
-                    tracking_skipped: Sequence[str] = (), dkim_broken: bool = False) -> Draft:
+                    tracking_skipped: Sequence[str] = (), dkim_broken: bool = False,
+                    limits: Mapping[str, Any] | None = None) -> Draft:
     """
     A committed message's ``injection`` event for one recipient.
 
     ``tracking_skipped`` says why the copy is tracked less than its settings
-    ask; ``dkim_broken`` that the copy breaks the message's DKIM signature.
+    ask; ``dkim_broken`` that the copy breaks the message's DKIM signature;
+    ``limits`` what Momentum's limits left out (``settings.limit_notes``).
     """
     fields: dict[str, Any] = {
         **recipient.event_fields,
@@ -192,13 +237,19 @@ def injection_event(envelope: Envelope, recipient: Recipient, friendly_from: str
         "friendly_from": friendly_from,
         "subject": subject,
         "msg_size": str(envelope.message_size),
-        "recv_method": "esmtp",
+        "recv_method": RECV_METHOD,
         "injection_time": iso_time(envelope.received_at),
         # Not a SparkPost field: the SMTP AUTH user who injected the message, or null.
         "auth_user": envelope.auth_user,
         "open_tracking": recipient.tracking.open_tracking,
         "click_tracking": recipient.tracking.click_tracking,
+        "initial_pixel": _initial_pixel(recipient.tracking),
+        "ip_pool": IP_POOL,
+        "sending_domain": _sending_domain(friendly_from),
+        "recipient_domain": _routing_domain(recipient.address),
     }
+    if limits:
+        fields.update(limits)
     if tracking_skipped:
         fields["tracking_skipped"] = True
         fields["tracking_skipped_reason"] = "; ".join(tracking_skipped)
@@ -217,12 +268,15 @@ def policy_rejection_event(recipient: Recipient, mail_from: str, friendly_from: 
         "friendly_from": friendly_from,
         "subject": subject,
         "remote_addr": remote_addr,
-        "recv_method": "esmtp",
+        "recv_method": RECV_METHOD,
         "error_code": str(code),
         "reason": f"{code} {text}",
         "raw_reason": f"{code} {text}",
         "bounce_class": bounce_class(code, text),
         "injection_time": iso_time(received_at),
+        "ip_pool": IP_POOL,
+        "sending_domain": _sending_domain(friendly_from),
+        "recipient_domain": _routing_domain(recipient.address),
     }))
 
 
@@ -247,6 +301,9 @@ class Attempt(Protocol):
     @property
     def tls(self) -> bool: ...
 
+    @property
+    def sending_ip(self) -> str: ...  # the appliance's own address on the connection, if one was made
+
 
 def delivery_event(envelope: Envelope, recipient: Recipient, outcome: Attempt, routing_domain: str,
                    queue_time: float, attempts: int) -> Draft:
@@ -256,15 +313,28 @@ def delivery_event(envelope: Envelope, recipient: Recipient, outcome: Attempt, r
     ``queue_time`` is in seconds since injection (written in milliseconds);
     a failure carries the reply and its classification.
     """
+    tracking = recipient.tracking
     fields: dict[str, Any] = {
         **recipient.event_fields,
         "msg_from": envelope.mail_from,
         "routing_domain": routing_domain,
         "ip_address": outcome.ip_address,
+        "sending_ip": outcome.sending_ip,
         "queue_time": str(int(queue_time * 1000)),
         "num_retries": str(attempts - 1),
-        "delv_method": "esmtp",
+        "delv_method": DELV_METHOD,
         "outbound_tls": "1" if outcome.tls else "0",
+        "subject": envelope.subject,
+        "friendly_from": envelope.friendly_from,
+        "sending_domain": _sending_domain(envelope.friendly_from),
+        "recipient_domain": _routing_domain(recipient.address),
+        "msg_size": str(envelope.message_size),
+        "injection_time": iso_time(envelope.received_at),
+        "recv_method": RECV_METHOD,
+        "ip_pool": IP_POOL,
+        "open_tracking": tracking.open_tracking,
+        "click_tracking": tracking.click_tracking,
+        "initial_pixel": _initial_pixel(tracking),
     }
     if outcome.kind != DELIVERY:
         fields.update(
@@ -289,6 +359,11 @@ def _track_fields(link: LinkData, ip_address: str, user_agent: str) -> dict[str,
         "rcpt_tags": list(link.tags),
         "ip_address": ip_address,
         "user_agent": user_agent,
+        "routing_domain": _routing_domain(link.rcpt_to),
+        "recipient_domain": _routing_domain(link.rcpt_to),
+        "ip_pool": IP_POOL,
+        "recv_method": RECV_METHOD,
+        "delv_method": DELV_METHOD,
     }
 
 
@@ -296,6 +371,9 @@ def open_event(link: LinkData, ip_address: str, user_agent: str) -> Draft:
     """An ``open`` or ``initial_open`` (``link.kind``); opens always carry the metadata, as SparkPost's do."""
     fields = _track_fields(link, ip_address, user_agent)
     fields["rcpt_meta"] = link.metadata if link.metadata is not None else {}
+    fields["open_tracking"] = True  # a pixel is only there when it is on
+    if link.kind == INITIAL_OPEN:
+        fields["initial_pixel"] = True
     return Draft(link.kind, fields)
 
 
@@ -305,7 +383,7 @@ def click_events(link: LinkData, ip_address: str, user_agent: str, accept_langua
     if link.metadata is not None:
         fields["rcpt_meta"] = link.metadata
     fields.update(target_link_url=link.target, target_link_name=link.link_name,
-                  accept_language=accept_language)
+                  accept_language=accept_language, click_tracking=True)
     if link.unsubscribe:
         return [Draft(CLICK, fields), Draft(LINK_UNSUBSCRIBE, dict(fields))]
     return [Draft(CLICK, fields)]
@@ -315,6 +393,5 @@ def list_unsubscribe_event(link: LinkData, ip_address: str, user_agent: str) -> 
     """A one-click unsubscribe (RFC 8058) of the copy ``link`` names: SparkPost's ``list_unsubscribe``."""
     fields = _track_fields(link, ip_address, user_agent)
     fields.update(rcpt_meta=link.metadata if link.metadata is not None else {},
-                  routing_domain=_routing_domain(link.rcpt_to), transactional="0",
-                  delv_method="esmtp")
+                  transactional="0")  # a transactional copy has no List-Unsubscribe
     return Draft(LIST_UNSUBSCRIBE, fields)

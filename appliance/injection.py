@@ -35,7 +35,13 @@ from twisted.mail import smtp
 
 from appliance.config import EngagementTrackerConfig
 from appliance.events import EventLog
-from appliance.eventtypes import injection_event, policy_rejection_event, recipient_fields
+from appliance.eventtypes import (
+    TEXT_CAPS,
+    cap_text,
+    injection_event,
+    policy_rejection_event,
+    recipient_fields,
+)
 from appliance.headers import HeaderReader, as_message, readable
 from appliance.policy import ACCEPT, Policy, PolicyEnvelope, Verdict
 from appliance.settings import (
@@ -43,6 +49,7 @@ from appliance.settings import (
     MsysApiError,
     header_values,
     is_transactional,
+    limit_notes,
     parse_msys_api,
     resolve,
 )
@@ -115,32 +122,98 @@ def friendly_from(headers: Message) -> str:
     return address if "@" in address else text
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def missing_fields(names: set[str], now: float, transmission_id: str, hostname: str) -> bytes:
+    """
+    The ``Date`` and ``Message-ID`` fields a header without them gets, as Postfix's cleanup adds them.
+
+    Added once, at injection, so every copy and every retry carries the same
+    values; the Message-ID is on the appliance's host name, as Postfix puts it
+    on ``myhostname``.
+    """
+    has_date, has_id = "date" in names, "message-id" in names
+    if has_date and has_id:
+        return b""
+    date, stamp = _time_texts(int(now))
+    added = b"" if has_date else b"Date: " + date + b"\r\n"
+    if not has_id:
+        added += b"Message-ID: <%s.%s@%s>\r\n" % (stamp, transmission_id.encode(),
+                                                   hostname.encode("utf-8", "replace"))
+    return added
+
+
+_last_second: tuple[int, bytes, bytes] = (-1, b"", b"")
+
+
+def _time_texts(second: int) -> tuple[bytes, bytes]:
+    """
+    RFC 5322's date of ``second`` in UTC, and its ``YYYYMMDDhhmmss`` stamp; the last one is kept.
+
+    Formatted here, not by the email package (ten times the cost), and once
+    a second: the messages of a busy second share it.
+    """
+    global _last_second
+    if _last_second[0] != second:
+        t = time.gmtime(second)
+        date = (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+                f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000")
+        stamp = f"{t.tm_year}{t.tm_mon:02d}{t.tm_mday:02d}{t.tm_hour:02d}{t.tm_min:02d}{t.tm_sec:02d}"
+        _last_second = (second, date.encode(), stamp.encode())
+    return _last_second[1], _last_second[2]
+
+
 class Transaction:
     """One message being received: its spool writer, sender, recipients and header block."""
 
     def __init__(self, session: Session, writer: SpoolWriter, mail_from: str,
-                 recipients: list[str], received: bytes, now: float) -> None:
+                 recipients: list[str], received: bytes, now: float, hostname: str = "localhost") -> None:
         self.session = session
         self.writer = writer
         self.mail_from = mail_from
         self.recipients = recipients
         self.started = now
+        self.hostname = hostname
         # Set by the session when its connection drops before the reply: nothing is committed then.
         self.client_gone = False
         # The header as appliance.headers reads it, at most MAX_HEADER_BYTES of it kept but
         # every X-MSYS-API field, however far down: the rewriter strips each one it finds.
         self._header = HeaderReader(MAX_HEADER_BYTES, frozenset({"x-msys-api"}))
         self._header.feed(received)
-        writer.write(received)
+        # Our trace header and the message's header are held until the header ends, so a
+        # missing Date or Message-ID can go in after the trace header (``missing_fields``);
+        # a header longer than MAX_HEADER_BYTES is not held, nor added to.
+        self._held: list[bytes] | None = [received]
+        self._held_size = len(received)
 
     @property
     def transmission_id(self) -> str:
         return self.writer.transmission_id
 
     def write(self, data: bytes) -> None:
-        self.writer.write(data)
-        if not self._header.done:
-            self._header.feed(data)
+        if self._held is None:
+            self.writer.write(data)
+            if not self._header.done:
+                self._header.feed(data)
+            return
+        self._header.feed(data)
+        self._held.append(data)
+        self._held_size += len(data)
+        if self._header.done or self._held_size > MAX_HEADER_BYTES:
+            self._release()
+
+    def _release(self) -> None:
+        """Write what is held, with the fields the header lacks if all of it was read."""
+        held, self._held = self._held, None
+        assert held is not None
+        if self._held_size <= MAX_HEADER_BYTES:
+            added = missing_fields({f.name for f in self._header.fields}, self.started,
+                                   self.transmission_id, self.hostname)
+            if added:
+                held.insert(1, added)
+        self.writer.write(b"".join(held))
 
     def headers(self) -> Message:
         """
@@ -148,9 +221,13 @@ class Transaction:
 
         The same fields the rewriter strips X-MSYS-API from and DKIM signs:
         up to the empty line, or to the first line that is not a field; past
-        MAX_HEADER_BYTES only the X-MSYS-API fields.
+        MAX_HEADER_BYTES only the X-MSYS-API fields. The message text is
+        whole once this is called: a header still held is written out.
         """
-        return as_message(self._header.finish())
+        fields = self._header.finish()
+        if self._held is not None:
+            self._release()
+        return as_message(fields)
 
     def abort(self) -> None:
         self.writer.abort()
@@ -211,7 +288,7 @@ class Injector:
         writer = self.spool.writer(transmission_id)
         received = self._received_header(session, transmission_id, recipients, now)
         return Transaction(session, writer, address_text(mail_from),
-                           [address_text(r) for r in recipients], received, now)
+                           [address_text(r) for r in recipients], received, now, self.hostname)
 
     def _received_header(self, session: Session, transmission_id: str,
                          recipients: list[smtp.Address], now: float) -> bytes:
@@ -323,10 +400,12 @@ class Injector:
         smtpapi = transaction.session.listener.smtpapi
         accepted: list[Recipient] = []
         rejected: list[tuple[Recipient, Verdict]] = []
+        limits: list[dict[str, Any]] = []
         for rcpt, verdict in zip(recipients, verdicts, strict=True):
             if not verdict.accepted:
                 rejected.append((rcpt, verdict))
                 continue
+            limits.append(limit_notes(api, verdict.context))
             tracking = resolve(smtpapi, self.tracker, api, verdict.context, transaction.started)
             rcpt.tracking = tracking
             rcpt.event_fields = recipient_fields(transaction.transmission_id, rcpt.address,
@@ -342,7 +421,10 @@ class Injector:
             auth_user=transaction.session.auth_user,
             listener=transaction.session.listener.name,
             message_size=transaction.writer.size,
-            announce=self._owed(headers, accepted, rejected),
+            # Cut one byte past the events' cap, so an event still marks it cut (``_capped``).
+            subject=cap_text(header_text(headers, "Subject"), TEXT_CAPS["subject"] + 1)[0],
+            friendly_from=cap_text(friendly_from(headers), TEXT_CAPS["friendly_from"] + 1)[0],
+            announce=self._owed(headers, accepted, rejected, limits),
         )
         if transaction.client_gone:
             # Nobody would hear the 250: committing would deliver a message the client
@@ -375,16 +457,21 @@ class Injector:
         return out
 
     def _owed(self, headers: Message, accepted: list[Recipient],
-              rejected: list[tuple[Recipient, Verdict]]) -> dict[str, Any]:
-        """What the events owed after the 250 say, and their event_ids: stored in the envelope."""
+              rejected: list[tuple[Recipient, Verdict]],
+              limits: list[dict[str, Any]]) -> dict[str, Any]:
+        """
+        What the events owed after the 250 say, and their event_ids: stored in the envelope.
+
+        The subject and sender are the envelope's own (schema 4); ``limits``
+        holds, per accepted recipient, what Momentum's limits left out, when
+        anything was.
+        """
         tracked = any(r.tracking.enabled for r in accepted)
         # A sender's signature the copies may break without tracking: by losing X-MSYS-API, or
         # by gaining List-Unsubscribe fields it signed as absent.
         signed_api = headers.get("DKIM-Signature") is not None and (
             bool(header_values(headers)) or any(r.tracking.list_unsubscribe for r in accepted))
-        return {
-            "friendly_from": friendly_from(headers),
-            "subject": header_text(headers, "Subject"),
+        owed: dict[str, Any] = {
             # Prepared before its events: they say when tracking had to be skipped and
             # whether a DKIM signature is broken, and the prepared form stays cached.
             "prepare": self.copies is not None and (tracked or signed_api),
@@ -392,6 +479,9 @@ class Injector:
             "rejected": [{"recipient": rcpt.to_json(), "code": verdict.code, "text": verdict.text,
                           "event_id": self.events.ids.event_id()} for rcpt, verdict in rejected],
         }
+        if any(limits):
+            owed["limits"] = limits
+        return owed
 
     def _enqueue(self, _: Any, queued: QueuedMessage) -> None:
         try:
@@ -439,7 +529,8 @@ class Injector:
                 if rejection["event_id"] not in written:
                     self._rejection_event(
                         Recipient.from_json(rejection["recipient"]), envelope.mail_from,
-                        owed["friendly_from"], owed["subject"], envelope.client_address,
+                        owed.get("friendly_from", envelope.friendly_from),
+                        owed.get("subject", envelope.subject), envelope.client_address,
                         rejection["code"], rejection["text"], envelope.received_at,
                         rejection["event_id"])
         except Exception:
@@ -520,12 +611,15 @@ class Injector:
                           written: frozenset[str]) -> None:
         envelope = queued.envelope
         owed = envelope.announce or {}
-        sender, subject = owed.get("friendly_from", ""), owed.get("subject", "")
+        # Schema 3 kept the subject and sender with the events owed; schema 4 in the envelope.
+        sender = owed.get("friendly_from", envelope.friendly_from)
+        subject = owed.get("subject", envelope.subject)
         event_ids = owed.get("injection") or [None] * len(envelope.recipients)
+        limits = owed.get("limits") or [None] * len(envelope.recipients)
         # A copy the appliance signs itself carries a valid signature: SPEC §5 asks for
         # dkim_broken only when it does not re-sign.
         resigned = prepared is not None and self.copies is not None and self.copies.resigns(prepared)
-        for rcpt, event_id in zip(envelope.recipients, event_ids, strict=True):
+        for rcpt, event_id, noted in zip(envelope.recipients, event_ids, limits, strict=True):
             if event_id in written:
                 continue
             skipped: list[str] = []
@@ -533,7 +627,7 @@ class Injector:
             if prepared is not None and self.copies is not None:
                 skipped = self.copies.tracking_notes(prepared, envelope.transmission_id, rcpt)
                 broken = prepared.dkim_broken(rcpt.tracking) and not resigned
-            kind, fields = injection_event(envelope, rcpt, sender, subject, skipped, broken)
+            kind, fields = injection_event(envelope, rcpt, sender, subject, skipped, broken, noted)
             if event_id is not None:
                 fields = {**fields, "event_id": event_id}
             try:

@@ -24,6 +24,10 @@ MAX_CAMPAIGN_ID_BYTES = 64
 MAX_TAGS = 10  # Momentum keeps the first ten and ignores the rest
 MAX_TAG_BYTES = 64  # SparkPost's limit; every tag rides in every tracked link of the copy
 MAX_NESTING = 100  # arrays and objects inside each other; JSON tools recurse on them
+# The fields of X-MSYS-API the appliance reads; any other is ignored, and named in the
+# injection event (``msys_api_unknown_fields``) so a misspelt one is seen.
+KNOWN_FIELDS = frozenset({"campaign_id", "metadata", "tags", "options"})
+KNOWN_OPTIONS = frozenset({"open_tracking", "click_tracking", "initial_open", "transactional"})
 
 
 class MsysApiError(ValueError):
@@ -44,6 +48,12 @@ class MsysApi:
     metadata: dict[str, Any] | None = None
     tags: tuple[str, ...] | None = None
     transactional: bool | None = None
+    initial_open: bool | None = None  # whether the copy gets the pixel at the top as well
+    # What Momentum's limits left out rather than refuse: how many tags past the tenth were
+    # ignored, whether the metadata is too long to ride in links, and the fields not read.
+    tags_ignored: int = 0
+    metadata_oversized: bool = False
+    unknown_fields: tuple[str, ...] = ()
 
 
 # -- X-MSYS-API -------------------------------------------------------------------
@@ -151,8 +161,10 @@ def parse_msys_api(values: list[str], max_metadata_len: int) -> MsysApi:
     options = data.get("options", {})
     if not isinstance(options, dict):
         raise wrong("options", "json object")
+    unknown = [_field_name(k) for k in data if k not in KNOWN_FIELDS]
+    unknown += [f"options.{_field_name(k)}" for k in options if k not in KNOWN_OPTIONS]
     flags: dict[str, bool | None] = {}
-    for name in ("open_tracking", "click_tracking", "transactional"):
+    for name in ("open_tracking", "click_tracking", "initial_open", "transactional"):
         value = options.get(name)
         if value is not None and not isinstance(value, bool):
             raise wrong(f"options.{name}", "boolean")
@@ -167,27 +179,26 @@ def parse_msys_api(values: list[str], max_metadata_len: int) -> MsysApi:
                                f"{MAX_CAMPAIGN_ID_BYTES} bytes")
 
     metadata = data.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise wrong("metadata", "json object")
-        if _compact_size(metadata) > max_metadata_len:
-            raise MsysApiError(f"{HEADER} 'metadata' must not be longer than "
-                               f"{max_metadata_len} bytes")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise wrong("metadata", "json object")
 
     tags = data.get("tags")
+    ignored = 0
     if tags is not None:
         if not isinstance(tags, list):
             raise wrong("tags", "array")
         if not all(isinstance(t, str) for t in tags):
             raise MsysApiError(f"{HEADER} 'tags' must be an array of strings")
-        tags = tuple(tags[:MAX_TAGS])
+        tags, ignored = tuple(tags[:MAX_TAGS]), max(0, len(tags) - MAX_TAGS)
         problem = _check_tags(list(tags))
         if problem:
             raise MsysApiError(f"{HEADER} 'tags' {problem}")
 
     return MsysApi(open_tracking=flags["open_tracking"], click_tracking=flags["click_tracking"],
-                   campaign_id=campaign_id, metadata=metadata, tags=tags,
-                   transactional=flags["transactional"])
+                   initial_open=flags["initial_open"], campaign_id=campaign_id, metadata=metadata,
+                   tags=tags, tags_ignored=ignored,
+                   metadata_oversized=metadata is not None and _compact_size(metadata) > max_metadata_len,
+                   unknown_fields=tuple(unknown), transactional=flags["transactional"])
 
 
 # -- policy context variables ---------------------------------------------------------
@@ -247,6 +258,8 @@ class ContextSettings:
     tracking_domain: str | None = None
     tracking_link_expiry: float | None = None
     transactional: bool | None = None
+    tags_ignored: int = 0  # as ``MsysApi``'s
+    metadata_oversized: bool = False
 
 
 def parse_context(context: Mapping[str, Any], max_metadata_len: int) -> ContextSettings:
@@ -273,14 +286,14 @@ def parse_context(context: Mapping[str, Any], max_metadata_len: int) -> ContextS
             values[key] = value
         elif key == "metadata":
             metadata = _context_json(name, value, dict)
-            if _compact_size(metadata) > max_metadata_len:
-                raise PolicyValueError(f"{name} must not be longer than {max_metadata_len} bytes")
+            values["metadata_oversized"] = _compact_size(metadata) > max_metadata_len
             values[key] = metadata
         elif key == "tags":
             tags = _context_json(name, value, list)
             if not all(isinstance(t, str) for t in tags):
                 raise PolicyValueError(f"{name} must be a JSON array of strings")
             values[key] = tuple(tags[:MAX_TAGS])
+            values["tags_ignored"] = max(0, len(tags) - MAX_TAGS)
             problem = _check_tags(list(values[key]))
             if problem:
                 raise PolicyValueError(f"{name} {problem}")
@@ -331,6 +344,8 @@ class Tracking:
     # with a mailto: form to this address when it is not "".
     list_unsubscribe: bool = False
     list_unsubscribe_mailto: str = ""
+    # False when the metadata is longer than ``max_metadata_len``: events carry it, links do not.
+    metadata_in_links: bool = True
 
     @property
     def enabled(self) -> bool:
@@ -375,6 +390,7 @@ def resolve(config: SmtpapiConfig, tracker: EngagementTrackerConfig, header: Msy
     """
     transactional = is_transactional(header, context)
     list_unsubscribe = config.list_unsubscribe and not transactional
+    oversized = context.metadata_oversized if context.metadata is not None else header.metadata_oversized
     return Tracking(
         open_tracking=_first(context.open_tracking, header.open_tracking, config.open_tracking_enabled),
         click_tracking=_first(context.click_tracking, header.click_tracking,
@@ -386,9 +402,29 @@ def resolve(config: SmtpapiConfig, tracker: EngagementTrackerConfig, header: Msy
         click_tracking_scheme=_first(context.click_tracking_scheme, config.click_tracking_scheme),
         tracking_domain=_first(context.tracking_domain, config.tracking_domain),
         expiry=int(received_at + _first(context.tracking_link_expiry, config.tracking_link_expiry)),
-        initial_open=config.initial_open,
-        include_metadata=tracker.click_tracking_include_metadata,
+        initial_open=_first(header.initial_open, config.initial_open),
+        include_metadata=tracker.click_tracking_include_metadata and not oversized,
+        metadata_in_links=not oversized,
         transactional=transactional,
         list_unsubscribe=list_unsubscribe,
         list_unsubscribe_mailto=config.list_unsubscribe_mailto if list_unsubscribe else "",
     )
+
+
+def limit_notes(header: MsysApi, context: ContextSettings) -> dict[str, Any]:
+    """
+    What the injection event says Momentum's limits left out of one recipient's settings.
+
+    ``rcpt_tags_ignored``: tags past the tenth, ignored; ``rcpt_meta_left_out_of_links``:
+    metadata longer than ``max_metadata_len``, carried by events but not by links;
+    ``msys_api_unknown_fields``: X-MSYS-API fields the appliance does not read.
+    """
+    notes: dict[str, Any] = {}
+    ignored = context.tags_ignored if context.tags is not None else header.tags_ignored
+    if ignored:
+        notes["rcpt_tags_ignored"] = ignored
+    if context.metadata_oversized if context.metadata is not None else header.metadata_oversized:
+        notes["rcpt_meta_left_out_of_links"] = True
+    if header.unknown_fields:
+        notes["msys_api_unknown_fields"] = list(header.unknown_fields)
+    return notes

@@ -72,8 +72,10 @@ def run_synchronously(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer
 #   2: "tracking" is always a whole ``Tracking.to_json`` record.
 #   3: the envelope follows the message in one file (``active/<id>``, journal in
 #      ``journal/<id>``); "announce" holds the events owed since the 250.
-#   4: "tracking" may carry transactional, list_unsubscribe and list_unsubscribe_mailto
-#      (an envelope of 3 or less has none: its copies are made as they were).
+#   4: "subject" and "friendly_from" for the events of every copy; recipients'
+#      "tracking" may hold "metadata_in_links", "transactional", "list_unsubscribe" and
+#      "list_unsubscribe_mailto" (an envelope of 3 or less has none: its copies are made
+#      as they were).
 ENVELOPE_SCHEMA = 4
 
 # After a schema-3 entry's envelope: b"\nenvelope " + its length in 10 digits + b"\n".
@@ -121,6 +123,9 @@ class Envelope:
     auth_user: str | None = None
     listener: str = ""
     message_size: int = 0
+    # What the message's header says, for the events of its copies (``appliance.eventtypes``).
+    subject: str = ""
+    friendly_from: str = ""
     # The events owed once the 250 is sent (``appliance.injection``): their pre-assigned
     # event_ids and what they say. None for a message with nothing owed, or from before.
     announce: dict[str, Any] | None = None
@@ -143,6 +148,9 @@ class Envelope:
         if not isinstance(schema, int) or schema > ENVELOPE_SCHEMA:
             raise NewerEnvelope(f"envelope schema {schema!r}; this version reads up to {ENVELOPE_SCHEMA}")
         raw["recipients"] = [Recipient.from_json(r) for r in raw["recipients"]]
+        if schema < 4:  # schema 3 kept the subject and sender only with the events owed
+            owed = raw.get("announce") or {}
+            raw.update(subject=owed.get("subject", ""), friendly_from=owed.get("friendly_from", ""))
         return cls(**raw)
 
 

@@ -162,6 +162,7 @@ class OutcomeTests(DeliveryCase):
         for event in self.written:
             self.assertEqual(event["type"], "delivery")
             self.assertEqual(event["ip_address"], "127.0.0.1")
+            self.assertEqual(event["sending_ip"], "127.0.0.1")  # our end of the connection
             self.assertEqual((event["num_retries"], event["queue_time"]), ("0", "0"))
             self.assertEqual((event["delv_method"], event["outbound_tls"]), ("esmtp", "0"))
             self.assertEqual(event["routing_domain"], "x.test")
@@ -585,7 +586,8 @@ class DnsTests(DeliveryCase):
         self.queue(["a@example.com"])
         yield self.wait_events(1)
         event = self.written[0]
-        self.assertEqual((event["type"], event["ip_address"]), ("delivery", "::1"))
+        self.assertEqual((event["type"], event["ip_address"], event["sending_ip"]),
+                         ("delivery", "::1", "::1"))
         self.assertEqual(sink.messages[0].rcpt_to, ["a@example.com"])
 
     @defer.inlineCallbacks

@@ -19,27 +19,33 @@ COMMON = ["type", "event_id", "timestamp", "node_name", "customer_id"]
 RECIPIENT = ["message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_meta",
              "rcpt_tags"]
 FAILURE = ["error_code", "reason", "raw_reason", "bounce_class"]
-OUTCOME = ["msg_from", "routing_domain", "ip_address", "queue_time", "num_retries", "delv_method",
-           "outbound_tls"]
+MESSAGE = ["subject", "friendly_from", "sending_domain", "recipient_domain", "msg_size", "injection_time",
+           "recv_method", "ip_pool", "open_tracking", "click_tracking", "initial_pixel"]
+OUTCOME = ["msg_from", "routing_domain", "ip_address", "sending_ip", "queue_time", "num_retries",
+           "delv_method", "outbound_tls", *MESSAGE]
 TRACK = ["message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_tags",
-         "ip_address", "user_agent"]
-CLICK = [*TRACK, "target_link_url", "target_link_name", "accept_language"]
+         "ip_address", "user_agent", "routing_domain", "recipient_domain", "ip_pool", "recv_method",
+         "delv_method"]
+OPEN = [*TRACK, "rcpt_meta", "open_tracking"]
+CLICK = [*TRACK, "target_link_url", "target_link_name", "accept_language", "click_tracking"]
 # A text field cut to its cap is marked ``<field>_truncated``.
 CUT = ["msg_from_truncated", "friendly_from_truncated", "subject_truncated"]
 CUT_REASON = ["reason_truncated", "raw_reason_truncated"]
 CONTRACT: dict[str, tuple[list[str], list[str]]] = {
     "injection": ([*COMMON, *RECIPIENT, "routing_domain", "msg_from", "friendly_from", "subject",
                    "msg_size", "recv_method", "injection_time", "auth_user", "open_tracking",
-                   "click_tracking"],
-                  ["tracking_skipped", "tracking_skipped_reason", "dkim_broken", *CUT]),
+                   "click_tracking", "initial_pixel", "ip_pool", "sending_domain", "recipient_domain"],
+                  ["tracking_skipped", "tracking_skipped_reason", "dkim_broken", *CUT,
+                   "rcpt_tags_ignored", "rcpt_meta_left_out_of_links", "msys_api_unknown_fields"]),
     "policy_rejection": ([*COMMON, *RECIPIENT, "routing_domain", "msg_from", "friendly_from", "subject",
-                          "remote_addr", "recv_method", *FAILURE, "injection_time"],
+                          "remote_addr", "recv_method", *FAILURE, "injection_time", "ip_pool",
+                          "sending_domain", "recipient_domain"],
                          [*CUT, "remote_addr_truncated", *CUT_REASON]),
-    "delivery": ([*COMMON, *RECIPIENT, *OUTCOME], ["msg_from_truncated"]),
-    "delay": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], ["msg_from_truncated", *CUT_REASON]),
-    "bounce": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], ["msg_from_truncated", *CUT_REASON]),
-    "open": ([*COMMON, *TRACK, "rcpt_meta"], []),
-    "initial_open": ([*COMMON, *TRACK, "rcpt_meta"], []),
+    "delivery": ([*COMMON, *RECIPIENT, *OUTCOME], CUT),
+    "delay": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], [*CUT, *CUT_REASON]),
+    "bounce": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], [*CUT, *CUT_REASON]),
+    "open": ([*COMMON, *OPEN], []),
+    "initial_open": ([*COMMON, *OPEN, "initial_pixel"], []),
     "click": ([*COMMON, *CLICK], ["rcpt_meta"]),
     "link_unsubscribe": ([*COMMON, *CLICK], ["rcpt_meta"]),
     "list_unsubscribe": ([*COMMON, *TRACK, "rcpt_meta", "routing_domain", "transactional",
@@ -59,7 +65,8 @@ def recipient(tracking: Tracking | None = TRACKING) -> Recipient:
 
 
 ENVELOPE = Envelope(TID, "sender@example.net", [recipient()], received_at=1767225600.5,
-                    client_address="192.0.2.1", auth_user=None, listener="default", message_size=1234)
+                    client_address="192.0.2.1", auth_user=None, listener="default", message_size=1234,
+                    subject="Hi", friendly_from="s@example.net")
 
 
 def link(kind: str, metadata: dict[str, Any] | None = None, unsubscribe: bool = False) -> LinkData:
@@ -97,13 +104,26 @@ class ContractTests(SynchronousTestCase):
             "rcpt_meta": {"plan": "gold"}, "rcpt_tags": ["a", "b"],
             "routing_domain": "example.test", "msg_from": "sender@example.net",
             "friendly_from": "s@example.net", "subject": "Hi", "msg_size": "1234", "recv_method": "esmtp",
-            "injection_time": "2026-01-01T00:00:00.500+00:00", "auth_user": None,
-            "open_tracking": True, "click_tracking": False,
+            "injection_time": "2026-01-01T00:00:00.500Z", "auth_user": None,
+            "open_tracking": True, "click_tracking": False, "initial_pixel": True, "ip_pool": "default",
+            "sending_domain": "example.net", "recipient_domain": "example.test",
         })
-        noted = self.made(et.injection_event(ENVELOPE, ENVELOPE.recipients[0], "", "", ["a", "b"], True))
-        self.assertCarries(noted, ["tracking_skipped", "tracking_skipped_reason", "dkim_broken"])
+        limits = {"rcpt_tags_ignored": 2, "rcpt_meta_left_out_of_links": True,
+                  "msys_api_unknown_fields": ["campain_id"]}
+        noted = self.made(et.injection_event(ENVELOPE, ENVELOPE.recipients[0], "", "", ["a", "b"], True,
+                                             limits))
+        self.assertCarries(noted, ["tracking_skipped", "tracking_skipped_reason", "dkim_broken", *limits])
         self.assertEqual((noted["tracking_skipped"], noted["tracking_skipped_reason"], noted["dkim_broken"]),
                          (True, "a; b", True))
+        self.assertEqual({k: noted[k] for k in limits}, limits)
+        # No initial pixel without open tracking, whatever initial_open says.
+        closed = recipient(Tracking(open_tracking=False, initial_open=True))
+        self.assertFalse(self.made(et.injection_event(ENVELOPE, closed, "", ""))["initial_pixel"])
+
+    def test_injection_time_is_written_as_sparkpost_writes_it(self) -> None:
+        self.assertEqual(et.iso_time(1460989507.0), "2016-04-18T14:25:07.000Z")
+        self.assertEqual(et.iso_time(1460989507.999), "2016-04-18T14:25:07.999Z")
+        self.assertEqual(et.iso_time(0), "1970-01-01T00:00:00.000Z")
 
     def test_policy_rejection_of_a_recipient_never_resolved(self) -> None:
         event = self.made(et.policy_rejection_event(recipient(None), "sender@example.net", "s@example.net",
@@ -116,19 +136,24 @@ class ContractTests(SynchronousTestCase):
             "friendly_from": "s@example.net", "subject": "Hi", "remote_addr": "192.0.2.1",
             "recv_method": "esmtp", "error_code": "550", "reason": "550 5.7.1 No",
             "raw_reason": "550 5.7.1 No", "bounce_class": "50",
-            "injection_time": "2026-01-01T00:00:00.500+00:00",
+            "injection_time": "2026-01-01T00:00:00.500Z", "ip_pool": "default",
+            "sending_domain": "example.net", "recipient_domain": "example.test",
         })
 
     def test_delivery_delay_bounce(self) -> None:
         rcpt = ENVELOPE.recipients[0]
-        delivered = self.made(et.delivery_event(ENVELOPE, rcpt, reply_outcome(250, "2.0.0 Ok", "198.51.100.7",
-                                                                              tls=True),
-                                                "example.test", 1.25, 1))
+        sent = reply_outcome(250, "2.0.0 Ok", "198.51.100.7", tls=True, sending_ip="192.0.2.25")
+        delivered = self.made(et.delivery_event(ENVELOPE, rcpt, sent, "example.test", 1.25, 1))
         self.assertCarries(delivered, [])
         self.assertEqual({k: delivered[k] for k in OUTCOME},
                          {"msg_from": "sender@example.net", "routing_domain": "example.test",
-                          "ip_address": "198.51.100.7", "queue_time": "1250", "num_retries": "0",
-                          "delv_method": "esmtp", "outbound_tls": "1"})
+                          "ip_address": "198.51.100.7", "sending_ip": "192.0.2.25", "queue_time": "1250",
+                          "num_retries": "0", "delv_method": "esmtp", "outbound_tls": "1",
+                          "subject": "Hi", "friendly_from": "s@example.net", "sending_domain": "example.net",
+                          "recipient_domain": "example.test", "msg_size": "1234",
+                          "injection_time": "2026-01-01T00:00:00.500Z", "recv_method": "esmtp",
+                          "ip_pool": "default", "open_tracking": True, "click_tracking": False,
+                          "initial_pixel": True})
         delayed = self.made(et.delivery_event(ENVELOPE, rcpt, internal(421, "4.4.1", "no answer"),
                                               "example.test", 300, 2))
         self.assertCarries(delayed, [])
@@ -149,18 +174,21 @@ class ContractTests(SynchronousTestCase):
         for kind in ("open", "initial_open"):
             event = self.made(et.open_event(link(kind), "203.0.113.5", "Mail/1.0"))
             self.assertCarries(event, [])
-            self.assertEqual({k: event[k] for k in [*TRACK, "rcpt_meta"]}, {
+            self.assertEqual({k: event[k] for k in OPEN}, {
                 "message_id": "00ab", "transmission_id": TID, "campaign_id": "spring",
                 "rcpt_to": "ann@example.test", "raw_rcpt_to": "Ann@Example.TEST", "rcpt_tags": ["a", "b"],
-                "ip_address": "203.0.113.5", "user_agent": "Mail/1.0", "rcpt_meta": {}})
+                "ip_address": "203.0.113.5", "user_agent": "Mail/1.0", "rcpt_meta": {},
+                "routing_domain": "example.test", "recipient_domain": "example.test", "ip_pool": "default",
+                "recv_method": "esmtp", "delv_method": "esmtp", "open_tracking": True})
+            self.assertEqual(event.get("initial_pixel"), True if kind == "initial_open" else None)
         self.assertEqual(self.made(et.open_event(link("open", {"k": 1}), "", ""))["rcpt_meta"], {"k": 1})
 
     def test_clicks_carry_metadata_only_when_the_link_does(self) -> None:
         [click] = [self.made(d) for d in et.click_events(link("click"), "203.0.113.5", "UA", "de")]
         self.assertCarries(click, [])
-        self.assertEqual({k: click[k] for k in CLICK[-3:]},
+        self.assertEqual({k: click[k] for k in CLICK[-4:]},
                          {"target_link_url": "https://example.net/x", "target_link_name": "cta",
-                          "accept_language": "de"})
+                          "accept_language": "de", "click_tracking": True})
         drafts = et.click_events(link("click", {"k": 1}, unsubscribe=True), "", "", "")
         click, unsubscribe = [self.made(d) for d in drafts]
         self.assertEqual((click["type"], unsubscribe["type"]), ("click", "link_unsubscribe"))
@@ -207,6 +235,17 @@ class CapTests(SynchronousTestCase):
         self.assertEqual((len(whole["friendly_from"]), whole["subject"]), (998, "ü" * 499))
         self.assertNotIn("subject_truncated", whole)
         self.assertNotIn("friendly_from_truncated", whole)
+
+    def test_delivery_subject_and_sender_from_the_envelope(self) -> None:
+        """The envelope keeps one byte past the cap (``Injector``): enough to mark the cut."""
+        for subject, cut in (("s" * 998, False), ("s" * 999, True)):
+            envelope = Envelope(TID, "a@example.net", [recipient()], received_at=0.0, subject=subject,
+                                friendly_from="f" * len(subject))
+            event = self.made(et.delivery_event(envelope, envelope.recipients[0], reply_outcome(250, "ok"),
+                                                "example.test", 0, 1))
+            self.assertEqual((event["subject"], event["friendly_from"]), ("s" * 998, "f" * 998))
+            self.assertEqual((event.get("subject_truncated"), event.get("friendly_from_truncated")),
+                             (True, True) if cut else (None, None))
 
     def test_policy_rejection_reason_and_address(self) -> None:
         event = self.made(et.policy_rejection_event(recipient(None), "a@example.net", "", "s" * 5000,

@@ -55,6 +55,8 @@ def header_blocks(draw: Any) -> bytes:
 class _SpoolWriter:
     """What a transaction writes its text to; only the header matters here."""
 
+    transmission_id = "1"
+
     def __init__(self) -> None:
         self.written: list[bytes] = []
 

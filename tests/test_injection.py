@@ -221,6 +221,16 @@ class HeaderTextTests(SynchronousTestCase):
 
 
 class EventTextTests(InjectorCase):
+    def test_the_envelope_keeps_a_long_subject_cut_just_past_the_cap(self) -> None:
+        subject = b"\r\n ".join([b"x" * 500] * 5)  # folded: 2,504 bytes unfolded
+        message = b"From: <sender@example.net>\r\nSubject: " + subject + b"\r\n\r\nb\r\n"
+        _, d = self.send(self.injector(), message)
+        self.assertEqual(self.successResultOf(d)[0], 250)
+        [queued] = self.queue.queued
+        self.assertEqual(len(queued.envelope.subject.encode()), 999)
+        [event] = self.events_written()
+        self.assertEqual((len(event["subject"]), event["subject_truncated"]), (998, True))
+
     def test_injection_event_carries_decoded_text(self) -> None:
         message = "From: J\u00fcrgen <j@example.net>\r\nSubject: Caf\u00e9\r\n\r\nbody\r\n".encode()
         _, d = self.send(self.injector(), message)
@@ -349,3 +359,149 @@ class OwedEventsRecoveryTests(InjectorCase):
         [queued], _ = self.restart()
         self.assertEqual(len(self.events_written()), 2)  # found in the log's tail
         self.assertEqual(self.restart()[0][0].announced, True)
+
+
+class HeaderHygieneTests(InjectorCase):
+    """A message without Date or Message-ID gets them at injection, as Postfix's cleanup adds them."""
+
+    DATE = b"Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n"  # 1_700_000_000, the injector's clock
+
+    def stored_message(self) -> bytes:
+        [queued] = self.queue.queued
+        return self.spool.read_message(queued)
+
+    def received_and_rest(self, stored: bytes) -> tuple[bytes, bytes]:
+        """Our trace header (it is first, and folded over two or three lines), and what follows it."""
+        end = stored.index(b"\r\n", stored.index(b"; ")) + 2
+        return stored[:end], stored[end:]
+
+    def test_both_added_after_the_trace_header(self) -> None:
+        transaction, d = self.send(self.injector(), MESSAGE, (b"a@example.test", b"b@example.test"))
+        self.assertEqual(self.successResultOf(d)[0], 250)
+        received, rest = self.received_and_rest(self.stored_message())
+        self.assertTrue(received.startswith(b"Received: from client.test"))
+        message_id = b"Message-ID: <20231114221320.%s@mx.test>\r\n" % transaction.transmission_id.encode()
+        self.assertEqual(rest, self.DATE + message_id + MESSAGE)
+        # The size the events report is the size stored, added fields and all.
+        [queued] = self.queue.queued
+        self.assertEqual(queued.envelope.message_size, len(self.stored_message()))
+        self.assertEqual([e["msg_size"] for e in self.events_written()],
+                         [str(queued.envelope.message_size)] * 2)
+
+    def test_the_date_is_rfc_5322s_in_utc(self) -> None:
+        """Formatted by hand for speed: the same text the email package gives, second by second."""
+        import email.utils
+        from datetime import UTC, datetime
+
+        from appliance.injection import missing_fields
+        for ts in (0, 951782400, 1_700_000_000, 1_700_000_000.9, 1_700_000_001, 4102444799):
+            expected = email.utils.format_datetime(datetime.fromtimestamp(int(ts), UTC))
+            self.assertEqual(missing_fields({"message-id"}, ts, "1", "h"), f"Date: {expected}\r\n".encode())
+        self.assertEqual(missing_fields({"date"}, 951782400.5, "77", "mx.test"),
+                         b"Message-ID: <20000229000000.77@mx.test>\r\n")
+        self.assertEqual(missing_fields({"date", "message-id"}, 0, "1", "h"), b"")
+
+    def test_a_message_with_both_is_stored_byte_for_byte(self) -> None:
+        for fields in (b"Date: Mon, 1 Jan 2024 00:00:00 +0100\r\nMessage-ID: <x@y>\r\n",
+                       b"DATE:whenever\r\nmessage-id:\r\n <folded@y>\r\n"):
+            self.queue.queued.clear()
+            message = fields + MESSAGE
+            _, d = self.send(self.injector(), message)
+            self.assertEqual(self.successResultOf(d)[0], 250)
+            self.assertEqual(self.received_and_rest(self.stored_message())[1], message)
+
+    def test_only_the_missing_one(self) -> None:
+        message = b"Message-Id: <kept@example.net>\r\n" + MESSAGE
+        _, d = self.send(self.injector(), message)
+        self.successResultOf(d)
+        self.assertEqual(self.received_and_rest(self.stored_message())[1], self.DATE + message)
+        self.queue.queued.clear()
+        dated = b"Date: Mon, 1 Jan 2024 00:00:00 +0100\r\n" + MESSAGE
+        transaction, d = self.send(self.injector(), dated)
+        self.successResultOf(d)
+        rest = self.received_and_rest(self.stored_message())[1]
+        self.assertEqual(rest, b"Message-ID: <20231114221320.%s@mx.test>\r\n%s"
+                         % (transaction.transmission_id.encode(), dated))
+
+    def test_the_same_in_any_pieces(self) -> None:
+        """As the network gives it: the header's end can fall in any piece, or a field be cut in two."""
+        whole = None
+        for size in (1, 3, 17, len(MESSAGE)):
+            self.queue.queued.clear()
+            transaction = self.injector().begin(self.session(), smtp.Address(b"sender@example.net"),
+                                                [smtp.Address(b"a@example.test")])
+            for i in range(0, len(MESSAGE), size):
+                transaction.write(MESSAGE[i:i + size])
+            self.successResultOf(self.injector().finish(transaction))
+            rest = self.received_and_rest(self.stored_message())[1]
+            rest = rest.replace(transaction.transmission_id.encode(), b"TID")
+            whole = whole or rest
+            self.assertEqual(rest, whole, size)
+        self.assertTrue(whole is not None and whole.endswith(MESSAGE))
+
+    def test_a_header_without_its_end(self) -> None:
+        """The message ends inside its header: the fields still go after the trace header."""
+        _, d = self.send(self.injector(), b"Subject: only a header")
+        self.successResultOf(d)
+        rest = self.received_and_rest(self.stored_message())[1]
+        self.assertTrue(rest.startswith(self.DATE + b"Message-ID: <"))
+        self.assertTrue(rest.endswith(b"\r\nSubject: only a header"))
+
+    def test_a_header_past_the_limit_is_not_added_to(self) -> None:
+        """Past MAX_HEADER_BYTES a Date may still follow unread: adding one could make two."""
+        from appliance.injection import MAX_HEADER_BYTES
+        filler = b"".join(b"X-Filler-%07d: %s\r\n" % (i, b"f" * 80) for i in range(MAX_HEADER_BYTES // 90))
+        message = filler + b"Date: late\r\n" + MESSAGE
+        _, d = self.send(self.injector(), message)
+        self.successResultOf(d)
+        self.assertEqual(self.received_and_rest(self.stored_message())[1], message)
+
+    def test_refused_message_leaves_nothing(self) -> None:
+        _, d = self.send(self.injector(), b'X-MSYS-API: {"tags":"x"}\r\n' + MESSAGE)
+        self.assertEqual(self.successResultOf(d)[0], 550)
+        self.assertEqual(self.stored(), ([], []))
+        self.assertEqual(self.queue.queued, [])
+
+
+class LimitTests(InjectorCase):
+    """Momentum's limits leave out what is over them and the injection event says so; bad values refuse."""
+
+    def test_what_was_left_out_is_named_in_the_injection_event(self) -> None:
+        tags = [f"t{i}" for i in range(12)]
+        api = json.dumps({"campain_id": "typo", "tags": tags, "metadata": {"k": "v" * 2000},
+                          "options": {"open_tracking": True, "sandbox": True}})
+        _, d = self.send(self.injector(), f"X-MSYS-API: {api}\r\n".encode() + MESSAGE,
+                         (b"a@example.test", b"b@example.test"))
+        self.assertEqual(self.successResultOf(d)[0], 250)
+        events = self.events_written()
+        self.assertEqual(len(events), 2)
+        for event in events:
+            self.assertEqual(event["rcpt_tags"], tags[:10])
+            self.assertEqual(event["rcpt_tags_ignored"], 2)
+            self.assertEqual(event["rcpt_meta"], {"k": "v" * 2000})  # events carry it; links do not
+            self.assertIs(event["rcpt_meta_left_out_of_links"], True)
+            self.assertEqual(event["msys_api_unknown_fields"], ["campain_id", "options.sandbox"])
+        [queued] = self.queue.queued
+        for rcpt in queued.envelope.recipients:
+            self.assertEqual((rcpt.tracking.metadata_in_links, rcpt.tracking.include_metadata),
+                             (False, False))
+
+    def test_nothing_left_out_says_nothing(self) -> None:
+        _, d = self.send(self.injector(), b'X-MSYS-API: {"tags":["a"],"metadata":{"k":1}}\r\n' + MESSAGE)
+        self.successResultOf(d)
+        [event] = self.events_written()
+        for name in ("rcpt_tags_ignored", "rcpt_meta_left_out_of_links", "msys_api_unknown_fields"):
+            self.assertNotIn(name, event)
+
+    def test_values_that_cannot_be_carried_are_refused_naming_the_field(self) -> None:
+        for api, text in ((b'{"metadata":{"n":1e999}}',
+                           b"5.6.0 X-MSYS-API 'metadata' must not contain a number out of range "
+                           b"(it would be Infinity)"),
+                          (b'{"tags":[1]}', b"5.6.0 X-MSYS-API 'tags' must be an array of strings"),
+                          (b'{"options":{"initial_open":"yes"}}',
+                           b"5.6.0 X-MSYS-API 'options.initial_open' must be of type 'boolean'")):
+            _, d = self.send(self.injector(), b"X-MSYS-API: " + api + b"\r\n" + MESSAGE)
+            self.assertEqual(self.successResultOf(d), (550, text))
+            self.assertEqual(self.stored(), ([], []))
+        self.assertEqual(self.queue.queued, [])
+        self.assertEqual({e["type"] for e in self.events_written()}, {"policy_rejection"})

@@ -6,6 +6,7 @@ log and the tracker, each step finished before the next is checked.
 from __future__ import annotations
 
 import os
+import re
 
 from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase
@@ -50,9 +51,13 @@ class EndToEndTests(SynchronousTestCase):
         for copy in received:
             self.assertEqual(copy.mail_from, "sender@example.net")
             self.assertEqual(len(copy.rcpt_to), 1)
-            # One trace header is added; the rest is byte for byte what was sent.
+            # A trace header is added, and the Date the message lacks (it has a Message-ID);
+            # the rest is byte for byte what was sent.
             self.assertTrue(copy.data.startswith(b"Received: from "))
             self.assertTrue(copy.data.endswith(MESSAGE), copy.data)
+            self.assertEqual(copy.data.count(b"Message-ID:"), 1)
+        dates = {re.search(rb"\r\nDate: [^\r]+ \+0000\r\nFrom: ", copy.data).group(0) for copy in received}
+        self.assertEqual(len(dates), 1, dates)  # every copy carries the same one
         events = self.running.events()
         by_type: dict[str, list[dict]] = {}
         for e in events:

@@ -18,6 +18,7 @@ from appliance.settings import (
     PolicyValueError,
     Tracking,
     header_values,
+    limit_notes,
     parse_context,
     parse_msys_api,
     resolve,
@@ -74,10 +75,31 @@ class MsysApiTests(SynchronousTestCase):
         self.refused(b"X-MSYS-API: =?x-no-such-charset?B?e30=?=\r\n",
                      "X-MSYS-API has an encoded word that cannot be decoded")
 
-    def test_unknown_fields_and_options_ignored(self) -> None:
-        api = parse(b'X-MSYS-API: {"transactional":true,"ip_pool":"x","options":'
+    def test_unknown_fields_and_options_ignored_and_named(self) -> None:
+        api = parse(b'X-MSYS-API: {"transactional":true,"campain_id":"x","options":'
                     b'{"transactional":true,"sandbox":1,"open_tracking":true}}\r\n')
-        self.assertEqual(api, MsysApi(open_tracking=True, transactional=True))
+        # options.transactional is read (one-click unsubscribe, suppression scopes); a
+        # top-level "transactional" is not SparkPost's, and is named.
+        self.assertEqual(api, MsysApi(open_tracking=True, transactional=True, unknown_fields=(
+            "transactional", "campain_id", "options.sandbox")))
+        self.assertEqual(limit_notes(api, ContextSettings()), {"msys_api_unknown_fields": [
+            "transactional", "campain_id", "options.sandbox"]})
+        self.assertEqual(limit_notes(parse(b'X-MSYS-API: {"campaign_id":"c"}\r\n'), ContextSettings()),
+                         {})
+
+    def test_initial_open_option(self) -> None:
+        for value, expected in ((b"true", True), (b"false", False)):
+            api = parse(b'X-MSYS-API: {"options":{"initial_open":' + value + b"}}\r\n")
+            self.assertEqual((api.initial_open, api.unknown_fields), (expected, ()))
+            # The header beats the listener's configuration, either way.
+            for configured in (False, True):
+                config = SmtpapiConfig(initial_open=configured)
+                got = resolve(config, TRACKER, api, ContextSettings(), 0)
+                self.assertEqual(got.initial_open, expected)
+                self.assertEqual(resolve(config, TRACKER, MsysApi(), ContextSettings(), 0).initial_open,
+                                 configured)
+        self.refused(b'X-MSYS-API: {"options":{"initial_open":"no"}}\r\n',
+                     "X-MSYS-API 'options.initial_open' must be of type 'boolean'")
 
     def test_every_type_rule(self) -> None:
         cases = {
@@ -110,11 +132,20 @@ class MsysApiTests(SynchronousTestCase):
                      "X-MSYS-API 'campaign_id' must not be longer than 64 bytes")
 
     def test_metadata_limit(self) -> None:
+        """Longer than max_metadata_len, metadata is kept for events but left out of links."""
         meta = b'{"k":"' + b"v" * 22 + b'"}'  # 30 bytes of compact JSON
-        self.assertEqual(parse(b'X-MSYS-API: {"metadata": ' + meta + b"}\r\n", 30).metadata,
-                         {"k": "v" * 22})
-        self.refused(b'X-MSYS-API: {"metadata":' + meta + b"}\r\n",
-                     "X-MSYS-API 'metadata' must not be longer than 29 bytes", 29)
+        fits = parse(b'X-MSYS-API: {"metadata": ' + meta + b"}\r\n", 30)
+        self.assertEqual((fits.metadata, fits.metadata_oversized), ({"k": "v" * 22}, False))
+        over = parse(b'X-MSYS-API: {"metadata":' + meta + b"}\r\n", 29)
+        self.assertEqual((over.metadata, over.metadata_oversized), ({"k": "v" * 22}, True))
+        tracking = resolve(CONFIG, TRACKER, over, ContextSettings(), 0)
+        self.assertEqual((tracking.metadata, tracking.metadata_in_links, tracking.include_metadata),
+                         ({"k": "v" * 22}, False, False))
+        self.assertEqual(limit_notes(over, ContextSettings()), {"rcpt_meta_left_out_of_links": True})
+        # A policy's metadata that fits replaces the header's, and rides in links again.
+        policy = ContextSettings(metadata={"p": 1})
+        self.assertTrue(resolve(CONFIG, TRACKER, over, policy, 0).metadata_in_links)
+        self.assertEqual(limit_notes(over, policy), {})
 
     def test_cr_lf_in_any_string(self) -> None:
         for value, name in ((b'{"campaign_id":"a\\r\\nBcc: x"}', "campaign_id"),
@@ -164,9 +195,13 @@ class MsysApiTests(SynchronousTestCase):
         self.assertEqual(parse(raw).tags, tuple(tags[:10]))
 
     def test_more_than_ten_tags(self) -> None:
+        """Momentum: tags beyond ten "are ignored"; the injection event says how many."""
         tags = [f"t{i}" for i in range(14)]
         raw = ('X-MSYS-API: {"tags":[' + ",".join(f'"{t}"' for t in tags) + "]}\r\n").encode()
-        self.assertEqual(parse(raw).tags, tuple(tags[:10]))
+        api = parse(raw)
+        self.assertEqual((api.tags, api.tags_ignored), (tuple(tags[:10]), 4))
+        self.assertEqual(limit_notes(api, ContextSettings()), {"rcpt_tags_ignored": 4})
+        self.assertEqual(parse(b'X-MSYS-API: {"tags":["a"]}\r\n').tags_ignored, 0)
 
     def test_twice(self) -> None:
         self.refused(b'X-MSYS-API: {}\r\nX-MSYS-API: {"campaign_id":"x"}\r\n',
@@ -191,7 +226,6 @@ class ContextTests(SynchronousTestCase):
         for name, value in (("smtpapi_open_tracking", "yes"), ("smtpapi_click_tracking", 1),
                             ("smtpapi_campaign_id", "x" * 65), ("smtpapi_campaign_id", "a\nb"),
                             ("smtpapi_metadata", "[1]"), ("smtpapi_metadata", "{"),
-                            ("smtpapi_metadata", '{"k":"' + "v" * 200 + '"}'),
                             ("smtpapi_tags", '{"a":1}'), ("smtpapi_tags", "[1]"),
                             ("smtpapi_tags", '["' + "x" * 65 + '"]'),
                             ("smtpapi_tags", '["\\ud800"]'), ("smtpapi_metadata", '{"\\udc00":1}'),
@@ -207,9 +241,16 @@ class ContextTests(SynchronousTestCase):
             self.assertIn(name, str(e))
 
     def test_more_than_ten_tags(self) -> None:
-        tags = parse_context({"smtpapi_tags": str([f"t{i}" for i in range(12)]).replace("'", '"')},
-                             100).tags
-        self.assertEqual(tags, tuple(f"t{i}" for i in range(10)))
+        context = parse_context({"smtpapi_tags": str([f"t{i}" for i in range(12)]).replace("'", '"')}, 100)
+        self.assertEqual((context.tags, context.tags_ignored), (tuple(f"t{i}" for i in range(10)), 2))
+        self.assertEqual(limit_notes(MsysApi(tags=("h",) * 10, tags_ignored=5), context),
+                         {"rcpt_tags_ignored": 2})
+
+    def test_long_metadata_is_left_out_of_links(self) -> None:
+        context = parse_context({"smtpapi_metadata": '{"k":"' + "v" * 200 + '"}'}, 100)
+        self.assertEqual((len(context.metadata["k"]), context.metadata_oversized), (200, True))
+        self.assertFalse(resolve(CONFIG, TRACKER, MsysApi(), context, 0).metadata_in_links)
+        self.assertEqual(limit_notes(MsysApi(), context), {"rcpt_meta_left_out_of_links": True})
 
 
 CONFIG = SmtpapiConfig(open_tracking_enabled=False, click_tracking_enabled=True,

@@ -275,6 +275,20 @@ class EnvelopeSchemaTests(SynchronousTestCase):
         [rcpt] = Envelope.from_json(json.dumps(raw).encode()).recipients
         self.assertEqual(rcpt.tracking, Tracking())
 
+    def test_schema_3_subject_and_sender_come_from_the_events_owed(self) -> None:
+        """Entries queued before schema 4 still give their delivery events the subject and sender."""
+        raw = {"schema": 3, "transmission_id": "1", "mail_from": "a@b.test", "received_at": 1.0,
+               "recipients": [], "announce": {"subject": "Hi", "friendly_from": "f@b.test", "injection": [],
+                                              "rejected": [], "prepare": False}}
+        envelope = Envelope.from_json(json.dumps(raw).encode())
+        self.assertEqual((envelope.subject, envelope.friendly_from), ("Hi", "f@b.test"))
+        del raw["announce"]
+        envelope = Envelope.from_json(json.dumps(raw).encode())
+        self.assertEqual((envelope.subject, envelope.friendly_from), ("", ""))
+        # Schema 4 has them itself, and writes them back as they are.
+        written = Envelope("1", "a@b.test", [], 1.0, subject="S", friendly_from="f@b.test")
+        self.assertEqual(Envelope.from_json(written.to_json()), written)
+
     def test_newer_schema_is_left_in_place(self) -> None:
         """A downgrade must neither deliver an envelope it cannot read nor call it corrupt."""
         path = self.install("spool-e4ad139", "1234567890123")

@@ -152,6 +152,9 @@ class TrackerEventTests(SynchronousTestCase):
                 "raw_rcpt_to": "Someone@Example.COM", "rcpt_tags": ["news", "spring"],
                 "rcpt_meta": {"user": "42", "plan": "gold"},
                 "ip_address": "198.51.100.7", "user_agent": UA,
+                "routing_domain": "example.com", "recipient_domain": "example.com", "ip_pool": "default",
+                "recv_method": "esmtp", "delv_method": "esmtp",
+                "open_tracking": True, **({"initial_pixel": True} if kind == "initial_open" else {}),
             })
         [event] = self.tracker.events_for(link("open", metadata=None), self.client)
         self.assertEqual(event["rcpt_meta"], {})

@@ -90,7 +90,7 @@ class HeaderTests(TrackingTestCase):
             event = injections[rcpt]
             for d in links:
                 self.assertEqual((d.message_id, d.rcpt_to, d.campaign_id, d.tags, d.metadata),
-                                 (event["message_id"], rcpt.lower(), "spring", ("a", "b"), {"user": "42"}))
+                                 (event["message_id"], rcpt, "spring", ("a", "b"), {"user": "42"}))
             self.assertEqual(sorted(d.target for d in links if d.kind == "click"),
                              ["https://shop.example/p?id=1&x=2#top", "https://shop.example/t"])
             self.assertIn(b'href="mailto:s@example.net"', data)
@@ -103,6 +103,62 @@ class HeaderTests(TrackingTestCase):
         for delivery in self.events("delivery"):
             self.assertEqual((delivery["campaign_id"], delivery["rcpt_meta"], delivery["rcpt_tags"]),
                              ("spring", {"user": "42"}, ["a", "b"]))
+
+    def test_initial_open_option_per_message(self) -> None:
+        """options.initial_open turns the top pixel off (or on) for this message only."""
+        off = json.dumps({"options": {"open_tracking": True, "click_tracking": False, "initial_open": False}})
+        send(self.running, ["a@example.test"], message(off))
+        send(self.running, ["b@example.test"], message(off.replace("false}", "true}")))
+        kinds = {c.rcpt_to[0]: sorted(d.kind for d in self.tokens(c.data))
+                 for c in self.running.sink.messages}
+        self.assertEqual(kinds, {"a@example.test": ["open"], "b@example.test": ["initial_open", "open"]})
+        pixels = {e["rcpt_to"]: e["initial_pixel"] for e in self.events("injection")}
+        self.assertEqual(pixels, {"a@example.test": False, "b@example.test": True})
+        self.assertEqual({e["rcpt_to"]: e["initial_pixel"] for e in self.events("delivery")}, pixels)
+
+    def test_long_metadata_stays_out_of_links(self) -> None:
+        metadata = {k: "v" * 800 for k in "abc"}  # 2.4 kB, over max_metadata_len's 1000 bytes
+        # Folded between its members, so each line stays under SMTP's 1000 octets.
+        api = '{"options": {"open_tracking": true, "click_tracking": true}, "metadata": {' + ",\r\n ".join(
+            f'"{k}": "{v}"' for k, v in metadata.items()) + "}}"
+        send(self.running, ["a@example.test"], message(api))
+        [copy] = self.running.sink.messages
+        links = self.tokens(copy.data)
+        self.assertEqual(sorted(d.kind for d in links), ["click", "click", "initial_open", "open"])
+        self.assertEqual({repr(d.metadata) for d in links}, {"None"})
+        [event] = self.events("injection")
+        self.assertEqual((event["rcpt_meta"], event["rcpt_meta_left_out_of_links"]), (metadata, True))
+        [delivery] = self.events("delivery")
+        self.assertEqual(delivery["rcpt_meta"], metadata)
+
+    def test_delivery_events_carry_the_message(self) -> None:
+        send(self.running, ["Ann@Example.test"], message(TRACK_ALL))
+        [injection] = self.events("injection")
+        [delivery] = self.events("delivery")
+        for name in ("subject", "friendly_from", "msg_from", "msg_size", "injection_time", "routing_domain",
+                     "ip_pool", "open_tracking", "click_tracking", "initial_pixel", "recv_method",
+                     "sending_domain", "recipient_domain", "raw_rcpt_to", "rcpt_to"):
+            self.assertEqual(delivery[name], injection[name], name)
+        self.assertEqual((delivery["subject"], delivery["friendly_from"], delivery["raw_rcpt_to"]),
+                         ("Tracked", "s@example.net", "Ann@Example.test"))
+        self.assertRegex(delivery["injection_time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertIsInstance(delivery["sending_ip"], str)
+
+    def test_engagement_events_keep_the_case_it_was_injected_with(self) -> None:
+        send(self.running, ["Ann@Example.ORG"], message(TRACK_ALL))
+        [copy] = self.running.sink.messages
+        data = copy.data.replace(b"=\r\n", b"")
+        [pixel] = re.findall(rb"/q/([A-Za-z0-9_-]+)", data)[:1]
+        click = re.findall(rb"/f/[^/]+/([A-Za-z0-9_-]+)", data)[0]
+        for path in (b"/q/" + pixel, b"/f/a/" + click):
+            status, _headers, _body = self.running.get(path.decode())
+            self.assertIn(status, (200, 302))
+        engaged = [e for e in self.running.events() if e["type"] in ("open", "initial_open", "click")]
+        self.assertEqual(len(engaged), 2)
+        for event in engaged:
+            self.assertEqual((event["raw_rcpt_to"], event["rcpt_to"]), ("Ann@Example.ORG", "ann@example.org"))
+            self.assertEqual((event["routing_domain"], event["recipient_domain"]),
+                             ("example.org", "example.org"))
 
     def test_bad_header_refuses_the_message(self) -> None:
         code, text = send_expecting_refusal(self.running, ["a@example.test", "b@example.org"],

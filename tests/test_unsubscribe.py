@@ -295,7 +295,8 @@ class RouteTests(unittest.TestCase):
             "message_id": "00ab", "transmission_id": "4711", "campaign_id": "spring",
             "rcpt_to": "ann@example.test", "raw_rcpt_to": "Ann@Example.TEST", "rcpt_tags": ["news"],
             "rcpt_meta": {"plan": "gold"}, "ip_address": "127.0.0.1", "user_agent": "MailClient/1.0",
-            "routing_domain": "example.test", "transactional": "0", "delv_method": "esmtp"})
+            "routing_domain": "example.test", "recipient_domain": "example.test", "ip_pool": "default",
+            "recv_method": "esmtp", "transactional": "0", "delv_method": "esmtp"})
         self.assertEqual(event["timestamp"], str(NOW))
 
     @defer.inlineCallbacks

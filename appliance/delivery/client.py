@@ -325,7 +325,15 @@ class DeliveryClient(ESMTPClientAdapter):
         job, self.job = self.job, None
         if job is not None:
             text = b" ".join(resp.splitlines()).decode("utf-8", "replace")
-            self.attempt.job_done(job, reply_outcome(code, text, self.hop.address, self.tls_active()))
+            self.attempt.job_done(job, reply_outcome(code, text, self.hop.address, self.tls_active(),
+                                                     self._sending_ip()))
+
+    def _sending_ip(self) -> str:
+        """The appliance's own address on this connection (SparkPost's ``sending_ip``)."""
+        try:
+            return str(self.transport.getHost().host)
+        except AttributeError:  # a transport without addresses (tests' in-memory ones)
+            return ""
 
     def _next_transaction(self) -> None:
         self.setTimeout(self.command_timeout)

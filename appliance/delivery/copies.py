@@ -257,5 +257,5 @@ def _cost(value: Prepared | bytes) -> int:
 
 
 def _identity(transmission_id: str, recipient: Any) -> Identity:
-    return Identity(recipient.message_id, transmission_id,
-                    recipient.event_fields.get("rcpt_to", recipient.address.lower()))
+    # The address as injected: engagement events give it as raw_rcpt_to, and lower-case it for rcpt_to.
+    return Identity(recipient.message_id, transmission_id, recipient.address)

@@ -24,16 +24,18 @@ class Outcome:
     raw_reason: str = ""  # the reply as the server sent it, or our own explanation
     ip_address: str = ""  # the remote MX's address, when one was reached
     tls: bool = False  # whether the attempt ran over TLS
+    sending_ip: str = ""  # the appliance's own address on that connection, when one was made
 
     @property
     def final(self) -> bool:
         return self.kind != DELAY
 
     def with_kind(self, kind: str) -> Outcome:
-        return Outcome(kind, self.code, self.raw_reason, self.ip_address, self.tls)
+        return Outcome(kind, self.code, self.raw_reason, self.ip_address, self.tls, self.sending_ip)
 
 
-def reply_outcome(code: int, text: str, ip_address: str = "", tls: bool = False) -> Outcome:
+def reply_outcome(code: int, text: str, ip_address: str = "", tls: bool = False,
+                  sending_ip: str = "") -> Outcome:
     """A remote server's reply to a transaction: 2xx delivers, 5xx bounces, anything else delays."""
     raw = f"{code} {text}" if code else text
     if 200 <= code < 300:
@@ -42,7 +44,7 @@ def reply_outcome(code: int, text: str, ip_address: str = "", tls: bool = False)
         kind = BOUNCE
     else:
         kind = DELAY
-    return Outcome(kind, code, raw, ip_address, tls)
+    return Outcome(kind, code, raw, ip_address, tls, sending_ip)
 
 
 def internal(code: int, status: str, text: str, ip_address: str = "", tls: bool = False) -> Outcome:

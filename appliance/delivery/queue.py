@@ -336,7 +336,7 @@ class DeliveryService(Service):
         if len(hops) > 1:
             last = Outcome(DELAY, last.code, f"{last.raw_reason} (and {len(hops) - 1} other "
                            f"address(es) of {queue.destination.domain} failed too)",
-                           last.ip_address, last.tls)
+                           last.ip_address, last.tls, last.sending_ip)
         self._fail_ready(queue, last.with_kind(DELAY))
 
     def _uses_auth(self, destination: Destination) -> bool:
@@ -393,7 +393,7 @@ class DeliveryService(Service):
         if outcome.kind == DELAY and queue_time >= self.config.max_queue_lifetime:
             outcome = Outcome(BOUNCE, 554, f"554 5.4.7 [internal] message expired after "
                               f"{_duration(queue_time)} in the queue; last error: {outcome.raw_reason}",
-                              outcome.ip_address, outcome.tls)
+                              outcome.ip_address, outcome.tls, outcome.sending_ip)
         recipient = queued.envelope.recipients[index]
         kind, fields = delivery_event(queued.envelope, recipient, outcome, job.domain, queue_time,
                                       state.attempts)
@@ -432,7 +432,7 @@ def _no_plaintext_auth(outcome: Outcome | None) -> Outcome | None:
         return None
     return Outcome(outcome.kind, outcome.code, f"{outcome.raw_reason} (not tried without TLS: "
                    "the smarthost AUTH credentials are only sent over TLS)",
-                   outcome.ip_address, outcome.tls)
+                   outcome.ip_address, outcome.tls, outcome.sending_ip)
 
 
 def _duration(seconds: float) -> str:

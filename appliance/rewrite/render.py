@@ -100,7 +100,8 @@ class LinkRenderer:
     def _open_data(self, slot: int) -> LinkData:
         t, i = self.tracking, self.identity
         return LinkData("open" if slot == OPEN_SLOT else "initial_open", t.expiry, i.message_id,
-                        i.transmission_id, i.rcpt_to, t.campaign_id, t.tags, t.metadata)
+                        i.transmission_id, i.rcpt_to, t.campaign_id, t.tags,
+                        t.metadata if t.metadata_in_links else None)
 
     # Whether a URL would be too long, cheaply: a token is the unpadded base64 of a
     # version and key id byte, its body and a 16-byte tag, and its body is the compact
