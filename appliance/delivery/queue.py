@@ -23,7 +23,7 @@ spool only once its final event is written.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -35,9 +35,20 @@ from twisted.python.failure import Failure
 from appliance.config import DeliveryConfig
 from appliance.delivery.attempt import _HopAttempt
 from appliance.delivery.client import ClientFactory, DeliveryClient
+from appliance.delivery.operations import (
+    ACTIVE,
+    ADMIN_FAILURE,
+    DELETED,
+    HELD,
+    WAITING,
+    CopyView,
+    select,
+    view,
+)
 from appliance.delivery.outcome import (
     BOUNCE,
     DELAY,
+    DELIVERY,
     Outcome,
     internal,
 )
@@ -53,17 +64,23 @@ log = Logger()
 # A copy at once, or a Deferred of it while its message is read or parsed elsewhere.
 CopyRenderer = Callable[[QueuedMessage, int], bytes | defer.Deferred]
 
+# Copies given one outcome together (a destination that cannot be reached) are settled this
+# many per turn of the reactor: each writes an event and queues a journal line, and a
+# thousand at once would hold up every connection for most of a second.
+SETTLE_SLICE = 100
+
 
 class Job:
     """One recipient's copy while it is not final."""
 
-    __slots__ = ("queued", "index", "data", "destination")
+    __slots__ = ("queued", "index", "data", "destination", "deleting")
 
     def __init__(self, queued: QueuedMessage, index: int) -> None:
         self.queued = queued
         self.index = index
         self.data = b""  # the rendered copy, only while it is being sent
         self.destination: Destination | None = None
+        self.deleting = False  # an operator deleted it while it was being tried
 
     @property
     def key(self) -> tuple[str, int]:
@@ -147,6 +164,10 @@ class DeliveryService(Service):
         if config.tls_verify or config.smarthost_username:
             self._trust = trust or ssl.platformTrust()
         self._pump_call: Any = None  # a _pump() due once the current call stack has unwound
+        # Copies given one outcome together, settled SETTLE_SLICE per turn (``_fail_ready``).
+        self._failing: deque[tuple[Job, Outcome]] = deque()
+        self._fail_call: Any = None
+        self._held: dict[tuple[str, int], Job] = {}  # held copies with no attempt under way
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -172,6 +193,9 @@ class DeliveryService(Service):
         if self._pump_call is not None and self._pump_call.active():
             self._pump_call.cancel()
         self._pump_call = None
+        if self._fail_call is not None and self._fail_call.active():
+            self._fail_call.cancel()  # the copies not settled yet are tried again after a restart
+        self._fail_call = None
 
         def cut_off() -> None:
             for client in list(self._clients):
@@ -191,13 +215,22 @@ class DeliveryService(Service):
             if state.done or job.key in self._jobs:
                 continue
             self._jobs[job.key] = job
-            self._schedule(job, max(0.0, state.next_attempt - self.now()))
+            if state.held:  # a held copy waits for its release, with no timer
+                self._held[job.key] = job
+            else:
+                self._schedule(job, max(0.0, state.next_attempt - self.now()))
 
     def _schedule(self, job: Job, delay: float) -> None:
         self._timers[job.key] = self.clock.callLater(delay, self._due, job)
 
     def _due(self, job: Job) -> None:
         self._timers.pop(job.key, None)
+        if job.deleting:
+            self._settle(job, DELETED, attempted=False)
+            return
+        if job.queued.states[job.index].held:
+            self._held[job.key] = job  # held while it was being tried: it waits for its release
+            return
         problem = self.router.undeliverable(job.domain)
         if problem:  # refused at RCPT nowadays, but the spool may hold older mail
             self._settle(job, internal(550, "5.1.2", problem))
@@ -260,6 +293,116 @@ class DeliveryService(Service):
     def _pump_later(self) -> None:
         self._pump_call = None
         self._pump()
+
+    # -- what operators do (appliance.admin.queue) ---------------------------------------
+
+    @property
+    def queued_copies(self) -> int:
+        return len(self._jobs)
+
+    def full(self) -> bool:
+        """Whether ``max_queued_copies`` are queued: injection answers 452 4.3.1 until some leave."""
+        return len(self._jobs) >= self.config.max_queued_copies
+
+    def listing(self, ids: Sequence[str] = (), domain: str | None = None) -> list[CopyView]:
+        """The copies ``ids`` or ``domain`` name (all without either), oldest first."""
+        views = [view(job, self._where(job)) for job in select(self._jobs.values(), ids, domain)]
+        views.sort(key=lambda v: (v.received_at, v.transmission_id, v.recipient))
+        return views
+
+    def _where(self, job: Job) -> str:
+        if job.queued.states[job.index].held:
+            return HELD
+        return WAITING if job.key in self._timers else ACTIVE
+
+    def flush(self, ids: Sequence[str] = (), domain: str | None = None) -> list[CopyView]:
+        """Try now each named copy that waits for its next attempt; held ones stay held."""
+        jobs = select(self._jobs.values(), ids, domain)
+        for job in jobs:
+            timer = self._timers.get(job.key)
+            if timer is not None and not job.queued.states[job.index].held:
+                if timer.active():
+                    timer.cancel()
+                self._due(job)
+        return self.listing_of(jobs)
+
+    def hold(self, ids: Sequence[str] = (), domain: str | None = None) -> defer.Deferred:
+        """
+        Stop trying the named copies until released; fires with their listing once journalled.
+
+        A copy being tried when it is held finishes that attempt. Held copies keep
+        their age: one released after ``max_queue_lifetime`` bounces at its next failure.
+        """
+        jobs = select(self._jobs.values(), ids, domain)
+        changed = [job for job in jobs if not job.queued.states[job.index].held]
+        for job in changed:
+            job.queued.states[job.index].held = True
+            timer = self._timers.pop(job.key, None)
+            if timer is not None:
+                if timer.active():
+                    timer.cancel()
+                self._held[job.key] = job
+        for queue in self._queues.values():  # due ones leave their ready lists, in one pass each
+            if any(j.queued.states[j.index].held for j in queue.ready):
+                kept: deque[Job] = deque()
+                for j in queue.ready:
+                    if j.queued.states[j.index].held:
+                        self._held[j.key] = j
+                    else:
+                        kept.append(j)
+                queue.ready = kept
+        return self._journal(changed).addCallback(lambda _: self.listing_of(jobs))
+
+    def release(self, ids: Sequence[str] = (), domain: str | None = None) -> defer.Deferred:
+        """Let held copies be tried again, each at its next attempt time (now, if that has passed)."""
+        jobs = select(self._jobs.values(), ids, domain)
+        changed = [job for job in jobs if job.queued.states[job.index].held]
+        now = self.now()
+        for job in changed:
+            state = job.queued.states[job.index]
+            state.held = False
+            if self._held.pop(job.key, None) is not None and self.running:
+                self._schedule(job, max(0.0, state.next_attempt - now))
+        return self._journal(changed).addCallback(lambda _: self.listing_of(jobs))
+
+    def delete(self, ids: Sequence[str] = (), domain: str | None = None) -> defer.Deferred:
+        """
+        Bounce the named copies (``bounce_class`` 25, admin failure) and drop them from the spool.
+
+        A copy being tried is deleted when that attempt ends, unless it was delivered.
+        Fires with the listing of the copies as they were, once the deletions are journalled.
+        """
+        jobs = select(self._jobs.values(), ids, domain)
+        before = self.listing_of(jobs)
+        written = []
+        for job in jobs:
+            job.deleting = True
+            timer = self._timers.pop(job.key, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            if timer is not None or self._held.pop(job.key, None) is not None:
+                written.append(self._settle(job, DELETED, attempted=False))
+        for queue in self._queues.values():
+            if any(j.deleting for j in queue.ready):
+                due = [j for j in queue.ready if j.deleting]
+                queue.ready = deque(j for j in queue.ready if not j.deleting)
+                written.extend(self._settle(j, DELETED, attempted=False) for j in due)
+        waiting = defer.DeferredList(written, consumeErrors=True)
+        return waiting.addCallback(lambda _: before)
+
+    def listing_of(self, jobs: list[Job]) -> list[CopyView]:
+        return [view(job, self._where(job)) for job in jobs]
+
+    def _journal(self, jobs: list[Job]) -> defer.Deferred:
+        """Each changed copy's state on disk, one write per message, before the operator hears."""
+        by_message: dict[str, tuple[QueuedMessage, list[int]]] = {}
+        for job in jobs:
+            by_message.setdefault(job.queued.envelope.transmission_id, (job.queued, []))[1].append(job.index)
+        writes = [self.spool.record_states(queued, indexes) for queued, indexes in by_message.values()]
+        for d in writes:
+            self._settling.add(d)
+            d.addBoth(lambda result, d=d: (self._settling.discard(d), result)[1])
+        return defer.gatherResults(writes, consumeErrors=True)
 
     # -- what a hop attempt reports (AttemptOwner) ---------------------------------
 
@@ -356,20 +499,42 @@ class DeliveryService(Service):
         return ssl.optionsForClientTLS(hop.name, trustRoot=self._trust)
 
     def _fail_ready(self, queue: _Queue, outcome: Outcome) -> None:
-        """Give every copy waiting for ``queue`` the same outcome (the destination is down or gone)."""
-        while queue.ready:
-            self._settle(queue.ready.popleft(), outcome)
+        """
+        Give every copy waiting for ``queue`` the same outcome (the destination is down or gone).
+
+        They leave the destination's ready list at once (no new session is opened for
+        them) and are settled in slices, so the reactor serves others in between.
+        """
+        self._failing.extend((job, outcome) for job in queue.ready)
+        queue.ready.clear()
+        if self._fail_call is None:
+            self._fail_some()
+
+    def _fail_some(self) -> None:
+        self._fail_call = None
+        for _ in range(min(SETTLE_SLICE, len(self._failing))):
+            job, outcome = self._failing.popleft()
+            self._settle(job, outcome)
+        if self._failing and self.running:
+            self._fail_call = self.clock.callLater(0, self._fail_some)
 
     # -- outcomes -------------------------------------------------------------
 
     def _backoff(self, attempts: int) -> float:
         return RetrySchedule(self.config.retry_initial, self.config.retry_max).delay(attempts)
 
-    def _settle(self, job: Job, outcome: Outcome) -> None:
-        """Write the outcome's event, then journal it, then schedule the next attempt if any."""
+    def _settle(self, job: Job, outcome: Outcome, attempted: bool = True) -> defer.Deferred:
+        """
+        Write the outcome's event, then journal it, then schedule the next attempt if any.
+
+        ``attempted``: false for an operator's deletion of a copy not being tried.
+        """
         queued, index = job.queued, job.index
         state = queued.states[index]
-        state.attempts += 1
+        if job.deleting and outcome.kind != DELIVERY:
+            outcome = DELETED
+        if attempted:
+            state.attempts += 1
         now = self.now()
         queue_time = max(0.0, now - queued.envelope.received_at)
         if outcome.kind == DELAY and queue_time >= self.config.max_queue_lifetime:
@@ -378,10 +543,13 @@ class DeliveryService(Service):
                               outcome.ip_address, outcome.tls)
         recipient = queued.envelope.recipients[index]
         kind, fields = delivery_event(queued.envelope, recipient, outcome, job.domain, queue_time,
-                                      state.attempts)
+                                      max(1, state.attempts))
+        if outcome is DELETED:
+            fields["bounce_class"] = ADMIN_FAILURE
         final = outcome.final
         if not final:
             state.next_attempt = now + self._backoff(state.attempts)
+            state.last_error = outcome.raw_reason
         try:
             self.events.emit(kind, **fields)
         except Exception:
@@ -404,8 +572,11 @@ class DeliveryService(Service):
                     self.on_message_done(queued.envelope.transmission_id)
                 except Exception:
                     log.failure("after the last copy of {tid}", tid=queued.envelope.transmission_id)
+        elif state.held:
+            self._held[job.key] = job
         elif self.running:
             self._schedule(job, state.next_attempt - now)
+        return d
 
 
 def _no_plaintext_auth(outcome: Outcome | None) -> Outcome | None:
