@@ -62,7 +62,11 @@ MAY_IMPORT: dict[str, set[str]] = {
     "admin": set(),
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
-    "console": {"build", "config", "dkim", "eventtypes", "links", "tls", "users", "webhooks"},
+    "console": {"build", "config", "console_queue", "dkim", "eventtypes", "links", "tls", "users",
+                "webhooks"},
+    # ``console queue``: it asks the running appliance's admin API and reads only the two
+    # [admin] keys that say where that is and which token to show it.
+    "console_queue": {"config"},
 }
 TYPE_ONLY: dict[str, set[str]] = {
     "eventtypes": {"links", "settings", "spool"},
