@@ -121,6 +121,7 @@ class GreetingProbe(threading.Thread):
         super().__init__(daemon=True)
         self.port = port
         self.waits: list[float] = []
+        self.stalls: list[tuple[float, float]] = []  # (when, seconds) of each wait over 100 ms
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -130,6 +131,8 @@ class GreetingProbe(threading.Thread):
                 with socket.create_connection(("127.0.0.1", self.port), timeout=30) as s:
                     s.recv(512)
                     self.waits.append(time.perf_counter() - start)
+                    if self.waits[-1] > 0.1:
+                        self.stalls.append((time.monotonic(), self.waits[-1]))
                     s.sendall(b"QUIT\r\n")
             except OSError:
                 pass

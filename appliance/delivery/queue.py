@@ -511,10 +511,16 @@ class DeliveryService(Service):
             self._fail_some()
 
     def _fail_some(self) -> None:
+        """One slice: each copy's event, then one journal write per message for all of them."""
         self._fail_call = None
+        concluded: dict[str, tuple[QueuedMessage, list[int]]] = {}
         for _ in range(min(SETTLE_SLICE, len(self._failing))):
             job, outcome = self._failing.popleft()
-            self._settle(job, outcome)
+            self._conclude(job, outcome)
+            tid = job.queued.envelope.transmission_id
+            concluded.setdefault(tid, (job.queued, []))[1].append(job.index)
+        for tid, (queued, indexes) in concluded.items():
+            self._journalling(defer.maybeDeferred(self.spool.record_states, queued, indexes), tid)
         if self._failing and self.running:
             self._fail_call = self.clock.callLater(0, self._fail_some)
 
@@ -529,6 +535,19 @@ class DeliveryService(Service):
 
         ``attempted``: false for an operator's deletion of a copy not being tried.
         """
+        final = self._conclude(job, outcome, attempted)
+        d = defer.maybeDeferred(self.spool.record, job.queued, job.index, done=final)
+        return self._journalling(d, job.queued.envelope.recipients[job.index].message_id)
+
+    def _journalling(self, d: defer.Deferred, what: str) -> defer.Deferred:
+        """A journal write a stop waits for; its failure is logged (the copy is tried again)."""
+        self._settling.add(d)
+        d.addErrback(lambda f: log.failure("could not journal the outcome of {what}", f, what=what))
+        d.addBoth(lambda _: self._settling.discard(d))
+        return d
+
+    def _conclude(self, job: Job, outcome: Outcome, attempted: bool = True) -> bool:
+        """The outcome's event and the copy's new state and schedule; whether it is final."""
         queued, index = job.queued, job.index
         state = queued.states[index]
         if job.deleting and outcome.kind != DELIVERY:
@@ -559,12 +578,8 @@ class DeliveryService(Service):
             # from a connection's end, the connection counted for ever.)
             log.failure("could not write the {kind} event of {message_id}: {event}",
                         kind=outcome.kind, message_id=recipient.message_id, event=fields)
-        d = defer.maybeDeferred(self.spool.record, queued, index, done=final)
-        self._settling.add(d)
-        d.addErrback(lambda f: log.failure("could not journal the outcome of {message_id}", f,
-                                           message_id=recipient.message_id))
-        d.addBoth(lambda _: self._settling.discard(d))
         if final:
+            state.done = True  # journalled by the caller
             self._jobs.pop(job.key, None)
             if self.on_message_done is not None and all(
                     s.done for i, s in enumerate(queued.states) if i != index):
@@ -576,7 +591,7 @@ class DeliveryService(Service):
             self._held[job.key] = job
         elif self.running:
             self._schedule(job, state.next_attempt - now)
-        return d
+        return final
 
 
 def _no_plaintext_auth(outcome: Outcome | None) -> Outcome | None:
