@@ -507,6 +507,23 @@ class Spool:
         if queued.journal:
             _remove_path(queued.journal)
 
+    def read_envelope(self, queued: QueuedMessage) -> Envelope:
+        """
+        The envelope as committed, every recipient's details included, read back from the entry.
+
+        Delivery keeps only what it lists and routes by in memory while a
+        message's copies wait for their next attempt (``DeliveryService``).
+        """
+        if queued.message_end < 0:
+            with open(os.path.join(queued.path, "envelope.json"), "rb") as f:
+                return Envelope.from_json(f.read())
+        with open(queued.path, "rb") as f:
+            f.seek(queued.message_end)
+            data = f.read()
+        if len(data) < TRAILER_SIZE or not data.endswith(b"\n"):
+            raise ValueError(f"spool entry {queued.path} has no envelope after its message")
+        return Envelope.from_json(data[:-TRAILER_SIZE])
+
     def read_message(self, queued: QueuedMessage) -> bytes:
         with open(queued.message_path, "rb") as f:
             return f.read(queued.message_end) if queued.message_end >= 0 else f.read()

@@ -150,6 +150,43 @@ class QueueOperationTests(SynchronousTestCase):
         self.assertEqual([b["bounce_class"] for b in self.events("bounce")], ["25"])
         self.assertEqual(self.running.spooled(), [])
 
+    def test_waiting_copies_keep_their_details_on_disk(self) -> None:
+        """Metadata, tags and tracking leave memory while copies wait, and come back when due."""
+        api = b'X-MSYS-API: {"campaign_id": "winter", "metadata": {"tier": "gold"}, "tags": ["t1"]}\r\n'
+        replies = sendmail(self.running.smtp(), "sender@example.net", ["a@dead.test", "b@dead.test"],
+                           api + MESSAGE)
+        self.assertEqual(replies[-2][0], 250)
+        [queued] = {id(j.queued): j.queued for j in self.delivery._jobs.values()}.values()
+        for recipient in queued.envelope.recipients:
+            self.assertFalse(hasattr(recipient, "event_fields"))  # only address and message_id
+        self.assertEqual([c.recipient for c in self.delivery.listing()], ["a@dead.test", "b@dead.test"])
+        self.delivery.flush(domain="dead.test")
+        self.running.settle()
+        self.successResultOf(self.delivery.delete(ids=[self.delivery.listing()[0].message_id]))
+        self.running.settle()
+        for event in self.events("delay") + self.events("bounce"):
+            self.assertEqual((event["campaign_id"], event["rcpt_meta"], event["rcpt_tags"]),
+                             ("winter", {"tier": "gold"}, ["t1"]), event["type"])
+        self.assertEqual(len(self.events("delay")), 4)  # two attempts of each copy
+        self.assertEqual(len(self.events("bounce")), 1)
+
+    def test_an_entry_that_cannot_be_read_back_keeps_its_copy_queued(self) -> None:
+        tid = inject(self.running, ["a@dead.test"])
+        path = os.path.join(self.running.config.spool.directory, "active", tid)
+        with open(path, "rb") as f:
+            original = f.read()
+        with open(path, "wb") as f:
+            f.write(original[:-5])  # the envelope's trailer is cut
+        self.delivery.flush(ids=[tid])
+        self.running.settle()
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        [copy] = self.delivery.listing()
+        self.assertEqual((copy.attempts, copy.state), (1, "waiting"))  # tried again later
+        with open(path, "wb") as f:
+            f.write(original)
+        self.running.advance(600)
+        self.assertEqual(len(self.events("delay")), 2)
+
     def test_hold_journal_line_is_read_back_by_the_spool(self) -> None:
         tid = inject(self.running, ["a@dead.test"])
         self.successResultOf(self.delivery.hold(ids=[tid]))

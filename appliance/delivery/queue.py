@@ -99,6 +99,20 @@ class Job:
         return self.address.rpartition("@")[2].lower().rstrip(".")
 
 
+class _Brief:
+    """
+    What stays in memory of a recipient while every live copy of its message waits:
+    enough to list and route the copy. Its details (metadata, tags, tracking
+    settings) are read back from the spool entry when a copy is due.
+    """
+
+    __slots__ = ("address", "message_id")
+
+    def __init__(self, address: str, message_id: str) -> None:
+        self.address = address
+        self.message_id = message_id
+
+
 class _Queue:
     """The jobs of one destination that are due, and its sessions."""
 
@@ -168,6 +182,9 @@ class DeliveryService(Service):
         self._failing: deque[tuple[Job, Outcome]] = deque()
         self._fail_call: Any = None
         self._held: dict[tuple[str, int], Job] = {}  # held copies with no attempt under way
+        # Messages whose recipients' details are on disk only (``_rest``), and reads of them back.
+        self._resting: set[str] = set()
+        self._loading: dict[str, list[defer.Deferred]] = {}
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -225,6 +242,14 @@ class DeliveryService(Service):
 
     def _due(self, job: Job) -> None:
         self._timers.pop(job.key, None)
+        loading = self._details(job.queued)
+        if loading is None:
+            self._ready(job)
+        else:
+            loading.addCallbacks(lambda _: self._ready(job), self._unreadable, errbackArgs=(job,))
+
+    def _ready(self, job: Job) -> None:
+        """A due copy (its details in memory) joins its destination's ready list."""
         if job.deleting:
             self._settle(job, DELETED, attempted=False)
             return
@@ -381,7 +406,7 @@ class DeliveryService(Service):
             if timer is not None and timer.active():
                 timer.cancel()
             if timer is not None or self._held.pop(job.key, None) is not None:
-                written.append(self._settle(job, DELETED, attempted=False))
+                written.append(self._delete_now(job))
         for queue in self._queues.values():
             if any(j.deleting for j in queue.ready):
                 due = [j for j in queue.ready if j.deleting]
@@ -389,6 +414,15 @@ class DeliveryService(Service):
                 written.extend(self._settle(j, DELETED, attempted=False) for j in due)
         waiting = defer.DeferredList(written, consumeErrors=True)
         return waiting.addCallback(lambda _: before)
+
+    def _delete_now(self, job: Job) -> defer.Deferred:
+        """A waiting copy's admin bounce, once its details (for the event) are in memory."""
+        loading = self._details(job.queued)
+        if loading is None:
+            return self._settle(job, DELETED, attempted=False)
+        loading.addCallbacks(lambda _: self._settle(job, DELETED, attempted=False),
+                             self._unreadable, errbackArgs=(job,))
+        return loading
 
     def listing_of(self, jobs: list[Job]) -> list[CopyView]:
         return [view(job, self._where(job)) for job in jobs]
@@ -516,11 +550,12 @@ class DeliveryService(Service):
         concluded: dict[str, tuple[QueuedMessage, list[int]]] = {}
         for _ in range(min(SETTLE_SLICE, len(self._failing))):
             job, outcome = self._failing.popleft()
-            self._conclude(job, outcome)
+            self._conclude(job, outcome, rest=False)
             tid = job.queued.envelope.transmission_id
             concluded.setdefault(tid, (job.queued, []))[1].append(job.index)
         for tid, (queued, indexes) in concluded.items():
             self._journalling(defer.maybeDeferred(self.spool.record_states, queued, indexes), tid)
+            self._rest(queued)
         if self._failing and self.running:
             self._fail_call = self.clock.callLater(0, self._fail_some)
 
@@ -546,8 +581,12 @@ class DeliveryService(Service):
         d.addBoth(lambda _: self._settling.discard(d))
         return d
 
-    def _conclude(self, job: Job, outcome: Outcome, attempted: bool = True) -> bool:
-        """The outcome's event and the copy's new state and schedule; whether it is final."""
+    def _conclude(self, job: Job, outcome: Outcome, attempted: bool = True, rest: bool = True) -> bool:
+        """
+        The outcome's event and the copy's new state and schedule; whether it is final.
+
+        ``rest``: if the copy now waits, see whether its message's details can leave memory.
+        """
         queued, index = job.queued, job.index
         state = queued.states[index]
         if job.deleting and outcome.kind != DELIVERY:
@@ -591,7 +630,61 @@ class DeliveryService(Service):
             self._held[job.key] = job
         elif self.running:
             self._schedule(job, state.next_attempt - now)
+        if not final and rest:
+            self._rest(queued)
         return final
+
+    # -- what waits stays on disk ----------------------------------------------------------
+
+    def _rest(self, queued: QueuedMessage) -> None:
+        """
+        Once every live copy of ``queued`` waits (for a timer or a release), its recipients'
+        details leave memory: only what the listing and routing need stays (``_Brief``).
+        """
+        tid = queued.envelope.transmission_id
+        if tid in self._resting or tid in self._loading:
+            return
+        for index, state in enumerate(queued.states):
+            key = (tid, index)
+            if not state.done and key not in self._timers and key not in self._held:
+                return  # a copy is due or being tried: it needs its details
+        queued.envelope.recipients = [_Brief(r.address, r.message_id)  # type: ignore[misc]
+                                      for r in queued.envelope.recipients]
+        self._resting.add(tid)
+
+    def _details(self, queued: QueuedMessage) -> defer.Deferred | None:
+        """``None`` if the recipients' details are in memory; else a Deferred of their return."""
+        tid = queued.envelope.transmission_id
+        if tid not in self._resting:
+            return None
+        waiter: defer.Deferred = defer.Deferred()
+        waiting = self._loading.get(tid)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._loading[tid] = [waiter]
+        d = defer.maybeDeferred(self.spool.run, self.spool.read_envelope, queued)
+        d.addBoth(self._loaded, queued)
+        return waiter
+
+    def _loaded(self, result: Any, queued: QueuedMessage) -> None:
+        tid = queued.envelope.transmission_id
+        waiters = self._loading.pop(tid, [])
+        if not isinstance(result, Failure):
+            queued.envelope.recipients = result.recipients
+            self._resting.discard(tid)
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+
+    def _unreadable(self, failure: Failure, job: Job) -> None:
+        """The entry could not be read back: the copy waits a retry interval, as a failed attempt would."""
+        log.failure("could not read spool entry {tid} back for its copy to {rcpt}; trying again later",
+                    failure, tid=job.queued.envelope.transmission_id, rcpt=job.address)
+        if self.running and job.key in self._jobs:
+            self._schedule(job, self.config.retry_initial)
 
 
 def _no_plaintext_auth(outcome: Outcome | None) -> Outcome | None:
