@@ -1,9 +1,10 @@
 """
 The delivery queue as operators see it: how they name copies and what a listing shows.
 
-Pure functions over the queue's jobs; ``DeliveryService`` acts on what they
-select (flush, hold, release, delete) and ``appliance.admin.queue`` answers
-with what they describe.
+Pure functions over the queue's jobs (``select``, ``view``), and
+``OperatorActions``, the part of ``DeliveryService`` that acts on what they
+select: flush, hold, release, delete. ``appliance.admin.queue`` answers with
+what they describe.
 
 An id names either a whole message, by the transmission id its ``250 ...
 queued as ID`` reply gave, or one recipient's copy, by its ``message_id``,
@@ -12,15 +13,20 @@ as the events name them.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
+
 from appliance.delivery.outcome import BOUNCE, Outcome
 
 if TYPE_CHECKING:
-    from appliance.delivery.queue import Job
+    from appliance.config import DeliveryConfig
+    from appliance.delivery.queue import Job, _Queue
+    from appliance.spool import QueuedMessage, Spool
 
 # SparkPost's class for a message failed by an administrative action (Momentum's
 # "Admin Failure"): an operator deleted it from the queue.
@@ -122,3 +128,150 @@ def select(jobs: Iterable[Job], ids: Sequence[str] = (), domain: str | None = No
         for job in by_id[i]:
             chosen[job.key] = job
     return list(chosen.values())
+
+
+class OperatorActions:
+    """
+    ``DeliveryService``'s side for operators (``appliance.admin.queue``): list, flush, hold,
+    release and delete, over the service's own schedule.
+    """
+
+    if TYPE_CHECKING:  # what DeliveryService holds and does
+        config: DeliveryConfig
+        spool: Spool
+        running: Any
+        _jobs: dict[tuple[str, int], Job]
+        _timers: dict[tuple[str, int], Any]
+        _held: dict[tuple[str, int], Job]
+        _queues: dict[str, _Queue]
+        _settling: set[defer.Deferred]
+
+        def now(self) -> float: ...
+
+        def _due(self, job: Job) -> None: ...
+
+        def _schedule(self, job: Job, delay: float) -> None: ...
+
+        def _settle(self, job: Job, outcome: Outcome, attempted: bool = True) -> defer.Deferred: ...
+
+        def _details(self, queued: QueuedMessage) -> defer.Deferred | None: ...
+
+        def _unreadable(self, failure: Any, job: Job) -> None: ...
+
+    @property
+    def queued_copies(self) -> int:
+        return len(self._jobs)
+
+    def full(self) -> bool:
+        """Whether ``max_queued_copies`` are queued: injection answers 452 4.3.1 until some leave."""
+        return len(self._jobs) >= self.config.max_queued_copies
+
+    def listing(self, ids: Sequence[str] = (), domain: str | None = None) -> list[CopyView]:
+        """The copies ``ids`` or ``domain`` name (all without either), oldest first."""
+        views = [view(job, self._where(job)) for job in select(self._jobs.values(), ids, domain)]
+        views.sort(key=lambda v: (v.received_at, v.transmission_id, v.recipient))
+        return views
+
+    def _where(self, job: Job) -> str:
+        if job.queued.states[job.index].held:
+            return HELD
+        return WAITING if job.key in self._timers else ACTIVE
+
+    def flush(self, ids: Sequence[str] = (), domain: str | None = None) -> list[CopyView]:
+        """Try now each named copy that waits for its next attempt; held ones stay held."""
+        jobs = select(self._jobs.values(), ids, domain)
+        for job in jobs:
+            timer = self._timers.get(job.key)
+            if timer is not None and not job.queued.states[job.index].held:
+                if timer.active():
+                    timer.cancel()
+                self._due(job)
+        return self.listing_of(jobs)
+
+    def hold(self, ids: Sequence[str] = (), domain: str | None = None) -> defer.Deferred:
+        """
+        Stop trying the named copies until released; fires with their listing once journalled.
+
+        A copy being tried when it is held finishes that attempt. Held copies keep
+        their age: one released after ``max_queue_lifetime`` bounces at its next failure.
+        """
+        jobs = select(self._jobs.values(), ids, domain)
+        changed = [job for job in jobs if not job.queued.states[job.index].held]
+        for job in changed:
+            job.queued.states[job.index].held = True
+            timer = self._timers.pop(job.key, None)
+            if timer is not None:
+                if timer.active():
+                    timer.cancel()
+                self._held[job.key] = job
+        for queue in self._queues.values():  # due ones leave their ready lists, in one pass each
+            if any(j.queued.states[j.index].held for j in queue.ready):
+                kept: deque[Job] = deque()
+                for j in queue.ready:
+                    if j.queued.states[j.index].held:
+                        self._held[j.key] = j
+                    else:
+                        kept.append(j)
+                queue.ready = kept
+        return self._journal(changed).addCallback(lambda _: self.listing_of(jobs))
+
+    def release(self, ids: Sequence[str] = (), domain: str | None = None) -> defer.Deferred:
+        """Let held copies be tried again, each at its next attempt time (now, if that has passed)."""
+        jobs = select(self._jobs.values(), ids, domain)
+        changed = [job for job in jobs if job.queued.states[job.index].held]
+        now = self.now()
+        for job in changed:
+            state = job.queued.states[job.index]
+            state.held = False
+            if self._held.pop(job.key, None) is not None and self.running:
+                self._schedule(job, max(0.0, state.next_attempt - now))
+        return self._journal(changed).addCallback(lambda _: self.listing_of(jobs))
+
+    def delete(self, ids: Sequence[str] = (), domain: str | None = None) -> defer.Deferred:
+        """
+        Bounce the named copies (``bounce_class`` 25, admin failure) and drop them from the spool.
+
+        A copy being tried is deleted when that attempt ends, unless it was delivered.
+        Fires with the listing of the copies as they were, once the deletions are journalled.
+        """
+        jobs = select(self._jobs.values(), ids, domain)
+        before = self.listing_of(jobs)
+        written = []
+        for job in jobs:
+            job.deleting = True
+            timer = self._timers.pop(job.key, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            if timer is not None or self._held.pop(job.key, None) is not None:
+                written.append(self._delete_now(job))
+        for queue in self._queues.values():
+            if any(j.deleting for j in queue.ready):
+                due = [j for j in queue.ready if j.deleting]
+                queue.ready = deque(j for j in queue.ready if not j.deleting)
+                written.extend(self._settle(j, DELETED, attempted=False) for j in due)
+        waiting = defer.DeferredList(written, consumeErrors=True)
+        return waiting.addCallback(lambda _: before)
+
+    def _delete_now(self, job: Job) -> defer.Deferred:
+        """A waiting copy's admin bounce, once its details (for the event) are in memory."""
+        loading = self._details(job.queued)
+        if loading is None:
+            return self._settle(job, DELETED, attempted=False)
+        loading.addCallbacks(lambda _: self._settle(job, DELETED, attempted=False),
+                             self._unreadable, errbackArgs=(job,))
+        return loading
+
+    def listing_of(self, jobs: list[Job]) -> list[CopyView]:
+        return [view(job, self._where(job)) for job in jobs]
+
+    def _journal(self, jobs: list[Job]) -> defer.Deferred:
+        """Each changed copy's state on disk, one write per message, before the operator hears."""
+        by_message: dict[str, tuple[QueuedMessage, list[int]]] = {}
+        for job in jobs:
+            by_message.setdefault(job.queued.envelope.transmission_id, (job.queued, []))[1].append(job.index)
+        writes = [self.spool.record_states(queued, indexes) for queued, indexes in by_message.values()]
+        for d in writes:
+            self._settling.add(d)
+            d.addBoth(lambda result, d=d: (self._settling.discard(d), result)[1])
+        return defer.gatherResults(writes, consumeErrors=True)
+

@@ -23,7 +23,7 @@ spool only once its final event is written.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -35,16 +35,7 @@ from twisted.python.failure import Failure
 from appliance.config import DeliveryConfig
 from appliance.delivery.attempt import _HopAttempt
 from appliance.delivery.client import ClientFactory, DeliveryClient
-from appliance.delivery.operations import (
-    ACTIVE,
-    ADMIN_FAILURE,
-    DELETED,
-    HELD,
-    WAITING,
-    CopyView,
-    select,
-    view,
-)
+from appliance.delivery.operations import ADMIN_FAILURE, DELETED, OperatorActions
 from appliance.delivery.outcome import (
     BOUNCE,
     DELAY,
@@ -130,7 +121,7 @@ class _Queue:
         return bool(self.ready) and self.sessions < allowed and len(self.ready) > idle
 
 
-class DeliveryService(Service):
+class DeliveryService(OperatorActions, Service):
     name = "delivery"
     stop_grace = 10.0  # seconds a stop waits for transactions in flight before cutting them off
 
@@ -318,125 +309,6 @@ class DeliveryService(Service):
     def _pump_later(self) -> None:
         self._pump_call = None
         self._pump()
-
-    # -- what operators do (appliance.admin.queue) ---------------------------------------
-
-    @property
-    def queued_copies(self) -> int:
-        return len(self._jobs)
-
-    def full(self) -> bool:
-        """Whether ``max_queued_copies`` are queued: injection answers 452 4.3.1 until some leave."""
-        return len(self._jobs) >= self.config.max_queued_copies
-
-    def listing(self, ids: Sequence[str] = (), domain: str | None = None) -> list[CopyView]:
-        """The copies ``ids`` or ``domain`` name (all without either), oldest first."""
-        views = [view(job, self._where(job)) for job in select(self._jobs.values(), ids, domain)]
-        views.sort(key=lambda v: (v.received_at, v.transmission_id, v.recipient))
-        return views
-
-    def _where(self, job: Job) -> str:
-        if job.queued.states[job.index].held:
-            return HELD
-        return WAITING if job.key in self._timers else ACTIVE
-
-    def flush(self, ids: Sequence[str] = (), domain: str | None = None) -> list[CopyView]:
-        """Try now each named copy that waits for its next attempt; held ones stay held."""
-        jobs = select(self._jobs.values(), ids, domain)
-        for job in jobs:
-            timer = self._timers.get(job.key)
-            if timer is not None and not job.queued.states[job.index].held:
-                if timer.active():
-                    timer.cancel()
-                self._due(job)
-        return self.listing_of(jobs)
-
-    def hold(self, ids: Sequence[str] = (), domain: str | None = None) -> defer.Deferred:
-        """
-        Stop trying the named copies until released; fires with their listing once journalled.
-
-        A copy being tried when it is held finishes that attempt. Held copies keep
-        their age: one released after ``max_queue_lifetime`` bounces at its next failure.
-        """
-        jobs = select(self._jobs.values(), ids, domain)
-        changed = [job for job in jobs if not job.queued.states[job.index].held]
-        for job in changed:
-            job.queued.states[job.index].held = True
-            timer = self._timers.pop(job.key, None)
-            if timer is not None:
-                if timer.active():
-                    timer.cancel()
-                self._held[job.key] = job
-        for queue in self._queues.values():  # due ones leave their ready lists, in one pass each
-            if any(j.queued.states[j.index].held for j in queue.ready):
-                kept: deque[Job] = deque()
-                for j in queue.ready:
-                    if j.queued.states[j.index].held:
-                        self._held[j.key] = j
-                    else:
-                        kept.append(j)
-                queue.ready = kept
-        return self._journal(changed).addCallback(lambda _: self.listing_of(jobs))
-
-    def release(self, ids: Sequence[str] = (), domain: str | None = None) -> defer.Deferred:
-        """Let held copies be tried again, each at its next attempt time (now, if that has passed)."""
-        jobs = select(self._jobs.values(), ids, domain)
-        changed = [job for job in jobs if job.queued.states[job.index].held]
-        now = self.now()
-        for job in changed:
-            state = job.queued.states[job.index]
-            state.held = False
-            if self._held.pop(job.key, None) is not None and self.running:
-                self._schedule(job, max(0.0, state.next_attempt - now))
-        return self._journal(changed).addCallback(lambda _: self.listing_of(jobs))
-
-    def delete(self, ids: Sequence[str] = (), domain: str | None = None) -> defer.Deferred:
-        """
-        Bounce the named copies (``bounce_class`` 25, admin failure) and drop them from the spool.
-
-        A copy being tried is deleted when that attempt ends, unless it was delivered.
-        Fires with the listing of the copies as they were, once the deletions are journalled.
-        """
-        jobs = select(self._jobs.values(), ids, domain)
-        before = self.listing_of(jobs)
-        written = []
-        for job in jobs:
-            job.deleting = True
-            timer = self._timers.pop(job.key, None)
-            if timer is not None and timer.active():
-                timer.cancel()
-            if timer is not None or self._held.pop(job.key, None) is not None:
-                written.append(self._delete_now(job))
-        for queue in self._queues.values():
-            if any(j.deleting for j in queue.ready):
-                due = [j for j in queue.ready if j.deleting]
-                queue.ready = deque(j for j in queue.ready if not j.deleting)
-                written.extend(self._settle(j, DELETED, attempted=False) for j in due)
-        waiting = defer.DeferredList(written, consumeErrors=True)
-        return waiting.addCallback(lambda _: before)
-
-    def _delete_now(self, job: Job) -> defer.Deferred:
-        """A waiting copy's admin bounce, once its details (for the event) are in memory."""
-        loading = self._details(job.queued)
-        if loading is None:
-            return self._settle(job, DELETED, attempted=False)
-        loading.addCallbacks(lambda _: self._settle(job, DELETED, attempted=False),
-                             self._unreadable, errbackArgs=(job,))
-        return loading
-
-    def listing_of(self, jobs: list[Job]) -> list[CopyView]:
-        return [view(job, self._where(job)) for job in jobs]
-
-    def _journal(self, jobs: list[Job]) -> defer.Deferred:
-        """Each changed copy's state on disk, one write per message, before the operator hears."""
-        by_message: dict[str, tuple[QueuedMessage, list[int]]] = {}
-        for job in jobs:
-            by_message.setdefault(job.queued.envelope.transmission_id, (job.queued, []))[1].append(job.index)
-        writes = [self.spool.record_states(queued, indexes) for queued, indexes in by_message.values()]
-        for d in writes:
-            self._settling.add(d)
-            d.addBoth(lambda result, d=d: (self._settling.discard(d), result)[1])
-        return defer.gatherResults(writes, consumeErrors=True)
 
     # -- what a hop attempt reports (AttemptOwner) ---------------------------------
 
