@@ -7,6 +7,7 @@ delivery (``delay``, ``bounce``), so neither has to import the other.
 
 from __future__ import annotations
 
+import functools
 import re
 
 MAX_REASON = 1024  # characters of ``reason``; ``raw_reason`` is kept whole
@@ -14,6 +15,8 @@ MAX_REASON = 1024  # characters of ``reason``; ``raw_reason`` is kept whole
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 
 
+# Copies that fail together (a destination down) share one reply: it is read once.
+@functools.lru_cache(maxsize=256)
 def canonical_reason(raw: str) -> str:
     """
     ``reason``: the raw reply on one line, its IPv4 addresses written ``a.b.c.d``, capped in length.
@@ -51,6 +54,7 @@ BOUNCE_CLASSES: tuple[tuple[str, str, str], ...] = (
 )
 
 
+@functools.lru_cache(maxsize=256)
 def bounce_class(code: int, reason: str) -> str:
     """
     SparkPost's ``bounce_class`` from the enhanced status code in ``reason``.

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgent
 
-from appliance import console_events, console_stats
+from appliance import console_events, console_queue, console_stats
 from appliance.build import load_webhooks
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, WebhookConfig, read_config, read_toml
 from appliance.eventtypes import EVENT_TYPES
@@ -122,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
                          help="the appliance's configuration file (default: %(default)s)")
     console_events.add_parser(commands)
     console_stats.add_parser(commands)
+    console_queue.add_parser(commands)
     return top
 
 
@@ -130,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in DELEGATED:
         return DELEGATED[args[0]][0](args[1:])
     options = parser().parse_args(args)
+    if options.command == "queue":
+        return console_queue.main(options, PROG)
     try:
         config = _load(options.config)
         if options.command == "events":

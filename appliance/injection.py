@@ -78,6 +78,8 @@ class Router(Protocol):
 class Queue(Protocol):
     def enqueue(self, queued: QueuedMessage) -> None: ...
 
+    def full(self) -> bool: ...
+
 
 class Suppressions(Protocol):
     """The suppression list (``appliance.suppression.SuppressionList``), asked in memory."""
@@ -273,6 +275,8 @@ class Injector:
             return 554, b"5.7.1 Relay access denied"
         if count >= session.listener.max_recipients:
             return 452, b"4.5.3 Too many recipients"
+        if self.queue.full():  # delivery.max_queued_copies: the client tries again later
+            return 452, b"4.3.1 Queue full, try again later"
         domain = dest.domain.decode("ascii", "replace").lower()
         if not domain:
             return 550, b"5.1.3 Recipient address needs a domain"

@@ -36,6 +36,7 @@ from appliance.admin.deliverability import DeliverabilityResource
 from appliance.admin.events import EventSearchResource
 from appliance.admin.health import Health
 from appliance.admin.metrics import EventCounters, Readings, tracker_latency
+from appliance.admin.queue import QueueResource
 from appliance.admin.site import AdminSite, make_admin_site
 from appliance.admin.suppressions import SuppressionList
 from appliance.build import Parts
@@ -324,6 +325,7 @@ class Appliance(MultiService):
         self.admin_listener: Service | None = None
         api: dict[bytes, IResource] = {  # /api/v1/<name>: one line per resource
             b"suppression-list": SuppressionList(self.suppression),
+            b"queue": QueueResource(self.delivery, reactor),
             b"events/message": EventSearchResource(self.config.events.log_file, self._run_cpu, reactor),
         }
         if self.config.stats.enabled:

@@ -83,6 +83,9 @@ _TRAILER_START = b"\nenvelope "
 TRAILER_SIZE = len(_TRAILER_START) + 11
 
 
+# Characters of a copy's last error kept in its journal line (the event has it whole).
+MAX_JOURNALLED_ERROR = 512
+
 # What a journal write leaves to do on the reactor thread (``Spool._appended``).
 _NEW_JOURNAL, _LEFT_ACTIVE = "new journal", "left active"
 
@@ -161,6 +164,8 @@ class CopyState:
     done: bool = False
     attempts: int = 0
     next_attempt: float = 0.0
+    held: bool = False  # an operator's hold: not attempted until released
+    last_error: str = ""  # the reply of the last attempt that failed, for the queue's listing
 
 
 @dataclass
@@ -276,6 +281,16 @@ class SpoolWriter:
             except OSError:
                 pass
         _remove_path(self.path)
+
+
+def _journal_line(index: int, state: CopyState) -> bytes:
+    entry: dict[str, Any] = {"i": index, "done": state.done, "attempts": state.attempts,
+                             "next": state.next_attempt}
+    if state.held:
+        entry["held"] = True
+    if state.last_error and not state.done:
+        entry["error"] = state.last_error[:MAX_JOURNALLED_ERROR]
+    return json.dumps(entry).encode() + b"\n"
 
 
 def _remove_path(path: str) -> None:
@@ -401,15 +416,21 @@ class Spool:
             state.attempts = entry.get("attempts", state.attempts)
             state.next_attempt = entry.get("next", state.next_attempt)
             state.done = state.done or entry.get("done", False)
+            state.held = entry.get("held", False) is True
+            state.last_error = entry.get("error", state.last_error)
         return announced
 
     def record(self, queued: QueuedMessage, index: int, done: bool) -> defer.Deferred:
         """Journal one copy's outcome durably; removes the entry once every copy is final."""
         state = queued.states[index]
         state.done = state.done or done
-        line = json.dumps({"i": index, "done": state.done, "attempts": state.attempts,
-                           "next": state.next_attempt}).encode() + b"\n"
-        d = self.run(self._append, queued, line)
+        d = self.run(self._append, queued, _journal_line(index, state))
+        return d.addCallback(self._appended, queued)
+
+    def record_states(self, queued: QueuedMessage, indexes: list[int]) -> defer.Deferred:
+        """Journal several copies' states (an operator's hold or release) in one durable write."""
+        lines = b"".join(_journal_line(i, queued.states[i]) for i in indexes)
+        d = self.run(self._append, queued, lines)
         return d.addCallback(self._appended, queued)
 
     def _appended(self, done: str | None, queued: QueuedMessage) -> Any:
@@ -495,6 +516,23 @@ class Spool:
         _remove_path(self._trash(queued))
         if queued.journal:
             _remove_path(queued.journal)
+
+    def read_envelope(self, queued: QueuedMessage) -> Envelope:
+        """
+        The envelope as committed, every recipient's details included, read back from the entry.
+
+        Delivery keeps only what it lists and routes by in memory while a
+        message's copies wait for their next attempt (``DeliveryService``).
+        """
+        if queued.message_end < 0:
+            with open(os.path.join(queued.path, "envelope.json"), "rb") as f:
+                return Envelope.from_json(f.read())
+        with open(queued.path, "rb") as f:
+            f.seek(queued.message_end)
+            data = f.read()
+        if len(data) < TRAILER_SIZE or not data.endswith(b"\n"):
+            raise ValueError(f"spool entry {queued.path} has no envelope after its message")
+        return Envelope.from_json(data[:-TRAILER_SIZE])
 
     def read_message(self, queued: QueuedMessage) -> bytes:
         with open(queued.message_path, "rb") as f:

@@ -649,10 +649,11 @@ class SessionFailureTests(ServiceTestBase):
     def test_a_journal_that_fails_at_once_still_schedules_the_retry(self) -> None:
         queued = self.queue(n=1)
 
-        def broken(queued: object, index: int, done: bool) -> object:
+        def broken(queued: object, *args: object, **kwargs: object) -> object:
             raise OSError("journal: no space left on device")
 
         self.spool.record = broken  # type: ignore[method-assign]
+        self.spool.record_states = broken  # type: ignore[method-assign]  # copies failed together
         self.reactor.advance(0)
         _h, _p, factory, _t, _b = self.reactor.tcpClients.pop()
         factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))

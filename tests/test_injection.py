@@ -36,6 +36,9 @@ class RecordingQueue:
         self.queued: list[QueuedMessage] = []
         self.error = error
 
+    def full(self) -> bool:
+        return False
+
     def enqueue(self, queued: QueuedMessage) -> None:
         if self.error is not None:
             raise self.error

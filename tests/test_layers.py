@@ -77,7 +77,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "spoollock": set(),
     "tap": {"build", "config", "reactors", "service"},
     # The operator's command: it reads the configuration and the queues, never the service tree.
-    "console": {"build", "config", "console_check", "console_events", "console_stats",
+    "console": {"build", "config", "console_check", "console_events", "console_queue", "console_stats",
                 "console_suppressions", "dkim", "eventtypes", "links", "preview", "tls", "users",
                 "webhooks"},
     # ``engage-appliance events``: the log search, and the follower's reader for --follow.
@@ -92,6 +92,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "preview": {"config", "events", "headers", "links", "policy", "rewrite", "settings"},
     # engage-appliance suppressions: it opens the suppression database itself.
     "console_suppressions": {"config", "suppression"},
+    # ``console queue``: it asks the running appliance's admin API (appliance.admin.client).
+    "console_queue": {"admin", "config"},
 }
 TYPE_ONLY: dict[str, set[str]] = {
     "eventtypes": {"links", "settings", "spool"},

@@ -42,6 +42,9 @@ class DeliveryConfig:
     max_connections: int = 50
     max_connections_per_destination: int = 20
     max_messages_per_connection: int = 100
+    # Copies in the queue (not yet delivered or bounced) above which injection answers
+    # 452 4.3.1: each costs memory until it leaves.
+    max_queued_copies: int = 100_000
 
 
 def _read_route(t: Table, name: str, value: object) -> Route | None:
@@ -114,6 +117,7 @@ def read_delivery(t: Table) -> DeliveryConfig:
                                               d.max_connections_per_destination, minimum=1),
         max_messages_per_connection=t.int("max_messages_per_connection",
                                           d.max_messages_per_connection, minimum=1),
+        max_queued_copies=t.int("max_queued_copies", d.max_queued_copies, minimum=1),
     )
     if c.retry_initial <= 0:
         t.error("retry_initial", "must be more than 0 seconds")

@@ -35,9 +35,11 @@ from twisted.python.failure import Failure
 from appliance.config import DeliveryConfig
 from appliance.delivery.attempt import _HopAttempt
 from appliance.delivery.client import ClientFactory, DeliveryClient
+from appliance.delivery.operations import ADMIN_FAILURE, DELETED, OperatorActions
 from appliance.delivery.outcome import (
     BOUNCE,
     DELAY,
+    DELIVERY,
     Outcome,
     internal,
 )
@@ -53,17 +55,23 @@ log = Logger()
 # A copy at once, or a Deferred of it while its message is read or parsed elsewhere.
 CopyRenderer = Callable[[QueuedMessage, int], bytes | defer.Deferred]
 
+# Copies given one outcome together (a destination that cannot be reached) are settled this
+# many per turn of the reactor: each writes an event and queues a journal line, and a
+# thousand at once would hold up every connection for most of a second.
+SETTLE_SLICE = 100
+
 
 class Job:
     """One recipient's copy while it is not final."""
 
-    __slots__ = ("queued", "index", "data", "destination")
+    __slots__ = ("queued", "index", "data", "destination", "deleting")
 
     def __init__(self, queued: QueuedMessage, index: int) -> None:
         self.queued = queued
         self.index = index
         self.data = b""  # the rendered copy, only while it is being sent
         self.destination: Destination | None = None
+        self.deleting = False  # an operator deleted it while it was being tried
 
     @property
     def key(self) -> tuple[str, int]:
@@ -80,6 +88,20 @@ class Job:
     @property
     def domain(self) -> str:
         return self.address.rpartition("@")[2].lower().rstrip(".")
+
+
+class _Brief:
+    """
+    What stays in memory of a recipient while every live copy of its message waits:
+    enough to list and route the copy. Its details (metadata, tags, tracking
+    settings) are read back from the spool entry when a copy is due.
+    """
+
+    __slots__ = ("address", "message_id")
+
+    def __init__(self, address: str, message_id: str) -> None:
+        self.address = address
+        self.message_id = message_id
 
 
 class _Queue:
@@ -99,7 +121,7 @@ class _Queue:
         return bool(self.ready) and self.sessions < allowed and len(self.ready) > idle
 
 
-class DeliveryService(Service):
+class DeliveryService(OperatorActions, Service):
     name = "delivery"
     stop_grace = 10.0  # seconds a stop waits for transactions in flight before cutting them off
 
@@ -147,6 +169,13 @@ class DeliveryService(Service):
         if config.tls_verify or config.smarthost_username:
             self._trust = trust or ssl.platformTrust()
         self._pump_call: Any = None  # a _pump() due once the current call stack has unwound
+        # Copies given one outcome together, settled SETTLE_SLICE per turn (``_fail_ready``).
+        self._failing: deque[tuple[Job, Outcome]] = deque()
+        self._fail_call: Any = None
+        self._held: dict[tuple[str, int], Job] = {}  # held copies with no attempt under way
+        # Messages whose recipients' details are on disk only (``_rest``), and reads of them back.
+        self._resting: set[str] = set()
+        self._loading: dict[str, list[defer.Deferred]] = {}
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -172,6 +201,9 @@ class DeliveryService(Service):
         if self._pump_call is not None and self._pump_call.active():
             self._pump_call.cancel()
         self._pump_call = None
+        if self._fail_call is not None and self._fail_call.active():
+            self._fail_call.cancel()  # the copies not settled yet are tried again after a restart
+        self._fail_call = None
 
         def cut_off() -> None:
             for client in list(self._clients):
@@ -191,7 +223,10 @@ class DeliveryService(Service):
             if state.done or job.key in self._jobs:
                 continue
             self._jobs[job.key] = job
-            self._schedule(job, max(0.0, state.next_attempt - self.now()))
+            if state.held:  # a held copy waits for its release, with no timer
+                self._held[job.key] = job
+            else:
+                self._schedule(job, max(0.0, state.next_attempt - self.now()))
 
     def depth_by_destination(self) -> dict[str, int]:
         """
@@ -216,6 +251,20 @@ class DeliveryService(Service):
 
     def _due(self, job: Job) -> None:
         self._timers.pop(job.key, None)
+        loading = self._details(job.queued)
+        if loading is None:
+            self._ready(job)
+        else:
+            loading.addCallbacks(lambda _: self._ready(job), self._unreadable, errbackArgs=(job,))
+
+    def _ready(self, job: Job) -> None:
+        """A due copy (its details in memory) joins its destination's ready list."""
+        if job.deleting:
+            self._settle(job, DELETED, attempted=False)
+            return
+        if job.queued.states[job.index].held:
+            self._held[job.key] = job  # held while it was being tried: it waits for its release
+            return
         problem = self.router.undeliverable(job.domain)
         if problem:  # refused at RCPT nowadays, but the spool may hold older mail
             self._settle(job, internal(550, "5.1.2", problem))
@@ -374,20 +423,66 @@ class DeliveryService(Service):
         return ssl.optionsForClientTLS(hop.name, trustRoot=self._trust)
 
     def _fail_ready(self, queue: _Queue, outcome: Outcome) -> None:
-        """Give every copy waiting for ``queue`` the same outcome (the destination is down or gone)."""
-        while queue.ready:
-            self._settle(queue.ready.popleft(), outcome)
+        """
+        Give every copy waiting for ``queue`` the same outcome (the destination is down or gone).
+
+        They leave the destination's ready list at once (no new session is opened for
+        them) and are settled in slices, so the reactor serves others in between.
+        """
+        self._failing.extend((job, outcome) for job in queue.ready)
+        queue.ready.clear()
+        if self._fail_call is None:
+            self._fail_some()
+
+    def _fail_some(self) -> None:
+        """One slice: each copy's event, then one journal write per message for all of them."""
+        self._fail_call = None
+        concluded: dict[str, tuple[QueuedMessage, list[int]]] = {}
+        for _ in range(min(SETTLE_SLICE, len(self._failing))):
+            job, outcome = self._failing.popleft()
+            self._conclude(job, outcome, rest=False)
+            tid = job.queued.envelope.transmission_id
+            concluded.setdefault(tid, (job.queued, []))[1].append(job.index)
+        for tid, (queued, indexes) in concluded.items():
+            self._journalling(defer.maybeDeferred(self.spool.record_states, queued, indexes), tid)
+            self._rest(queued)
+        if self._failing and self.running:
+            self._fail_call = self.clock.callLater(0, self._fail_some)
 
     # -- outcomes -------------------------------------------------------------
 
     def _backoff(self, attempts: int) -> float:
         return RetrySchedule(self.config.retry_initial, self.config.retry_max).delay(attempts)
 
-    def _settle(self, job: Job, outcome: Outcome) -> None:
-        """Write the outcome's event, then journal it, then schedule the next attempt if any."""
+    def _settle(self, job: Job, outcome: Outcome, attempted: bool = True) -> defer.Deferred:
+        """
+        Write the outcome's event, then journal it, then schedule the next attempt if any.
+
+        ``attempted``: false for an operator's deletion of a copy not being tried.
+        """
+        final = self._conclude(job, outcome, attempted)
+        d = defer.maybeDeferred(self.spool.record, job.queued, job.index, done=final)
+        return self._journalling(d, job.queued.envelope.recipients[job.index].message_id)
+
+    def _journalling(self, d: defer.Deferred, what: str) -> defer.Deferred:
+        """A journal write a stop waits for; its failure is logged (the copy is tried again)."""
+        self._settling.add(d)
+        d.addErrback(lambda f: log.failure("could not journal the outcome of {what}", f, what=what))
+        d.addBoth(lambda _: self._settling.discard(d))
+        return d
+
+    def _conclude(self, job: Job, outcome: Outcome, attempted: bool = True, rest: bool = True) -> bool:
+        """
+        The outcome's event and the copy's new state and schedule; whether it is final.
+
+        ``rest``: if the copy now waits, see whether its message's details can leave memory.
+        """
         queued, index = job.queued, job.index
         state = queued.states[index]
-        state.attempts += 1
+        if job.deleting and outcome.kind != DELIVERY:
+            outcome = DELETED
+        if attempted:
+            state.attempts += 1
         now = self.now()
         queue_time = max(0.0, now - queued.envelope.received_at)
         if outcome.kind == DELAY and queue_time >= self.config.max_queue_lifetime:
@@ -396,10 +491,13 @@ class DeliveryService(Service):
                               outcome.ip_address, outcome.tls, outcome.sending_ip)
         recipient = queued.envelope.recipients[index]
         kind, fields = delivery_event(queued.envelope, recipient, outcome, job.domain, queue_time,
-                                      state.attempts)
+                                      max(1, state.attempts))
+        if outcome is DELETED:
+            fields["bounce_class"] = ADMIN_FAILURE
         final = outcome.final
         if not final:
             state.next_attempt = now + self._backoff(state.attempts)
+            state.last_error = outcome.raw_reason
         try:
             self.events.emit(kind, **fields)
         except Exception:
@@ -409,12 +507,8 @@ class DeliveryService(Service):
             # from a connection's end, the connection counted for ever.)
             log.failure("could not write the {kind} event of {message_id}: {event}",
                         kind=outcome.kind, message_id=recipient.message_id, event=fields)
-        d = defer.maybeDeferred(self.spool.record, queued, index, done=final)
-        self._settling.add(d)
-        d.addErrback(lambda f: log.failure("could not journal the outcome of {message_id}", f,
-                                           message_id=recipient.message_id))
-        d.addBoth(lambda _: self._settling.discard(d))
         if final:
+            state.done = True  # journalled by the caller
             self._jobs.pop(job.key, None)
             if self.on_message_done is not None and all(
                     s.done for i, s in enumerate(queued.states) if i != index):
@@ -422,8 +516,65 @@ class DeliveryService(Service):
                     self.on_message_done(queued.envelope.transmission_id)
                 except Exception:
                     log.failure("after the last copy of {tid}", tid=queued.envelope.transmission_id)
+        elif state.held:
+            self._held[job.key] = job
         elif self.running:
             self._schedule(job, state.next_attempt - now)
+        if not final and rest:
+            self._rest(queued)
+        return final
+
+    # -- what waits stays on disk ----------------------------------------------------------
+
+    def _rest(self, queued: QueuedMessage) -> None:
+        """
+        Once every live copy of ``queued`` waits (for a timer or a release), its recipients'
+        details leave memory: only what the listing and routing need stays (``_Brief``).
+        """
+        tid = queued.envelope.transmission_id
+        if tid in self._resting or tid in self._loading:
+            return
+        for index, state in enumerate(queued.states):
+            key = (tid, index)
+            if not state.done and key not in self._timers and key not in self._held:
+                return  # a copy is due or being tried: it needs its details
+        queued.envelope.recipients = [_Brief(r.address, r.message_id)  # type: ignore[misc]
+                                      for r in queued.envelope.recipients]
+        self._resting.add(tid)
+
+    def _details(self, queued: QueuedMessage) -> defer.Deferred | None:
+        """``None`` if the recipients' details are in memory; else a Deferred of their return."""
+        tid = queued.envelope.transmission_id
+        if tid not in self._resting:
+            return None
+        waiter: defer.Deferred = defer.Deferred()
+        waiting = self._loading.get(tid)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._loading[tid] = [waiter]
+        d = defer.maybeDeferred(self.spool.run, self.spool.read_envelope, queued)
+        d.addBoth(self._loaded, queued)
+        return waiter
+
+    def _loaded(self, result: Any, queued: QueuedMessage) -> None:
+        tid = queued.envelope.transmission_id
+        waiters = self._loading.pop(tid, [])
+        if not isinstance(result, Failure):
+            queued.envelope.recipients = result.recipients
+            self._resting.discard(tid)
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+
+    def _unreadable(self, failure: Failure, job: Job) -> None:
+        """The entry could not be read back: the copy waits a retry interval, as a failed attempt would."""
+        log.failure("could not read spool entry {tid} back for its copy to {rcpt}; trying again later",
+                    failure, tid=job.queued.envelope.transmission_id, rcpt=job.address)
+        if self.running and job.key in self._jobs:
+            self._schedule(job, self.config.retry_initial)
 
 
 def _no_plaintext_auth(outcome: Outcome | None) -> Outcome | None:
