@@ -30,7 +30,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
 
 from appliance.admin.dashboard import Dashboard, DestinationQueue
-from appliance.admin.dashboard_data import StoreData
+from appliance.admin.dashboard_data import StoreData, queue_by_domain
 from appliance.admin.dashboard_data import runner as dashboard_runner
 from appliance.admin.deliverability import DeliverabilityResource
 from appliance.admin.events import EventSearchResource
@@ -345,9 +345,8 @@ class Appliance(MultiService):
         self.admin_listener.setServiceParent(self)
 
     def _queue_view(self) -> list[DestinationQueue]:
-        """The dashboard's queue: copies by destination, read on the reactor thread."""
-        depth = self.delivery.depth_by_destination()
-        return [DestinationQueue(domain, copies) for domain, copies in sorted(depth.items())]
+        """The dashboard's queue by recipient domain, read on the reactor thread where it lives."""
+        return queue_by_domain(self.delivery.listing())
 
     def _readings(self) -> Readings:
         """What ``/metrics`` reads from the parts at each scrape."""

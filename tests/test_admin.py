@@ -103,6 +103,7 @@ class AdminListenerTests(TestCase):
         now = time.strftime("%Y-%m-%dT%H:%M", time.gmtime())
         paths = {
             "/api/v1/suppression-list": 200,
+            "/api/v1/queue": 200,
             "/api/v1/events/message": 200,
             f"/api/v1/metrics/deliverability?from=2020-01-01T00:00&to={now}&metrics=count_injected": 200,
             "/api/v1/metrics/deliverability?metrics=count_injected": 400,  # from is required

@@ -51,3 +51,21 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(run(live)), 1)
         self.assertEqual(self.successResultOf(run(blocking)), 2)
         self.assertEqual(pooled, [blocking])
+
+
+class QueueByDomainTests(SynchronousTestCase):
+    def test_groups_oldest_held_next_and_error(self) -> None:
+        from datetime import UTC, datetime
+        from types import SimpleNamespace as C
+
+        copies = [C(domain="b.test", received_at=100, next_attempt=900, last_error="421 busy", held=False),
+                  C(domain="b.test", received_at=50, next_attempt=None, last_error="451 later", held=True),
+                  C(domain="b.test", received_at=70, next_attempt=800, last_error="", held=False),
+                  C(domain="a.test", received_at=10, next_attempt=None, last_error="", held=False)]
+        [b, a] = dashboard_data.queue_by_domain(copies)
+        self.assertEqual((b.domain, b.copies, b.held), ("b.test", 3, 1))
+        self.assertEqual(b.oldest, datetime.fromtimestamp(50, UTC))
+        self.assertEqual(b.next_attempt, datetime.fromtimestamp(800, UTC))
+        self.assertEqual(b.last_error, "451 later")
+        self.assertEqual((a.domain, a.copies, a.next_attempt, a.last_error), ("a.test", 1, None, ""))
+        self.assertEqual(dashboard_data.queue_by_domain([]), [])

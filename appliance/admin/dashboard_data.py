@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 
@@ -115,6 +115,36 @@ class StoreData:
     def recent_events(self, limit: int) -> Sequence[RecentEvent]:
         events = [eventsearch.parse(line) for line in last_lines(self.log_path, limit)]
         return [_recent(event) for event in reversed(events) if event is not None]
+
+
+class QueuedCopy(Protocol):
+    """What the dashboard reads of a copy in the delivery queue's listing."""
+
+    domain: str
+    received_at: float
+    next_attempt: float | None
+    last_error: str
+    held: bool
+
+
+def queue_by_domain(copies: Iterable[QueuedCopy]) -> list[DestinationQueue]:
+    """Copies by recipient domain: how many, the oldest, how many held, the next attempt, the last error."""
+    by_domain: dict[str, list[QueuedCopy]] = {}
+    for copy in copies:
+        by_domain.setdefault(copy.domain, []).append(copy)
+    out = []
+    for domain, group in sorted(by_domain.items()):
+        oldest = min(group, key=lambda c: c.received_at)
+        waits = [c.next_attempt for c in group if c.next_attempt is not None]
+        errors = [c for c in group if c.last_error]
+        out.append(DestinationQueue(
+            domain, len(group), datetime.fromtimestamp(oldest.received_at, UTC),
+            held=sum(c.held for c in group),
+            next_attempt=datetime.fromtimestamp(min(waits), UTC) if waits else None,
+            # The error of the copy that has waited longest says most about the destination.
+            last_error=min(errors, key=lambda c: c.received_at).last_error if errors else ""))
+    out.sort(key=lambda q: -q.copies)
+    return out
 
 
 def _recent(event: dict[str, Any]) -> RecentEvent:
