@@ -24,6 +24,8 @@ from twisted.logger import Logger
 
 from appliance.config import Config, ConfigError, WebhookConfig, read_config, read_toml
 from appliance.dkim import PrivateKey, Signer, SigningKey, load_private_key, weakness
+from appliance.engagement.geo import GeoIP, open_geoip
+from appliance.engagement.networks import EMPTY, Networks, read_networks
 from appliance.links import KeyFileError, Keyring, prepare_keyring
 from appliance.policy import Hook, PolicyError, load_hook
 from appliance.tls import load_server_options, load_trust_root, write_pair
@@ -54,6 +56,8 @@ class Loaders:
     keyring: Callable[[str, bool], Keyring] = prepare_keyring
     hook: Callable[[str, Sequence[str]], Hook | None] = load_hook
     secret: Callable[[str], str] = read_secret
+    networks: Callable[[str], Networks] = read_networks
+    geoip: Callable[[str], GeoIP] = open_geoip
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Parts:
     webhook_trust: Mapping[str, ssl.IOpenSSLTrustRoot] = field(default_factory=dict)  # by webhook name
     signer: Signer | None = None
     users: UsersTable | None = None
+    prefetch_networks: Networks = EMPTY  # engagement_tracker.prefetch_networks_file's
+    geoip: GeoIP | None = None  # engagement_tracker.geoip_database, opened
 
 
 def build(config: Config, problems: Problems | None = None, loaders: Loaders = Loaders()) -> Parts:
@@ -96,6 +102,7 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
     users = None
     if config.smtp.users_file:
         users = _load(problems, "smtp.users_file", loaders.users, config.smtp.users_file)
+    prefetch_networks, geoip = _engagement(config, problems, loaders)
     keyring: Keyring | None = None
     policy_hook = None
     if not problems:
@@ -110,7 +117,8 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
     if problems or keyring is None:
         raise ConfigError(problems, config.source)
     return Parts(config=config, keyring=keyring, policy_hook=policy_hook, listener_tls=listener_tls,
-                 delivery_trust=delivery_trust, webhook_trust=webhook_trust, signer=signer, users=users)
+                 delivery_trust=delivery_trust, webhook_trust=webhook_trust, signer=signer, users=users,
+                 prefetch_networks=prefetch_networks, geoip=geoip)
 
 
 def build_from_toml(data: dict[str, Any], source: str = "", loaders: Loaders = Loaders()) -> Parts:
@@ -160,6 +168,19 @@ def _webhooks(webhooks: tuple[WebhookConfig, ...], problems: Problems, loaders: 
                 hook = replace(hook, auth_client_secret=secret)
         filled.append(hook)
     return tuple(filled), trust
+
+
+def _engagement(config: Config, problems: Problems, loaders: Loaders) -> tuple[Networks, GeoIP | None]:
+    """The prefetch networks and the MaxMind database the tracker classifies and places hits with."""
+    c = config.engagement_tracker
+    networks = EMPTY
+    if c.prefetch_networks_file:
+        networks = _load(problems, "engagement_tracker.prefetch_networks_file", loaders.networks,
+                         c.prefetch_networks_file) or EMPTY
+    geoip = None
+    if c.geoip_database:
+        geoip = _load(problems, "engagement_tracker.geoip_database", loaders.geoip, c.geoip_database)
+    return networks, geoip
 
 
 def _load(problems: Problems, where: str, loader: Callable[..., Any], *args: str) -> Any:

@@ -52,7 +52,7 @@ _FAILURE = ("error_code", "reason", "raw_reason", "bounce_class")
 _OUTCOME = ("msg_from", "routing_domain", "ip_address", "queue_time", "num_retries", "delv_method",
             "outbound_tls")
 _TRACK = ("message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_tags",
-          "ip_address", "user_agent")
+          "ip_address", "user_agent", "user_agent_parsed")
 _CLICK = (*_TRACK, "target_link_url", "target_link_name", "accept_language")
 
 FIELDS: Mapping[str, tuple[str, ...]] = {
@@ -81,8 +81,11 @@ OPTIONAL_FIELDS: Mapping[str, tuple[str, ...]] = {
     DELAY: ("msg_from_truncated", "reason_truncated", "raw_reason_truncated"),
     BOUNCE: ("msg_from_truncated", "reason_truncated", "raw_reason_truncated"),
     DELIVERY: ("msg_from_truncated",),
-    CLICK: ("rcpt_meta",),
-    LINK_UNSUBSCRIBE: ("rcpt_meta",),
+    # geo_ip: with a MaxMind database (engagement_tracker.geoip_database) that knows the address.
+    OPEN: ("geo_ip",),
+    INITIAL_OPEN: ("geo_ip",),
+    CLICK: ("rcpt_meta", "geo_ip"),
+    LINK_UNSUBSCRIBE: ("rcpt_meta", "geo_ip"),
 }
 
 # The most UTF-8 bytes an event carries of text that a message, an SMTP client,
@@ -274,7 +277,8 @@ def delivery_event(envelope: Envelope, recipient: Recipient, outcome: Attempt, r
 # -- engagement -----------------------------------------------------------------------
 
 
-def _track_fields(link: LinkData, ip_address: str, user_agent: str) -> dict[str, Any]:
+def _track_fields(link: LinkData, ip_address: str, user_agent: str,
+                  who: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "message_id": link.message_id,
         "transmission_id": link.transmission_id,
@@ -284,19 +288,26 @@ def _track_fields(link: LinkData, ip_address: str, user_agent: str) -> dict[str,
         "rcpt_tags": list(link.tags),
         "ip_address": ip_address,
         "user_agent": user_agent,
+        **who,
     }
 
 
-def open_event(link: LinkData, ip_address: str, user_agent: str) -> Draft:
-    """An ``open`` or ``initial_open`` (``link.kind``); opens always carry the metadata, as SparkPost's do."""
-    fields = _track_fields(link, ip_address, user_agent)
+def open_event(link: LinkData, ip_address: str, user_agent: str, who: Mapping[str, Any]) -> Draft:
+    """
+    An ``open`` or ``initial_open`` (``link.kind``); opens always carry the metadata, as SparkPost's do.
+
+    ``who`` is what ``appliance.engagement`` made of the client: ``user_agent_parsed``,
+    and ``geo_ip`` where known.
+    """
+    fields = _track_fields(link, ip_address, user_agent, who)
     fields["rcpt_meta"] = link.metadata if link.metadata is not None else {}
     return Draft(link.kind, fields)
 
 
-def click_events(link: LinkData, ip_address: str, user_agent: str, accept_language: str) -> list[Draft]:
-    """A ``click``, and a ``link_unsubscribe`` as well for an unsubscribe link."""
-    fields = _track_fields(link, ip_address, user_agent)
+def click_events(link: LinkData, ip_address: str, user_agent: str, accept_language: str,
+                 who: Mapping[str, Any]) -> list[Draft]:
+    """A ``click``, and a ``link_unsubscribe`` as well for an unsubscribe link; ``who`` as for opens."""
+    fields = _track_fields(link, ip_address, user_agent, who)
     if link.metadata is not None:
         fields["rcpt_meta"] = link.metadata
     fields.update(target_link_url=link.target, target_link_name=link.link_name,

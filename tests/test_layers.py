@@ -23,8 +23,8 @@ import appliance
 ROOT = os.path.dirname(os.path.abspath(appliance.__file__))
 
 # The pure core: plain functions and classes over bytes and settings.
-PURE = {"bounces", "config", "dkim", "eventtypes", "files", "headers", "links", "retry", "rewrite",
-        "settings"}
+PURE = {"bounces", "config", "dkim", "engagement", "eventtypes", "files", "headers", "links", "retry",
+        "rewrite", "settings"}
 
 # What each part may import at run time (imports under ``if TYPE_CHECKING:`` are
 # annotations only and may also name the parts in TYPE_ONLY).
@@ -35,6 +35,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "retry": set(),
     "reactors": set(),
     "sighup": set(),  # one SIGHUP handler for every part that re-reads something
+    # Who opened and clicked: user agents, prefetch networks, MaxMind, the machine rules.
+    "engagement": set(),
     "events": {"files"},
     "eventtypes": {"bounces"},
     "config": {"dkim", "eventtypes", "headers"},
@@ -48,16 +50,18 @@ MAY_IMPORT: dict[str, set[str]] = {
     "follower": {"files", "reactors"},
     "tls": {"files"},
     "users": {"files", "reactors"},
-    "tracker": {"config", "events", "eventtypes", "links", "reactors"},
+    "tracker": {"config", "engagement", "events", "eventtypes", "links", "reactors"},
     "delivery": {"bounces", "config", "dkim", "events", "eventtypes", "files", "links", "reactors",
                  "retry", "rewrite", "settings", "spool"},
     "webhooks": {"config", "events", "eventtypes", "files", "follower", "reactors", "retry"},
     "injection": {"config", "events", "eventtypes", "files", "headers", "policy", "reactors",
                   "settings", "spool"},
     "smtp": {"config", "reactors", "tls"},
-    "build": {"config", "dkim", "links", "policy", "reactors", "tls", "users"},
-    "service": {"build", "config", "delivery", "events", "files", "injection", "links", "policy",
-                "reactors", "sighup", "smtp", "spool", "tracker", "users", "webhooks"},
+    # build opens the engagement files (prefetch networks, MaxMind database) once, at start.
+    "build": {"config", "dkim", "engagement", "links", "policy", "reactors", "tls", "users"},
+    # service re-reads the prefetch networks on SIGHUP.
+    "service": {"build", "config", "delivery", "engagement", "events", "files", "injection", "links",
+                "policy", "reactors", "sighup", "smtp", "spool", "tracker", "users", "webhooks"},
     # The admin listener's resources: they read what the services hand them.
     "admin": set(),
     "tap": {"build", "config", "reactors", "service"},

@@ -13,7 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from appliance.links import MAX_URL_LENGTH, TAG_BYTES, LinkCodec, LinkData, click_url, open_url
+from appliance.links import (
+    MAX_URL_LENGTH,
+    SHARED_FIELDS,
+    TAG_BYTES,
+    LinkCodec,
+    LinkData,
+    click_url,
+    open_url,
+)
 from appliance.rewrite.edits import OPEN_SLOT, Link
 from appliance.rewrite.mime import encode_base64, encode_qp, fits_7bit
 from appliance.settings import Tracking
@@ -24,11 +32,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Identity:
-    """Whose copy: the fields every token of the copy carries."""
+    """Whose copy, and when it is made (Unix seconds): the fields every token of the copy carries."""
 
     message_id: str
     transmission_id: str
     rcpt_to: str
+    issued: int = 0
 
 
 @dataclass
@@ -71,7 +80,8 @@ class LinkRenderer:
         self.tracking = tracking
         common = LinkData("click", tracking.expiry, identity.message_id, identity.transmission_id,
                           identity.rcpt_to, tracking.campaign_id, tracking.tags,
-                          tracking.metadata if tracking.include_metadata else None)
+                          tracking.metadata if tracking.include_metadata else None,
+                          issued=identity.issued)
         self._common = common
         self._shared_length: int | None = None
         # Made at the first click: a renderer that only checks lengths (``tracking_notes``,
@@ -100,7 +110,8 @@ class LinkRenderer:
     def _open_data(self, slot: int) -> LinkData:
         t, i = self.tracking, self.identity
         return LinkData("open" if slot == OPEN_SLOT else "initial_open", t.expiry, i.message_id,
-                        i.transmission_id, i.rcpt_to, t.campaign_id, t.tags, t.metadata)
+                        i.transmission_id, i.rcpt_to, t.campaign_id, t.tags, t.metadata,
+                        issued=i.issued)
 
     # Whether a URL would be too long, cheaply: a token is the unpadded base64 of a
     # version and key id byte, its body and a 16-byte tag, and its body is the compact
@@ -109,7 +120,7 @@ class LinkRenderer:
 
     def click_too_long(self, link: Link) -> bool:
         if self._shared_length is None:
-            self._shared_length = _json_length(self._common.to_array()[:8])
+            self._shared_length = _json_length(_longest_issued(self._common).to_array()[:SHARED_FIELDS])
         bound = (len(click_url(self._scheme, self._domain, "", link.sublink))
                  + _token_length(self._shared_length + len(link.suffix)))
         return bound > MAX_URL_LENGTH and self.click(link) is None
@@ -122,7 +133,7 @@ class LinkRenderer:
         by their undeflated length, so a bound for every link costs no HMAC.
         """
         if self._shared_length is None:
-            self._shared_length = _json_length(self._common.to_array()[:8])
+            self._shared_length = _json_length(_longest_issued(self._common).to_array()[:SHARED_FIELDS])
         head = self._heads.get(link.sublink)
         if head is None:
             head = self._heads[link.sublink] = click_url(self._scheme, self._domain, "", link.sublink)
@@ -137,11 +148,16 @@ class LinkRenderer:
     def open_too_long(self, slot: int) -> bool:
         t = self.tracking
         bound = (len(open_url(t.open_tracking_scheme, t.tracking_domain, ""))
-                 + _token_length(_json_length(self._open_data(slot).to_array())))
+                 + _token_length(_json_length(_longest_issued(self._open_data(slot)).to_array())))
         return bound > MAX_URL_LENGTH and self.open(slot) is None
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as the tokens' JSON
+
+
+def _longest_issued(data: LinkData) -> LinkData:
+    """``data`` with a send time as long as any until 2286: a length checked at injection holds."""
+    return data._replace(issued=max(data.issued, 9_999_999_999))
 
 
 def _json_length(fields: list[Any]) -> int:
