@@ -82,7 +82,7 @@ def parse_networks(text: str, source: str = "networks file") -> Networks:
     """
     v4: list[tuple[int, int]] = []
     v6: list[tuple[int, int]] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
         prefix = line.split("#", 1)[0].split(",", 1)[0].strip()
         if not prefix:
             continue
