@@ -167,7 +167,8 @@ class Appliance(MultiService):
         # the prepared form of a message is cached, so N copies cost one parse.
         self.copies = CopyMaker(self.spool.read_message, self.links, signer=parts.signer, run=run,
                                 max_links=config.smtpapi.max_tracked_links,
-                                max_size=config.smtp.max_message_size)
+                                max_size=config.smtp.max_message_size,
+                                trap_links=config.engagement_tracker.bot_trap_link)
         self.delivery = DeliveryService(
             config.delivery, self.spool, self.events, self.copies,
             self.router, helo_name=config.delivery.helo_name or config.node.hostname,

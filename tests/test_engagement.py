@@ -483,3 +483,52 @@ class ApplianceTests(SynchronousTestCase):
         os.remove(self.relay)
         self.running.appliance.reload_prefetch_networks()
         self.assertTrue(self.open_prefetched("104.28.0.9"))
+
+
+class TrapLinkTests(SynchronousTestCase):
+    """engagement_tracker.bot_trap_link: a hidden link first in each tracked HTML part."""
+
+    def start(self, **changes: Any) -> MemoryAppliance:
+        running = MemoryAppliance(self.mktemp(), engagement_tracker={"bot_trap_link": True}, **changes)
+        running.start()
+        self.addCleanup(running.stop)
+        return running
+
+    def test_the_trap_is_hidden_and_counts_a_machine(self) -> None:
+        running = self.start()
+        send(running, ["a@example.test"], message(TRACK_ALL))
+        [copy] = running.sink.messages
+        data = copy.data.replace(b"=\r\n", b"").replace(b"=3D", b"=")
+        html = data[data.index(b"text/html"):]
+        body = html.index(b"<body>") + len(b"<body>")
+        # First in the body, before the initial pixel; hidden from readers and screen readers.
+        self.assertTrue(html[body:].startswith(
+            b'<div style="display:none !important;max-height:0;overflow:hidden;mso-hide:all" '
+            b'aria-hidden="true"><a href="http://track.test:8080/f/a/'), html[body:body + 200])
+        self.assertIn(b'" tabindex="-1"></a></div><div style="display:none', html)
+        codec = LinkCodec(read_keyring(running.config.links.keys_file))
+        tokens = TOKEN.findall(data)
+        links = [codec.decode(t) for t in tokens]
+        [trap] = [d for d in links if d.trap]
+        self.assertEqual((trap.kind, trap.link_name, trap.target), ("click", "trap",
+                                                                   "https://shop.example/p?id=1&x=2#top"))
+        # Not in the text part, and every other link is as it was.
+        text = data[data.index(b"text/plain"):data.index(b"text/html")]
+        self.assertNotIn(b"aria-hidden", text)
+        self.assertEqual(sorted(d.kind for d in links), ["click", "click", "click", "initial_open", "open"])
+        token = tokens[[d.trap for d in links].index(True)].decode()
+        status, headers, _ = running.get(f"/f/a/{token}", {"User-Agent": CHROME_WINDOWS})
+        self.assertEqual((status, headers["location"]), (302, "https://shop.example/p?id=1&x=2#top"))
+        [event] = [e for e in running.events() if e["type"] == "click"]
+        self.assertEqual((event["target_link_name"], event["user_agent_parsed"]["is_prefetched"]),
+                         ("trap", True))
+
+    def test_no_trap_without_tracked_links(self) -> None:
+        running = self.start()
+        opens_only = json.dumps({"options": {"open_tracking": True, "click_tracking": False}})
+        send(running, ["a@example.test"], message(opens_only))
+        no_links = message(TRACK_ALL, html=b"<html><body><p>Hello</p></body></html>\r\n")
+        send(running, ["a@example.test"], no_links)
+        for copy in running.sink.messages:
+            self.assertNotIn(b"aria-hidden", copy.data)
+            self.assertIn(b"/q/", copy.data.replace(b"=\r\n", b""))  # the pixels are there

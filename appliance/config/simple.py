@@ -42,6 +42,7 @@ class EngagementTrackerConfig:
     prefetch_networks_file: str = ""  # RFC 8805 CSV of Apple's iCloud Private Relay egress ranges
     geoip_database: str = ""  # a MaxMind .mmdb: events get SparkPost's geo_ip
     click_prefetch_seconds: float = 10.0  # a click this soon after sending is a scanner's; 0: off
+    bot_trap_link: bool = False  # a hidden link first in tracked HTML parts: only machines follow it
 
 
 def _optional_path(t: Table, name: str) -> str:
@@ -58,6 +59,7 @@ def read_engagement_tracker(t: Table) -> EngagementTrackerConfig:
         prefetch_networks_file=_optional_path(t, "prefetch_networks_file"),
         geoip_database=_optional_path(t, "geoip_database"),
         click_prefetch_seconds=t.duration("click_prefetch_seconds", d.click_prefetch_seconds),
+        bot_trap_link=t.bool("bot_trap_link", d.bot_trap_link),
     )
     if c.click_prefetch_seconds < 0:
         t.error("click_prefetch_seconds", "must be 0 (off) or more seconds")

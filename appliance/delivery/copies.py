@@ -77,8 +77,11 @@ class CopyMaker:
                  run: Callable[..., defer.Deferred] = threads.deferToThread,
                  max_links: int = MAX_TRACKED_LINKS, max_size: int | None = None,
                  render_inline_bytes: int = RENDER_INLINE_BYTES,
-                 now: Callable[[], float] = time.time) -> None:
-        """``now`` is the send time each copy's links carry (``LinkData.issued``)."""
+                 now: Callable[[], float] = time.time, trap_links: bool = False) -> None:
+        """
+        ``now`` is the send time each copy's links carry (``LinkData.issued``);
+        ``trap_links`` puts the hidden trap link in tracked HTML parts.
+        """
         self.read = read
         self.codec = codec
         self.max_bytes = max_bytes
@@ -91,6 +94,7 @@ class CopyMaker:
         self.max_size = max_size
         self.render_inline_bytes = render_inline_bytes
         self.now = now
+        self.trap_links = trap_links
 
     def __contains__(self, transmission_id: str) -> bool:
         """Whether anything of this message is cached."""
@@ -171,7 +175,7 @@ class CopyMaker:
         return self._sign(self._render(prepared, tid, recipient, tracking))
 
     def _render(self, prepared: Prepared, tid: str, recipient: Any, tracking: Tracking) -> bytes:
-        identity = _identity(tid, recipient, int(self.now()))
+        identity = _identity(tid, recipient, int(self.now()), self.trap_links)
         try:
             if self.max_size is not None and prepared.over_size(
                     self.codec, identity, tracking, self.max_size):
@@ -250,6 +254,6 @@ def _cost(value: Prepared | bytes) -> int:
     return value.size if isinstance(value, Prepared) else sys.getsizeof(value)
 
 
-def _identity(transmission_id: str, recipient: Any, issued: int = 0) -> Identity:
+def _identity(transmission_id: str, recipient: Any, issued: int = 0, trap_link: bool = False) -> Identity:
     return Identity(recipient.message_id, transmission_id,
-                    recipient.event_fields.get("rcpt_to", recipient.address.lower()), issued)
+                    recipient.event_fields.get("rcpt_to", recipient.address.lower()), issued, trap_link)

@@ -22,7 +22,7 @@ from appliance.links import (
     click_url,
     open_url,
 )
-from appliance.rewrite.edits import OPEN_SLOT, Link
+from appliance.rewrite.edits import INITIAL_SLOT, OPEN_SLOT, Link
 from appliance.rewrite.mime import encode_base64, encode_qp, fits_7bit
 from appliance.settings import Tracking
 
@@ -32,12 +32,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Identity:
-    """Whose copy, and when it is made (Unix seconds): the fields every token of the copy carries."""
+    """
+    Whose copy, and when it is made (Unix seconds): the fields every token of the copy carries.
+
+    ``trap_link``: the HTML parts whose links are tracked get a hidden link first
+    (``engagement_tracker.bot_trap_link``), which only a machine follows.
+    """
 
     message_id: str
     transmission_id: str
     rcpt_to: str
     issued: int = 0
+    trap_link: bool = False
 
 
 @dataclass
@@ -51,6 +57,11 @@ class Change:
 
 
 OPEN_PIXEL = '<img border="0" width="1" height="1" alt="" src="{}">'
+# Hidden from readers and screen readers alike (mso-hide for Outlook, which ignores
+# display:none); a scanner that follows every href follows it. Its hit is a machine's click.
+TRAP_LINK = ('<div style="display:none !important;max-height:0;overflow:hidden;mso-hide:all" '
+             'aria-hidden="true"><a href="{}" tabindex="-1"></a></div>')
+TRAP_LINK_NAME = "trap"
 INITIAL_PIXEL = ('<div style="display:none !important;max-height:0;overflow:hidden;mso-hide:all">'
                  '<img border="0" width="1" height="1" alt="" src="{}"></div>')
 
@@ -99,6 +110,12 @@ class LinkRenderer:
         if encode is None:
             encode = self._encode = self.codec.click_encoder(self._common)
         url = head + encode(link.suffix)
+        return url if len(url) <= MAX_URL_LENGTH else None
+
+    def trap(self, decoy: Link) -> str | None:
+        """The hidden link's URL, leading where ``decoy`` (a link of the part) leads; ``None`` if too long."""
+        data = self._common._replace(link_name=TRAP_LINK_NAME, target=decoy.target, trap=True)
+        url = click_url(self._scheme, self._domain, self.codec.encode(data))
         return url if len(url) <= MAX_URL_LENGTH else None
 
     def open(self, slot: int) -> str | None:
@@ -169,6 +186,25 @@ def _token_length(body: int) -> int:
     return -(-(2 + body + TAG_BYTES) * 4 // 3)
 
 
+def slot_markup(slot: int, part_links: list[Link], links: LinkRenderer, tracking: Tracking) -> str:
+    """
+    What a pixel slot of one copy holds: its pixel, and at the top the trap link
+    where the copy has one and the part tracked links. A pixel or link whose URL
+    would be too long is left out (``tracking_notes`` says so of pixels).
+    """
+    markup = ""
+    if (slot == INITIAL_SLOT and links.identity.trap_link and tracking.click_tracking
+            and part_links):
+        url = links.trap(part_links[0])
+        if url is not None:
+            markup = TRAP_LINK.format(attribute_safe(url))
+    if tracking.open_tracking and (slot == OPEN_SLOT or tracking.initial_open):
+        url = links.open(slot)
+        if url is not None:
+            markup += (OPEN_PIXEL if slot == OPEN_SLOT else INITIAL_PIXEL).format(url)
+    return markup
+
+
 def render_part(part: PreparedPart, links: LinkRenderer, tracking: Tracking,
                 changes: list[Change] | None) -> bytes:
     """One part of one recipient's copy: the template filled in, joined and re-encoded."""
@@ -184,11 +220,8 @@ def render_part(part: PreparedPart, links: LinkRenderer, tracking: Tracking,
                 url = urls[link.index]
                 if url is not None:
                     pieces[index] = (attribute_safe(url) if edit.quote is not None else url).encode()
-        elif tracking.open_tracking and (edit.slot == OPEN_SLOT or tracking.initial_open):
-            url = links.open(edit.slot)
-            if url is not None:  # else left out: tracking_notes says so
-                pixel = OPEN_PIXEL if edit.slot == OPEN_SLOT else INITIAL_PIXEL
-                pieces[index] = pixel.format(url).encode()
+        else:
+            pieces[index] = slot_markup(edit.slot, part.links, links, tracking).encode()
     raw = b"".join(pieces)
     if changes is not None:
         _record(part, pieces, changes)
