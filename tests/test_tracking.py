@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import quopri
 import os
+import quopri
 import re
 from typing import Any
 
