@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import quopri
 import time
 from typing import Any
 
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, utils
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
@@ -32,6 +33,7 @@ from appliance.links import LinkCodec, click_url, open_url, read_keyring
 from appliance.tracker import make_site
 from tests.helpers import base_toml, in_thread, make_config, merge
 from tests.memory import MemoryAppliance
+from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS
 from tests.test_tracker import CODEC, NOW, http, link, nets
 from tests.test_tracking import TOKEN, TRACK_ALL, message, send
 
@@ -532,3 +534,46 @@ class TrapLinkTests(SynchronousTestCase):
         for copy in running.sink.messages:
             self.assertNotIn(b"aria-hidden", copy.data)
             self.assertIn(b"/q/", copy.data.replace(b"=\r\n", b""))  # the pixels are there
+
+
+# Reports, into the page, what a reader's browser shows of the trap link and of the rest.
+SHOWN = """<script>
+addEventListener("load", () => {
+  const trap = document.querySelector('a[tabindex="-1"]');
+  const box = trap.getBoundingClientRect();
+  const out = document.createElement("pre");
+  out.id = "shown";
+  out.textContent = JSON.stringify({trap: [box.width, box.height, trap.checkVisibility()],
+                                    hidden: trap.closest("[aria-hidden=true]") !== null,
+                                    text: document.body.innerText.trim(), links: document.links.length});
+  document.documentElement.append(out);
+});
+</script>"""
+
+
+class TrapInBrowserTests(unittest.TestCase):
+    """Headless Chromium shows a reader nothing of the trap link."""
+
+    if CHROMIUM is None:
+        skip = "chromium is not installed (Debian: apt-get install chromium)"
+
+    @defer.inlineCallbacks
+    def test_nothing_shows(self) -> defer.Generator:
+        running = MemoryAppliance(self.mktemp(), engagement_tracker={"bot_trap_link": True})
+        running.start()
+        self.addCleanup(running.stop)
+        send(running, ["a@example.test"], message(TRACK_ALL))
+        [copy] = running.sink.messages
+        data = quopri.decodestring(copy.data)
+        page = data[data.index(b"<html>"):data.index(b"</html>")] + SHOWN.encode() + b"</html>"
+        path = os.path.abspath(self.mktemp() + ".html")
+        with open(path, "wb") as f:
+            f.write(page)
+        profile = self.mktemp()
+        out, _, code = yield utils.getProcessOutputAndValue(
+            "timeout", ("60", CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                        "--virtual-time-budget=5000", "--dump-dom", f"file://{path}"), env=dict(os.environ))
+        self.assertEqual(code, 0)
+        shown = json.loads(out[out.index(b'<pre id="shown">') + 16:out.index(b"</pre>")].decode())
+        self.assertEqual(shown, {"trap": [0, 0, False], "hidden": True, "text": "Hello\n\nbuy mail",
+                                 "links": 3})
