@@ -55,8 +55,7 @@ class Engagement:
 
     def click_fields(self, user_agent: str, ip_address: str, token: bytes, *, issued: int,
                      trap: bool, now: float) -> dict[str, Any]:
-        verdict = classify_click(user_agent, agent=parse_agent(user_agent),
-                                 after_head=self.heads.after_head(ip_address, token, now),
+        verdict = classify_click(user_agent, after_head=self.heads.after_head(ip_address, token, now),
                                  issued=issued, now=now,
                                  prefetch_seconds=self.click_prefetch_seconds, trap=trap)
         return self._fields(user_agent, ip_address, verdict)

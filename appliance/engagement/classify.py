@@ -25,10 +25,11 @@ marked, in ``user_agent_parsed``, so counts can leave it out:
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import NamedTuple
 
-from appliance.engagement.agents import Agent, parse_agent
+from appliance.engagement.agents import CACHE_SIZE, parse_agent
 from appliance.engagement.networks import Networks
 
 # What Mail Privacy Protection's prefetches send, and nothing more.
@@ -67,16 +68,21 @@ class Verdict(NamedTuple):
     is_prefetched: bool
 
 
-def is_image_proxy(user_agent: str) -> bool:
-    return any(token in user_agent for token in IMAGE_PROXY_TOKENS)
-
-
-def is_scanner(user_agent: str, agent: Agent | None = None) -> bool:
-    """A link scanner by its user agent."""
-    if (agent or parse_agent(user_agent)).spider:
-        return True
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _machine(user_agent: str) -> tuple[bool, bool]:
+    """(an image proxy, a link scanner) by the user agent; cached, as the agents come back."""
     lowered = user_agent.lower()
-    return any(token in lowered for token in SCANNER_TOKENS)
+    return (any(token in user_agent for token in IMAGE_PROXY_TOKENS),
+            parse_agent(user_agent).spider or any(token in lowered for token in SCANNER_TOKENS))
+
+
+def is_image_proxy(user_agent: str) -> bool:
+    return _machine(user_agent)[0]
+
+
+def is_scanner(user_agent: str) -> bool:
+    """A link scanner by its user agent: one that names itself, or that ua-parser calls a spider."""
+    return _machine(user_agent)[1]
 
 
 def classify_open(user_agent: str, ip_address: str, prefetch_networks: Networks) -> Verdict:
@@ -85,17 +91,17 @@ def classify_open(user_agent: str, ip_address: str, prefetch_networks: Networks)
     return Verdict(prefetched or is_image_proxy(user_agent), prefetched)
 
 
-def classify_click(user_agent: str, *, agent: Agent | None = None, after_head: bool = False,
-                   issued: int = 0, now: float = 0.0, prefetch_seconds: float = 0.0,
-                   trap: bool = False) -> Verdict:
+def classify_click(user_agent: str, *, after_head: bool = False, issued: int = 0, now: float = 0.0,
+                   prefetch_seconds: float = 0.0, trap: bool = False) -> Verdict:
     """
     Whether a click was a machine's: ``after_head`` that the same address sent a
     ``HEAD`` for the link just before; ``issued`` when the copy was sent (0:
     unknown, a link from before tokens carried it); ``now`` the hit's time.
     """
-    prefetched = (trap or after_head or is_scanner(user_agent, agent)
+    proxy, scanner = _machine(user_agent)
+    prefetched = (trap or after_head or scanner
                   or (prefetch_seconds > 0 and issued > 0 and now - issued < prefetch_seconds))
-    return Verdict(is_image_proxy(user_agent), prefetched)
+    return Verdict(proxy, prefetched)
 
 
 class RecentHeads:
