@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from appliance.build import build
 from appliance.config import ConfigError, parse_config
 from appliance.engagement import Engagement, user_agent_parsed
-from appliance.engagement.agents import parse_agent
+from appliance.engagement.agents import agent_of, make_parser, parse_agent
 from appliance.engagement.classify import (
     HEAD_WINDOW,
     RecentHeads,
@@ -186,6 +186,13 @@ class ParsedTests(SynchronousTestCase):
         unknown = parse_agent("")
         self.assertEqual((unknown.agent_family, unknown.device_family, unknown.os_family,
                           unknown.os_version, unknown.device_brand), ("Other", "Other", "Other", "", ""))
+
+    def test_the_basic_resolver_agrees(self) -> None:
+        """Where ua-parser-rs does not install, the pure-Python resolver gives the same fields."""
+        basic = make_parser(native=False)
+        for agent in (APPLE_MAIL_MAC, APPLE_MAIL_IPHONE, GMAIL_PROXY, YAHOO_PROXY, OUTLOOK_DESKTOP,
+                      CHROME_ANDROID, BING_PREVIEW, GOOGLEBOT, APPLE_PREFETCH, ""):
+            self.assertEqual(agent_of(basic, agent), parse_agent(agent), agent)
 
     def test_cached(self) -> None:
         parse_agent.cache_clear()

@@ -42,8 +42,9 @@ class Agent(NamedTuple):
     spider: bool
 
 
-def _parser() -> Parser:
-    if RegexResolver is not None:
+def make_parser(native: bool = True) -> Parser:
+    """ua-parser with its native resolver where installed (and ``native``), else the basic one."""
+    if native and RegexResolver is not None:
         return Parser(RegexResolver(load_lazy_builtins()))
     return Parser(BasicResolver(load_builtins()))
 
@@ -61,8 +62,13 @@ def parse_agent(user_agent: str) -> Agent:
     """The ``Agent`` of a ``User-Agent`` value; cached, and never raises."""
     global _PARSER
     if _PARSER is None:
-        _PARSER = _parser()
-    result = _PARSER(user_agent, ua_parser.Domain.ALL)
+        _PARSER = make_parser()
+    return agent_of(_PARSER, user_agent)
+
+
+def agent_of(parser: Parser, user_agent: str) -> Agent:
+    """What ``parser`` makes of ``user_agent``, in SparkPost's terms."""
+    result = parser(user_agent, ua_parser.Domain.ALL)
     ua, os, device = result.user_agent, result.os, result.device
     os_family = os.family if os is not None else UNKNOWN
     # SparkPost's os_version is a string: the version's parts joined with dots ("10.15.7").
