@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from appliance.admin.token import prepare_token
 from appliance.config import Config, ConfigError, WebhookConfig, read_config, read_toml
 from appliance.dkim import PrivateKey, Signer, SigningKey, load_private_key, weakness
+from appliance.engagement.geo import GeoIP, open_geoip
+from appliance.engagement.networks import EMPTY, Networks, read_networks
 from appliance.links import KeyFileError, Keyring, new_keyring, prepare_keyring
 from appliance.policy import Hook, PolicyError, load_hook
 from appliance.suppression import SuppressionError, check_database
@@ -62,6 +64,8 @@ class Loaders:
     # even when others failed, so one run lists every problem.
     create_files: bool = True
     suppression: Callable[[str], None] = check_database
+    networks: Callable[[str], Networks] = read_networks
+    geoip: Callable[[str], GeoIP] = open_geoip
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class Parts:
     signer: Signer | None = None
     users: UsersTable | None = None
     admin_token: str | None = None  # None: no admin listener (admin.endpoint is "")
+    prefetch_networks: Networks = EMPTY  # engagement_tracker.prefetch_networks_file's
+    geoip: GeoIP | None = None  # engagement_tracker.geoip_database, opened
 
 
 def build(config: Config, problems: Problems | None = None, loaders: Loaders = Loaders()) -> Parts:
@@ -105,6 +111,7 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
     users = None
     if config.smtp.users_file:
         users = _load(problems, "smtp.users_file", loaders.users, config.smtp.users_file)
+    prefetch_networks, geoip = _engagement(config, problems, loaders)
     keyring: Keyring | None = None
     policy_hook = None
     admin_token = None
@@ -123,7 +130,7 @@ def build(config: Config, problems: Problems | None = None, loaders: Loaders = L
         raise ConfigError(problems, config.source)
     return Parts(config=config, keyring=keyring, policy_hook=policy_hook, listener_tls=listener_tls,
                  delivery_trust=delivery_trust, webhook_trust=webhook_trust, signer=signer, users=users,
-                 admin_token=admin_token)
+                 admin_token=admin_token, prefetch_networks=prefetch_networks, geoip=geoip)
 
 
 def _suppression(database: str, problems: Problems, loaders: Loaders) -> None:
@@ -231,6 +238,19 @@ def _webhooks(webhooks: tuple[WebhookConfig, ...], problems: Problems, loaders: 
                 hook = replace(hook, auth_client_secret=secret)
         filled.append(hook)
     return tuple(filled), trust
+
+
+def _engagement(config: Config, problems: Problems, loaders: Loaders) -> tuple[Networks, GeoIP | None]:
+    """The prefetch networks and the MaxMind database the tracker classifies and places hits with."""
+    c = config.engagement_tracker
+    networks = EMPTY
+    if c.prefetch_networks_file:
+        networks = _load(problems, "engagement_tracker.prefetch_networks_file", loaders.networks,
+                         c.prefetch_networks_file) or EMPTY
+    geoip = None
+    if c.geoip_database:
+        geoip = _load(problems, "engagement_tracker.geoip_database", loaders.geoip, c.geoip_database)
+    return networks, geoip
 
 
 def _load(problems: Problems, where: str, loader: Callable[..., Any], *args: str) -> Any:

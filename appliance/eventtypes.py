@@ -62,8 +62,8 @@ _OUTCOME = ("msg_from", "routing_domain", "ip_address", "sending_ip", "queue_tim
 # routing domain from the recipient, the pool and the way in (the appliance has one of
 # each), and the tracking its link proves on.
 _TRACK = ("message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_tags",
-          "ip_address", "user_agent", "routing_domain", "recipient_domain", "ip_pool", "recv_method",
-          "delv_method")
+          "ip_address", "user_agent", "user_agent_parsed", "routing_domain", "recipient_domain", "ip_pool",
+          "recv_method", "delv_method")
 _OPEN = (*_TRACK, "rcpt_meta", "open_tracking")
 _CLICK = (*_TRACK, "target_link_url", "target_link_name", "accept_language", "click_tracking")
 
@@ -88,8 +88,9 @@ FIELDS: Mapping[str, tuple[str, ...]] = {
     LINK_UNSUBSCRIBE: (*COMMON_FIELDS, *_CLICK),
     # SparkPost's sample, where the token tells: the copy was not transactional (only such
     # copies carry the header) and went out by ESMTP.
-    LIST_UNSUBSCRIBE: (*COMMON_FIELDS, *_TRACK, "rcpt_meta", "routing_domain", "transactional",
-                       "delv_method"),
+    # SparkPost's has no user_agent_parsed: nothing is classified about a one-click POST.
+    LIST_UNSUBSCRIBE: (*COMMON_FIELDS, *(f for f in _TRACK if f != "user_agent_parsed"), "rcpt_meta",
+                       "transactional"),
 }
 
 # Fields an event has only sometimes: why tracking was skipped or a DKIM signature
@@ -107,8 +108,11 @@ OPTIONAL_FIELDS: Mapping[str, tuple[str, ...]] = {
     BOUNCE: ("msg_from_truncated", "friendly_from_truncated", "subject_truncated", "reason_truncated",
              "raw_reason_truncated"),
     DELIVERY: ("msg_from_truncated", "friendly_from_truncated", "subject_truncated"),
-    CLICK: ("rcpt_meta",),
-    LINK_UNSUBSCRIBE: ("rcpt_meta",),
+    # geo_ip: with a MaxMind database (engagement_tracker.geoip_database) that knows the address.
+    OPEN: ("geo_ip",),
+    INITIAL_OPEN: ("geo_ip",),
+    CLICK: ("rcpt_meta", "geo_ip"),
+    LINK_UNSUBSCRIBE: ("rcpt_meta", "geo_ip"),
 }
 
 # The most UTF-8 bytes an event carries of text that a message, an SMTP client,
@@ -349,7 +353,8 @@ def delivery_event(envelope: Envelope, recipient: Recipient, outcome: Attempt, r
 # -- engagement -----------------------------------------------------------------------
 
 
-def _track_fields(link: LinkData, ip_address: str, user_agent: str) -> dict[str, Any]:
+def _track_fields(link: LinkData, ip_address: str, user_agent: str,
+                  who: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "message_id": link.message_id,
         "transmission_id": link.transmission_id,
@@ -364,12 +369,18 @@ def _track_fields(link: LinkData, ip_address: str, user_agent: str) -> dict[str,
         "ip_pool": IP_POOL,
         "recv_method": RECV_METHOD,
         "delv_method": DELV_METHOD,
+        **who,
     }
 
 
-def open_event(link: LinkData, ip_address: str, user_agent: str) -> Draft:
-    """An ``open`` or ``initial_open`` (``link.kind``); opens always carry the metadata, as SparkPost's do."""
-    fields = _track_fields(link, ip_address, user_agent)
+def open_event(link: LinkData, ip_address: str, user_agent: str, who: Mapping[str, Any]) -> Draft:
+    """
+    An ``open`` or ``initial_open`` (``link.kind``); opens always carry the metadata, as SparkPost's do.
+
+    ``who`` is what ``appliance.engagement`` made of the client: ``user_agent_parsed``,
+    and ``geo_ip`` where known.
+    """
+    fields = _track_fields(link, ip_address, user_agent, who)
     fields["rcpt_meta"] = link.metadata if link.metadata is not None else {}
     fields["open_tracking"] = True  # a pixel is only there when it is on
     if link.kind == INITIAL_OPEN:
@@ -377,9 +388,10 @@ def open_event(link: LinkData, ip_address: str, user_agent: str) -> Draft:
     return Draft(link.kind, fields)
 
 
-def click_events(link: LinkData, ip_address: str, user_agent: str, accept_language: str) -> list[Draft]:
-    """A ``click``, and a ``link_unsubscribe`` as well for an unsubscribe link."""
-    fields = _track_fields(link, ip_address, user_agent)
+def click_events(link: LinkData, ip_address: str, user_agent: str, accept_language: str,
+                 who: Mapping[str, Any]) -> list[Draft]:
+    """A ``click``, and a ``link_unsubscribe`` as well for an unsubscribe link; ``who`` as for opens."""
+    fields = _track_fields(link, ip_address, user_agent, who)
     if link.metadata is not None:
         fields["rcpt_meta"] = link.metadata
     fields.update(target_link_url=link.target, target_link_name=link.link_name,
@@ -391,7 +403,7 @@ def click_events(link: LinkData, ip_address: str, user_agent: str, accept_langua
 
 def list_unsubscribe_event(link: LinkData, ip_address: str, user_agent: str) -> Draft:
     """A one-click unsubscribe (RFC 8058) of the copy ``link`` names: SparkPost's ``list_unsubscribe``."""
-    fields = _track_fields(link, ip_address, user_agent)
+    fields = _track_fields(link, ip_address, user_agent, {})
     fields.update(rcpt_meta=link.metadata if link.metadata is not None else {},
                   transactional="0")  # a transactional copy has no List-Unsubscribe
     return Draft(LIST_UNSUBSCRIBE, fields)

@@ -48,6 +48,8 @@ _DEFLATED = 0x01
 KINDS = ("open", "initial_open", "click", "unsubscribe")
 _KIND_CODES = {"open": "o", "initial_open": "i", "click": "c", "unsubscribe": "u"}
 _KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
+# How many leading fields of a click token's body the recipient's copy decides (to ``issued``).
+SHARED_FIELDS = 9
 # Bodies shorter than this are not deflated: the saving on a short link is a few
 # characters, and the token of such a link stays well under 500 characters anyway.
 DEFLATE_FROM = 320
@@ -95,6 +97,10 @@ class LinkData(NamedTuple):
     """
     What one tracked link says; ``metadata`` is ``None`` when the link does not carry it.
 
+    ``issued`` is when the copy was made (Unix seconds; 0 in links made before
+    tokens carried it), so a click seconds after delivery can be told for a
+    scanner's; ``trap`` marks the hidden link no reader sees.
+
     A named tuple rather than a dataclass: the tracker builds one per hit, and a
     tuple is built several times faster than a frozen dataclass.
     """
@@ -110,28 +116,37 @@ class LinkData(NamedTuple):
     link_name: str = ""
     target: str = ""
     unsubscribe: bool = False
+    issued: int = 0
+    trap: bool = False
 
     def expired(self, now: float) -> bool:
         return now >= self.expiry
 
     def to_array(self) -> list[Any]:
+        # ``issued`` goes with the recipient's fields, ahead of the link's own, so the
+        # fast click encoder shares it; ``trap`` last. 11 fields: a link from before both.
         return [_KIND_CODES[self.kind], self.expiry, self.message_id, self.transmission_id,
-                self.rcpt_to, self.campaign_id, list(self.tags), self.metadata, self.link_name,
-                self.target, 1 if self.unsubscribe else 0]
+                self.rcpt_to, self.campaign_id, list(self.tags), self.metadata, self.issued,
+                self.link_name, self.target, 1 if self.unsubscribe else 0, 1 if self.trap else 0]
 
     @classmethod
     def from_array(cls, f: Any) -> LinkData:
-        if type(f) is not list or len(f) != 11:
+        if type(f) is not list or len(f) not in (11, 13):
             raise InvalidToken("token body has the wrong shape")
-        kind, expiry, mid, tid, rcpt, campaign, tags, meta, name, target, unsub = f
-        if (kind not in _KIND_NAMES or type(expiry) is not int
+        if len(f) == 11:
+            kind, expiry, mid, tid, rcpt, campaign, tags, meta, name, target, unsub = f
+            issued, trap = 0, 0
+        else:
+            kind, expiry, mid, tid, rcpt, campaign, tags, meta, issued, name, target, unsub, trap = f
+        if (kind not in _KIND_NAMES or type(expiry) is not int or type(issued) is not int
                 or not (type(mid) is type(tid) is type(rcpt) is type(campaign) is type(name)
                         is type(target) is str)
                 or type(tags) is not list or not all(type(t) is str for t in tags)
-                or not (meta is None or type(meta) is dict) or unsub not in (0, 1)):
+                or not (meta is None or type(meta) is dict) or unsub not in (0, 1)
+                or trap not in (0, 1)):
             raise InvalidToken("token body has the wrong types")
         return cls(_KIND_NAMES[kind], expiry, mid, tid, rcpt, campaign, tuple(tags), meta, name,
-                   target, unsub == 1)
+                   target, unsub == 1, issued, trap == 1)
 
 
 @dataclass(frozen=True)
@@ -217,7 +232,7 @@ class LinkCodec:
         each copy then costs the HMAC and base64 of its own suffix; a body long
         enough to be deflated takes the general path.
         """
-        shared = _json(common._replace(kind="click").to_array()[:8])[:-1] + b","
+        shared = _json(common._replace(kind="click").to_array()[:SHARED_FIELDS])[:-1] + b","
         keys = self._keys
 
         def seal(body: bytes) -> str:
@@ -298,7 +313,7 @@ def click_suffix(link_name: str, target: str, unsubscribe: bool) -> bytes:
     """The part of a click token's body that depends on the link alone (see ``click_encoder``)."""
     # What _json([link_name, target, 0 or 1])[1:] gives, string by string: the encoder's own
     # string function, without its per-call machinery (once per link of every message).
-    return f"{_json_string(link_name)},{_json_string(target)},{1 if unsubscribe else 0}]".encode()
+    return f"{_json_string(link_name)},{_json_string(target)},{1 if unsubscribe else 0},0]".encode()
 
 
 def open_url(scheme: str, domain: str, token: str) -> str:

@@ -42,6 +42,8 @@ from appliance.admin.suppressions import SuppressionList
 from appliance.build import Parts
 from appliance.delivery import DeliveryService, Router
 from appliance.delivery.copies import CopyMaker
+from appliance.engagement import Engagement
+from appliance.engagement.networks import NetworksFileError, read_networks
 from appliance.events import EventLog
 from appliance.injection import Injector
 from appliance.links import LinkCodec
@@ -182,6 +184,7 @@ class Appliance(MultiService):
         self.delivery.setServiceParent(self)
         self._suppression(reactor, run_files)
         self._smtp(parts, reactor, run_passwords)
+        self._engagement(parts, run_files)
         self._tracker(reactor)
         self._admin(parts, reactor)
         self._sighup(reactor, handle_sighup)
@@ -216,7 +219,8 @@ class Appliance(MultiService):
         # the prepared form of a message is cached, so N copies cost one parse.
         self.copies = CopyMaker(self.spool.read_message, self.links, signer=parts.signer, run=run,
                                 max_links=config.smtpapi.max_tracked_links,
-                                max_size=config.smtp.max_message_size)
+                                max_size=config.smtp.max_message_size,
+                                trap_links=config.engagement_tracker.bot_trap_link)
         self.delivery = DeliveryService(
             config.delivery, self.spool, self.events, self.copies,
             self.router, helo_name=config.delivery.helo_name or config.node.hostname,
@@ -297,10 +301,38 @@ class Appliance(MultiService):
             svc.setServiceParent(self)
             self.smtp_listeners.append(svc)
 
+    def _engagement(self, parts: Parts, run_files: Runner) -> None:
+        """What the tracker makes of its clients: prefetch networks, MaxMind database, click rules."""
+        c = parts.config.engagement_tracker
+        self.engagement = Engagement(parts.prefetch_networks, parts.geoip, c.click_prefetch_seconds)
+        self._run_files = run_files
+
+    def reload_prefetch_networks(self) -> defer.Deferred | None:
+        """
+        Re-read ``prefetch_networks_file`` (on SIGHUP) in the file pool: Apple's list is
+        hundreds of thousands of lines. A file that cannot be used keeps the networks in use.
+        """
+        path = self.config.engagement_tracker.prefetch_networks_file
+        if not path:
+            return None
+
+        def use(networks: Any) -> None:
+            self.engagement.prefetch_networks = networks
+            log.info("prefetch networks re-read from {path}: {count} prefixes", path=path,
+                     count=networks.count)
+
+        def keep(failure: Any) -> None:
+            if failure.check(NetworksFileError):
+                log.error("kept the prefetch networks in use: {error}", error=failure.getErrorMessage())
+            else:
+                log.failure("kept the prefetch networks in use", failure)
+
+        return self._run_files(read_networks, path).addCallbacks(use, keep)
+
     def _tracker(self, reactor: Reactor) -> None:
         t = self.config.tracker
         self.tracker_site = make_site(self.links, self.events, t.trusted_proxies,
-                                      reactor=reactor, limits=t.limits)
+                                      reactor=reactor, limits=t.limits, engagement=self.engagement)
         self.tracker = strports.service(t.endpoint, self.tracker_site, reactor=reactor)
         self.tracker.setName("tracker")
         self.tracker.setServiceParent(self)
@@ -406,6 +438,7 @@ class Appliance(MultiService):
             self.sighup.add(self.events.reopen)
             keys_file = self.config.links.keys_file
             self.sighup.add(lambda: self.links.reload(keys_file))
+            self.sighup.add(self.reload_prefetch_networks)
             self.sighup.setServiceParent(self)
 
 

@@ -19,7 +19,15 @@ what hitting many would. ``wrk`` (Debian package ``wrk``) drives each server
 in turn, rotating the order every round so that drift on a shared machine
 hits all alike; the medians over the rounds and the ratios are printed.
 
+``--agents`` sends a ``User-Agent`` with each request, which the tracker
+parses and classifies for the event's ``user_agent_parsed``: ``mix`` cycles
+through the agents a mailing's opens and clicks come from, in about the
+shares they come in (parsed once each, then cached, as in production);
+``distinct`` makes every request's agent new (a browser build number that
+counts up), so every hit pays a full parse: the worst case.
+
     python bench/tracker_bench.py [--rounds 5] [--duration 3] [--connections 16]
+                                  [--agents none|mix|distinct]
 """
 
 from __future__ import annotations
@@ -42,6 +50,47 @@ from tests.ports import free_port  # noqa: E402
 
 KEYRING = Keyring(((1, b"b" * 32),))
 KINDS = ("baseline", "stock", "tracker")
+# (share in percent, user agent): where a marketing mailing's opens and clicks come from.
+AGENT_MIX = (
+    (38, "Mozilla/5.0"),  # Apple Mail Privacy Protection's prefetch
+    (22, "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"),
+    (10, "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+         "Mobile/15E148"),
+    (8, "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17531; Pro)"),
+    (7, "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/126.0.0.0 Safari/537.36"),
+    (5, "Mozilla/5.0 (Linux; Android 14; SM-S918B) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/125.0.6422.165 Mobile Safari/537.36"),
+    (4, "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"),
+    (3, "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html"),
+    (2, "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) BingPreview/1.0b"),
+    (1, "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:115.0) Gecko/20100101 Thunderbird/115.12.2"),
+)
+
+
+def lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def wrk_script(agents: str) -> str:
+    """A wrk script that sends each request with a user agent of ``--agents``."""
+    if agents == "mix":
+        listed = [agent for share, agent in AGENT_MIX for _ in range(share)]
+        # Spread out (a fixed stride through the list), not one agent's share in a row.
+        spread = [listed[(i * 37) % len(listed)] for i in range(len(listed))]
+        return ("local agents = {" + ", ".join(lua_string(a) for a in spread) + "}\n"
+                "local i = 0\n"
+                "request = function()\n"
+                "  i = i + 1\n"
+                "  return wrk.format(nil, nil, {[\"User-Agent\"] = agents[(i % #agents) + 1]})\n"
+                "end\n")
+    return ("local i = 0\n"
+            "request = function()\n"
+            "  i = i + 1\n"
+            "  local agent = string.format(\"Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+            "(KHTML, like Gecko) Chrome/126.0.%d.%d Safari/537.36\", math.random(1, 1000000), i)\n"
+            "  return wrk.format(nil, nil, {[\"User-Agent\"] = agent})\n"
+            "end\n")
 TARGET = "https://shop.example/products/42?utm_source=mail&utm_campaign=spring%20sale#reviews"
 
 
@@ -117,9 +166,11 @@ def parse_wrk(text: str) -> dict[str, float]:
             "bad": int(non3xx.group(1)) if non3xx else 0}
 
 
-def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
-                         check=True, capture_output=True, text=True).stdout
+def run_wrk(url: str, duration: int, connections: int, script: str | None = None) -> dict[str, float]:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if script is not None:
+        command += ["-s", script]
+    out = subprocess.run([*command, url], check=True, capture_output=True, text=True).stdout
     return parse_wrk(out)
 
 
@@ -128,6 +179,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--agents", choices=("none", "mix", "distinct"), default="none",
+                        help="send a User-Agent with each request (see above)")
     parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
@@ -141,6 +194,11 @@ def main() -> int:
 
     directory = tempfile.mkdtemp(prefix="tracker-bench-")
     token = click_token()
+    script = None
+    if args.agents != "none":
+        script = os.path.join(directory, "agents.lua")
+        with open(script, "w") as f:
+            f.write(wrk_script(args.agents))
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
         for kind in KINDS:
@@ -153,7 +211,7 @@ def main() -> int:
         results: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
         for i in range(args.rounds):
             for kind in KINDS[i % len(KINDS):] + KINDS[:i % len(KINDS)]:
-                r = run_wrk(servers[kind][1], args.duration, args.connections)
+                r = run_wrk(servers[kind][1], args.duration, args.connections, script)
                 results[kind].append(r)
                 print(f"round {i + 1} {kind:8} {r['rps']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
                       f"p99 {r['p99']:6.2f} ms", flush=True)
@@ -171,7 +229,8 @@ def main() -> int:
 
     med = {k: {m: statistics.median(r[m] for r in rs) for m in ("rps", "p50", "p99")}
            for k, rs in results.items()}
-    print(f"\nmedians of {args.rounds} rounds, {args.duration:g} s each, wrk -t1 -c{args.connections}:")
+    print(f"\nmedians of {args.rounds} rounds, {args.duration:g} s each, wrk -t1 -c{args.connections}, "
+          f"user agents: {args.agents}:")
     print(f"{'':10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
     for kind in KINDS:
         m = med[kind]

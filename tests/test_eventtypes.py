@@ -24,8 +24,8 @@ MESSAGE = ["subject", "friendly_from", "sending_domain", "recipient_domain", "ms
 OUTCOME = ["msg_from", "routing_domain", "ip_address", "sending_ip", "queue_time", "num_retries",
            "delv_method", "outbound_tls", *MESSAGE]
 TRACK = ["message_id", "transmission_id", "campaign_id", "rcpt_to", "raw_rcpt_to", "rcpt_tags",
-         "ip_address", "user_agent", "routing_domain", "recipient_domain", "ip_pool", "recv_method",
-         "delv_method"]
+         "ip_address", "user_agent", "user_agent_parsed", "routing_domain", "recipient_domain", "ip_pool",
+         "recv_method", "delv_method"]
 OPEN = [*TRACK, "rcpt_meta", "open_tracking"]
 CLICK = [*TRACK, "target_link_url", "target_link_name", "accept_language", "click_tracking"]
 # A text field cut to its cap is marked ``<field>_truncated``.
@@ -44,13 +44,20 @@ CONTRACT: dict[str, tuple[list[str], list[str]]] = {
     "delivery": ([*COMMON, *RECIPIENT, *OUTCOME], CUT),
     "delay": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], [*CUT, *CUT_REASON]),
     "bounce": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], [*CUT, *CUT_REASON]),
-    "open": ([*COMMON, *OPEN], []),
-    "initial_open": ([*COMMON, *OPEN, "initial_pixel"], []),
-    "click": ([*COMMON, *CLICK], ["rcpt_meta"]),
-    "link_unsubscribe": ([*COMMON, *CLICK], ["rcpt_meta"]),
-    "list_unsubscribe": ([*COMMON, *TRACK, "rcpt_meta", "routing_domain", "transactional",
-                          "delv_method"], []),
+    "open": ([*COMMON, *OPEN], ["geo_ip"]),
+    "initial_open": ([*COMMON, *OPEN, "initial_pixel"], ["geo_ip"]),
+    "click": ([*COMMON, *CLICK], ["rcpt_meta", "geo_ip"]),
+    "link_unsubscribe": ([*COMMON, *CLICK], ["rcpt_meta", "geo_ip"]),
+    "list_unsubscribe": ([*COMMON, *[f for f in TRACK if f != "user_agent_parsed"], "rcpt_meta",
+                          "transactional"], []),
 }
+
+# What appliance.engagement made of the client (its own tests hold it to SparkPost's fields).
+PARSED = {"agent_family": "Other", "device_brand": "", "device_family": "Other", "os_family": "Other",
+          "os_version": "", "is_mobile": False, "is_proxy": False, "is_prefetched": False}
+WHO = {"user_agent_parsed": PARSED}
+GEO = {"country": "US", "region": "MD", "city": "Columbia", "latitude": 39.1749,
+       "longitude": -76.8375, "zip": 21046, "postal_code": "21046"}
 
 TID = "4242"
 TRACKING = Tracking(open_tracking=True, click_tracking=False, campaign_id="spring",
@@ -172,28 +179,35 @@ class ContractTests(SynchronousTestCase):
 
     def test_opens_always_carry_the_metadata(self) -> None:
         for kind in ("open", "initial_open"):
-            event = self.made(et.open_event(link(kind), "203.0.113.5", "Mail/1.0"))
+            event = self.made(et.open_event(link(kind), "203.0.113.5", "Mail/1.0", WHO))
             self.assertCarries(event, [])
             self.assertEqual({k: event[k] for k in OPEN}, {
                 "message_id": "00ab", "transmission_id": TID, "campaign_id": "spring",
                 "rcpt_to": "ann@example.test", "raw_rcpt_to": "Ann@Example.TEST", "rcpt_tags": ["a", "b"],
-                "ip_address": "203.0.113.5", "user_agent": "Mail/1.0", "rcpt_meta": {},
+                "ip_address": "203.0.113.5", "user_agent": "Mail/1.0", "user_agent_parsed": PARSED,
+                "rcpt_meta": {},
                 "routing_domain": "example.test", "recipient_domain": "example.test", "ip_pool": "default",
                 "recv_method": "esmtp", "delv_method": "esmtp", "open_tracking": True})
             self.assertEqual(event.get("initial_pixel"), True if kind == "initial_open" else None)
-        self.assertEqual(self.made(et.open_event(link("open", {"k": 1}), "", ""))["rcpt_meta"], {"k": 1})
+            placed = self.made(et.open_event(link(kind), "203.0.113.5", "", {**WHO, "geo_ip": GEO}))
+            self.assertCarries(placed, ["geo_ip"])
+            self.assertEqual(placed["geo_ip"], GEO)
+        self.assertEqual(self.made(et.open_event(link("open", {"k": 1}), "", "", WHO))["rcpt_meta"],
+                         {"k": 1})
 
     def test_clicks_carry_metadata_only_when_the_link_does(self) -> None:
-        [click] = [self.made(d) for d in et.click_events(link("click"), "203.0.113.5", "UA", "de")]
+        [click] = [self.made(d) for d in et.click_events(link("click"), "203.0.113.5", "UA", "de", WHO)]
         self.assertCarries(click, [])
         self.assertEqual({k: click[k] for k in CLICK[-4:]},
                          {"target_link_url": "https://example.net/x", "target_link_name": "cta",
                           "accept_language": "de", "click_tracking": True})
-        drafts = et.click_events(link("click", {"k": 1}, unsubscribe=True), "", "", "")
+        drafts = et.click_events(link("click", {"k": 1}, unsubscribe=True), "", "", "",
+                                 {**WHO, "geo_ip": GEO})
         click, unsubscribe = [self.made(d) for d in drafts]
         self.assertEqual((click["type"], unsubscribe["type"]), ("click", "link_unsubscribe"))
         for event in (click, unsubscribe):
-            self.assertCarries(event, ["rcpt_meta"])
+            self.assertCarries(event, ["rcpt_meta", "geo_ip"])
+            self.assertEqual(event["user_agent_parsed"], PARSED)
             self.assertEqual(event["rcpt_meta"], {"k": 1})
         self.assertNotEqual(click["event_id"], unsubscribe["event_id"])
 

@@ -23,8 +23,8 @@ import appliance
 ROOT = os.path.dirname(os.path.abspath(appliance.__file__))
 
 # The pure core: plain functions and classes over bytes and settings.
-PURE = {"bounces", "config", "dkim", "eventtypes", "files", "headers", "links", "retry", "rewrite",
-        "settings"}
+PURE = {"bounces", "config", "dkim", "engagement", "eventtypes", "files", "headers", "links", "retry",
+        "rewrite", "settings"}
 
 # What each part may import at run time (imports under ``if TYPE_CHECKING:`` are
 # annotations only and may also name the parts in TYPE_ONLY).
@@ -35,6 +35,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "retry": set(),
     "reactors": set(),
     "sighup": set(),  # one SIGHUP handler for every part that re-reads something
+    # Who opened and clicked: user agents, prefetch networks, MaxMind, the machine rules.
+    "engagement": set(),
     "events": {"files"},
     "eventtypes": {"bounces"},
     "config": {"dkim", "eventtypes", "headers"},
@@ -52,7 +54,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "stats": {"eventsearch", "files", "follower", "reactors"},
     "tls": {"files"},
     "users": {"files", "reactors"},
-    "tracker": {"config", "events", "eventtypes", "links", "reactors"},
+    "tracker": {"config", "engagement", "events", "eventtypes", "links", "reactors"},
     # The suppression list: its database, and its own follower of the event log.
     "suppression": {"follower", "reactors"},
     "delivery": {"bounces", "config", "dkim", "events", "eventtypes", "files", "links", "reactors",
@@ -63,11 +65,14 @@ MAY_IMPORT: dict[str, set[str]] = {
     "smtp": {"config", "reactors", "tls"},
     # admin: the token file is made with the link keys, and read the same way; suppression:
     # the database is opened once, so a bad path fails before twistd forks.
-    "build": {"admin", "config", "dkim", "links", "policy", "reactors", "suppression", "tls", "users"},
+    # engagement: the prefetch networks and MaxMind database are opened once, at start.
+    "build": {"admin", "config", "dkim", "engagement", "links", "policy", "reactors", "suppression", "tls",
+              "users"},
     # admin: health, metrics and the admin listener; spoollock: one appliance per spool.
-    "service": {"admin", "build", "config", "delivery", "events", "files", "injection", "links", "policy",
-                "reactors", "sighup", "smtp", "spool", "spoollock", "stats", "suppression", "tracker",
-                "users", "webhooks"},
+    # engagement: the prefetch networks are re-read on SIGHUP.
+    "service": {"admin", "build", "config", "delivery", "engagement", "events", "files", "injection",
+                "links", "policy", "reactors", "sighup", "smtp", "spool", "spoollock", "stats",
+                "suppression", "tracker", "users", "webhooks"},
     # The admin listener's resources: they read what the services hand them. config: the
     # client reads [admin]; files: the token file is written atomically; suppression: the
     # list's entries, errors and scopes are its own.

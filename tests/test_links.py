@@ -60,6 +60,37 @@ class CodecTests(SynchronousTestCase):
         opened = LinkData("open", 1, "m", "t", "r")
         self.assertEqual(CODEC.decode(CODEC.encode(opened)), opened)
 
+    def test_send_time_and_trap_round_trip(self) -> None:
+        for data in (click(issued=1_700_000_000), click(issued=1_700_000_000, trap=True),
+                     LinkData("open", 1, "m", "t", "r", issued=5)):
+            self.assertEqual(CODEC.decode(CODEC.encode(data)), data)
+        common = click(issued=1_700_000_123)
+        token = CODEC.click_encoder(common)(click_suffix("Hero image", common.target, False))
+        self.assertEqual(CODEC.decode(token), common)
+        for wrong in ("1700000000", 1.5, None, True):
+            body = click(issued=0).to_array()
+            body[8] = wrong
+            self.assertRaises(InvalidToken, LinkData.from_array, body)
+        trapped = click().to_array()
+        trapped[12] = 2
+        self.assertRaises(InvalidToken, LinkData.from_array, trapped)
+        self.assertRaises(InvalidToken, LinkData.from_array, click().to_array()[:12])
+
+    def test_links_from_before_the_send_time_still_decode(self) -> None:
+        """Tokens made by the code before links carried ``issued`` and ``trap`` (key 3, b"s" * 32)."""
+        codec = LinkCodec(Keyring(((3, b"s" * 32),)))
+        old_click = ("EANbImMiLDQxMDI0NDQ4MDAsIjAwYTFiMmMzZDRlNWY2YTdiOGM5IiwiNDcxMSIsIlNvbWVvbmVARXhhbXBs"
+                     "ZS5DT00iLCJTcHJpbmcgc2FsZSIsWyJuZXdzIl0seyJ1c2VyIjoiNDIifSwiSGVybyIsImh0dHBzOi8vc2hv"
+                     "cC5leGFtcGxlL3AiLDBdD7411rEBYG9rPfUtYX9gVg")
+        old_open = ("EANbIm8iLDQxMDI0NDQ4MDAsIjAwYTFiMmMzZDRlNWY2YTdiOGM5IiwiNDcxMSIsIlNvbWVvbmVARXhhbXBsZ"
+                    "S5DT00iLCJTcHJpbmcgc2FsZSIsWyJuZXdzIl0sbnVsbCwiIiwiIiwwXQgSYRyPlFjFVkPdbxcCvLQ")
+        self.assertEqual(codec.decode(old_click), LinkData(
+            "click", 4102444800, "00a1b2c3d4e5f6a7b8c9", "4711", "Someone@Example.COM", "Spring sale",
+            ("news",), {"user": "42"}, "Hero", "https://shop.example/p", False, issued=0, trap=False))
+        self.assertEqual(codec.decode(old_open), LinkData(
+            "open", 4102444800, "00a1b2c3d4e5f6a7b8c9", "4711", "Someone@Example.COM", "Spring sale",
+            ("news",), None))
+
     def test_typical_token_is_short(self) -> None:
         token = CODEC.encode(click())
         self.assertLess(len(token), 500)

@@ -679,7 +679,8 @@ class CacheTests(CopyMakerCase):
     def test_a_miss_at_delivery_is_prepared_in_the_worker(self) -> None:
         """After a restart or an eviction, a tracked copy waits for the worker, never parses here."""
         worker = Worker()
-        maker = CopyMaker(self.read(ALTERNATIVE_IN_MIXED), CODEC, run=worker)
+        # One send time for every copy: the copies made apart are compared below.
+        maker = CopyMaker(self.read(ALTERNATIVE_IN_MIXED), CODEC, run=worker, now=lambda: 1_700_000_000)
         queued = Queued("4")
         waiting = [maker(queued, i) for i in range(3)]
         self.assertEqual((self.reads, self.prepared), ([], []))

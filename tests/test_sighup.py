@@ -12,7 +12,15 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.build import build
-from appliance.links import InvalidToken, Keyring, LinkCodec, LinkData, read_keyring, write_keyring
+from appliance.links import (
+    InvalidToken,
+    Keyring,
+    LinkCodec,
+    LinkData,
+    click_suffix,
+    read_keyring,
+    write_keyring,
+)
 from appliance.service import Appliance
 from appliance.sighup import SighupService
 from appliance.spool import run_synchronously
@@ -87,7 +95,7 @@ class KeyReloadTests(SynchronousTestCase):
         self.assertEqual(LinkCodec(Keyring((OLD,))).decode(codec.encode(LINK)), LINK)
         encode = codec.click_encoder(LINK)
         self.assertEqual(codec.decode(LinkCodec(Keyring((OLD,))).encode(LINK)), LINK)
-        self.assertEqual(codec.decode(encode(b'"Raw URL","https://x.example/",0]')), LINK)
+        self.assertEqual(codec.decode(encode(click_suffix("Raw URL", "https://x.example/", False))), LINK)
 
     def test_a_bad_key_file_keeps_the_keys_and_says_why(self) -> None:
         codec = LinkCodec(read_keyring(self.path))

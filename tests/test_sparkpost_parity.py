@@ -42,7 +42,6 @@ NEVER: dict[str, str] = {
     "sms_coding": "SMS: email only", "sms_dst": "SMS", "sms_dst_npi": "SMS", "sms_dst_ton": "SMS",
     "sms_remoteids": "SMS", "sms_segments": "SMS", "sms_src": "SMS", "sms_src_npi": "SMS",
     "sms_src_ton": "SMS", "sms_text": "SMS",
-    "geo_ip": "added by the tracker's engagement data (MaxMind lookup), not by the event builders",
 }
 
 # Fields an engagement event lacks because its link's token does not carry them. The
@@ -78,6 +77,10 @@ LACKS: dict[str, dict[str, str]] = {
                          "initial_pixel": "the unsubscribe token does not say how the copy was tracked"},
 }
 
+# SparkPost's events carry user_agent_parsed (its Events API documents it); the stored
+# documentation samples predate it.
+PARSED = {"user_agent_parsed": "SparkPost's field, absent from these older documentation samples"}
+
 # Fields the appliance adds that SparkPost's sample of the type lacks, and why.
 ADDS: dict[str, dict[str, str]] = {
     "injection": {"auth_user": "the SMTP AUTH user who injected the message (SPEC §8)"},
@@ -87,13 +90,14 @@ ADDS: dict[str, dict[str, str]] = {
     "delay": {},
     "bounce": {"queue_time": "as the delay events of the same copy have it",
                "outbound_tls": "as the delivery and delay events have it"},
-    "open": {"recv_method": "SMTP injection, as every event of the copy says"},
-    "initial_open": {"recv_method": "SMTP injection"},
-    "click": {"recv_method": "SMTP injection",
+    "open": {"recv_method": "SMTP injection, as every event of the copy says", **PARSED},
+    "initial_open": {"recv_method": "SMTP injection", **PARSED},
+    "click": {"recv_method": "SMTP injection", **PARSED,
               "accept_language": "the clicking browser's Accept-Language (SPEC §8)"},
     "list_unsubscribe": {"user_agent": "the client that posted the one-click unsubscribe",
                          "delv_method": "as every engagement event of the copy says"},
-    "link_unsubscribe": {"accept_language": "the click's Accept-Language",
+    "link_unsubscribe": {**PARSED, "geo_ip": "the click's, as the click has it",
+                         "accept_language": "the click's Accept-Language",
                          "target_link_url": "the unsubscribe link's target, as the click has it",
                          "target_link_name": "the unsubscribe link's name, as the click has it"},
 }
@@ -133,6 +137,12 @@ LINK = LinkData("open", 2000, "000443ee14578172be22", "65832150921904138", "Reci
                 "Example Campaign Name", ("male", "US"), {"customKey": "customValue"},
                 "Example Link Name", "http://example.com")
 UA = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_10_3) AppleWebKit/537.36"
+# What appliance.engagement makes of the client, in the shape the tracker writes it.
+WHO = {"user_agent_parsed": {"agent_family": "Chrome", "device_brand": "Apple", "device_family": "Mac",
+                             "os_family": "Mac OS X", "os_version": "10.10.3", "is_mobile": False,
+                             "is_proxy": False, "is_prefetched": False},
+       "geo_ip": {"country": "US", "region": "MD", "city": "Columbia", "latitude": 39.1749,
+                  "longitude": -76.8375, "zip": "21046", "postal_code": "21046"}}
 
 
 def drafts() -> dict[str, et.Draft]:
@@ -141,7 +151,7 @@ def drafts() -> dict[str, et.Draft]:
     later = internal(454, "4.7.1", "Example Remote MTA Delay Message", "18.236.253.72", True)
     refused = reply_outcome(554, "5.7.1 Example Remote MTA Bounce Message", "18.236.253.72")
     click, unsubscribe = et.click_events(LINK._replace(kind="click", unsubscribe=True), "127.0.0.1", UA,
-                                         "en-US")
+                                         "en-US", WHO)
     return {
         "injection": et.injection_event(ENVELOPE, RECIPIENT, "sender@example.com", "Summer deals are here!"),
         "policy_rejection": et.policy_rejection_event(RECIPIENT, "sender@example.com", "sender@example.com",
@@ -150,8 +160,8 @@ def drafts() -> dict[str, et.Draft]:
         "delivery": et.delivery_event(ENVELOPE, RECIPIENT, sent, "example.com", 0.012, 3),
         "delay": et.delivery_event(ENVELOPE, RECIPIENT, later, "example.com", 0.012, 3),
         "bounce": et.delivery_event(ENVELOPE, RECIPIENT, refused, "example.com", 0.012, 3),
-        "open": et.open_event(LINK, "127.0.0.1", UA),
-        "initial_open": et.open_event(LINK._replace(kind="initial_open"), "127.0.0.1", UA),
+        "open": et.open_event(LINK, "127.0.0.1", UA, WHO),
+        "initial_open": et.open_event(LINK._replace(kind="initial_open"), "127.0.0.1", UA, WHO),
         "click": click,
         "link_unsubscribe": unsubscribe,
         "list_unsubscribe": et.list_unsubscribe_event(LINK._replace(kind="unsubscribe"), "127.0.0.1", UA),

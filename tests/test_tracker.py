@@ -29,6 +29,9 @@ CODEC = LinkCodec(KEYRING)
 NOW = 1_700_000_000
 EXPIRY = NOW + 86400
 UA = "Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/128.0"
+UA_PARSED = {"agent_family": "Firefox", "device_brand": "", "device_family": "Other",
+             "os_family": "Linux", "os_version": "", "is_mobile": False, "is_proxy": False,
+             "is_prefetched": False}
 
 
 def link(kind: str = "click", **kw: Any) -> LinkData:
@@ -151,7 +154,7 @@ class TrackerEventTests(SynchronousTestCase):
                 "campaign_id": "Spring sale", "rcpt_to": "someone@example.com",
                 "raw_rcpt_to": "Someone@Example.COM", "rcpt_tags": ["news", "spring"],
                 "rcpt_meta": {"user": "42", "plan": "gold"},
-                "ip_address": "198.51.100.7", "user_agent": UA,
+                "ip_address": "198.51.100.7", "user_agent": UA, "user_agent_parsed": UA_PARSED,
                 "routing_domain": "example.com", "recipient_domain": "example.com", "ip_pool": "default",
                 "recv_method": "esmtp", "delv_method": "esmtp",
                 "open_tracking": True, **({"initial_pixel": True} if kind == "initial_open" else {}),

@@ -30,7 +30,7 @@ from appliance import eventtypes as et
 from appliance.delivery.outcome import internal, reply_outcome
 from tests.building import checked
 from tests.helpers import RunningAppliance, base_toml, in_thread, merge, wait_until
-from tests.test_eventtypes import ENVELOPE, link, recipient
+from tests.test_eventtypes import ENVELOPE, WHO, link, recipient
 from tests.test_webhooks import FakeResponse, ServiceTestCase
 
 try:
@@ -106,9 +106,10 @@ def every_event_type(log: Any) -> list[dict[str, Any]]:
                           "example.test", 300, 2),
         et.delivery_event(ENVELOPE, rcpt, reply_outcome(550, "5.1.1 <Ann@Example.TEST>: no such user",
                                                         "198.51.100.7"), "example.test", 301, 3),
-        et.open_event(link("initial_open", {"plan": "gold"}), "203.0.113.5", AGENT),
-        et.open_event(link("open", {"plan": "gold"}), "203.0.113.5", AGENT),
-        *et.click_events(link("click", {"plan": "gold"}, unsubscribe=True), "203.0.113.5", AGENT, "de"),
+        et.open_event(link("initial_open", {"plan": "gold"}), "203.0.113.5", AGENT, WHO),
+        et.open_event(link("open", {"plan": "gold"}), "203.0.113.5", AGENT, WHO),
+        *et.click_events(link("click", {"plan": "gold"}, unsubscribe=True), "203.0.113.5", AGENT, "de",
+                         WHO),
         et.list_unsubscribe_event(link("unsubscribe", {"plan": "gold"}), "203.0.113.5", AGENT),
     ]
     return [log.make(kind, **fields) for kind, fields in drafts]

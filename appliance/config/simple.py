@@ -38,6 +38,16 @@ def read_node(t: Table) -> NodeConfig:
 class EngagementTrackerConfig:
     click_tracking_include_metadata: bool = True
     max_metadata_len: int = 1000
+    # Machine opens and clicks (appliance.engagement): "" leaves the file or database out.
+    prefetch_networks_file: str = ""  # RFC 8805 CSV of Apple's iCloud Private Relay egress ranges
+    geoip_database: str = ""  # a MaxMind .mmdb: events get SparkPost's geo_ip
+    click_prefetch_seconds: float = 10.0  # a click this soon after sending is a scanner's; 0: off
+    bot_trap_link: bool = False  # a hidden link first in tracked HTML parts: only machines follow it
+
+
+def _optional_path(t: Table, name: str) -> str:
+    value = t.str(name, "")
+    return os.path.abspath(value) if value else ""
 
 
 def read_engagement_tracker(t: Table) -> EngagementTrackerConfig:
@@ -46,7 +56,14 @@ def read_engagement_tracker(t: Table) -> EngagementTrackerConfig:
         click_tracking_include_metadata=t.bool("click_tracking_include_metadata",
                                                d.click_tracking_include_metadata),
         max_metadata_len=t.int("max_metadata_len", d.max_metadata_len, minimum=0, maximum=65536),
+        prefetch_networks_file=_optional_path(t, "prefetch_networks_file"),
+        geoip_database=_optional_path(t, "geoip_database"),
+        click_prefetch_seconds=t.duration("click_prefetch_seconds", d.click_prefetch_seconds),
+        bot_trap_link=t.bool("bot_trap_link", d.bot_trap_link),
     )
+    if c.click_prefetch_seconds < 0:
+        t.error("click_prefetch_seconds", "must be 0 (off) or more seconds")
+        c = replace(c, click_prefetch_seconds=d.click_prefetch_seconds)
     t.finish()
     return c
 

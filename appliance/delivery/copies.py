@@ -9,6 +9,7 @@ a memory bound, and signs each copy last.
 from __future__ import annotations
 
 import sys
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -76,7 +77,12 @@ class CopyMaker:
                  max_bytes: int = 64 * 1024 * 1024, signer: Signer | None = None,
                  run: Callable[..., defer.Deferred] = threads.deferToThread,
                  max_links: int = MAX_TRACKED_LINKS, max_size: int | None = None,
-                 render_inline_bytes: int = RENDER_INLINE_BYTES) -> None:
+                 render_inline_bytes: int = RENDER_INLINE_BYTES,
+                 now: Callable[[], float] = time.time, trap_links: bool = False) -> None:
+        """
+        ``now`` is the send time each copy's links carry (``LinkData.issued``);
+        ``trap_links`` puts the hidden trap link in tracked HTML parts.
+        """
         self.read = read
         self.codec = codec
         self.max_bytes = max_bytes
@@ -88,6 +94,8 @@ class CopyMaker:
         self.max_links = max_links
         self.max_size = max_size
         self.render_inline_bytes = render_inline_bytes
+        self.now = now
+        self.trap_links = trap_links
 
     def __contains__(self, transmission_id: str) -> bool:
         """Whether anything of this message is cached."""
@@ -168,7 +176,7 @@ class CopyMaker:
         return self._finish(self._render(prepared, tid, recipient, tracking), tid, recipient)
 
     def _render(self, prepared: Prepared, tid: str, recipient: Any, tracking: Tracking) -> bytes:
-        identity = _identity(tid, recipient)
+        identity = _identity(tid, recipient, int(self.now()), self.trap_links)
         try:
             if self.max_size is not None and prepared.over_size(
                     self.codec, identity, tracking, self.max_size):
@@ -256,6 +264,6 @@ def _cost(value: Prepared | bytes) -> int:
     return value.size if isinstance(value, Prepared) else sys.getsizeof(value)
 
 
-def _identity(transmission_id: str, recipient: Any) -> Identity:
+def _identity(transmission_id: str, recipient: Any, issued: int = 0, trap_link: bool = False) -> Identity:
     # The address as injected: engagement events give it as raw_rcpt_to, and lower-case it for rcpt_to.
-    return Identity(recipient.message_id, transmission_id, recipient.address)
+    return Identity(recipient.message_id, transmission_id, recipient.address, issued, trap_link)

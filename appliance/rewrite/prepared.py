@@ -40,10 +40,12 @@ from appliance.rewrite.mime import (
 from appliance.rewrite.render import (
     INITIAL_PIXEL,
     OPEN_PIXEL,
+    TRAP_LINK,
     Change,
     Identity,
     LinkRenderer,
     render_part,
+    slot_markup,
 )
 from appliance.settings import Tracking
 
@@ -195,7 +197,8 @@ def prepare_part(data: bytes, c: Candidate, top_level: bool,
 
 
 # More than any pixel's markup around its URL, or the quotes added around a link's.
-_SLOT_MARKUP = max(len(OPEN_PIXEL), len(INITIAL_PIXEL))
+# (The top slot may hold the trap link as well: its URL is the second one counted.)
+_SLOT_MARKUP = max(len(OPEN_PIXEL), len(INITIAL_PIXEL) + len(TRAP_LINK))
 
 
 @dataclass
@@ -290,11 +293,8 @@ class Prepared:
                             length = urls[key] = links.click_length_bound(link, edit.quote is not None)
                         if length >= 0:
                             n += length - len(part.template[index])
-                elif tracking.open_tracking and (edit.slot == OPEN_SLOT or tracking.initial_open):
-                    url = links.open(edit.slot)
-                    if url is not None:
-                        pixel = OPEN_PIXEL if edit.slot == OPEN_SLOT else INITIAL_PIXEL
-                        n += len(pixel) - 2 + len(url)
+                else:
+                    n += len(slot_markup(edit.slot, part.links, links, tracking).encode())
             if part.cte == "base64":
                 body = -(-n // 3) * 4
                 body += -(-body // 76) * 2

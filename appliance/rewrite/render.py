@@ -13,8 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from appliance.links import MAX_URL_LENGTH, TAG_BYTES, LinkCodec, LinkData, click_url, open_url
-from appliance.rewrite.edits import OPEN_SLOT, Link
+from appliance.links import (
+    MAX_URL_LENGTH,
+    SHARED_FIELDS,
+    TAG_BYTES,
+    LinkCodec,
+    LinkData,
+    click_url,
+    open_url,
+)
+from appliance.rewrite.edits import INITIAL_SLOT, OPEN_SLOT, Link
 from appliance.rewrite.mime import encode_base64, encode_qp, fits_7bit
 from appliance.settings import Tracking
 
@@ -24,11 +32,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Identity:
-    """Whose copy: the fields every token of the copy carries."""
+    """
+    Whose copy, and when it is made (Unix seconds): the fields every token of the copy carries.
+
+    ``trap_link``: the HTML parts whose links are tracked get a hidden link first
+    (``engagement_tracker.bot_trap_link``), which only a machine follows.
+    """
 
     message_id: str
     transmission_id: str
     rcpt_to: str
+    issued: int = 0
+    trap_link: bool = False
 
 
 @dataclass
@@ -42,6 +57,11 @@ class Change:
 
 
 OPEN_PIXEL = '<img border="0" width="1" height="1" alt="" src="{}">'
+# Hidden from readers and screen readers alike (mso-hide for Outlook, which ignores
+# display:none); a scanner that follows every href follows it. Its hit is a machine's click.
+TRAP_LINK = ('<div style="display:none !important;max-height:0;overflow:hidden;mso-hide:all" '
+             'aria-hidden="true"><a href="{}" tabindex="-1"></a></div>')
+TRAP_LINK_NAME = "trap"
 INITIAL_PIXEL = ('<div style="display:none !important;max-height:0;overflow:hidden;mso-hide:all">'
                  '<img border="0" width="1" height="1" alt="" src="{}"></div>')
 
@@ -71,7 +91,8 @@ class LinkRenderer:
         self.tracking = tracking
         common = LinkData("click", tracking.expiry, identity.message_id, identity.transmission_id,
                           identity.rcpt_to, tracking.campaign_id, tracking.tags,
-                          tracking.metadata if tracking.include_metadata else None)
+                          tracking.metadata if tracking.include_metadata else None,
+                          issued=identity.issued)
         self._common = common
         self._shared_length: int | None = None
         # Made at the first click: a renderer that only checks lengths (``tracking_notes``,
@@ -91,6 +112,12 @@ class LinkRenderer:
         url = head + encode(link.suffix)
         return url if len(url) <= MAX_URL_LENGTH else None
 
+    def trap(self, decoy: Link) -> str | None:
+        """The hidden link's URL, leading where ``decoy`` (a link of the part) leads; ``None`` if too long."""
+        data = self._common._replace(link_name=TRAP_LINK_NAME, target=decoy.target, trap=True)
+        url = click_url(self._scheme, self._domain, self.codec.encode(data))
+        return url if len(url) <= MAX_URL_LENGTH else None
+
     def open(self, slot: int) -> str | None:
         """The pixel's URL, or ``None`` if it would be too long (the pixel is then left out)."""
         t = self.tracking
@@ -101,7 +128,7 @@ class LinkRenderer:
         t, i = self.tracking, self.identity
         return LinkData("open" if slot == OPEN_SLOT else "initial_open", t.expiry, i.message_id,
                         i.transmission_id, i.rcpt_to, t.campaign_id, t.tags,
-                        t.metadata if t.metadata_in_links else None)
+                        t.metadata if t.metadata_in_links else None, issued=i.issued)
 
     # Whether a URL would be too long, cheaply: a token is the unpadded base64 of a
     # version and key id byte, its body and a 16-byte tag, and its body is the compact
@@ -110,7 +137,7 @@ class LinkRenderer:
 
     def click_too_long(self, link: Link) -> bool:
         if self._shared_length is None:
-            self._shared_length = _json_length(self._common.to_array()[:8])
+            self._shared_length = _json_length(_longest_issued(self._common).to_array()[:SHARED_FIELDS])
         bound = (len(click_url(self._scheme, self._domain, "", link.sublink))
                  + _token_length(self._shared_length + len(link.suffix)))
         return bound > MAX_URL_LENGTH and self.click(link) is None
@@ -123,7 +150,7 @@ class LinkRenderer:
         by their undeflated length, so a bound for every link costs no HMAC.
         """
         if self._shared_length is None:
-            self._shared_length = _json_length(self._common.to_array()[:8])
+            self._shared_length = _json_length(_longest_issued(self._common).to_array()[:SHARED_FIELDS])
         head = self._heads.get(link.sublink)
         if head is None:
             head = self._heads[link.sublink] = click_url(self._scheme, self._domain, "", link.sublink)
@@ -138,11 +165,16 @@ class LinkRenderer:
     def open_too_long(self, slot: int) -> bool:
         t = self.tracking
         bound = (len(open_url(t.open_tracking_scheme, t.tracking_domain, ""))
-                 + _token_length(_json_length(self._open_data(slot).to_array())))
+                 + _token_length(_json_length(_longest_issued(self._open_data(slot)).to_array())))
         return bound > MAX_URL_LENGTH and self.open(slot) is None
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as the tokens' JSON
+
+
+def _longest_issued(data: LinkData) -> LinkData:
+    """``data`` with a send time as long as any until 2286: a length checked at injection holds."""
+    return data._replace(issued=max(data.issued, 9_999_999_999))
 
 
 def _json_length(fields: list[Any]) -> int:
@@ -152,6 +184,25 @@ def _json_length(fields: list[Any]) -> int:
 def _token_length(body: int) -> int:
     """The longest token a body of this many bytes gives (undeflated)."""
     return -(-(2 + body + TAG_BYTES) * 4 // 3)
+
+
+def slot_markup(slot: int, part_links: list[Link], links: LinkRenderer, tracking: Tracking) -> str:
+    """
+    What a pixel slot of one copy holds: its pixel, and at the top the trap link
+    where the copy has one and the part tracked links. A pixel or link whose URL
+    would be too long is left out (``tracking_notes`` says so of pixels).
+    """
+    markup = ""
+    if (slot == INITIAL_SLOT and links.identity.trap_link and tracking.click_tracking
+            and part_links):
+        url = links.trap(part_links[0])
+        if url is not None:
+            markup = TRAP_LINK.format(attribute_safe(url))
+    if tracking.open_tracking and (slot == OPEN_SLOT or tracking.initial_open):
+        url = links.open(slot)
+        if url is not None:
+            markup += (OPEN_PIXEL if slot == OPEN_SLOT else INITIAL_PIXEL).format(url)
+    return markup
 
 
 def render_part(part: PreparedPart, links: LinkRenderer, tracking: Tracking,
@@ -169,11 +220,8 @@ def render_part(part: PreparedPart, links: LinkRenderer, tracking: Tracking,
                 url = urls[link.index]
                 if url is not None:
                     pieces[index] = (attribute_safe(url) if edit.quote is not None else url).encode()
-        elif tracking.open_tracking and (edit.slot == OPEN_SLOT or tracking.initial_open):
-            url = links.open(edit.slot)
-            if url is not None:  # else left out: tracking_notes says so
-                pixel = OPEN_PIXEL if edit.slot == OPEN_SLOT else INITIAL_PIXEL
-                pieces[index] = pixel.format(url).encode()
+        else:
+            pieces[index] = slot_markup(edit.slot, part.links, links, tracking).encode()
     raw = b"".join(pieces)
     if changes is not None:
         _record(part, pieces, changes)

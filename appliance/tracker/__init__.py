@@ -7,7 +7,11 @@ any node holding the signing keys serves any link. A token that does not
 verify is a plain 404, never a redirect, so the tracker cannot be used as an
 open redirect. Each genuine ``GET`` writes its events to the event log before
 the response is finished; ``HEAD`` (link scanners, prefetchers) is answered
-the same way and counts nothing, and so does a link past its expiry.
+the same way and counts nothing, and so does a link past its expiry. Open and
+click events say who made them (``appliance.engagement``): the parsed user
+agent, whether a proxy, a prefetch or a scanner made the hit, and where the
+address is; a ``HEAD`` of a click link marks the next ``GET`` of it from the
+same address as a scanner's.
 
 A plain ``twisted.web`` resource tree; everything else is 404, and
 ``/robots.txt`` asks crawlers to stay away. The ``Site`` writes no access log:
@@ -32,6 +36,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from appliance.engagement import Engagement
 from appliance.events import Event, EventLog
 from appliance.eventtypes import (
     CLICK,
@@ -173,16 +178,19 @@ class Tracker:
     Turns a verified link and a client into events; knows nothing of HTTP.
 
     ``events`` is anything with the event log's ``make`` and ``write``.
-    ``now`` decides expiry, so tests can move time.
+    ``now`` decides expiry and how soon after sending a click came, so tests
+    can move time. ``engagement`` parses and classifies the client.
     """
 
     def __init__(self, codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Network] = (),
-                 now: Callable[[], float] = time.time, limiter: HitLimiter | None = None) -> None:
+                 now: Callable[[], float] = time.time, limiter: HitLimiter | None = None,
+                 engagement: Engagement | None = None) -> None:
         self.codec = codec
         self.events = events
         self.trusted_proxies = tuple(trusted_proxies)
         self._now = now
         self.limiter = limiter
+        self.engagement = engagement if engagement is not None else Engagement()
 
     def link(self, token: bytes, kinds: tuple[str, ...]) -> LinkData | None:
         """The link a token describes if it is authentic and of one of ``kinds``."""
@@ -205,21 +213,31 @@ class Tracker:
             accept_language=_header(request, b"accept-language"),
         )
 
-    def events_for(self, link: LinkData, client: Client) -> list[Event]:
-        """The events one hit on ``link`` writes: none once the link has expired."""
-        if link.expired(self._now()):
+    def events_for(self, link: LinkData, client: Client, token: bytes = b"") -> list[Event]:
+        """The events one hit on ``link`` (by ``token``) writes: none once the link has expired."""
+        now = self._now()
+        if link.expired(now):
             return []
+        engagement = self.engagement
         if link.kind in OPEN_KINDS:
-            drafts = [open_event(link, client.ip_address, client.user_agent)]
+            who = engagement.open_fields(client.user_agent, client.ip_address)
+            drafts = [open_event(link, client.ip_address, client.user_agent, who)]
         elif link.kind == "unsubscribe":
             drafts = [list_unsubscribe_event(link, client.ip_address, client.user_agent)]
         else:
-            drafts = click_events(link, client.ip_address, client.user_agent, client.accept_language)
+            who = engagement.click_fields(client.user_agent, client.ip_address, token,
+                                          issued=link.issued, trap=link.trap, now=now)
+            drafts = click_events(link, client.ip_address, client.user_agent, client.accept_language,
+                                  who)
         for _, fields in drafts:
             for name in client.truncated:
                 if name in fields:
                     fields[f"{name}_truncated"] = True
         return [self.events.make(kind, **fields) for kind, fields in drafts]
+
+    def head(self, client: Client, token: bytes) -> None:
+        """A ``HEAD`` for a click link counts nothing, but marks the next ``GET`` of it from there."""
+        self.engagement.head(client.ip_address, token, self._now())
 
     def record(self, link: LinkData, client: Client, token: bytes = b"") -> None:
         """
@@ -228,7 +246,7 @@ class Tracker:
         Past the limiter's allowance for this address and ``token``, the hit
         is only counted.
         """
-        events = self.events_for(link, client)
+        events = self.events_for(link, client, token)
         if events and self.limiter is not None and not self.limiter.allow(client.ip_address, token):
             return
         for event in events:
@@ -325,6 +343,8 @@ class ClickRedirect(_Leaf):
             return not_found(request)
         if request.method == b"GET":
             self.tracker.record(link, self.tracker.client(request), path[1])
+        else:  # a HEAD: a scanner checking the link before it fetches it
+            self.tracker.head(self.tracker.client(request), path[1])
         request.setResponseCode(302)
         request.setHeader(b"location", location)
         request.setHeader(b"cache-control", b"no-store")
@@ -451,7 +471,7 @@ class TrackerSite(server.Site):
 
 def make_site(codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Network] = (),
               now: Callable[[], float] = time.time, *, reactor: IReactorTime,
-              limits: Limits = DEFAULT_LIMITS) -> TrackerSite:
+              limits: Limits = DEFAULT_LIMITS, engagement: Engagement | None = None) -> TrackerSite:
     """
     ``reactor`` times out connections and windows the event limit.
 
@@ -460,7 +480,7 @@ def make_site(codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Netw
     """
     limiter = HitLimiter(limits.event_rate_limit, limits.event_rate_window,
                          limits.event_rate_entries, now=reactor.seconds)
-    tracker = Tracker(codec, events, trusted_proxies, now, limiter)
+    tracker = Tracker(codec, events, trusted_proxies, now, limiter, engagement)
     site = TrackerSite(Root(tracker), reactor=reactor, limits=limits,
                        connections=ConnectionCount(limits, trusted_proxies), limiter=limiter)
     site.displayTracebacks = False

@@ -58,6 +58,9 @@ _SAMPLE: dict[str, Any] = {
     "outbound_tls": "1",
     "user_agent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_10_3) AppleWebKit/537.36 "
                   "(KHTML, like Gecko) Chrome/41.0.2272.118 Safari/537.36",
+    "user_agent_parsed": {"agent_family": "Chrome", "device_brand": "Apple", "device_family": "Mac",
+                          "os_family": "Mac OS X", "os_version": "10.10.3", "is_mobile": False,
+                          "is_proxy": False, "is_prefetched": False},
     "target_link_url": "http://example.com",
     "target_link_name": "Example Link Name",
     "accept_language": "en-US,en;q=0.9",
