@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import smtplib
 from typing import Any
 
 from twisted.internet import defer, reactor, threads
@@ -139,3 +140,30 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) ->
 def in_thread(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
     """Run a blocking client (smtplib, urllib) without blocking the reactor under test."""
     return threads.deferToThread(f, *args, **kwargs)
+
+
+@defer.inlineCallbacks
+def queue_on_dead_route(running: RunningAppliance, recipients: list[str], message: bytes) -> Any:
+    """
+    Inject ``message`` to ``recipients`` by SMTP and wait until each copy's first attempt has
+    failed (their route leads nowhere): the copies are queued. Fires with the transmission id.
+    """
+    def send() -> str:
+        with smtplib.SMTP("127.0.0.1", running.smtp_port, timeout=10) as client:
+            client.ehlo()
+            client.mail("sender@example.net")
+            for r in recipients:
+                client.rcpt(r)
+            code, text = client.data(message)
+            assert code == 250, (code, text)
+            return text.rsplit(b" ", 1)[1].decode()
+
+    tid = yield in_thread(send)
+    delivery = running.appliance.delivery
+
+    def first_attempts_made() -> bool:
+        copies = [c for c in delivery.listing() if c.transmission_id == tid]
+        return len(copies) == len(recipients) and all(c.attempts == 1 for c in copies)
+
+    yield wait_until(first_attempts_made)
+    return tid

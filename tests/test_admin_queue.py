@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import smtplib
 from io import BytesIO
 from typing import Any
 
@@ -14,7 +13,7 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from appliance.admin.queue import ACTIONS, BadRequest, QueueResource, selection
-from tests.helpers import RunningAppliance, in_thread, wait_until
+from tests.helpers import RunningAppliance, queue_on_dead_route, wait_until
 
 MESSAGE = b"From: sender@example.net\r\nSubject: queued\r\n\r\nHello.\r\n"
 
@@ -77,27 +76,9 @@ class QueueApiTests(TestCase):
         self.assertEqual(response.headers.getRawHeaders(b"Content-Type"), [b"application/json"])
         return response.code, json.loads(data)
 
-    @defer.inlineCallbacks
-    def inject(self, recipients: list[str]) -> Any:
-        def send() -> str:
-            with smtplib.SMTP("127.0.0.1", self.running.smtp_port, timeout=10) as client:
-                client.ehlo()
-                client.mail("sender@example.net")
-                for r in recipients:
-                    client.rcpt(r)
-                code, text = client.data(MESSAGE)
-                assert code == 250, (code, text)
-                return text.rsplit(b" ", 1)[1].decode()
-
-        tid = yield in_thread(send)
-        delivery = self.running.appliance.delivery
+    def inject(self, recipients: list[str]) -> defer.Deferred:
         # Queued once its first attempt has failed (nothing listens on port 9).
-        def first_attempts_made() -> bool:
-            copies = [c for c in delivery.listing() if c.transmission_id == tid]
-            return len(copies) == len(recipients) and all(c.attempts == 1 for c in copies)
-
-        yield wait_until(first_attempts_made)
-        return tid
+        return queue_on_dead_route(self.running, recipients, MESSAGE)
 
     @defer.inlineCallbacks
     def test_list_show_and_filter(self) -> Any:

@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import os
-import smtplib
 from typing import Any
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -19,7 +18,7 @@ from zope.interface import implementer
 from appliance import console
 from appliance.admin.queue import QueueResource
 from appliance.console_queue import relative, table
-from tests.helpers import RunningAppliance, in_thread, wait_until
+from tests.helpers import RunningAppliance, in_thread, queue_on_dead_route, wait_until
 from tests.ports import free_port
 from tests.test_admin_queue import MESSAGE, mounted
 
@@ -95,27 +94,9 @@ class QueueCommandTests(TestCase):
     def queue(self, *argv: str, config: str | None = None) -> defer.Deferred:
         return in_thread(run_console, "queue", *argv, "--config", config or self.config)
 
-    @defer.inlineCallbacks
-    def inject(self, recipients: list[str]) -> Any:
-        def send() -> str:
-            with smtplib.SMTP("127.0.0.1", self.running.smtp_port, timeout=10) as client:
-                client.ehlo()
-                client.mail("sender@example.net")
-                for r in recipients:
-                    client.rcpt(r)
-                code, text = client.data(MESSAGE)
-                assert code == 250, (code, text)
-                return text.rsplit(b" ", 1)[1].decode()
-
-        tid = yield in_thread(send)
-        delivery = self.running.appliance.delivery
-
-        def first_attempts_made() -> bool:
-            copies = [c for c in delivery.listing() if c.transmission_id == tid]
-            return len(copies) == len(recipients) and all(c.attempts == 1 for c in copies)
-
-        yield wait_until(first_attempts_made)
-        return tid
+    def inject(self, recipients: list[str]) -> defer.Deferred:
+        # Queued once its first attempt has failed (nothing listens on port 9).
+        return queue_on_dead_route(self.running, recipients, MESSAGE)
 
     @defer.inlineCallbacks
     def test_list_show_hold_release_flush_delete(self) -> Any:
