@@ -213,7 +213,7 @@ class TrackerProcessesTests(TestCase):
         self.addCleanup(lambda: None if self.stopped else self.running.stop())
         self.port = self.running.http_port
         yield self.until(lambda: len(self.pool.children) == 2 and all(
-            c.counters is not None and c.process_id for c in self.pool.children.values()))
+            c.ready for c in self.pool.children.values()))
 
     @defer.inlineCallbacks
     def until(self, predicate: Any, timeout: float = 30.0) -> Any:

@@ -264,9 +264,10 @@ def die_with(owner: int) -> None:
 
 def main(argv: list[str]) -> int:
     die_with(int(argv[1]))
-    # The appliance handles these and passes on what concerns this process.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The appliance handles these and passes on what concerns this process (a Ctrl-C or a
+    # signal to the whole group must not end it before it handed over its events).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     globalLogBeginner.beginLoggingTo(
         [FileLogObserver(sys.stderr, lambda e: (eventAsText(e, includeTimestamp=False,
                                                             includeSystem=False) or "") + "\n")],
@@ -278,7 +279,7 @@ def main(argv: list[str]) -> int:
             reactor.stop()
 
     stdio.StandardIO(TrackerProcess(reactor, stop), reactor=reactor)
-    reactor.run()
+    reactor.run(installSignalHandlers=False)
     return 0
 
 

@@ -118,6 +118,7 @@ class TrackerChild(ProcessProtocol):
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.exited = False
         self.process_id: int | None = None  # kept for the log line once it has ended
+        self.ready = False  # it reported once: it is set up and answering
         self._decoder = Decoder()
         self._errors = b""
 
@@ -144,6 +145,7 @@ class TrackerChild(ProcessProtocol):
             self.send({"ack": 1})
         elif "stats" in message:
             stats = message["stats"]
+            self.ready = True
             self.counters = ChildCounters(*(int(stats.get(f.name, 0))
                                             for f in dataclasses.fields(ChildCounters)))
 
