@@ -297,6 +297,18 @@ class TrackerProcessesTests(TestCase):
         self.assertEqual(self.pool.children, {})
         self.assertEqual([p for p in pids if alive(p)], [])
 
+    @defer.inlineCallbacks
+    def test_a_child_that_sends_nonsense_is_ended_and_replaced(self) -> None:
+        child = self.pool.children[2]
+        pid = child.process_id
+        child.outReceived(encode({"batch": [["192.0.2.1"]]}))  # as if it had sent it
+        yield self.until(lambda: 2 in self.pool.children and self.pool.children[2] is not child
+                         and self.pool.children[2].ready)
+        self.assertFalse(alive(pid))
+        self.assertEqual(self.clicks_logged(), [])
+        errors = self.flushLoggedErrors()
+        self.assertEqual(errors, [])
+
     def clicks_logged(self) -> list[dict[str, Any]]:
         return [e for e in self.running.events() if e["type"] == "click"]
 

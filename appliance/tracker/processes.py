@@ -134,7 +134,7 @@ class TrackerChild(ProcessProtocol):
         try:
             for message in self._decoder.feed(data):
                 self.handle(message)
-        except WireError as e:
+        except (WireError, ValueError, TypeError, KeyError, AttributeError) as e:
             log.error("tracker process {index} sent a broken message ({error}); ending it",
                       index=self.index, error=str(e))
             self.kill()
