@@ -9,6 +9,7 @@ processes on loopback, and a real ``twistd`` for the owner killed with ``-9``.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import subprocess
@@ -313,16 +314,17 @@ class TrackerProcessesTests(TestCase):
         return [e for e in self.running.events() if e["type"] == "click"]
 
 
-class OwnerKilledTests(TestCase):
-    """A real ``twistd engage-appliance`` with tracker processes, killed with ``-9``."""
+class TwistdTests(TestCase):
+    """A real ``twistd engage-appliance`` with three tracker processes."""
 
     timeout = 120
 
-    def test_children_end_when_the_owner_is_killed(self) -> None:
-        workdir = os.path.abspath(self.mktemp())
+    def start(self) -> tuple[subprocess.Popen, list[int]]:
+        self.workdir = workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
-        port = free_port()
-        write_keyring(os.path.join(workdir, "links.keys"), Keyring(((1, b"k" * 32),)))
+        self.port = free_port()
+        self.keys = os.path.join(workdir, "links.keys")
+        write_keyring(self.keys, Keyring(((1, b"k" * 32),)))
         config = os.path.join(workdir, "appliance.toml")
         with open(config, "w") as f:
             f.write(f"""
@@ -331,7 +333,7 @@ create_certificate = false
 [smtp.listeners.default]
 endpoint = "tcp:{free_port()}:interface=127.0.0.1"
 [tracker]
-endpoint = "tcp:{port}:interface=127.0.0.1"
+endpoint = "tcp:{self.port}:interface=127.0.0.1"
 processes = 3
 [spool]
 directory = "spool"
@@ -346,22 +348,66 @@ endpoint = ""
                                           config], cwd=workdir, env={**os.environ, "PYTHONPATH": REPO},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
-        wait_for_port(port, proc)
+        wait_for_port(self.port, proc)
         deadline = time.monotonic() + 60
         children: list[int] = []
-        while len(children) < 2:
+        while len(children) < 2 or "tracker process 2: TrackerSite starting" not in self.log():
             self.assertLess(time.monotonic(), deadline, "the tracker processes did not start")
             time.sleep(0.05)
             children = children_of(proc.pid)
         self.addCleanup(lambda: [os.kill(p, signal.SIGKILL) for p in children if alive(p)])
+        return proc, children
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.workdir, "twistd.log"), encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_gone(self, pids: list[int]) -> None:
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids):
+            self.assertLess(time.monotonic(), deadline, f"still running: {pids}")
+            time.sleep(0.05)
+
+    def clicks(self) -> list[dict[str, Any]]:
+        with open(os.path.join(self.workdir, "events.jsonl"), "rb") as f:
+            return [e for e in map(json.loads, f) if e["type"] == "click"]
+
+    def test_children_end_when_the_owner_is_killed(self) -> None:
+        proc, children = self.start()
         path = click(LinkCodec(Keyring(((1, b"k" * 32),))), 1)
-        self.assertEqual({get(port, path) for _ in range(20)}, {302})
+        self.assertEqual({get(self.port, path) for _ in range(20)}, {302})
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in children):
-            self.assertLess(time.monotonic(), deadline, f"still running: {children}")
+        self.wait_gone(children)
+
+    def test_sighup_keys_reach_every_process_and_sigterm_ends_them_with_their_events(self) -> None:
+        proc, children = self.start()
+        new = Keyring(((2, b"n" * 32),))
+        write_keyring(self.keys, new)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "link keys re-read" not in self.log():
+            self.assertLess(time.monotonic(), deadline)
             time.sleep(0.05)
+        time.sleep(0.5)  # the keys message reaches the children well before this
+        # Each request on a new connection: the kernel sends them to every process.
+        new_path, old_path = click(LinkCodec(new), 1), click(LinkCodec(Keyring(((1, b"k" * 32),))), 2)
+        self.assertEqual([get(self.port, p) for p in [new_path] * 30 + [old_path] * 30],
+                         [302] * 30 + [404] * 30)
+        statuses = [get(self.port, click(LinkCodec(new), n)) for n in range(100, 160)]
+        self.assertEqual(set(statuses), {302})
+        proc.terminate()
+        proc.wait(30)  # twistd ends by the signal it was stopped with, once its stop is done
+        self.assertIn("Main loop terminated.", self.log())
+        self.wait_gone(children)
+        clicks = self.clicks()
+        # Nothing a child answered was lost at the stop: the 60 different links, and of the
+        # one link hit 30 times the 10 the event limit lets through, across every process.
+        self.assertEqual(len(clicks), 70)
+        self.assertEqual(len({process_of(e["event_id"]) for e in clicks}), 3)
 
 
 def children_of(pid: int) -> list[int]:
