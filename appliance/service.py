@@ -329,7 +329,11 @@ class Appliance(MultiService):
             self.health.add(svc.name, functools.partial(_listener_problem, svc))
         self.metrics = CollectorRegistry(auto_describe=False)
         self.events.observe(EventCounters(self.metrics))
-        self.tracker_site.on_answered = tracker_latency(self.metrics).observe
+        latency = tracker_latency(self.metrics)
+        self.tracker_site.on_answered = latency.observe
+        if self.tracker_processes is not None:  # their answers, in the same buckets
+            self.tracker_processes.latency_buckets = latency.buckets
+            latency.add(self.tracker_processes.latency)
         self.metrics.register(self._readings())
         self.admin_site: AdminSite | None = None
         self.admin_listener: Service | None = None

@@ -188,6 +188,27 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(share(TrackerLimits(), 1), TrackerLimits())
 
 
+class LatencyTests(SynchronousTestCase):
+    def test_other_processes_counts_are_added_bucket_by_bucket(self) -> None:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from appliance.admin.metrics import tracker_latency
+
+        registry = CollectorRegistry(auto_describe=False)
+        latency = tracker_latency(registry)
+        latency.observe(0.0002)
+        latency.observe(3.0)
+        latency.add(lambda: ([2] + [0] * (len(latency.buckets) - 1) + [1], 4.5))
+        text = generate_latest(registry).decode()
+        self.assertIn('engage_tracker_answer_seconds_bucket{le="0.0005"} 3.0', text)
+        self.assertIn('engage_tracker_answer_seconds_bucket{le="2.5"} 3.0', text)
+        self.assertIn('engage_tracker_answer_seconds_bucket{le="+Inf"} 5.0', text)
+        self.assertIn("engage_tracker_answer_seconds_count 5.0", text)
+        [total] = [float(line.split()[1]) for line in text.splitlines()
+                   if line.startswith("engage_tracker_answer_seconds_sum ")]
+        self.assertAlmostEqual(total, 7.5002)
+
+
 # -- real processes ---------------------------------------------------------------------
 
 
@@ -288,6 +309,10 @@ class TrackerProcessesTests(TestCase):
         yield self.until(lambda: b"engage_clicks_total 30.0" in generate_latest(body))
         text = generate_latest(body).decode()
         self.assertIn("engage_tracker_processes 3.0", text)
+        # Every answer is in the histogram, whichever process gave it.
+        yield self.until(lambda: b"engage_tracker_answer_seconds_count 30.0" in generate_latest(body))
+        by_process = [c.latency[0] for c in self.pool.children.values()]
+        self.assertTrue(all(sum(counts) > 0 for counts in by_process), by_process)
         self.assertIn("engage_tracker_events_dropped_total 0.0", text)
 
     @defer.inlineCallbacks

@@ -18,6 +18,7 @@ parent-death signal.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import os
 import signal
@@ -169,6 +170,9 @@ class TrackerProcess(Protocol):
         self._stats = LoopingCall(self.send_stats)
         self._stats.clock = reactor
         self._stopping = False
+        self.latency_buckets: tuple[float, ...] = ()
+        self.latency_counts: list[int] = []
+        self.latency_seconds = 0.0
 
     def send(self, message: Message) -> None:
         if self.transport is not None:
@@ -207,14 +211,23 @@ class TrackerProcess(Protocol):
         family = socket.AF_INET6 if s["family"] == "inet6" else socket.AF_INET
         self.port = self.reactor.adoptStreamPort(LISTENING_FD, family, self.site)
         os.close(LISTENING_FD)  # adopting made its own copy
+        self.latency_buckets = tuple(s["latency_buckets"])
+        self.latency_counts = [0] * (len(self.latency_buckets) + 1)
+        self.site.on_answered = self.answered
         self._stats.start(STATS_INTERVAL, now=True)
+
+    def answered(self, seconds: float) -> None:
+        """One answer's time, counted as the appliance's ``/metrics`` histogram counts them."""
+        self.latency_counts[bisect.bisect_left(self.latency_buckets, seconds)] += 1
+        self.latency_seconds += seconds
 
     def send_stats(self) -> None:
         if self.site is None or self.relay is None:
             return
         connections = self.site.connections
         self.send({"stats": {"connections": connections.total, "refused": connections.refused,
-                             "evicted": connections.evicted, "dropped": self.relay.dropped}})
+                             "evicted": connections.evicted, "dropped": self.relay.dropped,
+                             "latency": [self.latency_counts, self.latency_seconds]}})
 
     @defer.inlineCallbacks
     def stop(self) -> Any:

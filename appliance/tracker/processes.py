@@ -119,6 +119,7 @@ class TrackerChild(ProcessProtocol):
         self.exited = False
         self.process_id: int | None = None  # kept for the log line once it has ended
         self.ready = False  # it reported once: it is set up and answering
+        self.latency: tuple[list[int], float] = ([], 0.0)  # answers by bucket, and their seconds
         self._decoder = Decoder()
         self._errors = b""
 
@@ -146,6 +147,8 @@ class TrackerChild(ProcessProtocol):
         elif "stats" in message:
             stats = message["stats"]
             self.ready = True
+            counts, seconds = stats.get("latency", ([], 0.0))
+            self.latency = ([int(n) for n in counts], float(seconds))
             self.counters = ChildCounters(*(int(stats.get(f.name, 0))
                                             for f in dataclasses.fields(ChildCounters)))
 
@@ -204,6 +207,8 @@ class TrackerProcesses(Service):
         self.children: dict[int, TrackerChild] = {}
         self.retired = ChildCounters()  # what ended children had counted
         self.restarts = 0
+        self.latency_buckets: tuple[float, ...] = ()  # the children count their answers in these
+        self._retired_latency: tuple[list[int], float] = ([], 0.0)
         self._sockets: list[socket.socket] = []
         self._port: Any = None
         self._pending: dict[int, Any] = {}  # index: the delayed call that replaces its child
@@ -252,6 +257,7 @@ class TrackerProcesses(Service):
             if f.name != "connections":
                 setattr(self.retired, f.name,
                         getattr(self.retired, f.name) + getattr(child.counters, f.name))
+        self._retired_latency = _add_latency(self._retired_latency, child.latency)
         if not self.running:
             return
         lived = self.reactor.seconds() - child.started
@@ -301,7 +307,8 @@ class TrackerProcesses(Service):
         return {"index": index, "node_name": self.node_name, "customer_id": self.customer_id,
                 "trusted_proxies": [str(n) for n in self.trusted_proxies],
                 "limits": dataclasses.asdict(self.limits), "keys": keys_message(self.keyring()),
-                "family": family, "max_buffered": self.max_buffered}
+                "family": family, "max_buffered": self.max_buffered,
+                "latency_buckets": list(self.latency_buckets)}
 
     def send_keys(self) -> None:
         """After a SIGHUP re-read: every child signs and verifies with the keys in use here."""
@@ -321,3 +328,18 @@ class TrackerProcesses(Service):
         """A child counter summed over the children, the ended ones included (not for levels)."""
         live = sum(getattr(c.counters, name) for c in self.children.values())
         return live + (0 if name == "connections" else getattr(self.retired, name))
+
+    def latency(self) -> tuple[list[int], float]:
+        """The children's answers by ``latency_buckets`` bucket and their seconds, ended ones included."""
+        total = self._retired_latency
+        for child in self.children.values():
+            total = _add_latency(total, child.latency)
+        return total
+
+
+def _add_latency(a: tuple[list[int], float], b: tuple[list[int], float]) -> tuple[list[int], float]:
+    longer, shorter = (a[0], b[0]) if len(a[0]) >= len(b[0]) else (b[0], a[0])
+    counts = list(longer)
+    for i, n in enumerate(shorter):
+        counts[i] += n
+    return counts, a[1] + b[1]
