@@ -16,7 +16,9 @@ import subprocess
 import time
 from typing import Any
 
+from prometheus_client import generate_latest
 from twisted.internet import defer, reactor, task, threads
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from appliance.config import ConfigError, TrackerLimits, parse_config
@@ -130,8 +132,6 @@ class EventRelayTests(SynchronousTestCase):
 
     def test_past_the_buffer_events_are_dropped_counted_and_logged(self) -> None:
         logged: list[dict[str, Any]] = []
-        from twisted.logger import globalLogPublisher
-
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         for _ in range(2):
@@ -304,8 +304,6 @@ class TrackerProcessesTests(TestCase):
     def test_metrics_add_up_the_children(self) -> None:
         yield self.clicks([click(self.appliance.links, n) for n in range(30)])
         body = self.appliance.metrics
-        from prometheus_client import generate_latest
-
         yield self.until(lambda: b"engage_clicks_total 30.0" in generate_latest(body))
         text = generate_latest(body).decode()
         self.assertIn("engage_tracker_processes 3.0", text)
@@ -337,6 +335,48 @@ class TrackerProcessesTests(TestCase):
 
     def clicks_logged(self) -> list[dict[str, Any]]:
         return [e for e in self.running.events() if e["type"] == "click"]
+
+
+class OwnerNotTakingTests(TestCase):
+    """While the appliance takes no events, a tracker process answers on and drops past its buffer."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_a_child_answers_buffers_and_reports_what_it_dropped(self) -> None:
+        from appliance.tracker.processes import TrackerChild
+
+        running = RunningAppliance(os.path.abspath(self.mktemp()), tracker={"processes": 2})
+        pool = running.appliance.tracker_processes
+        pool.max_buffered = 3
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        taken: list[Any] = []
+        original = TrackerChild.handle
+        # The appliance reads the batches but neither writes nor acknowledges them.
+        self.patch(TrackerChild, "handle",
+                   lambda child, m: taken.append(m) if "batch" in m else original(child, m))
+        yield running.start()
+        self.addCleanup(running.stop)
+        yield TrackerProcessesTests.until(self, lambda: 1 in pool.children and pool.children[1].ready)
+        codec = running.appliance.links
+        statuses = yield threads.deferToThread(
+            lambda: [get(running.http_port, click(codec, n)) for n in range(200)])
+        self.assertEqual(set(statuses), {302})
+        answered_by_child = 200 - len([e for e in running.events() if e["type"] == "click"])
+        self.assertGreater(answered_by_child, 20)
+        # Four batches went (the window) and three events wait; the rest were dropped, and said so.
+        sent = sum(len(hit[2]) for m in taken for hit in m["batch"])
+        yield TrackerProcessesTests.until(
+            self, lambda: pool.total("dropped") + sent + pool.total("waiting") == answered_by_child)
+        self.assertEqual(len(taken), 4)
+        self.assertEqual(pool.total("waiting"), 3)
+        self.assertGreater(pool.total("dropped"), 0)
+        text = generate_latest(running.appliance.metrics).decode()
+        self.assertIn(f"engage_tracker_events_dropped_total {float(pool.total('dropped'))}", text)
+        yield TrackerProcessesTests.until(self, lambda: any("event(s) dropped" in e.get("line", "")
+                                                           for e in logged))
 
 
 class TwistdTests(TestCase):

@@ -227,6 +227,7 @@ class TrackerProcess(Protocol):
         connections = self.site.connections
         self.send({"stats": {"connections": connections.total, "refused": connections.refused,
                              "evicted": connections.evicted, "dropped": self.relay.dropped,
+                             "waiting": self.relay.buffered,
                              "latency": [self.latency_counts, self.latency_seconds]}})
 
     @defer.inlineCallbacks

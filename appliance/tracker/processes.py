@@ -105,6 +105,10 @@ class ChildCounters:
     refused: int = 0
     evicted: int = 0
     dropped: int = 0
+    waiting: int = 0  # events it holds, not yet sent
+
+
+LEVELS = ("connections", "waiting")  # not counts: what an ended child had is gone with it
 
 
 class TrackerChild(ProcessProtocol):
@@ -254,7 +258,7 @@ class TrackerProcesses(Service):
             return
         del self.children[child.index]
         for f in dataclasses.fields(ChildCounters):
-            if f.name != "connections":
+            if f.name not in LEVELS:
                 setattr(self.retired, f.name,
                         getattr(self.retired, f.name) + getattr(child.counters, f.name))
         self._retired_latency = _add_latency(self._retired_latency, child.latency)
@@ -327,7 +331,7 @@ class TrackerProcesses(Service):
     def total(self, name: str) -> int:
         """A child counter summed over the children, the ended ones included (not for levels)."""
         live = sum(getattr(c.counters, name) for c in self.children.values())
-        return live + (0 if name == "connections" else getattr(self.retired, name))
+        return live + (0 if name in LEVELS else getattr(self.retired, name))
 
     def latency(self) -> tuple[list[int], float]:
         """The children's answers by ``latency_buckets`` bucket and their seconds, ended ones included."""
