@@ -40,15 +40,32 @@ class IdGenerator:
     of milliseconds, 20 bits of a per-process sequence that starts at random
     (two processes of one node rarely share a millisecond *and* a sequence).
     ``event_id`` and ``transmission_id`` are decimal, as SparkPost writes them.
+
+    Given ``process`` (the appliance runs tracker processes beside it), the
+    top ``PROCESS_BITS`` of the 20 are the process's index and the sequence
+    keeps the rest: processes of one node then never make the same id, and
+    each still makes 16,384 a millisecond before its sequence comes round.
     """
 
-    def __init__(self, node_name: str, now: Callable[[], float] = time.time) -> None:
+    PROCESS_BITS = 6
+    MAX_PROCESSES = 1 << PROCESS_BITS
+
+    def __init__(self, node_name: str, now: Callable[[], float] = time.time,
+                 process: int | None = None) -> None:
         self._node = int.from_bytes(hashlib.blake2b(node_name.encode(), digest_size=2).digest())
         self._now = now
         self._seq = itertools.count(random.SystemRandom().randrange(1 << 20))
+        if process is None:
+            self._seq_mask, self._process = 0xFFFFF, 0
+        else:
+            if not 0 <= process < self.MAX_PROCESSES:
+                raise ValueError(f"process index {process} is not from 0 to {self.MAX_PROCESSES - 1}")
+            seq_bits = 20 - self.PROCESS_BITS
+            self._seq_mask, self._process = (1 << seq_bits) - 1, process << seq_bits
 
     def _parts(self) -> tuple[int, int]:
-        return int(self._now() * 1000) & ((1 << 44) - 1), next(self._seq) & 0xFFFFF
+        return (int(self._now() * 1000) & ((1 << 44) - 1),
+                self._process | (next(self._seq) & self._seq_mask))
 
     def message_id(self) -> str:
         ms, seq = self._parts()
@@ -61,6 +78,23 @@ class IdGenerator:
     def transmission_id(self) -> str:
         ms, seq = self._parts()
         return str((ms << 20) | seq)
+
+
+def new_event(ids: IdGenerator, now: Callable[[], float], node_name: str, customer_id: str,
+              type_: str, fields: dict[str, Any]) -> Event:
+    """
+    An event with the fields every SparkPost event carries, then ``fields``: the one
+    shape for the event log and for the tracker processes that send it their events.
+    """
+    event: Event = {
+        "type": type_,
+        "event_id": ids.event_id(),
+        "timestamp": str(int(now())),
+        "node_name": node_name,
+        "customer_id": customer_id,
+    }
+    event.update(fields)
+    return event
 
 
 # Strict JSON only: ``NaN`` and ``Infinity`` are Python's, and strict parsers
@@ -121,6 +155,7 @@ class EventLog(Service):
         sighup: IReactorFromThreads | None = None,
         run: Callable[..., defer.Deferred] | None = None,
         file_mode: int = DEFAULT_FILE_MODE,
+        process: int | None = None,
     ) -> None:
         self.path = path
         self.file_mode = file_mode
@@ -128,7 +163,7 @@ class EventLog(Service):
         self.failing = False  # the last write failed; the next that succeeds clears it
         self.node_name = node_name
         self.customer_id = customer_id
-        self.ids = IdGenerator(node_name, now)
+        self.ids = IdGenerator(node_name, now, process)
         self._now = now
         self._fsync_interval = fsync_interval
         self._clock = clock
@@ -238,15 +273,7 @@ class EventLog(Service):
 
     def make(self, type_: str, **fields: Any) -> Event:
         """An event with the fields every SparkPost event carries, then ``fields``."""
-        event: Event = {
-            "type": type_,
-            "event_id": self.ids.event_id(),
-            "timestamp": str(int(self._now())),
-            "node_name": self.node_name,
-            "customer_id": self.customer_id,
-        }
-        event.update(fields)
-        return event
+        return new_event(self.ids, self._now, self.node_name, self.customer_id, type_, fields)
 
     def write(self, event: Event) -> None:
         """

@@ -56,6 +56,7 @@ from appliance.spoollock import SpoolLock, SpoolLocked
 from appliance.stats import StatsService
 from appliance.suppression import SuppressionService
 from appliance.tracker import make_site
+from appliance.tracker.processes import TrackerProcesses, engagement_files, share
 from appliance.users import UsersFileChecker
 from appliance.webhooks import Webhooks
 
@@ -211,7 +212,9 @@ class Appliance(MultiService):
                                customer_id=config.events.customer_id,
                                fsync_interval=config.events.fsync_interval, clock=reactor,
                                run=run_files,
-                               file_mode=config.events.file_mode)
+                               file_mode=config.events.file_mode,
+                               # tracker processes: each has its own bits in event_id, this one 0
+                               process=0 if config.tracker.processes > 1 else None)
         self.spool = Spool(config.spool.directory, run=run_files)
         self.spool_lock = SpoolLock(config.spool.directory)
         self.router = Router(config.delivery)
@@ -330,10 +333,21 @@ class Appliance(MultiService):
         return self._run_files(read_networks, path).addCallbacks(use, keep)
 
     def _tracker(self, reactor: Reactor) -> None:
+        """The tracker listener; with ``processes`` > 1, children answer beside this process."""
         t = self.config.tracker
+        limits = share(t.limits, t.processes)
         self.tracker_site = make_site(self.links, self.events, t.trusted_proxies,
-                                      reactor=reactor, limits=t.limits, engagement=self.engagement)
-        self.tracker = strports.service(t.endpoint, self.tracker_site, reactor=reactor)
+                                      reactor=reactor, limits=limits, engagement=self.engagement)
+        self.tracker_processes: TrackerProcesses | None = None
+        if t.processes > 1:
+            self.tracker_processes = TrackerProcesses(
+                self.tracker_site, t.endpoint, t.processes, reactor=reactor,
+                keyring=lambda: self.links.keyring, node_name=self.config.node.name,
+                customer_id=self.config.events.customer_id, trusted_proxies=t.trusted_proxies,
+                limits=limits, engagement=engagement_files(self.config.engagement_tracker))
+            self.tracker: Service = self.tracker_processes
+        else:
+            self.tracker = strports.service(t.endpoint, self.tracker_site, reactor=reactor)
         self.tracker.setName("tracker")
         self.tracker.setServiceParent(self)
 
@@ -351,7 +365,11 @@ class Appliance(MultiService):
             self.health.add(svc.name, functools.partial(_listener_problem, svc))
         self.metrics = CollectorRegistry(auto_describe=False)
         self.events.observe(EventCounters(self.metrics))
-        self.tracker_site.on_answered = tracker_latency(self.metrics).observe
+        latency = tracker_latency(self.metrics)
+        self.tracker_site.on_answered = latency.observe
+        if self.tracker_processes is not None:  # their answers, in the same buckets
+            self.tracker_processes.latency_buckets = latency.buckets
+            latency.add(self.tracker_processes.latency)
         self.metrics.register(self._readings())
         self.admin_site: AdminSite | None = None
         self.admin_listener: Service | None = None
@@ -402,15 +420,33 @@ class Appliance(MultiService):
                          lambda: self.events.lost)
         readings.gauge("event_log_failing", "1 while the event log's last write failed.",
                        lambda: int(self.events.failing))
+        self._tracker_readings(readings)
+        return readings
+
+    def _tracker_readings(self, readings: Readings) -> None:
+        """The tracker's counters: this process's, plus what its tracker processes report."""
         site = self.tracker_site
-        readings.gauge("tracker_connections", "Open tracker connections.", lambda: site.connections.total)
+        children = self.tracker_processes
+
+        def total(name: str, own: int) -> int:
+            return own + (children.total(name) if children is not None else 0)
+
+        readings.gauge("tracker_connections", "Open tracker connections.",
+                       lambda: total("connections", site.connections.total))
         readings.counter("tracker_connections_refused", "Tracker connections refused over a limit.",
-                         lambda: site.connections.refused)
-        readings.counter("tracker_connections_evicted",
-                         "Waiting tracker connections closed to make room.", lambda: site.connections.evicted)
+                         lambda: total("refused", site.connections.refused))
+        readings.counter("tracker_connections_evicted", "Waiting tracker connections closed to make room.",
+                         lambda: total("evicted", site.connections.evicted))
         readings.counter("tracker_hits_suppressed", "Repeated tracker hits answered without events.",
                          lambda: site.limiter.suppressed if site.limiter is not None else 0)
-        return readings
+        if children is not None:
+            readings.gauge("tracker_processes", "Tracker processes answering, this one included.",
+                           lambda: 1 + len(children.children))
+            readings.counter("tracker_process_restarts", "Tracker processes replaced after they ended.",
+                             lambda: children.restarts)
+            readings.counter("tracker_events_dropped",
+                             "Events tracker processes dropped while the appliance did not take them.",
+                             lambda: children.total("dropped"))
 
     def _spool_problem(self) -> str | None:
         if not self.spool_lock.held:
@@ -439,6 +475,9 @@ class Appliance(MultiService):
             keys_file = self.config.links.keys_file
             self.sighup.add(lambda: self.links.reload(keys_file))
             self.sighup.add(self.reload_prefetch_networks)
+            if self.tracker_processes is not None:  # after the re-reads: the keys and networks they made
+                self.sighup.add(self.tracker_processes.send_keys)
+                self.sighup.add(self.tracker_processes.reload_networks)
             self.sighup.setServiceParent(self)
 
 

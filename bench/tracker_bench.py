@@ -12,7 +12,11 @@ Three servers run side by side, each a single twisted.web process on loopback:
   second, as shipped) before answering. Its limits are the shipped ones
   except the per-link event limit, which is lifted: every request here is
   the same link from the same address, and the point is what a click that
-  writes its event costs.
+  writes its event costs;
+- processes: the same tracker with ``[tracker] processes = "auto"`` (one
+  process per usable core; ``--processes N`` for another count): children
+  answer beside it on their own sockets and send their events to it, and it
+  writes them to its event log.
 
 Nothing is cached between requests, so hitting one URL costs the tracker
 what hitting many would. ``wrk`` (Debian package ``wrk``) drives each server
@@ -27,7 +31,7 @@ shares they come in (parsed once each, then cached, as in production);
 counts up), so every hit pays a full parse: the worst case.
 
     python bench/tracker_bench.py [--rounds 5] [--duration 3] [--connections 16]
-                                  [--agents none|mix|distinct]
+                                  [--agents none|mix|distinct] [--processes auto]
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from appliance.links import Keyring, LinkCodec, LinkData  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
 KEYRING = Keyring(((1, b"b" * 32),))
-KINDS = ("baseline", "stock", "tracker")
+KINDS = ("baseline", "stock", "tracker", "processes")
 # (share in percent, user agent): where a marketing mailing's opens and clicks come from.
 AGENT_MIX = (
     (38, "Mozilla/5.0"),  # Apple Mail Privacy Protection's prefetch
@@ -115,7 +119,7 @@ def lifted_event_limit() -> dict[str, object]:
     return {"limits": dataclasses.replace(DEFAULT_LIMITS, event_rate_limit=2**31)}
 
 
-def serve(kind: str, port: int, directory: str) -> None:
+def serve(kind: str, port: int, directory: str, processes: int) -> None:
     from twisted.internet import reactor
     from twisted.web import resource
 
@@ -131,6 +135,29 @@ def serve(kind: str, port: int, directory: str) -> None:
             request.setHeader(b"cache-control", b"no-store")
             return b""
 
+    if kind == "processes":
+        from appliance.tracker.processes import TrackerProcesses, share
+
+        limits = share(lifted_event_limit()["limits"], processes)
+        events = EventLog(os.path.join(directory, "events-processes.jsonl"), "bench", clock=reactor,
+                          process=0)
+        events.startService()
+        site = make_site(LinkCodec(KEYRING), events, reactor=reactor, limits=limits)
+        pool = TrackerProcesses(site, f"tcp:{port}:interface=127.0.0.1:backlog=256", processes,
+                                reactor=reactor, keyring=lambda: KEYRING, node_name="bench",
+                                customer_id="1", trusted_proxies=(), limits=limits)
+        pool.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", pool.stopService)
+
+        def ready() -> None:
+            if len(pool.children) < processes - 1 or not all(c.ready for c in pool.children.values()):
+                reactor.callLater(0.05, ready)
+                return
+            print("ready", flush=True)
+
+        ready()
+        reactor.run()
+        return
     if kind == "tracker":
         events = EventLog(os.path.join(directory, "events.jsonl"), "bench", clock=reactor)
         events.startService()
@@ -181,13 +208,21 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--agents", choices=("none", "mix", "distinct"), default="none",
                         help="send a User-Agent with each request (see above)")
+    parser.add_argument("--processes", default="auto",
+                        help='tracker processes for the "processes" server (default: auto)')
     parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from appliance.config.simple import usable_cores
+
+    processes = usable_cores() if args.processes == "auto" else int(args.processes)
     if args.serve:
-        serve(args.serve, args.port, args.directory)
+        serve(args.serve, args.port, args.directory, processes)
         return 0
+    if processes < 2:
+        print("the processes server needs 2 or more processes (one core here?)", file=sys.stderr)
+        return 2
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
@@ -204,7 +239,8 @@ def main() -> int:
         for kind in KINDS:
             port = free_port()
             proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port),
-                                     "--directory", directory], stdout=subprocess.PIPE, text=True)
+                                     "--directory", directory, "--processes", str(processes)],
+                                    stdout=subprocess.PIPE, text=True)
             if proc.stdout.readline().strip() != "ready":
                 raise SystemExit(f"the {kind} server did not start")
             servers[kind] = (proc, f"http://127.0.0.1:{port}/f/a/{token}")
@@ -220,10 +256,14 @@ def main() -> int:
             proc.terminate()
             proc.wait()
 
-    with open(os.path.join(directory, "events.jsonl"), "rb") as f:
-        lines = f.read().splitlines()
-    clicks = sum(1 for line in lines if json.loads(line)["type"] == "click")
+    def clicks_in(name: str) -> int:
+        with open(os.path.join(directory, name), "rb") as f:
+            return sum(1 for line in f if json.loads(line)["type"] == "click")
+
+    clicks = clicks_in("events.jsonl")
     answered = sum(r["count"] for r in results["tracker"])
+    clicks_processes = clicks_in("events-processes.jsonl")
+    answered_processes = sum(r["count"] for r in results["processes"])
     bad = sum(r["bad"] for rs in results.values() for r in rs)
     shutil.rmtree(directory)
 
@@ -235,13 +275,17 @@ def main() -> int:
     for kind in KINDS:
         m = med[kind]
         print(f"{kind:10}{m['rps']:10.0f}{m['p50']:10.2f}{m['p99']:10.2f}")
-    t = med["tracker"]
-    for base in ("baseline", "stock"):
-        b = med[base]
-        print(f"tracker/{base}: throughput {t['rps'] / b['rps']:.2f}, "
-              f"p50 x{t['p50'] / b['p50']:.2f}, p99 x{t['p99'] / b['p99']:.2f}")
-    print("target: tracker/baseline throughput >= 0.80")
-    print(f"click events written: {clicks} for {answered} answered tracker requests; "
+    for kind in ("tracker", "processes"):
+        t = med[kind]
+        for base in ("baseline", "stock"):
+            b = med[base]
+            print(f"{kind}/{base}: throughput {t['rps'] / b['rps']:.2f}, "
+                  f"p50 x{t['p50'] / b['p50']:.2f}, p99 x{t['p99'] / b['p99']:.2f}")
+    print(f"processes/tracker: throughput {med['processes']['rps'] / med['tracker']['rps']:.2f} "
+          f"({processes} processes)")
+    print("targets: tracker/baseline throughput >= 0.80, processes/baseline >= 1.20")
+    print(f"click events written: {clicks} for {answered} answered tracker requests, "
+          f"{clicks_processes} for {answered_processes} answered by the processes; "
           f"non-2xx/3xx responses: {bad}")
     return 0 if bad == 0 else 1
 

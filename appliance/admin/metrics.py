@@ -14,12 +14,15 @@ own, never ``prometheus_client``'s global one: two appliances in one process
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import bisect
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from twisted.logger import Logger
 from twisted.web import resource, server
 
@@ -77,10 +80,59 @@ class EventCounters:
             inc()
 
 
-def tracker_latency(registry: CollectorRegistry) -> Histogram:
-    return Histogram(PREFIX + "tracker_answer_seconds",
-                     "Seconds from a whole tracker request to its whole answer.",
-                     buckets=TRACKER_BUCKETS, registry=registry)
+def tracker_latency(registry: CollectorRegistry) -> TrackerLatency:
+    """``tracker_answer_seconds``: ``observe`` each answer; tracker processes' counts are added."""
+    latency = TrackerLatency()
+    registry.register(latency)
+    return latency
+
+
+# Counts per bucket (the last past every bound) and the sum of the seconds: how a tracker
+# process reports its answers (``appliance.tracker.child``), added to this process's own.
+LatencyCounts = tuple[Sequence[int], float]
+
+
+class TrackerLatency(Collector):
+    """
+    Seconds from a whole tracker request to its whole answer, a histogram of
+    ``TRACKER_BUCKETS``: those this process answered, plus what each source given to ``add``
+    reports (the tracker processes, which count in the same buckets).
+    """
+
+    name = PREFIX + "tracker_answer_seconds"
+    text = "Seconds from a whole tracker request to its whole answer."
+
+    def __init__(self, buckets: Sequence[float] = TRACKER_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self._sources: list[Callable[[], LatencyCounts]] = []
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+
+    def add(self, source: Callable[[], LatencyCounts]) -> None:
+        self._sources.append(source)
+
+    def collect(self) -> Iterator[Metric]:
+        counts, total = list(self.counts), self.sum
+        for source in self._sources:
+            try:
+                more, seconds = source()
+            except Exception:
+                log.failure("reading the metric {name} failed", name=self.name)
+                continue
+            for i, n in enumerate(more[:len(counts)]):
+                counts[i] += n
+            total += seconds
+        cumulative = list(itertools.accumulate(counts))
+        bounds = [floatToGoString(b) for b in self.buckets] + ["+Inf"]
+        yield HistogramMetricFamily(self.name, self.text, buckets=list(zip(bounds, cumulative, strict=True)),
+                                    sum_value=total)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 # What a reading returns: one value, or values by one label's values.

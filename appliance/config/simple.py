@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, replace
 
 from appliance.config.tables import Table
-from appliance.config.values import Network, show
+from appliance.config.values import Network, show, tcp_listen_address
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,9 @@ class TrackerConfig:
     # Peers whose X-Forwarded-For is believed (reverse proxies, load balancers).
     trusted_proxies: tuple[Network, ...] = ()
     limits: TrackerLimits = TrackerLimits()
+    # Processes answering hits on the endpoint: this one and processes - 1 children
+    # (``appliance.tracker.processes``); "auto" in the file is the number of usable cores.
+    processes: int = 1
 
 
 _TRACKER_DURATIONS = ("header_timeout", "keepalive_timeout", "event_rate_window")
@@ -122,13 +125,48 @@ def read_tracker(t: Table) -> TrackerConfig:
         if t.has(name) and getattr(c, name) <= 0:
             t.error(name, "must be more than 0 seconds")
             c = replace(c, **{name: getattr(d, name)})
+    endpoint = t.endpoint("endpoint", TrackerConfig.endpoint)
     tracker = TrackerConfig(
-        endpoint=t.endpoint("endpoint", TrackerConfig.endpoint),
+        endpoint=endpoint,
         trusted_proxies=t.networks("trusted_proxies", TrackerConfig.trusted_proxies),
         limits=c,
+        processes=_tracker_processes(t, endpoint),
     )
     t.finish()
     return tracker
+
+
+MAX_TRACKER_PROCESSES = 64  # the process index has 6 bits of each event_id (appliance.events)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _tracker_processes(t: Table, endpoint: str) -> int:
+    """
+    ``processes``: a count, or "auto" for one per usable core. More than one needs a
+    ``tcp:`` endpoint (each process opens its own socket on the address); "auto" on
+    any other endpoint is 1.
+    """
+    value = t.data.get("processes", TrackerConfig.processes)
+    t.known.add("processes")
+    if value == "auto":
+        count = min(usable_cores(), MAX_TRACKER_PROCESSES)
+        return count if tcp_listen_address(endpoint) is not None else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TRACKER_PROCESSES:
+        t.error("processes", f"expected an integer from 1 to {MAX_TRACKER_PROCESSES} or \"auto\", "
+                f"got {show(value)}")
+        return TrackerConfig.processes
+    if value > 1 and tcp_listen_address(endpoint) is None:
+        t.error("processes", f"more than one process needs a tcp: or tcp6: endpoint with a numeric "
+                f"interface, such as \"tcp:8080:interface=0.0.0.0\"; tracker.endpoint is {show(endpoint)}")
+        return TrackerConfig.processes
+    return value
 
 
 @dataclass(frozen=True)

@@ -96,3 +96,31 @@ _HOST_PORT_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1
 def is_host_port(value: str) -> bool:
     """A ``host[:port]`` fit to be put into a tracked link."""
     return bool(_HOST_PORT_RE.fullmatch(value))
+
+
+def tcp_listen_address(endpoint: str) -> tuple[str, int, int] | None:
+    """
+    ``(interface, port, backlog)`` of a ``tcp:`` or ``tcp6:`` server endpoint, else ``None``.
+
+    What the tracker needs to open one socket per process on the same address
+    (``tracker.processes``); ``\\:`` in the interface is a colon, as Twisted reads it.
+    An endpoint without ``interface`` listens on every IPv4 address (``tcp6``: IPv6).
+    """
+    parts = [p.replace("\0", ":") for p in endpoint.replace("\\:", "\0").split(":")]
+    kind, args = parts[0], parts[1:]
+    if kind not in ("tcp", "tcp6"):
+        return None
+    positional = [a for a in args if "=" not in a]
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    port_text = named.pop("port", positional[0] if positional else "")
+    if len(positional) > (0 if "port" in named else 1) or set(named) - {"interface", "backlog"}:
+        return None
+    interface = named.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
+    try:
+        port, backlog = int(port_text), int(named.get("backlog", "50"))
+        ipaddress.ip_address(interface)
+    except ValueError:
+        return None
+    if not 0 <= port < 65536 or backlog < 1:
+        return None
+    return interface, port, backlog

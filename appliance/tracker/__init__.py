@@ -247,7 +247,17 @@ class Tracker:
         is only counted.
         """
         events = self.events_for(link, client, token)
-        if events and self.limiter is not None and not self.limiter.allow(client.ip_address, token):
+        if events:
+            self.write(events, client.ip_address, token)
+
+    def write(self, events: list[Event], address: str, token: bytes) -> None:
+        """
+        Write one hit's ``events`` unless the limiter holds back ``address`` and ``token``.
+
+        Also where the events a tracker process made arrive (``appliance.tracker.processes``),
+        so the one limiter counts every process's hits.
+        """
+        if self.limiter is not None and not self.limiter.allow(address, token):
             return
         for event in events:
             try:
@@ -420,6 +430,7 @@ class TrackerSite(server.Site):
     requestFactory = TrackerRequest
     protocol = GuardedChannel
     on_answered: Callable[[float], None] | None = None  # seconds from request to answer (metrics)
+    tracker: Tracker | None = None  # what its resources answer with (set by ``make_site``)
 
     def __init__(self, root: resource.IResource, *, reactor: IReactorTime | None = None,
                  limits: Limits = DEFAULT_LIMITS, connections: ConnectionCount | None = None,
@@ -471,17 +482,22 @@ class TrackerSite(server.Site):
 
 def make_site(codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Network] = (),
               now: Callable[[], float] = time.time, *, reactor: IReactorTime,
-              limits: Limits = DEFAULT_LIMITS, engagement: Engagement | None = None) -> TrackerSite:
+              limits: Limits = DEFAULT_LIMITS, engagement: Engagement | None = None,
+              tracker_type: type[Tracker] = Tracker, limit_hits: bool = True) -> TrackerSite:
     """
     ``reactor`` times out connections and windows the event limit.
 
     Trusted proxies count only towards the total connection limit, as each
-    carries many clients.
+    carries many clients. A tracker process (``appliance.tracker.child``) gives
+    its own ``tracker_type`` and no hit limiter: the appliance's counts its hits.
     """
-    limiter = HitLimiter(limits.event_rate_limit, limits.event_rate_window,
-                         limits.event_rate_entries, now=reactor.seconds)
-    tracker = Tracker(codec, events, trusted_proxies, now, limiter, engagement)
+    limiter = None
+    if limit_hits:
+        limiter = HitLimiter(limits.event_rate_limit, limits.event_rate_window,
+                             limits.event_rate_entries, now=reactor.seconds)
+    tracker = tracker_type(codec, events, trusted_proxies, now, limiter, engagement)
     site = TrackerSite(Root(tracker), reactor=reactor, limits=limits,
                        connections=ConnectionCount(limits, trusted_proxies), limiter=limiter)
     site.displayTracebacks = False
+    site.tracker = tracker
     return site
