@@ -1,18 +1,29 @@
 """
-Tracked links: compact, signed tokens that carry everything the tracker needs.
+Tracked links: compact, private tokens that carry everything the tracker needs.
 
 The tracker keeps no state, so a token must say what happened (an open, an
 initial open or a click), to whom, in which message and campaign, where a
-click goes, and until when the link counts; and nobody without the key may
-forge or alter one, or the tracker becomes an open redirect.
+click goes, and until when the link counts; nobody without the key may
+forge or alter one, or the tracker becomes an open redirect; and nobody who
+sees a URL (a forwarded mail, a proxy's log, a referrer) may read who it was
+sent to or anything else it carries.
 
 A token is URL-safe base64 without padding of::
 
-    version (1 byte) | key id (1 byte) | body | HMAC-SHA256(key, version | key id | body)[:16]
+    version (1 byte) | key id (1 byte) | AES-SIV(key, body; associated data: version | key id)
 
-``body`` is a JSON array of the fields, raw-deflated when it is long and that
-makes it shorter (the version byte's low bit says so). The key file lists several keys so they
-can be rotated: the first signs, all verify.
+AES-SIV (RFC 5297) is deterministic authenticated encryption: its 16-byte
+synthetic IV is both the nonce and the tag, so a token is exactly as long as
+the signed-only format was, needs no random nonce, and one link of one copy
+always gives the same token. ``body`` is a JSON array of the fields,
+raw-deflated when it is long and that makes it shorter (the version byte's
+low bit says so). The AES-SIV key is derived with HKDF from each key of the
+key file, whose format is unchanged. The key file lists several keys so they
+can be rotated: the first encrypts, all decrypt.
+
+Tokens of the first format (version 0x10: the same body in clear, with an
+HMAC-SHA256 tag) were sent before tokens were encrypted; they are still
+verified and read, and stop working when they expire, as any link does.
 """
 
 from __future__ import annotations
@@ -30,20 +41,24 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from twisted.logger import Logger
 
 from appliance.files import write_atomically
 
-if TYPE_CHECKING:
-    from hashlib import _Hash
-
-TAG_BYTES = 16
+TAG_BYTES = 16  # AES-SIV's synthetic IV, as the first format's truncated HMAC
 MAX_URL_LENGTH = 4096
-_VERSION = 0x10
+_VERSION = 0x20  # encrypted (AES-SIV)
+_SIGNED_VERSION = 0x10  # the first format: readable body, HMAC-SHA256; read, never made
 _DEFLATED = 0x01
+# HKDF's info for the AES-SIV keys: binds the derived key to this one use of the key file's keys.
+_AEAD_INFO = b"engage-appliance link tokens: AES-SIV-512 key, format 0x20"
 KINDS = ("open", "initial_open", "click")
 _KIND_CODES = {"open": "o", "initial_open": "i", "click": "c"}
 _KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
@@ -63,23 +78,6 @@ _json_string = json.encoder.encode_basestring  # a str as that encoder writes it
 def _json(value: Any) -> bytes:
     """Compact JSON, as ``json.dumps`` with these options gives it, without building an encoder per call."""
     return _ENCODER.encode(value).encode()
-
-
-_IPAD = bytes(b ^ 0x36 for b in range(256))
-_OPAD = bytes(b ^ 0x5C for b in range(256))
-
-
-def _hmac_pads(key: bytes) -> tuple[_Hash, _Hash]:
-    """
-    HMAC-SHA256 (RFC 2104) with its key absorbed: the inner and outer hashes after their pads.
-
-    A copy of each gives ``hmac.digest(key, data, "sha256")`` for the cost of
-    the data alone, and lets the inner hash go on from a prefix many tokens share.
-    """
-    if len(key) > 64:
-        key = sha256(key).digest()
-    key = key.ljust(64, b"\0")
-    return sha256(key.translate(_IPAD)), sha256(key.translate(_OPAD))
 
 
 class InvalidToken(ValueError):
@@ -109,6 +107,7 @@ class LinkData(NamedTuple):
     link_name: str = ""
     target: str = ""
     unsubscribe: bool = False
+    anchor: str = ""  # a click's anchor text (the link's text, or its image's alt)
 
     def expired(self, now: float) -> bool:
         return now >= self.expiry
@@ -116,21 +115,23 @@ class LinkData(NamedTuple):
     def to_array(self) -> list[Any]:
         return [_KIND_CODES[self.kind], self.expiry, self.message_id, self.transmission_id,
                 self.rcpt_to, self.campaign_id, list(self.tags), self.metadata, self.link_name,
-                self.target, 1 if self.unsubscribe else 0]
+                self.target, 1 if self.unsubscribe else 0, self.anchor]
 
     @classmethod
     def from_array(cls, f: Any) -> LinkData:
-        if type(f) is not list or len(f) != 11:
+        """The fields of a token's body; an 11-field body (the first format's) has no anchor."""
+        if type(f) is not list or not 11 <= len(f) <= 12:
             raise InvalidToken("token body has the wrong shape")
-        kind, expiry, mid, tid, rcpt, campaign, tags, meta, name, target, unsub = f
+        kind, expiry, mid, tid, rcpt, campaign, tags, meta, name, target, unsub = f[:11]
+        anchor = f[11] if len(f) == 12 else ""
         if (kind not in _KIND_NAMES or type(expiry) is not int
                 or not (type(mid) is type(tid) is type(rcpt) is type(campaign) is type(name)
-                        is type(target) is str)
+                        is type(target) is type(anchor) is str)
                 or type(tags) is not list or not all(type(t) is str for t in tags)
                 or not (meta is None or type(meta) is dict) or unsub not in (0, 1)):
             raise InvalidToken("token body has the wrong types")
         return cls(_KIND_NAMES[kind], expiry, mid, tid, rcpt, campaign, tuple(tags), meta, name,
-                   target, unsub == 1)
+                   target, unsub == 1, anchor)
 
 
 @dataclass(frozen=True)
@@ -157,14 +158,21 @@ _TOKEN_RE = re.compile(rb"[A-Za-z0-9_-]{8,8192}")
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
+def aead_key(key: bytes) -> bytes:
+    """The AES-SIV key for one key of the key file (HKDF-SHA256): the file's format stays as it is."""
+    return HKDF(algorithm=SHA256(), length=64, salt=None, info=_AEAD_INFO).derive(key)
+
+
 class _Keys:
-    """A keyring with its HMAC states keyed once; replaced whole, never changed."""
+    """A keyring with its ciphers and HMAC states keyed once; replaced whole, never changed."""
 
     def __init__(self, keyring: Keyring) -> None:
         self.keyring = keyring
-        # Each verification copies one of these (cheaper than keying anew).
+        self.ciphers = {kid: AESSIV(aead_key(key)) for kid, key in keyring.keys}
+        self.signing = self.ciphers[keyring.signing[0]]
+        self.header = bytes((_VERSION, keyring.signing[0]))
+        # First-format tokens: each verification copies one of these (cheaper than keying anew).
         self.macs = {kid: hmac.new(key, digestmod=sha256) for kid, key in keyring.keys}
-        self.signing_pads = _hmac_pads(keyring.signing[1])
 
 
 class LinkCodec:
@@ -207,62 +215,45 @@ class LinkCodec:
         """
         A fast ``encode`` for the many clicks of one recipient's copy.
 
-        ``common`` gives the recipient's fields (its ``link_name``, ``target``
-        and ``unsubscribe`` are ignored); the returned function takes a
-        link's ``click_suffix`` and gives exactly the token ``encode`` would.
-        The JSON of both halves is made once (the suffix once per message), and
-        so is everything the recipient's half alone decides: the HMAC's inner
-        hash over it and the base64 of its whole 3-byte groups. Each link of
-        each copy then costs the HMAC and base64 of its own suffix; a body long
-        enough to be deflated takes the general path.
+        ``common`` gives the recipient's fields (its ``link_name``, ``target``,
+        ``unsubscribe`` and ``anchor`` are ignored); the returned function
+        takes a link's ``click_suffix`` and gives exactly the token ``encode``
+        would. The JSON of both halves is made once (the suffix once per
+        message), so each link of each copy costs one AES-SIV encryption and
+        the base64 of its token; a body long enough to be deflated takes the
+        general path.
         """
         shared = _json(common._replace(kind="click").to_array()[:8])[:-1] + b","
         keys = self._keys
-
-        def seal(body: bytes) -> str:
-            return self._seal(body, keys)
-
-        head = bytes((_VERSION, keys.keyring.signing[0])) + shared
-        inner_pad, outer = keys.signing_pads
-        inner = inner_pad.copy()
-        inner.update(head)
-        aligned = len(head) - len(head) % 3  # base64 of whole groups does not depend on what follows
-        head_text = binascii.b2a_base64(head[:aligned], newline=False).translate(_URLSAFE).decode()
-        rest = head[aligned:]
+        header = keys.header
+        associated = [header]
+        encrypt = keys.signing.encrypt
         deflate_from = DEFLATE_FROM - len(shared)
         b2a, urlsafe = binascii.b2a_base64, _URLSAFE
 
         def encode(suffix: bytes) -> str:
             if len(suffix) >= deflate_from:
-                return seal(shared + suffix)
-            i = inner.copy()
-            i.update(suffix)
-            o = outer.copy()
-            o.update(i.digest())
-            tail = b2a(rest + suffix + o.digest()[:TAG_BYTES], newline=False)
-            return head_text + tail.translate(urlsafe).rstrip(b"=").decode()
+                return self._seal(shared + suffix, keys)
+            raw = header + encrypt(shared + suffix, associated)
+            return b2a(raw, newline=False).translate(urlsafe).rstrip(b"=").decode()
 
         return encode
 
     def _seal(self, body: bytes, keys: _Keys | None = None) -> str:
         keys = keys or self._keys
-        version = _VERSION
+        header = keys.header
         if len(body) >= DEFLATE_FROM:
             # A small window and hash table: tokens are short, and zlib's defaults
             # would spend ten times longer setting up 256 KiB of state than compressing.
             deflater = zlib.compressobj(9, zlib.DEFLATED, -12, 2)
             packed = deflater.compress(body) + deflater.flush()
             if len(packed) < len(body):
-                body, version = packed, _VERSION | _DEFLATED
-        signed = bytes((version, keys.keyring.signing[0])) + body
-        inner, outer = (h.copy() for h in keys.signing_pads)
-        inner.update(signed)
-        outer.update(inner.digest())
-        tag = outer.digest()[:TAG_BYTES]
-        return binascii.b2a_base64(signed + tag, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
+                body, header = packed, bytes((_VERSION | _DEFLATED, header[1]))
+        raw = header + keys.signing.encrypt(body, [header])
+        return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
     def decode(self, token: str | bytes) -> LinkData:
-        """The link a token describes; raises ``InvalidToken`` for anything we did not sign."""
+        """The link a token describes; raises ``InvalidToken`` for anything we did not make."""
         if isinstance(token, str):
             try:
                 token = token.encode("ascii")
@@ -272,17 +263,20 @@ class LinkCodec:
         if not _TOKEN_RE.fullmatch(token) or len(token) % 4 == 1:
             raise InvalidToken("token is not URL-safe base64")
         raw = binascii.a2b_base64(token.translate(_FROM_URLSAFE) + b"=" * (-len(token) % 4))
-        if len(raw) < 2 + TAG_BYTES or raw[0] & ~_DEFLATED != _VERSION:
+        version = raw[0] & ~_DEFLATED
+        if len(raw) < 3 + TAG_BYTES or version != _VERSION and version != _SIGNED_VERSION:
             raise InvalidToken("token has an unknown version")
-        signed, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
-        mac = self._keys.macs.get(raw[1])
-        if mac is None:
-            raise InvalidToken(f"token is signed with unknown key id {raw[1]}")
-        mac = mac.copy()
-        mac.update(signed)
-        if not hmac.compare_digest(mac.digest()[:TAG_BYTES], tag):
-            raise InvalidToken("token signature does not verify")
-        body = signed[2:]
+        keys = self._keys
+        if version == _VERSION:
+            cipher = keys.ciphers.get(raw[1])
+            if cipher is None:
+                raise InvalidToken(f"token is made with unknown key id {raw[1]}")
+            try:
+                body = cipher.decrypt(raw[2:], [raw[:2]])
+            except InvalidTag:
+                raise InvalidToken("token does not decrypt") from None
+        else:
+            body = _verified(keys, raw)
         try:
             if raw[0] & _DEFLATED:
                 body = zlib.decompress(body, wbits=-15)
@@ -293,11 +287,25 @@ class LinkCodec:
             raise InvalidToken("token body does not decode") from None
 
 
-def click_suffix(link_name: str, target: str, unsubscribe: bool) -> bytes:
+def _verified(keys: _Keys, raw: bytes) -> bytes:
+    """The body of a first-format token, whose HMAC-SHA256 tag verifies; links sent before encryption."""
+    signed, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
+    mac = keys.macs.get(raw[1])
+    if mac is None:
+        raise InvalidToken(f"token is signed with unknown key id {raw[1]}")
+    mac = mac.copy()
+    mac.update(signed)
+    if not hmac.compare_digest(mac.digest()[:TAG_BYTES], tag):
+        raise InvalidToken("token signature does not verify")
+    return signed[2:]
+
+
+def click_suffix(link_name: str, target: str, unsubscribe: bool, anchor: str = "") -> bytes:
     """The part of a click token's body that depends on the link alone (see ``click_encoder``)."""
-    # What _json([link_name, target, 0 or 1])[1:] gives, string by string: the encoder's own
-    # string function, without its per-call machinery (once per link of every message).
-    return f"{_json_string(link_name)},{_json_string(target)},{1 if unsubscribe else 0}]".encode()
+    # What _json([link_name, target, 0 or 1, anchor])[1:] gives, string by string: the encoder's
+    # own string function, without its per-call machinery (once per link of every message).
+    return (f"{_json_string(link_name)},{_json_string(target)},{1 if unsubscribe else 0},"
+            f"{_json_string(anchor)}]").encode()
 
 
 def open_url(scheme: str, domain: str, token: str) -> str:

@@ -40,8 +40,8 @@ CONTRACT: dict[str, tuple[list[str], list[str]]] = {
     "bounce": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], ["msg_from_truncated", *CUT_REASON]),
     "open": ([*COMMON, *TRACK, "rcpt_meta"], []),
     "initial_open": ([*COMMON, *TRACK, "rcpt_meta"], []),
-    "click": ([*COMMON, *CLICK], ["rcpt_meta"]),
-    "link_unsubscribe": ([*COMMON, *CLICK], ["rcpt_meta"]),
+    "click": ([*COMMON, *CLICK], ["rcpt_meta", "target_link_anchor"]),
+    "link_unsubscribe": ([*COMMON, *CLICK], ["rcpt_meta", "target_link_anchor"]),
 }
 
 TID = "4242"
@@ -166,6 +166,14 @@ class ContractTests(SynchronousTestCase):
             self.assertCarries(event, ["rcpt_meta"])
             self.assertEqual(event["rcpt_meta"], {"k": 1})
         self.assertNotEqual(click["event_id"], unsubscribe["event_id"])
+
+    def test_clicks_carry_the_anchor_text_when_the_link_has_one(self) -> None:
+        shop = link("click", unsubscribe=True)._replace(anchor="Shop now")
+        for event in (self.made(d) for d in et.click_events(shop, "", "", "")):
+            self.assertCarries(event, ["target_link_anchor"])
+            self.assertEqual(event["target_link_anchor"], "Shop now")
+        [plain] = [self.made(d) for d in et.click_events(link("click"), "", "", "")]
+        self.assertNotIn("target_link_anchor", plain)  # omitted when empty
 
     def test_webhook_classes(self) -> None:
         self.assertEqual({t: et.event_class(t) for t in et.EVENT_TYPES}, {
