@@ -864,6 +864,10 @@ ADVERSARIAL = {
     "runs of </": repeated("</") + ">",
     "runs of <script>": repeated("<script>") + "</script>",
     "an unclosed quote in a tag": '<a href="' + repeated("<a ") + "\">",
+    "links whose text is unclosed images": repeated('<a href="https://x/">' + "<img " * 400),
+    "links whose text is unclosed comments": repeated('<a href="https://x/">' + "<!--" * 400),
+    "links whose text is unclosed tags": repeated('<a href="https://x/">' + "<b <i <br " * 200),
+    "links whose text is entities": repeated('<a href="https://x/">' + "&amp;&#65;&x" * 300 + "</a>"),
 }
 
 

@@ -187,11 +187,9 @@ _INVISIBLE = re.compile(
     r"|<[/!?]?[A-Za-z][^>]*(?:>|\Z)|<[!?/][^>]*(?:>|\Z)",
     re.IGNORECASE | re.DOTALL)
 # Tags that break a line or a box: their text stays apart (``Shop<br>now`` reads "Shop now").
-_BREAKING = re.compile(r"<(?:br|p|div|li|td|th|tr|h[1-6]|table|img)[\t\n\f\r />][^>]*>?", re.IGNORECASE)
-_IMG_ALT = re.compile(
-    r"<img[\t\n\f\r /][^>]*?(?<=[\t\n\f\r /\"'])alt[\t\n\f\r ]*=[\t\n\f\r ]*"
-    r"(?:\"([^\"]*)\"|'([^']*)'|([^\t\n\f\r >]*))",
-    re.IGNORECASE)
+_BREAKING = re.compile(r"<(?:br|p|div|li|td|th|tr|h[1-6]|table|img)(?=[\t\n\f\r />])[^>]*+>?",
+                       re.IGNORECASE)
+_IMG = re.compile(r"<img(?=[\t\n\f\r />])([^>]*+)", re.IGNORECASE)  # group 1 its attributes
 
 
 def anchor_text(text: str, start: int) -> str:
@@ -199,8 +197,8 @@ def anchor_text(text: str, start: int) -> str:
     What a reader sees of the link whose content begins at ``start``.
 
     Its text content (tags and comments dropped, character references
-    decoded, white space collapsed), or the ``alt`` text of its first image
-    when it has no text; at most ``ANCHOR_TEXT_MAX`` characters. Read from
+    decoded, white space collapsed), or the first ``alt`` text of its
+    images when it has no text; at most ``ANCHOR_TEXT_MAX`` characters. Read from
     the first ``ANCHOR_SCAN`` characters of its content.
     """
     limit = min(len(text), start + ANCHOR_SCAN)
@@ -212,11 +210,14 @@ def anchor_text(text: str, start: int) -> str:
     visible = collapse_text(html.unescape(shown) if "&" in shown else shown)
     if visible:
         return visible
-    alt = _IMG_ALT.search(content)
-    if alt is None:
-        return ""
-    return collapse_text(unescape_attribute(alt[1] if alt[1] is not None else alt[2] if alt[2] is not None
-                                            else alt[3]))
+    for img in _IMG.finditer(content):
+        for attribute in _attributes(content, img.start(1), img.end(1), alt=True):
+            if attribute.name == "alt":
+                alt = collapse_text(unescape_attribute(attribute.value))
+                if alt:
+                    return alt
+                break
+    return ""
 
 
 def collapse_text(value: str) -> str:
