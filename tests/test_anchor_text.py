@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 import time
 
+import lxml.html
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.links import LinkCodec, read_keyring
@@ -142,3 +145,22 @@ class AnchorTextEndToEndTests(SynchronousTestCase):
         self.assertEqual([e["target_link_anchor"] for e in events], ["Shop now", "Spring sale"])
         self.assertEqual([e["target_link_url"] for e in events],
                          ["https://shop.example/p?id=1&x=2", "https://shop.example/hero"])
+
+
+# Anchor content from pieces a browser reads the same way lxml does: text, inline tags,
+# character references, comments, white space.
+inline_content = st.lists(st.sampled_from(
+    ["Shop", "now", "é", " ", "\n", "\t", "<b>", "</b>", '<span class="x">', "</span>", "<i>", "</i>",
+     "&amp;", "&copy;", "&#65;", "&#x263A;", "&lt;", "&gt;", "<!-- hidden -->", "<!--[if mso]>x<![endif]-->",
+     "a&b", "x=1"]), max_size=30).map("".join)
+
+
+class AnchorTextPropertyTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(inline_content)
+    def test_reads_as_a_tree_parser_does(self, content: str) -> None:
+        """The scanner's anchor text is lxml's text content of the link, collapsed and cut."""
+        html = f'<div><a href="https://x.example/">{content}</a></div>'
+        tree = lxml.html.fragment_fromstring(html)
+        expected = " ".join(tree.find("a").text_content().split())[:ANCHOR_TEXT_MAX].rstrip()
+        self.assertEqual(anchor_of(content), expected)
