@@ -10,16 +10,19 @@ sent to or anything else it carries.
 
 A token is URL-safe base64 without padding of::
 
-    version (1 byte) | key id (1 byte) | AES-SIV(key, body; associated data: version | key id)
+    version (1 byte) | key id (1 byte) | AES-SIV(the key of that version and key id, body)
 
 AES-SIV (RFC 5297) is deterministic authenticated encryption: its 16-byte
 synthetic IV is both the nonce and the tag, so a token is exactly as long as
 the signed-only format was, needs no random nonce, and one link of one copy
 always gives the same token. ``body`` is a JSON array of the fields,
 raw-deflated when it is long and that makes it shorter (the version byte's
-low bit says so). The AES-SIV key is derived with HKDF from each key of the
-key file, whose format is unchanged. The key file lists several keys so they
-can be rotated: the first encrypts, all decrypt.
+low bit says so). Each AES-SIV key is derived with HKDF from a key of the key
+file (whose format is unchanged), with the version byte in HKDF's info: the
+clear bytes choose the key, so changing either fails the token as surely as
+associated data would, and costs nothing per token (associated data costs
+AES-SIV another pass per token). The key file lists several keys so they can
+be rotated: the first encrypts, all decrypt.
 
 Tokens of the first format (version 0x10: the same body in clear, with an
 HMAC-SHA256 tag) were sent before tokens were encrypted; they are still
@@ -57,8 +60,9 @@ MAX_URL_LENGTH = 4096
 _VERSION = 0x20  # encrypted (AES-SIV)
 _SIGNED_VERSION = 0x10  # the first format: readable body, HMAC-SHA256; read, never made
 _DEFLATED = 0x01
-# HKDF's info for the AES-SIV keys: binds the derived key to this one use of the key file's keys.
-_AEAD_INFO = b"engage-appliance link tokens: AES-SIV-512 key, format 0x20"
+# HKDF's info for the AES-SIV keys, before the version byte: binds each derived key to this
+# one use of the key file's keys, and to one version.
+_AEAD_INFO = b"engage-appliance link tokens: AES-SIV-512 key for version "
 KINDS = ("open", "initial_open", "click")
 _KIND_CODES = {"open": "o", "initial_open": "i", "click": "c"}
 _KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
@@ -158,9 +162,9 @@ _TOKEN_RE = re.compile(rb"[A-Za-z0-9_-]{8,8192}")
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
-def aead_key(key: bytes) -> bytes:
-    """The AES-SIV key for one key of the key file (HKDF-SHA256): the file's format stays as it is."""
-    return HKDF(algorithm=SHA256(), length=64, salt=None, info=_AEAD_INFO).derive(key)
+def aead_key(key: bytes, version: int) -> bytes:
+    """The AES-SIV key of one version for one key of the key file (HKDF-SHA256)."""
+    return HKDF(algorithm=SHA256(), length=64, salt=None, info=_AEAD_INFO + bytes((version,))).derive(key)
 
 
 class _Keys:
@@ -168,7 +172,9 @@ class _Keys:
 
     def __init__(self, keyring: Keyring) -> None:
         self.keyring = keyring
-        self.ciphers = {kid: AESSIV(aead_key(key)) for kid, key in keyring.keys}
+        # By key id: the cipher of the plain body, and of the deflated one (by the version's low bit).
+        self.ciphers = {kid: (AESSIV(aead_key(key, _VERSION)), AESSIV(aead_key(key, _VERSION | _DEFLATED)))
+                        for kid, key in keyring.keys}
         self.signing = self.ciphers[keyring.signing[0]]
         self.header = bytes((_VERSION, keyring.signing[0]))
         # First-format tokens: each verification copies one of these (cheaper than keying anew).
@@ -226,30 +232,29 @@ class LinkCodec:
         shared = _json(common._replace(kind="click").to_array()[:8])[:-1] + b","
         keys = self._keys
         header = keys.header
-        associated = [header]
-        encrypt = keys.signing.encrypt
+        encrypt = keys.signing[0].encrypt
         deflate_from = DEFLATE_FROM - len(shared)
         b2a, urlsafe = binascii.b2a_base64, _URLSAFE
 
         def encode(suffix: bytes) -> str:
             if len(suffix) >= deflate_from:
                 return self._seal(shared + suffix, keys)
-            raw = header + encrypt(shared + suffix, associated)
+            raw = header + encrypt(shared + suffix, None)
             return b2a(raw, newline=False).translate(urlsafe).rstrip(b"=").decode()
 
         return encode
 
     def _seal(self, body: bytes, keys: _Keys | None = None) -> str:
         keys = keys or self._keys
-        header = keys.header
+        header, deflated = keys.header, 0
         if len(body) >= DEFLATE_FROM:
             # A small window and hash table: tokens are short, and zlib's defaults
             # would spend ten times longer setting up 256 KiB of state than compressing.
             deflater = zlib.compressobj(9, zlib.DEFLATED, -12, 2)
             packed = deflater.compress(body) + deflater.flush()
             if len(packed) < len(body):
-                body, header = packed, bytes((_VERSION | _DEFLATED, header[1]))
-        raw = header + keys.signing.encrypt(body, [header])
+                body, header, deflated = packed, bytes((_VERSION | _DEFLATED, header[1])), 1
+        raw = header + keys.signing[deflated].encrypt(body, None)
         return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
     def decode(self, token: str | bytes) -> LinkData:
@@ -268,11 +273,11 @@ class LinkCodec:
             raise InvalidToken("token has an unknown version")
         keys = self._keys
         if version == _VERSION:
-            cipher = keys.ciphers.get(raw[1])
-            if cipher is None:
+            ciphers = keys.ciphers.get(raw[1])
+            if ciphers is None:
                 raise InvalidToken(f"token is made with unknown key id {raw[1]}")
             try:
-                body = cipher.decrypt(raw[2:], [raw[:2]])
+                body = ciphers[raw[0] & _DEFLATED].decrypt(raw[2:], None)
             except InvalidTag:
                 raise InvalidToken("token does not decrypt") from None
         else:

@@ -95,9 +95,9 @@ class CodecTests(SynchronousTestCase):
                                                   unsub: bool, rcpt: str, anchor: str) -> None:
         """
         Every token, from ``encode`` or a recipient's ``click_encoder``, is exactly the one the
-        format defines: AES-SIV, keyed by HKDF-SHA256 from the file's key, over the JSON body
-        (deflated from ``DEFLATE_FROM`` bytes, where shorter) with version and key id as
-        associated data, whatever the key's length.
+        format defines: AES-SIV over the JSON body (deflated from ``DEFLATE_FROM`` bytes, where
+        shorter), keyed by HKDF-SHA256 from the file's key with the version byte in its info,
+        whatever the key's length.
         """
         codec = LinkCodec(Keyring(((kid, key),)))
         data = click(link_name=name, target=target, unsubscribe=unsub, rcpt_to=rcpt, anchor=anchor)
@@ -108,10 +108,9 @@ class CodecTests(SynchronousTestCase):
             packed = deflater.compress(body) + deflater.flush()
             if len(packed) < len(body):
                 body, version = packed, 0x21
-        aead_key = HKDF(algorithm=SHA256(), length=64, salt=None,
-                        info=b"engage-appliance link tokens: AES-SIV-512 key, format 0x20").derive(key)
-        header = bytes((version, kid))
-        raw = header + AESSIV(aead_key).encrypt(body, [header])
+        info = b"engage-appliance link tokens: AES-SIV-512 key for version " + bytes((version,))
+        aead_key = HKDF(algorithm=SHA256(), length=64, salt=None, info=info).derive(key)
+        raw = bytes((version, kid)) + AESSIV(aead_key).encrypt(body, None)
         expected = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
         self.assertEqual(codec.encode(data), expected)
         self.assertEqual(codec.click_encoder(data)(click_suffix(name, target, unsub, anchor)), expected)
@@ -127,7 +126,7 @@ class CodecTests(SynchronousTestCase):
         self.assertEqual(CODEC.decode(token), data)
 
     def test_the_version_byte_is_authenticated(self) -> None:
-        """The deflated bit cannot be flipped: version and key id are the cipher's associated data."""
+        """The deflated bit cannot be flipped: each version has its own key."""
         for data in (click(), click(metadata={f"key{i}": "value" for i in range(60)})):
             raw = bytearray(raw_bytes(CODEC.encode(data)))
             raw[0] ^= 0x01
