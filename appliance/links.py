@@ -428,7 +428,7 @@ def rotated(keyring: Keyring) -> Keyring:
 def keys_main(argv: list[str] | None = None) -> int:
     """``engage-appliance-keys``: create, rotate, retire and list link signing keys."""
     parser = argparse.ArgumentParser(prog="engage-appliance-keys",
-                                     description="Manage the keys that sign tracked links.")
+                                     description="Manage the keys that encrypt and sign tracked links.")
     parser.add_argument("--file", default="var/keys/links.keys",
                         help="the key file (links.keys_file in the configuration)")
     sub = parser.add_subparsers(dest="command", required=True)
