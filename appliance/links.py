@@ -191,7 +191,7 @@ class LinkCodec:
 
     def use(self, keyring: Keyring) -> None:
         """
-        Sign and verify with ``keyring`` from now on: a retired key stops verifying at once.
+        Make and read tokens with ``keyring`` from now on: a retired key stops reading at once.
 
         Copies rendered in the worker meanwhile read the keys once per token,
         so each token is made with one keyring, the old or the new.
