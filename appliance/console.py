@@ -88,7 +88,7 @@ def _suppressions(argv: list[str]) -> int:
 
 # The commands that came first, each with its own options: their arguments are passed on as given.
 DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "keys": (_keys, "create, rotate, retire and list the keys that sign tracked links"),
+    "keys": (_keys, "create, rotate, retire and list the keys that encrypt and sign tracked links"),
     "users": (_users, "manage the SMTP AUTH users file"),
     "certificate": (_certificate, "write a self-signed TLS certificate and key"),
     "dkim-key": (_dkim_key, "make a DKIM key and print its DNS record"),

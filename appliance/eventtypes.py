@@ -95,7 +95,8 @@ FIELDS: Mapping[str, tuple[str, ...]] = {
 
 # Fields an event has only sometimes: why tracking was skipped or a DKIM signature
 # broken, and what Momentum's limits left out (injection, ``settings.limit_notes``);
-# the recipient's metadata, when the clicked link carries it.
+# the recipient's metadata, when the clicked link carries it; the clicked link's anchor
+# text (its text, or its image's alt), when it has one.
 # Each marked ``<field>_truncated: true`` when its field was cut to its cap (``TEXT_CAPS``).
 OPTIONAL_FIELDS: Mapping[str, tuple[str, ...]] = {
     INJECTION: ("tracking_skipped", "tracking_skipped_reason", "dkim_broken", "msg_from_truncated",
@@ -111,8 +112,8 @@ OPTIONAL_FIELDS: Mapping[str, tuple[str, ...]] = {
     # geo_ip: with a MaxMind database (engagement_tracker.geoip_database) that knows the address.
     OPEN: ("geo_ip",),
     INITIAL_OPEN: ("geo_ip",),
-    CLICK: ("rcpt_meta", "geo_ip"),
-    LINK_UNSUBSCRIBE: ("rcpt_meta", "geo_ip"),
+    CLICK: ("rcpt_meta", "geo_ip", "target_link_anchor"),
+    LINK_UNSUBSCRIBE: ("rcpt_meta", "geo_ip", "target_link_anchor"),
 }
 
 # The most UTF-8 bytes an event carries of text that a message, an SMTP client,
@@ -390,12 +391,21 @@ def open_event(link: LinkData, ip_address: str, user_agent: str, who: Mapping[st
 
 def click_events(link: LinkData, ip_address: str, user_agent: str, accept_language: str,
                  who: Mapping[str, Any]) -> list[Draft]:
-    """A ``click``, and a ``link_unsubscribe`` as well for an unsubscribe link; ``who`` as for opens."""
+    """
+    A ``click``, and a ``link_unsubscribe`` as well for an unsubscribe link; ``who`` as for opens.
+
+    ``target_link_anchor`` (not a SparkPost field) names the link as its reader
+    saw it, so reports can say "Shop now" rather than a URL; omitted when the
+    link has no text (a text part's URL, an image without ``alt``, a link made
+    before anchors were recorded).
+    """
     fields = _track_fields(link, ip_address, user_agent, who)
     if link.metadata is not None:
         fields["rcpt_meta"] = link.metadata
     fields.update(target_link_url=link.target, target_link_name=link.link_name,
                   accept_language=accept_language, click_tracking=True)
+    if link.anchor:
+        fields["target_link_anchor"] = link.anchor
     if link.unsubscribe:
         return [Draft(CLICK, fields), Draft(LINK_UNSUBSCRIBE, dict(fields))]
     return [Draft(CLICK, fields)]

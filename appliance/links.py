@@ -1,18 +1,32 @@
 """
-Tracked links: compact, signed tokens that carry everything the tracker needs.
+Tracked links: compact, private tokens that carry everything the tracker needs.
 
 The tracker keeps no state, so a token must say what happened (an open, an
 initial open or a click), to whom, in which message and campaign, where a
-click goes, and until when the link counts; and nobody without the key may
-forge or alter one, or the tracker becomes an open redirect.
+click goes, and until when the link counts; nobody without the key may
+forge or alter one, or the tracker becomes an open redirect; and nobody who
+sees a URL (a forwarded mail, a proxy's log, a referrer) may read who it was
+sent to or anything else it carries.
 
 A token is URL-safe base64 without padding of::
 
-    version (1 byte) | key id (1 byte) | body | HMAC-SHA256(key, version | key id | body)[:16]
+    version (1 byte) | key id (1 byte) | AES-SIV(the key of that version and key id, body)
 
-``body`` is a JSON array of the fields, raw-deflated when it is long and that
-makes it shorter (the version byte's low bit says so). The key file lists several keys so they
-can be rotated: the first signs, all verify.
+AES-SIV (RFC 5297) is deterministic authenticated encryption: its 16-byte
+synthetic IV is both the nonce and the tag, so a token is exactly as long as
+the signed-only format was, needs no random nonce, and one link of one copy
+always gives the same token. ``body`` is a JSON array of the fields,
+raw-deflated when it is long and that makes it shorter (the version byte's
+low bit says so). Each AES-SIV key is derived with HKDF from a key of the key
+file (whose format is unchanged), with the version byte in HKDF's info: the
+clear bytes choose the key, so changing either fails the token as surely as
+associated data would, and costs nothing per token (associated data costs
+AES-SIV another pass per token). The key file lists several keys so they can
+be rotated: the first encrypts, all decrypt.
+
+Tokens of the first format (version 0x10: the same body in clear, with an
+HMAC-SHA256 tag) were sent before tokens were encrypted; they are still
+verified and read, and stop working when they expire, as any link does.
 """
 
 from __future__ import annotations
@@ -30,20 +44,25 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from twisted.logger import Logger
 
 from appliance.files import write_atomically
 
-if TYPE_CHECKING:
-    from hashlib import _Hash
-
-TAG_BYTES = 16
+TAG_BYTES = 16  # AES-SIV's synthetic IV, as the first format's truncated HMAC
 MAX_URL_LENGTH = 4096
-_VERSION = 0x10
+_VERSION = 0x20  # encrypted (AES-SIV)
+_SIGNED_VERSION = 0x10  # the first format: readable body, HMAC-SHA256; read, never made
 _DEFLATED = 0x01
+# HKDF's info for the AES-SIV keys, before the version byte: binds each derived key to this
+# one use of the key file's keys, and to one version.
+_AEAD_INFO = b"engage-appliance link tokens: AES-SIV-512 key for version "
 # "unsubscribe": a copy's List-Unsubscribe URL (RFC 8058), served at /u/ by the tracker.
 KINDS = ("open", "initial_open", "click", "unsubscribe")
 _KIND_CODES = {"open": "o", "initial_open": "i", "click": "c", "unsubscribe": "u"}
@@ -66,23 +85,6 @@ _json_string = json.encoder.encode_basestring  # a str as that encoder writes it
 def _json(value: Any) -> bytes:
     """Compact JSON, as ``json.dumps`` with these options gives it, without building an encoder per call."""
     return _ENCODER.encode(value).encode()
-
-
-_IPAD = bytes(b ^ 0x36 for b in range(256))
-_OPAD = bytes(b ^ 0x5C for b in range(256))
-
-
-def _hmac_pads(key: bytes) -> tuple[_Hash, _Hash]:
-    """
-    HMAC-SHA256 (RFC 2104) with its key absorbed: the inner and outer hashes after their pads.
-
-    A copy of each gives ``hmac.digest(key, data, "sha256")`` for the cost of
-    the data alone, and lets the inner hash go on from a prefix many tokens share.
-    """
-    if len(key) > 64:
-        key = sha256(key).digest()
-    key = key.ljust(64, b"\0")
-    return sha256(key.translate(_IPAD)), sha256(key.translate(_OPAD))
 
 
 class InvalidToken(ValueError):
@@ -118,35 +120,43 @@ class LinkData(NamedTuple):
     unsubscribe: bool = False
     issued: int = 0
     trap: bool = False
+    anchor: str = ""  # a click's anchor text (the link's text, or its image's alt)
 
     def expired(self, now: float) -> bool:
         return now >= self.expiry
 
     def to_array(self) -> list[Any]:
         # ``issued`` goes with the recipient's fields, ahead of the link's own, so the
-        # fast click encoder shares it; ``trap`` last. 11 fields: a link from before both.
+        # fast click encoder shares it; ``trap`` and ``anchor`` last (see ``from_array``).
         return [_KIND_CODES[self.kind], self.expiry, self.message_id, self.transmission_id,
                 self.rcpt_to, self.campaign_id, list(self.tags), self.metadata, self.issued,
-                self.link_name, self.target, 1 if self.unsubscribe else 0, 1 if self.trap else 0]
+                self.link_name, self.target, 1 if self.unsubscribe else 0, 1 if self.trap else 0,
+                self.anchor]
 
     @classmethod
     def from_array(cls, f: Any) -> LinkData:
-        if type(f) is not list or len(f) not in (11, 13):
+        """
+        The fields of a token's body. 14 fields; 11 in the first format's (no send time,
+        trap mark or anchor text); 13 in bodies that had the send time but no anchor.
+        """
+        if type(f) is not list or len(f) not in (11, 13, 14):
             raise InvalidToken("token body has the wrong shape")
+        issued, trap, anchor = 0, 0, ""
         if len(f) == 11:
             kind, expiry, mid, tid, rcpt, campaign, tags, meta, name, target, unsub = f
-            issued, trap = 0, 0
         else:
-            kind, expiry, mid, tid, rcpt, campaign, tags, meta, issued, name, target, unsub, trap = f
+            kind, expiry, mid, tid, rcpt, campaign, tags, meta, issued, name, target, unsub, trap = f[:13]
+            if len(f) == 14:
+                anchor = f[13]
         if (kind not in _KIND_NAMES or type(expiry) is not int or type(issued) is not int
                 or not (type(mid) is type(tid) is type(rcpt) is type(campaign) is type(name)
-                        is type(target) is str)
+                        is type(target) is type(anchor) is str)
                 or type(tags) is not list or not all(type(t) is str for t in tags)
                 or not (meta is None or type(meta) is dict) or unsub not in (0, 1)
                 or trap not in (0, 1)):
             raise InvalidToken("token body has the wrong types")
         return cls(_KIND_NAMES[kind], expiry, mid, tid, rcpt, campaign, tuple(tags), meta, name,
-                   target, unsub == 1, issued, trap == 1)
+                   target, unsub == 1, issued, trap == 1, anchor)
 
 
 @dataclass(frozen=True)
@@ -173,14 +183,23 @@ _TOKEN_RE = re.compile(rb"[A-Za-z0-9_-]{8,8192}")
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
+def aead_key(key: bytes, version: int) -> bytes:
+    """The AES-SIV key of one version for one key of the key file (HKDF-SHA256)."""
+    return HKDF(algorithm=SHA256(), length=64, salt=None, info=_AEAD_INFO + bytes((version,))).derive(key)
+
+
 class _Keys:
-    """A keyring with its HMAC states keyed once; replaced whole, never changed."""
+    """A keyring with its ciphers and HMAC states keyed once; replaced whole, never changed."""
 
     def __init__(self, keyring: Keyring) -> None:
         self.keyring = keyring
-        # Each verification copies one of these (cheaper than keying anew).
+        # By key id: the cipher of the plain body, and of the deflated one (by the version's low bit).
+        self.ciphers = {kid: (AESSIV(aead_key(key, _VERSION)), AESSIV(aead_key(key, _VERSION | _DEFLATED)))
+                        for kid, key in keyring.keys}
+        self.signing = self.ciphers[keyring.signing[0]]
+        self.header = bytes((_VERSION, keyring.signing[0]))
+        # First-format tokens: each verification copies one of these (cheaper than keying anew).
         self.macs = {kid: hmac.new(key, digestmod=sha256) for kid, key in keyring.keys}
-        self.signing_pads = _hmac_pads(keyring.signing[1])
 
 
 class LinkCodec:
@@ -193,7 +212,7 @@ class LinkCodec:
 
     def use(self, keyring: Keyring) -> None:
         """
-        Sign and verify with ``keyring`` from now on: a retired key stops verifying at once.
+        Make and read tokens with ``keyring`` from now on: a retired key stops reading at once.
 
         Copies rendered in the worker meanwhile read the keys once per token,
         so each token is made with one keyring, the old or the new.
@@ -223,62 +242,44 @@ class LinkCodec:
         """
         A fast ``encode`` for the many clicks of one recipient's copy.
 
-        ``common`` gives the recipient's fields (its ``link_name``, ``target``
-        and ``unsubscribe`` are ignored); the returned function takes a
-        link's ``click_suffix`` and gives exactly the token ``encode`` would.
-        The JSON of both halves is made once (the suffix once per message), and
-        so is everything the recipient's half alone decides: the HMAC's inner
-        hash over it and the base64 of its whole 3-byte groups. Each link of
-        each copy then costs the HMAC and base64 of its own suffix; a body long
-        enough to be deflated takes the general path.
+        ``common`` gives the recipient's fields (its ``link_name``, ``target``,
+        ``unsubscribe`` and ``anchor`` are ignored); the returned function
+        takes a link's ``click_suffix`` and gives exactly the token ``encode``
+        would. The JSON of both halves is made once (the suffix once per
+        message), so each link of each copy costs one AES-SIV encryption and
+        the base64 of its token; a body long enough to be deflated takes the
+        general path.
         """
         shared = _json(common._replace(kind="click").to_array()[:SHARED_FIELDS])[:-1] + b","
         keys = self._keys
-
-        def seal(body: bytes) -> str:
-            return self._seal(body, keys)
-
-        head = bytes((_VERSION, keys.keyring.signing[0])) + shared
-        inner_pad, outer = keys.signing_pads
-        inner = inner_pad.copy()
-        inner.update(head)
-        aligned = len(head) - len(head) % 3  # base64 of whole groups does not depend on what follows
-        head_text = binascii.b2a_base64(head[:aligned], newline=False).translate(_URLSAFE).decode()
-        rest = head[aligned:]
+        header = keys.header
+        encrypt = keys.signing[0].encrypt
         deflate_from = DEFLATE_FROM - len(shared)
         b2a, urlsafe = binascii.b2a_base64, _URLSAFE
 
         def encode(suffix: bytes) -> str:
             if len(suffix) >= deflate_from:
-                return seal(shared + suffix)
-            i = inner.copy()
-            i.update(suffix)
-            o = outer.copy()
-            o.update(i.digest())
-            tail = b2a(rest + suffix + o.digest()[:TAG_BYTES], newline=False)
-            return head_text + tail.translate(urlsafe).rstrip(b"=").decode()
+                return self._seal(shared + suffix, keys)
+            raw = header + encrypt(shared + suffix, None)
+            return b2a(raw, newline=False).translate(urlsafe).rstrip(b"=").decode()
 
         return encode
 
     def _seal(self, body: bytes, keys: _Keys | None = None) -> str:
         keys = keys or self._keys
-        version = _VERSION
+        header, deflated = keys.header, 0
         if len(body) >= DEFLATE_FROM:
             # A small window and hash table: tokens are short, and zlib's defaults
             # would spend ten times longer setting up 256 KiB of state than compressing.
             deflater = zlib.compressobj(9, zlib.DEFLATED, -12, 2)
             packed = deflater.compress(body) + deflater.flush()
             if len(packed) < len(body):
-                body, version = packed, _VERSION | _DEFLATED
-        signed = bytes((version, keys.keyring.signing[0])) + body
-        inner, outer = (h.copy() for h in keys.signing_pads)
-        inner.update(signed)
-        outer.update(inner.digest())
-        tag = outer.digest()[:TAG_BYTES]
-        return binascii.b2a_base64(signed + tag, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
+                body, header, deflated = packed, bytes((_VERSION | _DEFLATED, header[1])), 1
+        raw = header + keys.signing[deflated].encrypt(body, None)
+        return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
     def decode(self, token: str | bytes) -> LinkData:
-        """The link a token describes; raises ``InvalidToken`` for anything we did not sign."""
+        """The link a token describes; raises ``InvalidToken`` for anything we did not make."""
         if isinstance(token, str):
             try:
                 token = token.encode("ascii")
@@ -288,17 +289,20 @@ class LinkCodec:
         if not _TOKEN_RE.fullmatch(token) or len(token) % 4 == 1:
             raise InvalidToken("token is not URL-safe base64")
         raw = binascii.a2b_base64(token.translate(_FROM_URLSAFE) + b"=" * (-len(token) % 4))
-        if len(raw) < 2 + TAG_BYTES or raw[0] & ~_DEFLATED != _VERSION:
+        version = raw[0] & ~_DEFLATED
+        if len(raw) < 3 + TAG_BYTES or version != _VERSION and version != _SIGNED_VERSION:
             raise InvalidToken("token has an unknown version")
-        signed, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
-        mac = self._keys.macs.get(raw[1])
-        if mac is None:
-            raise InvalidToken(f"token is signed with unknown key id {raw[1]}")
-        mac = mac.copy()
-        mac.update(signed)
-        if not hmac.compare_digest(mac.digest()[:TAG_BYTES], tag):
-            raise InvalidToken("token signature does not verify")
-        body = signed[2:]
+        keys = self._keys
+        if version == _VERSION:
+            ciphers = keys.ciphers.get(raw[1])
+            if ciphers is None:
+                raise InvalidToken(f"token is made with unknown key id {raw[1]}")
+            try:
+                body = ciphers[raw[0] & _DEFLATED].decrypt(raw[2:], None)
+            except InvalidTag:
+                raise InvalidToken("token does not decrypt") from None
+        else:
+            body = _verified(keys, raw)
         try:
             if raw[0] & _DEFLATED:
                 body = zlib.decompress(body, wbits=-15)
@@ -309,11 +313,26 @@ class LinkCodec:
             raise InvalidToken("token body does not decode") from None
 
 
-def click_suffix(link_name: str, target: str, unsubscribe: bool) -> bytes:
+def _verified(keys: _Keys, raw: bytes) -> bytes:
+    """The body of a first-format token, whose HMAC-SHA256 tag verifies; links sent before encryption."""
+    signed, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
+    mac = keys.macs.get(raw[1])
+    if mac is None:
+        raise InvalidToken(f"token is signed with unknown key id {raw[1]}")
+    mac = mac.copy()
+    mac.update(signed)
+    if not hmac.compare_digest(mac.digest()[:TAG_BYTES], tag):
+        raise InvalidToken("token signature does not verify")
+    return signed[2:]
+
+
+def click_suffix(link_name: str, target: str, unsubscribe: bool, anchor: str = "") -> bytes:
     """The part of a click token's body that depends on the link alone (see ``click_encoder``)."""
-    # What _json([link_name, target, 0 or 1])[1:] gives, string by string: the encoder's own
-    # string function, without its per-call machinery (once per link of every message).
-    return f"{_json_string(link_name)},{_json_string(target)},{1 if unsubscribe else 0},0]".encode()
+    # What _json([link_name, target, 0 or 1, 0, anchor])[1:] gives, string by string: the
+    # encoder's own string function, without its per-call machinery (once per link of every
+    # message). The 0 is ``trap``: a trap link is encoded whole, not through this.
+    return (f"{_json_string(link_name)},{_json_string(target)},{1 if unsubscribe else 0},0,"
+            f"{_json_string(anchor)}]").encode()
 
 
 def open_url(scheme: str, domain: str, token: str) -> str:
@@ -436,7 +455,7 @@ def rotated(keyring: Keyring) -> Keyring:
 def keys_main(argv: list[str] | None = None) -> int:
     """``engage-appliance-keys``: create, rotate, retire and list link signing keys."""
     parser = argparse.ArgumentParser(prog="engage-appliance-keys",
-                                     description="Manage the keys that sign tracked links.")
+                                     description="Manage the keys that encrypt and sign tracked links.")
     parser.add_argument("--file", default="var/keys/links.keys",
                         help="the key file (links.keys_file in the configuration)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -46,8 +46,8 @@ CONTRACT: dict[str, tuple[list[str], list[str]]] = {
     "bounce": ([*COMMON, *RECIPIENT, *OUTCOME, *FAILURE], [*CUT, *CUT_REASON]),
     "open": ([*COMMON, *OPEN], ["geo_ip"]),
     "initial_open": ([*COMMON, *OPEN, "initial_pixel"], ["geo_ip"]),
-    "click": ([*COMMON, *CLICK], ["rcpt_meta", "geo_ip"]),
-    "link_unsubscribe": ([*COMMON, *CLICK], ["rcpt_meta", "geo_ip"]),
+    "click": ([*COMMON, *CLICK], ["rcpt_meta", "geo_ip", "target_link_anchor"]),
+    "link_unsubscribe": ([*COMMON, *CLICK], ["rcpt_meta", "geo_ip", "target_link_anchor"]),
     "list_unsubscribe": ([*COMMON, *[f for f in TRACK if f != "user_agent_parsed"], "rcpt_meta",
                           "transactional"], []),
 }
@@ -210,6 +210,14 @@ class ContractTests(SynchronousTestCase):
             self.assertEqual(event["user_agent_parsed"], PARSED)
             self.assertEqual(event["rcpt_meta"], {"k": 1})
         self.assertNotEqual(click["event_id"], unsubscribe["event_id"])
+
+    def test_clicks_carry_the_anchor_text_when_the_link_has_one(self) -> None:
+        shop = link("click", unsubscribe=True)._replace(anchor="Shop now")
+        for event in (self.made(d) for d in et.click_events(shop, "", "", "", WHO)):
+            self.assertCarries(event, ["target_link_anchor"])
+            self.assertEqual(event["target_link_anchor"], "Shop now")
+        [plain] = [self.made(d) for d in et.click_events(link("click"), "", "", "", WHO)]
+        self.assertNotIn("target_link_anchor", plain)  # omitted when empty
 
     def test_webhook_classes(self) -> None:
         self.assertEqual({t: et.event_class(t) for t in et.EVENT_TYPES}, {

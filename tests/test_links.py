@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
-import hmac
 import io
 import json
 import os
 import sys
 import zlib
 
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -45,6 +47,14 @@ def click(target: str = "https://example.com/a?b=1&c=%20#frag", **kw: object) ->
     return LinkData(**values)
 
 
+def raw_bytes(token: str) -> bytes:
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+
+
+def token_of(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 urls = st.builds(
     lambda scheme, host, rest: f"{scheme}://{host}/{rest}",
     st.sampled_from(["http", "https", "HTTPS"]),
@@ -57,6 +67,8 @@ class CodecTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
         data = click()
         self.assertEqual(CODEC.decode(CODEC.encode(data)), data)
+        anchored = click(anchor="Shop <now> & \"save\" ☃")
+        self.assertEqual(CODEC.decode(CODEC.encode(anchored)), anchored)
         opened = LinkData("open", 1, "m", "t", "r")
         self.assertEqual(CODEC.decode(CODEC.encode(opened)), opened)
 
@@ -109,39 +121,59 @@ class CodecTests(SynchronousTestCase):
 
     @settings(max_examples=200, deadline=None)
     @given(st.binary(min_size=1, max_size=200), st.integers(0, 255), st.text(max_size=40),
-           st.text(max_size=400), st.booleans(), st.text(max_size=30))
-    def test_tokens_are_the_hmac_of_their_body(self, key: bytes, kid: int, name: str, target: str,
-                                               unsub: bool, rcpt: str) -> None:
+           st.text(max_size=400), st.booleans(), st.text(max_size=30), st.text(max_size=100))
+    def test_tokens_are_the_aes_siv_of_their_body(self, key: bytes, kid: int, name: str, target: str,
+                                                  unsub: bool, rcpt: str, anchor: str) -> None:
         """
         Every token, from ``encode`` or a recipient's ``click_encoder``, is exactly the one the
-        format defines: signed with ``hmac.digest`` over version, key id and the JSON body
-        (deflated from ``DEFLATE_FROM`` bytes, where shorter), whatever the key's length and
-        wherever the recipient's half of the body ends in a base64 group.
+        format defines: AES-SIV over the JSON body (deflated from ``DEFLATE_FROM`` bytes, where
+        shorter), keyed by HKDF-SHA256 from the file's key with the version byte in its info,
+        whatever the key's length.
         """
         codec = LinkCodec(Keyring(((kid, key),)))
-        data = click(link_name=name, target=target, unsubscribe=unsub, rcpt_to=rcpt)
+        data = click(link_name=name, target=target, unsubscribe=unsub, rcpt_to=rcpt, anchor=anchor)
         body = json.dumps(data.to_array(), separators=(",", ":"), ensure_ascii=False).encode()
-        version = 0x10
+        version = 0x20
         if len(body) >= 320:
             deflater = zlib.compressobj(9, zlib.DEFLATED, -12, 2)
             packed = deflater.compress(body) + deflater.flush()
             if len(packed) < len(body):
-                body, version = packed, 0x11
-        signed = bytes((version, kid)) + body
-        raw = signed + hmac.digest(key, signed, "sha256")[:16]
+                body, version = packed, 0x21
+        info = b"engage-appliance link tokens: AES-SIV-512 key for version " + bytes((version,))
+        aead_key = HKDF(algorithm=SHA256(), length=64, salt=None, info=info).derive(key)
+        raw = bytes((version, kid)) + AESSIV(aead_key).encrypt(body, None)
         expected = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
         self.assertEqual(codec.encode(data), expected)
-        self.assertEqual(codec.click_encoder(data)(click_suffix(name, target, unsub)), expected)
+        self.assertEqual(codec.click_encoder(data)(click_suffix(name, target, unsub, anchor)), expected)
         self.assertEqual(codec.decode(expected), data)
 
     def test_long_bodies_are_deflated(self) -> None:
         short = CODEC.encode(click())
-        self.assertEqual(base64.urlsafe_b64decode(short + "==")[0], 0x10)
+        self.assertEqual(base64.urlsafe_b64decode(short + "==")[0], 0x20)
         data = click(metadata={f"key{i}": "value" for i in range(60)})
         token = CODEC.encode(data)
-        self.assertEqual(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))[0], 0x11)
+        self.assertEqual(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))[0], 0x21)
         self.assertLess(len(token), 500)
         self.assertEqual(CODEC.decode(token), data)
+
+    def test_the_version_byte_is_authenticated(self) -> None:
+        """The deflated bit cannot be flipped: each version has its own key."""
+        for data in (click(), click(metadata={f"key{i}": "value" for i in range(60)})):
+            raw = bytearray(raw_bytes(CODEC.encode(data)))
+            raw[0] ^= 0x01
+            self.assertRaises(InvalidToken, CODEC.decode, token_of(bytes(raw)))
+
+    def test_every_byte_changed_fails(self) -> None:
+        """Each byte of a token, its low or its high bit changed, makes it fail: short, deflated, open."""
+        for data in (click(), click(metadata={f"key{i}": "value" for i in range(60)}), click(kind="open")):
+            raw = raw_bytes(CODEC.encode(data))
+            for i in range(len(raw)):
+                for flip in (0x01, 0x80):
+                    altered = bytearray(raw)
+                    altered[i] ^= flip
+                    self.assertRaises(InvalidToken, CODEC.decode, token_of(bytes(altered)))
+            for cut in (raw[:-1], raw[:18], raw + b"\0"):
+                self.assertRaises(InvalidToken, CODEC.decode, token_of(cut))
 
     def test_padding_forms_accepted(self) -> None:
         token = CODEC.encode(click())
@@ -187,6 +219,132 @@ class CodecTests(SynchronousTestCase):
         raw[i] ^= data.draw(st.integers(1, 255))
         altered = base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
         self.assertRaises(InvalidToken, CODEC.decode, altered)
+
+
+def carried(data: LinkData) -> list[str]:
+    """The values a link carries that its URL must not show."""
+    values = [data.message_id, data.transmission_id, data.rcpt_to, data.rcpt_to.lower(), data.campaign_id,
+              *data.tags, data.link_name, data.target, data.anchor]
+    for key, value in (data.metadata or {}).items():
+        values += [key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)]
+    return list(dict.fromkeys(filter(None, values)))
+
+
+def secrets_in(raw: bytes, data: LinkData, window: int = 5) -> list[str]:
+    """
+    Every value the link carries that shows in ``raw``, whole or by any ``window`` bytes of it.
+
+    A value shorter than that is looked for as JSON writes it, in its quotes: a
+    single letter shows by chance in any bytes.
+    """
+    found = []
+    for value in carried(data):
+        encoded = value.encode()
+        if len(encoded) < window:
+            pieces = {json.dumps(value, ensure_ascii=False).encode()}
+        else:
+            pieces = {encoded[i:i + window] for i in range(len(encoded) - window + 1)}
+        if any(piece in raw for piece in pieces):
+            found.append(value)
+    return found
+
+
+class PrivacyTests(SynchronousTestCase):
+    """Nothing a link carries can be read from its URL: not whole, not in part, not deflated."""
+
+    LINKS = [
+        click(anchor="Shop the spring sale"),
+        click(metadata={f"field{i}": f"value number {i}" for i in range(40)}),  # deflated
+        click(kind="open", link_name="", target="", rcpt_to="ann.example@example.org"),
+        click(kind="initial_open", link_name="", target=""),
+        click(target="https://例え.jp/パス?q=ü", anchor="Ünïcödé ☃", tags=("ÄÖÜ-tag",)),
+    ]
+
+    def test_no_field_shows_in_the_token(self) -> None:
+        for data in self.LINKS:
+            token = CODEC.encode(data)
+            self.assertEqual(secrets_in(raw_bytes(token), data), [], data)
+            self.assertEqual(secrets_in(token.encode(), data, window=4), [], data)
+            self.assertEqual(CODEC.decode(token), data)
+
+    def test_nor_in_a_copys_click_tokens(self) -> None:
+        common = self.LINKS[0]
+        encode = CODEC.click_encoder(common)
+        for name, target, anchor in (("Hero", "https://shop.example/a?b=1", "Shop now"),
+                                     ("Raw URL", "https://shop.example/" + "p" * 400, "")):
+            data = common._replace(link_name=name, target=target, anchor=anchor)
+            token = encode(click_suffix(name, target, False, anchor))
+            self.assertEqual(secrets_in(raw_bytes(token), data), [])
+            self.assertEqual(CODEC.decode(token), data)
+
+    def test_the_check_finds_what_a_signed_only_token_shows(self) -> None:
+        """The first format carried its body in clear: the same check reads every field in it."""
+        data = click()
+        legacy = [t for t in _legacy()["tokens"] if t["what"] == "click"][0]
+        decoded = LinkData.from_array(legacy["link"])
+        self.assertEqual(secrets_in(raw_bytes(legacy["token"]), decoded), carried(decoded))
+        self.assertTrue(secrets_in(raw_bytes(legacy["token"]), data))
+
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tokens-e46094d", "tokens.json")
+
+
+def _legacy() -> dict:
+    with open(FIXTURE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class SignedOnlyTokenTests(SynchronousTestCase):
+    """
+    Tokens the first format issued (signed, readable) keep working until they expire.
+
+    The fixture holds tokens that code really issued, with the link each says.
+    """
+
+    def setUp(self) -> None:
+        fixture = _legacy()
+        key = base64.urlsafe_b64decode(fixture["key"] + "=" * (-len(fixture["key"]) % 4))
+        self.kid, self.key = fixture["key_id"], key
+        self.tokens = fixture["tokens"]
+        self.codec = LinkCodec(Keyring(((self.kid, key),)))
+
+    def test_each_still_reads_as_it_was_issued(self) -> None:
+        self.assertEqual(len(self.tokens), 7)
+        for entry in self.tokens:
+            self.assertEqual(raw_bytes(entry["token"])[0] & ~1, 0x10, entry["what"])
+            data = self.codec.decode(entry["token"])
+            self.assertEqual(data, LinkData.from_array(entry["link"]), entry["what"])
+            self.assertEqual(data.anchor, "")
+
+    def test_until_they_expire(self) -> None:
+        expired = [e for e in self.tokens if e["what"] == "click, expired"][0]
+        self.assertTrue(self.codec.decode(expired["token"]).expired(1_000_000_000))
+        self.assertFalse(self.codec.decode(self.tokens[0]["token"]).expired(1_999_999_999))
+
+    def test_beside_new_tokens_after_a_rotation(self) -> None:
+        codec = LinkCodec(rotated(self.codec.keyring))
+        data = codec.decode(self.tokens[0]["token"])
+        new = codec.encode(data)
+        self.assertEqual(raw_bytes(new)[0], 0x20)
+        self.assertEqual(codec.decode(new), data)
+        retired = LinkCodec(Keyring((codec.keyring.signing,)))
+        e = self.assertRaises(InvalidToken, retired.decode, self.tokens[0]["token"])
+        self.assertIn("unknown key id", str(e))
+
+    def test_altered_or_with_another_key_fails(self) -> None:
+        raw = raw_bytes(self.tokens[0]["token"])
+        for i in range(len(raw)):
+            altered = bytearray(raw)
+            altered[i] ^= 0x01
+            self.assertRaises(InvalidToken, self.codec.decode, token_of(bytes(altered)))
+        other = LinkCodec(Keyring(((self.kid, b"x" * 32),)))
+        self.assertRaises(InvalidToken, other.decode, self.tokens[0]["token"])
+
+    def test_an_encrypted_body_in_the_first_format_fails(self) -> None:
+        """Relabelling a new token as the first format gives a tag that cannot verify."""
+        raw = bytearray(raw_bytes(CODEC.encode(click())))
+        raw[0] = 0x10
+        self.assertRaises(InvalidToken, CODEC.decode, token_of(bytes(raw)))
 
 
 class UrlTests(SynchronousTestCase):

@@ -874,6 +874,10 @@ ADVERSARIAL = {
     "runs of </": repeated("</") + ">",
     "runs of <script>": repeated("<script>") + "</script>",
     "an unclosed quote in a tag": '<a href="' + repeated("<a ") + "\">",
+    "links whose text is unclosed images": repeated('<a href="https://x/">' + "<img " * 400),
+    "links whose text is unclosed comments": repeated('<a href="https://x/">' + "<!--" * 400),
+    "links whose text is unclosed tags": repeated('<a href="https://x/">' + "<b <i <br " * 200),
+    "links whose text is entities": repeated('<a href="https://x/">' + "&amp;&#65;&x" * 300 + "</a>"),
 }
 
 
@@ -1004,39 +1008,42 @@ class PropertyTests(SynchronousTestCase):
 class DistinctLinkTests(SynchronousTestCase):
     """Equal links of a part are one ``Link``, numbered in order of first use, encoded once a copy."""
 
-    def check(self, original: bytes, kind: str, expected: list[tuple[str, str]]) -> None:
+    def check(self, original: bytes, kind: str, expected: list[tuple[str, str, str]]) -> None:
         (part,) = [p for p in prepare(original).parts if p.kind == kind]
-        self.assertEqual([(link.target, link.name) for link in part.links], expected)
+        self.assertEqual([(link.target, link.name, link.anchor) for link in part.links], expected)
         self.assertEqual([link.index for link in part.links], list(range(len(expected))))
         self.assertEqual([link.suffix for link in part.links],
-                         [click_suffix(link.name, link.target, link.unsubscribe) for link in part.links])
+                         [click_suffix(link.name, link.target, link.unsubscribe, link.anchor)
+                          for link in part.links])
         used = [e.link for _, e in part.dynamic if e.link is not None]
         for link in used:  # every edit holds the very object listed, so a copy encodes it once
             self.assertIs(part.links[link.index], link)
         self.assertEqual(len({id(link) for link in used}), len(expected))
 
     def test_html(self) -> None:
-        html = ('<body><a href="https://b.example/">1</a> <a href="https://a.example/">2</a>'
-                '<a href="https://b.example/">3</a> <a href="https://b.example/" data-msys-linkname="n">4</a>'
-                '<area href="https://a.example/"><a href="https://a.example/" data-msys-sublink="s">5</a>'
-                '<a href="https://a.example/">6</a></body>')
+        a, b = "https://a.example/", "https://b.example/"
+        html = (f'<body><a href="{b}">x</a> <a href="{a}">y</a>'
+                f'<a href="{b}">x</a> <a href="{b}" data-msys-linkname="n">x</a>'
+                f'<area href="{a}" alt="y"><a href="{a}" data-msys-sublink="s">y</a>'
+                f'<a href="{a}"> <b>y</b></a><a href="{b}">other</a></body>')
         original = message(crlf("MIME-Version: 1.0\n"), html_part(html))
-        self.check(original, "html", [("https://b.example/", "Raw URL"), ("https://a.example/", "Raw URL"),
-                                      ("https://b.example/", "n"), ("https://a.example/", "Raw URL")])
+        self.check(original, "html", [(b, "Raw URL", "x"), (a, "Raw URL", "y"), (b, "n", "x"),
+                                      (a, "Raw URL", "y"), (b, "Raw URL", "other")])
         text = part_text(render(original), "text/html")
         urls = [m.group(0) for m in TRACKED.finditer(text) if "/f/" in m.group(0)]
-        self.assertEqual(len(urls), 7)
+        self.assertEqual(len(urls), 8)
         self.assertEqual(urls[0], urls[2])  # equal links give equal URLs
         self.assertEqual([urls[1]] * 3, [urls[1], urls[4], urls[6]])
-        self.assertEqual(len(set(urls)), 4)
+        self.assertEqual(len(set(urls)), 5)  # the same target with other text is another link
 
     def test_text(self) -> None:
         text = ("See https://b.example/ and https://a.example/, then https://b.example/ again,\n"
                 'or https://a.example/[[data-msys-unsubscribe="1"]] and https://a.example/.\n')
         original = message(crlf("MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n\n"),
                            crlf(text))
-        self.check(original, "text", [("https://b.example/", "Raw URL"), ("https://a.example/", "Raw URL"),
-                                      ("https://a.example/", "Raw URL")])
+        self.check(original, "text", [("https://b.example/", "Raw URL", ""),
+                                      ("https://a.example/", "Raw URL", ""),
+                                      ("https://a.example/", "Raw URL", "")])
         (part,) = prepare(original).parts
         self.assertEqual([link.unsubscribe for link in part.links], [False, False, True])
 

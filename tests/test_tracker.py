@@ -490,6 +490,52 @@ def http6(port: int, path: str, forwarded_for: str) -> Response:
     return Response(int(data.split()[1]), {}, data.partition(b"\r\n\r\n")[2])
 
 
+class FirstFormatLinkTests(unittest.TestCase):
+    """Links sent before tokens were encrypted (signed only) are served until they expire."""
+
+    def setUp(self) -> None:
+        with open(os.path.join(os.path.dirname(__file__), "fixtures", "tokens-e46094d", "tokens.json"),
+                  encoding="utf-8") as f:
+            fixture = json.load(f)
+        key = base64.urlsafe_b64decode(fixture["key"] + "=" * (-len(fixture["key"]) % 4))
+        # The keys were rotated since: a new key makes new links, the old one still reads its links.
+        codec = LinkCodec(Keyring(((9, b"n" * 32), (fixture["key_id"], key))))
+        self.tokens = {t["what"]: t for t in fixture["tokens"]}
+        self.now = 1_900_000_000.0
+        self.path = os.path.join(self.mktemp(), "events.jsonl")
+        self.events = EventLog(self.path, "node-t", fsync_interval=0, clock=Clock(), now=lambda: self.now)
+        self.events.startService()
+        self.addCleanup(self.events.stopService)
+        site = make_site(codec, self.events, now=lambda: self.now, reactor=reactor)
+        self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(self.listening.stopListening)
+
+    def logged(self) -> list[dict[str, Any]]:
+        with open(self.path, "rb") as f:
+            return [json.loads(line) for line in f]
+
+    @defer.inlineCallbacks
+    def test_served_until_they_expire(self) -> defer.Generator:
+        port = self.listening.getHost().port
+        click = yield in_thread(http, port, "GET", f"/f/a/{self.tokens['click']['token']}")
+        self.assertEqual(click.status, 302)
+        self.assertEqual(click.header(b"location"),
+                         b"https://shop.example/products/42?utm_source=mail&c=%20#reviews")
+        pixel = yield in_thread(http, port, "GET", f"/q/{self.tokens['open']['token']}")
+        self.assertEqual((pixel.status, pixel.body), (200, PIXEL))
+        expired = yield in_thread(http, port, "GET", f"/f/a/{self.tokens['click, expired']['token']}")
+        self.assertEqual(expired.status, 302)  # served, as any expired link is, but counted no more
+        events = self.logged()
+        self.assertEqual([e["type"] for e in events], ["click", "open"])
+        self.assertEqual((events[0]["raw_rcpt_to"], events[0]["campaign_id"], events[0]["rcpt_meta"]),
+                         ("Someone@Example.com", "Spring sale", {"user": "42", "plan": "gold"}))
+        self.assertNotIn("target_link_anchor", events[0])
+        self.now = 2_000_000_000.0  # when the first-format links of the fixture expire
+        again = yield in_thread(http, port, "GET", f"/f/a/{self.tokens['click']['token']}")
+        self.assertEqual(again.status, 302)
+        self.assertEqual(len(self.logged()), 2)
+
+
 class IPv6Tests(unittest.TestCase):
     """A tracker on ::1: the peer is an IPv6 address, and may be a trusted proxy."""
 

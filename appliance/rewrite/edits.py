@@ -14,7 +14,14 @@ import re
 from dataclasses import dataclass, field
 
 from appliance.links import MAX_URL_LENGTH, click_suffix, is_trackable_target
-from appliance.rewrite.html_scan import HTML_SPACE, Attribute, scan_html, unescape_attribute
+from appliance.rewrite.html_scan import (
+    HTML_SPACE,
+    Attribute,
+    anchor_text,
+    collapse_text,
+    scan_html,
+    unescape_attribute,
+)
 
 MAX_LINK_NAME_BYTES = 63
 DEFAULT_LINK_NAME = "Raw URL"
@@ -28,6 +35,7 @@ class Link:
     name: str = DEFAULT_LINK_NAME
     sublink: str = ""
     unsubscribe: bool = False
+    anchor: str = ""  # its anchor text, for click events; empty in text parts
     index: int = field(default=-1, compare=False)  # its place in its part's list of links
     suffix: bytes = field(default=b"", compare=False)  # its half of every click token's body
 
@@ -113,20 +121,20 @@ class _Links:
     """
     The distinct links of one part, each made once with its index and click suffix.
 
-    Equal links (``Link``'s equality: target, name, sublink, unsubscribe) are
-    one object, so each copy encodes it once; the key is a tuple of those
-    fields, which hashes without a call into Python.
+    Equal links (``Link``'s equality: target, name, sublink, unsubscribe,
+    anchor) are one object, so each copy encodes it once; the key is a tuple
+    of those fields, which hashes without a call into Python.
     """
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, str, str, bool], Link] = {}
+        self._known: dict[tuple[str, str, str, bool, str], Link] = {}
 
-    def get(self, target: str, name: str, sublink: str, unsubscribe: bool) -> Link:
-        key = (target, name, sublink, unsubscribe)
+    def get(self, target: str, name: str, sublink: str, unsubscribe: bool, anchor: str = "") -> Link:
+        key = (target, name, sublink, unsubscribe, anchor)
         link = self._known.get(key)
         if link is None:
-            link = self._known[key] = Link(target, name, sublink, unsubscribe, len(self._known),
-                                           click_suffix(name, target, unsubscribe))
+            link = self._known[key] = Link(target, name, sublink, unsubscribe, anchor, len(self._known),
+                                           click_suffix(name, target, unsubscribe, anchor))
         return link
 
 
@@ -186,10 +194,17 @@ def html_edits(text: str, untracked: list[Untracked] | None = None) -> tuple[lis
         name = first.get("data-msys-linkname")
         sublink = first.get("data-msys-sublink")
         unsubscribe = first.get("data-msys-unsubscribe")
+        if tag.content_start >= 0:
+            anchor = anchor_text(text, tag.content_start)
+        else:  # an <area>: its alt text
+            alt = first.get("alt") if first is not _NOTHING_ELSE else None
+            anchor = collapse_text(unescape_attribute(alt.value)) if alt is not None else ""
+        anchor = expand_macros(anchor)
         link = links.get(target,
                          _link_name(name.value) if name else DEFAULT_LINK_NAME,
                          expand_macros(unescape_attribute(sublink.value)).strip() if sublink else "",
-                         bool(unsubscribe) and unescape_attribute(unsubscribe.value).strip() == "1")
+                         bool(unsubscribe) and unescape_attribute(unsubscribe.value).strip() == "1",
+                         anchor)
         edits.append(Edit(href.value_start, href.value_end, raw, LINK_SLOT, link, href.quote))
     if scan.body_open_end is not None:
         edits.append(Edit(scan.body_open_end, scan.body_open_end, slot=INITIAL_SLOT))

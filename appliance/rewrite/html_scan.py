@@ -63,6 +63,7 @@ class Attribute:
 class LinkTag:
     name: str
     attributes: list[Attribute]
+    content_start: int = -1  # an <a>'s: just after its start tag, where its anchor text begins
 
 
 @dataclass
@@ -72,13 +73,14 @@ class HtmlScan:
     body_close: int | None = None  # at the last </body>
 
 
-def _attributes(text: str, start: int, end: int) -> list[Attribute]:
-    """The attributes of a link tag that tracking looks at: ``href`` and ``data-msys-*``."""
+def _attributes(text: str, start: int, end: int, alt: bool = False) -> list[Attribute]:
+    """The attributes of a link tag that tracking looks at: ``href``, ``data-msys-*``, and
+    ``alt`` if asked (an ``<area>``'s anchor text)."""
     out = []
     n = len(text)
     for m in _ATTR.finditer(text, start, end):
         name = m[1].lower()
-        if name != "href" and not name.startswith("data-msys-"):
+        if name != "href" and not name.startswith("data-msys-") and not (alt and name == "alt"):
             continue
         after = m.end()
         value = m[2]
@@ -142,7 +144,7 @@ def scan_html(text: str) -> HtmlScan:
                 value_start, value_end = simple.span(2)
                 name_start = simple.end(1)
                 scan.links.append(LinkTag("a", [Attribute("href", simple[2], value_start, value_end, '"',
-                                                          name_start, value_end + 1, lt + 2)]))
+                                                          name_start, value_end + 1, lt + 2)], pos))
                 continue
         m = _TAG.match(text, lt)
         if m is None:
@@ -153,8 +155,10 @@ def scan_html(text: str) -> HtmlScan:
             if name == "body":
                 scan.body_close = lt
             continue
-        if name == "a" or name == "area":
-            scan.links.append(LinkTag(name, _attributes(text, m.start(2), m.end(2))))
+        if name == "a":
+            scan.links.append(LinkTag(name, _attributes(text, m.start(2), m.end(2)), pos))
+        elif name == "area":
+            scan.links.append(LinkTag(name, _attributes(text, m.start(2), m.end(2), alt=True)))
         elif name == "body":
             if scan.body_open_end is None:
                 scan.body_open_end = pos
@@ -165,6 +169,60 @@ def scan_html(text: str) -> HtmlScan:
             pos = e.start()
         elif name == "plaintext":
             raise PartSkipped("the HTML has a <plaintext> element")
+
+
+# -- anchor text -------------------------------------------------------------------------------
+
+ANCHOR_TEXT_MAX = 100  # characters of anchor text a click carries
+# How far past ``<a ...>`` its content is read: a link's text is near its start, and
+# an <a> never closed must not cost a scan to the end of the text for every link.
+ANCHOR_SCAN = 4096
+# Where an <a>'s content ends, as an HTML parser ends it: its end tag, the next <a>
+# (which closes it) or </body>.
+_ANCHOR_END = re.compile(r"</?a[\t\n\f\r />]|</body[\t\n\f\r />]", re.IGNORECASE)
+# Markup that shows no text: comments (Outlook's conditional ones among them), script
+# and style elements, and any tag; each to the end of the text read if it does not end.
+_INVISIBLE = re.compile(
+    r"<!--.*?(?:--!?>|\Z)|<(script|style)[\t\n\f\r />].*?(?:</\1[^>]*>|\Z)"
+    r"|<[/!?]?[A-Za-z][^>]*(?:>|\Z)|<[!?/][^>]*(?:>|\Z)",
+    re.IGNORECASE | re.DOTALL)
+# Tags that break a line or a box: their text stays apart (``Shop<br>now`` reads "Shop now").
+_BREAKING = re.compile(r"<(?:br|p|div|li|td|th|tr|h[1-6]|table|img)(?=[\t\n\f\r />])[^>]*+>?",
+                       re.IGNORECASE)
+_IMG = re.compile(r"<img(?=[\t\n\f\r />])([^>]*+)", re.IGNORECASE)  # group 1 its attributes
+
+
+def anchor_text(text: str, start: int) -> str:
+    """
+    What a reader sees of the link whose content begins at ``start``.
+
+    Its text content (tags and comments dropped, character references
+    decoded, white space collapsed), or the first ``alt`` text of its
+    images when it has no text; at most ``ANCHOR_TEXT_MAX`` characters. Read from
+    the first ``ANCHOR_SCAN`` characters of its content.
+    """
+    limit = min(len(text), start + ANCHOR_SCAN)
+    m = _ANCHOR_END.search(text, start, limit)
+    content = text[start:m.start() if m is not None else limit]
+    if "<" not in content:
+        return collapse_text(html.unescape(content) if "&" in content else content)
+    shown = _INVISIBLE.sub("", _BREAKING.sub(" ", content))
+    visible = collapse_text(html.unescape(shown) if "&" in shown else shown)
+    if visible:
+        return visible
+    for img in _IMG.finditer(content):
+        for attribute in _attributes(content, img.start(1), img.end(1), alt=True):
+            if attribute.name == "alt":
+                alt = collapse_text(unescape_attribute(attribute.value))
+                if alt:
+                    return alt
+                break
+    return ""
+
+
+def collapse_text(value: str) -> str:
+    """``value`` with its runs of white space made one space, trimmed, cut to ``ANCHOR_TEXT_MAX``."""
+    return " ".join(value.split())[:ANCHOR_TEXT_MAX].rstrip()
 
 
 def _ascii_alpha(c: str) -> bool:

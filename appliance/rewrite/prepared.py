@@ -388,8 +388,9 @@ def footprint(prepared: Prepared) -> int:
         size += getsizeof(part.dynamic) + len(part.dynamic) * (_TUPLE + _INT + _EDIT_COST)
         size += sum(getsizeof(e.replacement) for _, e in part.dynamic if e.link is not None)
         size += len(part.originals) * (_DICT_ENTRY + _INT) + sum(map(getsizeof, part.originals.values()))
-        size += getsizeof(part.links) + sum(_LINK_COST + getsizeof(link.target) + getsizeof(link.suffix)
-                                            for link in part.links)
+        size += getsizeof(part.links) + sum(
+            _LINK_COST + getsizeof(link.target) + getsizeof(link.anchor) + getsizeof(link.suffix)
+            for link in part.links)
     return size
 
 

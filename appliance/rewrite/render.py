@@ -131,9 +131,10 @@ class LinkRenderer:
                         t.metadata if t.metadata_in_links else None, issued=i.issued)
 
     # Whether a URL would be too long, cheaply: a token is the unpadded base64 of a
-    # version and key id byte, its body and a 16-byte tag, and its body is the compact
-    # JSON of its fields, deflated only where that is shorter. So a URL whose
-    # undeflated length fits needs no encoding to know; only the others are encoded.
+    # version and key id byte, a 16-byte tag and its encrypted body, as long as the
+    # body, which is the compact JSON of its fields, deflated only where that is
+    # shorter. So a URL whose undeflated length fits needs no encoding to know; only
+    # the others are encoded.
 
     def click_too_long(self, link: Link) -> bool:
         if self._shared_length is None:

@@ -2,8 +2,8 @@
 The HTTP tracker: serves open pixels (``/q/…``), click redirects (``/f/…``) and
 one-click unsubscribes (``/u/…``, in ``appliance.tracker.unsubscribe``).
 
-The tracker keeps no state: a hit is answered from the signed token alone, so
-any node holding the signing keys serves any link. A token that does not
+The tracker keeps no state: a hit is answered from the token alone (encrypted
+and authenticated), so any node holding the link keys serves any link. A token that does not
 verify is a plain 404, never a redirect, so the tracker cannot be used as an
 open redirect. Each genuine ``GET`` writes its events to the event log before
 the response is finished; ``HEAD`` (link scanners, prefetchers) is answered
@@ -339,7 +339,7 @@ class OpenPixel(_Leaf):
 
 
 class ClickRedirect(_Leaf):
-    """``/f/<sublink>/<token>``: a 302 to the signed target, and a ``click`` event."""
+    """``/f/<sublink>/<token>``: a 302 to the target the token carries, and a ``click`` event."""
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__()
