@@ -23,8 +23,8 @@ import appliance
 ROOT = os.path.dirname(os.path.abspath(appliance.__file__))
 
 # The pure core: plain functions and classes over bytes and settings.
-PURE = {"bounces", "config", "dkim", "eventtypes", "files", "headers", "links", "retry", "rewrite",
-        "settings"}
+PURE = {"bounces", "config", "copywork", "dkim", "eventtypes", "files", "headers", "links", "retry",
+        "rewrite", "settings"}
 
 # What each part may import at run time (imports under ``if TYPE_CHECKING:`` are
 # annotations only and may also name the parts in TYPE_ONLY).
@@ -43,6 +43,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "settings": {"config", "headers"},
     "policy": {"settings"},
     "rewrite": {"headers", "links", "settings"},
+    # The copies' CPU work as plain functions, run in a thread or in a helper process alike.
+    "copywork": {"dkim", "links", "rewrite", "settings"},
+    # Helper processes run copywork's jobs; the owner's side is a Twisted service.
+    "helpers": {"copywork"},
     "groupcommit": {"files"},
     "spool": {"files", "groupcommit", "reactors", "settings"},
     "follower": {"files", "reactors"},
@@ -55,8 +59,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "tracker": {"config", "events", "eventtypes", "links", "reactors"},
     # The suppression list: its database, and its own follower of the event log.
     "suppression": {"follower", "reactors"},
-    "delivery": {"bounces", "config", "dkim", "events", "eventtypes", "files", "links", "reactors",
-                 "retry", "rewrite", "settings", "spool"},
+    "delivery": {"bounces", "config", "copywork", "dkim", "events", "eventtypes", "files", "links",
+                 "reactors", "retry", "rewrite", "settings", "spool"},
     "webhooks": {"config", "events", "eventtypes", "files", "follower", "reactors", "retry"},
     "injection": {"config", "events", "eventtypes", "files", "headers", "policy", "reactors",
                   "settings", "spool"},
@@ -65,9 +69,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     # the database is opened once, so a bad path fails before twistd forks.
     "build": {"admin", "config", "dkim", "links", "policy", "reactors", "suppression", "tls", "users"},
     # admin: health, metrics and the admin listener; spoollock: one appliance per spool.
-    "service": {"admin", "build", "config", "delivery", "events", "files", "injection", "links", "policy",
-                "reactors", "sighup", "smtp", "spool", "spoollock", "stats", "suppression", "tracker",
-                "users", "webhooks"},
+    "service": {"admin", "build", "config", "delivery", "events", "files", "helpers", "injection", "links",
+                "policy", "reactors", "sighup", "smtp", "spool", "spoollock", "stats", "suppression",
+                "tracker", "users", "webhooks"},
     # The admin listener's resources: they read what the services hand them. config: the
     # client reads [admin]; files: the token file is written atomically; suppression: the
     # list's entries, errors and scopes are its own.
@@ -97,6 +101,7 @@ TYPE_ONLY: dict[str, set[str]] = {
     "eventtypes": {"links", "settings", "spool"},
     "injection": {"delivery", "rewrite", "smtp"},
     "smtp": {"injection"},
+    "delivery": {"helpers"},  # CopyMaker is handed a HelperPool
 }
 
 # The Twisted a pure part may use: logging only.
