@@ -62,6 +62,57 @@ def with_list_unsubscribe(copy: bytes, codec: LinkCodec, identity: Identity, tra
     return copy
 
 
+class Missing(KeyError):
+    """A copy job for a message its helper does not hold: the owner sends it again with the message."""
+
+
+@dataclass
+class PreparedFacts:
+    """
+    What the owner needs of a message prepared in a helper, which keeps the prepared form.
+
+    The ``injection`` event's facts for each recipient the message had when
+    prepared, by message_id; ``dkim_broken`` is answered as ``Prepared``
+    answers it, from the flags it reads. Small, so crossing back is cheap.
+    """
+
+    notes: dict[str, list[str]]  # message_id -> Prepared.tracking_notes
+    resigned: bool  # whether the appliance signs its copies (CopyMaker.resigns)
+    part_changes: list[tuple[bool, bool, bool]]  # static_changes, has_links, has_open_pixel
+    dkim_signed: bool = False
+    dkim_signs_msys_api: bool = False
+    dkim_signs_list_unsubscribe: bool = False
+    had_msys_api: bool = False
+
+    @property
+    def size(self) -> int:
+        return 256 + 128 * len(self.notes)
+
+    def changes_body(self, tracking: Tracking) -> bool:
+        return tracking.enabled and any(
+            static or (tracking.click_tracking and links) or (tracking.open_tracking and pixel)
+            for static, links, pixel in self.part_changes)
+
+    def dkim_broken(self, tracking: Tracking) -> bool:
+        """As ``Prepared.dkim_broken``."""
+        if not self.dkim_signed:
+            return False
+        return (self.changes_body(tracking) or (self.had_msys_api and self.dkim_signs_msys_api)
+                or (tracking.list_unsubscribe and self.dkim_signs_list_unsubscribe))
+
+    @classmethod
+    def of(cls, prepared: Prepared, codec: LinkCodec, signer: Signer | None, max_size: int | None,
+           recipients: list[tuple[Identity, Tracking]]) -> PreparedFacts:
+        return cls(
+            notes={identity.message_id: prepared.tracking_notes(codec, identity, tracking, max_size)
+                   for identity, tracking in recipients},
+            resigned=signer is not None and signer.signs(prepared.data),
+            part_changes=[(p.static_changes, p.has_links, p.has_open_pixel) for p in prepared.parts],
+            dkim_signed=prepared.dkim_signed, dkim_signs_msys_api=prepared.dkim_signs_msys_api,
+            dkim_signs_list_unsubscribe=prepared.dkim_signs_list_unsubscribe,
+            had_msys_api=prepared.had_msys_api)
+
+
 @dataclass(frozen=True)
 class KitSettings:
     """What a helper process needs to make copies: plain values, sent once at its start."""
@@ -85,10 +136,12 @@ class PreparedCache:
     """
     A least-recently-used set of prepared messages, bounded by count and by their size.
 
-    The owner keeps one of these per helper, holding sizes only, and applies
-    to it the very steps the helper applies to its own: so it knows, without
-    asking, which messages a helper holds and sends a prepared form only to
-    a helper that lacks it.
+    The owner keeps one of these per helper, holding sizes only (estimated:
+    the helper knows the real ones), and applies to it the steps the helper
+    applies to its own: so it knows, mostly without asking, which messages a
+    helper holds, sends a message's copies there, and sends the message only
+    to a helper that lacks it. Where the estimate is wrong, the helper says
+    ``Missing`` and the owner sends the message.
     """
 
     def __init__(self, entries: int, max_bytes: int) -> None:
@@ -103,6 +156,11 @@ class PreparedCache:
     def use(self, key: str) -> object:
         self.held.move_to_end(key)
         return self.held[key][1]
+
+    def discard(self, key: str) -> None:
+        old = self.held.pop(key, None)
+        if old is not None:
+            self.bytes -= old[0]
 
     def put(self, key: str, size: int, value: object = None) -> None:
         old = self.held.pop(key, None)
@@ -140,26 +198,38 @@ class Kit:
     def run(self, kind: str, args: tuple) -> object:
         """One job by name: what crosses the pipe is its name and plain arguments."""
         if kind == "prepare":
-            return prepare_message(*args)
+            return self.prepare(*args)
         if kind == "copy":
             return self.copy(*args)
         if kind == "sign":
             return self.sign(*args)
         raise ValueError(f"no such job: {kind!r}")
 
-    def copy(self, key: str, prepared: Prepared | None, size: int, identity: Identity,
-             tracking: Tracking) -> bytes:
-        """
-        Render, add List-Unsubscribe, sign: one tracked copy. ``prepared`` is ``None``
-        when this helper holds it already (the owner's mirror of ``cache`` says so).
-        """
-        if prepared is None:
-            assert self.cache is not None
+    def prepare(self, key: str, message: bytes, max_links: int,
+                recipients: list[tuple[Identity, Tracking]]) -> PreparedFacts:
+        """Prepare and keep the message; what the owner's injection event needs of it."""
+        prepared = self._prepared(key, message, max_links)
+        return PreparedFacts.of(prepared, self.codec, self.signer, self.max_size, recipients)
+
+    def _prepared(self, key: str, message: bytes | None, max_links: int) -> Prepared:
+        if message is None:
+            if self.cache is None or key not in self.cache:
+                raise Missing(key)
             held = self.cache.use(key)
             assert isinstance(held, Prepared)
-            prepared = held
-        elif self.cache is not None:
-            self.cache.put(key, size, prepared)
+            return held
+        prepared = prepare_message(key, message, max_links)
+        if self.cache is not None:
+            self.cache.put(key, prepared.size, prepared)
+        return prepared
+
+    def copy(self, key: str, message: bytes | None, max_links: int, identity: Identity,
+             tracking: Tracking) -> bytes:
+        """
+        Render, add List-Unsubscribe, sign: one tracked copy, from the prepared form this
+        helper holds, or from ``message`` (prepared here and kept); ``Missing`` if neither.
+        """
+        prepared = self._prepared(key, message, max_links)
         copy = render_copy(prepared, self.codec, identity, tracking, self.max_size)
         return self.sign(with_list_unsubscribe(copy, self.codec, identity, tracking))
 

@@ -27,7 +27,7 @@ from appliance.reactors import thread_runner
 from appliance.rewrite import Identity
 from tests.helpers import base_toml, merge, wait_until
 from tests.test_dkim import fresh_rsa, record_of
-from tests.test_rewrite import ALTERNATIVE_IN_MIXED, BOTH, CODEC, ID, Queued
+from tests.test_rewrite import ALTERNATIVE_IN_MIXED, BOTH, CODEC, ID, OFF, Queued
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,23 +105,52 @@ class PoolTests(TestCase):
 
     @defer.inlineCallbacks
     def test_copies_are_what_the_threads_make(self) -> Any:
-        """Prepared in one helper, rendered in another: byte for byte the in-process copy."""
+        """Prepared and kept in one helper, its copies made there: byte for byte the in-process copy."""
         pool = self.pool(2)
-        prepared = yield pool.prepare("t1", ALTERNATIVE_IN_MIXED, 100)
+        reads: list[int] = []
+        source = self.source(reads)
+        other = Identity("m2", "t1", "r2@x.test")
+        facts = yield pool.prepare("t1", ALTERNATIVE_IN_MIXED, 100, [(ID, BOTH), (other, OFF)])
         here = prepare_message("t1", ALTERNATIVE_IN_MIXED, 100)
-        self.assertEqual((prepared.data, len(prepared.parts)), (here.data, len(here.parts)))
-        copies = yield defer.gatherResults([pool.copy("t1", prepared, ID, BOTH) for _ in range(3)])
+        self.assertEqual(facts.notes, {ID.message_id: here.tracking_notes(CODEC, ID, BOTH),
+                                       "m2": []})
+        self.assertEqual([facts.dkim_broken(t) for t in (BOTH, OFF)], [False, False])
+        copies = yield defer.gatherResults([pool.copy("t1", 100, ID, BOTH, source) for _ in range(3)])
         local = Kit.local(CODEC, None, None)
-        self.assertEqual(copies, [local.copy("t1", here, here.size, ID, BOTH)] * 3)
-        # The prepared form crossed to one helper once: its mirror holds it, the other's not.
+        self.assertEqual(copies, [local.copy("t1", ALTERNATIVE_IN_MIXED, 100, ID, BOTH)] * 3)
+        self.assertEqual(reads, [])  # the helper that prepared it made them
         self.assertEqual(sorted("t1" in h.cache for h in pool.helpers), [False, True])
+
+    def source(self, reads: list[int]) -> Any:
+        def read() -> defer.Deferred:
+            reads.append(1)
+            return defer.succeed(ALTERNATIVE_IN_MIXED)
+
+        return read
+
+    @defer.inlineCallbacks
+    def test_a_helper_without_the_message_gets_it_once(self) -> Any:
+        pool = self.pool()
+        reads: list[int] = []
+        local = Kit.local(CODEC, None, None).copy("t1", ALTERNATIVE_IN_MIXED, 100, ID, BOTH)
+        # Never prepared (a restart): read once, then held.
+        self.assertEqual((yield pool.copy("t1", 100, ID, BOTH, self.source(reads))), local)
+        self.assertEqual((yield pool.copy("t1", 100, ID, BOTH, self.source(reads))), local)
+        self.assertEqual(len(reads), 1)
+        # The owner's estimate says the helper holds one it does not: it answers Missing.
+        pool.helpers[0].cache.put("t2", 1)
+        copy = yield pool.copy("t2", 100, ID, BOTH, self.source(reads))
+        self.assertEqual(copy, Kit.local(CODEC, None, None).copy("t2", ALTERNATIVE_IN_MIXED, 100, ID, BOTH))
+        self.assertEqual(len(reads), 2)
 
     @defer.inlineCallbacks
     def test_copies_are_signed_in_the_helper(self) -> Any:
         key = fresh_rsa()
         pool = self.pool(signer=Signer([SigningKey("example.net", "s1", key)]))
-        prepared = yield pool.prepare("t1", b"From: a@example.net\r\nTo: b@x\r\n\r\nhi\r\n", 100)
-        copy = yield pool.copy("t1", prepared, ID, BOTH)
+        message = b"From: a@example.net\r\nTo: b@x\r\n\r\nhi\r\n"
+        facts = yield pool.prepare("t1", message, 100, [(ID, BOTH)])
+        self.assertTrue(facts.resigned)
+        copy = yield pool.copy("t1", 100, ID, BOTH, lambda: defer.succeed(message))
         signed = yield pool.sign(b"From: a@example.net\r\nTo: b@x\r\n\r\nplain\r\n")
         for data in (copy, signed):
             results = verify(data, lambda d, s: record_of(key) if (d, s) == ("example.net", "s1") else None)
@@ -133,11 +162,10 @@ class PoolTests(TestCase):
         pool = HelperPool(1, reactor, thread_runner(reactor), codec)
         pool.startService()
         self.addCleanup(pool.stopService)
-        prepared = yield pool.prepare("t1", ALTERNATIVE_IN_MIXED, 100)
+        yield pool.prepare("t1", ALTERNATIVE_IN_MIXED, 100, [])
         codec.use(Keyring(((2, b"b" * 32), (1, b"a" * 32))))  # what SIGHUP does
-        copy = yield pool.copy("t1", prepared, ID, BOTH)
-        local = Kit.local(codec, None, None)
-        self.assertEqual(copy, local.copy("t1", prepared, prepared.size, ID, BOTH))
+        copy = yield pool.copy("t1", 100, ID, BOTH, self.source([]))
+        self.assertEqual(copy, Kit.local(codec, None, None).copy("t1", ALTERNATIVE_IN_MIXED, 100, ID, BOTH))
 
     @defer.inlineCallbacks
     def test_a_job_that_fails_in_the_helper_fails_alone(self) -> Any:
@@ -154,12 +182,13 @@ class PoolTests(TestCase):
         pool = self.pool(kind=KillingPool)
         pool.kills = 1
         answers: list[Any] = []
-        d = pool.prepare("t1", ALTERNATIVE_IN_MIXED, 100).addCallback(answers.append)
+        d = pool.prepare("t1", ALTERNATIVE_IN_MIXED, 100, [(ID, BOTH)]).addCallback(answers.append)
         also = pool.sign(b"behind it")  # sent to the same helper: it is sent again, not lost
         yield d
         self.assertEqual((yield also), b"behind it")
         self.assertEqual(len(answers), 1)
-        self.assertEqual(answers[0].data, prepare_message("t1", ALTERNATIVE_IN_MIXED, 100).data)
+        here = prepare_message("t1", ALTERNATIVE_IN_MIXED, 100)
+        self.assertEqual(answers[0].notes, {ID.message_id: here.tracking_notes(CODEC, ID, BOTH)})
         self.assertEqual((pool.started, len(pool.helpers)), (2, 1))
 
     @defer.inlineCallbacks
@@ -167,7 +196,7 @@ class PoolTests(TestCase):
         pool = self.pool(kind=KillingPool)
         pool.kills = 2
         with self.assertRaises(HelperCrashed) as caught:
-            yield pool.prepare("t1", ALTERNATIVE_IN_MIXED, 100)
+            yield pool.prepare("t1", ALTERNATIVE_IN_MIXED, 100, [])
         self.assertIn("signal 9, signal 9", str(caught.exception))
         self.assertEqual((pool.started, len(pool.helpers)), (3, 1))
         self.assertEqual((yield pool.sign(b"next")), b"next")
@@ -182,9 +211,8 @@ class PoolTests(TestCase):
         yield maker.prepare_later(queued)
         with self.assertRaises(HelperCrashed):
             yield maker(queued, 0)
-        here = prepare_message("t1", ALTERNATIVE_IN_MIXED, 100)  # the next copy is made as ever
-        self.assertEqual((yield maker(queued, 1)), Kit.local(CODEC, None, None).copy(
-            "t1", here, here.size, Identity("m1", "t1", "r1@x.test"), BOTH))
+        self.assertEqual((yield maker(queued, 1)), Kit.local(CODEC, None, None).copy(  # made as ever
+            "t1", ALTERNATIVE_IN_MIXED, 100, Identity("m1", "t1", "r1@x.test"), BOTH))
 
     @defer.inlineCallbacks
     def test_helpers_ignore_sigint_and_sighup(self) -> Any:

@@ -17,7 +17,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from appliance.copywork import prepare_message, render_copy, with_list_unsubscribe
+from appliance.copywork import PreparedFacts, prepare_message, render_copy, with_list_unsubscribe
 from appliance.dkim import Signer
 from appliance.links import LinkCodec
 from appliance.rewrite import Identity, Prepared, without_msys_api
@@ -77,7 +77,8 @@ class CopyMaker:
     processes instead of ``run``: preparing (the message is still read through
     ``run``), every tracked copy (rendered, given its List-Unsubscribe fields
     and signed there, whatever its size) and the signature of an untracked one.
-    What is cached here is the same either way.
+    The prepared form then stays in the helper: what is cached here is its
+    ``PreparedFacts``, all the injection event needs.
     """
 
     def __init__(self, read: Callable[[Any], bytes], codec: LinkCodec,
@@ -90,7 +91,7 @@ class CopyMaker:
         self.max_bytes = max_bytes
         self.signer = signer  # DKIM: each copy is signed after its rewrite
         self.run = run  # where messages are read and parsed: a worker thread
-        self._cache: OrderedDict[tuple[str, str], Prepared | bytes] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], Prepared | PreparedFacts | bytes] = OrderedDict()
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._bytes = 0
         self.max_links = max_links
@@ -117,6 +118,9 @@ class CopyMaker:
             later = self._later((tid, _UNTRACKED),
                                 lambda: self.run(lambda: without_msys_api(self.read(queued))))
             return later.addCallback(self._finish, tid, recipient)
+        if self.helpers is not None:  # made where its message is held, or read for
+            return self.helpers.copy(tid, self.max_links, _identity(tid, recipient), tracking,
+                                     lambda: defer.maybeDeferred(self.run, self.read, queued))
         prepared = self._hit((tid, _PREPARED))
         if prepared is not None:
             return self._copy(prepared, tid, recipient, tracking)
@@ -136,8 +140,10 @@ class CopyMaker:
             return defer.succeed(hit)
         helpers = self.helpers
         if helpers is not None:
+            recipients = [(_identity(tid, r), r.tracking) for r in queued.envelope.recipients]
             return self._later((tid, _PREPARED), lambda: defer.maybeDeferred(self.run, self.read, queued)
-                               .addCallback(lambda message: helpers.prepare(tid, message, self.max_links)))
+                               .addCallback(lambda message: helpers.prepare(tid, message, self.max_links,
+                                                                            recipients)))
         return self._later((tid, _PREPARED),
                            lambda: self.run(lambda: self._prepare(tid, self.read(queued), self.max_links)))
 
@@ -152,13 +158,18 @@ class CopyMaker:
             if pending is not None:
                 pending.keep = False
 
-    def tracking_notes(self, prepared: Prepared, transmission_id: str, recipient: Any) -> list[str]:
+    def tracking_notes(self, prepared: Prepared | PreparedFacts, transmission_id: str,
+                       recipient: Any) -> list[str]:
         """``Prepared.tracking_notes`` for one recipient of the spool's envelope."""
+        if isinstance(prepared, PreparedFacts):
+            return prepared.notes.get(recipient.message_id, [])
         return prepared.tracking_notes(self.codec, _identity(transmission_id, recipient),
                                        recipient.tracking, self.max_size)
 
-    def resigns(self, prepared: Prepared) -> bool:
+    def resigns(self, prepared: Prepared | PreparedFacts) -> bool:
         """Whether the copies of this message get the appliance's own DKIM signature."""
+        if isinstance(prepared, PreparedFacts):
+            return prepared.resigned
         return self.signer is not None and self.signer.signs(prepared.data)
 
     # -- making one copy -------------------------------------------------------------------
@@ -166,8 +177,7 @@ class CopyMaker:
     def _untracked(self, tid: str) -> bytes | None:
         """The untracked copy from the cache: the prepared form's text serves as well."""
         prepared = self._hit((tid, _PREPARED))
-        if prepared is not None:
-            assert isinstance(prepared, Prepared)
+        if isinstance(prepared, Prepared):  # not PreparedFacts: a helper holds that text
             return prepared.data
         data = self._hit((tid, _UNTRACKED))
         assert data is None or isinstance(data, bytes)
@@ -234,8 +244,8 @@ class CopyMaker:
             else:
                 d.callback(result)
 
-    def _keep(self, key: tuple[str, str], value: Prepared | bytes) -> None:
-        if key[1] == _PREPARED:  # its text is in there: the untracked form is not needed any more
+    def _keep(self, key: tuple[str, str], value: Prepared | PreparedFacts | bytes) -> None:
+        if isinstance(value, Prepared):  # its text is in there: the untracked form is not needed any more
             untracked = self._cache.pop((key[0], _UNTRACKED), None)
             if untracked is not None:
                 self._bytes -= _cost(untracked)
@@ -249,8 +259,8 @@ class CopyMaker:
             self._bytes -= _cost(evicted)
 
 
-def _cost(value: Prepared | bytes) -> int:
-    return value.size if isinstance(value, Prepared) else sys.getsizeof(value)
+def _cost(value: Prepared | PreparedFacts | bytes) -> int:
+    return value.size if isinstance(value, Prepared | PreparedFacts) else sys.getsizeof(value)
 
 
 def _identity(transmission_id: str, recipient: Any) -> Identity:

@@ -12,12 +12,15 @@ the reactor's to watch. Here the reactor hears of each child's end
 so the job it died on is the oldest unanswered one: that job alone counts a
 kill; the others are sent again as they were.
 
-A copy job carries the message's prepared form only to a helper that does
-not hold it: each helper keeps a ``PreparedCache`` and the owner keeps a
-mirror of it (sizes only), moved by the same steps in the same order, and
-sends a message's copies to the helper that holds it while that one has
-room. So a message is parsed once (its ``prepare`` job), crosses to a
-helper once, and its N copies are rendered there.
+The prepared form of a message stays in the helper that made it (a
+``PreparedCache``); what comes back to the owner is only what its injection
+event needs (``PreparedFacts``), and its copies are sent to that helper:
+the owner keeps an estimate of each helper's cache. A helper that lacks
+the message (it was evicted, or the helper died) answers ``Missing`` and
+the owner sends the message along, read again from the spool. So a message
+is parsed once, crosses once, and its N copies are rendered where it is;
+the owner never unpickles a prepared form, which would cost it about as
+much as rendering a copy.
 """
 
 from __future__ import annotations
@@ -75,9 +78,10 @@ class _Job:
     name: str
     args: tuple
     done: defer.Deferred
-    key: str = ""  # a copy job's message, which the helper may hold already
-    prepared: Any = None  # a copy job's prepared form, sent to a helper that lacks it
-    size: int = 0
+    key: str = ""  # a prepare or copy job's message, which a helper may hold
+    message: bytes | None = None  # a copy job's message, once it had to be read again
+    source: Callable[[], defer.Deferred] | None = None  # reads it again (copy jobs)
+    max_links: int = 0
     kills: int = 0
     ends: list[str] = field(default_factory=list)  # how the helpers it was on ended
 
@@ -102,7 +106,7 @@ class _Helper(ProcessProtocol):
             job = self.in_flight.popleft()
             assert job.number == number, "a helper answers its jobs in order"
             self.answered += 1
-            self.pool._answered(job, ok, value)
+            self.pool._answered(self, job, ok, value)
 
     def errReceived(self, data: bytes) -> None:  # noqa: N802
         *lines, self._errors = (self._errors + data).split(b"\n")
@@ -150,20 +154,27 @@ class HelperPool(Service):
 
     # -- the jobs -------------------------------------------------------------------------
 
-    def prepare(self, key: str, message: bytes, max_links: int) -> defer.Deferred:
-        return self.submit("prepare", (key, message, max_links))
+    def prepare(self, key: str, message: bytes, max_links: int,
+                recipients: list[tuple[Any, Any]]) -> defer.Deferred:
+        """The message prepared and kept in a helper: its ``PreparedFacts`` for these recipients."""
+        return self.submit("prepare", (key, message, max_links, recipients), key=key,
+                           message=message)
 
-    def copy(self, key: str, prepared: Any, identity: Any, tracking: Any) -> defer.Deferred:
-        """A tracked copy rendered, given its List-Unsubscribe fields and signed."""
-        return self.submit("copy", (identity, tracking), key=key, prepared=prepared, size=prepared.size)
+    def copy(self, key: str, max_links: int, identity: Any, tracking: Any,
+             source: Callable[[], defer.Deferred]) -> defer.Deferred:
+        """
+        A tracked copy rendered, given its List-Unsubscribe fields and signed, where its
+        message is held; ``source`` reads the message again for a helper that lacks it.
+        """
+        return self.submit("copy", (identity, tracking), key=key, source=source, max_links=max_links)
 
     def sign(self, copy: bytes) -> defer.Deferred:
         return self.submit("sign", (copy,))
 
-    def submit(self, name: str, args: tuple, key: str = "", prepared: Any = None,
-               size: int = 0) -> defer.Deferred:
+    def submit(self, name: str, args: tuple, key: str = "", message: bytes | None = None,
+               source: Callable[[], defer.Deferred] | None = None, max_links: int = 0) -> defer.Deferred:
         self._numbers += 1
-        job = _Job(self._numbers, name, args, defer.Deferred(), key, prepared, size)
+        job = _Job(self._numbers, name, args, defer.Deferred(), key, message, source, max_links)
         self._waiting.append(job)
         self._dispatch()
         return job.done
@@ -177,7 +188,9 @@ class HelperPool(Service):
                 if helper is None and self.helpers and not self._stopping:
                     return  # every helper has its window full: the next answer dispatches again
                 self._waiting.popleft()
-                if helper is not None:
+                if helper is not None and self._needs_message(helper, job):
+                    self._fetch(job)
+                elif helper is not None:
                     self._send(helper, job)
                 elif not job.kills:
                     self._run_here(job)
@@ -189,14 +202,27 @@ class HelperPool(Service):
             self._waiting.extendleft(reversed(held))
 
     def _pick(self, job: _Job) -> _Helper | None:
-        free = [h for h in self.helpers if len(h.in_flight) < WINDOW]
-        if not free:
-            return None
-        if job.key:
-            for helper in free:
+        if job.name == "copy":  # where its message is, even if that one is busy: a parse costs more
+            for helper in self.helpers:
                 if job.key in helper.cache:
-                    return helper
-        return min(free, key=lambda h: len(h.in_flight))
+                    return helper if len(helper.in_flight) < WINDOW else None
+        free = [h for h in self.helpers if len(h.in_flight) < WINDOW]
+        return min(free, key=lambda h: len(h.in_flight)) if free else None
+
+    @staticmethod
+    def _needs_message(helper: _Helper | None, job: _Job) -> bool:
+        return job.name == "copy" and job.message is None and (helper is None or job.key not in helper.cache)
+
+    def _fetch(self, job: _Job) -> None:
+        """Read a copy job's message again (it is queued again once read)."""
+        assert job.source is not None
+
+        def read(message: bytes) -> None:
+            job.message = message
+            self._waiting.appendleft(job)
+            self._dispatch()
+
+        defer.maybeDeferred(job.source).addCallbacks(read, job.done.errback)
 
     def _send(self, helper: _Helper, job: _Job) -> None:
         keys = self.codec.keyring.keys
@@ -207,20 +233,32 @@ class HelperPool(Service):
         if job.name == "copy":
             if job.key in helper.cache:
                 helper.cache.use(job.key)
-                args = (job.key, None, job.size, *args)
+                args = (job.key, None, job.max_links, *args)
             else:
-                helper.cache.put(job.key, job.size)
-                args = (job.key, job.prepared, job.size, *args)
+                assert job.message is not None
+                helper.cache.put(job.key, _estimate(job.message))
+                args = (job.key, job.message, job.max_links, *args)
+        elif job.name == "prepare":
+            assert job.message is not None
+            helper.cache.put(job.key, _estimate(job.message))
         helper.in_flight.append(job)
         helper.transport.write(frame(("job", job.number, job.name, args)))
 
     def _run_here(self, job: _Job) -> None:
-        args = (job.key, job.prepared, job.size, *job.args) if job.name == "copy" else job.args
+        if self._needs_message(None, job):
+            self._fetch(job)  # the owner keeps no prepared form: it prepares again
+            return
+        args = (job.key, job.message, job.max_links, *job.args) if job.name == "copy" else job.args
         d = self.run(self._local.run, job.name, args)
         d.chainDeferred(job.done)
 
-    def _answered(self, job: _Job, ok: bool, value: Any) -> None:
+    def _answered(self, helper: _Helper, job: _Job, ok: bool, value: Any) -> None:
         self._failed_starts = 0
+        if not ok and value[0] == "Missing" and job.name == "copy" and job.message is None:
+            helper.cache.discard(job.key)  # the estimate was wrong: it is sent with its message
+            self._waiting.appendleft(job)
+            self._dispatch()
+            return
         self._dispatch()
         if ok:
             job.done.callback(value)
@@ -319,3 +357,8 @@ class HelperPool(Service):
                 helper.transport.signalProcess("KILL")
             except error.ProcessExitedAlready:
                 pass
+
+
+def _estimate(message: bytes) -> int:
+    """About what a message's prepared form takes in a helper (``footprint`` there knows)."""
+    return 4 * len(message)
