@@ -133,8 +133,16 @@ class PoolTests(TestCase):
         pool = self.pool()
         reads: list[int] = []
         local = Kit.local(CODEC, None, None).copy("t1", ALTERNATIVE_IN_MIXED, 100, ID, BOTH)
-        # Never prepared (a restart): read once, then held.
-        self.assertEqual((yield pool.copy("t1", 100, ID, BOTH, self.source(reads))), local)
+        # Never prepared (a restart): read once for the copies asked meanwhile, then held.
+
+        def slow_read() -> defer.Deferred:
+            reads.append(1)
+            d: defer.Deferred = defer.Deferred()
+            reactor.callLater(0, d.callback, ALTERNATIVE_IN_MIXED)
+            return d
+
+        copies = yield defer.gatherResults([pool.copy("t1", 100, ID, BOTH, slow_read) for _ in range(3)])
+        self.assertEqual(copies, [local] * 3)
         self.assertEqual((yield pool.copy("t1", 100, ID, BOTH, self.source(reads))), local)
         self.assertEqual(len(reads), 1)
         # The owner's estimate says the helper holds one it does not: it answers Missing.

@@ -150,6 +150,7 @@ class HelperPool(Service):
         self._stopping = False
         self._failed_starts = 0
         self._respawn: IDelayedCall | None = None
+        self._fetching: dict[str, list[_Job]] = {}  # copy jobs whose message is being read, by message
         self._local = Kit.local(codec, signer, max_size)
 
     # -- the jobs -------------------------------------------------------------------------
@@ -214,15 +215,27 @@ class HelperPool(Service):
         return job.name == "copy" and job.message is None and (helper is None or job.key not in helper.cache)
 
     def _fetch(self, job: _Job) -> None:
-        """Read a copy job's message again (it is queued again once read)."""
+        """Read a copy job's message again, once for all its copies waiting; queued again once read."""
         assert job.source is not None
+        waiting = self._fetching.get(job.key)
+        if waiting is not None:
+            waiting.append(job)
+            return
+        waiting = self._fetching[job.key] = [job]
 
         def read(message: bytes) -> None:
-            job.message = message
-            self._waiting.appendleft(job)
+            del self._fetching[job.key]
+            for each in waiting:
+                each.message = message
+            self._waiting.extendleft(reversed(waiting))
             self._dispatch()
 
-        defer.maybeDeferred(job.source).addCallbacks(read, job.done.errback)
+        def failed(failure: Failure) -> None:
+            del self._fetching[job.key]
+            for each in waiting:
+                each.done.errback(failure)
+
+        defer.maybeDeferred(job.source).addCallbacks(read, failed)
 
     def _send(self, helper: _Helper, job: _Job) -> None:
         keys = self.codec.keyring.keys
