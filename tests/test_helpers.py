@@ -25,7 +25,7 @@ from appliance.helpers.frames import FrameReader, frame
 from appliance.links import Keyring, LinkCodec
 from appliance.reactors import thread_runner
 from appliance.rewrite import Identity
-from tests.helpers import base_toml, merge, wait_until
+from tests.helpers import RunningAppliance, base_toml, in_thread, merge, wait_until
 from tests.test_dkim import fresh_rsa, record_of
 from tests.test_rewrite import ALTERNATIVE_IN_MIXED, BOTH, CODEC, ID, OFF, Queued
 
@@ -208,6 +208,7 @@ class PoolTests(TestCase):
         self.assertIn("signal 9, signal 9", str(caught.exception))
         self.assertEqual((pool.started, len(pool.helpers)), (3, 1))
         self.assertEqual((yield pool.sign(b"next")), b"next")
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
 
     @defer.inlineCallbacks
     def test_a_copy_that_kills_two_helpers_is_not_made(self) -> Any:
@@ -287,3 +288,62 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def tracked_message() -> bytes:
+    return (b"From: news@shop.example\r\nTo: ann@example.test\r\nSubject: Sale\r\n"
+            b'X-MSYS-API: {"options": {"open_tracking": true, "click_tracking": true}}\r\n'
+            b"Content-Type: text/html; charset=utf-8\r\n\r\n"
+            b'<html><body><a href="https://shop.example/sale">Sale</a></body></html>\r\n')
+
+
+def send(port: int, data: bytes) -> Any:
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        return client.sendmail("news@shop.example", ["ann@example.test"], data)
+
+
+class ApplianceHelperTests(TestCase):
+    """The appliance with one helper, whose copy jobs are killed on their way."""
+
+    def setUp(self) -> Any:
+        self.kills = 0
+        real_send = HelperPool._send
+
+        def killing_send(pool: HelperPool, helper: Any, job: Any) -> None:
+            real_send(pool, helper, job)
+            if job.name == "copy" and self.kills:
+                self.kills -= 1
+                os.kill(helper.pid, signal.SIGKILL)
+
+        self.patch(HelperPool, "_send", killing_send)
+        self.running = RunningAppliance(self.mktemp(), appliance={"helpers": 1},
+                                        delivery={"retry_initial": "60s"})
+        return self.running.start()
+
+    def tearDown(self) -> Any:
+        return self.running.stop()
+
+    @defer.inlineCallbacks
+    def test_a_copy_whose_helper_is_killed_is_delivered_once(self) -> Any:
+        self.kills = 1
+        yield in_thread(send, self.running.smtp_port, tracked_message())
+        yield self.running.sink.wait_for(1)
+        yield wait_until(self.running.settled)
+        self.assertEqual(self.running.appliance.helpers.started, 2)
+        self.assertEqual(len(self.running.sink.messages), 1)
+        self.assertIn(b"/f/", self.running.sink.messages[0].data)  # tracked, in the new helper
+        self.assertEqual([e["type"] for e in self.running.events()], ["injection", "delivery"])
+
+    @defer.inlineCallbacks
+    def test_a_copy_that_kills_two_helpers_is_delayed(self) -> Any:
+        self.kills = 2
+        yield in_thread(send, self.running.smtp_port, tracked_message())
+        yield wait_until(lambda: "delay" in [e["type"] for e in self.running.events()])
+        delay = [e for e in self.running.events() if e["type"] == "delay"][0]
+        self.assertIn("could not make the copy: helper processes ended 2 times on it (signal 9, "
+                      "signal 9)", delay["reason"])
+        self.assertEqual(self.running.sink.messages, [])
+        self.assertEqual(len(self.running.appliance.helpers.helpers), 1)  # replaced, serving
+        self.assertEqual(len(self.flushLoggedErrors(HelperCrashed)), 1)

@@ -93,13 +93,10 @@ class _Helper(ProcessProtocol):
         self.cache = cache  # the owner's mirror of what it holds
         self.in_flight: deque[_Job] = deque()
         self.answered = 0
+        self.pid: int | None = None  # kept: the transport forgets it when the process ends
         self.ended: defer.Deferred = defer.Deferred()
         self._reader = FrameReader()
         self._errors = b""
-
-    @property
-    def pid(self) -> int | None:
-        return getattr(self.transport, "pid", None)
 
     def outReceived(self, data: bytes) -> None:  # noqa: N802
         for number, ok, value in self._reader.feed(data):
@@ -333,7 +330,9 @@ class HelperPool(Service):
         helper = _Helper(self, keys, PreparedCache(self.cache_entries, self.cache_bytes))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_SOURCE_ROOT, env.get("PYTHONPATH", "")) if p)
-        self.reactor.spawnProcess(helper, self.command[0], [*self.command, str(os.getpid())], env=env)
+        process = self.reactor.spawnProcess(helper, self.command[0], [*self.command, str(os.getpid())],
+                                            env=env)
+        helper.pid = process.pid
         self.started += 1
         settings = KitSettings.of(self.codec, self.signer, self.max_size, self.cache_entries,
                                   self.cache_bytes)
