@@ -224,6 +224,17 @@ class PoolTests(TestCase):
             "t1", ALTERNATIVE_IN_MIXED, 100, Identity("m1", "t1", "r1@x.test"), BOTH))
 
     @defer.inlineCallbacks
+    def test_helpers_that_cannot_start_leave_the_work_to_threads(self) -> Any:
+        """A broken install: each helper exits at once; jobs run in the owner, helpers are retried later."""
+        pool = self.pool(command=[sys.executable, "-c", "raise SystemExit(3)"])
+        self.assertEqual((yield pool.sign(b"done here")), b"done here")
+        self.assertEqual(pool.helpers, [])
+        self.assertIsNotNone(pool._respawn)  # another try, after a pause
+        yield pool.prepare("t1", ALTERNATIVE_IN_MIXED, 100, [(ID, BOTH)])
+        copy = yield pool.copy("t1", 100, ID, BOTH, self.source([]))
+        self.assertEqual(copy, Kit.local(CODEC, None, None).copy("t1", ALTERNATIVE_IN_MIXED, 100, ID, BOTH))
+
+    @defer.inlineCallbacks
     def test_helpers_ignore_sigint_and_sighup(self) -> Any:
         pool = self.pool()
         yield pool.sign(b"started")
