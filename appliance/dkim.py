@@ -318,6 +318,7 @@ class Signer:
 
     def __init__(self, keys: Sequence[SigningKey], now: Callable[[], float] = time.time) -> None:
         self.now = now
+        self.keys = tuple(keys)  # as configured: what a helper process is given to sign with
         self._by_domain: dict[str, list[SigningKey]] = {}
         for key in keys:
             self._by_domain.setdefault(key.domain.lower().rstrip("."), []).append(key)

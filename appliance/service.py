@@ -45,6 +45,7 @@ from appliance.delivery.copies import CopyMaker
 from appliance.engagement import Engagement
 from appliance.engagement.networks import NetworksFileError, read_networks
 from appliance.events import EventLog
+from appliance.helpers import HelperPool
 from appliance.injection import Injector
 from appliance.links import LinkCodec
 from appliance.policy import Policy
@@ -176,6 +177,7 @@ class Appliance(MultiService):
         run, run_files, run_passwords = self._pools(reactor, run)
         self._run_cpu, self._run_files = run, run_files
         self._mail_path(parts, reactor, run, run_files, resolver)
+        self._helpers(parts, reactor, run)
         self._webhooks(parts, reactor, run_files)
         # The order children are added is the start order (and stop goes the other way).
         self.webhooks.setServiceParent(self)
@@ -238,6 +240,20 @@ class Appliance(MultiService):
                                  max_hops=config.smtp.max_hops)
         # Recovery writes the events a message still owed when the process ended.
         self.spool.on_owed = self.injector.recover_owed
+
+    def _helpers(self, parts: Parts, reactor: Reactor, run: Runner) -> None:
+        """
+        Helper processes for the copies' CPU work (``[appliance] helpers``), before delivery
+        starts and stopped after it; none where the caller says where work runs (tests).
+        """
+        self.helpers: HelperPool | None = None
+        count = parts.config.appliance.helper_count()
+        if count == 0 or self.file_pool is None:
+            return
+        self.helpers = HelperPool(count, reactor, run, self.links, signer=parts.signer,  # type: ignore[arg-type]
+                                  max_size=parts.config.smtp.max_message_size)
+        self.helpers.setServiceParent(self)
+        self.copies.helpers = self.helpers
 
     def _webhooks(self, parts: Parts, reactor: Reactor, run_files: Runner) -> None:
         """

@@ -19,6 +19,11 @@ bookkeeping (every message carries a unique ``X-Crash-Id``):
   ``250``, so a kill in between leaves it owed to the next start), and only
   one unless its client sent it again; the spool is empty.
 
+With ``--helpers N`` the appliance runs N helper processes and, with
+``--dkim``, signs every copy in them; ``--helper-kills`` then also kills a
+helper (SIGKILL) at random moments: its job goes to the replacement and no
+copy is lost or sent twice for it.
+
 A client whose connection dies before the reply cannot know whether the
 message was taken: it sends it again, as a real MTA would, so such messages
 may arrive twice (the "duplicates" count; RFC 5321 §6.1 accepts that).
@@ -159,9 +164,17 @@ class Appliance:
                 self.kill()
 
 
-def write_config(workdir: str, smtp_port: int, sink_port: int) -> str:
+def write_config(workdir: str, smtp_port: int, sink_port: int, helpers: int | None = None,
+                 dkim: bool = False) -> str:
     path = os.path.join(workdir, "appliance.toml")
+    extra = "" if helpers is None else f"[appliance]\nhelpers = {helpers}\n"
+    if dkim:
+        from appliance.dkim import new_key, write_key
+
+        write_key(os.path.join(workdir, "dkim.pem"), new_key("rsa"))
+        extra += '[dkim]\ndomain = "example.net"\nselector = "crash"\nkey_file = "dkim.pem"\n'
     with open(path, "w") as f:
+        f.write(extra)
         f.write(f"""
 [node]
 name = "crash1"
@@ -196,14 +209,32 @@ class Result:
     in_doubt: int
     kills: int
     problems: list[str]
+    helper_kills: int = 0
 
     def line(self) -> str:
         return (f"accepted={self.accepted} delivered={self.delivered} duplicates={self.duplicates} "
-                f"lost={self.lost} refused={self.refused} in_doubt={self.in_doubt} kills={self.kills}")
+                f"lost={self.lost} refused={self.refused} in_doubt={self.in_doubt} kills={self.kills} "
+                f"helper_kills={self.helper_kills}")
+
+
+def helper_pids(owner: int) -> list[int]:
+    """The appliance's helper processes: its children."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == owner:
+                pids.append(int(name))
+    return pids
 
 
 def run(messages: int, kills: int, clients: int, seed: int, workdir: str,
-        drain_timeout: float = 60.0) -> Result:
+        drain_timeout: float = 60.0, helpers: int | None = None, dkim: bool = False,
+        helper_kills: int = 0) -> Result:
     rng = random.Random(seed)
     smtp_port, sink_port = free_port(), free_port()
     sink_dir = os.path.join(workdir, "sink")
@@ -212,11 +243,11 @@ def run(messages: int, kills: int, clients: int, seed: int, workdir: str,
     sink = subprocess.Popen([sys.executable, "-m", "tests.sink", "--port", str(sink_port),
                              "--directory", sink_dir], cwd=REPO, stdout=sink_log,
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": REPO})
-    appliance = Appliance(workdir, write_config(workdir, smtp_port, sink_port))
+    appliance = Appliance(workdir, write_config(workdir, smtp_port, sink_port, helpers, dkim))
     book = Book()
     stop = threading.Event()
     threads: list[threading.Thread] = []
-    killed = 0
+    killed = helpers_killed = 0
     try:
         wait_for_port(sink_port, sink)
         appliance.start()
@@ -230,11 +261,18 @@ def run(messages: int, kills: int, clients: int, seed: int, workdir: str,
             t.start()
             threads.append(t)
         # Kill at random points of the injection, each a few milliseconds after the mark is passed.
-        marks = sorted(rng.uniform(0.05, 0.95) * messages for _ in range(kills))
-        for mark in marks:
+        marks = sorted([(rng.uniform(0.05, 0.95) * messages, "owner") for _ in range(kills)]
+                       + [(rng.uniform(0.05, 0.95) * messages, "helper") for _ in range(helper_kills)])
+        for mark, whom in marks:
             while book.done() < mark and any(t.is_alive() for t in threads):
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, 0.05))
+            if whom == "helper":
+                pids = helper_pids(appliance.proc.pid)
+                if pids:
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    helpers_killed += 1
+                continue
             appliance.kill()
             killed += 1
             appliance.start()
@@ -252,7 +290,9 @@ def run(messages: int, kills: int, clients: int, seed: int, workdir: str,
         sink.terminate()
         sink.wait(30)
         sink_log.close()
-    return check(workdir, sink_dir, book, messages, seed, killed)
+    result = check(workdir, sink_dir, book, messages, seed, killed)
+    result.helper_kills = helpers_killed
+    return result
 
 
 def check(workdir: str, sink_dir: str, book: Book, messages: int, seed: int, killed: int) -> Result:
@@ -266,6 +306,7 @@ def check(workdir: str, sink_dir: str, book: Book, messages: int, seed: int, kil
             problems.append(f"{name}: not one of the messages sent")
             continue
         arrived[n] += 1
+        data = without_signatures(data)
         if not (data.startswith(b"Received: ") and data.endswith(message_bytes(n, seed))):
             problems.append(f"{name}: message {n} arrived altered or half-written")
     injected: Counter = Counter()
@@ -315,6 +356,16 @@ def check(workdir: str, sink_dir: str, book: Book, messages: int, seed: int, kil
     )
 
 
+def without_signatures(data: bytes) -> bytes:
+    """The copy without the DKIM-Signature fields the appliance put on top (``--dkim``)."""
+    while data.startswith(b"DKIM-Signature:"):
+        end = data.index(b"\r\n")
+        while data[end + 2:end + 3] in (b" ", b"\t"):
+            end = data.index(b"\r\n", end + 2)
+        data = data[end + 2:]
+    return data
+
+
 def _crash_id(data: bytes) -> int | None:
     head = data.split(b"\r\n\r\n", 1)[0]
     for line in head.split(b"\r\n"):
@@ -332,17 +383,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--helpers", type=int, default=None,
+                        help="[appliance] helpers (default: the appliance's default)")
+    parser.add_argument("--dkim", action="store_true", help="sign every copy (in the helpers, if any)")
+    parser.add_argument("--helper-kills", type=int, default=0, help="helper processes to kill -9")
     parser.add_argument("--workdir", default=None,
                         help="keep everything here (default: a temporary directory)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     print(f"seed={seed} messages={args.messages} kills={args.kills} clients={args.clients}", flush=True)
+    options = {"helpers": args.helpers, "dkim": args.dkim, "helper_kills": args.helper_kills}
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=False)
-        result = run(args.messages, args.kills, args.clients, seed, os.path.abspath(args.workdir))
+        result = run(args.messages, args.kills, args.clients, seed, os.path.abspath(args.workdir),
+                     **options)
     else:
         with tempfile.TemporaryDirectory(prefix="crash-durability-") as workdir:
-            result = run(args.messages, args.kills, args.clients, seed, workdir)
+            result = run(args.messages, args.kills, args.clients, seed, workdir, **options)
     print(result.line())
     for problem in result.problems:
         print(f"PROBLEM: {problem}")

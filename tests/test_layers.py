@@ -23,8 +23,8 @@ import appliance
 ROOT = os.path.dirname(os.path.abspath(appliance.__file__))
 
 # The pure core: plain functions and classes over bytes and settings.
-PURE = {"bounces", "config", "dkim", "engagement", "eventtypes", "files", "headers", "links", "retry",
-        "rewrite", "settings"}
+PURE = {"bounces", "config", "copywork", "dkim", "engagement", "eventtypes", "files", "headers", "links",
+        "retry", "rewrite", "settings"}
 
 # What each part may import at run time (imports under ``if TYPE_CHECKING:`` are
 # annotations only and may also name the parts in TYPE_ONLY).
@@ -45,6 +45,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "settings": {"config", "headers"},
     "policy": {"settings"},
     "rewrite": {"headers", "links", "settings"},
+    # The copies' CPU work as plain functions, run in a thread or in a helper process alike.
+    "copywork": {"dkim", "links", "rewrite", "settings"},
+    # Helper processes run copywork's jobs; the owner's side is a Twisted service.
+    "helpers": {"copywork"},
     "groupcommit": {"files"},
     "spool": {"files", "groupcommit", "reactors", "settings"},
     "follower": {"files", "reactors"},
@@ -57,8 +61,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "tracker": {"config", "engagement", "events", "eventtypes", "links", "reactors"},
     # The suppression list: its database, and its own follower of the event log.
     "suppression": {"follower", "reactors"},
-    "delivery": {"bounces", "config", "dkim", "events", "eventtypes", "files", "links", "reactors",
-                 "retry", "rewrite", "settings", "spool"},
+    "delivery": {"bounces", "config", "copywork", "dkim", "events", "eventtypes", "files", "links",
+                 "reactors", "retry", "rewrite", "settings", "spool"},
     "webhooks": {"config", "events", "eventtypes", "files", "follower", "reactors", "retry"},
     "injection": {"config", "events", "eventtypes", "files", "headers", "policy", "reactors",
                   "settings", "spool"},
@@ -70,8 +74,8 @@ MAY_IMPORT: dict[str, set[str]] = {
               "users"},
     # admin: health, metrics and the admin listener; spoollock: one appliance per spool.
     # engagement: the prefetch networks are re-read on SIGHUP.
-    "service": {"admin", "build", "config", "delivery", "engagement", "events", "files", "injection",
-                "links", "policy", "reactors", "sighup", "smtp", "spool", "spoollock", "stats",
+    "service": {"admin", "build", "config", "delivery", "engagement", "events", "files", "helpers",
+                "injection", "links", "policy", "reactors", "sighup", "smtp", "spool", "spoollock", "stats",
                 "suppression", "tracker", "users", "webhooks"},
     # The admin listener's resources: they read what the services hand them. config: the
     # client reads [admin]; files: the token file is written atomically; suppression: the
@@ -104,6 +108,7 @@ TYPE_ONLY: dict[str, set[str]] = {
     "eventtypes": {"links", "settings", "spool"},
     "injection": {"delivery", "rewrite", "smtp"},
     "smtp": {"injection"},
+    "delivery": {"helpers"},  # CopyMaker is handed a HelperPool
 }
 
 # Modules that are programs of their own, run in a child process: like ``tap``, each

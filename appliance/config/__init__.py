@@ -21,6 +21,7 @@ from appliance.config.admin import AdminConfig, read_admin
 from appliance.config.delivery import DeliveryConfig, Route, read_delivery
 from appliance.config.dkim import DkimKeyConfig, read_dkim
 from appliance.config.simple import (
+    ApplianceConfig,
     EngagementTrackerConfig,
     EventsConfig,
     LinksConfig,
@@ -30,6 +31,7 @@ from appliance.config.simple import (
     SuppressionConfig,
     TrackerConfig,
     TrackerLimits,
+    read_appliance,
     read_engagement_tracker,
     read_events,
     read_links,
@@ -50,6 +52,7 @@ from appliance.eventtypes import EVENT_TYPES
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "AdminConfig",
+    "ApplianceConfig",
     "EVENT_TYPES",
     "LOOPBACK",
     "Config",
@@ -110,6 +113,7 @@ class Config:
     admin: AdminConfig = AdminConfig()
     suppression: SuppressionConfig = SuppressionConfig("var/suppression.sqlite3")
     stats: StatsConfig = StatsConfig()
+    appliance: ApplianceConfig = ApplianceConfig()
     source: str = ""
 
 
@@ -149,6 +153,7 @@ def read_config(data: dict[str, Any], source: str = "") -> tuple[Config, list[tu
         admin=read_admin(top.table("admin")),
         suppression=read_suppression(top.table("suppression")),
         stats=read_stats(top.table("stats")),
+        appliance=read_appliance(top.table("appliance")),
         source=source,
     )
     for name in top.data:

@@ -259,3 +259,37 @@ def read_suppression(t: Table) -> SuppressionConfig:
         c = replace(c, check_interval=SuppressionConfig.check_interval)
     t.finish()
     return c
+
+
+# The most helper processes a configuration may ask for: each holds a Python interpreter
+# (about 40 MB), and past the machine's cores more only cost memory.
+MAX_HELPERS = 64
+
+
+@dataclass(frozen=True)
+class ApplianceConfig:
+    """The process as a whole: ``helpers`` is how many child processes make copies."""
+
+    # A count, or "auto": one less than the cores this process may run on.
+    helpers: int | str = "auto"
+
+    def helper_count(self, cores: int | None = None) -> int:
+        """The number of helpers to run: 0 runs the same work in threads of the owner."""
+        if isinstance(self.helpers, int):
+            return self.helpers
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return min(MAX_HELPERS, max(0, cores - 1))
+
+
+def read_appliance(t: Table) -> ApplianceConfig:
+    def convert(v: object) -> int | str:
+        if v == "auto":
+            return "auto"
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_HELPERS:
+            return v
+        raise ValueError(f"expected \"auto\" or an integer from 0 to {MAX_HELPERS}, got {show(v)}")
+
+    c = ApplianceConfig(helpers=t._get("helpers", ApplianceConfig.helpers, convert))
+    t.finish()
+    return c

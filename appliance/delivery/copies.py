@@ -12,19 +12,21 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from appliance import rewrite
+from appliance.copywork import PreparedFacts, prepare_message, render_copy, with_list_unsubscribe
 from appliance.dkim import Signer
 from appliance.links import LinkCodec
 from appliance.rewrite import Identity, Prepared, without_msys_api
 from appliance.rewrite.prepared import MAX_TRACKED_LINKS
-from appliance.rewrite.unsubscribe import add_list_unsubscribe, list_unsubscribe_fields
 from appliance.settings import Tracking
+
+if TYPE_CHECKING:
+    from appliance.helpers import HelperPool
 
 log = Logger()
 
@@ -71,6 +73,13 @@ class CopyMaker:
     ``max_links`` caps the tracked links of each part (``smtpapi.max_tracked_links``);
     a copy that could be over ``max_size`` tracked (``smtp.max_message_size``) is
     sent untracked, as the recipient's injection event says.
+
+    With ``helpers`` (``[appliance] helpers`` > 0), the CPU work goes to helper
+    processes instead of ``run``: preparing (the message is still read through
+    ``run``), every tracked copy (rendered, given its List-Unsubscribe fields
+    and signed there, whatever its size) and the signature of an untracked one.
+    The prepared form then stays in the helper: what is cached here is its
+    ``PreparedFacts``, all the injection event needs.
     """
 
     def __init__(self, read: Callable[[Any], bytes], codec: LinkCodec,
@@ -78,17 +87,19 @@ class CopyMaker:
                  run: Callable[..., defer.Deferred] = threads.deferToThread,
                  max_links: int = MAX_TRACKED_LINKS, max_size: int | None = None,
                  render_inline_bytes: int = RENDER_INLINE_BYTES,
-                 now: Callable[[], float] = time.time, trap_links: bool = False) -> None:
+                 now: Callable[[], float] = time.time, trap_links: bool = False,
+                 helpers: HelperPool | None = None) -> None:
         """
         ``now`` is the send time each copy's links carry (``LinkData.issued``);
-        ``trap_links`` puts the hidden trap link in tracked HTML parts.
+        ``trap_links`` puts the hidden trap link in tracked HTML parts; ``helpers``
+        are processes that do the CPU work instead of ``run``, if any.
         """
         self.read = read
         self.codec = codec
         self.max_bytes = max_bytes
         self.signer = signer  # DKIM: each copy is signed after its rewrite
         self.run = run  # where messages are read and parsed: a worker thread
-        self._cache: OrderedDict[tuple[str, str], Prepared | bytes] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], Prepared | PreparedFacts | bytes] = OrderedDict()
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._bytes = 0
         self.max_links = max_links
@@ -96,6 +107,7 @@ class CopyMaker:
         self.render_inline_bytes = render_inline_bytes
         self.now = now
         self.trap_links = trap_links
+        self.helpers = helpers  # processes that do the CPU work instead of ``run``, if any
 
     def __contains__(self, transmission_id: str) -> bool:
         """Whether anything of this message is cached."""
@@ -113,8 +125,13 @@ class CopyMaker:
             data = self._untracked(tid)
             if data is not None:
                 return self._finish(data, tid, recipient)
-            later = self._later((tid, _UNTRACKED), lambda: without_msys_api(self.read(queued)))
+            later = self._later((tid, _UNTRACKED),
+                                lambda: self.run(lambda: without_msys_api(self.read(queued))))
             return later.addCallback(self._finish, tid, recipient)
+        if self.helpers is not None:  # made where its message is held, or read for
+            identity = _identity(tid, recipient, int(self.now()), self.trap_links)
+            return self.helpers.copy(tid, self.max_links, identity, tracking,
+                                     lambda: defer.maybeDeferred(self.run, self.read, queued))
         prepared = self._hit((tid, _PREPARED))
         if prepared is not None:
             return self._copy(prepared, tid, recipient, tracking)
@@ -132,8 +149,14 @@ class CopyMaker:
         hit = self._hit((tid, _PREPARED))
         if hit is not None:
             return defer.succeed(hit)
+        helpers = self.helpers
+        if helpers is not None:
+            recipients = [(_identity(tid, r), r.tracking) for r in queued.envelope.recipients]
+            return self._later((tid, _PREPARED), lambda: defer.maybeDeferred(self.run, self.read, queued)
+                               .addCallback(lambda message: helpers.prepare(tid, message, self.max_links,
+                                                                            recipients)))
         return self._later((tid, _PREPARED),
-                           lambda: self._prepare(tid, self.read(queued), self.max_links))
+                           lambda: self.run(lambda: self._prepare(tid, self.read(queued), self.max_links)))
 
     def forget(self, transmission_id: str) -> None:
         """Drop what is held of a message: its last copy is final."""
@@ -146,13 +169,18 @@ class CopyMaker:
             if pending is not None:
                 pending.keep = False
 
-    def tracking_notes(self, prepared: Prepared, transmission_id: str, recipient: Any) -> list[str]:
+    def tracking_notes(self, prepared: Prepared | PreparedFacts, transmission_id: str,
+                       recipient: Any) -> list[str]:
         """``Prepared.tracking_notes`` for one recipient of the spool's envelope."""
+        if isinstance(prepared, PreparedFacts):
+            return prepared.notes.get(recipient.message_id, [])
         return prepared.tracking_notes(self.codec, _identity(transmission_id, recipient),
                                        recipient.tracking, self.max_size)
 
-    def resigns(self, prepared: Prepared) -> bool:
+    def resigns(self, prepared: Prepared | PreparedFacts) -> bool:
         """Whether the copies of this message get the appliance's own DKIM signature."""
+        if isinstance(prepared, PreparedFacts):
+            return prepared.resigned
         return self.signer is not None and self.signer.signs(prepared.data)
 
     # -- making one copy -------------------------------------------------------------------
@@ -160,8 +188,7 @@ class CopyMaker:
     def _untracked(self, tid: str) -> bytes | None:
         """The untracked copy from the cache: the prepared form's text serves as well."""
         prepared = self._hit((tid, _PREPARED))
-        if prepared is not None:
-            assert isinstance(prepared, Prepared)
+        if isinstance(prepared, Prepared):  # not PreparedFacts: a helper holds that text
             return prepared.data
         data = self._hit((tid, _UNTRACKED))
         assert data is None or isinstance(data, bytes)
@@ -169,6 +196,9 @@ class CopyMaker:
 
     def _copy(self, prepared: Prepared, tid: str, recipient: Any,
               tracking: Tracking) -> bytes | defer.Deferred:
+        if self.helpers is not None:
+            identity = _identity(tid, recipient, int(self.now()), self.trap_links)
+            return self.helpers.copy(tid, prepared, identity, tracking)
         if prepared.changes_body(tracking) and sum(
                 p.end - p.start for p in prepared.parts if p.changes(tracking)) > self.render_inline_bytes:
             d = defer.maybeDeferred(self.run, lambda: self._render(prepared, tid, recipient, tracking))
@@ -177,23 +207,11 @@ class CopyMaker:
 
     def _render(self, prepared: Prepared, tid: str, recipient: Any, tracking: Tracking) -> bytes:
         identity = _identity(tid, recipient, int(self.now()), self.trap_links)
-        try:
-            if self.max_size is not None and prepared.over_size(
-                    self.codec, identity, tracking, self.max_size):
-                return prepared.data  # the injection event said so: tracking_notes
-            return prepared.render(self.codec, identity, tracking)
-        except Exception:
-            log.failure("could not render the copy {mid}; delivering it untracked",
-                        mid=recipient.message_id)
-            return prepared.data
+        return render_copy(prepared, self.codec, identity, tracking, self.max_size)
 
     def _finish(self, copy: bytes, tid: str, recipient: Any) -> bytes | defer.Deferred:
         """The copy's own List-Unsubscribe fields (if it gets them), then its signature."""
-        if recipient.tracking.list_unsubscribe:
-            fields = list_unsubscribe_fields(self.codec, recipient.tracking, recipient.message_id, tid,
-                                             _identity(tid, recipient).rcpt_to)
-            if fields is not None:
-                copy = add_list_unsubscribe(copy, fields)
+        copy = with_list_unsubscribe(copy, self.codec, _identity(tid, recipient), recipient.tracking)
         return self._sign(copy)
 
     def _sign(self, copy: bytes) -> bytes | defer.Deferred:
@@ -203,19 +221,13 @@ class CopyMaker:
         # the render, and OpenSSL and hashlib let go of the GIL while they work.
         if self.signer is None:
             return copy
+        if self.helpers is not None:
+            return self.helpers.sign(copy)
         return defer.maybeDeferred(self.run, self.signer.sign, copy)
 
     @staticmethod
     def _prepare(key: str, message: bytes, max_links: int = MAX_TRACKED_LINKS) -> Prepared:
-        try:
-            prepared = rewrite.prepare(message, max_links)  # looked up here, so tests can stand in for it
-        except Exception as e:  # a bug must not cost a message: deliver it as it came
-            log.failure("could not prepare message {tid} for tracking", tid=key)
-            data = without_msys_api(message)
-            prepared = Prepared(data, [], [f"internal error: {type(e).__name__}"],
-                                had_msys_api=len(data) != len(message))
-        prepared.size  # noqa: B018 - measured here, in the worker, and kept
-        return prepared
+        return prepare_message(key, message, max_links)
 
     # -- the cache ----------------------------------------------------------------------------
 
@@ -225,14 +237,14 @@ class CopyMaker:
             self._cache.move_to_end(key)
         return hit
 
-    def _later(self, key: tuple[str, str], work: Callable[[], Any]) -> defer.Deferred:
-        """``work`` in the worker, once for however many copies wait for it; its result cached."""
+    def _later(self, key: tuple[str, str], start: Callable[[], Any]) -> defer.Deferred:
+        """The work ``start`` starts, once for however many copies wait for it; its result cached."""
         pending = self._pending.get(key)
         if pending is not None:
             return pending.wait()
         pending = self._pending[key] = _Pending()
         waiter = pending.wait()  # before the work starts: it may be done at once
-        defer.maybeDeferred(self.run, work).addBoth(self._done, key, pending)
+        defer.maybeDeferred(start).addBoth(self._done, key, pending)
         return waiter
 
     def _done(self, result: Any, key: tuple[str, str], pending: _Pending) -> None:
@@ -245,8 +257,8 @@ class CopyMaker:
             else:
                 d.callback(result)
 
-    def _keep(self, key: tuple[str, str], value: Prepared | bytes) -> None:
-        if key[1] == _PREPARED:  # its text is in there: the untracked form is not needed any more
+    def _keep(self, key: tuple[str, str], value: Prepared | PreparedFacts | bytes) -> None:
+        if isinstance(value, Prepared):  # its text is in there: the untracked form is not needed any more
             untracked = self._cache.pop((key[0], _UNTRACKED), None)
             if untracked is not None:
                 self._bytes -= _cost(untracked)
@@ -260,8 +272,8 @@ class CopyMaker:
             self._bytes -= _cost(evicted)
 
 
-def _cost(value: Prepared | bytes) -> int:
-    return value.size if isinstance(value, Prepared) else sys.getsizeof(value)
+def _cost(value: Prepared | PreparedFacts | bytes) -> int:
+    return value.size if isinstance(value, Prepared | PreparedFacts) else sys.getsizeof(value)
 
 
 def _identity(transmission_id: str, recipient: Any, issued: int = 0, trap_link: bool = False) -> Identity:
