@@ -288,6 +288,7 @@ class Injector:
 
     def idle(self) -> defer.Deferred:
         """Fires once no transaction is being decided or committed, and no event is owed."""
+        self.spool.write_marks()  # a stop waits for them, not for their delay
         if not self.in_flight and not self.announcing:
             return defer.succeed(None)
         waiter: defer.Deferred = defer.Deferred()
@@ -394,6 +395,9 @@ class Injector:
         }
 
     def _enqueue(self, _: Any, queued: QueuedMessage) -> None:
+        # Prepared from memory (``Spool.read_message``); a copy the cache lacks from now on
+        # is read from disk, so a message waiting days for its destination holds no memory.
+        queued.text = None
         try:
             self.queue.enqueue(queued)
         except Exception:

@@ -205,7 +205,9 @@ class Appliance(MultiService):
                                fsync_interval=config.events.fsync_interval, clock=reactor,
                                run=run_files,
                                file_mode=config.events.file_mode)
-        self.spool = Spool(config.spool.directory, run=run_files)
+        # Given the reactor, the spool writes "events written" marks a second late, in
+        # batches, and skips those of messages delivered by then.
+        self.spool = Spool(config.spool.directory, run=run_files, clock=reactor)
         self.spool_lock = SpoolLock(config.spool.directory)
         self.router = Router(config.delivery)
         # Each recipient's copy is made from the spooled text when delivery needs it;
