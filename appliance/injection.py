@@ -457,6 +457,8 @@ class Injector:
 
     def _mark_announced(self, queued: QueuedMessage) -> None:
         mark = defer.maybeDeferred(self.spool.announced, queued)
+        if self._idle_waiters:
+            self.spool.write_marks()  # stopping: not after the spool's delay
         mark.addErrback(lambda f: log.failure(
             "could not mark the events of {tid} written; a restart before its copies are final "
             "looks for them in the event log", f, tid=queued.envelope.transmission_id))

@@ -248,6 +248,32 @@ class ServiceTests(SynchronousTestCase):
         third = self.start()
         self.assertEqual(third.list.suppressed("dora@example.test", False), NON_TRANSACTIONAL)
 
+    def test_cursor_saved_after_each_change_and_else_once_per_interval(self) -> None:
+        svc = self.start()
+        cursor = svc.follower.consumer.cursor_path
+
+        def saved() -> bytes:
+            with open(cursor, "rb") as f:
+                return f.read()
+
+        self.events.write(self.events.make("delivery", rcpt_to="ann@example.test"))
+        first = saved()  # the first batch's save
+        self.events.write(self.events.make("delivery", rcpt_to="bob@example.test"))
+        self.assertEqual(saved(), first)  # nothing changed: no fsyncs for it within the interval
+        self.events.write(self.events.make("link_unsubscribe", rcpt_to="carl@example.test"))
+        after_change = saved()
+        self.assertNotEqual(after_change, first)  # a change: saved at once
+        self.events.write(self.events.make("delivery", rcpt_to="dora@example.test"))
+        self.assertEqual(saved(), after_change)
+        self.clock.advance(1.0)
+        self.events.write(self.events.make("delivery", rcpt_to="ed@example.test"))
+        self.assertNotEqual(saved(), after_change)  # the interval is over: saved again
+        # A restart reads again only what was not saved, and it changes nothing.
+        self.successResultOf(svc.stopService())
+        again = self.start()
+        self.assertEqual(again.list.suppressed("carl@example.test", False), NON_TRANSACTIONAL)
+        self.assertIsNone(again.list.suppressed("dora@example.test", False))
+
     def test_a_new_list_learns_from_the_log_as_it_stands(self) -> None:
         self.events.write(self.events.make("link_unsubscribe", rcpt_to="ann@example.test"))
         svc = self.start()
