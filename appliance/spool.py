@@ -177,8 +177,10 @@ class QueuedMessage:
     # The message's text as committed, while it is still wanted in memory (the injector
     # drops it once the message is prepared): read_message gives it without a disk read.
     text: bytes | None = field(default=None, repr=False, compare=False)
-    # Set in the file pool once the entry has left active/ (every copy final).
+    # Set in the file pool once the entry has left active/ (every copy final), and once
+    # this process may have created its journal (a recovered entry may have one already).
     left: bool = False
+    journal_written: bool = True
 
     @property
     def message_path(self) -> str:
@@ -256,7 +258,7 @@ class SpoolWriter:
         states = [CopyState() for _ in envelope.recipients]
         return QueuedMessage(envelope, final, states, message_end=self.size,
                              journal=os.path.join(self.spool.journal, self.transmission_id),
-                             text=text)
+                             text=text, journal_written=False)
 
     def _failed(self, failure: Any) -> Any:
         self.spool._usable = False
@@ -483,6 +485,7 @@ class Spool:
             with queued.journal_lock:
                 if queued.left or not os.path.exists(queued.path):
                     continue  # every copy final and the entry gone: nothing is owed any more
+                queued.journal_written = True
                 with open(queued.journal_path, "ab") as f:
                     f.write(b'{"announced":true}\n')
 
@@ -509,6 +512,7 @@ class Spool:
                 log.error("cannot remove spool entry {path} ({e}); its copies are journalled "
                           "final and it is removed at the next start", path=queued.path, e=e)
         path = queued.journal_path
+        queued.journal_written = True
         with open(path, "ab") as f:
             f.write(line)
             f.flush()
@@ -547,7 +551,8 @@ class Spool:
         """Once its leaving active/ is on disk: the entry's text and journal go."""
         if queued.journal:  # schema 3: two files
             _unlink(self._trash(queued))
-            _unlink(queued.journal)
+            if queued.journal_written:  # most messages are delivered before they need one
+                _unlink(queued.journal)
         else:
             _remove_path(self._trash(queued))
 

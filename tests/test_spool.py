@@ -619,3 +619,23 @@ class CommittedTextTests(SynchronousTestCase):
         self.assertRaises(FileNotFoundError, self.spool.writer, "2")  # at DATA, not after it
         os.mkdir(self.spool.incoming)
         self.spool.writer("3").abort()
+
+    def test_entry_that_never_had_a_journal_is_removed_without_looking_for_one(self) -> None:
+        w = self.spool.writer("1")
+        w.write(b"hello")
+        queued = self.successResultOf(w.commit(envelope("1", 1)))
+        unlinked: list[str] = []
+        real = os.unlink
+        self.patch(spool_module.os, "unlink", lambda p: (unlinked.append(os.path.basename(p)), real(p)))
+        self.successResultOf(self.spool.record(queued, 0, done=True))
+        self.assertEqual(unlinked, ["1.removed"])
+        self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.incoming)), ([], []))
+
+    def test_a_journal_written_is_removed_with_its_entry(self) -> None:
+        w = self.spool.writer("1")
+        w.write(b"hello")
+        queued = self.successResultOf(w.commit(envelope("1", 2)))
+        self.successResultOf(self.spool.announced(queued))
+        self.successResultOf(self.spool.record(queued, 0, done=True))
+        self.successResultOf(self.spool.record(queued, 1, done=True))
+        self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.journal)), ([], []))
