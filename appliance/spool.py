@@ -241,16 +241,18 @@ class SpoolWriter:
         return d
 
     def _commit(self, envelope: Envelope) -> QueuedMessage:
+        # One file, one fsync: the envelope follows the message, so neither can be on
+        # disk without the other, and the file's name is made durable by active/'s fsync.
         text = None
         if self._file is None:
             text = b"".join(self._pending)  # kept: the message is prepared from it next
-            self._open()
-        # One file, one fsync: the envelope follows the message, so neither can be on
-        # disk without the other, and the file's name is made durable by active/'s fsync.
-        self._file.write(envelope.trailer())
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+            self._pending, self._pending_size = [], 0
+            _write_synced_new(self.path, text, envelope.trailer())
+        else:
+            self._file.write(envelope.trailer())
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         final = os.path.join(self.spool.active, self.transmission_id)
         os.rename(self.path, final)
         # Shared with every entry renamed before it began; nothing is answered before it.
@@ -279,6 +281,18 @@ class SpoolWriter:
             except OSError:
                 pass
         _remove_path(self.path)
+
+
+def _write_synced_new(path: str, *chunks: bytes) -> None:
+    """Create ``path`` (it must not exist) with ``chunks`` in it, on disk on return."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        data = memoryview(b"".join(chunks))
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_path(path: str) -> None:
