@@ -4,56 +4,56 @@ Group commit: one directory fsync shared by every change made in the directory b
 The spool's commits and removals rename entries into and out of ``active/``;
 each must be durable before its reply or its next step, but an fsync per
 entry would make concurrent transactions queue behind each other's disk
-flushes. ``DirectorySync`` lets them share one.
+flushes. ``ThreadedDirectorySync`` lets them share one, in the file-pool
+thread that made the change: no hop back to the reactor and out again
+between a rename and its fsync.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.python.failure import Failure
 
 from appliance.files import fsync_directory
 
 
-class DirectorySync:
+class ThreadedDirectorySync:
     """
-    Group commit for one directory: one fsync covers every entry changed in it before it began.
+    Group commit for one directory, called in the file-pool thread that changed it.
 
-    Called on the reactor thread once a create or rename in ``path`` has
-    returned, ``sync()`` fires after an fsync of ``path`` that began after
-    the call has finished, and never before. Callers arriving while one runs
-    share the next, so concurrent transactions pay for one directory fsync,
-    not one each. ``run`` runs the fsync (in a thread in the appliance).
+    The thread that renamed an entry makes the rename durable itself, with no
+    hop back to the reactor and out again: ``sync()`` returns once an fsync of
+    ``path`` that began after the call has succeeded. A thread arriving while
+    another's fsync runs waits for it to end, then shares the next one with
+    every thread that arrived meanwhile. A failed fsync covers nobody: each
+    waiter it would have covered tries its own, and raises if that fails.
     """
 
-    def __init__(self, path: str, run: Callable[..., Deferred],
-                 fsync: Callable[[str], None] = fsync_directory) -> None:
+    def __init__(self, path: str, fsync: Callable[[str], None] = fsync_directory) -> None:
         self.path = path
-        self.run = run
         self.fsync = fsync
+        self._changed = threading.Condition()
+        self._asked = 0  # tickets given out, one per call
+        self._covered = 0  # every ticket up to this one is covered by a finished fsync
         self._running = False
-        self._next: list[Deferred] = []
 
-    def sync(self) -> Deferred:
-        d: Deferred = Deferred()
-        self._next.append(d)
-        if not self._running:
-            self._start()
-        return d
-
-    def _start(self) -> None:
-        waiters, self._next = self._next, []
-        self._running = True
-        maybeDeferred(self.run, self.fsync, self.path).addBoth(self._done, waiters)
-
-    def _done(self, result: object, waiters: list[Deferred]) -> None:
-        self._running = False
-        if self._next:
-            self._start()
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(None)
+    def sync(self) -> None:
+        with self._changed:
+            self._asked += 1
+            ticket = self._asked
+            while self._running and self._covered < ticket:
+                self._changed.wait()
+            if self._covered >= ticket:
+                return
+            self._running = True
+            covers = self._asked  # everyone who asked before this fsync began
+        succeeded = False
+        try:
+            self.fsync(self.path)
+            succeeded = True
+        finally:
+            with self._changed:
+                self._running = False
+                if succeeded:
+                    self._covered = max(self._covered, covers)
+                self._changed.notify_all()

@@ -369,6 +369,7 @@ class Injector:
 
     def idle(self) -> defer.Deferred:
         """Fires once no transaction is being decided or committed, and no event is owed."""
+        self.spool.write_marks()  # a stop waits for them, not for their delay
         if not self.in_flight and not self.announcing:
             return defer.succeed(None)
         waiter: defer.Deferred = defer.Deferred()
@@ -488,6 +489,9 @@ class Injector:
         return owed
 
     def _enqueue(self, _: Any, queued: QueuedMessage) -> None:
+        # Prepared from memory (``Spool.read_message``); a copy the cache lacks from now on
+        # is read from disk, so a message waiting days for its destination holds no memory.
+        queued.text = None
         try:
             self.queue.enqueue(queued)
         except Exception:
@@ -548,6 +552,8 @@ class Injector:
 
     def _mark_announced(self, queued: QueuedMessage) -> None:
         mark = defer.maybeDeferred(self.spool.announced, queued)
+        if self._idle_waiters:
+            self.spool.write_marks()  # stopping: not after the spool's delay
         mark.addErrback(lambda f: log.failure(
             "could not mark the events of {tid} written; a restart before its copies are final "
             "looks for them in the event log", f, tid=queued.envelope.transmission_id))

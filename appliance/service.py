@@ -217,7 +217,9 @@ class Appliance(MultiService):
                                file_mode=config.events.file_mode,
                                # tracker processes: each has its own bits in event_id, this one 0
                                process=0 if config.tracker.processes > 1 else None)
-        self.spool = Spool(config.spool.directory, run=run_files)
+        # Given the reactor, the spool writes "events written" marks a second late, in
+        # batches, and skips those of messages delivered by then.
+        self.spool = Spool(config.spool.directory, run=run_files, clock=reactor)
         self.spool_lock = SpoolLock(config.spool.directory)
         self.router = Router(config.delivery)
         # Each recipient's copy is made from the spooled text when delivery needs it;

@@ -12,10 +12,11 @@ Layout (Postfix-like commit protocol)::
 
 A transaction is committed by writing the envelope after the message in its
 one file, fsyncing that file, renaming it from ``incoming/`` into ``active/``
-and fsyncing ``active/``. Only then may the injection server answer ``250``.
-That directory fsync is shared (``DirectorySync``): one covers every entry
-renamed before it began, so concurrent transactions pay for one. At start-up
-``incoming/`` is emptied: nothing there was ever acknowledged.
+and fsyncing ``active/``, all in one file-pool thread. Only then may the
+injection server answer ``250``. That directory fsync is shared
+(``ThreadedDirectorySync``): one covers every entry renamed before it began,
+so concurrent transactions pay for one. At start-up ``incoming/`` is emptied:
+nothing there was ever acknowledged.
 
 Entries written before envelope schema 3 are directories, ``active/<id>/``
 holding ``message``, ``envelope.json`` and their ``journal``; they are read,
@@ -33,7 +34,11 @@ without its entry is removed at start-up.
 
 The journal also says when a message's ``injection`` events, owed since its
 ``250``, have been written (``announced``); that line has no fsync of its own,
-and recovery writes the events of an entry without one.
+and recovery writes the events of an entry without one (those the event log's
+tail does not hold already). Given a clock, the spool writes these marks
+``mark_delay`` seconds late, many in one file-pool call, and not at all for
+entries that left ``active/`` meanwhile: most messages are delivered by then
+and never get a journal.
 
 File system calls that block (fsync, rename, removal) go through ``run``,
 which is the appliance's file thread pool and a synchronous call in tests.
@@ -50,10 +55,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from appliance.files import fsync_directory
-from appliance.groupcommit import DirectorySync
+from appliance.groupcommit import ThreadedDirectorySync
 from appliance.settings import Tracking
 
 log = Logger()
@@ -85,9 +92,6 @@ TRAILER_SIZE = len(_TRAILER_START) + 11
 
 # Characters of a copy's last error kept in its journal line (the event has it whole).
 MAX_JOURNALLED_ERROR = 512
-
-# What a journal write leaves to do on the reactor thread (``Spool._appended``).
-_NEW_JOURNAL, _LEFT_ACTIVE = "new journal", "left active"
 
 
 class NewerEnvelope(ValueError):
@@ -184,6 +188,13 @@ class QueuedMessage:
     # events owed since the 250 are written.
     journal_durable: bool = False
     announced: bool = False
+    # The message's text as committed, while it is still wanted in memory (the injector
+    # drops it once the message is prepared): read_message gives it without a disk read.
+    text: bytes | None = field(default=None, repr=False, compare=False)
+    # Set in the file pool once the entry has left active/ (every copy final), and once
+    # this process may have created its journal (a recovered entry may have one already).
+    left: bool = False
+    journal_written: bool = True
 
     @property
     def message_path(self) -> str:
@@ -208,9 +219,7 @@ class SpoolWriter:
     """Receives one message's bytes during DATA, then commits or aborts."""
 
     def __init__(self, spool: Spool, transmission_id: str) -> None:
-        if not os.path.isdir(spool.incoming):
-            # Visibly unusable: say so at DATA rather than after the client sent it all.
-            raise FileNotFoundError(f"spool directory {spool.incoming} is missing")
+        spool.check_usable()
         self.spool = spool
         self.transmission_id = transmission_id
         self.path = os.path.join(spool.incoming, transmission_id)
@@ -243,27 +252,32 @@ class SpoolWriter:
         self.finished = True
         d = self.spool.run(self._commit, envelope)
         d.addErrback(self._failed)
-        # The rename is durable once active/ is fsynced; that fsync is shared with every
-        # other entry renamed before it began, and nothing is answered before it is done.
-        d.addCallback(lambda queued: self.spool.active_sync.sync().addCallback(lambda _: queued))
         return d
 
     def _commit(self, envelope: Envelope) -> QueuedMessage:
-        if self._file is None:
-            self._open()
         # One file, one fsync: the envelope follows the message, so neither can be on
         # disk without the other, and the file's name is made durable by active/'s fsync.
-        self._file.write(envelope.trailer())
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        text = None
+        if self._file is None:
+            text = b"".join(self._pending)  # kept: the message is prepared from it next
+            self._pending, self._pending_size = [], 0
+            _write_synced_new(self.path, text, envelope.trailer())
+        else:
+            self._file.write(envelope.trailer())
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         final = os.path.join(self.spool.active, self.transmission_id)
         os.rename(self.path, final)
+        # Shared with every entry renamed before it began; nothing is answered before it.
+        self.spool.active_sync.sync()
         states = [CopyState() for _ in envelope.recipients]
         return QueuedMessage(envelope, final, states, message_end=self.size,
-                             journal=os.path.join(self.spool.journal, self.transmission_id))
+                             journal=os.path.join(self.spool.journal, self.transmission_id),
+                             text=text, journal_written=False)
 
     def _failed(self, failure: Any) -> Any:
+        self.spool._usable = False
         self._discard()
         return failure
 
@@ -293,6 +307,18 @@ def _journal_line(index: int, state: CopyState) -> bytes:
     return json.dumps(entry).encode() + b"\n"
 
 
+def _write_synced_new(path: str, *chunks: bytes) -> None:
+    """Create ``path`` (it must not exist) with ``chunks`` in it, on disk on return."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        data = memoryview(b"".join(chunks))
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _remove_path(path: str) -> None:
     """Remove a file or a directory tree; gone already is fine."""
     if os.path.isdir(path) and not os.path.islink(path):
@@ -304,15 +330,31 @@ def _remove_path(path: str) -> None:
         pass
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class Spool:
-    def __init__(self, directory: str, run: Runner = threads.deferToThread) -> None:
+    def __init__(self, directory: str, run: Runner = threads.deferToThread,
+                 clock: IReactorTime | None = None, mark_delay: float = 1.0) -> None:
         self.directory = directory
         self.incoming = os.path.join(directory, "incoming")
         self.active = os.path.join(directory, "active")
         self.journal = os.path.join(directory, "journal")
         self.run = run
-        self.active_sync = DirectorySync(self.active, run)
-        self.journal_sync = DirectorySync(self.journal, run)
+        # Called in file-pool threads, after a rename into or out of the directory (or a
+        # journal's creation) and before anything is answered or deleted because of it.
+        self.active_sync = ThreadedDirectorySync(self.active)
+        self.journal_sync = ThreadedDirectorySync(self.journal)
+        self.clock = clock
+        self.mark_delay = mark_delay
+        self._marks: list[tuple[QueuedMessage, defer.Deferred]] = []
+        self._marks_due: IDelayedCall | None = None
+        # Whether incoming/ was there at the last look; looked at again after a commit fails.
+        self._usable = False
         # Called with each recovered entry whose events are still owed, before it is yielded
         # (so before its delivery is scheduled): the injector writes them.
         self.on_owed: Callable[[QueuedMessage], Any] | None = None
@@ -327,6 +369,19 @@ class Spool:
 
     def writer(self, transmission_id: str) -> SpoolWriter:
         return SpoolWriter(self, transmission_id)
+
+    def check_usable(self) -> None:
+        """
+        Raise at DATA, rather than after the client sent it all, if incoming/ is missing.
+
+        Looked at once, then again only after a commit failed: a stat per
+        message on the reactor thread is not free.
+        """
+        if self._usable:
+            return
+        if not os.path.isdir(self.incoming):
+            raise FileNotFoundError(f"spool directory {self.incoming} is missing")
+        self._usable = True
 
     def recover(self) -> Iterator[QueuedMessage]:
         """Every committed message with at least one copy not yet final."""
@@ -424,73 +479,96 @@ class Spool:
         """Journal one copy's outcome durably; removes the entry once every copy is final."""
         state = queued.states[index]
         state.done = state.done or done
-        d = self.run(self._append, queued, _journal_line(index, state))
-        return d.addCallback(self._appended, queued)
+        return self.run(self._append, queued, _journal_line(index, state))
 
     def record_states(self, queued: QueuedMessage, indexes: list[int]) -> defer.Deferred:
         """Journal several copies' states (an operator's hold or release) in one durable write."""
         lines = b"".join(_journal_line(i, queued.states[i]) for i in indexes)
-        d = self.run(self._append, queued, lines)
-        return d.addCallback(self._appended, queued)
-
-    def _appended(self, done: str | None, queued: QueuedMessage) -> Any:
-        # The directory fsyncs a journal line can need are shared: a new schema-3 journal's
-        # name is made durable by journal/'s, an entry's leaving by active/'s, each covering
-        # every change made before it began (commits' renames into active/ included).
-        if done == _NEW_JOURNAL:
-            return self.journal_sync.sync().addCallback(lambda _: setattr(queued, "journal_durable", True))
-        if done == _LEFT_ACTIVE:
-            d = self.active_sync.sync()
-            return d.addCallback(lambda _: self.run(self._delete_removed, queued))
-        return None
+        return self.run(self._append, queued, lines)
 
     def announced(self, queued: QueuedMessage) -> defer.Deferred:
         """
         Mark the events owed since the 250 as written: one journal line, with no fsync.
 
         Losing it (a power loss, not a kill) only means recovery looks for the
-        events in the event log's tail and writes those it does not find.
+        events in the event log's tail and writes those it does not find. With
+        a clock, the mark waits ``mark_delay`` and goes with the others then.
         """
         queued.announced = True
-        return self.run(self._mark_announced, queued)
+        if self.clock is None:
+            return self.run(self._mark_announced, [queued])
+        d: defer.Deferred = defer.Deferred()
+        if self._marks_due is None:
+            self._marks_due = self.clock.callLater(self.mark_delay, self.write_marks)
+        self._marks.append((queued, d))
+        return d
 
-    def _mark_announced(self, queued: QueuedMessage) -> None:
+    def write_marks(self) -> None:
+        """Write the marks waiting for ``mark_delay`` now (a stop does not wait for it)."""
+        if self._marks_due is not None:
+            if self._marks_due.active():
+                self._marks_due.cancel()
+            self._marks_due = None
+        marks, self._marks = self._marks, []
+        if not marks:
+            return
+        done = self.run(self._mark_announced, [queued for queued, _ in marks])
+
+        def tell(result: Any) -> None:
+            for _, d in marks:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+
+        done.addBoth(tell)
+
+    def _mark_announced(self, marks: list[QueuedMessage]) -> None:
+        for queued in marks:
+            with queued.journal_lock:
+                if queued.left or not os.path.exists(queued.path):
+                    continue  # every copy final and the entry gone: nothing is owed any more
+                queued.journal_written = True
+                with open(queued.journal_path, "ab") as f:
+                    f.write(b'{"announced":true}\n')
+
+    def _append(self, queued: QueuedMessage, line: bytes) -> None:
+        """Write ``line`` durably, or remove the entry if that is the last copy's mark."""
         with queued.journal_lock:
-            if not os.path.exists(queued.path):
-                return  # every copy final and the entry gone: nothing is owed any more
-            with open(queued.journal_path, "ab") as f:
-                f.write(b'{"announced":true}\n')
+            self._append_locked(queued, line)
 
-    def _append(self, queued: QueuedMessage, line: bytes) -> str | None:
-        """Write ``line``; what directory fsync, if any, must follow (``_appended``)."""
-        with queued.journal_lock:
-            return self._append_locked(queued, line)
-
-    def _append_locked(self, queued: QueuedMessage, line: bytes) -> str | None:
+    def _append_locked(self, queued: QueuedMessage, line: bytes) -> None:
         if all(s.done for s in queued.states):
             # The removal is what makes the last copy final, so it has no journal line of
             # its own (no fsync on the common path); if the entry cannot leave active/,
             # the line is written after all, or the copy would be sent again after a restart.
             try:
-                return _LEFT_ACTIVE if self._leave_active(queued) else None
+                if self._leave_active(queued):
+                    # Its leaving must be on disk before its text and journal go (active/'s
+                    # fsync, shared with commits' renames).
+                    self.active_sync.sync()
+                    self._delete_removed(queued)
+                return
             except OSError as e:
                 if not os.path.exists(queued.path):
                     raise  # it left active/: what failed came after
                 log.error("cannot remove spool entry {path} ({e}); its copies are journalled "
                           "final and it is removed at the next start", path=queued.path, e=e)
         path = queued.journal_path
+        queued.journal_written = True
         with open(path, "ab") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
         if queued.journal_durable:
-            return None
+            return
+        # The journal's directory entry must survive a power loss too: schema 3's in
+        # journal/, fsynced once for many.
         if queued.journal:
-            return _NEW_JOURNAL  # schema 3: journal/ is fsynced once for many (``record``)
-        # The journal's directory entry must survive a power loss too.
-        fsync_directory(queued.path)
+            self.journal_sync.sync()
+        else:
+            fsync_directory(queued.path)
         queued.journal_durable = True
-        return None
 
     def _remove(self, queued: QueuedMessage) -> None:
         """Leave active/ durably and delete what is left, all at once (at start-up)."""
@@ -506,6 +584,7 @@ class Spool:
             os.rename(queued.path, self._trash(queued))
         except FileNotFoundError:
             return False
+        queued.left = True
         return True
 
     def _trash(self, queued: QueuedMessage) -> str:
@@ -513,9 +592,12 @@ class Spool:
 
     def _delete_removed(self, queued: QueuedMessage) -> None:
         """Once its leaving active/ is on disk: the entry's text and journal go."""
-        _remove_path(self._trash(queued))
-        if queued.journal:
-            _remove_path(queued.journal)
+        if queued.journal:  # schema 3: two files
+            _unlink(self._trash(queued))
+            if queued.journal_written:  # most messages are delivered before they need one
+                _unlink(queued.journal)
+        else:
+            _remove_path(self._trash(queued))
 
     def read_envelope(self, queued: QueuedMessage) -> Envelope:
         """
@@ -535,5 +617,8 @@ class Spool:
         return Envelope.from_json(data[:-TRAILER_SIZE])
 
     def read_message(self, queued: QueuedMessage) -> bytes:
+        text = queued.text
+        if text is not None:
+            return text
         with open(queued.message_path, "rb") as f:
             return f.read(queued.message_end) if queued.message_end >= 0 else f.read()

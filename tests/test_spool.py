@@ -10,11 +10,13 @@ import threading
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import spool as spool_module
 from appliance.files import fsync_directory
-from appliance.groupcommit import DirectorySync
+from appliance.groupcommit import ThreadedDirectorySync
 from appliance.settings import Tracking
 from appliance.spool import Envelope, Recipient, Spool, run_synchronously
 
@@ -303,143 +305,199 @@ class EnvelopeSchemaTests(SynchronousTestCase):
         self.assertFalse([n for n in os.listdir(self.spool.directory) if n.startswith("corrupt-")])
 
 
-class HeldRunner:
-    """
-    A file pool the test drives: ``fsync_directory`` calls wait for ``release``,
-    everything else runs at once. ``log`` is the order things happened in.
-    """
+class HeldFsync:
+    """A directory fsync the test drives: each call waits for ``release``; ``log`` is the order."""
 
     def __init__(self) -> None:
         self.log: list[str] = []
-        self.held: list[tuple[defer.Deferred, Any, tuple[Any, ...]]] = []
+        self.started = threading.Semaphore(0)
+        self._gates: list[tuple[threading.Event, list[BaseException]]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str) -> None:
+        gate: threading.Event = threading.Event()
+        error: list[BaseException] = []
+        with self._lock:
+            self._gates.append((gate, error))
+            self.log.append("fsync started")
+        self.started.release()
+        if not gate.wait(10):
+            raise AssertionError("fsync never released")
+        if error:
+            self.log.append("fsync failed")
+            raise error[0]
+        fsync_directory(path)
+        self.log.append("fsync done")
+
+    def wait_started(self) -> None:
+        if not self.started.acquire(timeout=10):
+            raise AssertionError("no fsync started")
+
+    def release(self, error: BaseException | None = None) -> None:
+        """Finish the oldest fsync under way (failing with ``error``)."""
+        wait_until(lambda: bool(self._gates))
+        with self._lock:
+            gate, errors = self._gates.pop(0)
+        if error is not None:
+            errors.append(error)
+        gate.set()
+
+
+class Threads:
+    """A file pool of one new thread per call; its Deferreds fire in that thread."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
 
     def run(self, f: Any, *args: Any) -> defer.Deferred:
-        if f is fsync_directory:
-            d: defer.Deferred = defer.Deferred()
-            self.held.append((d, f, args))
-            self.log.append(f"fsync started {os.path.basename(args[0])}")
-            return d
-        return defer.maybeDeferred(f, *args)
+        d: defer.Deferred = defer.Deferred()
 
-    def release(self) -> None:
-        """Finish the oldest fsync under way."""
-        d, f, args = self.held.pop(0)
-        f(*args)
-        self.log.append(f"fsync done {os.path.basename(args[0])}")
-        d.callback(None)
+        def work() -> None:
+            try:
+                result = f(*args)
+            except BaseException:  # noqa: BLE001 - handed to the Deferred
+                d.errback(Failure())
+            else:
+                d.callback(result)
+
+        self.start(work)
+        return d
+
+    def call(self, f: Any, log: list[str], name: str) -> None:
+        """``f()`` in a thread that logs ``name`` when it returns, or "name raised"."""
+        def work() -> None:
+            try:
+                f()
+            except OSError:
+                log.append(f"{name} raised")
+            else:
+                log.append(name)
+
+        self.start(work)
+
+    def start(self, work: Any) -> None:
+        thread = threading.Thread(target=work)
+        self.threads.append(thread)
+        thread.start()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(10)
+
+
+def wait_until(condition: Any) -> None:
+    """Wait for another thread to get somewhere observable (not a timing assertion)."""
+    for _ in range(10000):
+        if condition():
+            return
+        threading.Event().wait(0.001)
+    raise AssertionError("never happened")
+
+
+class ThreadedDirectorySyncTests(SynchronousTestCase):
+    """Group commit in the file pool: nobody returns before an fsync that began after its call."""
+
+    def setUp(self) -> None:
+        self.fsync = HeldFsync()
+        self.sync = ThreadedDirectorySync(self.mktemp(), self.fsync)
+        os.mkdir(self.sync.path)
+        self.threads = Threads()
+        self.addCleanup(self.threads.join)
+
+    def call(self, name: str) -> None:
+        self.threads.call(self.sync.sync, self.fsync.log, name)
+
+    def test_never_returns_before_its_fsync(self) -> None:
+        self.call("a")
+        self.fsync.wait_started()
+        self.assertEqual(self.fsync.log, ["fsync started"])
+        self.fsync.release()
+        self.threads.join()
+        self.assertEqual(self.fsync.log, ["fsync started", "fsync done", "a"])
+
+    def test_callers_during_an_fsync_share_the_next(self) -> None:
+        self.call("a")
+        self.fsync.wait_started()
+        self.call("b")
+        self.call("c")
+        wait_until(lambda: self.sync._asked == 3)  # both asked while a's fsync ran
+        self.fsync.release()
+        self.fsync.wait_started()  # one more fsync, for both of them
+        wait_until(lambda: "a" in self.fsync.log)
+        self.assertNotIn("b", self.fsync.log)  # that fsync may have begun before their renames
+        self.assertNotIn("c", self.fsync.log)
+        self.fsync.release()
+        self.threads.join()
+        self.assertEqual(self.fsync.log.count("fsync started"), 2)
+        self.assertEqual(sorted(self.fsync.log[-2:]), ["b", "c"])
+        self.assertEqual(self.fsync.log[-3], "fsync done")
+
+    def test_failed_fsync_covers_nobody(self) -> None:
+        self.call("a")
+        self.fsync.wait_started()
+        self.call("b")
+        wait_until(lambda: self.sync._asked == 2)
+        self.fsync.release(OSError(errno.EIO, "Input/output error"))
+        self.fsync.wait_started()  # b tries its own
+        self.fsync.release()
+        self.threads.join()
+        self.assertEqual(self.fsync.log, ["fsync started", "fsync failed", "a raised",
+                                          "fsync started", "fsync done", "b"])
 
 
 class GroupCommitTests(SynchronousTestCase):
-    """One directory fsync covers every entry renamed before it began; nothing answers before it."""
+    """The spool's commits and removals wait for active/'s fsync, shared, in the file pool."""
 
     def setUp(self) -> None:
-        self.runner = HeldRunner()
-        self.spool = Spool(self.mktemp(), run=self.runner.run)
+        self.threads = Threads()
+        self.addCleanup(self.threads.join)
+        self.spool = Spool(self.mktemp(), run=self.threads.run)
         self.spool.prepare()
+        self.fsync = HeldFsync()
+        self.spool.active_sync.fsync = self.fsync
 
     def begin(self, tid: str) -> defer.Deferred:
         w = self.spool.writer(tid)
         w.write(b"hello")
         d = w.commit(envelope(tid))
-        d.addCallback(lambda q: self.runner.log.append(f"committed {tid}") or q)
+        d.addCallback(lambda q: self.fsync.log.append(f"committed {tid}") or q)
         return d
 
     def test_commit_answers_only_after_the_directory_fsync(self) -> None:
         d = self.begin("1")
+        self.fsync.wait_started()
         self.assertEqual(os.listdir(self.spool.active), ["1"])  # renamed...
         self.assertNoResult(d)  # ...but not yet durable: no answer
-        self.runner.release()
+        self.fsync.release()
+        self.threads.join()
         self.successResultOf(d)
-        self.assertEqual(self.runner.log, ["fsync started active", "fsync done active", "committed 1"])
+        self.assertEqual(self.fsync.log, ["fsync started", "fsync done", "committed 1"])
 
-    def test_concurrent_commits_share_one_fsync(self) -> None:
-        first = self.begin("1")  # its fsync starts at once
-        second, third = self.begin("2"), self.begin("3")  # renamed while it runs
-        self.assertEqual(len(self.runner.held), 1)
-        self.runner.release()
-        self.successResultOf(first)
-        # The fsync under way may have begun before their renames: they wait for the next,
-        # which both share.
-        self.assertNoResult(second)
-        self.assertNoResult(third)
-        self.assertEqual(len(self.runner.held), 1)
-        self.runner.release()
-        self.successResultOf(second)
-        self.successResultOf(third)
-        # (The next fsync starts as soon as one ends, before the first is answered.)
-        self.assertEqual(self.runner.log, [
-            "fsync started active", "fsync done active", "fsync started active", "committed 1",
-            "fsync done active", "committed 2", "committed 3"])
+    def test_failed_directory_fsync_fails_the_commit(self) -> None:
+        d = self.begin("1")
+        self.fsync.wait_started()
+        self.fsync.release(OSError(errno.EIO, "Input/output error"))
+        self.threads.join()
+        self.failureResultOf(d, OSError)  # no 250
+        self.assertNotIn("committed 1", self.fsync.log)
 
-    def test_failed_directory_fsync_fails_every_commit_it_covered(self) -> None:
-        first, second = self.begin("1"), self.begin("2")
-        d, _, _ = self.runner.held.pop(0)
-        d.errback(OSError(errno.EIO, "Input/output error"))
-        self.failureResultOf(first, OSError)
-        self.runner.release()  # the next fsync is the second commit's own
-        self.successResultOf(second)
-
-    def test_an_entry_leaving_shares_active_fsyncs_with_commits(self) -> None:
-        runner = self.runner
+    def test_an_entry_leaving_is_deleted_only_after_the_fsync(self) -> None:
         first = self.begin("1")
-        runner.release()
+        self.fsync.wait_started()
+        self.fsync.release()
+        self.threads.join()
         queued = self.successResultOf(first)
-        journalled = self.spool.record(queued, 0, done=True)
-        runner.release()  # the new journal's name, in journal/
-        self.successResultOf(journalled)
-        second = self.begin("2")  # an fsync of active/ under way
+        queued.states[0].done = True
         removal = self.spool.record(queued, 1, done=True)
+        self.fsync.wait_started()
         trash = os.path.join(self.spool.incoming, "1.removed")
-        self.assertEqual(sorted(os.listdir(self.spool.active)), ["2"])  # renamed out...
+        self.assertEqual(os.listdir(self.spool.active), [])  # renamed out...
         self.assertTrue(os.path.exists(trash))  # ...but kept until that is on disk
-        runner.release()
-        self.successResultOf(second)
-        self.assertNoResult(removal)  # it left after that fsync began: the next one is its
-        self.assertTrue(os.path.exists(trash))
-        runner.release()
+        self.assertNoResult(removal)
+        self.fsync.release()
+        self.threads.join()
         self.successResultOf(removal)
         self.assertEqual(os.listdir(self.spool.incoming), [])
-
-    def test_new_journals_share_their_directory_fsync(self) -> None:
-        runner = self.runner
-        a, b = self.begin("1"), self.begin("2")
-        runner.release()
-        runner.release()
-        qa, qb = self.successResultOf(a), self.successResultOf(b)
-        runner.log.clear()
-        ra, rb = self.spool.record(qa, 0, done=False), self.spool.record(qb, 0, done=False)
-        self.assertEqual(runner.log, ["fsync started journal"])
-        runner.release()
-        self.successResultOf(ra)
-        self.assertNoResult(rb)  # its journal was created while that fsync ran
-        runner.release()
-        self.successResultOf(rb)
-        self.assertTrue(qa.journal_durable and qb.journal_durable)
-        self.successResultOf(self.spool.record(qa, 1, done=False))
-        self.assertEqual(runner.held, [])  # a journal already durable needs no directory fsync
-
-
-class DirectorySyncTests(SynchronousTestCase):
-    def test_never_fires_before_its_fsync(self) -> None:
-        started: list[defer.Deferred] = []
-
-        def run(f: Any, path: str) -> defer.Deferred:
-            started.append(defer.Deferred())
-            return started[-1]
-
-        sync = DirectorySync("/nowhere", run)
-        waiting = [sync.sync() for _ in range(3)]
-        self.assertEqual(len(started), 1)
-        for d in waiting:
-            self.assertNoResult(d)
-        started[0].callback(None)
-        # The first began the fsync; the two that came while it ran need one of their own.
-        self.successResultOf(waiting[0])
-        self.assertNoResult(waiting[1])
-        self.assertEqual(len(started), 2)
-        started[1].callback(None)
-        self.successResultOf(waiting[1])
-        self.successResultOf(waiting[2])
 
 
 class OwedEventsTests(SynchronousTestCase):
@@ -492,3 +550,106 @@ class OwedEventsTests(SynchronousTestCase):
         os.unlink(queued.path)  # the entry left active/; a crash came before its journal went
         self.assertEqual(self.recovered(), ([], []))
         self.assertEqual(os.listdir(self.spool.journal), [])
+
+
+class DelayedMarksTests(SynchronousTestCase):
+    """Given a clock, "events written" marks wait, go together, and skip entries already gone."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.calls: list[list[str]] = []
+
+        def run(f: Any, *args: Any) -> defer.Deferred:
+            if f == self.spool._mark_announced:
+                self.calls.append([q.envelope.transmission_id for q in args[0]])
+            return run_synchronously(f, *args)
+
+        self.spool = Spool(self.mktemp(), run=run, clock=self.clock, mark_delay=1.0)
+        self.spool.prepare()
+
+    def commit(self, tid: str) -> Any:
+        w = self.spool.writer(tid)
+        w.write(b"hello")
+        env = envelope(tid, 1)
+        env.announce = {"friendly_from": "", "subject": "", "prepare": False,
+                        "injection": [f"{tid}1"], "rejected": []}
+        return self.successResultOf(w.commit(env))
+
+    def recovered_owed(self) -> list[str]:
+        spool = Spool(self.spool.directory, run=run_synchronously)
+        owed: list[Any] = []
+        spool.on_owed = owed.append
+        list(spool.recover())
+        return [q.envelope.transmission_id for q in owed]
+
+    def test_marks_are_written_together_after_the_delay(self) -> None:
+        a, b = self.commit("1"), self.commit("2")
+        marked = [self.spool.announced(a), self.spool.announced(b)]
+        self.assertEqual(self.calls, [])
+        self.assertNoResult(marked[0])
+        self.assertEqual(self.recovered_owed(), ["1", "2"])  # owed until the marks are on file
+        self.clock.advance(1.0)
+        self.assertEqual(self.calls, [["1", "2"]])  # one file-pool call for both
+        for d in marked:
+            self.successResultOf(d)
+        self.assertEqual(self.recovered_owed(), [])
+
+    def test_an_entry_delivered_meanwhile_gets_no_journal(self) -> None:
+        queued = self.commit("1")
+        marked = self.spool.announced(queued)
+        self.successResultOf(self.spool.record(queued, 0, done=True))
+        self.clock.advance(1.0)
+        self.successResultOf(marked)
+        self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.journal)), ([], []))
+
+    def test_write_marks_does_not_wait_for_the_delay(self) -> None:
+        marked = self.spool.announced(self.commit("1"))
+        self.spool.write_marks()
+        self.successResultOf(marked)
+        self.assertEqual(self.recovered_owed(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class CommittedTextTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.spool = Spool(self.mktemp(), run=run_synchronously)
+        self.spool.prepare()
+
+    def test_committed_text_is_read_without_the_disk(self) -> None:
+        w = self.spool.writer("1")
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        queued = self.successResultOf(w.commit(envelope("1")))
+        with open(queued.path, "wb") as f:  # were it read back, this is what would come
+            f.write(b"changed")
+        self.assertEqual(self.spool.read_message(queued), b"Subject: x\r\n\r\nbody\r\n")
+        queued.text = None  # dropped once prepared: from disk again
+        self.assertEqual(self.spool.read_message(queued), b"changed")
+
+    def test_missing_incoming_is_noticed_again_after_a_failed_commit(self) -> None:
+        w = self.spool.writer("1")  # incoming/ looked at here, once
+        w.write(b"hello")
+        shutil.rmtree(self.spool.incoming)
+        self.failureResultOf(w.commit(envelope("1")), FileNotFoundError)
+        self.assertRaises(FileNotFoundError, self.spool.writer, "2")  # at DATA, not after it
+        os.mkdir(self.spool.incoming)
+        self.spool.writer("3").abort()
+
+    def test_entry_that_never_had_a_journal_is_removed_without_looking_for_one(self) -> None:
+        w = self.spool.writer("1")
+        w.write(b"hello")
+        queued = self.successResultOf(w.commit(envelope("1", 1)))
+        unlinked: list[str] = []
+        real = os.unlink
+        self.patch(spool_module.os, "unlink", lambda p: (unlinked.append(os.path.basename(p)), real(p)))
+        self.successResultOf(self.spool.record(queued, 0, done=True))
+        self.assertEqual(unlinked, ["1.removed"])
+        self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.incoming)), ([], []))
+
+    def test_a_journal_written_is_removed_with_its_entry(self) -> None:
+        w = self.spool.writer("1")
+        w.write(b"hello")
+        queued = self.successResultOf(w.commit(envelope("1", 2)))
+        self.successResultOf(self.spool.announced(queued))
+        self.successResultOf(self.spool.record(queued, 0, done=True))
+        self.successResultOf(self.spool.record(queued, 1, done=True))
+        self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.journal)), ([], []))

@@ -248,6 +248,32 @@ class ServiceTests(SynchronousTestCase):
         third = self.start()
         self.assertEqual(third.list.suppressed("dora@example.test", False), NON_TRANSACTIONAL)
 
+    def test_cursor_saved_after_each_change_and_else_once_per_interval(self) -> None:
+        svc = self.start()
+        cursor = svc.follower.consumer.cursor_path
+
+        def saved() -> bytes:
+            with open(cursor, "rb") as f:
+                return f.read()
+
+        self.events.write(self.events.make("delivery", rcpt_to="ann@example.test"))
+        first = saved()  # the first batch's save
+        self.events.write(self.events.make("delivery", rcpt_to="bob@example.test"))
+        self.assertEqual(saved(), first)  # nothing changed: no fsyncs for it within the interval
+        self.events.write(self.events.make("link_unsubscribe", rcpt_to="carl@example.test"))
+        after_change = saved()
+        self.assertNotEqual(after_change, first)  # a change: saved at once
+        self.events.write(self.events.make("delivery", rcpt_to="dora@example.test"))
+        self.assertEqual(saved(), after_change)
+        self.clock.advance(1.0)
+        self.events.write(self.events.make("delivery", rcpt_to="ed@example.test"))
+        self.assertNotEqual(saved(), after_change)  # the interval is over: saved again
+        # A restart reads again only what was not saved, and it changes nothing.
+        self.successResultOf(svc.stopService())
+        again = self.start()
+        self.assertEqual(again.list.suppressed("carl@example.test", False), NON_TRANSACTIONAL)
+        self.assertIsNone(again.list.suppressed("dora@example.test", False))
+
     def test_a_new_list_learns_from_the_log_as_it_stands(self) -> None:
         self.events.write(self.events.make("link_unsubscribe", rcpt_to="ann@example.test"))
         svc = self.start()
@@ -279,6 +305,32 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(svc.list.suppressed("ann@example.test", False), NON_TRANSACTIONAL)
         self.assertEqual(self.successResultOf(svc.remove("ann@example.test")), 1)
         self.assertIsNone(svc.list.suppressed("ann@example.test", False))
+
+    def test_a_stop_waits_for_a_check_under_way_before_closing_the_store(self) -> None:
+        """A check reads the store in the file pool: closing it first failed that read."""
+        calls: list[str] = []
+        held: list[tuple[Any, defer.Deferred]] = []
+
+        def later(f: Any, *args: Any, **kwargs: Any) -> Any:
+            name = getattr(f, "__name__", "")
+            calls.append(name)
+            if name == "data_version" and svc.running and not held:
+                d: defer.Deferred = defer.Deferred()
+                held.append((lambda: run_synchronously(f, *args, **kwargs), d))
+                return d
+            return run_synchronously(f, *args, **kwargs)
+
+        svc = SuppressionService(self.db, self.log_path, self.clock, later, now=self.clock.seconds)
+        svc.startService()
+        self.clock.advance(1.0)  # a check starts; its read waits in the pool
+        [(read, d)] = held
+        stopped = svc.stopService()
+        self.assertNoResult(stopped)
+        self.assertNotIn("close", calls)
+        read().chainDeferred(d)  # the read runs on an open store
+        self.successResultOf(stopped)
+        self.assertEqual(calls[-1], "close")
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_a_reload_read_before_a_change_here_is_not_applied(self) -> None:
         """A change made while a reload is under way wins: the next check loads again."""

@@ -83,6 +83,7 @@ class SuppressionConsumer:
         changes = changes_in(lines)
         if not changes:
             return None
+        self.service.cursor_owed = True
         return self.service.put(changes)
 
 
@@ -109,12 +110,29 @@ class SuppressionService(MultiService):
         self._now = now
         self._version: int | None = None
         self._checking = False
+        self._check_done: defer.Deferred | None = None  # a check under way, which a stop waits for
         self._check = task.LoopingCall(self.check)
         self._check.clock = clock
         self._check_interval = check_interval
-        self.follower = Follower(log_path, SuppressionConsumer(self, path + ".cursor"), clock, run=run,
+        # The follower is woken by every event written; its cursor is saved after each batch
+        # that changed the list, and otherwise at most once per poll interval: two fsyncs
+        # per batch of deliveries' events only competed with the spool's commits, and a
+        # batch read again after a crash, with nothing to change, changes nothing.
+        self.cursor_owed = False
+        self._cursor_saved_at = float("-inf")
+        self._cursor_interval = poll_interval
+        self.follower = Follower(log_path, SuppressionConsumer(self, path + ".cursor"), clock,
+                                 run=self._run_for_follower,
                                  poll_interval=poll_interval)
         self.follower.setServiceParent(self)
+
+    def _run_for_follower(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        if f is save_cursor:
+            now = self._clock.seconds()
+            if not self.cursor_owed and now - self._cursor_saved_at < self._cursor_interval:
+                return defer.succeed(None)
+            self.cursor_owed, self._cursor_saved_at = False, now
+        return self._run(f, *args)
 
     def startService(self) -> None:
         cursor_path = self.follower.consumer.cursor_path
@@ -137,6 +155,8 @@ class SuppressionService(MultiService):
         if self._check.running:
             self._check.stop()
         yield defer.maybeDeferred(super().stopService)
+        if self._check_done is not None:  # it reads the store: close it after
+            yield self._check_done
         if self.store is not None:
             store, self.store = self.store, None
             yield self._run(store.close)
@@ -172,9 +192,11 @@ class SuppressionService(MultiService):
 
         def done(_: Any) -> None:
             self._checking = False
+            self._check_done = None
 
         d = self._run(store.data_version).addCallback(looked)
-        return d.addErrback(failed).addBoth(done)
+        self._check_done = d.addErrback(failed).addBoth(done)
+        return self._check_done
 
     # -- changes made here --------------------------------------------------------------------------
 
