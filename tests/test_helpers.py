@@ -70,7 +70,8 @@ class SettingTests(SynchronousTestCase):
     def config(self, value: Any) -> Any:
         return parse_config(merge(base_toml(), {"appliance": {"helpers": value}}))
 
-    def test_auto_is_one_less_than_the_cores(self) -> None:
+    def test_default_is_none_and_auto_is_one_less_than_the_cores(self) -> None:
+        self.assertEqual(parse_config(base_toml()).appliance.helper_count(8), 0)
         auto = self.config("auto").appliance
         self.assertEqual([auto.helper_count(cores) for cores in (1, 2, 8)], [0, 1, 7])
         self.assertEqual(self.config(3).appliance.helper_count(1), 3)

@@ -270,8 +270,10 @@ MAX_HELPERS = 64
 class ApplianceConfig:
     """The process as a whole: ``helpers`` is how many child processes make copies."""
 
-    # A count, or "auto": one less than the cores this process may run on.
-    helpers: int | str = "auto"
+    # A count, or "auto": one less than the cores this process may run on. 0 by default:
+    # on two cores, where the load generator and the receiver share the machine,
+    # bench/helpers_bench.py measured one helper at 0.88x the msgs/s of none.
+    helpers: int | str = 0
 
     def helper_count(self, cores: int | None = None) -> int:
         """The number of helpers to run: 0 runs the same work in threads of the owner."""
