@@ -41,11 +41,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -59,7 +57,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-from auth_flood_bench import inject  # noqa: E402
+from auth_flood_bench import _attacker, inject  # noqa: E402
 
 from appliance.links import Keyring, LinkCodec, LinkData, write_keyring  # noqa: E402
 from appliance.tls import write_pair  # noqa: E402
@@ -67,7 +65,6 @@ from appliance.users import set_user  # noqa: E402
 from tests.ports import free_port, wait_for_port  # noqa: E402
 
 KEYRING = Keyring(((1, b"k" * 32),))
-WRONG_AUTH = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0wrong") + b"\r\n"
 
 
 # -- the appliance -------------------------------------------------------------------------
@@ -311,41 +308,9 @@ def attack_huge_ua(ports: Ports, until: float) -> None:
         w.join()
 
 
-async def _auth_attacker(port: int, until: float) -> None:
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-
-    async def reply(reader: asyncio.StreamReader) -> bytes:
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise ConnectionError
-            if line[3:4] != b"-":
-                return line
-
-    while time.monotonic() < until:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            await reply(reader)
-            writer.write(b"EHLO attacker\r\nSTARTTLS\r\n")
-            await reply(reader)
-            if not (await reply(reader)).startswith(b"220"):
-                raise ConnectionError
-            await writer.start_tls(context)
-            writer.write(b"EHLO attacker\r\n")
-            await reply(reader)
-            while time.monotonic() < until:
-                writer.write(WRONG_AUTH)
-                if (await reply(reader)).startswith(b"421"):
-                    break
-            writer.close()
-        except (ConnectionError, OSError, ssl.SSLError):
-            await asyncio.sleep(0.05)
-
-
 def attack_auth_flood(ports: Ports, until: float) -> None:
     async def flood() -> None:
-        tasks = [asyncio.create_task(_auth_attacker(ports.public, until)) for _ in range(50)]
+        tasks = [asyncio.create_task(_attacker(ports.public, until, [0])) for _ in range(50)]
         await asyncio.wait(tasks, timeout=max(1.0, until - time.monotonic()) + 30)
 
     asyncio.run(flood())
