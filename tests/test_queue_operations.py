@@ -170,6 +170,23 @@ class QueueOperationTests(SynchronousTestCase):
         self.assertEqual(len(self.events("delay")), 4)  # two attempts of each copy
         self.assertEqual(len(self.events("bounce")), 1)
 
+    def test_a_message_that_still_owes_events_keeps_its_details(self) -> None:
+        """
+        After a restart, recovery writes a message's owed injection events from its recipients'
+        details while its copies may already have failed once: they must not leave memory then.
+        """
+        tid = inject(self.running, ["a@dead.test"])
+        [queued] = {id(j.queued): j.queued for j in self.delivery._jobs.values()}.values()
+        self.successResultOf(self.delivery._details(queued))  # back in memory
+        self.delivery._resting.discard(tid)
+        queued.announced = False  # as recovered, its events not yet written
+        self.assertTrue(queued.owes_events)
+        self.delivery._rest(queued)
+        self.assertTrue(all(hasattr(r, "event_fields") for r in queued.envelope.recipients))
+        queued.announced = True  # written: now its details may rest
+        self.delivery._rest(queued)
+        self.assertFalse(any(hasattr(r, "event_fields") for r in queued.envelope.recipients))
+
     def test_an_entry_that_cannot_be_read_back_keeps_its_copy_queued(self) -> None:
         tid = inject(self.running, ["a@dead.test"])
         path = os.path.join(self.running.config.spool.directory, "active", tid)

@@ -534,6 +534,9 @@ class DeliveryService(OperatorActions, Service):
         tid = queued.envelope.transmission_id
         if tid in self._resting or tid in self._loading:
             return
+        if queued.owes_events:
+            # Recovery is still writing its events (a restart), from these very details.
+            return
         for index, state in enumerate(queued.states):
             key = (tid, index)
             if not state.done and key not in self._timers and key not in self._held:
