@@ -34,6 +34,7 @@ Run it with the project's Python (the twistd next to it starts the appliance):
 
     .venv/bin/python bench/relay_bench.py [--messages 1000] [--rounds 3] [--sessions 10]
         [--recipients 1] [--size 6700 --links 80 | --message FILE] [--dkim]
+        [--connection-reuse-time 0s]
 
 --profile runs the appliance alone (no root, no Postfix) under a sampling
 profiler for one relay run of the same load and prints its top entries:
@@ -158,7 +159,7 @@ def count_links(message: bytes, tracking_domain: str) -> tuple[int, int, int]:
 # -- the appliance -------------------------------------------------------------------
 
 def appliance_config(directory: str, smtp_port: int, tracker_port: int, sink_port: int,
-                     sessions: int, dkim_key: str | None) -> str:
+                     sessions: int, dkim_key: str | None, reuse_time: str | None = None) -> str:
     """A configuration of its own for this run; nothing is taken from etc/appliance.toml."""
     text = f"""
 [node]
@@ -182,6 +183,7 @@ directory = "{directory}/spool"
 [delivery]
 routes = {{ "example.test" = "127.0.0.1:{sink_port}" }}
 tls = "none"
+{f'connection_reuse_time = "{reuse_time}"' if reuse_time is not None else ""}
 
 [tracker]
 endpoint = "tcp:{tracker_port}:interface=127.0.0.1"
@@ -344,6 +346,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the appliance DKIM-signs every copy (RSA-2048); Postfix never signs")
     parser.add_argument("--latency-messages", type=int, default=200,
                         help="messages per dot -> 250 run (default 200)")
+    parser.add_argument("--connection-reuse-time", metavar="DURATION",
+                        help="the appliance's delivery.connection_reuse_time (default: its default; "
+                             '"0s" closes each connection once its copies are sent)')
     parser.add_argument("--timeout", type=float, default=600, help="seconds a run may take (default 600)")
     parser.add_argument("--directory", help="where the temporary directory goes (default: $TMPDIR)")
     parser.add_argument("--profile", action="store_true",
@@ -427,7 +432,7 @@ class Bench:
         self.app_port = free_port()
         dkim_key = make_dkim_key(directory) if args.dkim else None
         self.config = appliance_config(directory, self.app_port, self.tracker_port, self.sink.port,
-                                       args.sessions, dkim_key)
+                                       args.sessions, dkim_key, args.connection_reuse_time)
 
     def source(self, port: int, messages: int) -> list[str]:
         a = self.args

@@ -167,6 +167,13 @@ class DeliveryConfigTests(SynchronousTestCase):
         self.assertEqual((d.retry_initial, d.retry_max, d.data_timeout), (300, 4000, 600))
         self.assertEqual((d.max_connections, d.max_connections_per_destination,
                           d.max_messages_per_connection), (50, 20, 100))
+        self.assertEqual(d.connection_reuse_time, 2.0)  # Postfix's connection cache time
+
+    def test_connection_reuse_time(self) -> None:
+        self.assertEqual(self.parse(connection_reuse_time="0s").connection_reuse_time, 0.0)
+        self.assertEqual(self.parse(connection_reuse_time="500ms").connection_reuse_time, 0.5)
+        p = self.problems(connection_reuse_time="-1s")
+        self.assertEqual(p["delivery.connection_reuse_time"], 'expected seconds, got "-1s"')
 
     def test_values(self) -> None:
         d = self.parse(tls="required", tls_verify=True, dns_servers=["192.0.2.53", "[2001:db8::53]:5353"],

@@ -398,7 +398,9 @@ class ConcurrencyTests(ServiceTestBase):
         while transport.producer is not None:
             transport.producer.resumeProducing()
         client.dataReceived(b"250 2.0.0 queued\r\n")
-        self.assertTrue(transport.value().endswith(b"QUIT\r\n"))
+        self.assertFalse(transport.value().endswith(b"QUIT\r\n"))  # kept for the next copy...
+        self.reactor.advance(self.config.connection_reuse_time)
+        self.assertTrue(transport.value().endswith(b"QUIT\r\n"))  # ...until the reuse time is out
         # The copy is final (the journal says so and the spool let it go): never sent twice.
         self.assertFalse(os.path.exists(queued.path))
         self.assertEqual(list(self.spool.recover()), [])
@@ -448,6 +450,8 @@ class CopyMadeLaterTests(ServiceTestBase):
         self.making[1][1].errback(OSError("the spooled message is gone"))
         self.assertEqual([e["type"] for e in self.written], ["delivery", "delay"])
         self.assertIn("could not make the copy: the spooled message is gone", self.written[1]["reason"])
+        self.assertEqual(transport.value(), b"RSET\r\n")  # idle, for the reuse time
+        self.reactor.advance(self.config.connection_reuse_time)
         self.assertEqual(transport.value(), b"RSET\r\nQUIT\r\n")
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         client.setTimeout(None)

@@ -80,6 +80,12 @@ class FakeAttempt:
     def job_done(self, job: FakeJob, outcome: Outcome) -> None:
         self.outcomes.append((job.address, outcome))
 
+    def wait_for_work(self) -> bool:
+        return False  # no connection reuse: QUIT once nothing is pending
+
+    def stop_waiting(self) -> None:
+        pass
+
     def hop_failed(self, outcome: Outcome, tls_failed: bool) -> None:
         self.hop_outcome = outcome
 

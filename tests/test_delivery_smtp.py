@@ -90,6 +90,9 @@ class DeliveryCase(unittest.TestCase):
         return listening.getHost().port
 
     def start(self, mx_port: int = 25, **config: Any) -> DeliveryService:
+        # A connection closes once its copies are sent unless a test asks for reuse: most
+        # tests here follow one connection's whole life (ReuseTests keep them open).
+        config.setdefault("connection_reuse_time", 0.0)
         self.config = DeliveryConfig(**config)
         trust = load_trust_root(self.config.tls_ca_file) if self.config.tls_ca_file else None
         self.service = DeliveryService(self.config, self.spool, self.events, message_from_spool(self.spool),

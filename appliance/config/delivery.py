@@ -42,6 +42,9 @@ class DeliveryConfig:
     max_connections: int = 50
     max_connections_per_destination: int = 20
     max_messages_per_connection: int = 100
+    # How long a connection with nothing to send stays open for the next copy to its
+    # destination (Postfix's connection cache keeps them 2s); 0: closed at once.
+    connection_reuse_time: float = 2.0
     # Copies in the queue (not yet delivered or bounced) above which injection answers
     # 452 4.3.1: each costs memory until it leaves.
     max_queued_copies: int = 100_000
@@ -117,6 +120,7 @@ def read_delivery(t: Table) -> DeliveryConfig:
                                               d.max_connections_per_destination, minimum=1),
         max_messages_per_connection=t.int("max_messages_per_connection",
                                           d.max_messages_per_connection, minimum=1),
+        connection_reuse_time=t.duration("connection_reuse_time", d.connection_reuse_time),
         max_queued_copies=t.int("max_queued_copies", d.max_queued_copies, minimum=1),
     )
     if c.retry_initial <= 0:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -78,11 +79,16 @@ class AttemptOwner(Protocol):
 class _HopAttempt:
     """One connection to one hop, from connect to close; what ``DeliveryClient`` reports to."""
 
-    def __init__(self, owner: AttemptOwner, queue: _Queue, hop: Hop, max_messages: int) -> None:
+    def __init__(self, owner: AttemptOwner, queue: _Queue, hop: Hop, max_messages: int,
+                 clock: IReactorTime | None = None, reuse_time: float = 0.0) -> None:
+        """``reuse_time``: how long the connection waits, idle, for the destination's next copy."""
         self.owner = owner
         self.queue = queue
         self.hop = hop
         self.max_messages = max_messages  # copies one connection carries at most
+        self.clock = clock
+        self.reuse_time = reuse_time
+        self._idle_timer: IDelayedCall | None = None
         self.result = _HopResult()
         self.done: defer.Deferred = defer.Deferred()
         self.sent = 0
@@ -165,7 +171,51 @@ class _HopAttempt:
         self.result.outcome = outcome
         self.result.tls_failed = tls_failed
 
+    # -- between copies: an idle connection waits for its destination's next one --------
+
+    def wait_for_work(self) -> bool:
+        """
+        Whether the connection, with nothing to send, stays open for the next copy.
+
+        It joins its destination's idle connections, which are handed copies
+        before any new connection is opened, until ``reuse_time`` runs out.
+        """
+        if (self.reuse_time <= 0 or self.clock is None or self.done.called
+                or not self.owner.delivering() or self.sent >= self.max_messages):
+            return False
+        self.queue.idle.append(self)
+        self._idle_timer = self.clock.callLater(self.reuse_time, self.close_idle)
+        return True
+
+    def idle(self) -> bool:
+        return self._idle_timer is not None
+
+    def wake(self) -> None:
+        """A copy is ready for the destination: the idle connection takes it."""
+        self.stop_waiting()
+        if self.client is not None:
+            self.client.resume()
+
+    def close_idle(self) -> None:
+        """The reuse time ran out, the service stops, or the connection is wanted elsewhere: QUIT."""
+        self.stop_waiting()
+        if self.client is not None:
+            self.client.close_idle()
+
+    def stop_waiting(self) -> None:
+        """The connection leaves its destination's idle ones (taken, closing or closed)."""
+        timer, self._idle_timer = self._idle_timer, None
+        if timer is None:
+            return
+        if timer.active():
+            timer.cancel()
+        try:
+            self.queue.idle.remove(self)
+        except ValueError:
+            pass
+
     def closed(self) -> None:
+        self.stop_waiting()
         if self.done.called:
             return
         self.owner.client_closed(self.client)

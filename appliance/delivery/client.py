@@ -118,6 +118,8 @@ class Attempt(Protocol):
     def job_done(self, job: Job, outcome: Outcome) -> None: ...
     def hop_failed(self, outcome: Outcome, tls_failed: bool) -> None: ...
     def closed(self) -> None: ...
+    def wait_for_work(self) -> bool: ...
+    def stop_waiting(self) -> None: ...
 
 
 class DeliveryClient(ESMTPClientAdapter):
@@ -242,7 +244,7 @@ class DeliveryClient(ESMTPClientAdapter):
             self.attempt.job_done(job, refusal)
             job = self.attempt.next_job()
         if job is None:
-            return self.quit()
+            return self._no_more_work()
         self.job = job
         params = b""
         if b"SIZE" in self.extensions:
@@ -338,7 +340,7 @@ class DeliveryClient(ESMTPClientAdapter):
     def _next_transaction(self) -> None:
         self.setTimeout(self.command_timeout)
         if not self.attempt.has_more():
-            self.quit()
+            self._no_more_work()
         elif self.pipelining():
             # RSET may open a group (RFC 2920 §3.1): it goes out with the next copy's commands.
             self._reset_due = True
@@ -346,6 +348,32 @@ class DeliveryClient(ESMTPClientAdapter):
         else:
             self.expect(smtp.SUCCESS, self.smtpState_from, self._refused)
             self.sendLine(b"RSET")
+
+    # -- an idle connection, kept for the destination's next copy ----------------------
+
+    def _no_more_work(self) -> None:
+        """Nothing left to send: wait, idle, for the next copy if the attempt keeps it open; else QUIT."""
+        if self._failed or self._closed or not self.attempt.wait_for_work():
+            return self.quit()
+        self.stage = "idle"
+        self.setTimeout(None)  # the attempt's reuse timer ends the wait
+        self.expect([], self._idle_reply, self._idle_reply)
+
+    def _idle_reply(self, code: int, resp: bytes) -> None:
+        # Nothing was asked: a server closing an idle connection says so (421) first. No copy
+        # is in transaction, so nothing is reported; the connection just ends.
+        self.attempt.stop_waiting()
+        self.stage = "closing"
+        self.transport.loseConnection()
+
+    def resume(self) -> None:
+        """Leave the idle wait: the next copy goes out, behind ``RSET`` as after any transaction."""
+        self._next_transaction()
+
+    def close_idle(self) -> None:
+        """End an idle connection with QUIT; a server that does not answer it is cut off."""
+        self.setTimeout(self.command_timeout)
+        self.quit()
 
     # -- pipelining (RFC 2920) -------------------------------------------------
 

@@ -7,7 +7,10 @@ the smarthost, or a recipient domain). Each destination opens sessions, up to
 its concurrency limit and within the total limit; a session resolves the
 destination into hops, tries them in order until one holds an SMTP session,
 and then carries ready jobs of its destination one after another, ``RSET`` in
-between, until none is left. Each connection to a hop is a ``_HopAttempt``
+between, until none is left. It then stays open, idle, for
+``connection_reuse_time`` (Postfix's connection cache): the destination's next
+copy goes to an idle connection before any new one is opened, and an idle
+connection still counts toward both limits. Each connection to a hop is a ``_HopAttempt``
 (``attempt``); this module decides when and where one is made.
 
 A destination that has not yet shown itself reachable gets one session at a
@@ -114,6 +117,7 @@ class _Queue:
         self.connected = 0  # sessions past EHLO (and STARTTLS and AUTH)
         self.busy = 0  # sessions in the middle of a transaction
         self.healthy = False  # a session got through since the last failure
+        self.idle: list[_HopAttempt] = []  # connections waiting for a copy, the last to wait last
 
     def wants_session(self, limit: int) -> bool:
         allowed = limit if self.healthy else 1
@@ -169,6 +173,7 @@ class DeliveryService(OperatorActions, Service):
         if config.tls_verify or config.smarthost_username:
             self._trust = trust or ssl.platformTrust()
         self._pump_call: Any = None  # a _pump() due once the current call stack has unwound
+        self._reclaimed: set[_HopAttempt] = set()  # idle connections closing for other destinations
         # Copies given one outcome together, settled SETTLE_SLICE per turn (``_fail_ready``).
         self._failing: deque[tuple[Job, Outcome]] = deque()
         self._fail_call: Any = None
@@ -204,6 +209,9 @@ class DeliveryService(OperatorActions, Service):
         if self._fail_call is not None and self._fail_call.active():
             self._fail_call.cancel()  # the copies not settled yet are tried again after a restart
         self._fail_call = None
+        for queue in self._queues.values():
+            for attempt in list(queue.idle):
+                attempt.close_idle()  # nothing more will come for them: QUIT now
 
         def cut_off() -> None:
             for client in list(self._clients):
@@ -275,6 +283,9 @@ class DeliveryService(OperatorActions, Service):
         if queue is None:
             queue = self._queues[destination.key] = _Queue(destination)
         queue.ready.append(job)
+        if queue.idle:
+            # The connection that waited least goes on; the others run out their reuse time.
+            queue.idle[-1].wake()
         self._pump()
 
     def _pump(self) -> None:
@@ -291,6 +302,25 @@ class DeliveryService(OperatorActions, Service):
                 if queue.wants_session(limit):
                     self._open_session(queue)
                     opened = True
+        if self._connections >= self.config.max_connections:
+            self._reclaim_idle(limit)
+
+    def _reclaim_idle(self, limit: int) -> None:
+        """
+        At the total limit, close idle connections of destinations with nothing waiting, one
+        for each destination that waits for a connection: an idle connection must not keep
+        another destination's copies waiting for its reuse time.
+        """
+        wanting = sum(1 for q in self._queues.values() if q.wants_session(limit))
+        self._reclaimed = {a for a in self._reclaimed if not a.done.called}
+        for queue in list(self._queues.values()):
+            if queue.ready:
+                continue
+            for attempt in list(queue.idle):
+                if len(self._reclaimed) >= wanting:
+                    return
+                self._reclaimed.add(attempt)
+                attempt.close_idle()
 
     def _open_session(self, queue: _Queue) -> None:
         queue.sessions += 1
@@ -392,7 +422,8 @@ class DeliveryService(OperatorActions, Service):
         return destination.smarthost and bool(self.config.smarthost_username)
 
     def _connect(self, queue: _Queue, hop: Hop, tls: bool) -> defer.Deferred:
-        attempt = _HopAttempt(self, queue, hop, self.config.max_messages_per_connection)
+        attempt = _HopAttempt(self, queue, hop, self.config.max_messages_per_connection,
+                              self.clock, self.config.connection_reuse_time)
         # Credentials go only on a connection that is to start TLS, and that one must:
         # AUTH before (or without) STARTTLS would show the password to the network.
         auth = tls and self._uses_auth(queue.destination)
