@@ -32,6 +32,13 @@ is its line written after all. Removal first renames the entry out of
 never leaves a half-deleted entry to be delivered again; a journal left
 without its entry is removed at start-up.
 
+Given a clock, entries whose every copy is final leave ``active/`` in batches,
+``remove_delay`` seconds after the first of them: one file-pool call renames
+them all, one fsync of ``active/`` covers every rename, and only then are their
+files deleted. The copies are final meanwhile (delivered, bounced); a kill or a
+power loss within the delay sends them again after the restart, as RFC 5321
+§6.1 allows, and loses nothing. A stop writes the batch at once.
+
 The journal also says when a message's ``injection`` events, owed since its
 ``250``, have been written (``announced``); that line has no fsync of its own,
 and recovery writes the events of an entry without one (those the event log's
@@ -337,9 +344,16 @@ def _unlink(path: str) -> None:
         pass
 
 
+# Entries leaving active/ wait at most this long for others to share their directory fsync,
+# and at most this many go in one batch.
+REMOVE_DELAY = 0.1
+REMOVE_BATCH = 500
+
+
 class Spool:
     def __init__(self, directory: str, run: Runner = threads.deferToThread,
-                 clock: IReactorTime | None = None, mark_delay: float = 1.0) -> None:
+                 clock: IReactorTime | None = None, mark_delay: float = 1.0,
+                 remove_delay: float = REMOVE_DELAY) -> None:
         self.directory = directory
         self.incoming = os.path.join(directory, "incoming")
         self.active = os.path.join(directory, "active")
@@ -353,6 +367,10 @@ class Spool:
         self.mark_delay = mark_delay
         self._marks: list[tuple[QueuedMessage, defer.Deferred]] = []
         self._marks_due: IDelayedCall | None = None
+        self.remove_delay = remove_delay
+        self._removals: list[tuple[QueuedMessage, bytes, defer.Deferred]] = []
+        self._removals_due: IDelayedCall | None = None
+        self._batching = True  # until a stop: then each entry leaves at once
         # Whether incoming/ was there at the last look; looked at again after a commit fails.
         self._usable = False
         # Called with each recovered entry whose events are still owed, before it is yielded
@@ -479,7 +497,79 @@ class Spool:
         """Journal one copy's outcome durably; removes the entry once every copy is final."""
         state = queued.states[index]
         state.done = state.done or done
-        return self.run(self._append, queued, _journal_line(index, state))
+        line = _journal_line(index, state)
+        if (self.clock is None or self.remove_delay <= 0 or not self._batching
+                or not all(s.done for s in queued.states)):
+            return self.run(self._append, queued, line)
+        d: defer.Deferred = defer.Deferred()
+        self._removals.append((queued, line, d))
+        if len(self._removals) >= REMOVE_BATCH:
+            self.write_removals()
+        elif self._removals_due is None:
+            self._removals_due = self.clock.callLater(self.remove_delay, self.write_removals)
+        return d
+
+    def write_removals(self) -> None:
+        """Remove the entries waiting for ``remove_delay`` now."""
+        if self._removals_due is not None:
+            if self._removals_due.active():
+                self._removals_due.cancel()
+            self._removals_due = None
+        batch, self._removals = self._removals, []
+        if not batch:
+            return
+        done = self.run(self._remove_batch, [(queued, line) for queued, line, _ in batch])
+
+        def tell(results: list[BaseException | None] | Failure) -> None:
+            outcomes = [results] * len(batch) if isinstance(results, Failure) else results
+            for (_, _, d), outcome in zip(batch, outcomes, strict=True):
+                if outcome is None:
+                    d.callback(None)
+                else:
+                    d.errback(outcome)
+
+        done.addBoth(tell)
+
+    def stop_batching(self) -> None:
+        """A stop: the waiting entries leave now, and every later one at once."""
+        self._batching = False
+        self.write_removals()
+
+    def _remove_batch(self, batch: list[tuple[QueuedMessage, bytes]]) -> list[BaseException | None]:
+        """
+        Many entries leave active/ under one fsync of it; what each came to, in order.
+
+        An entry that cannot leave gets its last copy's journal line instead, as
+        ``_append`` does; if that fails too, so does its Deferred.
+        """
+        results: list[BaseException | None] = [None] * len(batch)
+        left: list[int] = []
+        for i, (queued, line) in enumerate(batch):
+            with queued.journal_lock:
+                try:
+                    if self._leave_active(queued):
+                        left.append(i)
+                except OSError:
+                    try:
+                        self._append_locked(queued, line)  # tries to leave once more, then journals
+                    except OSError as e:
+                        results[i] = e
+        if not left:
+            return results
+        try:
+            self.active_sync.sync()
+        except OSError as e:  # they left, but not durably: their files stay until the next start
+            for i in left:
+                results[i] = e
+            return results
+        for i in left:
+            queued = batch[i][0]
+            try:
+                with queued.journal_lock:
+                    self._delete_removed(queued)
+            except OSError as e:  # final and out of active/: what is left goes at the next start
+                log.error("cannot delete the files of spool entry {path} ({e})", path=queued.path, e=e)
+        return results
 
     def record_states(self, queued: QueuedMessage, indexes: list[int]) -> defer.Deferred:
         """Journal several copies' states (an operator's hold or release) in one durable write."""

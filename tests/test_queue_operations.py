@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from appliance.delivery import queue as delivery_queue
 from appliance.delivery.operations import UnknownIds, select
+from appliance.spool import REMOVE_DELAY
 from tests.helpers import RunningAppliance, in_thread
 from tests.memory import START, MemoryAppliance, sendmail
 
@@ -86,6 +87,7 @@ class QueueOperationTests(SynchronousTestCase):
         self.assertEqual(sorted(r for m in self.running.sink.messages for r in m.rcpt_to),
                          ["a@dead.test", "b@example.test"])
         self.assertEqual(self.delivery.listing(), [])
+        self.running.advance(REMOVE_DELAY)  # finished entries leave active/ in batches
         self.assertEqual(self.running.spooled(), [])
 
     def test_hold_survives_a_restart_and_release_lets_it_go(self) -> None:
@@ -126,9 +128,10 @@ class QueueOperationTests(SynchronousTestCase):
         tid = inject(self.running, ["a@dead.test", "b@dead.test"])
         keep = inject(self.running, ["c@dead.test"])
         self.assertEqual(len(self.running.spooled()), 2)
-        deleted = self.successResultOf(self.delivery.delete(ids=[tid]))
+        deleting = self.delivery.delete(ids=[tid])
+        self.running.advance(REMOVE_DELAY)  # the deleted entry leaves active/ with its batch
+        deleted = self.successResultOf(deleting)
         self.assertEqual(sorted(c.recipient for c in deleted), ["a@dead.test", "b@dead.test"])
-        self.running.settle()
         bounces = self.events("bounce")
         self.assertEqual(sorted(b["rcpt_to"] for b in bounces), ["a@dead.test", "b@dead.test"])
         for b in bounces:
@@ -145,8 +148,9 @@ class QueueOperationTests(SynchronousTestCase):
     def test_delete_of_a_held_copy(self) -> None:
         tid = inject(self.running, ["a@dead.test"])
         self.successResultOf(self.delivery.hold(ids=[tid]))
-        self.successResultOf(self.delivery.delete(domain="dead.test"))
-        self.running.settle()
+        deleting = self.delivery.delete(domain="dead.test")
+        self.running.advance(REMOVE_DELAY)  # the deleted entry leaves active/ with its batch
+        self.successResultOf(deleting)
         self.assertEqual([b["bounce_class"] for b in self.events("bounce")], ["25"])
         self.assertEqual(self.running.spooled(), [])
 

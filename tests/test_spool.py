@@ -18,7 +18,7 @@ from appliance import spool as spool_module
 from appliance.files import fsync_directory
 from appliance.groupcommit import ThreadedDirectorySync
 from appliance.settings import Tracking
-from appliance.spool import Envelope, Recipient, Spool, run_synchronously
+from appliance.spool import REMOVE_BATCH, REMOVE_DELAY, Envelope, Recipient, Spool, run_synchronously
 
 
 def envelope(tid: str = "1", n: int = 2) -> Envelope:
@@ -597,8 +597,9 @@ class DelayedMarksTests(SynchronousTestCase):
     def test_an_entry_delivered_meanwhile_gets_no_journal(self) -> None:
         queued = self.commit("1")
         marked = self.spool.announced(queued)
-        self.successResultOf(self.spool.record(queued, 0, done=True))
+        removed = self.spool.record(queued, 0, done=True)
         self.clock.advance(1.0)
+        self.successResultOf(removed)
         self.successResultOf(marked)
         self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.journal)), ([], []))
 
@@ -653,3 +654,114 @@ class CommittedTextTests(SynchronousTestCase):
         self.successResultOf(self.spool.record(queued, 0, done=True))
         self.successResultOf(self.spool.record(queued, 1, done=True))
         self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.journal)), ([], []))
+
+
+class BatchedRemovalTests(SynchronousTestCase):
+    """Given a clock, entries whose copies are all final leave active/ together, under one fsync."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.calls: list[list[str]] = []
+        self.fsyncs: list[str] = []
+
+        def run(f: Any, *args: Any) -> defer.Deferred:
+            if f == self.spool._remove_batch:
+                self.calls.append([q.envelope.transmission_id for q, _ in args[0]])
+            return run_synchronously(f, *args)
+
+        self.spool = Spool(self.mktemp(), run=run, clock=self.clock)
+        self.spool.prepare()
+        self.spool.active_sync.fsync = self.fsync
+
+    def fsync(self, path: str) -> None:
+        self.fsyncs.append(path)
+
+    def commit(self, tid: str, n: int = 1) -> Any:
+        w = self.spool.writer(tid)
+        w.write(b"hello")
+        return self.successResultOf(w.commit(envelope(tid, n)))
+
+    def recovered(self) -> list[str]:
+        fresh = Spool(self.spool.directory, run=run_synchronously)
+        return [q.envelope.transmission_id for q in fresh.recover()]
+
+    def test_finished_entries_leave_together_after_the_delay(self) -> None:
+        a, b = self.commit("1"), self.commit("2")
+        self.fsyncs.clear()
+        removed = [self.spool.record(a, 0, done=True), self.spool.record(b, 0, done=True)]
+        self.assertEqual(sorted(os.listdir(self.spool.active)), ["1", "2"])
+        self.assertNoResult(removed[0])
+        self.clock.advance(REMOVE_DELAY)
+        self.assertEqual(self.calls, [["1", "2"]])  # one file-pool call
+        self.assertEqual(self.fsyncs, [self.spool.active])  # one fsync of active/ for both
+        for d in removed:
+            self.successResultOf(d)
+        self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.incoming),
+                          os.listdir(self.spool.journal)), ([], [], []))
+
+    def test_a_copy_not_yet_the_last_is_journalled_at_once(self) -> None:
+        queued = self.commit("1", n=2)
+        self.successResultOf(self.spool.record(queued, 0, done=True))
+        self.assertEqual(self.calls, [])
+        self.assertEqual(os.listdir(self.spool.journal), ["1"])
+        removed = self.spool.record(queued, 1, done=True)
+        self.clock.advance(REMOVE_DELAY)
+        self.successResultOf(removed)
+        self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.journal)), ([], []))
+
+    def test_a_full_batch_does_not_wait(self) -> None:
+        entries = [self.commit(str(i)) for i in range(REMOVE_BATCH)]
+        removed = [self.spool.record(q, 0, done=True) for q in entries]
+        self.assertEqual(len(self.calls), 1)
+        for d in removed:
+            self.successResultOf(d)
+        self.assertEqual(os.listdir(self.spool.active), [])
+
+    def test_a_stop_removes_at_once_from_then_on(self) -> None:
+        a, b = self.commit("1"), self.commit("2")
+        first = self.spool.record(a, 0, done=True)
+        self.spool.stop_batching()
+        self.successResultOf(first)
+        self.successResultOf(self.spool.record(b, 0, done=True))
+        self.assertEqual(self.calls, [["1"]])  # "2" went the direct way
+        self.assertEqual(os.listdir(self.spool.active), [])
+
+    def test_a_kill_within_the_delay_sends_the_copy_again_and_loses_nothing(self) -> None:
+        queued = self.commit("1")
+        self.spool.record(queued, 0, done=True)
+        self.assertEqual(self.recovered(), ["1"])  # the process gone before the batch: delivered again
+
+    def test_an_entry_that_cannot_leave_is_journalled_final_instead(self) -> None:
+        a, b = self.commit("1"), self.commit("2")
+        real_rename = os.rename
+
+        def rename(src: str, dst: str) -> None:
+            if src == a.path:
+                raise PermissionError(13, "Permission denied", src)
+            real_rename(src, dst)
+
+        self.patch(os, "rename", rename)
+        removed = [self.spool.record(a, 0, done=True), self.spool.record(b, 0, done=True)]
+        self.clock.advance(REMOVE_DELAY)
+        for d in removed:
+            self.successResultOf(d)
+        self.assertEqual(os.listdir(self.spool.active), ["1"])
+        self.assertEqual(os.listdir(self.spool.journal), ["1"])
+        self.patch(os, "rename", real_rename)
+        self.assertEqual(self.recovered(), [])  # final: never sent again, and removed at start-up
+        self.assertEqual(os.listdir(self.spool.active), [])
+
+    def test_a_failed_fsync_fails_the_whole_batch_and_deletes_nothing(self) -> None:
+        a, b = self.commit("1"), self.commit("2")
+
+        def failing(path: str) -> None:
+            raise OSError(5, "Input/output error", path)
+
+        self.spool.active_sync.fsync = failing
+        removed = [self.spool.record(a, 0, done=True), self.spool.record(b, 0, done=True)]
+        self.clock.advance(REMOVE_DELAY)
+        for d in removed:
+            self.assertIsInstance(self.failureResultOf(d, OSError).value, OSError)
+        # Out of active/ but not known to be durably so: their text stays until the next start.
+        self.assertEqual(os.listdir(self.spool.active), [])
+        self.assertEqual(sorted(os.listdir(self.spool.incoming)), ["1.removed", "2.removed"])

@@ -76,6 +76,19 @@ class StopTests(SynchronousTestCase):
         self.assertEqual([(e["transmission_id"], e["rcpt_to"]) for e in injections],
                          [(tid, "r@example.test")])
 
+    def test_delivered_entries_leave_the_spool_at_the_stop_not_after_their_delay(self) -> None:
+        """Finished entries wait to leave active/ together; a stop removes them without waiting."""
+        self.start()
+        client = self.connect()
+        replies = send(client)
+        self.running.settle()
+        self.assertEqual(replies[-1][0], 250)
+        self.assertEqual(len(self.running.sink.messages), 1)
+        active = os.path.join(self.running.config.spool.directory, "active")
+        self.assertEqual(len(os.listdir(active)), 1)  # delivered, waiting for its batch
+        self.successResultOf(self.stop())  # no time passes
+        self.assertEqual(os.listdir(active), [])
+
     def test_idle_sessions_are_told_and_closed(self) -> None:
         """Sessions with nothing in flight hear 421 at once, so clients do not wait on a stopped server."""
         self.start()
