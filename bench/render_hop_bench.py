@@ -8,8 +8,6 @@ interval. A render in the worker still holds the GIL, so the reactor only
 gets back in once per switch interval: moving a render shorter than that
 interval off the reactor saves nothing and costs the hop. The copy maker's
 ``RENDER_INLINE_BYTES`` sits where the render reaches the switch interval.
-It also prints what preparing a message costs (the newsletter fixture, and
-the same messages by size), for ``PREPARE_INLINE_BYTES``.
 Run from the repository root:
 
     PYTHONPATH=. python bench/render_hop_bench.py
@@ -17,7 +15,6 @@ Run from the repository root:
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -28,7 +25,6 @@ from appliance.links import LinkCodec, new_keyring
 from appliance.rewrite import Identity, encode_qp, prepare
 from appliance.settings import Tracking
 
-NEWSLETTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "newsletter.eml")
 TRACKING = Tracking(open_tracking=True, click_tracking=True, campaign_id="c",
                     tracking_domain="t.example", expiry=2_000_000_000)
 LINE = "<p>" + "word " * 30 + '<a href="https://shop.example/p?i={}">x</a></p>\r\n'
@@ -52,19 +48,6 @@ def renders(codec: LinkCodec) -> None:
         print(f"render {kib:5d} KiB: {statistics.median(times) * 1e3:7.2f} ms")
 
 
-def prepares() -> None:
-    with open(NEWSLETTER, "rb") as f:
-        newsletter = f.read().replace(b"\n", b"\r\n")
-    sizes = [(f"{kib:5d} KiB", message(kib)) for kib in (8, 16, 32, 64)]
-    for name, data in [("newsletter", newsletter), *sizes]:
-        times = []
-        for _ in range(15):
-            start = time.perf_counter()
-            prepare(data)
-            times.append(time.perf_counter() - start)
-        print(f"prepare {name} ({len(data)} bytes): {statistics.median(times) * 1e3:7.2f} ms")
-
-
 @defer.inlineCallbacks
 def hops() -> defer.Deferred:
     times = []
@@ -81,6 +64,5 @@ def hops() -> defer.Deferred:
 
 if __name__ == "__main__":
     renders(LinkCodec(new_keyring()))
-    prepares()
     reactor.callWhenRunning(hops)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]

@@ -26,7 +26,7 @@ from twisted.trial import reporter, runner
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import rewrite
-from appliance.delivery.copies import PREPARE_INLINE_BYTES, PREPARE_INLINE_LINKS, CopyMaker
+from appliance.delivery.copies import CopyMaker
 from appliance.links import InvalidToken, Keyring, LinkCodec, LinkData, click_suffix
 from appliance.rewrite import (
     Change,
@@ -573,9 +573,8 @@ class Envelope:
 
 
 class Queued:
-    def __init__(self, tid: str, *trackings: Tracking, text: bytes | None = None) -> None:
+    def __init__(self, tid: str, *trackings: Tracking) -> None:
         self.envelope = Envelope(tid, trackings or (BOTH, BOTH, BOTH))
-        self.text = text  # the spool's QueuedMessage holds it from the commit until it is prepared
 
 
 class Worker:
@@ -652,39 +651,6 @@ class CacheTests(CopyMakerCase):
         self.assertIs(self.successResultOf(maker.prepare_later(Queued("3"))), prepared)
         self.assertIsInstance(maker(Queued("3"), 0), bytes)  # delivery finds it prepared
         self.assertEqual(self.reads, ["3"])
-
-    def test_a_small_message_in_memory_is_prepared_at_once(self) -> None:
-        """Preparing holds the GIL wherever it runs: a short one costs less than the hop."""
-        worker = Worker()
-        maker = CopyMaker(self.read(b"never read"), CODEC, run=worker)
-        d = maker.prepare_later(Queued("5", text=ALTERNATIVE_IN_MIXED))
-        self.assertEqual(worker.handed, [])
-        self.assertEqual((self.reads, self.prepared), ([], [ALTERNATIVE_IN_MIXED]))
-        self.assertIsInstance(maker(Queued("5"), 0), bytes)  # delivery finds it prepared
-        self.assertIsNotNone(self.successResultOf(d))
-
-    def test_a_large_message_in_memory_is_prepared_in_the_worker(self) -> None:
-        worker = Worker()
-        maker = CopyMaker(self.read(ALTERNATIVE_IN_MIXED), CODEC, run=worker,
-                          prepare_inline_bytes=len(ALTERNATIVE_IN_MIXED) - 1)
-        d = maker.prepare_later(Queued("6", text=ALTERNATIVE_IN_MIXED))
-        self.assertEqual(len(worker.handed), 1)
-        self.assertEqual(self.prepared, [])
-        self.assertNoResult(d)
-        worker.finish()
-        self.assertEqual(self.prepared, [ALTERNATIVE_IN_MIXED])
-        self.assertIsNotNone(self.successResultOf(d))
-
-    def test_a_short_message_of_many_links_is_prepared_in_the_worker(self) -> None:
-        dense = b"Subject: s\r\n\r\n" + b"https://x.example/\r\n" * (PREPARE_INLINE_LINKS + 1)
-        self.assertLess(len(dense), PREPARE_INLINE_BYTES)
-        worker = Worker()
-        maker = CopyMaker(self.read(dense), CODEC, run=worker)
-        d = maker.prepare_later(Queued("7", text=dense))
-        self.assertEqual((len(worker.handed), self.prepared), (1, []))
-        worker.finish()
-        self.assertEqual(self.prepared, [dense])
-        self.assertIsNotNone(self.successResultOf(d))
 
     def test_dkim_signing_runs_in_the_worker(self) -> None:
         """Each copy is signed where ``run`` says: a thread in the appliance, not the reactor's."""

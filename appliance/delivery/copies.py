@@ -36,16 +36,6 @@ log = Logger()
 # A quoted-printable HTML part renders in about 5 ms at 96 KiB (bench/render_hop_bench.py).
 RENDER_INLINE_BYTES = 96 * 1024
 
-# Messages up to this size, when their text is in memory, are prepared on the reactor
-# thread too, for the same reason: preparing is pure Python, so in the worker it holds the
-# GIL all the same, and the hop and the GIL's hand-overs cost more than they spare. The
-# newsletter fixture (80 links in 7 KB) prepares in about 0.8 ms, 32 KiB of HTML in 1.6 ms,
-# and 32 KiB as link-dense as the newsletter in about 4 ms, still within the switch
-# interval (bench/render_hop_bench.py). Links cost most (about 10 us each), so a message
-# with more than ``PREPARE_INLINE_LINKS`` URLs (counted as "://") goes to the worker too.
-PREPARE_INLINE_BYTES = 32 * 1024
-PREPARE_INLINE_LINKS = 256
-
 # What the copy cache holds of a message: its prepared form, which every copy can be made
 # from, or, while no recipient of it has needed more, its text without X-MSYS-API.
 _PREPARED, _UNTRACKED = "prepared", "untracked"
@@ -77,10 +67,8 @@ class CopyMaker:
     in the appliance: a copy that needs that work comes as a Deferred, and
     one made from what is cached comes at once, unless the parts it rewrites
     are over ``render_inline_bytes``: such a copy is rendered in the worker
-    too, so no large copy holds up the reactor. Likewise a message whose text
-    is in memory and at most ``prepare_inline_bytes`` long is prepared at once,
-    a larger one or one to be read from disk in the worker. ``forget`` drops a
-    message when its last copy is final.
+    too, so no large copy holds up the reactor. ``forget`` drops a message when its last
+    copy is final.
 
     ``max_links`` caps the tracked links of each part (``smtpapi.max_tracked_links``);
     a copy that could be over ``max_size`` tracked (``smtp.max_message_size``) is
@@ -99,7 +87,6 @@ class CopyMaker:
                  run: Callable[..., defer.Deferred] = threads.deferToThread,
                  max_links: int = MAX_TRACKED_LINKS, max_size: int | None = None,
                  render_inline_bytes: int = RENDER_INLINE_BYTES,
-                 prepare_inline_bytes: int = PREPARE_INLINE_BYTES,
                  now: Callable[[], float] = time.time, trap_links: bool = False,
                  helpers: HelperPool | None = None) -> None:
         """
@@ -118,7 +105,6 @@ class CopyMaker:
         self.max_links = max_links
         self.max_size = max_size
         self.render_inline_bytes = render_inline_bytes
-        self.prepare_inline_bytes = prepare_inline_bytes
         self.now = now
         self.trap_links = trap_links
         self.helpers = helpers  # processes that do the CPU work instead of ``run``, if any
@@ -153,12 +139,11 @@ class CopyMaker:
 
     def prepare_later(self, queued: Any) -> defer.Deferred:
         """
-        The message's prepared form, read and parsed in the worker unless cached or short.
+        The message's prepared form, read and parsed in the worker unless cached.
 
         At injection, for the ``injection`` event; at delivery, for a tracked
         copy after a restart or an eviction. A large message would otherwise
-        hold up every connection for as long as it takes to parse; one in
-        memory and no longer than ``prepare_inline_bytes`` is parsed at once.
+        hold up every connection for as long as it takes to parse.
         """
         tid = queued.envelope.transmission_id
         hit = self._hit((tid, _PREPARED))
@@ -170,11 +155,6 @@ class CopyMaker:
             return self._later((tid, _PREPARED), lambda: defer.maybeDeferred(self.run, self.read, queued)
                                .addCallback(lambda message: helpers.prepare(tid, message, self.max_links,
                                                                             recipients)))
-        text = getattr(queued, "text", None)  # in memory from the commit until it is prepared
-        if (text is not None and len(text) <= self.prepare_inline_bytes
-                and text.count(b"://") <= PREPARE_INLINE_LINKS):
-            return self._later((tid, _PREPARED),
-                               lambda: defer.maybeDeferred(self._prepare, tid, text, self.max_links))
         return self._later((tid, _PREPARED),
                            lambda: self.run(lambda: self._prepare(tid, self.read(queued), self.max_links)))
 
