@@ -439,7 +439,29 @@ class Appliance(MultiService):
         readings.gauge("event_log_failing", "1 while the event log's last write failed.",
                        lambda: int(self.events.failing))
         self._tracker_readings(readings)
+        self._helper_readings(readings)
         return readings
+
+    def _helper_readings(self, readings: Readings) -> None:
+        """What the helper processes did, counted here where their jobs are handed out."""
+        helpers = self.helpers
+        if helpers is None:
+            return
+        readings.gauge("helper_processes", "Helper processes running.", lambda: len(helpers.helpers))
+        readings.counter("helper_restarts", "Helper processes started to replace one that ended.",
+                         lambda: helpers.restarts)
+        readings.counter("helper_jobs", "Jobs handed to helpers, by kind; one retried after its "
+                         "helper ended counts again.",
+                         lambda: {kind: n for (kind, where), n in helpers.jobs.items() if where == "helper"},
+                         label="kind")
+        readings.counter("helper_jobs_in_owner", "Jobs run in this process's threads while no "
+                         "helper could take them, by kind.",
+                         lambda: {kind: n for (kind, where), n in helpers.jobs.items() if where == "owner"},
+                         label="kind")
+        readings.counter("helper_job_failures", "Jobs that failed in a helper, or ended helpers "
+                         "twice and were given up.", lambda: dict(helpers.failures), label="reason")
+        readings.gauge("helper_jobs_waiting", "Jobs waiting for a helper's window.",
+                       lambda: helpers.waiting)
 
     def _tracker_readings(self, readings: Readings) -> None:
         """The tracker's counters: this process's, plus what its tracker processes report."""

@@ -27,7 +27,8 @@ from appliance.helpers.frames import FrameReader, frame
 from appliance.links import Keyring, LinkCodec
 from appliance.reactors import thread_runner
 from appliance.rewrite import Identity
-from tests.helpers import RunningAppliance, base_toml, in_thread, merge, wait_until
+from tests.helpers import RunningAppliance, base_toml, in_thread, merge, port_of, wait_until
+from tests.test_admin import fetch, samples
 from tests.test_dkim import fresh_rsa, record_of
 from tests.test_rewrite import ALTERNATIVE_IN_MIXED, BOTH, CODEC, ID, OFF, Queued
 
@@ -356,6 +357,15 @@ class ApplianceHelperTests(TestCase):
     def tearDown(self) -> Any:
         return self.running.stop()
 
+    def metrics(self) -> defer.Deferred:
+        """The helper samples of the real /metrics, by name and labels."""
+        with open(self.running.config.admin.token_file) as f:
+            token = f.read().strip()
+        url = f"http://127.0.0.1:{port_of(self.running.config.admin.endpoint)}/metrics"
+        d = in_thread(fetch, url, token)
+        return d.addCallback(lambda answer: {k: v for k, v in samples(answer[2].decode()).items()
+                                             if k[0].startswith("engage_helper")})
+
     @defer.inlineCallbacks
     def test_a_copy_whose_helper_is_killed_is_delivered_once(self) -> Any:
         self.kills = 1
@@ -366,6 +376,15 @@ class ApplianceHelperTests(TestCase):
         self.assertEqual(len(self.running.sink.messages), 1)
         self.assertIn(b"/f/", self.running.sink.messages[0].data)  # tracked, in the new helper
         self.assertEqual([e["type"] for e in self.running.events()], ["injection", "delivery"])
+        found = yield self.metrics()
+        self.assertEqual(found, {
+            ("engage_helper_processes", ()): 1,
+            ("engage_helper_restarts_total", ()): 1,
+            # prepared at injection; the copy sent to the killed helper, then to its replacement
+            ("engage_helper_jobs_total", (("kind", "prepare"),)): 1,
+            ("engage_helper_jobs_total", (("kind", "copy"),)): 2,
+            ("engage_helper_jobs_waiting", ()): 0,
+        })
 
     @defer.inlineCallbacks
     def test_a_copy_that_kills_two_helpers_is_delayed(self) -> Any:
@@ -378,3 +397,6 @@ class ApplianceHelperTests(TestCase):
         self.assertEqual(self.running.sink.messages, [])
         self.assertEqual(len(self.running.appliance.helpers.helpers), 1)  # replaced, serving
         self.assertEqual(len(self.flushLoggedErrors(HelperCrashed)), 1)
+        found = yield self.metrics()
+        self.assertEqual(found[("engage_helper_job_failures_total", (("reason", "crashed"),))], 1)
+        self.assertEqual(found[("engage_helper_restarts_total", ())], 2)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -142,6 +142,9 @@ class HelperPool(Service):
         self.command = command or [sys.executable, "-m", "appliance.helpers.child"]
         self.helpers: list[_Helper] = []
         self.started = 0  # helpers started, replacements included
+        # For /metrics: jobs by (kind, where they ran), and jobs that failed, by why.
+        self.jobs: Counter[tuple[str, str]] = Counter()
+        self.failures: Counter[str] = Counter()
         self._waiting: deque[_Job] = deque()
         self._numbers = 0
         self._stopping = False
@@ -252,6 +255,7 @@ class HelperPool(Service):
             assert job.message is not None
             helper.cache.put(job.key, _estimate(job.message))
         helper.in_flight.append(job)
+        self.jobs[job.name, "helper"] += 1
         helper.transport.write(frame(("job", job.number, job.name, args)))
 
     def _run_here(self, job: _Job) -> None:
@@ -259,6 +263,7 @@ class HelperPool(Service):
             self._fetch(job)  # the owner keeps no prepared form: it prepares again
             return
         args = (job.key, job.message, job.max_links, *job.args) if job.name == "copy" else job.args
+        self.jobs[job.name, "owner"] += 1
         d = self.run(self._local.run, job.name, args)
         d.chainDeferred(job.done)
 
@@ -274,14 +279,26 @@ class HelperPool(Service):
             job.done.callback(value)
             return
         kind, message, trace = value
+        self.failures["failed"] += 1
         log.error("a helper's job {name} failed:\n{trace}", name=job.name, trace=trace)
         job.done.errback(HelperJobFailed(f"{kind}: {message}"))
 
     def _crashed(self, job: _Job) -> None:
+        self.failures["crashed"] += 1
         log.error("helper processes ended {n} times while making one {name} job ({how}); it is not "
                   "tried again", n=len(job.ends), name=job.name, how=", ".join(job.ends) or "stopping")
         job.done.errback(HelperCrashed(
             f"helper processes ended {len(job.ends)} times on it ({', '.join(job.ends)})"))
+
+    @property
+    def restarts(self) -> int:
+        """Helpers started to replace one that ended."""
+        return max(0, self.started - self.count)
+
+    @property
+    def waiting(self) -> int:
+        """Jobs not yet sent anywhere: every helper's window is full, or their message is being read."""
+        return len(self._waiting) + sum(len(jobs) for jobs in self._fetching.values())
 
     # -- the processes -----------------------------------------------------------------------
 
