@@ -32,12 +32,12 @@ is its line written after all. Removal first renames the entry out of
 never leaves a half-deleted entry to be delivered again; a journal left
 without its entry is removed at start-up.
 
-Given a clock, entries whose every copy is final leave ``active/`` in batches,
-``remove_delay`` seconds after the first of them: one file-pool call renames
-them all, one fsync of ``active/`` covers every rename, and only then are their
-files deleted. The copies are final meanwhile (delivered, bounced); a kill or a
-power loss within the delay sends them again after the restart, as RFC 5321
-§6.1 allows, and loses nothing. A stop writes the batch at once.
+Given a clock, an entry whose every copy is final is renamed out of ``active/``
+at once, and the fsync of ``active/`` that makes that rename survive a power
+loss comes ``remove_delay`` seconds later, one for every entry renamed
+meanwhile; only then are their files deleted. A kill never sends a final copy
+again; a power loss within the delay may, as RFC 5321 §6.1 allows, and loses
+nothing. A stop makes the waiting renames durable at once.
 
 The journal also says when a message's ``injection`` events, owed since its
 ``250``, have been written (``announced``); that line has no fsync of its own,
@@ -368,7 +368,7 @@ class Spool:
         self._marks: list[tuple[QueuedMessage, defer.Deferred]] = []
         self._marks_due: IDelayedCall | None = None
         self.remove_delay = remove_delay
-        self._removals: list[tuple[QueuedMessage, bytes, defer.Deferred]] = []
+        self._removals: list[tuple[QueuedMessage, defer.Deferred]] = []
         self._removals_due: IDelayedCall | None = None
         self._batching = True  # until a stop: then each entry leaves at once
         # Whether incoming/ was there at the last look; looked at again after a commit fails.
@@ -501,16 +501,23 @@ class Spool:
         if (self.clock is None or self.remove_delay <= 0 or not self._batching
                 or not all(s.done for s in queued.states)):
             return self.run(self._append, queued, line)
-        d: defer.Deferred = defer.Deferred()
-        self._removals.append((queued, line, d))
-        if len(self._removals) >= REMOVE_BATCH:
-            self.write_removals()
-        elif self._removals_due is None:
-            self._removals_due = self.clock.callLater(self.remove_delay, self.write_removals)
-        return d
+        removed: defer.Deferred = defer.Deferred()
+
+        def left(has_left: bool) -> None:
+            if not has_left:  # journalled final instead, or gone already
+                removed.callback(None)
+                return
+            self._removals.append((queued, removed))
+            if len(self._removals) >= REMOVE_BATCH or not self._batching:
+                self.write_removals()
+            elif self._removals_due is None:
+                self._removals_due = self.clock.callLater(self.remove_delay, self.write_removals)
+
+        self.run(self._leave_or_journal, queued, line).addCallbacks(left, removed.errback)
+        return removed
 
     def write_removals(self) -> None:
-        """Remove the entries waiting for ``remove_delay`` now."""
+        """Make the renames out of active/ waiting for ``remove_delay`` durable now, and delete."""
         if self._removals_due is not None:
             if self._removals_due.active():
                 self._removals_due.cancel()
@@ -518,58 +525,52 @@ class Spool:
         batch, self._removals = self._removals, []
         if not batch:
             return
-        done = self.run(self._remove_batch, [(queued, line) for queued, line, _ in batch])
+        done = self.run(self._sync_removed, [queued for queued, _ in batch])
 
-        def tell(results: list[BaseException | None] | Failure) -> None:
-            outcomes = [results] * len(batch) if isinstance(results, Failure) else results
-            for (_, _, d), outcome in zip(batch, outcomes, strict=True):
-                if outcome is None:
-                    d.callback(None)
+        def tell(result: Any) -> None:
+            for _, d in batch:
+                if isinstance(result, Failure):
+                    d.errback(result)
                 else:
-                    d.errback(outcome)
+                    d.callback(None)
 
         done.addBoth(tell)
 
     def stop_batching(self) -> None:
-        """A stop: the waiting entries leave now, and every later one at once."""
+        """A stop: the waiting removals are made durable now, and every later one at once."""
         self._batching = False
         self.write_removals()
 
-    def _remove_batch(self, batch: list[tuple[QueuedMessage, bytes]]) -> list[BaseException | None]:
+    def _leave_or_journal(self, queued: QueuedMessage, line: bytes) -> bool:
         """
-        Many entries leave active/ under one fsync of it; what each came to, in order.
+        Whether the entry left active/ just now, its directory's fsync still to come.
 
-        An entry that cannot leave gets its last copy's journal line instead, as
-        ``_append`` does; if that fails too, so does its Deferred.
+        Renamed at once, so a kill never sends a final copy again; only the
+        fsync that makes the rename survive a power loss waits for the batch.
+        An entry that cannot leave gets its last copy's journal line instead,
+        as ``_append`` does.
         """
-        results: list[BaseException | None] = [None] * len(batch)
-        left: list[int] = []
-        for i, (queued, line) in enumerate(batch):
-            with queued.journal_lock:
-                try:
-                    if self._leave_active(queued):
-                        left.append(i)
-                except OSError:
-                    try:
-                        self._append_locked(queued, line)  # tries to leave once more, then journals
-                    except OSError as e:
-                        results[i] = e
-        if not left:
-            return results
-        try:
-            self.active_sync.sync()
-        except OSError as e:  # they left, but not durably: their files stay until the next start
-            for i in left:
-                results[i] = e
-            return results
-        for i in left:
-            queued = batch[i][0]
+        with queued.journal_lock:
+            try:
+                return self._leave_active(queued)
+            except OSError:
+                self._append_locked(queued, line)  # tries to leave once more, then journals
+                return False
+
+    def _sync_removed(self, batch: list[QueuedMessage]) -> None:
+        """
+        One fsync of active/ for every entry of the batch; then their files go.
+
+        If it fails, nothing is deleted: the entries' files wait in incoming/
+        for the next start.
+        """
+        self.active_sync.sync()
+        for queued in batch:
             try:
                 with queued.journal_lock:
                     self._delete_removed(queued)
             except OSError as e:  # final and out of active/: what is left goes at the next start
                 log.error("cannot delete the files of spool entry {path} ({e})", path=queued.path, e=e)
-        return results
 
     def record_states(self, queued: QueuedMessage, indexes: list[int]) -> defer.Deferred:
         """Journal several copies' states (an operator's hold or release) in one durable write."""

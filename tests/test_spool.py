@@ -657,7 +657,7 @@ class CommittedTextTests(SynchronousTestCase):
 
 
 class BatchedRemovalTests(SynchronousTestCase):
-    """Given a clock, entries whose copies are all final leave active/ together, under one fsync."""
+    """Given a clock, finished entries leave active/ at once, and one later fsync covers them all."""
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -665,8 +665,8 @@ class BatchedRemovalTests(SynchronousTestCase):
         self.fsyncs: list[str] = []
 
         def run(f: Any, *args: Any) -> defer.Deferred:
-            if f == self.spool._remove_batch:
-                self.calls.append([q.envelope.transmission_id for q, _ in args[0]])
+            if f == self.spool._sync_removed:
+                self.calls.append([q.envelope.transmission_id for q in args[0]])
             return run_synchronously(f, *args)
 
         self.spool = Spool(self.mktemp(), run=run, clock=self.clock)
@@ -683,21 +683,29 @@ class BatchedRemovalTests(SynchronousTestCase):
 
     def recovered(self) -> list[str]:
         fresh = Spool(self.spool.directory, run=run_synchronously)
+        fresh.prepare()  # as a start does: incoming/ emptied
         return [q.envelope.transmission_id for q in fresh.recover()]
 
-    def test_finished_entries_leave_together_after_the_delay(self) -> None:
+    def test_finished_entries_share_one_fsync_after_the_delay(self) -> None:
         a, b = self.commit("1"), self.commit("2")
         self.fsyncs.clear()
         removed = [self.spool.record(a, 0, done=True), self.spool.record(b, 0, done=True)]
-        self.assertEqual(sorted(os.listdir(self.spool.active)), ["1", "2"])
+        # Out of active/ at once (a kill now sends neither again), not yet durably so.
+        self.assertEqual(os.listdir(self.spool.active), [])
+        self.assertEqual(self.fsyncs, [])
         self.assertNoResult(removed[0])
         self.clock.advance(REMOVE_DELAY)
         self.assertEqual(self.calls, [["1", "2"]])  # one file-pool call
         self.assertEqual(self.fsyncs, [self.spool.active])  # one fsync of active/ for both
         for d in removed:
             self.successResultOf(d)
-        self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.incoming),
-                          os.listdir(self.spool.journal)), ([], [], []))
+        self.assertEqual((os.listdir(self.spool.incoming), os.listdir(self.spool.journal)), ([], []))
+
+    def test_a_kill_within_the_delay_does_not_send_a_final_copy_again(self) -> None:
+        queued = self.commit("1")
+        self.spool.record(queued, 0, done=True)
+        self.assertEqual(self.recovered(), [])  # the process gone before the fsync: the rename holds
+        self.assertEqual(os.listdir(self.spool.incoming), [])  # and the start-up emptied incoming/
 
     def test_a_copy_not_yet_the_last_is_journalled_at_once(self) -> None:
         queued = self.commit("1", n=2)
@@ -715,21 +723,16 @@ class BatchedRemovalTests(SynchronousTestCase):
         self.assertEqual(len(self.calls), 1)
         for d in removed:
             self.successResultOf(d)
-        self.assertEqual(os.listdir(self.spool.active), [])
+        self.assertEqual(os.listdir(self.spool.incoming), [])
 
-    def test_a_stop_removes_at_once_from_then_on(self) -> None:
+    def test_a_stop_syncs_at_once_from_then_on(self) -> None:
         a, b = self.commit("1"), self.commit("2")
         first = self.spool.record(a, 0, done=True)
         self.spool.stop_batching()
         self.successResultOf(first)
         self.successResultOf(self.spool.record(b, 0, done=True))
         self.assertEqual(self.calls, [["1"]])  # "2" went the direct way
-        self.assertEqual(os.listdir(self.spool.active), [])
-
-    def test_a_kill_within_the_delay_sends_the_copy_again_and_loses_nothing(self) -> None:
-        queued = self.commit("1")
-        self.spool.record(queued, 0, done=True)
-        self.assertEqual(self.recovered(), ["1"])  # the process gone before the batch: delivered again
+        self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.incoming)), ([], []))
 
     def test_an_entry_that_cannot_leave_is_journalled_final_instead(self) -> None:
         a, b = self.commit("1"), self.commit("2")
@@ -742,9 +745,10 @@ class BatchedRemovalTests(SynchronousTestCase):
 
         self.patch(os, "rename", rename)
         removed = [self.spool.record(a, 0, done=True), self.spool.record(b, 0, done=True)]
+        self.successResultOf(removed[0])  # its journal line is on disk: final, no batch to wait for
         self.clock.advance(REMOVE_DELAY)
-        for d in removed:
-            self.successResultOf(d)
+        self.successResultOf(removed[1])
+        self.assertEqual(self.calls, [["2"]])
         self.assertEqual(os.listdir(self.spool.active), ["1"])
         self.assertEqual(os.listdir(self.spool.journal), ["1"])
         self.patch(os, "rename", real_rename)

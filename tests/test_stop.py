@@ -77,17 +77,18 @@ class StopTests(SynchronousTestCase):
                          [(tid, "r@example.test")])
 
     def test_delivered_entries_leave_the_spool_at_the_stop_not_after_their_delay(self) -> None:
-        """Finished entries wait to leave active/ together; a stop removes them without waiting."""
+        """Finished entries wait for one fsync of active/ together; a stop makes it without waiting."""
         self.start()
         client = self.connect()
         replies = send(client)
         self.running.settle()
         self.assertEqual(replies[-1][0], 250)
         self.assertEqual(len(self.running.sink.messages), 1)
-        active = os.path.join(self.running.config.spool.directory, "active")
-        self.assertEqual(len(os.listdir(active)), 1)  # delivered, waiting for its batch
+        spool = self.running.config.spool.directory
+        self.assertEqual(os.listdir(os.path.join(spool, "active")), [])  # left at once
+        self.assertEqual(len(os.listdir(os.path.join(spool, "incoming"))), 1)  # deleted after the fsync
         self.successResultOf(self.stop())  # no time passes
-        self.assertEqual(os.listdir(active), [])
+        self.assertEqual(self.running.spooled(), [])
 
     def test_idle_sessions_are_told_and_closed(self) -> None:
         """Sessions with nothing in flight hear 421 at once, so clients do not wait on a stopped server."""

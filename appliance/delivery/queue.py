@@ -220,7 +220,7 @@ class DeliveryService(OperatorActions, Service):
 
         timer = self.clock.callLater(self.stop_grace, cut_off)
         waiting = defer.DeferredList(list(self._sessions), consumeErrors=True)
-        waiting.addCallback(lambda _: self.spool.stop_batching())  # finished messages leave now
+        waiting.addCallback(lambda _: self.spool.stop_batching())  # removals made durable now
         waiting.addCallback(lambda _: defer.DeferredList(list(self._settling), consumeErrors=True))
         waiting.addBoth(lambda _: timer.cancel() if timer.active() else None)
         return waiting
