@@ -22,7 +22,12 @@ bookkeeping (every message carries a unique ``X-Crash-Id``):
 With ``--helpers N`` the appliance runs N helper processes and, with
 ``--dkim``, signs every copy in them; ``--helper-kills`` then also kills a
 helper (SIGKILL) at random moments: its job goes to the replacement and no
-copy is lost or sent twice for it.
+copy is lost or sent twice for it. With ``--tracker-processes N`` the
+tracker runs on N processes while a client keeps asking it for pages, and
+``--tracker-kills`` kills a tracker child (SIGKILL) at random moments: mail is
+untouched, the child is replaced and the tracker answers again. After every
+kill of the appliance itself, none of its children (helpers, tracker
+processes) may outlive it for more than a few seconds.
 
 A client whose connection dies before the reply cannot know whether the
 message was taken: it sends it again, as a real MTA would, so such messages
@@ -45,6 +50,7 @@ import queue
 import random
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -165,9 +171,12 @@ class Appliance:
 
 
 def write_config(workdir: str, smtp_port: int, sink_port: int, helpers: int | None = None,
-                 dkim: bool = False) -> str:
+                 dkim: bool = False, tracker_port: int | None = None,
+                 tracker_processes: int | None = None) -> str:
     path = os.path.join(workdir, "appliance.toml")
     extra = "" if helpers is None else f"[appliance]\nhelpers = {helpers}\n"
+    tracker_port = tracker_port or free_port()
+    processes = "" if tracker_processes is None else f"processes = {tracker_processes}"
     if dkim:
         from appliance.dkim import new_key, write_key
 
@@ -189,7 +198,8 @@ routes = {{ "example.test" = "127.0.0.1:{sink_port}" }}
 retry_initial = "1s"
 retry_max = "2s"
 [tracker]
-endpoint = "tcp:{free_port()}:interface=127.0.0.1"
+endpoint = "tcp:{tracker_port}:interface=127.0.0.1"
+{processes}
 [events]
 log_file = "events.jsonl"
 [admin]
@@ -210,31 +220,94 @@ class Result:
     kills: int
     problems: list[str]
     helper_kills: int = 0
+    tracker_kills: int = 0
+    hits_answered: int = 0
+    hits_failed: int = 0
 
     def line(self) -> str:
         return (f"accepted={self.accepted} delivered={self.delivered} duplicates={self.duplicates} "
                 f"lost={self.lost} refused={self.refused} in_doubt={self.in_doubt} kills={self.kills} "
-                f"helper_kills={self.helper_kills}")
+                f"helper_kills={self.helper_kills} tracker_kills={self.tracker_kills} "
+                f"hits_answered={self.hits_answered} hits_failed={self.hits_failed}")
 
 
-def helper_pids(owner: int) -> list[int]:
-    """The appliance's helper processes: its children."""
+HELPER, TRACKER = b"appliance.helpers.child", b"appliance.tracker.child"
+
+
+def child_pids(owner: int, kind: bytes | None = None) -> list[int]:
+    """The appliance's children (``kind``: only those whose command line names that module)."""
     pids = []
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/stat", "rb") as f:
                     ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                if ppid != owner:
+                    continue
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    command = f.read()
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid == owner:
+            if kind is None or kind in command.split(b"\0"):
                 pids.append(int(name))
     return pids
 
 
+def orphans_of(owner: int, timeout: float = 10.0) -> list[int]:
+    """The children of a killed owner (now re-parented) still running after ``timeout``."""
+    mine = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    command = f.read().split(b"\0")
+            except OSError:
+                continue
+            # Both kinds of child are started with the owner's pid as their last argument.
+            if (HELPER in command or TRACKER in command) and str(owner).encode() in command:
+                mine.append(int(name))
+    deadline = time.monotonic() + timeout
+    while mine and time.monotonic() < deadline:
+        time.sleep(0.05)
+        mine = [pid for pid in mine if _running(pid)]
+    return mine
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class Hits:
+    answered: int = 0
+    failed: int = 0
+
+
+def hitter(port: int, hits: Hits, stop: threading.Event) -> None:
+    """Ask the tracker for a page, over and over, each on a new connection (spread over its processes)."""
+    request = b"GET /robots.txt HTTP/1.1\r\nHost: crash.test\r\nConnection: close\r\n\r\n"
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(request)
+                answer = s.recv(64)
+            if answer.startswith(b"HTTP/1.1 200"):
+                hits.answered += 1
+            else:
+                hits.failed += 1
+        except OSError:
+            hits.failed += 1  # the owner is down, or a child died holding this connection
+        time.sleep(0.01)
+
+
 def run(messages: int, kills: int, clients: int, seed: int, workdir: str,
         drain_timeout: float = 60.0, helpers: int | None = None, dkim: bool = False,
-        helper_kills: int = 0) -> Result:
+        helper_kills: int = 0, tracker_processes: int | None = None,
+        tracker_kills: int = 0) -> Result:
     rng = random.Random(seed)
     smtp_port, sink_port = free_port(), free_port()
     sink_dir = os.path.join(workdir, "sink")
@@ -243,11 +316,16 @@ def run(messages: int, kills: int, clients: int, seed: int, workdir: str,
     sink = subprocess.Popen([sys.executable, "-m", "tests.sink", "--port", str(sink_port),
                              "--directory", sink_dir], cwd=REPO, stdout=sink_log,
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": REPO})
-    appliance = Appliance(workdir, write_config(workdir, smtp_port, sink_port, helpers, dkim))
+    tracker_port = free_port()
+    appliance = Appliance(workdir, write_config(workdir, smtp_port, sink_port, helpers, dkim,
+                                                tracker_port, tracker_processes))
     book = Book()
+    hits = Hits()
     stop = threading.Event()
     threads: list[threading.Thread] = []
-    killed = helpers_killed = 0
+    killed = helpers_killed = trackers_killed = 0
+    orphans: list[int] = []
+    answered = trackers_now = 0  # at the end: hits answered before the last look, tracker children
     try:
         wait_for_port(sink_port, sink)
         appliance.start()
@@ -260,21 +338,34 @@ def run(messages: int, kills: int, clients: int, seed: int, workdir: str,
             t = threading.Thread(target=client, args=(smtp_port, work, book, seed, stop), daemon=True)
             t.start()
             threads.append(t)
+        if tracker_processes is not None:
+            threading.Thread(target=hitter, args=(tracker_port, hits, stop), daemon=True).start()
         # Kill at random points of the injection, each a few milliseconds after the mark is passed.
         marks = sorted([(rng.uniform(0.05, 0.95) * messages, "owner") for _ in range(kills)]
-                       + [(rng.uniform(0.05, 0.95) * messages, "helper") for _ in range(helper_kills)])
+                       + [(rng.uniform(0.05, 0.95) * messages, "helper") for _ in range(helper_kills)]
+                       + [(rng.uniform(0.05, 0.95) * messages, "tracker") for _ in range(tracker_kills)])
         for mark, whom in marks:
             while book.done() < mark and any(t.is_alive() for t in threads):
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, 0.05))
-            if whom == "helper":
-                pids = helper_pids(appliance.proc.pid)
+            if whom in ("helper", "tracker"):
+                kind = HELPER if whom == "helper" else TRACKER
+                pids = child_pids(appliance.proc.pid, kind)
+                deadline = time.monotonic() + 5  # just restarted: its children are starting
+                while not pids and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    pids = child_pids(appliance.proc.pid, kind)
                 if pids:
                     os.kill(rng.choice(pids), signal.SIGKILL)
-                    helpers_killed += 1
+                    if whom == "helper":
+                        helpers_killed += 1
+                    else:
+                        trackers_killed += 1
                 continue
+            owner = appliance.proc.pid
             appliance.kill()
             killed += 1
+            orphans += orphans_of(owner)
             appliance.start()
             wait_for_port(smtp_port, appliance.proc)
         for t in threads:
@@ -284,6 +375,17 @@ def run(messages: int, kills: int, clients: int, seed: int, workdir: str,
         deadline = time.monotonic() + drain_timeout
         while time.monotonic() < deadline and os.listdir(active):
             time.sleep(0.1)
+        if tracker_processes is not None:  # every child killed was replaced, and they answer
+            wanted = tracker_processes - 1
+            deadline = time.monotonic() + 30
+            while (time.monotonic() < deadline
+                   and len(child_pids(appliance.proc.pid, TRACKER)) < wanted):
+                time.sleep(0.1)
+            answered = hits.answered
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and hits.answered < answered + 20:
+                time.sleep(0.05)
+            trackers_now = len(child_pids(appliance.proc.pid, TRACKER))
     finally:
         stop.set()
         appliance.stop()
@@ -292,6 +394,16 @@ def run(messages: int, kills: int, clients: int, seed: int, workdir: str,
         sink_log.close()
     result = check(workdir, sink_dir, book, messages, seed, killed)
     result.helper_kills = helpers_killed
+    result.tracker_kills = trackers_killed
+    result.hits_answered, result.hits_failed = hits.answered, hits.failed
+    if orphans:
+        result.problems.append(f"children outlived a killed appliance: {orphans}")
+    if tracker_processes is not None:
+        if trackers_now != tracker_processes - 1:
+            result.problems.append(f"{trackers_now} tracker processes at the end, not "
+                                   f"{tracker_processes - 1}")
+        if hits.answered < answered + 20:
+            result.problems.append("the tracker stopped answering")
     return result
 
 
@@ -387,12 +499,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="[appliance] helpers (default: the appliance's default)")
     parser.add_argument("--dkim", action="store_true", help="sign every copy (in the helpers, if any)")
     parser.add_argument("--helper-kills", type=int, default=0, help="helper processes to kill -9")
+    parser.add_argument("--tracker-processes", type=int, default=None,
+                        help="[tracker] processes (default: the appliance's default)")
+    parser.add_argument("--tracker-kills", type=int, default=0, help="tracker processes to kill -9")
     parser.add_argument("--workdir", default=None,
                         help="keep everything here (default: a temporary directory)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     print(f"seed={seed} messages={args.messages} kills={args.kills} clients={args.clients}", flush=True)
-    options = {"helpers": args.helpers, "dkim": args.dkim, "helper_kills": args.helper_kills}
+    options = {"helpers": args.helpers, "dkim": args.dkim, "helper_kills": args.helper_kills,
+               "tracker_processes": args.tracker_processes, "tracker_kills": args.tracker_kills}
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=False)
         result = run(args.messages, args.kills, args.clients, seed, os.path.abspath(args.workdir),

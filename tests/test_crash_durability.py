@@ -46,3 +46,22 @@ class CrashDurabilityTests(TestCase):
         self.assertEqual((counts["kills"], counts["helper_kills"]), ("2", "4"), output)
         self.assertEqual(int(counts["accepted"]), 108, output)
         self.assertGreaterEqual(int(counts["delivered"]), 108, output)
+
+    def test_every_kind_of_process_killed_under_load_loses_nothing(self) -> None:
+        """Helpers, tracker processes and the owner killed with -9; no child outlives the owner."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.crash_durability", "--messages", "120", "--kills", "2",
+             "--clients", "4", "--helpers", "1", "--helper-kills", "2", "--tracker-processes", "2",
+             "--tracker-kills", "3"],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+            timeout=170,
+        )
+        output = proc.stdout + proc.stderr
+        self.assertEqual(proc.returncode, 0, output)  # orphans, a tracker not answering: problems
+        counts = dict(re.findall(r"(\w+)=(\d+)", output.splitlines()[-1]))
+        self.assertEqual(counts["lost"], "0", output)
+        self.assertEqual((counts["kills"], counts["helper_kills"], counts["tracker_kills"]),
+                         ("2", "2", "3"), output)
+        self.assertEqual(int(counts["accepted"]), 108, output)
+        self.assertGreaterEqual(int(counts["delivered"]), 108, output)
+        self.assertGreater(int(counts["hits_answered"]), 0, output)
