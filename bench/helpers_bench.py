@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds a run may take")
     parser.add_argument("--directory", help="where the temporary directory goes (default: $TMPDIR)")
     args = parser.parse_args(argv)
+    if args.helpers == "0":
+        parser.error("--helpers 0 is the side it is measured against: give N > 0 or \"auto\"")
     try:
         if args.what == "crossing":
             crossing(args)
