@@ -164,6 +164,9 @@ class LogReader:
         self._fd: int | None = None
         self._identity = (0, 0)
         self._pos = 0
+        # Whether the last read reached the end of the file: no whole line is left until
+        # the next write.
+        self.drained = False
 
     @property
     def position(self) -> Cursor:
@@ -267,9 +270,11 @@ class LogReader:
         """The whole lines from the position on, at most about ``max_bytes`` (one long line whole)."""
         assert self._fd is not None
         data = os.pread(self._fd, self.max_bytes, self._pos)
+        self.drained = len(data) < self.max_bytes
         end = data.rfind(b"\n")
         while end < 0 and len(data) >= self.max_bytes:  # one line longer than max_bytes
             more = os.pread(self._fd, self.max_bytes, self._pos + len(data))
+            self.drained = len(more) < self.max_bytes
             if not more:
                 break
             found = more.find(b"\n")
@@ -283,13 +288,20 @@ class LogReader:
         self._pos += end + 1
         return chunk
 
-    def read(self) -> Chunk | None:
-        """The next whole lines, or ``None`` if there are none yet."""
+    def read(self, look_around: bool = True) -> Chunk | None:
+        """
+        The next whole lines, or ``None`` if there are none yet.
+
+        At the end of the lines it also looks for a truncation or a rotation,
+        unless ``look_around`` is false: after a write the writer has just
+        written here, and those two system calls per event cost more than the
+        read (the follower's poll looks, once a second).
+        """
         if self._fd is None:
             raise ValueError("the reader was not started")
         for _ in range(3):  # the file read, then at most a switch after a rotation or truncation
             chunk = self._lines()
-            if chunk is not None:
+            if chunk is not None or not look_around:
                 return chunk
             size = os.fstat(self._fd).st_size
             if size < self._pos:
@@ -385,11 +397,16 @@ class Follower(Service):
         self._held = False
         self.wake()
 
-    def wake(self) -> None:
-        """There may be new lines: read them unless a round is running or the consumer failed."""
+    def wake(self, look_around: bool = True) -> None:
+        """
+        There may be new lines: read them unless a round is running or the consumer failed.
+
+        ``look_around``: as ``LogReader.read`` has it; false for the wake after an
+        event was written (``written``).
+        """
         while self.running and self._round is None and not self._held:
             try:
-                chunk = self.reader.read()
+                chunk = self.reader.read(look_around)
             except OSError:
                 self._broken(Failure())
                 return
@@ -402,10 +419,16 @@ class Follower(Service):
             finished: list[None] = []
             d.addBoth(finished.append)
             if finished:  # a consumer that finished at once: loop, not recurse, per chunk
+                if not look_around and self.reader.drained:
+                    return  # read to the end just now: nothing more until the next write
                 continue
             self._round = d
             d.addBoth(self._round_done)
             return
+
+    def written(self) -> None:
+        """The event log was just written to: read what it wrote."""
+        self.wake(look_around=False)
 
     def _round_done(self, _: Any) -> None:
         self._round = None

@@ -132,6 +132,23 @@ class ReaderTests(SynchronousTestCase):
         self.assertEqual((chunk.lines, (chunk.dev, chunk.ino), chunk.start),
                          ([line(4)], self.identity(), 0))
 
+    def test_a_read_that_does_not_look_around_stays_on_its_file(self) -> None:
+        """After a write, only the file being read is read: the rotation waits for a look."""
+        self.append(line(1))
+        reader = LogReader(self.path, "t")
+        self.addCleanup(reader.close)
+        reader.start(Cursor(*self.identity(), 0), "c")
+        old_identity = self.identity()
+        os.rename(self.path, self.path + ".1")
+        self.append(line(2))  # reopened: the path names a new file
+        self.assertEqual(reader.read(look_around=False).lines, [line(1)])  # type: ignore[union-attr]
+        self.assertIsNone(reader.read(look_around=False))
+        self.assertEqual(reader.position.offset, len(line(1)))
+        self.assertEqual((reader.position.dev, reader.position.ino), old_identity)
+        chunk = reader.read()  # the look: on to the new file
+        assert chunk is not None
+        self.assertEqual((chunk.lines, (chunk.dev, chunk.ino)), ([line(2)], self.identity()))
+
     def test_truncation_reads_from_the_start(self) -> None:
         logged: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(logged.append)
@@ -288,6 +305,37 @@ class FollowerTests(FollowerTestCase):
         self.clock.advance(1)
         self.assertEqual(self.consumer.calls, [[line(1), line(2), line(3)], [line(2), line(3)]])
         self.assertEqual(self.cursor(), Cursor(*self.identity(), os.path.getsize(self.path)))
+
+    def test_after_a_write_the_file_is_read_once_to_its_end(self) -> None:
+        follower = self.follower()
+        reads: list[int] = []
+        real = follower.reader._lines
+
+        def counted() -> Any:
+            reads.append(1)
+            return real()
+
+        self.patch(follower.reader, "_lines", counted)
+        self.append(1, 2)
+        follower.written()
+        self.assertEqual((self.consumer.ids, len(reads)), (["1", "2"], 1))
+        follower.reader.max_bytes = len(line(1))  # a read no longer reaches the end
+        self.append(3, 4)
+        follower.written()
+        self.assertEqual(self.consumer.ids, ["1", "2", "3", "4"])  # read on until it did
+
+    def test_a_rotation_is_followed_at_the_poll_after_writes(self) -> None:
+        """``written`` reads only the file it is on; the poll finds the new one."""
+        follower = self.follower()
+        self.append(1)
+        follower.written()
+        self.assertEqual(self.consumer.ids, ["1"])
+        os.rename(self.path, self.path + ".1")
+        self.append(2)  # the writer reopened
+        follower.written()
+        self.assertEqual(self.consumer.ids, ["1"])
+        self.clock.advance(1)
+        self.assertEqual(self.consumer.ids, ["1", "2"])
 
     def test_the_poll_is_the_fallback(self) -> None:
         self.follower(poll_interval=2)

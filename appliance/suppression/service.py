@@ -163,7 +163,7 @@ class SuppressionService(MultiService):
 
     def wake(self) -> None:
         """The event log was written to: the follower reads it."""
-        self.follower.wake()
+        self.follower.written()
 
     # -- changes made by others --------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ class Webhooks(MultiService):
     def wake(self) -> None:
         """The event log was written to: each follower reads it."""
         for follower in self.followers:
-            follower.wake()
+            follower.written()
 
     def startService(self) -> None:
         if os.path.isdir(self.root):
