@@ -344,6 +344,47 @@ def _unlink(path: str) -> None:
         pass
 
 
+class _DelayedBatch:
+    """
+    Work for many spool entries, done in one file-pool call a while after the first asked.
+
+    ``add`` gives each entry a Deferred that fires once the call has ended (or
+    fails with it); ``flush`` makes the call now (a stop does not wait).
+    """
+
+    def __init__(self, clock: IReactorTime, delay: float, run: Runner,
+                 work: Callable[[list[QueuedMessage]], Any]) -> None:
+        self.clock, self.delay, self.run, self.work = clock, delay, run, work
+        self.waiting: list[tuple[QueuedMessage, defer.Deferred]] = []
+        self._due: IDelayedCall | None = None
+
+    def add(self, queued: QueuedMessage) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.waiting.append((queued, d))
+        if self._due is None:
+            self._due = self.clock.callLater(self.delay, self.flush)
+        return d
+
+    def flush(self) -> None:
+        if self._due is not None:
+            if self._due.active():
+                self._due.cancel()
+            self._due = None
+        batch, self.waiting = self.waiting, []
+        if not batch:
+            return
+        done = self.run(self.work, [queued for queued, _ in batch])
+
+        def tell(result: Any) -> None:
+            for _, d in batch:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+
+        done.addBoth(tell)
+
+
 # Entries leaving active/ wait at most this long for others to share their directory fsync,
 # and at most this many go in one batch.
 REMOVE_DELAY = 0.1
@@ -365,12 +406,15 @@ class Spool:
         self.journal_sync = ThreadedDirectorySync(self.journal)
         self.clock = clock
         self.mark_delay = mark_delay
-        self._marks: list[tuple[QueuedMessage, defer.Deferred]] = []
-        self._marks_due: IDelayedCall | None = None
         self.remove_delay = remove_delay
-        self._removals: list[tuple[QueuedMessage, defer.Deferred]] = []
-        self._removals_due: IDelayedCall | None = None
         self._batching = True  # until a stop: then each entry leaves at once
+        # Given a clock: the "events written" marks, and the fsync of active/ after entries
+        # left it, each done for many entries in one file-pool call.
+        self._marks: _DelayedBatch | None = None
+        self._removals: _DelayedBatch | None = None
+        if clock is not None:
+            self._marks = _DelayedBatch(clock, mark_delay, self._run, self._mark_announced)
+            self._removals = _DelayedBatch(clock, remove_delay, self._run, self._sync_removed)
         # Whether incoming/ was there at the last look; looked at again after a commit fails.
         self._usable = False
         # Called with each recovered entry whose events are still owed, before it is yielded
@@ -498,43 +542,28 @@ class Spool:
         state = queued.states[index]
         state.done = state.done or done
         line = _journal_line(index, state)
-        if (self.clock is None or self.remove_delay <= 0 or not self._batching
+        removals = self._removals
+        if (removals is None or self.remove_delay <= 0 or not self._batching
                 or not all(s.done for s in queued.states)):
             return self.run(self._append, queued, line)
-        removed: defer.Deferred = defer.Deferred()
 
-        def left(has_left: bool) -> None:
+        def left(has_left: bool) -> Any:
             if not has_left:  # journalled final instead, or gone already
-                removed.callback(None)
-                return
-            self._removals.append((queued, removed))
-            if len(self._removals) >= REMOVE_BATCH or not self._batching:
-                self.write_removals()
-            elif self._removals_due is None:
-                self._removals_due = self.clock.callLater(self.remove_delay, self.write_removals)
+                return None
+            synced = removals.add(queued)
+            if len(removals.waiting) >= REMOVE_BATCH or not self._batching:
+                removals.flush()
+            return synced
 
-        self.run(self._leave_or_journal, queued, line).addCallbacks(left, removed.errback)
-        return removed
+        return self.run(self._leave_or_journal, queued, line).addCallback(left)
 
     def write_removals(self) -> None:
         """Make the renames out of active/ waiting for ``remove_delay`` durable now, and delete."""
-        if self._removals_due is not None:
-            if self._removals_due.active():
-                self._removals_due.cancel()
-            self._removals_due = None
-        batch, self._removals = self._removals, []
-        if not batch:
-            return
-        done = self.run(self._sync_removed, [queued for queued, _ in batch])
+        if self._removals is not None:
+            self._removals.flush()
 
-        def tell(result: Any) -> None:
-            for _, d in batch:
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(None)
-
-        done.addBoth(tell)
+    def _run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        return self.run(f, *args)  # looked up at each call: tests replace ``run``
 
     def stop_batching(self) -> None:
         """A stop: the waiting removals are made durable now, and every later one at once."""
@@ -586,33 +615,14 @@ class Spool:
         a clock, the mark waits ``mark_delay`` and goes with the others then.
         """
         queued.announced = True
-        if self.clock is None:
+        if self._marks is None:
             return self.run(self._mark_announced, [queued])
-        d: defer.Deferred = defer.Deferred()
-        if self._marks_due is None:
-            self._marks_due = self.clock.callLater(self.mark_delay, self.write_marks)
-        self._marks.append((queued, d))
-        return d
+        return self._marks.add(queued)
 
     def write_marks(self) -> None:
         """Write the marks waiting for ``mark_delay`` now (a stop does not wait for it)."""
-        if self._marks_due is not None:
-            if self._marks_due.active():
-                self._marks_due.cancel()
-            self._marks_due = None
-        marks, self._marks = self._marks, []
-        if not marks:
-            return
-        done = self.run(self._mark_announced, [queued for queued, _ in marks])
-
-        def tell(result: Any) -> None:
-            for _, d in marks:
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(None)
-
-        done.addBoth(tell)
+        if self._marks is not None:
+            self._marks.flush()
 
     def _mark_announced(self, marks: list[QueuedMessage]) -> None:
         for queued in marks:
