@@ -288,20 +288,17 @@ class LogReader:
         self._pos += end + 1
         return chunk
 
-    def read(self, look_around: bool = True) -> Chunk | None:
+    def read(self) -> Chunk | None:
         """
         The next whole lines, or ``None`` if there are none yet.
 
-        At the end of the lines it also looks for a truncation or a rotation,
-        unless ``look_around`` is false: after a write the writer has just
-        written here, and those two system calls per event cost more than the
-        read (the follower's poll looks, once a second).
+        Finding none, it looks for a truncation or a rotation (two system calls).
         """
         if self._fd is None:
             raise ValueError("the reader was not started")
         for _ in range(3):  # the file read, then at most a switch after a rotation or truncation
             chunk = self._lines()
-            if chunk is not None or not look_around:
+            if chunk is not None:
                 return chunk
             size = os.fstat(self._fd).st_size
             if size < self._pos:
@@ -397,16 +394,19 @@ class Follower(Service):
         self._held = False
         self.wake()
 
-    def wake(self, look_around: bool = True) -> None:
+    def wake(self, after_write: bool = False) -> None:
         """
         There may be new lines: read them unless a round is running or the consumer failed.
 
-        ``look_around``: as ``LogReader.read`` has it; false for the wake after an
-        event was written (``written``).
+        ``after_write`` (``written``): the event log has just written here, so a
+        read that reached the end of the file took everything there is; the
+        read that would find nothing, and the look for a rotation that comes
+        with it (three system calls per event, each a chance to lose the GIL),
+        are left out. A read that finds nothing still looks, as every read does.
         """
         while self.running and self._round is None and not self._held:
             try:
-                chunk = self.reader.read(look_around)
+                chunk = self.reader.read()
             except OSError:
                 self._broken(Failure())
                 return
@@ -419,7 +419,7 @@ class Follower(Service):
             finished: list[None] = []
             d.addBoth(finished.append)
             if finished:  # a consumer that finished at once: loop, not recurse, per chunk
-                if not look_around and self.reader.drained:
+                if after_write and self.reader.drained:
                     return  # read to the end just now: nothing more until the next write
                 continue
             self._round = d
@@ -428,7 +428,7 @@ class Follower(Service):
 
     def written(self) -> None:
         """The event log was just written to: read what it wrote."""
-        self.wake(look_around=False)
+        self.wake(after_write=True)
 
     def _round_done(self, _: Any) -> None:
         self._round = None

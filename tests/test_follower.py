@@ -132,23 +132,6 @@ class ReaderTests(SynchronousTestCase):
         self.assertEqual((chunk.lines, (chunk.dev, chunk.ino), chunk.start),
                          ([line(4)], self.identity(), 0))
 
-    def test_a_read_that_does_not_look_around_stays_on_its_file(self) -> None:
-        """After a write, only the file being read is read: the rotation waits for a look."""
-        self.append(line(1))
-        reader = LogReader(self.path, "t")
-        self.addCleanup(reader.close)
-        reader.start(Cursor(*self.identity(), 0), "c")
-        old_identity = self.identity()
-        os.rename(self.path, self.path + ".1")
-        self.append(line(2))  # reopened: the path names a new file
-        self.assertEqual(reader.read(look_around=False).lines, [line(1)])  # type: ignore[union-attr]
-        self.assertIsNone(reader.read(look_around=False))
-        self.assertEqual(reader.position.offset, len(line(1)))
-        self.assertEqual((reader.position.dev, reader.position.ino), old_identity)
-        chunk = reader.read()  # the look: on to the new file
-        assert chunk is not None
-        self.assertEqual((chunk.lines, (chunk.dev, chunk.ino)), ([line(2)], self.identity()))
-
     def test_truncation_reads_from_the_start(self) -> None:
         logged: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(logged.append)
@@ -324,18 +307,27 @@ class FollowerTests(FollowerTestCase):
         follower.written()
         self.assertEqual(self.consumer.ids, ["1", "2", "3", "4"])  # read on until it did
 
-    def test_a_rotation_is_followed_at_the_poll_after_writes(self) -> None:
-        """``written`` reads only the file it is on; the poll finds the new one."""
+    def test_after_writes_a_rotation_is_followed_at_once(self) -> None:
         follower = self.follower()
         self.append(1)
         follower.written()
-        self.assertEqual(self.consumer.ids, ["1"])
         os.rename(self.path, self.path + ".1")
         self.append(2)  # the writer reopened
         follower.written()
-        self.assertEqual(self.consumer.ids, ["1"])
-        self.clock.advance(1)
         self.assertEqual(self.consumer.ids, ["1", "2"])
+
+    def test_after_writes_a_truncation_is_seen_before_the_file_outgrows_the_cursor(self) -> None:
+        """A write after copytruncate finds nothing at the cursor: the reader looks, starts over."""
+        follower = self.follower()
+        self.append(1, 2, 3)
+        follower.written()
+        with open(self.path, "wb"):  # what copytruncate does
+            pass
+        for n in range(4, 10):  # each write wakes the follower; together they outgrow the cursor
+            self.append(n)
+            follower.written()
+        self.assertEqual(self.consumer.ids, [str(n) for n in range(1, 10)])
+        self.assertTrue(any("copytruncate" in line for line in self.errors()))
 
     def test_the_poll_is_the_fallback(self) -> None:
         self.follower(poll_interval=2)
