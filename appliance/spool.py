@@ -33,11 +33,13 @@ never leaves a half-deleted entry to be delivered again; a journal left
 without its entry is removed at start-up.
 
 Given a clock, an entry whose every copy is final is renamed out of ``active/``
-at once, and the fsync of ``active/`` that makes that rename survive a power
-loss comes ``remove_delay`` seconds later, one for every entry renamed
-meanwhile; only then are their files deleted. A kill never sends a final copy
-again; a power loss within the delay may, as RFC 5321 §6.1 allows, and loses
-nothing. A stop makes the waiting renames durable at once.
+as soon as the file pool takes it, and the fsync of ``active/`` that makes that
+rename survive a power loss comes about ``remove_delay`` seconds later (plus
+the file pool's queue), one for every entry renamed meanwhile; only then are
+their files deleted. A kill after the rename does not send a final copy
+again (one between its event and the rename does, as it always could); a
+power loss before the fsync may, as RFC 5321 §6.1 allows, and loses nothing.
+A stop makes the waiting renames durable at once.
 
 The journal also says when a message's ``injection`` events, owed since its
 ``250``, have been written (``announced``); that line has no fsync of its own,
@@ -425,6 +427,11 @@ class Spool:
         """Create the layout and drop every unacknowledged transaction."""
         for d in (self.directory, self.incoming, self.active, self.journal):
             os.makedirs(d, mode=0o700, exist_ok=True)
+        # Entries the last run renamed out of active/ may not be durably out yet (it was
+        # killed before their batch's fsync): that must hold before their files and
+        # journals are deleted below, or a power loss could bring an entry back without
+        # its journal, and every copy of it would be sent again.
+        fsync_directory(self.active)
         for name in os.listdir(self.incoming):
             log.info("discarding unacknowledged spool entry {name}", name=name)
             _remove_path(os.path.join(self.incoming, name))
@@ -590,10 +597,17 @@ class Spool:
         """
         One fsync of active/ for every entry of the batch; then their files go.
 
-        If it fails, nothing is deleted: the entries' files wait in incoming/
-        for the next start.
+        If it fails, it is logged once and nothing is deleted: the entries'
+        files wait in incoming/ for the next start. Their copies are final all
+        the same (they left active/), so nothing is retried or reported per copy.
         """
-        self.active_sync.sync()
+        try:
+            self.active_sync.sync()
+        except OSError as e:
+            log.error("spool: the fsync of {path} after {n} finished entries left it failed ({e}); "
+                      "their files stay in incoming/ until the next start, and a power loss now "
+                      "could send their copies again", path=self.active, n=len(batch), e=e)
+            return
         for queued in batch:
             try:
                 with queued.journal_lock:
