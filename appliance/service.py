@@ -450,8 +450,8 @@ class Appliance(MultiService):
         readings.gauge("helper_processes", "Helper processes running.", lambda: len(helpers.helpers))
         readings.counter("helper_restarts", "Helper processes started to replace one that ended.",
                          lambda: helpers.restarts)
-        readings.counter("helper_jobs", "Jobs handed to helpers, by kind; one retried after its "
-                         "helper ended counts again.",
+        readings.counter("helper_jobs", "Jobs handed to helpers, by kind; one sent again (its "
+                         "helper ended, or no longer held its message) counts again.",
                          lambda: {kind: n for (kind, where), n in helpers.jobs.items() if where == "helper"},
                          label="kind")
         readings.counter("helper_jobs_in_owner", "Jobs run in this process's threads while no "
