@@ -581,8 +581,9 @@ class Spool:
         """
         Whether the entry left active/ just now, its directory's fsync still to come.
 
-        Renamed at once, so a kill never sends a final copy again; only the
-        fsync that makes the rename survive a power loss waits for the batch.
+        Renamed at once, so a kill from then on does not send a final copy
+        again; only the fsync that makes the rename survive a power loss waits
+        for the batch.
         An entry that cannot leave gets its last copy's journal line instead,
         as ``_append`` does.
         """
