@@ -452,12 +452,10 @@ class Appliance(MultiService):
                          lambda: helpers.restarts)
         readings.counter("helper_jobs", "Jobs handed to helpers, by kind; one sent again (its "
                          "helper ended, or no longer held its message) counts again.",
-                         lambda: {kind: n for (kind, where), n in helpers.jobs.items() if where == "helper"},
-                         label="kind")
+                         lambda: dict(helpers.jobs_sent), label="kind")
         readings.counter("helper_jobs_in_owner", "Jobs run in this process's threads while no "
                          "helper could take them, by kind.",
-                         lambda: {kind: n for (kind, where), n in helpers.jobs.items() if where == "owner"},
-                         label="kind")
+                         lambda: dict(helpers.jobs_in_owner), label="kind")
         readings.counter("helper_job_failures", "Jobs that failed in a helper, or ended helpers "
                          "twice and were given up.", lambda: dict(helpers.failures), label="reason")
         readings.gauge("helper_jobs_waiting", "Jobs waiting for a helper's window.",

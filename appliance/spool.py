@@ -415,8 +415,8 @@ class Spool:
         self._marks: _DelayedBatch | None = None
         self._removals: _DelayedBatch | None = None
         if clock is not None:
-            self._marks = _DelayedBatch(clock, mark_delay, self._run, self._mark_announced)
-            self._removals = _DelayedBatch(clock, remove_delay, self._run, self._sync_removed)
+            self._marks = _DelayedBatch(clock, mark_delay, run, self._mark_announced)
+            self._removals = _DelayedBatch(clock, remove_delay, run, self._sync_removed)
         # Whether incoming/ was there at the last look; looked at again after a commit fails.
         self._usable = False
         # Called with each recovered entry whose events are still owed, before it is yielded
@@ -568,9 +568,6 @@ class Spool:
         """Make the renames out of active/ waiting for ``remove_delay`` durable now, and delete."""
         if self._removals is not None:
             self._removals.flush()
-
-    def _run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
-        return self.run(f, *args)  # looked up at each call: tests replace ``run``
 
     def stop_batching(self) -> None:
         """A stop: the waiting removals are made durable now, and every later one at once."""

@@ -142,8 +142,10 @@ class HelperPool(Service):
         self.command = command or [sys.executable, "-m", "appliance.helpers.child"]
         self.helpers: list[_Helper] = []
         self.started = 0  # helpers started, replacements included
-        # For /metrics: jobs by (kind, where they ran), and jobs that failed, by why.
-        self.jobs: Counter[tuple[str, str]] = Counter()
+        # For /metrics, by kind: jobs sent to helpers, jobs run in the owner's threads; and
+        # jobs that failed, by why.
+        self.jobs_sent: Counter[str] = Counter()
+        self.jobs_in_owner: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self._waiting: deque[_Job] = deque()
         self._numbers = 0
@@ -255,7 +257,7 @@ class HelperPool(Service):
             assert job.message is not None
             helper.cache.put(job.key, _estimate(job.message))
         helper.in_flight.append(job)
-        self.jobs[job.name, "helper"] += 1
+        self.jobs_sent[job.name] += 1
         helper.transport.write(frame(("job", job.number, job.name, args)))
 
     def _run_here(self, job: _Job) -> None:
@@ -263,7 +265,7 @@ class HelperPool(Service):
             self._fetch(job)  # the owner keeps no prepared form: it prepares again
             return
         args = (job.key, job.message, job.max_links, *job.args) if job.name == "copy" else job.args
-        self.jobs[job.name, "owner"] += 1
+        self.jobs_in_owner[job.name] += 1
         d = self.run(self._local.run, job.name, args)
         d.chainDeferred(job.done)
 
