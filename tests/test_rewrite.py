@@ -37,6 +37,10 @@ from appliance.rewrite import (
     scan_html,
     unescape_attribute,
 )
+from appliance.rewrite import edits as edits_module
+from appliance.rewrite.edits import _plain_target as PLAIN_TARGET
+from appliance.rewrite.edits import html_edits
+from appliance.rewrite.html_scan import _PLAIN_END as PLAIN_END
 from appliance.rewrite.html_scan import _SIMPLE_LINK as SIMPLE_LINK
 from appliance.rewrite.prepared import _STATELESS
 from appliance.settings import Tracking
@@ -1158,3 +1162,49 @@ class NamedReferenceTests(SynchronousTestCase):
                               ("&ampx;", "&ampx;"), ("&amp", "&"), ("&unknown;", "&unknown;"),
                               ("&AMP;&Amp;", "&&Amp;")]:
             self.assertEqual(unescape_attribute(raw), expected, raw)
+
+
+# Hrefs and anchor texts on both sides of the shortcuts: plain trackable URLs, and what
+# needs decoding, expanding or stripping, or is not trackable at all.
+_href = st.builds(
+    lambda lead, scheme, path, extra, trail: f"{lead}{scheme}x.example/{path}{extra}{trail}",
+    st.sampled_from(["", " ", "\n"]),
+    st.sampled_from(["https://", "HTTP://", "mailto:", "", "https:/"]),
+    st.sampled_from(["p", "p?a=1", "a b", "p\x01", "p" * 3000]),
+    st.sampled_from(["", "&amp;b=2", "&copy=3", "{{opening_double_curly()}}", "#top", "&#x41;"]),
+    st.sampled_from(["", " ", "\t"]),
+)
+_anchor = st.lists(st.sampled_from(["Shop", " now ", "&amp;", "<b>x</b>", "{{closing_single_curly()}}",
+                                    '<img alt="Hero">', "\n", "<!-- c -->", "</abbr>", "</b>"]),
+                   max_size=4).map("".join)
+_end = st.sampled_from(["</a>", "</A>", "</a >", "</a\n>", "<a href=\"https://y.example/\">z</a>",
+                        "</body>", ""])
+
+
+class EditShortcutTests(SynchronousTestCase):
+    """``html_edits``' shortcut for a plain href, and anchor_text's for plain text, change nothing."""
+
+    def edits(self, html: str, shortcut: bool) -> list[tuple[Any, ...]]:
+        if not shortcut:
+            self.patch(edits_module, "_plain_target", lambda value: False)
+            self.patch(html_scan, "_PLAIN_END", ())
+        try:
+            found, too_long = html_edits(html)
+        finally:
+            self.patch(edits_module, "_plain_target", PLAIN_TARGET)
+            self.patch(html_scan, "_PLAIN_END", PLAIN_END)
+        return [(e, e.link and (e.link.index, e.link.suffix)) for e in found] + [too_long]
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(st.tuples(_href, _anchor, _end), min_size=1, max_size=4))
+    def test_same_edits_either_way(self, links: list[tuple[str, str, str]]) -> None:
+        html = "<body>" + "".join(f'<a href="{href}">{anchor}{end}' for href, anchor, end in links)
+        self.assertEqual(self.edits(html, True), self.edits(html, False))
+
+    def test_shortcuts_are_taken(self) -> None:
+        html = '<body><a href="https://x.example/p?a=1">Shop now</a></body>'
+        self.patch(html_scan, "_ANCHOR_END", None)  # the search is never made
+        self.patch(edits_module, "unescape_attribute", None)  # nor the general path's decoding
+        [link] = [e.link for e in html_edits(html)[0] if e.link is not None]
+        self.assertEqual((link.target, link.name, link.anchor),
+                         ("https://x.example/p?a=1", "Raw URL", "Shop now"))

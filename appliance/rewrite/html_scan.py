@@ -47,7 +47,7 @@ _RAW_TEXT_END = {name: re.compile(rf"</{name}[\t\n\f\r />]", re.IGNORECASE) for 
 HTML_SPACE = "\t\n\f\r "
 
 
-@dataclass
+@dataclass(slots=True)
 class Attribute:
     name: str  # lower-cased
     value: str  # raw, entity references not decoded
@@ -59,7 +59,7 @@ class Attribute:
     removal_start: int  # where its removal starts (the white space before it, if any)
 
 
-@dataclass
+@dataclass(slots=True)
 class LinkTag:
     name: str
     attributes: list[Attribute]
@@ -179,6 +179,7 @@ ANCHOR_TEXT_MAX = 100  # characters of anchor text a click carries
 ANCHOR_SCAN = 4096
 # Where an <a>'s content ends, as an HTML parser ends it: its end tag, the next <a>
 # (which closes it) or </body>.
+_PLAIN_END = ("</a>", "</A>")  # an end tag that needs no search for _ANCHOR_END after plain text
 _ANCHOR_END = re.compile(r"</?a[\t\n\f\r />]|</body[\t\n\f\r />]", re.IGNORECASE)
 # Markup that shows no text: comments (Outlook's conditional ones among them), script
 # and style elements, and any tag; each to the end of the text read if it does not end.
@@ -202,6 +203,10 @@ def anchor_text(text: str, start: int) -> str:
     the first ``ANCHOR_SCAN`` characters of its content.
     """
     limit = min(len(text), start + ANCHOR_SCAN)
+    lt = text.find("<", start, limit)
+    if lt >= 0 and text.startswith(_PLAIN_END, lt):  # the usual: text, then the end tag
+        content = text[start:lt]
+        return collapse_text(html.unescape(content) if "&" in content else content)
     m = _ANCHOR_END.search(text, start, limit)
     content = text[start:m.start() if m is not None else limit]
     if "<" not in content:
