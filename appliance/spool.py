@@ -55,6 +55,7 @@ which is the appliance's file thread pool and a synchronous call in tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -225,18 +226,47 @@ SPILL_AT = 1024 * 1024
 
 
 class SpoolWriter:
-    """Receives one message's bytes during DATA, then commits or aborts."""
+    """
+    Receives one message's bytes during DATA, then commits or aborts.
+
+    The entry's file is created in the file pool as DATA begins (``create_early``),
+    so the commit after the final dot finds it made: creating a file is the
+    slowest of the commit's steps after the fsyncs, and the client waits on
+    every one. Whichever comes first, that job, a spill to disk or the commit,
+    creates it; ``_lock`` keeps the others from trying again.
+    """
 
     def __init__(self, spool: Spool, transmission_id: str) -> None:
         spool.check_usable()
         self.spool = spool
         self.transmission_id = transmission_id
         self.path = os.path.join(spool.incoming, transmission_id)
-        self._file: Any = None  # opened once the text outgrows memory, or by the commit
+        self._file: Any = None  # the text went to disk: it outgrew memory
+        self._fd: int | None = None  # the file, created early and not yet taken
+        # Taken by a spill or the commit, or given up by an abort: nothing creates it after.
+        self._claimed = False
+        self._lock = threading.Lock()  # over _fd and _claimed: pool threads and the reactor
         self._pending: list[bytes] = []
         self._pending_size = 0
         self.size = 0
         self.finished = False
+
+    def create_early(self) -> None:
+        """Have the file created in the file pool now, before the commit needs it."""
+        # A failure is left for the commit, which creates the file itself and fails there.
+        self.spool.run(self._create).addErrback(lambda _: None)
+
+    def _create(self) -> None:
+        # Under the lock, so an abort or a spill never misses a file being created.
+        with self._lock:
+            if self._fd is None and not self._claimed:
+                self._fd = _create_new(self.path)
+
+    def _take_fd(self) -> int:
+        """The file's descriptor, created now unless it was already; the caller closes it."""
+        with self._lock:
+            fd, self._fd, self._claimed = self._fd, None, True
+        return fd if fd is not None else _create_new(self.path)
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -249,9 +279,8 @@ class SpoolWriter:
             self._open()
 
     def _open(self) -> None:
-        """Create the entry's file and write out what memory holds."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb")
+        """Write out what memory holds to the entry's file, and what comes next after it."""
+        self._file = os.fdopen(self._take_fd(), "wb")
         self._file.write(b"".join(self._pending))
         self._pending, self._pending_size = [], 0
 
@@ -270,7 +299,7 @@ class SpoolWriter:
         if self._file is None:
             text = b"".join(self._pending)  # kept: the message is prepared from it next
             self._pending, self._pending_size = [], 0
-            _write_synced_new(self.path, text, envelope.trailer())
+            _write_synced(self._take_fd(), text, envelope.trailer())
         else:
             self._file.write(envelope.trailer())
             self._file.flush()
@@ -298,11 +327,14 @@ class SpoolWriter:
 
     def _discard(self) -> None:
         self._pending = []
+        with self._lock:  # a creation under way in the pool ends first, and none starts after
+            fd, self._fd, self._claimed = self._fd, None, True
         if self._file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._file.close()
-            except OSError:
-                pass
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         _remove_path(self.path)
 
 
@@ -316,9 +348,13 @@ def _journal_line(index: int, state: CopyState) -> bytes:
     return json.dumps(entry).encode() + b"\n"
 
 
-def _write_synced_new(path: str, *chunks: bytes) -> None:
-    """Create ``path`` (it must not exist) with ``chunks`` in it, on disk on return."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _create_new(path: str) -> int:
+    """A new, empty file at ``path``, which must not exist yet."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
+def _write_synced(fd: int, *chunks: bytes) -> None:
+    """Write ``chunks`` to the new, empty file ``fd``, have them on disk, and close it."""
     try:
         data = memoryview(b"".join(chunks))
         while data:
@@ -437,7 +473,10 @@ class Spool:
             _remove_path(os.path.join(self.incoming, name))
 
     def writer(self, transmission_id: str) -> SpoolWriter:
-        return SpoolWriter(self, transmission_id)
+        """A new entry's writer, its file already being created (``SpoolWriter.create_early``)."""
+        writer = SpoolWriter(self, transmission_id)
+        writer.create_early()
+        return writer
 
     def check_usable(self) -> None:
         """

@@ -111,13 +111,15 @@ class SpoolTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(queued.path))
 
     def test_small_message_touches_the_disk_only_at_commit(self) -> None:
-        """Nothing of a message below SPILL_AT is written on the reactor thread; the commit does it."""
+        """Nothing of a message below SPILL_AT is written as it arrives; the commit writes it all."""
         w = self.spool.writer("5")
         w.write(b"Subject: x\r\n\r\n")
         w.write(b"body\r\n")
-        self.assertEqual(os.listdir(self.spool.incoming), [])
+        # Created early through the spool's runner (the file pool), and still empty.
+        self.assertEqual(os.path.getsize(os.path.join(self.spool.incoming, "5")), 0)
         queued = self.successResultOf(w.commit(envelope("5")))
         self.assertEqual(self.spool.read_message(queued), b"Subject: x\r\n\r\nbody\r\n")
+        self.assertEqual(os.listdir(self.spool.incoming), [])
 
     def test_large_message_spills_to_its_file_while_it_arrives(self) -> None:
         w = self.spool.writer("6")
@@ -655,6 +657,132 @@ class CommittedTextTests(SynchronousTestCase):
         self.successResultOf(self.spool.record(queued, 0, done=True))
         self.successResultOf(self.spool.record(queued, 1, done=True))
         self.assertEqual((os.listdir(self.spool.active), os.listdir(self.spool.journal)), ([], []))
+
+
+class HeldJobs:
+    """A runner that holds each job until the test runs it, as a busy file pool would."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, tuple[Any, ...], defer.Deferred]] = []
+
+    def __call__(self, f: Any, *args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def run(self, index: int = 0) -> None:
+        f, args, d = self.jobs.pop(index)
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback(Failure())
+        else:
+            d.callback(result)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class EarlyCreationTests(SynchronousTestCase):
+    """The entry's file is created in the file pool at DATA, so the commit need not wait for it."""
+
+    def setUp(self) -> None:
+        self.jobs = HeldJobs()
+        self.spool = Spool(self.mktemp(), run=self.jobs)
+        self.spool.prepare()
+
+    def incoming(self) -> list[str]:
+        return sorted(os.listdir(self.spool.incoming))
+
+    def commit(self, w: spool_module.SpoolWriter) -> Any:
+        d = w.commit(envelope(w.transmission_id))
+        self.jobs.run(len(self.jobs.jobs) - 1)
+        return self.successResultOf(d)
+
+    def test_file_is_created_by_the_file_pool_and_used_by_the_commit(self) -> None:
+        fds = open_fds()
+        w = self.spool.writer("1")
+        w.write(b"hello\r\n")
+        self.assertEqual(self.incoming(), [])  # nothing on the reactor thread
+        self.jobs.run()
+        self.assertEqual(self.incoming(), ["1"])
+        created = os.stat(os.path.join(self.spool.incoming, "1")).st_ino
+        queued = self.commit(w)
+        self.assertEqual(os.stat(queued.path).st_ino, created)  # the same file, not a second one
+        self.assertEqual(self.spool.read_message(queued), b"hello\r\n")
+        self.assertEqual((self.incoming(), os.listdir(self.spool.active)), ([], ["1"]))
+        self.assertEqual(open_fds(), fds)
+
+    def test_commit_before_the_creation_creates_the_file_itself(self) -> None:
+        w = self.spool.writer("1")
+        w.write(b"hello\r\n")
+        queued = self.commit(w)  # the pool ran the commit before the creation
+        self.jobs.run()  # the creation, late: it must not make a second file
+        self.assertEqual(self.incoming(), [])
+        queued.text = None
+        self.assertEqual(self.spool.read_message(queued), b"hello\r\n")
+
+    def test_abort_before_the_creation_leaves_nothing(self) -> None:
+        fds = open_fds()
+        w = self.spool.writer("1")
+        w.abort()
+        self.jobs.run()
+        self.assertEqual(self.incoming(), [])
+        self.assertEqual(open_fds(), fds)
+
+    def test_abort_after_the_creation_removes_the_file_and_closes_it(self) -> None:
+        fds = open_fds()
+        w = self.spool.writer("1")
+        self.jobs.run()
+        self.assertEqual(self.incoming(), ["1"])
+        w.abort()
+        self.assertEqual(self.incoming(), [])
+        self.assertEqual(open_fds(), fds)
+
+    def test_failed_creation_is_tried_again_by_the_commit(self) -> None:
+        real, calls = spool_module._create_new, []
+
+        def failing_once(path: str) -> int:
+            calls.append(path)
+            if len(calls) == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path)
+
+        self.patch(spool_module, "_create_new", failing_once)
+        w = self.spool.writer("1")
+        w.write(b"hello\r\n")
+        self.jobs.run()  # fails quietly: the commit is the one to report a failure
+        self.assertEqual(self.incoming(), [])
+        queued = self.commit(w)
+        self.assertEqual(len(calls), 2)
+        queued.text = None
+        self.assertEqual(self.spool.read_message(queued), b"hello\r\n")
+
+    def test_creation_that_keeps_failing_fails_the_commit_and_leaves_nothing(self) -> None:
+        def failing(path: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(spool_module, "_create_new", failing)
+        w = self.spool.writer("1")
+        w.write(b"hello\r\n")
+        self.jobs.run()
+        d = w.commit(envelope("1"))
+        self.jobs.run()
+        self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.ENOSPC)
+        self.assertEqual((self.incoming(), os.listdir(self.spool.active)), ([], []))
+
+    def test_spill_writes_to_the_file_created_early(self) -> None:
+        w = self.spool.writer("1")
+        self.jobs.run()
+        created = os.stat(os.path.join(self.spool.incoming, "1")).st_ino
+        chunk = b"x" * 1000 + b"\r\n"
+        for _ in range(spool_module.SPILL_AT // len(chunk) + 2):
+            w.write(chunk)
+        self.assertGreater(os.path.getsize(os.path.join(self.spool.incoming, "1")), 0)
+        queued = self.commit(w)
+        self.assertEqual(os.stat(queued.path).st_ino, created)
+        self.assertEqual(len(self.spool.read_message(queued)), w.size)
 
 
 class BatchedRemovalTests(SynchronousTestCase):
