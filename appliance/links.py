@@ -238,17 +238,17 @@ class LinkCodec:
     def encode(self, data: LinkData) -> str:
         return self._seal(_json(data.to_array()))
 
-    def click_encoder(self, common: LinkData) -> Callable[[bytes], str]:
+    def click_encoder(self, common: LinkData) -> Callable[[bytes], bytes]:
         """
         A fast ``encode`` for the many clicks of one recipient's copy.
 
         ``common`` gives the recipient's fields (its ``link_name``, ``target``,
         ``unsubscribe`` and ``anchor`` are ignored); the returned function
         takes a link's ``click_suffix`` and gives exactly the token ``encode``
-        would. The JSON of both halves is made once (the suffix once per
-        message), so each link of each copy costs one AES-SIV encryption and
-        the base64 of its token; a body long enough to be deflated takes the
-        general path.
+        would, as ASCII bytes: the copy is bytes. The JSON of both halves is
+        made once (the suffix once per message), so each link of each copy
+        costs one AES-SIV encryption and the base64 of its token; a body long
+        enough to be deflated takes the general path.
         """
         shared = _json(common._replace(kind="click").to_array()[:SHARED_FIELDS])[:-1] + b","
         keys = self._keys
@@ -257,11 +257,11 @@ class LinkCodec:
         deflate_from = DEFLATE_FROM - len(shared)
         b2a, urlsafe = binascii.b2a_base64, _URLSAFE
 
-        def encode(suffix: bytes) -> str:
+        def encode(suffix: bytes) -> bytes:
             if len(suffix) >= deflate_from:
-                return self._seal(shared + suffix, keys)
+                return self._seal(shared + suffix, keys).encode()
             raw = header + encrypt(shared + suffix, None)
-            return b2a(raw, newline=False).translate(urlsafe).rstrip(b"=").decode()
+            return b2a(raw, newline=False).translate(urlsafe).rstrip(b"=")
 
         return encode
 

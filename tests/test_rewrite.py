@@ -285,6 +285,21 @@ class FixtureTests(SynchronousTestCase):
         self.assertIn("or https://skip.example/.", text)
         self.assertNotIn("[[", text)
 
+    def test_sublink_is_escaped_in_html_and_left_as_it_is_in_text(self) -> None:
+        """A sublink may keep ``&`` and ``'`` in its path segment; an attribute value may not."""
+        html = """<body><a href="https://y.example/" data-msys-sublink="Tom&amp;Jerry's">b</a></body>"""
+        text = "see https://y.example/[[data-msys-sublink=\"Tom&Jerry's\"]] now\n"
+        out = render(message(crlf("MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary=b\n\n"
+                                  "--b\nContent-Type: text/plain\n\n"), crlf(text), crlf("--b\n"),
+                             html_part(html), crlf("\n--b--\n")), CLICK)
+        html_out, text_out = part_text(out, "text/html"), part_text(out, "text/plain")
+        self.assertIn('href="http://track.example/f/Tom&amp;Jerry&#39;s/', html_out)
+        self.assertIn("see http://track.example/f/Tom&Jerry's/", text_out)
+        href = lxml.html.fromstring(html_out).xpath("//a/@href")[0]
+        head, token = href.rsplit("/", 1)
+        self.assertEqual((head, CODEC.decode(token).target), ("http://track.example/f/Tom&Jerry's",
+                                                              "https://y.example/"))
+
     def test_data_msys_attributes(self) -> None:
         name = "é" * 40  # 80 bytes: cut to 31 characters (62 bytes)
         html = ('<body><a data-msys-clicktrack="0" href="https://no.example/">a</a>'

@@ -97,20 +97,41 @@ class LinkRenderer:
         self._shared_length: int | None = None
         # Made at the first click: a renderer that only checks lengths (``tracking_notes``,
         # at injection) never needs the recipient's signing state.
-        self._encode: Callable[[bytes], str] | None = None
+        self._encode: Callable[[bytes], bytes] | None = None
         self._scheme, self._domain = tracking.click_tracking_scheme, tracking.tracking_domain
         self._heads: dict[str, str] = {}  # sublink -> the URL before the token, built once
+        # (sublink, quoted) -> that head as the copy's bytes, and its length unquoted
+        self._pieces: dict[tuple[str, bool], tuple[bytes, int]] = {}
+
+    def _head(self, sublink: str) -> str:
+        """The tracked URL of a link with this sublink, up to its token."""
+        head = self._heads.get(sublink)
+        if head is None:
+            head = self._heads[sublink] = click_url(self._scheme, self._domain, "", sublink)
+        return head
 
     def click(self, link: Link) -> str | None:
         """The link's tracked URL, or ``None`` if it would be too long to track."""
-        head = self._heads.get(link.sublink)
+        piece = self.click_piece(link, False)
+        return piece.decode() if piece is not None else None
+
+    def click_piece(self, link: Link, quoted: bool) -> bytes | None:
+        """
+        The link's tracked URL as it goes into the copy, or ``None`` if it would be too long.
+
+        ``quoted``: as an HTML attribute's value. Only the head can hold what
+        needs escaping there; a token is URL-safe base64.
+        """
+        head = self._pieces.get((link.sublink, quoted))
         if head is None:
-            head = self._heads[link.sublink] = click_url(self._scheme, self._domain, "", link.sublink)
+            text = self._heads.get(link.sublink) or self._head(link.sublink)
+            head = self._pieces[link.sublink, quoted] = (
+                (attribute_safe(text) if quoted else text).encode(), len(text))
         encode = self._encode
         if encode is None:
             encode = self._encode = self.codec.click_encoder(self._common)
-        url = head + encode(link.suffix)
-        return url if len(url) <= MAX_URL_LENGTH else None
+        token = encode(link.suffix)
+        return head[0] + token if head[1] + len(token) <= MAX_URL_LENGTH else None
 
     def trap(self, decoy: Link) -> str | None:
         """The hidden link's URL, leading where ``decoy`` (a link of the part) leads; ``None`` if too long."""
@@ -139,8 +160,8 @@ class LinkRenderer:
     def click_too_long(self, link: Link) -> bool:
         if self._shared_length is None:
             self._shared_length = _json_length(_longest_issued(self._common).to_array()[:SHARED_FIELDS])
-        bound = (len(click_url(self._scheme, self._domain, "", link.sublink))
-                 + _token_length(self._shared_length + len(link.suffix)))
+        bound = len(self._heads.get(link.sublink) or self._head(link.sublink)) + _token_length(
+            self._shared_length + len(link.suffix))
         return bound > MAX_URL_LENGTH and self.click(link) is None
 
     def click_length_bound(self, link: Link, quoted: bool) -> int:
@@ -152,9 +173,7 @@ class LinkRenderer:
         """
         if self._shared_length is None:
             self._shared_length = _json_length(_longest_issued(self._common).to_array()[:SHARED_FIELDS])
-        head = self._heads.get(link.sublink)
-        if head is None:
-            head = self._heads[link.sublink] = click_url(self._scheme, self._domain, "", link.sublink)
+        head = self._heads.get(link.sublink) or self._head(link.sublink)
         token = _token_length(self._shared_length + len(link.suffix))
         if len(head) + token > MAX_URL_LENGTH:
             url = self.click(link)
@@ -210,17 +229,19 @@ def render_part(part: PreparedPart, links: LinkRenderer, tracking: Tracking,
                 changes: list[Change] | None) -> bytes:
     """One part of one recipient's copy: the template filled in, joined and re-encoded."""
     pieces = list(part.template)
-    urls: list[str | None] = [None] * len(part.links)
+    # Each distinct link once. Every link of a part is written alike: in HTML as an
+    # attribute value, in plain text as it is.
+    urls: list[bytes | None] = [None] * len(part.links)
     done = [False] * len(part.links)
     for index, edit in part.dynamic:
         link = edit.link
         if link is not None:
             if tracking.click_tracking:
                 if not done[link.index]:
-                    urls[link.index], done[link.index] = links.click(link), True
+                    urls[link.index], done[link.index] = links.click_piece(link, edit.quote is not None), True
                 url = urls[link.index]
                 if url is not None:
-                    pieces[index] = (attribute_safe(url) if edit.quote is not None else url).encode()
+                    pieces[index] = url
         else:
             pieces[index] = slot_markup(edit.slot, part.links, links, tracking).encode()
     raw = b"".join(pieces)
