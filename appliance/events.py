@@ -16,7 +16,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from twisted.application.service import Service
@@ -173,20 +173,23 @@ class EventLog(Service):
         self._file: Any = None
         self._dirty = False
         self._syncer: task.LoopingCall | None = None
-        self._wakers: list[Callable[[], None]] = []
+        self._wakers: list[tuple[Callable[[], None], frozenset[str] | None]] = []
         self._observers: list[Callable[[Event], None]] = []
         self._end = 0  # the file's size as this log last left it
         self._cut = False  # a cut line could not be removed: end it before the next event
 
-    def wake_on_write(self, wake: Callable[[], None]) -> None:
+    def wake_on_write(self, wake: Callable[[], None], types: Collection[str] | None = None) -> None:
         """
-        Call ``wake`` after each write, with no data: a follower then reads the file.
+        Call ``wake`` after each write (of an event of one of ``types``, if given), with no
+        data: a follower then reads the file.
 
         Consumers read events only from the file (``appliance.follower``), so
         what they see is what the log holds, and a restart resumes from their
-        cursors; this only saves them waiting for their poll.
+        cursors; this only saves them waiting for their poll. A consumer that
+        acts on a few types of event says which: the others wait for its next
+        read, and it is not woken twice for every message.
         """
-        self._wakers.append(wake)
+        self._wakers.append((wake, frozenset(types) if types is not None else None))
 
     def observe(self, observer: Callable[[Event], None]) -> None:
         """
@@ -311,11 +314,12 @@ class EventLog(Service):
                 observe(event)
             except Exception:
                 log.failure("an event log observer failed")
-        for wake in self._wakers:
-            try:
-                wake()
-            except Exception:
-                log.failure("waking an event log follower failed")
+        for wake, types in self._wakers:
+            if types is None or event["type"] in types:
+                try:
+                    wake()
+                except Exception:
+                    log.failure("waking an event log follower failed")
 
     def _short(self, written: int, newline: int) -> None:
         """
@@ -349,7 +353,7 @@ class EventLog(Service):
         self.failing = True
         log.error("event log {path}: event lost ({lost} so far): {error}: {event}", path=self.path,
                   lost=self.lost, error=error, event=_describe(event))
-        for wake in self._wakers:
+        for wake, _ in self._wakers:
             try:
                 wake()
             except Exception:

@@ -55,7 +55,7 @@ from appliance.smtp import AuthGuard, ConnectionLimits, SessionDrain, listener_f
 from appliance.spool import Spool
 from appliance.spoollock import SpoolLock, SpoolLocked
 from appliance.stats import StatsService
-from appliance.suppression import SuppressionService
+from appliance.suppression import SUPPRESSING_TYPES, SuppressionService
 from appliance.tracker import make_site
 from appliance.tracker.processes import TrackerProcesses, engagement_files, share
 from appliance.users import UsersFileChecker
@@ -280,7 +280,7 @@ class Appliance(MultiService):
                                               reactor, run_files,
                                               check_interval=config.suppression.check_interval)
         self.suppression.setServiceParent(self)
-        self.events.wake_on_write(self.suppression.wake)
+        self.events.wake_on_write(self.suppression.wake, SUPPRESSING_TYPES)
         self.injector.suppressions = self.suppression.list
     def _stats(self, parts: Parts, reactor: Reactor, run_files: Runner) -> None:
         """

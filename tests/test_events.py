@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -163,6 +164,18 @@ class IntegrityTests(SynchronousTestCase):
         self.assertEqual([e["subject"] for e in self.lines()], ["before", "after"])
         self.assertEqual(self.log.lost, 2)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_a_waker_for_some_types_is_woken_only_by_them_or_a_loss(self) -> None:
+        every: list[None] = []
+        some: list[None] = []
+        self.log.wake_on_write(lambda: every.append(None))
+        self.log.wake_on_write(lambda: some.append(None), ("bounce", "list_unsubscribe"))
+        for kind in ("injection", "delivery", "bounce", "click", "list_unsubscribe"):
+            self.log.emit(kind)
+        self.assertEqual((len(every), len(some)), (5, 2))
+        self.file.error = OSError(errno.EIO, "I/O error")
+        self.assertRaises(OSError, self.log.emit, "delivery")
+        self.assertEqual((len(every), len(some)), (6, 3))  # a lost event wakes every follower
 
     def test_short_write_is_cut_off_and_next_line_whole(self) -> None:
         self.log.emit("click", n=1)

@@ -14,9 +14,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.events import EventLog
+from appliance.eventtypes import EVENT_TYPES
 from appliance.spool import run_synchronously
 from appliance.suppression import (
     NON_TRANSACTIONAL,
+    SUPPRESSING_TYPES,
     TRANSACTIONAL,
     Change,
     SuppressionError,
@@ -58,6 +60,13 @@ class RulesTests(SynchronousTestCase):
                   event("policy_rejection", bounce_class="10"), event("list_unsubscribe", rcpt=""),
                   {"type": "list_unsubscribe"}, event("list_unsubscribe", rcpt="not an address")):
             self.assertEqual(changes_for(e), [], e)
+
+    def test_only_the_suppressing_types_ever_suppress(self) -> None:
+        """The event log wakes the list only for SUPPRESSING_TYPES: no other type may matter."""
+        for kind in EVENT_TYPES:
+            worst = event(kind, bounce_class="10", raw_reason="550 5.1.1 no such user")
+            self.assertEqual(bool(changes_for(worst)), kind in SUPPRESSING_TYPES, kind)
+        self.assertLessEqual(SUPPRESSING_TYPES, set(EVENT_TYPES))
 
     def test_log_lines(self) -> None:
         lines = [json.dumps(event("open")).encode() + b"\n", b"not json\n", b"[1]\n",

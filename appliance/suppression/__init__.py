@@ -11,6 +11,7 @@ from appliance.suppression.service import SuppressionList, SuppressionService
 from appliance.suppression.store import (
     NON_TRANSACTIONAL,
     SOURCES,
+    SUPPRESSING_TYPES,
     TRANSACTIONAL,
     TYPES,
     Change,
@@ -27,6 +28,7 @@ from appliance.suppression.store import (
 __all__ = [
     "NON_TRANSACTIONAL",
     "SOURCES",
+    "SUPPRESSING_TYPES",
     "TRANSACTIONAL",
     "TYPES",
     "Change",

@@ -109,6 +109,10 @@ def check_type(kind: str) -> str:
 # -- what the event log asks for -------------------------------------------------------------
 
 
+# The only types of event that ever suppress anyone (``changes_for``).
+SUPPRESSING_TYPES = frozenset({"list_unsubscribe", "link_unsubscribe", "bounce"})
+
+
 def changes_for(event: dict[str, Any]) -> list[Change]:
     """The entries one event makes: unsubscribes and hard bounces, as SparkPost suppresses them."""
     kind = event.get("type")
