@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
+import re
 import socket
 import subprocess
+import tempfile
 import time
 
 
@@ -21,27 +25,61 @@ def _below_ephemeral() -> tuple[int, int]:
 _RANGE = _below_ephemeral()
 _handed: set[int] = set()
 _rng = random.SystemRandom()
+# Ports handed out by every process of this user that uses this module (parallel test
+# workers, the crash script, benchmarks): "pid port" lines, read and appended under a lock.
+_REGISTRY = os.path.join(tempfile.gettempdir(), f"engage-appliance-test-ports-{os.getuid()}")
+_PRUNE_AT = 2000  # lines: then the entries of processes gone are dropped
+_ENTRY = re.compile(r"[0-9]+ [0-9]+")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def free_port() -> int:
     """
-    A TCP port nothing listens on now, never handed out before by this process.
+    A TCP port nothing listens on now, never handed out before by any process using this.
 
     Chosen at random below the ephemeral range: a port the kernel picked
     (``bind(0)``) is one it may give the next outgoing connection, of this
     process or of a parallel test worker, before the caller listens on it.
-    A later bind can still race another process, far more rarely.
+    A registry shared by the processes keeps two test workers from being
+    handed the same port between the check here and their listening on it.
     """
+    with open(_REGISTRY, "a+") as registry:
+        fcntl.flock(registry, fcntl.LOCK_EX)
+        registry.seek(0)
+        entries = [(int(pid), int(port)) for pid, port in
+                   (line.split() for line in registry.read().splitlines() if _ENTRY.fullmatch(line))]
+        live = {pid: _alive(pid) for pid in {pid for pid, _ in entries}}
+        taken = _handed | {port for pid, port in entries if live[pid]}
+        if len(entries) > _PRUNE_AT and not all(live.values()):
+            registry.seek(0)
+            registry.truncate()
+            registry.writelines(f"{pid} {port}\n" for pid, port in entries if live[pid])
+        port = _pick(taken)
+        _handed.add(port)
+        registry.write(f"{os.getpid()} {port}\n")
+        registry.flush()
+        return port
+
+
+def _pick(taken: set[int]) -> int:
     for _ in range(1000):
         port = _rng.randint(*_RANGE)
-        if port in _handed:
+        if port in taken:
             continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue  # taken, or in TIME_WAIT
-        _handed.add(port)
         return port
     with socket.socket() as s:  # the range is full: the kernel's choice, as before
         s.bind(("127.0.0.1", 0))
