@@ -320,10 +320,18 @@ class SpoolWriter:
         return failure
 
     def abort(self) -> None:
-        """Forget a message that will not be acknowledged (client went away, refused)."""
+        """
+        Forget a message that will not be acknowledged (client went away, refused).
+
+        Its file is closed and removed in the file pool: the early creation may
+        hold the lock while the disk is slow, and the reactor must not wait for it.
+        """
         if not self.finished:
             self.finished = True
-            self._discard()
+            self._pending = []
+            self.spool.run(self._discard).addErrback(
+                lambda f: log.failure("could not remove the aborted spool entry {path}", f,
+                                      path=self.path))
 
     def _discard(self) -> None:
         self._pending = []

@@ -727,7 +727,8 @@ class EarlyCreationTests(SynchronousTestCase):
         fds = open_fds()
         w = self.spool.writer("1")
         w.abort()
-        self.jobs.run()
+        self.jobs.run()  # the creation: it must not make the file now
+        self.jobs.run()  # the abort's removal
         self.assertEqual(self.incoming(), [])
         self.assertEqual(open_fds(), fds)
 
@@ -737,8 +738,31 @@ class EarlyCreationTests(SynchronousTestCase):
         self.jobs.run()
         self.assertEqual(self.incoming(), ["1"])
         w.abort()
+        self.assertEqual(self.incoming(), ["1"])  # not on the reactor thread: in the file pool
+        self.jobs.run()
         self.assertEqual(self.incoming(), [])
         self.assertEqual(open_fds(), fds)
+
+    def test_abort_never_waits_for_a_creation_under_way(self) -> None:
+        """The reactor thread takes no lock a file-pool thread may hold over a slow disk."""
+        w = self.spool.writer("1")
+        entered, release = threading.Event(), threading.Event()
+        real = spool_module._create_new
+
+        def slow(path: str) -> int:
+            entered.set()
+            release.wait(10)
+            return real(path)
+
+        self.patch(spool_module, "_create_new", slow)
+        creating = threading.Thread(target=self.jobs.run)
+        creating.start()
+        self.assertTrue(entered.wait(10))
+        w.abort()  # returns while the creation waits on the disk
+        release.set()
+        creating.join(10)
+        self.jobs.run()
+        self.assertEqual(self.incoming(), [])
 
     def test_failed_creation_is_tried_again_by_the_commit(self) -> None:
         real, calls = spool_module._create_new, []

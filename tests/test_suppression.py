@@ -233,6 +233,22 @@ class ServiceTests(SynchronousTestCase):
         self.addCleanup(lambda: svc.running and svc.stopService())
         return svc
 
+    def test_a_bounce_in_a_rotated_log_suppresses_at_once(self) -> None:
+        """Woken only by suppressing events, the list still finds one written after a rotation."""
+        events = EventLog(os.path.join(self.root, "rotated.jsonl"), "n", fsync_interval=0, clock=self.clock)
+        events.startService()
+        self.addCleanup(events.stopService)
+        svc = SuppressionService(self.db, events.path, self.clock, run_synchronously, now=self.clock.seconds)
+        events.wake_on_write(svc.wake, SUPPRESSING_TYPES)
+        svc.startService()
+        self.addCleanup(lambda: svc.running and svc.stopService())
+        events.write(events.make("delivery", rcpt_to="x@example.test"))  # left for the next read
+        os.rename(events.path, events.path + ".1")  # logrotate, then the SIGHUP's reopen
+        events.reopen()
+        events.write(events.make("bounce", rcpt_to="bob@example.test", bounce_class="10",
+                                 raw_reason="550 5.1.1 unknown"))
+        self.assertEqual(svc.list.suppressed("bob@example.test", True), TRANSACTIONAL)  # no poll needed
+
     def test_events_suppress_and_survive_a_restart(self) -> None:
         svc = self.start()
         self.events.write(self.events.make("list_unsubscribe", rcpt_to="ann@example.test"))

@@ -28,14 +28,15 @@ MAX_LINK_NAME_BYTES = 63
 DEFAULT_LINK_NAME = "Raw URL"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Link:
     """
     One tracked link of the message: what its clicks say.
 
-    Shared by every edit and copy that uses it, and never changed once made.
-    Not ``frozen``: a frozen dataclass's ``__init__`` costs a microsecond more,
-    for each distinct link of every message.
+    Shared by every edit and copy that uses it, and never changed once made:
+    hashed by its fields as a frozen one would be. Not ``frozen``: a frozen
+    dataclass's ``__init__`` costs a microsecond more, for each distinct link
+    of every message.
     """
 
     target: str

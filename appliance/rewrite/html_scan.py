@@ -204,7 +204,8 @@ def anchor_text(text: str, start: int) -> str:
     """
     limit = min(len(text), start + ANCHOR_SCAN)
     lt = text.find("<", start, limit)
-    if lt >= 0 and text.startswith(_PLAIN_END, lt):  # the usual: text, then the end tag
+    # The usual: text, then its end tag, wholly within what is read.
+    if 0 <= lt <= limit - len("</a>") and text.startswith(_PLAIN_END, lt):
         content = text[start:lt]
         return collapse_text(html.unescape(content) if "&" in content else content)
     m = _ANCHOR_END.search(text, start, limit)

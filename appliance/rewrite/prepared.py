@@ -73,6 +73,7 @@ class PreparedPart:
     bare_newlines: bool  # the decoded text has CR or LF outside CRLF (only base64 can carry them)
     has_crlf: bool
     over_cap: int = 0  # link occurrences left as they are: past the part's cap on tracked links
+    char_bytes: int = 1  # what a character of its text costs at most in memory: 1 if all ASCII, else 4
 
     def changes(self, tracking: Tracking) -> bool:
         return (self.static_changes or (tracking.click_tracking and self.has_links)
@@ -192,6 +193,7 @@ def prepare_part(data: bytes, c: Candidate, top_level: bool,
         bare_newlines=raw.count(b"\r") != crlf or raw.count(b"\n") != crlf,
         has_crlf=crlf > 0,
         over_cap=over_cap,
+        char_bytes=1 if text.isascii() else 4,
     )
 
 
@@ -369,8 +371,8 @@ _EDIT_COST = sys.getsizeof(Edit(0, 0)) + 2 * _INT  # slotted: its size counts it
 _LINK_COST = sys.getsizeof(Link("")) + _INT  # slotted, as an edit; + its index
 _TUPLE = sys.getsizeof((0, None))
 _DICT_ENTRY = 3 * _POINTER * 3 // 2 + _POINTER  # hash, key, value, at two-thirds load; the index
-# A bytes object takes this and its length; an ASCII str likewise. Other text takes up
-# to four bytes a character: the estimate counts one, as the pieces are mostly markup.
+# A bytes object takes this and its length; an ASCII str likewise. A part whose text is
+# not all ASCII has its pieces counted at four bytes a character: a bound, not a guess.
 _BYTES = sys.getsizeof(b"")
 _STR = sys.getsizeof("")
 
@@ -393,11 +395,12 @@ def footprint(prepared: Prepared) -> int:
         # A link's replacement is its target's own string unless decoding changed the text.
         replaced = [e.replacement for _, e in part.dynamic
                     if e.link is not None and e.replacement is not e.link.target]
-        size += len(replaced) * _STR + sum(map(len, replaced))
+        wide = part.char_bytes
+        size += len(replaced) * _STR + sum(map(len, replaced)) * wide
         size += (len(part.originals) * (_DICT_ENTRY + _INT + _STR)
-                 + sum(map(len, part.originals.values())))
+                 + sum(map(len, part.originals.values())) * wide)
         size += getsizeof(part.links) + len(part.links) * (_LINK_COST + 2 * _STR + _BYTES) + sum(
-            len(link.target) + len(link.anchor) + len(link.suffix) for link in part.links)
+            (len(link.target) + len(link.anchor)) * wide + len(link.suffix) for link in part.links)
     return size
 
 

@@ -162,8 +162,14 @@ class SuppressionService(MultiService):
             yield self._run(store.close)
 
     def wake(self) -> None:
-        """The event log was written to: the follower reads it."""
-        self.follower.written()
+        """
+        An event that may suppress was written: the follower reads to it.
+
+        A full look (``Follower.wake``), not ``written``'s shortcut: the list is
+        woken only by such events, so the log may have been rotated since its
+        last read, and the event is then in the new file.
+        """
+        self.follower.wake()
 
     # -- changes made by others --------------------------------------------------------------------
 
