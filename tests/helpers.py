@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import smtplib
+import time
 from typing import Any
 
 from twisted.internet import defer, reactor, threads
@@ -111,9 +112,22 @@ class RunningAppliance:
         return read_events(self.config)
 
     def spooled(self) -> list[str]:
-        """What the spool holds, accepted or being received."""
+        """
+        What the spool holds, accepted or being received, once the file pool is idle.
+
+        A refused or abandoned message's file is removed in the file pool, a
+        moment after its reply; waiting for the pool makes the look exact.
+        """
+        self.wait_for_file_pool()
         spool = self.config.spool.directory
         return os.listdir(os.path.join(spool, "active")) + os.listdir(os.path.join(spool, "incoming"))
+
+    def wait_for_file_pool(self, timeout: float = 10.0) -> None:
+        """Block until the file pool has no job running or queued (its jobs never need the reactor)."""
+        pool = self.appliance.file_pool.pool if self.appliance.file_pool is not None else None
+        deadline = time.monotonic() + timeout
+        while pool is not None and (pool.working or pool._queue.qsize()) and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     def settled(self) -> bool:
         """Every SMTP session closed and every accepted copy delivered: nothing left in flight."""
