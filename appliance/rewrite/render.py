@@ -124,7 +124,7 @@ class LinkRenderer:
         """
         head = self._pieces.get((link.sublink, quoted))
         if head is None:
-            text = self._heads.get(link.sublink) or self._head(link.sublink)
+            text = self._head(link.sublink)
             head = self._pieces[link.sublink, quoted] = (
                 (attribute_safe(text) if quoted else text).encode(), len(text))
         encode = self._encode
@@ -160,7 +160,7 @@ class LinkRenderer:
     def click_too_long(self, link: Link) -> bool:
         if self._shared_length is None:
             self._shared_length = _json_length(_longest_issued(self._common).to_array()[:SHARED_FIELDS])
-        bound = len(self._heads.get(link.sublink) or self._head(link.sublink)) + _token_length(
+        bound = len(self._head(link.sublink)) + _token_length(
             self._shared_length + len(link.suffix))
         return bound > MAX_URL_LENGTH and self.click(link) is None
 
@@ -173,7 +173,7 @@ class LinkRenderer:
         """
         if self._shared_length is None:
             self._shared_length = _json_length(_longest_issued(self._common).to_array()[:SHARED_FIELDS])
-        head = self._heads.get(link.sublink) or self._head(link.sublink)
+        head = self._head(link.sublink)
         token = _token_length(self._shared_length + len(link.suffix))
         if len(head) + token > MAX_URL_LENGTH:
             url = self.click(link)
