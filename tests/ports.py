@@ -38,7 +38,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # another user's process: alive all the same
     return True
 
 
@@ -57,7 +57,7 @@ def free_port() -> int:
         registry.seek(0)
         entries = [(int(pid), int(port)) for pid, port in
                    (line.split() for line in registry.read().splitlines() if _ENTRY.fullmatch(line))]
-        live = {pid: _alive(pid) for pid in {pid for pid, _ in entries}}
+        live = {pid: _alive(pid) for pid in {pid for pid, _ in entries}}  # once per process
         taken = _handed | {port for pid, port in entries if live[pid]}
         if len(entries) > _PRUNE_AT and not all(live.values()):
             registry.seek(0)
