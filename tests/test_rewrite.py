@@ -27,7 +27,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import rewrite
 from appliance.delivery.copies import CopyMaker
-from appliance.links import InvalidToken, Keyring, LinkCodec, LinkData, click_suffix
+from appliance.links import (
+    MAX_URL_LENGTH,
+    InvalidToken,
+    Keyring,
+    LinkCodec,
+    LinkData,
+    click_suffix,
+    is_trackable_target,
+)
 from appliance.rewrite import (
     Change,
     Identity,
@@ -38,10 +46,11 @@ from appliance.rewrite import (
     unescape_attribute,
 )
 from appliance.rewrite import edits as edits_module
-from appliance.rewrite.edits import _plain_target as PLAIN_TARGET
 from appliance.rewrite.edits import html_edits
 from appliance.rewrite.html_scan import _PLAIN_END as PLAIN_END
+from appliance.rewrite.html_scan import _SCAN as SCAN
 from appliance.rewrite.html_scan import _SIMPLE_LINK as SIMPLE_LINK
+from appliance.rewrite.html_scan import ANCHOR_SCAN
 from appliance.rewrite.prepared import _STATELESS
 from appliance.settings import Tracking
 from appliance.spool import run_synchronously
@@ -1135,10 +1144,17 @@ link_tag = st.builds(
 
 
 class SimpleLinkTests(SynchronousTestCase):
-    """The scanner's shortcut for ``<a href="...">`` finds exactly what the general path finds."""
+    """
+    The scanner's shortcuts for ``<a href="...">`` find exactly what the general path finds.
 
-    def scan(self, html: str, shortcut: bool) -> tuple[Any, Any]:
-        if not shortcut:
+    Its step takes a link whose href is its own target (``LinkTag.plain``)
+    with its text; ``_SIMPLE_LINK`` takes the other links of that form.
+    """
+
+    def scan(self, html: str, plain: bool, simple: bool) -> tuple[Any, Any]:
+        if not plain:
+            self.patch(html_scan, "_SCAN", html_scan._compile_scan(plain_links=False))
+        if not simple:
             self.patch(html_scan, "_SIMPLE_LINK", re.compile(r"(?!)"))
         try:
             return scan_html(html), None
@@ -1146,14 +1162,45 @@ class SimpleLinkTests(SynchronousTestCase):
             return None, (type(e), str(e))
         finally:
             self.patch(html_scan, "_SIMPLE_LINK", SIMPLE_LINK)
+            self.patch(html_scan, "_SCAN", SCAN)
+
+    @staticmethod
+    def general(result: tuple[Any, Any]) -> tuple[Any, Any]:
+        """The scan with what only the step finds (``plain``, ``text``) left out."""
+        scan, error = result
+        if scan is not None:
+            for tag in scan.links:
+                tag.plain, tag.text = False, None
+        return scan, error
+
+    def check_plain(self, html: str, scan: Any) -> None:
+        for tag in scan.links:
+            if tag.plain:
+                [href] = tag.attributes
+                self.assertEqual((href.name, href.quote), ("href", '"'))
+                self.assertTrue(is_trackable_target(href.value))
+                self.assertFalse(set(href.value) & set("&{"))
+                if tag.text is not None:
+                    end = tag.content_start + len(tag.text)
+                    self.assertNotIn("<", tag.text)
+                    self.assertIn(html[end:end + 4], ("</a>", "</A>"))
+                    self.assertLessEqual(len(tag.text), ANCHOR_SCAN - 4)
+            else:
+                self.assertIsNone(tag.text)
 
     @settings(max_examples=400, deadline=None)
     @given(st.lists(st.one_of(link_tag, filler), max_size=6).map("".join))
     def test_same_scan_either_way(self, html: str) -> None:
-        self.assertEqual(self.scan(html, True), self.scan(html, False))
+        full = self.scan(html, True, True)
+        if full[0] is not None:
+            self.check_plain(html, full[0])
+        simple = self.scan(html, False, True)
+        self.assertEqual(self.general(full), simple)
+        self.assertEqual(simple, self.scan(html, False, False))
 
-    def test_shortcut_is_taken(self) -> None:
-        html = '<body><a href="https://x.example/">x</a><A\nHREF = "y" / ></body>'
+    def test_shortcuts_are_taken(self) -> None:
+        html = ('<body><a href="https://x.example/">x</a><A\nHREF = "y" / >'
+                '<a href="https://z.example/?a&amp;b"><b>z</b></a></body>')
         calls: list[int] = []
         pattern = SIMPLE_LINK
 
@@ -1164,9 +1211,11 @@ class SimpleLinkTests(SynchronousTestCase):
 
         self.patch(html_scan, "_SIMPLE_LINK", Counting())
         scan = scan_html(html)
-        self.assertEqual(len(calls), 2)
-        self.assertEqual([a.value for tag in scan.links for a in tag.attributes], ["https://x.example/", "y"])
-        self.assertEqual(self.scan(html, False), (scan, None))
+        self.assertEqual(len(calls), 2)  # the step took the first link
+        self.assertEqual([(a.value, tag.plain, tag.text) for tag in scan.links for a in tag.attributes],
+                         [("https://x.example/", True, "x"), ("y", False, None),
+                          ("https://z.example/?a&amp;b", False, None)])
+        self.assertEqual(self.general((scan, None)), self.scan(html, False, False))
 
 
 class NamedReferenceTests(SynchronousTestCase):
@@ -1190,11 +1239,14 @@ class NamedReferenceTests(SynchronousTestCase):
 _href = st.builds(
     lambda lead, scheme, path, extra, trail: f"{lead}{scheme}x.example/{path}{extra}{trail}",
     st.sampled_from(["", " ", "\n"]),
-    st.sampled_from(["https://", "HTTP://", "mailto:", "", "https:/"]),
-    st.sampled_from(["p", "p?a=1", "a b", "p\x01", "p" * 3000]),
-    st.sampled_from(["", "&amp;b=2", "&copy=3", "{{opening_double_curly()}}", "#top", "&#x41;"]),
+    st.sampled_from(["https://", "HTTP://", "hTtPs://", "mailto:", "", "https:/", "ftp://"]),
+    st.sampled_from(["p", "p?a=1", "a b", "p\x01", "p" * 3000, "p" * 4100]),
+    st.sampled_from(["", "&amp;b=2", "&copy=3", "{{opening_double_curly()}}", "{x}", "#top", "&#x41;",
+                     "\x7f", "\u00e9t\u00e9"]),
     st.sampled_from(["", " ", "\t"]),
 )
+_start = st.sampled_from(['<a href="{}">', '<A HREF="{}">', '<a  href = "{}" >', '<a\nhref="{}"/>',
+                          "<a href='{}'>", '<a href="{}" data-msys-linkname="n">', '<a id=x href="{}">'])
 _anchor = st.lists(st.sampled_from(["Shop", " now ", "&amp;", "<b>x</b>", "{{closing_single_curly()}}",
                                     '<img alt="Hero">', "\n", "<!-- c -->", "</abbr>", "</b>"]),
                    max_size=4).map("".join)
@@ -1207,24 +1259,33 @@ class EditShortcutTests(SynchronousTestCase):
 
     def edits(self, html: str, shortcut: bool) -> list[tuple[Any, ...]]:
         if not shortcut:
-            self.patch(edits_module, "_plain_target", lambda value: False)
+            self.patch(html_scan, "_SCAN", html_scan._compile_scan(plain_links=False))
             self.patch(html_scan, "_PLAIN_END", ())
         try:
             found, too_long = html_edits(html)
         finally:
-            self.patch(edits_module, "_plain_target", PLAIN_TARGET)
+            self.patch(html_scan, "_SCAN", SCAN)
             self.patch(html_scan, "_PLAIN_END", PLAIN_END)
         return [(e, e.link and (e.link.index, e.link.suffix)) for e in found] + [too_long]
 
-    @settings(max_examples=400, deadline=None)
-    @given(st.lists(st.tuples(_href, _anchor, _end), min_size=1, max_size=4))
-    def test_same_edits_either_way(self, links: list[tuple[str, str, str]]) -> None:
-        html = "<body>" + "".join(f'<a href="{href}">{anchor}{end}' for href, anchor, end in links)
+    @settings(max_examples=600, deadline=None)
+    @given(st.lists(st.tuples(_start, _href, _anchor, _end), min_size=1, max_size=4))
+    def test_same_edits_either_way(self, links: list[tuple[str, str, str, str]]) -> None:
+        html = "<body>" + "".join(start.format(href) + anchor + end for start, href, anchor, end in links)
         self.assertEqual(self.edits(html, True), self.edits(html, False))
+
+    def test_the_shortcut_is_exact_where_it_ends(self) -> None:
+        """Each limit of the shortcut, on both sides: the URL's length, the anchor text's reach."""
+        for html in ['<a href="https://x.example/' + "p" * (MAX_URL_LENGTH - 18) + '">a</a>',
+                     '<a href="https://x.example/' + "p" * (MAX_URL_LENGTH - 17) + '">a</a>',
+                     '<a href="https://x.example/">' + "t" * (ANCHOR_SCAN - 4) + "</a>",
+                     '<a href="https://x.example/">' + "t" * (ANCHOR_SCAN - 3) + "</a>",
+                     '<a href="https://x">a</a>', '<a href="https://">a</a>', '<a href="http:/x">a</a>']:
+            self.assertEqual(self.edits(html, True), self.edits(html, False), html[:40])
 
     def test_shortcuts_are_taken(self) -> None:
         html = '<body><a href="https://x.example/p?a=1">Shop now</a></body>'
-        self.patch(html_scan, "_ANCHOR_END", None)  # the search is never made
+        self.patch(edits_module, "anchor_text", None)  # the scan found the text
         self.patch(edits_module, "unescape_attribute", None)  # nor the general path's decoding
         [link] = [e.link for e in html_edits(html)[0] if e.link is not None]
         self.assertEqual((link.target, link.name, link.anchor),

@@ -20,6 +20,7 @@ from appliance.rewrite.html_scan import (
     Attribute,
     anchor_text,
     collapse_text,
+    plain_anchor,
     scan_html,
     unescape_attribute,
 )
@@ -153,12 +154,6 @@ def _link_name(value: str) -> str:
     return name.encode()[:MAX_LINK_NAME_BYTES].decode("utf-8", "ignore") or DEFAULT_LINK_NAME
 
 
-def _plain_target(value: str) -> bool:
-    """Whether an href is its own target: trackable, with nothing to decode, expand or strip."""
-    return ("&" not in value and "{{" not in value and len(value) <= MAX_URL_LENGTH
-            and is_trackable_target(value))
-
-
 _NOTHING_ELSE: dict[str, Attribute] = {}  # a link tag's attributes other than href: none (never filled)
 
 
@@ -175,15 +170,16 @@ def html_edits(text: str, untracked: list[Untracked] | None = None) -> tuple[lis
     too_long = 0
     for tag in scan.links:
         attributes = tag.attributes
+        if tag.plain and len(attributes[0].value) <= MAX_URL_LENGTH:  # what the general path finds, sooner
+            href = attributes[0]
+            value, content = href.value, tag.text
+            anchor = plain_anchor(content) if content is not None else anchor_text(text, tag.content_start)
+            link = links.get(value, DEFAULT_LINK_NAME, "", False,
+                             expand_macros(anchor) if "{{" in anchor else anchor)
+            edits.append(Edit(href.value_start, href.value_end, value, LINK_SLOT, link, href.quote))
+            continue
         if len(attributes) == 1 and attributes[0].name == "href":  # the usual link
             first, href = _NOTHING_ELSE, attributes[0]
-            value = href.value
-            if tag.content_start >= 0 and _plain_target(value):  # what the general path finds, sooner
-                anchor = anchor_text(text, tag.content_start)
-                link = links.get(value, DEFAULT_LINK_NAME, "", False,
-                                 expand_macros(anchor) if "{{" in anchor else anchor)
-                edits.append(Edit(href.value_start, href.value_end, value, LINK_SLOT, link, href.quote))
-                continue
         else:
             first = {}
             for a in attributes:

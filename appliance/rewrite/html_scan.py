@@ -15,6 +15,9 @@ from html.entities import html5 as _HTML5_ENTITIES
 
 from appliance.rewrite.errors import PartSkipped
 
+# How far past ``<a ...>`` its content is read: a link's text is near its start, and
+# an <a> never closed must not cost a scan to the end of the text for every link.
+ANCHOR_SCAN = 4096
 # A start or end tag under HTML5 tokenizer rules. Every quantifier is possessive, so a
 # tag that never ends costs linear time; a match failure means end of input inside the tag.
 _ATTRIBUTES = (
@@ -41,6 +44,23 @@ _ATTR = re.compile(  # group 1 the name, group 2 the value with its quotes
 _SIMPLE_LINK = re.compile(
     r"""<[aA]([\t\n\f\r ]++)[hH][rR][eE][fF][\t\n\f\r ]*+=[\t\n\f\r ]*+"([^"]*+)"[\t\n\f\r /]*+>"""
 )
+# The scanner's step: _BORING, then, where it stops at the commonest link of all, that link:
+# an <a href="..."> (the _SIMPLE_LINK form) whose href is its own target (an absolute http(s)
+# URL with nothing to decode, expand or strip: group 2) and, where its content is plain text
+# up to "</a>" within what ``anchor_text`` reads, that text (group 3). One call finds both
+# the stretch to skip and the link, which is most of what a newsletter is made of.
+_PLAIN_HREF = r"""(?=[hH][tT][tT][pP][sS]?://[^\x00-\x20\x7f"&{])[^\x00-\x20\x7f"&{]++"""
+
+
+def _compile_scan(plain_links: bool = True) -> re.Pattern[str]:
+    """The scanner's step; without ``plain_links`` its link groups never match (for tests)."""
+    never = "" if plain_links else "(?!)"
+    return re.compile(
+        rf"""{_BORING.pattern}(?:{never}<[aA]([\t\n\f\r ]++)[hH][rR][eE][fF][\t\n\f\r ]*+=[\t\n\f\r ]*+"""
+        rf""""({_PLAIN_HREF})"[\t\n\f\r /]*+>(?:(?=([^<]{{0,{ANCHOR_SCAN - 4}}}+)</[aA]>))?)?"""
+    )
+
+
 _COMMENT_END = re.compile(r"--!?>")
 _RAW_TEXT = ("script", "style", "xmp", "iframe", "noembed", "noframes", "title", "textarea")
 _RAW_TEXT_END = {name: re.compile(rf"</{name}[\t\n\f\r />]", re.IGNORECASE) for name in _RAW_TEXT}
@@ -64,6 +84,11 @@ class LinkTag:
     name: str
     attributes: list[Attribute]
     content_start: int = -1  # an <a>'s: just after its start tag, where its anchor text begins
+    # Its only attribute is an href that is its own target: absolute http(s), nothing in it to
+    # decode (no "&"), expand ("{") or strip (no white space), quoted with '"'.
+    plain: bool = False
+    # Where ``plain``: its content up to "</a>", when that is text alone within ANCHOR_SCAN.
+    text: str | None = None
 
 
 @dataclass
@@ -71,6 +96,9 @@ class HtmlScan:
     links: list[LinkTag] = field(default_factory=list)
     body_open_end: int | None = None  # just after the first <body ...>
     body_close: int | None = None  # at the last </body>
+
+
+_SCAN = _compile_scan()
 
 
 def _attributes(text: str, start: int, end: int, alt: bool = False) -> list[Attribute]:
@@ -115,10 +143,18 @@ def scan_html(text: str) -> HtmlScan:
     n = len(text)
     pos = 0
     find = text.find
-    boring = _BORING.match
+    step = _SCAN.match
     simple_link = _SIMPLE_LINK.match
     while True:
-        lt = boring(text, pos).end()  # type: ignore[union-attr]  # it always matches
+        m: re.Match[str] = step(text, pos)  # type: ignore[assignment]  # it always matches
+        href = m[2]
+        if href is not None:  # a boring stretch, then a plain link
+            value_start, value_end = m.span(2)
+            pos = m.end()
+            scan.links.append(LinkTag("a", [Attribute("href", href, value_start, value_end, '"', m.end(1),
+                                                      value_end + 1, m.start(1))], pos, True, m[3]))
+            continue
+        lt = m.end()
         if lt >= n:
             return scan
         c = text[lt + 1] if lt + 1 < n else ""
@@ -174,9 +210,6 @@ def scan_html(text: str) -> HtmlScan:
 # -- anchor text -------------------------------------------------------------------------------
 
 ANCHOR_TEXT_MAX = 100  # characters of anchor text a click carries
-# How far past ``<a ...>`` its content is read: a link's text is near its start, and
-# an <a> never closed must not cost a scan to the end of the text for every link.
-ANCHOR_SCAN = 4096
 # Where an <a>'s content ends, as an HTML parser ends it: its end tag, the next <a>
 # (which closes it) or </body>.
 _PLAIN_END = ("</a>", "</A>")  # an end tag that needs no search for _ANCHOR_END after plain text
@@ -206,12 +239,11 @@ def anchor_text(text: str, start: int) -> str:
     lt = text.find("<", start, limit)
     # The usual: text, then its end tag, wholly within what is read.
     if 0 <= lt <= limit - len("</a>") and text.startswith(_PLAIN_END, lt):
-        content = text[start:lt]
-        return collapse_text(html.unescape(content) if "&" in content else content)
+        return plain_anchor(text[start:lt])
     m = _ANCHOR_END.search(text, start, limit)
     content = text[start:m.start() if m is not None else limit]
     if "<" not in content:
-        return collapse_text(html.unescape(content) if "&" in content else content)
+        return plain_anchor(content)
     shown = _INVISIBLE.sub("", _BREAKING.sub(" ", content))
     visible = collapse_text(html.unescape(shown) if "&" in shown else shown)
     if visible:
@@ -224,6 +256,11 @@ def anchor_text(text: str, start: int) -> str:
                     return alt
                 break
     return ""
+
+
+def plain_anchor(content: str) -> str:
+    """What a reader sees of a link's content that is text alone (no markup)."""
+    return collapse_text(html.unescape(content) if "&" in content else content)
 
 
 def collapse_text(value: str) -> str:
