@@ -33,6 +33,10 @@ from email.policy import compat32
 
 FIELD_NAME = re.compile(rb"[!-9;-~]+")
 _WSP = b" \t"
+# A whole field by the rules above, continuation lines included (group 1 its name): the
+# commonest case in one call. A line that is anything else is read line by line.
+_LINE_REST = rb"(?:[^\r]++|\r(?!\n))*+(?:\r\n|\Z)"
+_FIELD = re.compile(rb"([!-9;-~]++)[ \t]*+:" + _LINE_REST + rb"(?:[ \t]" + _LINE_REST + rb")*+")
 
 
 def is_field_name(name: str) -> bool:
@@ -85,9 +89,15 @@ def read_header(data: bytes, start: int = 0, end: int | None = None) -> HeaderBl
     end = len(data) if end is None else end
     fields: list[Field] = []
     find = data.find
+    field = _FIELD.match
     pos = start
     block = HeaderBlock(fields, end, False)
     while pos < end:
+        m = field(data, pos, end)
+        if m is not None:
+            pos = m.end()
+            fields.append(Field(m[1].decode("ascii").lower(), m.start(), pos, m[0]))
+            continue
         eol = find(b"\r\n", pos, end)
         stop, line_end = (eol, eol + 2) if eol >= 0 else (end, end)
         if stop == pos:
@@ -108,7 +118,8 @@ def read_header(data: bytes, start: int = 0, end: int | None = None) -> HeaderBl
             fields.append(Field(name.decode("ascii").lower(), pos, line_end))
         pos = line_end
     for f in fields:  # sliced once each at the end: joining line by line costs quadratic time
-        f.raw = data[f.start:f.end]
+        if not f.raw:  # read line by line (a whole field's match took its continuation lines too)
+            f.raw = data[f.start:f.end]
     return block
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 from hypothesis import example, given, settings
@@ -11,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import headers
 from appliance.dkim import DkimError, split_message
+from appliance.headers import _FIELD as FIELD
 from appliance.headers import (
     EncodedWordError,
     as_message,
@@ -106,6 +108,26 @@ class PropertyTests(SynchronousTestCase):
             self.assertEqual(rest, b"")
             self.assertEqual(bool(block.error), block.body_start < len(message))
         self.assertEqual(b"".join(f.raw for f in block.fields) + rest + body, message)
+
+    @settings(max_examples=300, deadline=None)
+    @given(header_blocks(), st.integers(0, 8), st.integers(0, 8))
+    @example(b"Subject: x\r", 0, 0)  # a CR ends the message
+    @example(b"A: b\r\n c\r\n\td\r\n\r\nbody", 0, 0)
+    def test_whole_fields_read_as_line_by_line(self, message: bytes, lead: int, trail: int) -> None:
+        """The one-call match of a whole field finds what reading line by line finds."""
+        data = b"x" * lead + message + b"y" * trail
+
+        def read(whole_fields: bool) -> Any:
+            if not whole_fields:
+                self.patch(headers, "_FIELD", re.compile(rb"(?!)"))
+            try:
+                block = read_header(data, lead, len(data) - trail)
+            finally:
+                self.patch(headers, "_FIELD", FIELD)
+            return ([(f.name, f.start, f.end, f.raw) for f in block.fields], block.body_start,
+                    block.separated, block.error)
+
+        self.assertEqual(read(True), read(False))
 
     @settings(max_examples=200, deadline=None)
     @given(header_blocks())
