@@ -569,6 +569,24 @@ class LengthLimitTests(SynchronousTestCase):
             "3 links left untracked: the tracked URL would be over 4096 characters"])
         self.assertEqual(prepared.tracking_notes(CODEC, ID, OPEN), [])
 
+    def test_links_too_long_at_once_as_one_by_one(self) -> None:
+        """The renderer's count over a part's links is the sum of its answer for each."""
+        from appliance.rewrite.edits import Link
+        from appliance.rewrite.render import LinkRenderer
+
+        def link(index: int, target: str, sublink: str = "") -> Link:
+            return Link(target, "n", sublink, False, "", index, click_suffix("n", target, False))
+
+        short, long = "https://x.example/", "https://x.example/" + incompressible(3300)
+        cases = [([], 0), ([link(0, short)], 0), ([link(0, short), link(1, long)], 1),
+                 ([link(0, short, "s" * 900)], 0), ([link(0, short, "s" * 3900), link(1, short)], 1),
+                 ([link(0, short, "s" * 900), link(1, long), link(2, long + "/2")], 2),
+                 ([link(0, long)] + [link(i, short, "s" * i) for i in range(1, 40)], 1)]
+        for links, count in cases:
+            renderer = LinkRenderer(CODEC, ID, CLICK)
+            self.assertEqual(sum(renderer.click_too_long(link) for link in links), count)
+            self.assertEqual(LinkRenderer(CODEC, ID, CLICK).clicks_too_long(links), count)
+
     def test_quick_length_check_agrees_with_encoding(self) -> None:
         """Links are only encoded at injection when their undeflated length could be too long."""
         outcomes = set()

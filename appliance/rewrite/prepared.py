@@ -237,6 +237,12 @@ class Prepared:
                 or (tracking.list_unsubscribe and self.dkim_signs_list_unsubscribe))
 
     @functools.cached_property
+    def pixel_slots(self) -> list[int]:
+        """The pixel slots (``OPEN_SLOT``, ``INITIAL_SLOT``) of the message's parts, in order."""
+        return sorted({e.slot for part in self.parts for _, e in part.dynamic
+                       if e.slot == OPEN_SLOT or e.slot == INITIAL_SLOT})
+
+    @functools.cached_property
     def coarse_size_bound(self) -> int:
         """
         A bound on every recipient's tracked copy that needs no recipient and signs nothing.
@@ -328,15 +334,13 @@ class Prepared:
             return notes
         links = LinkRenderer(codec, identity, tracking)
         if tracking.click_tracking:
-            untracked = sum(part.too_long for part in self.parts) + sum(
-                links.click_too_long(link) for part in self.parts for link in part.links)
+            untracked = sum(part.too_long + links.clicks_too_long(part.links) for part in self.parts)
             if untracked:
                 notes.append(f"{untracked} link{'s' if untracked > 1 else ''} left untracked: "
                              f"the tracked URL would be over {MAX_URL_LENGTH} characters")
         if tracking.open_tracking:
-            slots = {e.slot for part in self.parts for _, e in part.dynamic
-                     if e.slot == OPEN_SLOT or e.slot == INITIAL_SLOT and tracking.initial_open}
-            left_out = [slot for slot in sorted(slots) if links.open_too_long(slot)]
+            slots = [slot for slot in self.pixel_slots if slot == OPEN_SLOT or tracking.initial_open]
+            left_out = [slot for slot in slots if links.open_too_long(slot)]
             if left_out:
                 names = " and ".join("open" if slot == OPEN_SLOT else "initial_open" for slot in left_out)
                 notes.append(f"{names} pixel left out: its URL would be over "

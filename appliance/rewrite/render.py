@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from appliance.links import (
@@ -164,6 +165,22 @@ class LinkRenderer:
             self._shared_length + len(link.suffix))
         return bound > MAX_URL_LENGTH and self.click(link) is None
 
+    def clicks_too_long(self, links: list[Link]) -> int:
+        """
+        How many of ``links`` would be too long to track: ``click_too_long`` of each.
+
+        Asked only of each link when the longest head with the longest suffix
+        could be too long; mostly none is, and the lengths of all answer at once.
+        """
+        if not links:
+            return 0
+        if self._shared_length is None:
+            self._shared_length = _json_length(_longest_issued(self._common).to_array()[:SHARED_FIELDS])
+        head = max(len(self._head(sublink)) for sublink in set(map(_sublink, links)))
+        if head + _token_length(self._shared_length + max(map(len, map(_suffix, links)))) <= MAX_URL_LENGTH:
+            return 0
+        return sum(map(self.click_too_long, links))
+
     def click_length_bound(self, link: Link, quoted: bool) -> int:
         """
         The most characters the link's tracked URL can have, or -1 if it is too long to track.
@@ -190,6 +207,7 @@ class LinkRenderer:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as the tokens' JSON
+_sublink, _suffix = attrgetter("sublink"), attrgetter("suffix")
 
 
 def _longest_issued(data: LinkData) -> LinkData:
