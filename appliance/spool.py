@@ -149,9 +149,9 @@ class Envelope:
 
     def to_json(self) -> bytes:
         raw: dict[str, Any] = {"schema": ENVELOPE_SCHEMA}
-        raw.update((f.name, getattr(self, f.name)) for f in fields(self))
+        raw.update((name, getattr(self, name)) for name in _ENVELOPE_FIELDS)
         raw["recipients"] = [r.to_json() for r in self.recipients]
-        return json.dumps(raw, separators=(",", ":"), ensure_ascii=False).encode()
+        return _ENCODER.encode(raw).encode()
 
     def trailer(self) -> bytes:
         """The envelope as a schema-3 entry ends: its JSON, then its length."""
@@ -169,6 +169,11 @@ class Envelope:
             owed = raw.get("announce") or {}
             raw.update(subject=owed.get("subject", ""), friendly_from=owed.get("friendly_from", ""))
         return cls(**raw)
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
+# One encoder for every envelope: json.dumps with options builds one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass
