@@ -147,6 +147,26 @@ class BodyEncoderTests(SynchronousTestCase):
         body = b"".join(pieces)
         self.assertEqual(unstuff(encode_body(body, chunk_size=chunk)), expected(body))
 
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from([b".", b"x" * 20, b"\r\n", b"\r\n.", b"\r\n..", b"\n", b"\r", b"\r\r\n",
+                                     b"\n\r"]), max_size=40),
+           st.integers(min_value=1, max_value=200))
+    def test_chunks_as_the_plain_rewrite_gives_them(self, pieces: list[bytes], chunk: int) -> None:
+        """Each chunk is what rewriting every line end and dot gives, clean or not."""
+        body = b"".join(pieces)
+        encoder, at_line_start, pending_cr = BodyEncoder(), True, False
+        for i in range(0, len(body), chunk):
+            piece = body[i:i + chunk]
+            if pending_cr:
+                piece, pending_cr = b"\r" + piece, False
+            if piece.endswith(b"\r"):
+                piece, pending_cr = piece[:-1], True
+            want = canonical(piece)
+            if want:
+                want = (b"." if at_line_start and want[:1] == b"." else b"") + want.replace(b"\n.", b"\n..")
+                at_line_start = want.endswith(b"\n")
+            self.assertEqual(encoder.encode(body[i:i + chunk]), want)
+
 
 class OrderingTests(SynchronousTestCase):
     def test_mx_by_preference_ties_shuffled(self) -> None:
