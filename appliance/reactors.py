@@ -50,9 +50,9 @@ def thread_runner(reactor: Reactor, pool: ThreadPool | None = None) -> Runner:
     """
     Runs blocking calls in ``pool``, by default ``reactor``'s thread pool.
 
-    The reactor's pool takes CPU work (preparing, scrypt, DKIM signing); file
-    work (fsync, rename) gets a small pool of its own, so a reply that waits
-    on an fsync never queues behind a message being parsed.
+    The appliance runs its own calls in ``appliance.workers`` pools (CPU,
+    files and passwords apart); this is for tools and tests that want
+    Twisted's pool.
     """
 
     def run(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:

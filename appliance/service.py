@@ -26,7 +26,6 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
 
 from appliance.admin.dashboard import Dashboard, DestinationQueue
@@ -49,7 +48,7 @@ from appliance.helpers import HelperPool
 from appliance.injection import Injector
 from appliance.links import LinkCodec
 from appliance.policy import Policy
-from appliance.reactors import Reactor, Runner, thread_runner
+from appliance.reactors import Reactor, Runner
 from appliance.sighup import SighupService
 from appliance.smtp import AuthGuard, ConnectionLimits, SessionDrain, listener_factory
 from appliance.spool import Spool
@@ -60,6 +59,7 @@ from appliance.tracker import make_site
 from appliance.tracker.processes import TrackerProcesses, engagement_files, share
 from appliance.users import UsersFileChecker
 from appliance.webhooks import Webhooks
+from appliance.workers import WorkerPool
 
 log = Logger()
 
@@ -82,7 +82,7 @@ class FilePool(Service):
     The threads that do the appliance's file work: spool commits, journal and queue fsyncs.
 
     Its own pool, so an fsync a reply waits on never queues behind CPU work in
-    the reactor's pool. Started first and stopped last, after everything that
+    the CPU pool. Started first and stopped last, after everything that
     writes files has stopped; a stop lets queued work finish.
     """
 
@@ -90,8 +90,8 @@ class FilePool(Service):
     threads = 4
     thread_name = "appliance-files"
 
-    def __init__(self) -> None:
-        self.pool = ThreadPool(minthreads=1, maxthreads=self.threads, name=self.thread_name)
+    def __init__(self, reactor: Reactor) -> None:
+        self.pool = WorkerPool(reactor, self.threads, self.thread_name)
 
     def startService(self) -> None:
         self.pool.start()
@@ -102,11 +102,24 @@ class FilePool(Service):
         self.pool.stop()
 
 
+class CpuPool(FilePool):
+    """
+    The threads that do the appliance's CPU work: preparing messages, large renders, DKIM.
+
+    Python runs one thread at a time, so more threads would only take turns;
+    a few let OpenSSL's signing, which lets go of the interpreter, overlap.
+    """
+
+    name = "cpu-pool"
+    threads = 4
+    thread_name = "appliance-cpu"
+
+
 class PasswordPool(FilePool):
     """
     The one thread that checks AUTH passwords (scrypt).
 
-    In the reactor's pool, checks clients ask for at will queued ahead of the
+    In the CPU pool, checks clients ask for at will queued ahead of the
     CPU work replies wait on; and scrypt releases the GIL, so a larger pool
     under attack would take every core. ``smtp.auth_attempts_per_second``
     bounds what queues here.
@@ -166,7 +179,7 @@ class Appliance(MultiService):
         """
         ``parts`` come from ``appliance.build``; ``reactor`` makes every timer, connection and
         listener. ``run`` runs blocking work, file and CPU alike (unless given: file work in
-        a ``FilePool``, CPU work in the reactor's thread pool).
+        a ``FilePool``, CPU work in a ``CpuPool``).
         ``handle_sighup``: SIGHUP reopens the event log and re-reads the link key file; off
         where the process is not ours to signal (tests).
         """
@@ -195,15 +208,17 @@ class Appliance(MultiService):
     def _pools(self, reactor: Reactor, run: Runner | None) -> tuple[Runner, Runner, Runner]:
         """Where blocking work runs: CPU, file system and password checks, each apart."""
         self.file_pool: FilePool | None = None
+        self.cpu_pool: CpuPool | None = None
         self.password_pool: PasswordPool | None = None
         if run is not None:
             return run, run, run
-        self.file_pool = FilePool()
+        self.file_pool = FilePool(reactor)
         self.file_pool.setServiceParent(self)  # first: it is stopped after everything else
-        self.password_pool = PasswordPool()
+        self.cpu_pool = CpuPool(reactor)
+        self.cpu_pool.setServiceParent(self)
+        self.password_pool = PasswordPool(reactor)
         self.password_pool.setServiceParent(self)
-        return (thread_runner(reactor), thread_runner(reactor, self.file_pool.pool),
-                thread_runner(reactor, self.password_pool.pool))
+        return self.cpu_pool.pool.run, self.file_pool.pool.run, self.password_pool.pool.run
 
     def _mail_path(self, parts: Parts, reactor: Reactor, run: Runner, run_files: Runner,
                    resolver: Any) -> None:

@@ -126,7 +126,7 @@ class RunningAppliance:
         """Block until the file pool has no job running or queued (its jobs never need the reactor)."""
         pool = self.appliance.file_pool.pool if self.appliance.file_pool is not None else None
         deadline = time.monotonic() + timeout
-        while pool is not None and (pool.working or pool._queue.qsize()) and time.monotonic() < deadline:
+        while pool is not None and pool.unfinished and time.monotonic() < deadline:
             time.sleep(0.002)
 
     def settled(self) -> bool:

@@ -34,6 +34,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "headers": set(),
     "retry": set(),
     "reactors": set(),
+    # Worker threads for blocking calls, their results handed back to the reactor in batches.
+    "workers": set(),
     "sighup": set(),  # one SIGHUP handler for every part that re-reads something
     # Who opened and clicked: user agents, prefetch networks, MaxMind, the machine rules.
     "engagement": set(),
@@ -76,7 +78,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     # engagement: the prefetch networks are re-read on SIGHUP.
     "service": {"admin", "build", "config", "delivery", "engagement", "events", "files", "helpers",
                 "injection", "links", "policy", "reactors", "sighup", "smtp", "spool", "spoollock", "stats",
-                "suppression", "tracker", "users", "webhooks"},
+                "suppression", "tracker", "users", "webhooks", "workers"},
     # The admin listener's resources: they read what the services hand them. config: the
     # client reads [admin]; files: the token file is written atomically; suppression: the
     # list's entries, errors and scopes are its own.

@@ -106,6 +106,16 @@ class RecordingPool(ThreadPool):
         self.given.append(func)
 
 
+class RecordingQueue:
+    """Stands for a worker pool's queue of calls: records each call, runs none."""
+
+    def __init__(self, given: list[Any]) -> None:
+        self.given = given
+
+    def put(self, call: Any) -> None:
+        self.given.append(call)
+
+
 class PoolReactor(MemoryReactorClock):
     def __init__(self) -> None:
         super().__init__()
@@ -122,11 +132,13 @@ class PasswordPoolTests(SynchronousTestCase):
         config = make_config(directory, smtp={"users_file": users_file(directory, alice="secret")})
         reactor = PoolReactor()
         appliance = Appliance(build(config), reactor, handle_sighup=False)
-        assert appliance.password_pool is not None and appliance.file_pool is not None
-        self.assertEqual(appliance.password_pool.pool.max, 1)
-        recorded = RecordingPool("passwords")
-        appliance.password_pool.pool.callInThreadWithCallback = recorded.callInThreadWithCallback  # type: ignore[method-assign]
+        assert appliance.password_pool is not None and appliance.cpu_pool is not None
+        self.assertEqual(appliance.password_pool.pool.size, 1)
+        given: list[Any] = []
+        cpu: list[Any] = []
+        self.patch(appliance.password_pool.pool, "_calls", RecordingQueue(given))
+        self.patch(appliance.cpu_pool.pool, "_calls", RecordingQueue(cpu))
         assert appliance.users is not None
         appliance.users.requestAvatarId(UsernamePassword("alice", b"wrong"))
-        self.assertEqual(len(recorded.given), 1)
-        self.assertEqual(reactor.pool.given, [])
+        self.assertEqual(len(given), 1)
+        self.assertEqual((cpu, reactor.pool.given), ([], []))
