@@ -12,7 +12,6 @@ records the commands it got in each read.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.config import Route
-from appliance.delivery import client as client_module
-from appliance.delivery.client import DeliveryClient, encode_body
+from appliance.delivery.client import DeliveryClient
 from appliance.delivery.outcome import Outcome
 from appliance.delivery.routing import Hop
 from tests.helpers import wait_until
@@ -200,25 +198,21 @@ def group(*lines: bytes) -> bytes:
 MAIL = b"MAIL FROM:<sender@s.test> SIZE=%d" % len(BODY)
 
 
-class MessageWriteTests(SynchronousTestCase):
-    """A small copy goes out in one write, a large one streamed: the same bytes on the wire."""
+class OutOfStepTests(SynchronousTestCase):
+    def test_a_reply_before_the_message_is_sent_ends_the_session(self) -> None:
+        """
+        A reply that comes with the 354, before the client sent the message, answers nothing:
+        the session ends there, and no later copy takes a reply that was not its own.
+        """
+        def script(verb: str, n: int) -> Answer:
+            if verb == "DATA" and n == 1:
+                return b"354 go\r\n550 5.7.1 early refusal"  # in one read with the 354
+            return default_script(verb, n)
 
-    def test_one_write_or_streamed_the_same(self) -> None:
-        body = b"Subject: big\r\n\r\n" + b"".join(b".%05d line of the copy\r\n" % i for i in range(2000))
-        wire = encode_body(body)
-        self.patch(sys.modules[__name__], "BODY", body)
-        written: dict[int, list[bytes]] = {}
-        whole = client_module.WRITE_AT_ONCE
-        for at_once in (whole, 0):
-            self.patch(client_module, "WRITE_AT_ONCE", at_once)
-            run = converse(default_script, True, ["a@x.test"])
-            self.assertEqual([o.kind for _, o in run.attempt.outcomes], ["delivery"])
-            self.assertTrue(run.message_lines == [b"." + line if line.startswith(b".") else line
-                                                  for line in body.split(b"\r\n")[:-1]])  # stuffed
-            written[at_once] = run.transport.writes
-        self.assertTrue(b"".join(written[0]) == b"".join(written[whole]))
-        self.assertTrue(wire[:-3] in written[whole])  # one write, then the dot
-        self.assertGreater(len(written[0]), len(written[whole]) + 1)  # streamed: chunk by chunk
+        for pipelining in (False, True):
+            run = converse(script, pipelining, ["a@x.test", "b@x.test", "c@x.test"])
+            self.assertEqual([(a, o.kind) for a, o in run.attempt.outcomes], [("a@x.test", "bounce")])
+            self.assertTrue(run.transport.disconnecting)
 
 
 class PipeliningTests(SynchronousTestCase):

@@ -47,9 +47,6 @@ _REPLY = re.compile(rb"[2-5][0-9][0-9]([ -].*)?")
 _STAGES = {b"EHLO", b"HELO", b"STARTTLS", b"AUTH", b"MAIL", b"RCPT", b"DATA", b"RSET", b"QUIT"}
 _STAGE_NAMES = {b"MAIL": "MAIL FROM", b"RCPT": "RCPT TO"}
 _LINE_BREAKERS = re.compile(r"[\r\n\0]")  # would end or cut a command line: never sent
-# A copy up to this size goes to the transport in one write; a larger one is streamed in
-# chunks by a producer, so that the transport never holds a second copy of it whole.
-WRITE_AT_ONCE = 256 * 1024
 
 
 _CR, _DOT = itertools.repeat(b"\r"), itertools.repeat(b".")
@@ -316,12 +313,6 @@ class DeliveryClient(ESMTPClientAdapter):
         self._encoder = BodyEncoder()
         self._sending = True
         self.stage = "the message"
-        if len(self.job.data) <= WRITE_AT_ONCE:
-            # Already in memory and small: one write, without a producer's round trips
-            # through the reactor for every chunk.
-            self.transport.write(self._encoder.encode(self.job.data))
-            self.finishedFileTransfer(b"")
-            return
         sender = basic.FileSender()
         d = sender.beginFileTransfer(io.BytesIO(self.job.data), self.transport, self.transformChunk)
         d.addCallbacks(self.finishedFileTransfer, self._transfer_failed)
