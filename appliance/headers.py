@@ -86,7 +86,7 @@ class HeaderBlock:
 
 def read_header(data: bytes, start: int = 0, end: int | None = None) -> HeaderBlock:
     """The header block at ``start`` (of a message, or of a MIME part ending at ``end``)."""
-    end = len(data) if end is None else end
+    end = len(data) if end is None else min(end, len(data))
     fields: list[Field] = []
     find = data.find
     field = _FIELD.match

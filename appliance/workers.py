@@ -38,8 +38,10 @@ class WorkerPool:
     Calls start in the order they are made; their Deferreds fire on the
     reactor thread in the order the calls end. Calls made before ``start``
     wait for it; ``stop`` lets every call made before it end, then joins the
-    threads. A call made after ``stop`` is not run (its Deferred never fires),
-    as with Twisted's ``ThreadPool``, and a warning says so.
+    threads (a pool stopped before it started runs none). A call made after
+    ``stop`` is not run (its Deferred never fires), as with Twisted's
+    ``ThreadPool``, and a warning says so. The threads are daemons: a process
+    that ends without stopping its pools (killed, or a test) is not held up.
     """
 
     def __init__(self, reactor: IReactorFromThreads, threads: int, name: str) -> None:
@@ -104,7 +106,13 @@ class WorkerPool:
             # Appended first, then looked at: a hand-back that is already due takes it.
             if not self._wake_due:
                 self._wake_due = True
-                self.reactor.callFromThread(self._hand_back)
+                try:
+                    self.reactor.callFromThread(self._hand_back)
+                except BaseException:
+                    # The reactor could not be woken (its waker closing at shutdown): the
+                    # next call to end tries again, and hands back this result with its own.
+                    self._wake_due = False
+                    log.failure("{pool} could not hand results back to the reactor", pool=self.name)
 
     def _hand_back(self) -> None:
         """On the reactor thread: fire the Deferreds of every call that has ended."""
@@ -112,7 +120,10 @@ class WorkerPool:
         ended = self._ended
         while ended:
             d, ok, result = ended.popleft()
-            if ok:
-                d.callback(result)
-            else:
-                d.errback(result)
+            try:
+                if ok:
+                    d.callback(result)
+                else:
+                    d.errback(result)
+            except Exception:  # a Deferred its caller fired already: the others still go
+                log.failure("{pool} could not fire a call's Deferred", pool=self.name)

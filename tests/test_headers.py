@@ -129,6 +129,11 @@ class PropertyTests(SynchronousTestCase):
 
         self.assertEqual(read(True), read(False))
 
+    def test_an_end_past_the_data_is_the_data_s_end(self) -> None:
+        block = read_header(b"A: v", 0, 9)
+        self.assertEqual([(f.name, f.start, f.end, f.raw) for f in block.fields], [("a", 0, 4, b"A: v")])
+        self.assertEqual((block.body_start, block.separated, block.error), (4, False, ""))
+
     @settings(max_examples=200, deadline=None)
     @given(header_blocks())
     def test_every_consumer_sees_the_same_fields(self, message: bytes) -> None:

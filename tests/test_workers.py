@@ -102,6 +102,39 @@ class HandBackTests(SynchronousTestCase):
         self.assertEqual(pool.unfinished, 0)
         self.assertFalse(any(t.is_alive() for t in threading.enumerate() if t.name.startswith("test-")))
 
+    def test_a_reactor_that_cannot_be_woken_once_loses_nothing(self) -> None:
+        pool, held = self.pool(1)
+        failing = [True]
+        wake = held.callFromThread
+
+        def call_from_thread(f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+            if failing and failing.pop():
+                raise OSError("the waker is closed")
+            wake(f, *args, **kwargs)
+
+        self.patch(held, "callFromThread", call_from_thread)
+        results: list[int] = []
+        pool.run(lambda: 1).addCallback(results.append)
+        pool.start()
+        until(lambda: pool.unfinished == 0)
+        self.assertEqual(held.run_handed_back(), 0)  # that wake-up failed
+        pool.run(lambda: 2).addCallback(results.append)
+        until(lambda: pool.unfinished == 0)
+        held.run_handed_back()
+        self.assertEqual(results, [1, 2])  # the next one took both back
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_a_deferred_that_cannot_fire_holds_up_no_other(self) -> None:
+        pool, held = self.pool(1)
+        results: list[Any] = []
+        pool.run(lambda: "late").callback("fired already, by its caller")
+        pool.run(lambda: "next").addCallback(results.append)
+        pool.start()
+        until(lambda: pool.unfinished == 0)
+        held.run_handed_back()
+        self.assertEqual(results, ["next"])
+        self.assertEqual(len(self.flushLoggedErrors(defer.AlreadyCalledError)), 1)
+
     def test_a_call_after_stop_is_not_run(self) -> None:
         pool, held = self.pool(1)
         pool.start()
