@@ -51,7 +51,7 @@ from appliance.policy import Policy
 from appliance.reactors import Reactor, Runner
 from appliance.sighup import SighupService
 from appliance.smtp import AuthGuard, ConnectionLimits, SessionDrain, listener_factory
-from appliance.spool import Spool
+from appliance.spool import SPARE_FILES, Spool
 from appliance.spoollock import SpoolLock, SpoolLocked
 from appliance.stats import StatsService
 from appliance.suppression import SUPPRESSING_TYPES, SuppressionService
@@ -75,6 +75,10 @@ class SpoolService(Service):
     def startService(self) -> None:
         self.spool.prepare()
         super().startService()
+
+    def stopService(self) -> Any:
+        self.spool.close_spares()
+        return super().stopService()
 
 
 class FilePool(Service):
@@ -234,7 +238,7 @@ class Appliance(MultiService):
                                process=0 if config.tracker.processes > 1 else None)
         # Given the reactor, the spool writes "events written" marks a second late, in
         # batches, and skips those of messages delivered by then.
-        self.spool = Spool(config.spool.directory, run=run_files, clock=reactor)
+        self.spool = Spool(config.spool.directory, run=run_files, clock=reactor, spares=SPARE_FILES)
         self.spool_lock = SpoolLock(config.spool.directory)
         self.router = Router(config.delivery)
         # Each recipient's copy is made from the spooled text when delivery needs it;

@@ -55,9 +55,12 @@ which is the appliance's file thread pool and a synchronous call in tests.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import json
 import os
+import secrets
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -234,20 +237,23 @@ class SpoolWriter:
     """
     Receives one message's bytes during DATA, then commits or aborts.
 
-    The entry's file is created in the file pool as DATA begins (``create_early``),
-    so the commit after the final dot finds it made: creating a file is the
+    The entry's file is made before the commit needs it: creating a file is the
     slowest of the commit's steps after the fsyncs, and the client waits on
-    every one. Whichever comes first, that job, a spill to disk or the commit,
-    creates it; ``_lock`` keeps the others from trying again.
+    every one. It is one of the spool's spare files (``Spool.spares``) when
+    one is ready, else it is created in the file pool as DATA begins
+    (``create_early``). Whichever comes first, that job, a spill to disk or
+    the commit, creates it; ``_lock`` keeps the others from trying again.
     """
 
-    def __init__(self, spool: Spool, transmission_id: str) -> None:
+    def __init__(self, spool: Spool, transmission_id: str, spare: tuple[str, int] | None = None) -> None:
+        """``spare``: an empty file in ``incoming/`` made ahead, and its descriptor, to write to."""
         spool.check_usable()
         self.spool = spool
         self.transmission_id = transmission_id
-        self.path = os.path.join(spool.incoming, transmission_id)
+        self.path = spare[0] if spare is not None else os.path.join(spool.incoming, transmission_id)
         self._file: Any = None  # the text went to disk: it outgrew memory
-        self._fd: int | None = None  # the file, created early and not yet taken
+        # The file, made ahead (a spare) or created early, and not yet taken.
+        self._fd: int | None = spare[1] if spare is not None else None
         # Taken by a spill or the commit, or given up by an abort: nothing creates it after.
         self._claimed = False
         self._lock = threading.Lock()  # over _fd and _claimed: pool threads and the reactor
@@ -361,6 +367,37 @@ def _journal_line(index: int, state: CopyState) -> bytes:
     return json.dumps(entry).encode() + b"\n"
 
 
+def without_spares(names: list[str]) -> list[str]:
+    """The names of a listing of ``incoming/`` that are not spare files."""
+    return [name for name in names if not name.startswith(SPARE_PREFIX)]
+
+
+def entries_on_disk(directory: str) -> list[str]:
+    """What a spool directory holds: entries in ``active/``, transactions in ``incoming/``; no spare file."""
+    return (os.listdir(os.path.join(directory, "active"))
+            + without_spares(os.listdir(os.path.join(directory, "incoming"))))
+
+
+def _create_spares(directory: str, names: list[str]) -> list[tuple[str, int]]:
+    """New, empty files in ``directory``, with their descriptors; as many as could be made."""
+    made: list[tuple[str, int]] = []
+    try:
+        for name in names:
+            path = os.path.join(directory, name)
+            made.append((path, _create_new(path)))
+    except OSError:
+        if not made:
+            raise
+    return made
+
+
+def _drop_spares(spares: list[tuple[str, int]]) -> None:
+    for path, fd in spares:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        _unlink(path)
+
+
 def _create_new(path: str) -> int:
     """A new, empty file at ``path``, which must not exist yet."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -440,12 +477,17 @@ class _DelayedBatch:
 # and at most this many go in one batch.
 REMOVE_DELAY = 0.1
 REMOVE_BATCH = 500
+# The names of the spare files in incoming/ (``Spool.spares``); no transmission_id starts so.
+SPARE_PREFIX = "spare-"
+# How many the appliance keeps: more than the transactions that usually reach DATA between
+# two batches; each is an open descriptor and an empty file.
+SPARE_FILES = 8
 
 
 class Spool:
     def __init__(self, directory: str, run: Runner = threads.deferToThread,
                  clock: IReactorTime | None = None, mark_delay: float = 1.0,
-                 remove_delay: float = REMOVE_DELAY) -> None:
+                 remove_delay: float = REMOVE_DELAY, spares: int = 0) -> None:
         self.directory = directory
         self.incoming = os.path.join(directory, "incoming")
         self.active = os.path.join(directory, "active")
@@ -471,6 +513,15 @@ class Spool:
         # Called with each recovered entry whose events are still owed, before it is yielded
         # (so before its delivery is scheduled): the injector writes them.
         self.on_owed: Callable[[QueuedMessage], Any] | None = None
+        # Empty files kept ready in incoming/ for the next transactions, made in batches in
+        # the file pool: a message's file is then neither a file-pool call of its own nor on
+        # the way to its 250. None made unless asked for (the appliance asks; tests may).
+        self.spares = spares
+        self._spares: collections.deque[tuple[str, int]] = collections.deque()
+        self._making_spares = False
+        self._spares_closed = False
+        self._spare_run = secrets.token_hex(4)  # names never meet a file from another run
+        self._spare_count = itertools.count()
 
     def prepare(self) -> None:
         """Create the layout and drop every unacknowledged transaction."""
@@ -482,14 +533,48 @@ class Spool:
         # its journal, and every copy of it would be sent again.
         fsync_directory(self.active)
         for name in os.listdir(self.incoming):
-            log.info("discarding unacknowledged spool entry {name}", name=name)
+            if not name.startswith(SPARE_PREFIX):  # a spare file never held anything
+                log.info("discarding unacknowledged spool entry {name}", name=name)
             _remove_path(os.path.join(self.incoming, name))
 
     def writer(self, transmission_id: str) -> SpoolWriter:
-        """A new entry's writer, its file already being created (``SpoolWriter.create_early``)."""
-        writer = SpoolWriter(self, transmission_id)
-        writer.create_early()
+        """A new entry's writer, with a spare file made ahead, or its file being created now."""
+        if self._spares:
+            writer = SpoolWriter(self, transmission_id, self._spares.popleft())
+        else:
+            writer = SpoolWriter(self, transmission_id)
+            writer.create_early()
+        if self.spares and len(self._spares) <= self.spares // 2 and not self._making_spares:
+            self._make_spares()
         return writer
+
+    # -- spare files ---------------------------------------------------------------------
+
+    def _make_spares(self) -> None:
+        """Fill the spares up, in one file-pool call; a failure leaves writers to create their own."""
+        self._making_spares = True
+        wanted = self.spares - len(self._spares)
+        names = [f"{SPARE_PREFIX}{self._spare_run}-{next(self._spare_count)}" for _ in range(wanted)]
+        d = self.run(_create_spares, self.incoming, names)
+        d.addCallback(self._spares_made)
+        d.addErrback(lambda f: log.failure("could not make spare spool files; each message's file "
+                                           "is created as it comes", f))
+        d.addBoth(self._spares_ended)
+
+    def _spares_made(self, made: list[tuple[str, int]]) -> None:
+        if self._spares_closed:  # stopped meanwhile: not used, and not left open
+            _drop_spares(made)
+        else:
+            self._spares.extend(made)
+
+    def _spares_ended(self, _: Any) -> None:
+        self._making_spares = False
+
+    def close_spares(self) -> None:
+        """Close and remove the spare files (on stop); none is made after."""
+        self._spares_closed, self.spares = True, 0
+        spares, self._spares = list(self._spares), collections.deque()
+        _drop_spares(spares)
 
     def check_usable(self) -> None:
         """

@@ -13,6 +13,7 @@ from twisted.internet import defer, reactor, threads
 from appliance.build import build
 from appliance.config import Config, parse_config
 from appliance.service import Appliance
+from appliance.spool import entries_on_disk
 from tests.fakes import FakeResolver
 from tests.ports import free_port
 from tests.sink import SinkFactory
@@ -120,7 +121,7 @@ class RunningAppliance:
         """
         self.wait_for_file_pool()
         spool = self.config.spool.directory
-        return os.listdir(os.path.join(spool, "active")) + os.listdir(os.path.join(spool, "incoming"))
+        return entries_on_disk(spool)
 
     def wait_for_file_pool(self, timeout: float = 10.0) -> None:
         """Block until the file pool has no job running or queued (its jobs never need the reactor)."""

@@ -12,7 +12,6 @@ other (as Synapse's ``HomeserverTestCase`` does for a homeserver).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from twisted.internet import protocol
@@ -25,7 +24,7 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 from appliance.build import build
 from appliance.config import Config
 from appliance.service import Appliance
-from appliance.spool import run_synchronously
+from appliance.spool import entries_on_disk, run_synchronously
 from tests.fakes import FakeResolver
 from tests.helpers import make_config, merge, read_events
 from tests.sink import SinkFactory
@@ -257,7 +256,7 @@ class MemoryAppliance:
     def spooled(self) -> list[str]:
         """What the spool holds, accepted or being received."""
         spool = self.config.spool.directory
-        return os.listdir(os.path.join(spool, "active")) + os.listdir(os.path.join(spool, "incoming"))
+        return entries_on_disk(spool)
 
 
 def _unchunk(body: bytes) -> bytes:

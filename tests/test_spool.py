@@ -809,6 +809,89 @@ class EarlyCreationTests(SynchronousTestCase):
         self.assertEqual(len(self.spool.read_message(queued)), w.size)
 
 
+class SpareFileTests(SynchronousTestCase):
+    """Spare files made ahead in batches: a transaction's file is neither a job of its own nor late."""
+
+    def setUp(self) -> None:
+        self.jobs = HeldJobs()
+        self.spool = Spool(self.mktemp(), run=self.jobs, spares=4)
+        self.spool.prepare()
+        self.fds = open_fds()
+
+    def incoming(self) -> list[str]:
+        return sorted(os.listdir(self.spool.incoming))
+
+    def test_spares_are_made_in_one_job_and_each_transaction_takes_one(self) -> None:
+        first = self.spool.writer("1")  # none ready yet: this one's file is created early
+        self.assertEqual(len(self.jobs.jobs), 2)  # its creation, and one batch of spares
+        self.jobs.run(1)
+        spares = self.incoming()
+        self.assertEqual(len(spares), 4)
+        self.assertTrue(all(name.startswith(spool_module.SPARE_PREFIX) for name in spares))
+        self.jobs.run()
+        self.assertEqual(open_fds(), self.fds + 5)  # four spares and the first one's file
+        writers = [self.spool.writer("2")]
+        self.assertEqual(self.jobs.jobs, [])  # taken from the spares: no job
+        writers.append(self.spool.writer("3"))  # down to half: one batch tops them up
+        writers.append(self.spool.writer("4"))
+        self.assertEqual(len(self.jobs.jobs), 1)
+        self.jobs.run()
+        self.assertEqual(len(self.spool._spares), 3)  # the two it was asked for, after "4" took one
+        for w in [first, *writers]:
+            text = b"text of " + w.transmission_id.encode() + b"\r\n"
+            w.write(text)
+            d = w.commit(envelope(w.transmission_id))
+            self.jobs.run()
+            queued = self.successResultOf(d)
+            queued.text = None
+            self.assertEqual(self.spool.read_message(queued), text)
+        self.assertEqual(sorted(os.listdir(self.spool.active)), ["1", "2", "3", "4"])
+        self.assertEqual(len(self.incoming()), 3)  # the spares not taken
+        self.spool.close_spares()
+        self.assertEqual((self.incoming(), open_fds()), ([], self.fds))
+
+    def test_an_aborted_transaction_removes_its_spare(self) -> None:
+        self.spool.writer("1")
+        self.jobs.run(1)  # the spares
+        self.jobs.run()
+        w = self.spool.writer("2")
+        taken = w.path
+        w.abort()
+        self.jobs.run()
+        self.assertNotIn(os.path.basename(taken), self.incoming())
+        self.assertEqual(len(self.incoming()), 3 + 1)  # the others, and the first one's file
+
+    def test_spares_made_after_a_stop_are_dropped(self) -> None:
+        self.spool.writer("1")
+        self.spool.close_spares()
+        self.jobs.run(1)  # the batch ends after the stop
+        self.jobs.run()
+        self.assertEqual(self.incoming(), ["1"])
+        self.assertEqual(open_fds(), self.fds + 1)
+        self.spool.writer("2")
+        self.assertEqual(len(self.jobs.jobs), 1)  # its own creation; no spares any more
+
+    def test_a_failed_batch_is_logged_and_transactions_go_on(self) -> None:
+        self.patch(spool_module, "_create_new", lambda path: (_ for _ in ()).throw(OSError(28, "No space")))
+        self.spool.writer("1")
+        self.jobs.run(1)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(list(self.spool._spares), [])
+        self.assertFalse(self.spool._making_spares)  # another batch may be tried
+
+    def test_leftover_spares_are_removed_at_start_without_a_word(self) -> None:
+        self.spool.writer("1")
+        self.jobs.run(1)
+        self.jobs.run()
+        messages: list[str] = []
+        self.patch(spool_module.log, "info", lambda fmt, **kw: messages.append(fmt.format(**kw)))
+        fresh = Spool(self.spool.directory, run=self.jobs)
+        fresh.prepare()
+        self.assertEqual(self.incoming(), [])
+        self.assertEqual(messages, ["discarding unacknowledged spool entry 1"])
+        self.spool.close_spares()
+
+
 class BatchedRemovalTests(SynchronousTestCase):
     """Given a clock, finished entries leave active/ at once, and one later fsync covers them all."""
 

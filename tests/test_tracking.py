@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import quopri
 import re
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.links import LinkCodec, LinkData, read_keyring
-from appliance.spool import REMOVE_DELAY
+from appliance.spool import REMOVE_DELAY, entries_on_disk
 from tests import policies
 from tests.helpers import TRACKING_DOMAIN
 from tests.memory import MemoryAppliance, sendmail
@@ -66,7 +65,7 @@ class TrackingTestCase(SynchronousTestCase):
 
     def spool_is_empty(self) -> bool:
         spool = self.running.config.spool.directory
-        return not any(os.listdir(os.path.join(spool, d)) for d in ("active", "incoming"))
+        return not entries_on_disk(spool)
 
     def delivered(self, count: int) -> None:
         """The outcome events are written too: nothing is left in flight."""
