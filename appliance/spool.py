@@ -4,6 +4,8 @@ The durable spool: where an accepted message lives until every copy has a final 
 Layout (Postfix-like commit protocol)::
 
     incoming/<id>         being received; never read by delivery
+    incoming/spare-*      empty files made ahead; a transaction takes one
+                          and is received into it
     active/<id>           committed: the message as injected (canonical CRLF),
                           then its envelope (sender, recipients, ids, tracking,
                           events owed) and a fixed-size trailer saying how long
