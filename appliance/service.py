@@ -77,8 +77,8 @@ class SpoolService(Service):
         super().startService()
 
     def stopService(self) -> Any:
-        self.spool.close_spares()
-        return super().stopService()
+        super().stopService()
+        return self.spool.close_spares()
 
 
 class FilePool(Service):

@@ -59,12 +59,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import itertools
 import json
 import os
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -312,12 +314,20 @@ class SpoolWriter:
         if self._file is None:
             text = b"".join(self._pending)  # kept: the message is prepared from it next
             self._pending, self._pending_size = [], 0
-            _write_synced(self._take_fd(), text, envelope.trailer())
+            fd = self._take_fd()
+            written = _identity(fd)
+            _write_synced(fd, text, envelope.trailer())
         else:
             self._file.write(envelope.trailer())
             self._file.flush()
             os.fsync(self._file.fileno())
+            written = _identity(self._file.fileno())
             self._file.close()
+        # The file is renamed by its name, written through its descriptor: were incoming/
+        # replaced meanwhile (removed, or swapped for a copy), the name would be another
+        # file's, or none, and an empty entry could be acknowledged.
+        if _identity(self.path) != written:  # FileNotFoundError if it is gone
+            raise OSError(errno.ESTALE, f"{self.path} is no longer the file the message was written to")
         final = os.path.join(self.spool.active, self.transmission_id)
         os.rename(self.path, final)
         # Shared with every entry renamed before it began; nothing is answered before it.
@@ -329,6 +339,7 @@ class SpoolWriter:
 
     def _failed(self, failure: Any) -> Any:
         self.spool._usable = False
+        self.spool.drop_spares()  # made in an incoming/ that may be gone now
         self._discard()
         return failure
 
@@ -391,6 +402,12 @@ def _create_spares(directory: str, names: list[str]) -> list[tuple[str, int]]:
         if not made:
             raise
     return made
+
+
+def _identity(file: int | str) -> tuple[int, int]:
+    """Which file a descriptor or a path is: its device and inode."""
+    st = os.fstat(file) if isinstance(file, int) else os.stat(file)
+    return st.st_dev, st.st_ino
 
 
 def _drop_spares(spares: list[tuple[str, int]]) -> None:
@@ -484,6 +501,7 @@ SPARE_PREFIX = "spare-"
 # How many the appliance keeps: more than the transactions that usually reach DATA between
 # two batches; each is an open descriptor and an empty file.
 SPARE_FILES = 8
+SPARES_PAUSE = 10.0  # seconds without spares after a batch could not be made
 
 
 class Spool:
@@ -518,15 +536,17 @@ class Spool:
         # Empty files kept ready in incoming/ for the next transactions, made in batches in
         # the file pool: a message's file is then neither a file-pool call of its own nor on
         # the way to its 250. None made unless asked for (the appliance asks; tests may).
-        self.spares = spares
+        self.spares = self._spares_wanted = spares
         self._spares: collections.deque[tuple[str, int]] = collections.deque()
         self._making_spares = False
         self._spares_closed = False
+        self._spares_paused_until = 0.0  # after a batch failed: none is tried before
         self._spare_run = secrets.token_hex(4)  # names never meet a file from another run
         self._spare_count = itertools.count()
 
     def prepare(self) -> None:
         """Create the layout and drop every unacknowledged transaction."""
+        self.spares, self._spares_closed = self._spares_wanted, False
         for d in (self.directory, self.incoming, self.active, self.journal):
             os.makedirs(d, mode=0o700, exist_ok=True)
         # Entries the last run renamed out of active/ may not be durably out yet (it was
@@ -541,12 +561,14 @@ class Spool:
 
     def writer(self, transmission_id: str) -> SpoolWriter:
         """A new entry's writer, with a spare file made ahead, or its file being created now."""
+        self.check_usable()  # before a spare is taken: a refused transaction keeps none
         if self._spares:
             writer = SpoolWriter(self, transmission_id, self._spares.popleft())
         else:
             writer = SpoolWriter(self, transmission_id)
             writer.create_early()
-        if self.spares and len(self._spares) <= self.spares // 2 and not self._making_spares:
+        if (self.spares and len(self._spares) <= self.spares // 2 and not self._making_spares
+                and time.monotonic() >= self._spares_paused_until):
             self._make_spares()
         return writer
 
@@ -558,9 +580,7 @@ class Spool:
         wanted = self.spares - len(self._spares)
         names = [f"{SPARE_PREFIX}{self._spare_run}-{next(self._spare_count)}" for _ in range(wanted)]
         d = self.run(_create_spares, self.incoming, names)
-        d.addCallback(self._spares_made)
-        d.addErrback(lambda f: log.failure("could not make spare spool files; each message's file "
-                                           "is created as it comes", f))
+        d.addCallbacks(self._spares_made, self._spares_failed)
         d.addBoth(self._spares_ended)
 
     def _spares_made(self, made: list[tuple[str, int]]) -> None:
@@ -569,14 +589,27 @@ class Spool:
         else:
             self._spares.extend(made)
 
+    def _spares_failed(self, failure: Failure) -> None:
+        # Tried again after a pause, not at every DATA: a full disk logs once in a while.
+        self._spares_paused_until = time.monotonic() + SPARES_PAUSE
+        log.failure("could not make spare spool files; each message's file is created as it "
+                    "comes, and spares are tried again in {pause} s", failure, pause=SPARES_PAUSE)
+
     def _spares_ended(self, _: Any) -> None:
         self._making_spares = False
 
-    def close_spares(self) -> None:
-        """Close and remove the spare files (on stop); none is made after."""
-        self._spares_closed, self.spares = True, 0
+    def drop_spares(self) -> defer.Deferred:
+        """Close and remove the spare files made so far, in the file pool; more are made as needed."""
         spares, self._spares = list(self._spares), collections.deque()
-        _drop_spares(spares)
+        if not spares:
+            return defer.succeed(None)
+        return self.run(_drop_spares, spares).addErrback(
+            lambda f: log.failure("could not remove spare spool files", f))
+
+    def close_spares(self) -> defer.Deferred:
+        """Close and remove the spare files (on stop); none is made after, until the next start."""
+        self._spares_closed, self.spares = True, 0
+        return self.drop_spares()
 
     def check_usable(self) -> None:
         """

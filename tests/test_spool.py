@@ -848,6 +848,8 @@ class SpareFileTests(SynchronousTestCase):
         self.assertEqual(sorted(os.listdir(self.spool.active)), ["1", "2", "3", "4"])
         self.assertEqual(len(self.incoming()), 3)  # the spares not taken
         self.spool.close_spares()
+        self.assertEqual(len(self.incoming()), 3)  # closed and removed in the file pool
+        self.jobs.run()
         self.assertEqual((self.incoming(), open_fds()), ([], self.fds))
 
     def test_an_aborted_transaction_removes_its_spare(self) -> None:
@@ -871,13 +873,91 @@ class SpareFileTests(SynchronousTestCase):
         self.spool.writer("2")
         self.assertEqual(len(self.jobs.jobs), 1)  # its own creation; no spares any more
 
-    def test_a_failed_batch_is_logged_and_transactions_go_on(self) -> None:
+    def test_a_failed_batch_is_logged_once_and_transactions_go_on(self) -> None:
         self.patch(spool_module, "_create_new", lambda path: (_ for _ in ()).throw(OSError(28, "No space")))
         self.spool.writer("1")
         self.jobs.run(1)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         self.assertEqual(list(self.spool._spares), [])
-        self.assertFalse(self.spool._making_spares)  # another batch may be tried
+        self.spool.writer("2")  # its own creation, and no batch: spares are paused
+        self.assertEqual([job[0] for job in self.jobs.jobs][-1].__name__, "_create")
+        self.assertEqual(len(self.jobs.jobs), 2)
+        self.patch(spool_module.time, "monotonic", lambda: 1e12)  # the pause is over
+        self.spool.writer("3")
+        self.assertEqual([job[0] for job in self.jobs.jobs][-1], spool_module._create_spares)
+
+    def ready(self) -> None:
+        """Spares made, and the first transaction's file created (then aborted)."""
+        self.spool.writer("0").abort()
+        while self.jobs.jobs:
+            self.jobs.run()
+        self.assertEqual(len(self.spool._spares), 4)
+        self.fds = open_fds()
+
+    def test_an_aborted_transaction_closes_its_spare(self) -> None:
+        self.ready()
+        self.spool.writer("1").abort()
+        self.jobs.run()
+        self.assertEqual((len(self.incoming()), open_fds()), (3, self.fds - 1))
+
+    def test_a_spilled_message_goes_on_in_its_spare(self) -> None:
+        self.ready()
+        self.patch(spool_module, "SPILL_AT", 10)
+        w = self.spool.writer("1")
+        spare = w.path
+        text = b"x" * 50 + b"\r\n"
+        w.write(text)  # past SPILL_AT: written out to the spare now, not to a file of its own
+        self.assertEqual(os.fstat(w._file.fileno()).st_ino, os.stat(spare).st_ino)
+        self.assertEqual(self.jobs.jobs, [])
+        d = w.commit(envelope("1"))
+        self.jobs.run()
+        queued = self.successResultOf(d)
+        self.assertEqual(self.spool.read_message(queued), text)
+        self.assertEqual(open_fds(), self.fds - 1)
+
+    def test_a_refused_transaction_takes_no_spare(self) -> None:
+        self.ready()
+        self.spool._usable = False
+        os.rename(self.spool.incoming, self.spool.incoming + ".away")
+        self.assertRaises(FileNotFoundError, self.spool.writer, "1")
+        self.assertEqual((len(self.spool._spares), open_fds()), (4, self.fds))
+        os.rename(self.spool.incoming + ".away", self.spool.incoming)
+
+    def test_a_new_incoming_directory_costs_one_transaction_at_most(self) -> None:
+        """incoming/ removed and made again: a spare made in the old one is never renamed."""
+        self.ready()
+        shutil.rmtree(self.spool.incoming)
+        os.mkdir(self.spool.incoming)
+        w = self.spool.writer("1")
+        w.write(b"text\r\n")
+        d = w.commit(envelope("1"))
+        self.jobs.run()
+        self.failureResultOf(d, FileNotFoundError)
+        self.assertEqual(len(self.spool._spares), 0)  # the others are dropped with it
+        while self.jobs.jobs:
+            self.jobs.run()
+        self.assertEqual(open_fds(), self.fds - 4)
+        w = self.spool.writer("2")  # a file of its own, in the new incoming/
+        w.write(b"text\r\n")
+        d = w.commit(envelope("2"))
+        while self.jobs.jobs:
+            self.jobs.run(len(self.jobs.jobs) - 1)
+        self.assertEqual(self.successResultOf(d).path, os.path.join(self.spool.active, "2"))
+
+    def test_a_copied_incoming_directory_is_no_place_for_a_message(self) -> None:
+        """incoming/ swapped for a copy: the spare's name is another, empty file now."""
+        self.ready()
+        w = self.spool.writer("1")
+        copy = self.spool.incoming + ".copy"
+        shutil.copytree(self.spool.incoming, copy)
+        shutil.rmtree(self.spool.incoming)
+        os.rename(copy, self.spool.incoming)
+        w.write(b"text\r\n")
+        d = w.commit(envelope("1"))
+        self.jobs.run()
+        self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.ESTALE)
+        self.assertEqual(os.listdir(self.spool.active), [])  # no empty entry acknowledged
+        self.flushLoggedErrors()
 
     def test_leftover_spares_are_removed_at_start_without_a_word(self) -> None:
         self.spool.writer("1")

@@ -89,8 +89,10 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(os.listdir(os.path.join(spool, "active")), [])  # left at once
         removed = without_spares(os.listdir(os.path.join(spool, "incoming")))
         self.assertEqual(len(removed), 1)  # deleted after the fsync
+        self.assertNotEqual(os.listdir(os.path.join(spool, "incoming")), removed)  # and spares
         self.successResultOf(self.stop())  # no time passes
         self.assertEqual(self.running.spooled(), [])
+        self.assertEqual(os.listdir(os.path.join(spool, "incoming")), [])  # spares too
 
     def test_idle_sessions_are_told_and_closed(self) -> None:
         """Sessions with nothing in flight hear 421 at once, so clients do not wait on a stopped server."""
