@@ -6,15 +6,26 @@ each must be durable before its reply or its next step, but an fsync per
 entry would make concurrent transactions queue behind each other's disk
 flushes. ``ThreadedDirectorySync`` lets them share one, in the file-pool
 thread that made the change: no hop back to the reactor and out again
-between a rename and its fsync.
+between a rename and its fsync. ``DelayedBatch`` does the same for work
+that may wait a moment: many entries' work in one file-pool call.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 
 from appliance.files import fsync_directory
+
+if TYPE_CHECKING:
+    from appliance.reactors import Runner
+
+T = TypeVar("T")
 
 
 class ThreadedDirectorySync:
@@ -57,3 +68,48 @@ class ThreadedDirectorySync:
                 if succeeded:
                     self._covered = max(self._covered, covers)
                 self._changed.notify_all()
+
+
+class DelayedBatch(Generic[T]):
+    """
+    Work for many spool entries, done in one file-pool call a while after the first asked.
+
+    The spool's "events written" marks and the fsync of ``active/`` after
+    entries left it; like a directory fsync, one call serves every entry
+    that asked before it.
+
+    ``add`` gives each entry a Deferred that fires once the call has ended (or
+    fails with it); ``flush`` makes the call now (a stop does not wait).
+    """
+
+    def __init__(self, clock: IReactorTime, delay: float, run: Runner,
+                 work: Callable[[list[T]], Any]) -> None:
+        self.clock, self.delay, self.run, self.work = clock, delay, run, work
+        self.waiting: list[tuple[T, defer.Deferred]] = []
+        self._due: IDelayedCall | None = None
+
+    def add(self, queued: T) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.waiting.append((queued, d))
+        if self._due is None:
+            self._due = self.clock.callLater(self.delay, self.flush)
+        return d
+
+    def flush(self) -> None:
+        if self._due is not None:
+            if self._due.active():
+                self._due.cancel()
+            self._due = None
+        batch, self.waiting = self.waiting, []
+        if not batch:
+            return
+        done = self.run(self.work, [queued for queued, _ in batch])
+
+        def tell(result: Any) -> None:
+            for _, d in batch:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+
+        done.addBoth(tell)

@@ -51,7 +51,8 @@ from appliance.policy import Policy
 from appliance.reactors import Reactor, Runner
 from appliance.sighup import SighupService
 from appliance.smtp import AuthGuard, ConnectionLimits, SessionDrain, listener_factory
-from appliance.spool import SPARE_FILES, Spool
+from appliance.spares import SPARE_FILES
+from appliance.spool import Spool
 from appliance.spoollock import SpoolLock, SpoolLocked
 from appliance.stats import StatsService
 from appliance.suppression import SUPPRESSING_TYPES, SuppressionService
@@ -78,7 +79,7 @@ class SpoolService(Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        return self.spool.close_spares()
+        return self.spool.spares.close()
 
 
 class FilePool(Service):

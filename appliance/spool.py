@@ -57,28 +57,24 @@ which is the appliance's file thread pool and a synchronous call in tests.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
-import itertools
 import json
 import os
-import secrets
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from appliance.files import fsync_directory
-from appliance.groupcommit import ThreadedDirectorySync
+from appliance.groupcommit import DelayedBatch, ThreadedDirectorySync
 from appliance.settings import Tracking
+from appliance.spares import Spare, SpareFiles, without_spares
 
 log = Logger()
 
@@ -243,13 +239,13 @@ class SpoolWriter:
 
     The entry's file is made before the commit needs it: creating a file is the
     slowest of the commit's steps after the fsyncs, and the client waits on
-    every one. It is one of the spool's spare files (``Spool.spares``) when
+    every one. It is one of the spool's spare files (``appliance.spares``) when
     one is ready, else it is created in the file pool as DATA begins
     (``create_early``). Whichever comes first, that job, a spill to disk or
     the commit, creates it; ``_lock`` keeps the others from trying again.
     """
 
-    def __init__(self, spool: Spool, transmission_id: str, spare: tuple[str, int] | None = None) -> None:
+    def __init__(self, spool: Spool, transmission_id: str, spare: Spare | None = None) -> None:
         """``spare``: an empty file in ``incoming/`` made ahead, and its descriptor, to write to."""
         spool.check_usable()
         self.spool = spool
@@ -339,7 +335,7 @@ class SpoolWriter:
 
     def _failed(self, failure: Any) -> Any:
         self.spool._usable = False
-        self.spool.drop_spares()  # made in an incoming/ that may be gone now
+        self.spool.spares.drop()  # made in an incoming/ that may be gone now
         self._discard()
         return failure
 
@@ -380,41 +376,16 @@ def _journal_line(index: int, state: CopyState) -> bytes:
     return json.dumps(entry).encode() + b"\n"
 
 
-def without_spares(names: list[str]) -> list[str]:
-    """The names of a listing of ``incoming/`` that are not spare files."""
-    return [name for name in names if not name.startswith(SPARE_PREFIX)]
-
-
 def entries_on_disk(directory: str) -> list[str]:
     """What a spool directory holds: entries in ``active/``, transactions in ``incoming/``; no spare file."""
     return (os.listdir(os.path.join(directory, "active"))
             + without_spares(os.listdir(os.path.join(directory, "incoming"))))
 
 
-def _create_spares(directory: str, names: list[str]) -> list[tuple[str, int]]:
-    """New, empty files in ``directory``, with their descriptors; as many as could be made."""
-    made: list[tuple[str, int]] = []
-    try:
-        for name in names:
-            path = os.path.join(directory, name)
-            made.append((path, _create_new(path)))
-    except OSError:
-        if not made:
-            raise
-    return made
-
-
 def _identity(file: int | str) -> tuple[int, int]:
     """Which file a descriptor or a path is: its device and inode."""
     st = os.fstat(file) if isinstance(file, int) else os.stat(file)
     return st.st_dev, st.st_ino
-
-
-def _drop_spares(spares: list[tuple[str, int]]) -> None:
-    for path, fd in spares:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        _unlink(path)
 
 
 def _create_new(path: str) -> int:
@@ -451,57 +422,10 @@ def _unlink(path: str) -> None:
         pass
 
 
-class _DelayedBatch:
-    """
-    Work for many spool entries, done in one file-pool call a while after the first asked.
-
-    ``add`` gives each entry a Deferred that fires once the call has ended (or
-    fails with it); ``flush`` makes the call now (a stop does not wait).
-    """
-
-    def __init__(self, clock: IReactorTime, delay: float, run: Runner,
-                 work: Callable[[list[QueuedMessage]], Any]) -> None:
-        self.clock, self.delay, self.run, self.work = clock, delay, run, work
-        self.waiting: list[tuple[QueuedMessage, defer.Deferred]] = []
-        self._due: IDelayedCall | None = None
-
-    def add(self, queued: QueuedMessage) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.waiting.append((queued, d))
-        if self._due is None:
-            self._due = self.clock.callLater(self.delay, self.flush)
-        return d
-
-    def flush(self) -> None:
-        if self._due is not None:
-            if self._due.active():
-                self._due.cancel()
-            self._due = None
-        batch, self.waiting = self.waiting, []
-        if not batch:
-            return
-        done = self.run(self.work, [queued for queued, _ in batch])
-
-        def tell(result: Any) -> None:
-            for _, d in batch:
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(None)
-
-        done.addBoth(tell)
-
-
 # Entries leaving active/ wait at most this long for others to share their directory fsync,
 # and at most this many go in one batch.
 REMOVE_DELAY = 0.1
 REMOVE_BATCH = 500
-# The names of the spare files in incoming/ (``Spool.spares``); no transmission_id starts so.
-SPARE_PREFIX = "spare-"
-# How many the appliance keeps: more than the transactions that usually reach DATA between
-# two batches; each is an open descriptor and an empty file.
-SPARE_FILES = 8
-SPARES_PAUSE = 10.0  # seconds without spares after a batch could not be made
 
 
 class Spool:
@@ -523,30 +447,23 @@ class Spool:
         self._batching = True  # until a stop: then each entry leaves at once
         # Given a clock: the "events written" marks, and the fsync of active/ after entries
         # left it, each done for many entries in one file-pool call.
-        self._marks: _DelayedBatch | None = None
-        self._removals: _DelayedBatch | None = None
+        self._marks: DelayedBatch | None = None
+        self._removals: DelayedBatch | None = None
         if clock is not None:
-            self._marks = _DelayedBatch(clock, mark_delay, run, self._mark_announced)
-            self._removals = _DelayedBatch(clock, remove_delay, run, self._sync_removed)
+            self._marks = DelayedBatch(clock, mark_delay, run, self._mark_announced)
+            self._removals = DelayedBatch(clock, remove_delay, run, self._sync_removed)
         # Whether incoming/ was there at the last look; looked at again after a commit fails.
         self._usable = False
         # Called with each recovered entry whose events are still owed, before it is yielded
         # (so before its delivery is scheduled): the injector writes them.
         self.on_owed: Callable[[QueuedMessage], Any] | None = None
-        # Empty files kept ready in incoming/ for the next transactions, made in batches in
-        # the file pool: a message's file is then neither a file-pool call of its own nor on
-        # the way to its 250. None made unless asked for (the appliance asks; tests may).
-        self.spares = self._spares_wanted = spares
-        self._spares: collections.deque[tuple[str, int]] = collections.deque()
-        self._making_spares = False
-        self._spares_closed = False
-        self._spares_paused_until = 0.0  # after a batch failed: none is tried before
-        self._spare_run = secrets.token_hex(4)  # names never meet a file from another run
-        self._spare_count = itertools.count()
+        # Empty files kept ready in incoming/ for the next transactions (``appliance.spares``):
+        # none made unless asked for (the appliance asks; tests may).
+        self.spares = SpareFiles(self.incoming, run, spares)
 
     def prepare(self) -> None:
         """Create the layout and drop every unacknowledged transaction."""
-        self.spares, self._spares_closed = self._spares_wanted, False
+        self.spares.reopen()
         for d in (self.directory, self.incoming, self.active, self.journal):
             os.makedirs(d, mode=0o700, exist_ok=True)
         # Entries the last run renamed out of active/ may not be durably out yet (it was
@@ -555,61 +472,19 @@ class Spool:
         # its journal, and every copy of it would be sent again.
         fsync_directory(self.active)
         for name in os.listdir(self.incoming):
-            if not name.startswith(SPARE_PREFIX):  # a spare file never held anything
+            if without_spares([name]):  # a spare file never held anything: not worth a word
                 log.info("discarding unacknowledged spool entry {name}", name=name)
             _remove_path(os.path.join(self.incoming, name))
 
     def writer(self, transmission_id: str) -> SpoolWriter:
         """A new entry's writer, with a spare file made ahead, or its file being created now."""
         self.check_usable()  # before a spare is taken: a refused transaction keeps none
-        if self._spares:
-            writer = SpoolWriter(self, transmission_id, self._spares.popleft())
-        else:
-            writer = SpoolWriter(self, transmission_id)
+        spare = self.spares.take()
+        writer = SpoolWriter(self, transmission_id, spare)
+        if spare is None:
             writer.create_early()
-        if (self.spares and len(self._spares) <= self.spares // 2 and not self._making_spares
-                and time.monotonic() >= self._spares_paused_until):
-            self._make_spares()
+        self.spares.top_up()
         return writer
-
-    # -- spare files ---------------------------------------------------------------------
-
-    def _make_spares(self) -> None:
-        """Fill the spares up, in one file-pool call; a failure leaves writers to create their own."""
-        self._making_spares = True
-        wanted = self.spares - len(self._spares)
-        names = [f"{SPARE_PREFIX}{self._spare_run}-{next(self._spare_count)}" for _ in range(wanted)]
-        d = self.run(_create_spares, self.incoming, names)
-        d.addCallbacks(self._spares_made, self._spares_failed)
-        d.addBoth(self._spares_ended)
-
-    def _spares_made(self, made: list[tuple[str, int]]) -> None:
-        if self._spares_closed:  # stopped meanwhile: not used, and not left open
-            _drop_spares(made)
-        else:
-            self._spares.extend(made)
-
-    def _spares_failed(self, failure: Failure) -> None:
-        # Tried again after a pause, not at every DATA: a full disk logs once in a while.
-        self._spares_paused_until = time.monotonic() + SPARES_PAUSE
-        log.failure("could not make spare spool files; each message's file is created as it "
-                    "comes, and spares are tried again in {pause} s", failure, pause=SPARES_PAUSE)
-
-    def _spares_ended(self, _: Any) -> None:
-        self._making_spares = False
-
-    def drop_spares(self) -> defer.Deferred:
-        """Close and remove the spare files made so far, in the file pool; more are made as needed."""
-        spares, self._spares = list(self._spares), collections.deque()
-        if not spares:
-            return defer.succeed(None)
-        return self.run(_drop_spares, spares).addErrback(
-            lambda f: log.failure("could not remove spare spool files", f))
-
-    def close_spares(self) -> defer.Deferred:
-        """Close and remove the spare files (on stop); none is made after, until the next start."""
-        self._spares_closed, self.spares = True, 0
-        return self.drop_spares()
 
     def check_usable(self) -> None:
         """

@@ -51,8 +51,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "copywork": {"dkim", "links", "rewrite", "settings"},
     # Helper processes run copywork's jobs; the owner's side is a Twisted service.
     "helpers": {"copywork"},
-    "groupcommit": {"files"},
-    "spool": {"files", "groupcommit", "reactors", "settings"},
+    "groupcommit": {"files", "reactors"},
+    # Spare files: empty files made ahead in the spool's incoming/.
+    "spares": {"reactors"},
+    "spool": {"files", "groupcommit", "reactors", "settings", "spares"},
     "follower": {"files", "reactors"},
     # Reading the event log and its rotated files for a search: plain files, no other part.
     "eventsearch": set(),
@@ -77,7 +79,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     # admin: health, metrics and the admin listener; spoollock: one appliance per spool.
     # engagement: the prefetch networks are re-read on SIGHUP.
     "service": {"admin", "build", "config", "delivery", "engagement", "events", "files", "helpers",
-                "injection", "links", "policy", "reactors", "sighup", "smtp", "spool", "spoollock", "stats",
+                "injection", "links", "policy", "reactors", "sighup", "smtp", "spares", "spool", "spoollock",
+                "stats",
                 "suppression", "tracker", "users", "webhooks", "workers"},
     # The admin listener's resources: they read what the services hand them. config: the
     # client reads [admin]; files: the token file is written atomically; suppression: the

@@ -15,6 +15,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance import spares as spares_module
 from appliance import spool as spool_module
 from appliance.files import fsync_directory
 from appliance.groupcommit import ThreadedDirectorySync
@@ -827,7 +828,7 @@ class SpareFileTests(SynchronousTestCase):
         self.jobs.run(1)
         spares = self.incoming()
         self.assertEqual(len(spares), 4)
-        self.assertTrue(all(name.startswith(spool_module.SPARE_PREFIX) for name in spares))
+        self.assertTrue(all(name.startswith(spares_module.SPARE_PREFIX) for name in spares))
         self.jobs.run()
         self.assertEqual(open_fds(), self.fds + 5)  # four spares and the first one's file
         writers = [self.spool.writer("2")]
@@ -836,7 +837,7 @@ class SpareFileTests(SynchronousTestCase):
         writers.append(self.spool.writer("4"))
         self.assertEqual(len(self.jobs.jobs), 1)
         self.jobs.run()
-        self.assertEqual(len(self.spool._spares), 3)  # the two it was asked for, after "4" took one
+        self.assertEqual(len(self.spool.spares), 3)  # the two it was asked for, after "4" took one
         for w in [first, *writers]:
             text = b"text of " + w.transmission_id.encode() + b"\r\n"
             w.write(text)
@@ -847,7 +848,7 @@ class SpareFileTests(SynchronousTestCase):
             self.assertEqual(self.spool.read_message(queued), text)
         self.assertEqual(sorted(os.listdir(self.spool.active)), ["1", "2", "3", "4"])
         self.assertEqual(len(self.incoming()), 3)  # the spares not taken
-        self.spool.close_spares()
+        self.spool.spares.close()
         self.assertEqual(len(self.incoming()), 3)  # closed and removed in the file pool
         self.jobs.run()
         self.assertEqual((self.incoming(), open_fds()), ([], self.fds))
@@ -865,7 +866,7 @@ class SpareFileTests(SynchronousTestCase):
 
     def test_spares_made_after_a_stop_are_dropped(self) -> None:
         self.spool.writer("1")
-        self.spool.close_spares()
+        self.spool.spares.close()
         self.jobs.run(1)  # the batch ends after the stop
         self.jobs.run()
         self.assertEqual(self.incoming(), ["1"])
@@ -874,24 +875,24 @@ class SpareFileTests(SynchronousTestCase):
         self.assertEqual(len(self.jobs.jobs), 1)  # its own creation; no spares any more
 
     def test_a_failed_batch_is_logged_once_and_transactions_go_on(self) -> None:
-        self.patch(spool_module, "_create_new", lambda path: (_ for _ in ()).throw(OSError(28, "No space")))
+        self.patch(spares_module.os, "open", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
         self.spool.writer("1")
         self.jobs.run(1)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
-        self.assertEqual(list(self.spool._spares), [])
+        self.assertEqual(list(self.spool.spares._ready), [])
         self.spool.writer("2")  # its own creation, and no batch: spares are paused
         self.assertEqual([job[0] for job in self.jobs.jobs][-1].__name__, "_create")
         self.assertEqual(len(self.jobs.jobs), 2)
-        self.patch(spool_module.time, "monotonic", lambda: 1e12)  # the pause is over
+        self.patch(spares_module.time, "monotonic", lambda: 1e12)  # the pause is over
         self.spool.writer("3")
-        self.assertEqual([job[0] for job in self.jobs.jobs][-1], spool_module._create_spares)
+        self.assertEqual([job[0] for job in self.jobs.jobs][-1], spares_module._create)
 
     def ready(self) -> None:
         """Spares made, and the first transaction's file created (then aborted)."""
         self.spool.writer("0").abort()
         while self.jobs.jobs:
             self.jobs.run()
-        self.assertEqual(len(self.spool._spares), 4)
+        self.assertEqual(len(self.spool.spares), 4)
         self.fds = open_fds()
 
     def test_an_aborted_transaction_closes_its_spare(self) -> None:
@@ -920,7 +921,7 @@ class SpareFileTests(SynchronousTestCase):
         self.spool._usable = False
         os.rename(self.spool.incoming, self.spool.incoming + ".away")
         self.assertRaises(FileNotFoundError, self.spool.writer, "1")
-        self.assertEqual((len(self.spool._spares), open_fds()), (4, self.fds))
+        self.assertEqual((len(self.spool.spares), open_fds()), (4, self.fds))
         os.rename(self.spool.incoming + ".away", self.spool.incoming)
 
     def test_a_new_incoming_directory_costs_one_transaction_at_most(self) -> None:
@@ -933,7 +934,7 @@ class SpareFileTests(SynchronousTestCase):
         d = w.commit(envelope("1"))
         self.jobs.run()
         self.failureResultOf(d, FileNotFoundError)
-        self.assertEqual(len(self.spool._spares), 0)  # the others are dropped with it
+        self.assertEqual(len(self.spool.spares), 0)  # the others are dropped with it
         while self.jobs.jobs:
             self.jobs.run()
         self.assertEqual(open_fds(), self.fds - 4)
@@ -969,7 +970,7 @@ class SpareFileTests(SynchronousTestCase):
         fresh.prepare()
         self.assertEqual(self.incoming(), [])
         self.assertEqual(messages, ["discarding unacknowledged spool entry 1"])
-        self.spool.close_spares()
+        self.spool.spares.close()
 
 
 class BatchedRemovalTests(SynchronousTestCase):
