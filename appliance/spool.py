@@ -311,7 +311,11 @@ class SpoolWriter:
             text = b"".join(self._pending)  # kept: the message is prepared from it next
             self._pending, self._pending_size = [], 0
             fd = self._take_fd()
-            written = _identity(fd)
+            try:
+                written = _identity(fd)
+            except OSError:
+                os.close(fd)
+                raise
             _write_synced(fd, text, envelope.trailer())
         else:
             self._file.write(envelope.trailer())
