@@ -82,18 +82,11 @@ class SpoolService(Service):
         return self.spool.spares.close()
 
 
-class FilePool(Service):
-    """
-    The threads that do the appliance's file work: spool commits, journal and queue fsyncs.
+class PoolService(Service):
+    """A ``WorkerPool`` as a service: its threads start with it, and a stop lets queued work finish."""
 
-    Its own pool, so an fsync a reply waits on never queues behind CPU work in
-    the CPU pool. Started first and stopped last, after everything that
-    writes files has stopped; a stop lets queued work finish.
-    """
-
-    name = "file-pool"
-    threads = 4
-    thread_name = "appliance-files"
+    threads = 1
+    thread_name = "appliance"
 
     def __init__(self, reactor: Reactor) -> None:
         self.pool = WorkerPool(reactor, self.threads, self.thread_name)
@@ -107,7 +100,21 @@ class FilePool(Service):
         self.pool.stop()
 
 
-class CpuPool(FilePool):
+class FilePool(PoolService):
+    """
+    The threads that do the appliance's file work: spool commits, journal and queue fsyncs.
+
+    Its own pool, so an fsync a reply waits on never queues behind CPU work in
+    the CPU pool. Started first and stopped last, after everything that
+    writes files has stopped.
+    """
+
+    name = "file-pool"
+    threads = 4
+    thread_name = "appliance-files"
+
+
+class CpuPool(PoolService):
     """
     The threads that do the appliance's CPU work: preparing messages, large renders, DKIM.
 
@@ -120,7 +127,7 @@ class CpuPool(FilePool):
     thread_name = "appliance-cpu"
 
 
-class PasswordPool(FilePool):
+class PasswordPool(PoolService):
     """
     The one thread that checks AUTH passwords (scrypt).
 
