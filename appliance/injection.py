@@ -29,8 +29,7 @@ from collections.abc import Callable
 from email.message import Message
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import smtp
 
@@ -250,11 +249,12 @@ class Injector:
         tracker: EngagementTrackerConfig | None = None,
         max_hops: int = 50,
         suppressions: Suppressions | None = None,
-        clock: IReactorTime | None = None,
+        next_turn: Callable[..., object] | None = None,
     ) -> None:
         """
-        ``clock``: a message's events and its hand-over to delivery start on its next turn,
-        once its 250 is on the wire; without one (tests), at once.
+        ``next_turn``: runs a call on the reactor's next pass, after its next poll
+        (``callFromThread``): a message's events and its hand-over to delivery start
+        there, once its 250 is on the wire. Without it (tests), they start at once.
         """
         self.spool = spool
         self.events = events
@@ -267,7 +267,7 @@ class Injector:
         self.tracker = tracker or EngagementTrackerConfig()
         self.max_hops = max_hops
         self.suppressions = suppressions
-        self.clock = clock
+        self.next_turn = next_turn
         # Transactions received whole whose reply is not yet known, and the owed events of
         # messages already answered: a stop waits for both, or their events would find the
         # event log closed.
@@ -343,12 +343,15 @@ class Injector:
             answer, queued = result
             reply.callback(answer)
             if queued is not None:
-                # The reply is only written to the transport here; the socket gets it on the
-                # reactor's next pass. Preparing the message would otherwise start first, in
-                # a thread that holds the interpreter while the 250 waits (traced: the whole
-                # prepare, 0.6 ms and more, between the commit and the 250).
-                if self.clock is not None:
-                    announced = task.deferLater(self.clock, 0, self._announce, queued)
+                # The reply is only written to the transport here; the socket gets it at the
+                # reactor's next poll. Preparing the message would otherwise start first, in a
+                # thread that holds the interpreter while the 250 waits (traced: the whole
+                # prepare, 0.6 ms and more, between the commit and the 250). A call made with
+                # callLater(0) would still run before that poll, in this same pass.
+                if self.next_turn is not None:
+                    announced: defer.Deferred = defer.Deferred()
+                    self.next_turn(lambda: defer.maybeDeferred(self._announce, queued)
+                                   .chainDeferred(announced))
                 else:
                     announced = self._announce(queued)
                 self._track(announced.addBoth(self._enqueue, queued))

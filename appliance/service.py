@@ -266,7 +266,8 @@ class Appliance(MultiService):
         self.injector = Injector(self.spool, self.events, self.router, self.delivery,
                                  hostname=config.node.hostname, policy=self.policy,
                                  copies=self.copies, tracker=config.engagement_tracker,
-                                 max_hops=config.smtp.max_hops, clock=reactor)
+                                 max_hops=config.smtp.max_hops,
+                                 next_turn=lambda f: reactor.callFromThread(f))
         # Recovery writes the events a message still owed when the process ended.
         self.spool.on_owed = self.injector.recover_owed
 

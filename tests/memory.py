@@ -127,7 +127,7 @@ class MemoryAppliance:
 
     def __init__(self, directory: str, resolver: Any = None, sink: SinkFactory | None = None,
                  **changes: Any) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = ThreadsMemoryReactor()
         self.reactor.advance(START)
         self.sink = sink or SinkFactory()
         route = f"{SINK[0]}:{SINK[1]}"
@@ -257,6 +257,13 @@ class MemoryAppliance:
         """What the spool holds, accepted or being received."""
         spool = self.config.spool.directory
         return entries_on_disk(spool)
+
+
+class ThreadsMemoryReactor(MemoryReactorClock):
+    """A memory reactor with ``callFromThread``: the call runs at the next ``advance``."""
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        self.callLater(0, f, *args, **kwargs)
 
 
 def _unchunk(body: bytes) -> bytes:
