@@ -11,6 +11,11 @@ from __future__ import annotations
 import os
 
 
+def create_new(path: str) -> int:
+    """A new, empty file at ``path``, which must not exist yet, readable by its owner only."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
 def fsync_and_close(fd: int) -> None:
     """Flush ``fd`` to disk and close it, closing it even when the flush fails."""
     try:

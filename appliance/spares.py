@@ -24,6 +24,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from appliance.files import create_new
+
 if TYPE_CHECKING:
     from appliance.reactors import Runner
 
@@ -58,7 +60,6 @@ class SpareFiles:
         self.count = count  # 0 once closed, until reopened
         self._ready: collections.deque[Spare] = collections.deque()
         self._making = False
-        self._closed = False
         self._paused_until = 0.0  # after a batch failed: none is tried before
         self._run_token = secrets.token_hex(4)  # names never meet a file from another run
         self._numbers = itertools.count()
@@ -92,15 +93,15 @@ class SpareFiles:
 
     def close(self) -> defer.Deferred:
         """Close and remove the spares (on stop); none is made after, until ``reopen``."""
-        self._closed, self.count = True, 0
+        self.count = 0
         return self.drop()
 
     def reopen(self) -> None:
         """Make spares again (a start)."""
-        self._closed, self.count = False, self.wanted
+        self.count = self.wanted
 
     def _made(self, made: list[Spare]) -> None:
-        if self._closed:  # stopped meanwhile: not used, and not left open
+        if not self.count:  # closed meanwhile: not used, and not left open
             _drop(made)
         else:
             self._ready.extend(made)
@@ -121,7 +122,7 @@ def _create(directory: str, names: list[str]) -> list[Spare]:
     try:
         for name in names:
             path = os.path.join(directory, name)
-            made.append((path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)))
+            made.append((path, create_new(path)))
     except OSError:
         if not made:
             raise

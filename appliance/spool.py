@@ -71,6 +71,7 @@ from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from appliance.files import create_new as _create_new
 from appliance.files import fsync_directory
 from appliance.groupcommit import DelayedBatch, ThreadedDirectorySync
 from appliance.settings import Tracking
@@ -390,11 +391,6 @@ def _identity(file: int | str) -> tuple[int, int]:
     """Which file a descriptor or a path is: its device and inode."""
     st = os.fstat(file) if isinstance(file, int) else os.stat(file)
     return st.st_dev, st.st_ino
-
-
-def _create_new(path: str) -> int:
-    """A new, empty file at ``path``, which must not exist yet."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
 
 def _write_synced(fd: int, *chunks: bytes) -> None:

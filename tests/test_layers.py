@@ -53,7 +53,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "helpers": {"copywork"},
     "groupcommit": {"files", "reactors"},
     # Spare files: empty files made ahead in the spool's incoming/.
-    "spares": {"reactors"},
+    "spares": {"files", "reactors"},
     "spool": {"files", "groupcommit", "reactors", "settings", "spares"},
     "follower": {"files", "reactors"},
     # Reading the event log and its rotated files for a search: plain files, no other part.

@@ -41,9 +41,12 @@ _ATTR = re.compile(  # group 1 the name, group 2 the value with its quotes
 # The usual link tag, <a href="...">, whose tokenizing the general path would only confirm:
 # group 1 the white space before href, group 2 the value inside its quotes. Same grammar
 # as _TAG and _ATTR for this one form; anything else takes the general path.
-_SIMPLE_LINK = re.compile(
-    r"""<[aA]([\t\n\f\r ]++)[hH][rR][eE][fF][\t\n\f\r ]*+=[\t\n\f\r ]*+"([^"]*+)"[\t\n\f\r /]*+>"""
-)
+def _a_href(value: str) -> str:
+    """``<a href="...">`` with ``value`` as the pattern of its value (group 2)."""
+    return rf"""<[aA]([\t\n\f\r ]++)[hH][rR][eE][fF][\t\n\f\r ]*+=[\t\n\f\r ]*+"({value})"[\t\n\f\r /]*+>"""
+
+
+_SIMPLE_LINK = re.compile(_a_href(r"""[^"]*+"""))
 # The scanner's step: _BORING, then, where it stops at the commonest link of all, that link:
 # an <a href="..."> (the _SIMPLE_LINK form) whose href is its own target (an absolute http(s)
 # URL with nothing to decode, expand or strip: group 2) and, where its content is plain text
@@ -55,10 +58,8 @@ _PLAIN_HREF = r"""(?=[hH][tT][tT][pP][sS]?://[^\x00-\x20\x7f"&{])[^\x00-\x20\x7f
 def _compile_scan(plain_links: bool = True) -> re.Pattern[str]:
     """The scanner's step; without ``plain_links`` its link groups never match (for tests)."""
     never = "" if plain_links else "(?!)"
-    return re.compile(
-        rf"""{_BORING.pattern}(?:{never}<[aA]([\t\n\f\r ]++)[hH][rR][eE][fF][\t\n\f\r ]*+=[\t\n\f\r ]*+"""
-        rf""""({_PLAIN_HREF})"[\t\n\f\r /]*+>(?:(?=([^<]{{0,{ANCHOR_SCAN - 4}}}+)</[aA]>))?)?"""
-    )
+    text = rf"""(?:(?=([^<]{{0,{ANCHOR_SCAN - 4}}}+)</[aA]>))?"""  # group 3
+    return re.compile(rf"""{_BORING.pattern}(?:{never}{_a_href(_PLAIN_HREF)}{text})?""")
 
 
 _COMMENT_END = re.compile(r"--!?>")
