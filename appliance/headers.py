@@ -175,6 +175,9 @@ class HeaderReader:
                 pos = end
                 self._skipping = self._cr = False
                 continue
+            if not self._line and (end := self._whole_field(data, pos)):
+                pos = end
+                continue
             if self._line.endswith(b"\r") and data[pos:pos + 1] == b"\n":
                 end = pos + 1  # the CRLF was cut between two pieces
             else:
@@ -250,6 +253,32 @@ class HeaderReader:
                 self._pos += len(self._line)
                 self._line.clear()
                 self._skipping = True
+
+    def _whole_field(self, data: bytes, pos: int) -> int:
+        """
+        Keep a whole field at ``pos`` in one step, as ``_take`` would line by line; 0 if not.
+
+        Only a field known to be whole (its last CRLF is followed by a byte
+        that does not continue it) and kept whole by the budget: anything
+        else is left to the line-by-line reading.
+        """
+        m = _FIELD.match(data, pos)
+        if m is None:
+            return 0
+        end = m.end()
+        if end >= len(data):  # the next piece may continue it, or the message ends without CRLF
+            return 0
+        raw = m[0]
+        name = m[1].decode("ascii").lower()
+        if name not in self.always and self._kept + len(raw) > self.keep_bytes:
+            return 0
+        field = Field(name, self._pos, self._pos + len(raw))
+        self._current, self._current_kept = field, True
+        self.fields.append(field)
+        self._parts[id(field)] = [raw]
+        self._kept += len(raw)
+        self._pos += len(raw)
+        return end
 
     def _start_field(self, name: bytes, kept: bool) -> None:
         field = Field(name.decode("ascii").lower(), self._pos, self._pos)
