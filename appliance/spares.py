@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from appliance.files import create_new
+from appliance.files import create_new, fsync_directory
 
 if TYPE_CHECKING:
     from appliance.reactors import Runner
@@ -41,9 +41,14 @@ PAUSE = 10.0  # seconds without spares after a batch could not be made
 Spare = tuple[str, int]  # a spare file's path and its open descriptor
 
 
+def is_spare(name: str) -> bool:
+    """Whether a name in ``incoming/`` is a spare file's."""
+    return name.startswith(SPARE_PREFIX)
+
+
 def without_spares(names: list[str]) -> list[str]:
     """The names of a listing of ``incoming/`` that are not spare files."""
-    return [name for name in names if not name.startswith(SPARE_PREFIX)]
+    return [name for name in names if not is_spare(name)]
 
 
 class SpareFiles:
@@ -117,7 +122,13 @@ class SpareFiles:
 
 
 def _create(directory: str, names: list[str]) -> list[Spare]:
-    """New, empty files in ``directory``, with their descriptors; as many as could be made."""
+    """
+    New, empty files in ``directory``, with their descriptors; as many as could be made.
+
+    Their names are on disk before any is handed out: a message committed
+    into a spare is acknowledged once its file is, before it is renamed
+    into ``active/`` (``appliance.spool``).
+    """
     made: list[Spare] = []
     try:
         for name in names:
@@ -126,6 +137,11 @@ def _create(directory: str, names: list[str]) -> list[Spare]:
     except OSError:
         if not made:
             raise
+    try:
+        fsync_directory(directory)
+    except OSError:
+        _drop(made)
+        raise
     return made
 
 

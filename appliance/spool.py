@@ -5,7 +5,8 @@ Layout (Postfix-like commit protocol)::
 
     incoming/<id>         being received; never read by delivery
     incoming/spare-*      empty files made ahead; a transaction takes one
-                          and is received into it
+                          and is received into it (after a kill, possibly a
+                          committed message its rename did not reach)
     active/<id>           committed: the message as injected (canonical CRLF),
                           then its envelope (sender, recipients, ids, tracking,
                           events owed) and a fixed-size trailer saying how long
@@ -17,8 +18,12 @@ one file, fsyncing that file, renaming it from ``incoming/`` into ``active/``
 and fsyncing ``active/``, all in one file-pool thread. Only then may the
 injection server answer ``250``. That directory fsync is shared
 (``ThreadedDirectorySync``): one covers every entry renamed before it began,
-so concurrent transactions pay for one. At start-up ``incoming/`` is emptied:
-nothing there was ever acknowledged.
+so concurrent transactions pay for one. A message received into a spare
+file skips it: the spare's name was made durable before it was handed out,
+so the message is on disk once its file is, and its envelope holds its
+text's CRC-32. At start-up ``incoming/`` is emptied, but for a spare whose
+envelope's checksum matches its text: that one was committed, and is moved
+into ``active/``. Nothing else there was ever acknowledged.
 
 Entries written before envelope schema 3 are directories, ``active/<id>/``
 holding ``message``, ``envelope.json`` and their ``journal``; they are read,
@@ -63,9 +68,10 @@ import json
 import os
 import shutil
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, BinaryIO
 
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
@@ -75,7 +81,7 @@ from appliance.files import create_new as _create_new
 from appliance.files import fsync_directory
 from appliance.groupcommit import DelayedBatch, ThreadedDirectorySync
 from appliance.settings import Tracking
-from appliance.spares import Spare, SpareFiles, without_spares
+from appliance.spares import Spare, SpareFiles, is_spare, without_spares
 
 log = Logger()
 
@@ -97,7 +103,9 @@ def run_synchronously(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer
 #      "tracking" may hold "metadata_in_links", "transactional", "list_unsubscribe" and
 #      "list_unsubscribe_mailto" (an envelope of 3 or less has none: its copies are made
 #      as they were).
-ENVELOPE_SCHEMA = 4
+#   5: "text_crc32", the CRC-32 of the message text, in an entry committed while its file
+#      was still a spare in incoming/ (``SpoolWriter._commit``); None in any other.
+ENVELOPE_SCHEMA = 5
 
 # After a schema-3 entry's envelope: b"\nenvelope " + its length in 10 digits + b"\n".
 _TRAILER_START = b"\nenvelope "
@@ -150,6 +158,9 @@ class Envelope:
     # The events owed once the 250 is sent (``appliance.injection``): their pre-assigned
     # event_ids and what they say. None for a message with nothing owed, or from before.
     announce: dict[str, Any] | None = None
+    # Set by the commit of a message received into a spare file: recovery finds such an
+    # entry in incoming/ if the kill came before its rename, and takes it only if whole.
+    text_crc32: int | None = None
 
     def to_json(self) -> bytes:
         raw: dict[str, Any] = {"schema": ENVELOPE_SCHEMA}
@@ -252,6 +263,9 @@ class SpoolWriter:
         self.spool = spool
         self.transmission_id = transmission_id
         self.path = spare[0] if spare is not None else os.path.join(spool.incoming, transmission_id)
+        # A spare's name in incoming/ is on disk already (``appliance.spares``): once its file
+        # is, the message is, and the rename into active/ need not be waited for.
+        self._spare = spare is not None
         self._file: Any = None  # the text went to disk: it outgrew memory
         # The file, made ahead (a spare) or created early, and not yet taken.
         self._fd: int | None = spare[1] if spare is not None else None
@@ -305,9 +319,13 @@ class SpoolWriter:
         return d
 
     def _commit(self, envelope: Envelope) -> QueuedMessage:
-        # One file, one fsync: the envelope follows the message, so neither can be on
-        # disk without the other, and the file's name is made durable by active/'s fsync.
+        # One file, one fsync: the envelope follows the message, so neither can be on disk
+        # without the other. The file's name is made durable by active/'s fsync after the
+        # rename, or, for a spare, was before it was handed out: then the message is on
+        # disk once the file is, whichever of its two names a crash leaves it under, and
+        # the checksum tells recovery whether one found in incoming/ was written whole.
         text = None
+        in_place = False
         if self._file is None:
             text = b"".join(self._pending)  # kept: the message is prepared from it next
             self._pending, self._pending_size = [], 0
@@ -317,6 +335,9 @@ class SpoolWriter:
             except OSError:
                 os.close(fd)
                 raise
+            if self._spare:
+                envelope.text_crc32 = zlib.crc32(text)
+                in_place = True
             _write_synced(fd, text, envelope.trailer())
         else:
             self._file.write(envelope.trailer())
@@ -331,8 +352,9 @@ class SpoolWriter:
             raise OSError(errno.ESTALE, f"{self.path} is no longer the file the message was written to")
         final = os.path.join(self.spool.active, self.transmission_id)
         os.rename(self.path, final)
-        # Shared with every entry renamed before it began; nothing is answered before it.
-        self.spool.active_sync.sync()
+        if not in_place:
+            # Shared with every entry renamed before it began; nothing is answered before it.
+            self.spool.active_sync.sync()
         states = [CopyState() for _ in envelope.recipients]
         return QueuedMessage(envelope, final, states, message_end=self.size,
                              journal=os.path.join(self.spool.journal, self.transmission_id),
@@ -385,6 +407,23 @@ def entries_on_disk(directory: str) -> list[str]:
     """What a spool directory holds: entries in ``active/``, transactions in ``incoming/``; no spare file."""
     return (os.listdir(os.path.join(directory, "active"))
             + without_spares(os.listdir(os.path.join(directory, "incoming"))))
+
+
+def _read_trailer(f: BinaryIO) -> tuple[Envelope, int]:
+    """The envelope at the end of a schema-3 entry's file, and where its message ends."""
+    size = f.seek(0, os.SEEK_END)
+    if size < TRAILER_SIZE:
+        raise ValueError("too short for an envelope")
+    f.seek(size - TRAILER_SIZE)
+    trailer = f.read(TRAILER_SIZE)
+    if not (trailer.startswith(_TRAILER_START) and trailer.endswith(b"\n")):
+        raise ValueError("no envelope trailer")
+    length = int(trailer[len(_TRAILER_START):-1])
+    end = size - TRAILER_SIZE - length
+    if end < 0:
+        raise ValueError("envelope longer than the entry")
+    f.seek(end)
+    return Envelope.from_json(f.read(length)), end
 
 
 def _identity(file: int | str) -> tuple[int, int]:
@@ -440,6 +479,9 @@ class Spool:
         # Called in file-pool threads, after a rename into or out of the directory (or a
         # journal's creation) and before anything is answered or deleted because of it.
         self.active_sync = ThreadedDirectorySync(self.active)
+        # incoming/ too, before an entry's journal and text go: a commit took its spare's
+        # name from there with no fsync of its own (``SpoolWriter._commit``).
+        self.incoming_sync = ThreadedDirectorySync(self.incoming)
         self.journal_sync = ThreadedDirectorySync(self.journal)
         self.clock = clock
         self.mark_delay = mark_delay
@@ -469,12 +511,53 @@ class Spool:
         # Entries the last run renamed out of active/ may not be durably out yet (it was
         # killed before their batch's fsync): that must hold before their files and
         # journals are deleted below, or a power loss could bring an entry back without
-        # its journal, and every copy of it would be sent again.
+        # its journal, and every copy of it would be sent again. The same fsync makes
+        # the committed messages taken from incoming/ first durable in active/.
+        names = os.listdir(self.incoming)
+        taken = {name for name in names if is_spare(name) and self._take_committed(name)}
         fsync_directory(self.active)
-        for name in os.listdir(self.incoming):
+        for name in names:
+            if name in taken:
+                continue
             if without_spares([name]):  # a spare file never held anything: not worth a word
                 log.info("discarding unacknowledged spool entry {name}", name=name)
             _remove_path(os.path.join(self.incoming, name))
+        if taken:
+            fsync_directory(self.incoming)
+
+    def _take_committed(self, name: str) -> bool:
+        """
+        Move a spare that holds a committed message into active/; whether it did.
+
+        Its commit was killed between the fsync and the rename. Were the kill
+        before the fsync, a power loss could have left the file in part: then
+        the checksum of its text, written in its envelope, does not match, and
+        the message, never acknowledged, is dropped with the other files.
+        """
+        path = os.path.join(self.incoming, name)
+        try:
+            with open(path, "rb") as f:
+                envelope, end = _read_trailer(f)
+                if envelope.text_crc32 is None:
+                    return False  # committed by the rename, which never came
+                f.seek(0)
+                if zlib.crc32(f.read(end)) != envelope.text_crc32:
+                    return False
+        except NewerEnvelope as e:
+            log.error("spool file incoming/{name} was written by a newer version ({e}); left in place",
+                      name=name, e=e)
+            return True
+        except (OSError, ValueError, TypeError, KeyError):
+            return False
+        tid = envelope.transmission_id
+        final = os.path.join(self.active, tid)
+        if not isinstance(tid, str) or os.path.basename(tid) != tid or tid in ("", ".", ".."):
+            return False
+        if os.path.exists(final):  # renamed after all: this name outlived it (no journalling fs)
+            return False
+        os.rename(path, final)
+        log.info("spool entry {tid} was committed but not yet moved into active/; moved", tid=tid)
+        return True
 
     def writer(self, transmission_id: str) -> SpoolWriter:
         """A new entry's writer, with a spare file made ahead, or its file being created now."""
@@ -540,19 +623,7 @@ class Spool:
     def _read_entry(self, name: str, path: str) -> QueuedMessage:
         """A schema-3 entry: the envelope is read from the end of its one file."""
         with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size < TRAILER_SIZE:
-                raise ValueError("too short for an envelope")
-            f.seek(size - TRAILER_SIZE)
-            trailer = f.read(TRAILER_SIZE)
-            if not (trailer.startswith(_TRAILER_START) and trailer.endswith(b"\n")):
-                raise ValueError("no envelope trailer")
-            length = int(trailer[len(_TRAILER_START):-1])
-            end = size - TRAILER_SIZE - length
-            if end < 0:
-                raise ValueError("envelope longer than the entry")
-            f.seek(end)
-            envelope = Envelope.from_json(f.read(length))
+            envelope, end = _read_trailer(f)
         return QueuedMessage(envelope, path, [CopyState() for _ in envelope.recipients],
                              message_end=end, journal=os.path.join(self.journal, name))
 
@@ -647,11 +718,11 @@ class Spool:
         the same (they left active/), so nothing is retried or reported per copy.
         """
         try:
-            self.active_sync.sync()
+            self._sync_left()
         except OSError as e:
-            log.error("spool: the fsync of {path} after {n} finished entries left it failed ({e}); "
-                      "their files stay in incoming/ until the next start, and a power loss now "
-                      "could send their copies again", path=self.active, n=len(batch), e=e)
+            log.error("spool: the directory fsync after {n} finished entries left {path} failed "
+                      "({e}); their files stay in incoming/ until the next start, and a power loss "
+                      "now could send their copies again", path=self.active, n=len(batch), e=e)
             return
         for queued in batch:
             try:
@@ -706,7 +777,7 @@ class Spool:
                 if self._leave_active(queued):
                     # Its leaving must be on disk before its text and journal go (active/'s
                     # fsync, shared with commits' renames).
-                    self.active_sync.sync()
+                    self._sync_left()
                     self._delete_removed(queued)
                 return
             except OSError as e:
@@ -733,8 +804,20 @@ class Spool:
     def _remove(self, queued: QueuedMessage) -> None:
         """Leave active/ durably and delete what is left, all at once (at start-up)."""
         if self._leave_active(queued):
-            fsync_directory(self.active)
+            self._sync_left()
             self._delete_removed(queued)
+
+    def _sync_left(self) -> None:
+        """
+        Make entries' leaving durable, before their text and journal are deleted.
+
+        active/ for their renames out of it; incoming/ for the commits' renames
+        out of it, which nothing waited for (``SpoolWriter._commit``): a spare's
+        name must not outlive its entry's journal, or a power loss could bring
+        the message back with no word of its copies.
+        """
+        self.active_sync.sync()
+        self.incoming_sync.sync()
 
     def _leave_active(self, queued: QueuedMessage) -> bool:
         # Leave active/ in one atomic rename, then delete: a crash in the middle of a

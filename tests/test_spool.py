@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import threading
+import zlib
 from typing import Any
 
 from twisted.internet import defer
@@ -51,16 +52,7 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual(recovered.envelope, queued.envelope)
 
     def record_fsyncs(self) -> list[str]:
-        """The paths fsynced from now on, in order (Linux: read back through /proc)."""
-        calls: list[str] = []
-        real = os.fsync
-
-        def fsync(fd: int) -> None:
-            calls.append(os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), self.spool.directory))
-            real(fd)
-
-        self.patch(os, "fsync", fsync)
-        return calls
+        return record_fsyncs(self, self.spool)
 
     def test_commit_fsyncs_its_file_then_active(self) -> None:
         calls = self.record_fsyncs()
@@ -989,6 +981,7 @@ class BatchedRemovalTests(SynchronousTestCase):
         self.spool = Spool(self.mktemp(), run=run, clock=self.clock)
         self.spool.prepare()
         self.spool.active_sync.fsync = self.fsync
+        self.spool.incoming_sync.fsync = self.fsync
 
     def fsync(self, path: str) -> None:
         self.fsyncs.append(path)
@@ -1013,7 +1006,9 @@ class BatchedRemovalTests(SynchronousTestCase):
         self.assertNoResult(removed[0])
         self.clock.advance(REMOVE_DELAY)
         self.assertEqual(self.calls, [["1", "2"]])  # one file-pool call
-        self.assertEqual(self.fsyncs, [self.spool.active])  # one fsync of active/ for both
+        # One fsync of each directory for both: active/ for their leaving, incoming/ for the
+        # commits' renames out of it, before anything is deleted.
+        self.assertEqual(self.fsyncs, [self.spool.active, self.spool.incoming])
         for d in removed:
             self.successResultOf(d)
         self.assertEqual((os.listdir(self.spool.incoming), os.listdir(self.spool.journal)), ([], []))
@@ -1105,3 +1100,178 @@ class BatchedRemovalTests(SynchronousTestCase):
         Spool(self.spool.directory, run=run_synchronously).prepare()
         self.assertEqual(order, [f"fsync {self.spool.active}",
                                  f"remove {os.path.join(self.spool.incoming, '1.removed')}"])
+
+
+def record_fsyncs(case: SynchronousTestCase, spool: Spool) -> list[str]:
+    """The paths fsynced from now on, relative to ``spool``'s directory (Linux: through /proc)."""
+    calls: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), spool.directory))
+        real(fd)
+
+    case.patch(os, "fsync", fsync)
+    return calls
+
+
+class CommitInSpareTests(SynchronousTestCase):
+    """
+    A message received into a spare is on disk, and acknowledged, once its file is.
+
+    The spare's name was made durable before it was handed out; the rename
+    into active/ that follows is not waited for. A kill between the two leaves
+    the message in incoming/, and the next start takes it from there if, and
+    only if, its text is whole.
+    """
+
+    def setUp(self) -> None:
+        self.jobs = HeldJobs()
+        self.spool = Spool(self.mktemp(), run=self.jobs, spares=4)
+        self.spool.prepare()
+        self.addCleanup(lambda: self.spool.spares.close() and None)
+        self.addCleanup(self.drain)
+
+    def drain(self) -> None:
+        while self.jobs.jobs:
+            self.jobs.run()
+
+    def ready(self) -> None:
+        self.spool.writer("0").abort()
+        self.drain()
+        self.assertEqual(len(self.spool.spares), 4)
+
+    def commit(self, tid: str, text: bytes = b"hello\r\n") -> Any:
+        w = self.spool.writer(tid)
+        w.write(text)
+        d = w.commit(envelope(tid))
+        self.drain()
+        return w, self.successResultOf(d)
+
+    def test_the_spares_names_are_on_disk_before_one_is_handed_out(self) -> None:
+        synced: list[str] = []
+        real = spares_module.fsync_directory
+        self.patch(spares_module, "fsync_directory", lambda path: (synced.append(path), real(path)))
+        self.spool.writer("0").abort()
+        self.jobs.run(1)  # the batch of spares
+        self.assertEqual(synced, [self.spool.incoming])
+        self.assertEqual(len(self.spool.spares), 4)
+
+    def test_a_batch_whose_names_cannot_be_made_durable_is_not_used(self) -> None:
+        def failing(path: str) -> None:
+            raise OSError(errno.EIO, "Input/output error", path)
+
+        fds = open_fds()
+        self.patch(spares_module, "fsync_directory", failing)
+        self.spool.writer("0").abort()
+        self.drain()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual((len(self.spool.spares), os.listdir(self.spool.incoming)), (0, []))
+        self.assertEqual(open_fds(), fds)
+
+    def test_the_commit_fsyncs_only_its_file(self) -> None:
+        self.ready()
+        fsyncs = record_fsyncs(self, self.spool)
+        synced: list[str] = []
+        self.spool.active_sync.fsync = synced.append
+        w, queued = self.commit("1")
+        self.assertEqual(fsyncs, [os.path.relpath(w.path, self.spool.directory)])  # the spare, as written
+        self.assertEqual(synced, [])  # no fsync of active/ before the reply
+        self.assertEqual(queued.path, os.path.join(self.spool.active, "1"))  # renamed all the same
+        self.assertEqual(queued.envelope.text_crc32, zlib.crc32(b"hello\r\n"))
+        [recovered] = Spool(self.spool.directory, run=run_synchronously).recover()
+        self.assertEqual(recovered.envelope.text_crc32, zlib.crc32(b"hello\r\n"))
+
+    def test_a_spilled_message_still_waits_for_active(self) -> None:
+        """Its text was written as it came, with no checksum: the rename is what commits it."""
+        self.ready()
+        self.patch(spool_module, "SPILL_AT", 10)
+        synced: list[str] = []
+        self.spool.active_sync.fsync = synced.append
+        _, queued = self.commit("1", b"x" * 50 + b"\r\n")
+        self.assertEqual(synced, [self.spool.active])
+        self.assertIsNone(queued.envelope.text_crc32)
+
+    def killed_before_the_rename(self, tid: str, text: bytes = b"hello\r\n") -> str:
+        """Commit ``tid`` into a spare, then undo its rename, as a kill before it would leave it."""
+        self.ready()
+        w, queued = self.commit(tid, text)
+        os.rename(queued.path, w.path)
+        return w.path
+
+    def start(self) -> tuple[list[str], list[str], list[Any]]:
+        fresh = Spool(self.spool.directory, run=run_synchronously)
+        fresh.prepare()
+        recovered = list(fresh.recover())
+        return os.listdir(self.spool.incoming), os.listdir(self.spool.active), recovered
+
+    def test_the_start_takes_a_committed_spare_into_active(self) -> None:
+        self.killed_before_the_rename("1")
+        self.spool.spares.close()
+        self.drain()
+        logged: list[str] = []
+        self.patch(spool_module.log, "info", lambda fmt, **kw: logged.append(fmt.format(**kw)))
+        incoming, active, [queued] = self.start()
+        self.assertEqual((incoming, active), ([], ["1"]))
+        self.assertEqual(Spool(self.spool.directory).read_message(queued), b"hello\r\n")
+        self.assertEqual([r.address for r in queued.envelope.recipients], ["r0@x.test", "r1@x.test"])
+        self.assertEqual(logged, ["spool entry 1 was committed but not yet moved into active/; moved"])
+
+    def test_the_move_is_made_durable_before_anything_is_deleted(self) -> None:
+        self.killed_before_the_rename("1")
+        order: list[str] = []
+        real_fsync, real_remove = spool_module.fsync_directory, spool_module._remove_path
+        self.patch(spool_module, "fsync_directory", lambda path: (order.append(f"fsync {path}"),
+                                                                  real_fsync(path)))
+        self.patch(spool_module, "_remove_path", lambda path: (order.append("remove"), real_remove(path)))
+        Spool(self.spool.directory, run=run_synchronously).prepare()
+        self.assertEqual(order[0], f"fsync {self.spool.active}")
+        self.assertEqual(order[-1], f"fsync {self.spool.incoming}")
+        self.assertEqual(set(order[1:-1]), {"remove"})  # the other spares
+
+    def test_a_spare_with_a_text_not_whole_is_dropped(self) -> None:
+        """A power loss before the fsync: the envelope made it to disk, part of the text did not."""
+        path = self.killed_before_the_rename("1", b"hello, world\r\n")
+        with open(path, "r+b") as f:
+            f.write(b"\0\0\0\0")
+        incoming, active, recovered = self.start()
+        self.assertEqual((incoming, active, recovered), ([], [], []))
+
+    def test_a_spare_without_a_checksum_is_dropped(self) -> None:
+        """Spilled, or written by a version before it: the rename was its commit, and never came."""
+        path = self.killed_before_the_rename("1")
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertIn(b'"text_crc32":%d' % zlib.crc32(b"hello\r\n"), data)
+        plain = data.replace(b',"text_crc32":%d' % zlib.crc32(b"hello\r\n"), b"")
+        with open(path, "wb") as f:  # the same trailer, four bytes shorter
+            f.write(plain[:-spool_module.TRAILER_SIZE] + b"\nenvelope %010d\n"
+                    % (int(plain[-11:-1]) - len(data) + len(plain)))
+        self.assertEqual(self.start(), ([], [], []))
+
+    def test_only_a_spare_is_taken(self) -> None:
+        """incoming/ also holds entries on their way out (``.removed``): never taken back."""
+        path = self.killed_before_the_rename("1")
+        os.rename(path, os.path.join(self.spool.incoming, "1.removed"))
+        self.assertEqual(self.start(), ([], [], []))
+
+    def test_an_entry_already_in_active_wins(self) -> None:
+        path = self.killed_before_the_rename("1")
+        entry = os.path.join(self.spool.active, "1")
+        shutil.copy(path, entry)
+        with open(entry, "r+b") as f:
+            f.write(b"HELLO")  # were the spare taken, active/1 would read "hello" again
+        incoming, active, [queued] = self.start()
+        self.assertEqual((incoming, active), ([], ["1"]))
+        self.assertEqual(Spool(self.spool.directory).read_message(queued), b"HELLO\r\n")
+
+    def test_a_spare_from_a_newer_version_is_left_in_place(self) -> None:
+        path = self.killed_before_the_rename("1")
+        with open(path, "rb") as f:
+            data = f.read()
+        newer = b'"schema":%d' % (spool_module.ENVELOPE_SCHEMA + 1)
+        with open(path, "wb") as f:
+            f.write(data.replace(b'"schema":%d' % spool_module.ENVELOPE_SCHEMA, newer))
+        incoming, active, recovered = self.start()
+        self.assertEqual((incoming, active, recovered), ([os.path.basename(path)], [], []))
+        self.flushLoggedErrors()
