@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from appliance.bounces import bounce_class, canonical_reason
 
 if TYPE_CHECKING:
+    from appliance.envelope import Envelope, Recipient
     from appliance.links import LinkData
     from appliance.settings import Tracking
-    from appliance.spool import Envelope, Recipient
 
 INJECTION = "injection"
 POLICY_REJECTION = "policy_rejection"

@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from appliance.config import EngagementTrackerConfig
+from appliance.envelope import Envelope, QueuedMessage, Recipient
 from appliance.events import EventLog
 from appliance.eventtypes import (
     TEXT_CAPS,
@@ -53,7 +54,7 @@ from appliance.settings import (
     parse_msys_api,
     resolve,
 )
-from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolWriter
+from appliance.spool import Spool, SpoolWriter
 
 if TYPE_CHECKING:
     # Annotations only: injection hands messages to delivery through the Queue protocol

@@ -327,7 +327,7 @@ class Tracking:
 
     Stored in the spool envelope (``Recipient.tracking``), so a copy made
     after a restart is the same copy. ``to_json`` is that stored form; the
-    spool's ``ENVELOPE_SCHEMA`` changes whenever it does.
+    spool's ``appliance.envelope.ENVELOPE_SCHEMA`` changes whenever it does.
     """
 
     open_tracking: bool = False

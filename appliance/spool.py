@@ -70,17 +70,16 @@ import shutil
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
-from typing import Any, BinaryIO
+from typing import Any
 
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from appliance.envelope import TRAILER_SIZE, CopyState, Envelope, NewerEnvelope, QueuedMessage, read_trailer
 from appliance.files import create_new as _create_new
 from appliance.files import fsync_directory
 from appliance.groupcommit import DelayedBatch, ThreadedDirectorySync
-from appliance.settings import Tracking
 from appliance.spares import Spare, SpareFiles, is_spare, without_spares
 
 log = Logger()
@@ -92,151 +91,8 @@ def run_synchronously(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer
     return defer.maybeDeferred(f, *args, **kwargs)
 
 
-# The version of envelope.json's format, written in it as "schema". An envelope without
-# one is version 1, as written up to this field's introduction; this version reads every
-# earlier one, so an appliance upgraded in place delivers what the old one left.
-#   1: recipients' "tracking" is a loose object, possibly empty.
-#   2: "tracking" is always a whole ``Tracking.to_json`` record.
-#   3: the envelope follows the message in one file (``active/<id>``, journal in
-#      ``journal/<id>``); "announce" holds the events owed since the 250.
-#   4: "subject" and "friendly_from" for the events of every copy; recipients'
-#      "tracking" may hold "metadata_in_links", "transactional", "list_unsubscribe" and
-#      "list_unsubscribe_mailto" (an envelope of 3 or less has none: its copies are made
-#      as they were).
-#   5: "text_crc32", the CRC-32 of the message text, in an entry committed while its file
-#      was still a spare in incoming/ (``SpoolWriter._commit``); None in any other.
-ENVELOPE_SCHEMA = 5
-
-# After a schema-3 entry's envelope: b"\nenvelope " + its length in 10 digits + b"\n".
-_TRAILER_START = b"\nenvelope "
-TRAILER_SIZE = len(_TRAILER_START) + 11
-
-
 # Characters of a copy's last error kept in its journal line (the event has it whole).
 MAX_JOURNALLED_ERROR = 512
-
-
-class NewerEnvelope(ValueError):
-    """An envelope written by a newer version of the appliance than this one."""
-
-
-@dataclass
-class Recipient:
-    """One recipient's copy: its address, identity and the settings its copy is made with."""
-
-    address: str
-    message_id: str
-    # Fields every event of this copy carries (campaign_id, rcpt_meta, rcpt_tags, ...).
-    event_fields: dict[str, Any] = field(default_factory=dict)
-    # What the rewriter needs for this copy (resolved tracking settings).
-    tracking: Tracking = field(default_factory=Tracking)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"address": self.address, "message_id": self.message_id,
-                "event_fields": self.event_fields, "tracking": self.tracking.to_json()}
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> Recipient:
-        return cls(address=raw["address"], message_id=raw["message_id"],
-                   event_fields=raw.get("event_fields", {}),
-                   tracking=Tracking.from_json(raw.get("tracking", {})))
-
-
-@dataclass
-class Envelope:
-    transmission_id: str
-    mail_from: str
-    recipients: list[Recipient]
-    received_at: float
-    client_address: str = ""
-    auth_user: str | None = None
-    listener: str = ""
-    message_size: int = 0
-    # What the message's header says, for the events of its copies (``appliance.eventtypes``).
-    subject: str = ""
-    friendly_from: str = ""
-    # The events owed once the 250 is sent (``appliance.injection``): their pre-assigned
-    # event_ids and what they say. None for a message with nothing owed, or from before.
-    announce: dict[str, Any] | None = None
-    # Set by the commit of a message received into a spare file: recovery finds such an
-    # entry in incoming/ if the kill came before its rename, and takes it only if whole.
-    text_crc32: int | None = None
-
-    def to_json(self) -> bytes:
-        raw: dict[str, Any] = {"schema": ENVELOPE_SCHEMA}
-        raw.update((name, getattr(self, name)) for name in _ENVELOPE_FIELDS)
-        raw["recipients"] = [r.to_json() for r in self.recipients]
-        return _ENCODER.encode(raw).encode()
-
-    def trailer(self) -> bytes:
-        """The envelope as a schema-3 entry ends: its JSON, then its length."""
-        data = self.to_json()
-        return data + _TRAILER_START + b"%010d\n" % len(data)
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Envelope:
-        raw = json.loads(data)
-        schema = raw.pop("schema", 1)
-        if not isinstance(schema, int) or schema > ENVELOPE_SCHEMA:
-            raise NewerEnvelope(f"envelope schema {schema!r}; this version reads up to {ENVELOPE_SCHEMA}")
-        raw["recipients"] = [Recipient.from_json(r) for r in raw["recipients"]]
-        if schema < 4:  # schema 3 kept the subject and sender only with the events owed
-            owed = raw.get("announce") or {}
-            raw.update(subject=owed.get("subject", ""), friendly_from=owed.get("friendly_from", ""))
-        return cls(**raw)
-
-
-_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
-# One encoder for every envelope: json.dumps with options builds one per call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
-@dataclass
-class CopyState:
-    """What the journal says of one recipient's copy."""
-
-    done: bool = False
-    attempts: int = 0
-    next_attempt: float = 0.0
-    held: bool = False  # an operator's hold: not attempted until released
-    last_error: str = ""  # the reply of the last attempt that failed, for the queue's listing
-
-
-@dataclass
-class QueuedMessage:
-    envelope: Envelope
-    path: str
-    states: list[CopyState]
-    # Journal writes of one message run in pool threads; they take turns, so the last
-    # copy's removal never pulls the entry from under another copy's append.
-    journal_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    # Schema 3: where the message ends in ``path``, and the journal's own path. A
-    # directory entry of an earlier schema has -1 and its journal inside it.
-    message_end: int = -1
-    journal: str = ""
-    # Whether the journal's directory entry is known to be on disk, and whether the
-    # events owed since the 250 are written.
-    journal_durable: bool = False
-    announced: bool = False
-    # The message's text as committed, while it is still wanted in memory (the injector
-    # drops it once the message is prepared): read_message gives it without a disk read.
-    text: bytes | None = field(default=None, repr=False, compare=False)
-    # Set in the file pool once the entry has left active/ (every copy final), and once
-    # this process may have created its journal (a recovered entry may have one already).
-    left: bool = False
-    journal_written: bool = True
-
-    @property
-    def message_path(self) -> str:
-        return self.path if self.message_end >= 0 else os.path.join(self.path, "message")
-
-    @property
-    def journal_path(self) -> str:
-        return self.journal or os.path.join(self.path, "journal")
-
-    @property
-    def owes_events(self) -> bool:
-        return self.envelope.announce is not None and not self.announced
 
 
 # Message text is kept in memory up to this size and only written out by the commit, in a
@@ -409,23 +265,6 @@ def entries_on_disk(directory: str) -> list[str]:
             + without_spares(os.listdir(os.path.join(directory, "incoming"))))
 
 
-def _read_trailer(f: BinaryIO) -> tuple[Envelope, int]:
-    """The envelope at the end of a schema-3 entry's file, and where its message ends."""
-    size = f.seek(0, os.SEEK_END)
-    if size < TRAILER_SIZE:
-        raise ValueError("too short for an envelope")
-    f.seek(size - TRAILER_SIZE)
-    trailer = f.read(TRAILER_SIZE)
-    if not (trailer.startswith(_TRAILER_START) and trailer.endswith(b"\n")):
-        raise ValueError("no envelope trailer")
-    length = int(trailer[len(_TRAILER_START):-1])
-    end = size - TRAILER_SIZE - length
-    if end < 0:
-        raise ValueError("envelope longer than the entry")
-    f.seek(end)
-    return Envelope.from_json(f.read(length)), end
-
-
 def _identity(file: int | str) -> tuple[int, int]:
     """Which file a descriptor or a path is: its device and inode."""
     st = os.fstat(file) if isinstance(file, int) else os.stat(file)
@@ -537,7 +376,7 @@ class Spool:
         path = os.path.join(self.incoming, name)
         try:
             with open(path, "rb") as f:
-                envelope, end = _read_trailer(f)
+                envelope, end = read_trailer(f)
                 if envelope.text_crc32 is None:
                     return False  # committed by the rename, which never came
                 f.seek(0)
@@ -623,7 +462,7 @@ class Spool:
     def _read_entry(self, name: str, path: str) -> QueuedMessage:
         """A schema-3 entry: the envelope is read from the end of its one file."""
         with open(path, "rb") as f:
-            envelope, end = _read_trailer(f)
+            envelope, end = read_trailer(f)
         return QueuedMessage(envelope, path, [CopyState() for _ in envelope.recipients],
                              message_end=end, journal=os.path.join(self.journal, name))
 

@@ -11,7 +11,7 @@ from appliance.delivery.attempt import AttemptOwner, _HopAttempt
 from appliance.delivery.outcome import DELIVERY, Outcome
 from appliance.delivery.queue import DeliveryService, Job, _Queue
 from appliance.delivery.routing import Destination, Hop
-from appliance.spool import CopyState, QueuedMessage
+from appliance.envelope import CopyState, QueuedMessage
 from tests.test_spool import envelope
 
 

@@ -17,8 +17,9 @@ from twisted.trial import unittest
 
 from appliance.config import DeliveryConfig, Route
 from appliance.delivery import DeliveryService, Router, message_from_spool
+from appliance.envelope import Envelope, QueuedMessage, Recipient
 from appliance.events import EventLog
-from appliance.spool import Envelope, QueuedMessage, Recipient, Spool, run_synchronously
+from appliance.spool import Spool, run_synchronously
 from appliance.tls import load_trust_root
 from tests.fakes import FakeResolver, self_signed
 from tests.helpers import free_port, wait_until

@@ -9,10 +9,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import eventtypes as et
 from appliance.delivery.outcome import Outcome, internal, reply_outcome
+from appliance.envelope import Envelope, Recipient
 from appliance.events import Event, EventLog
 from appliance.links import LinkData
 from appliance.settings import Tracking
-from appliance.spool import Envelope, Recipient
 
 # What SPEC §8 and today's consumers expect, type by type: (always, sometimes).
 COMMON = ["type", "event_id", "timestamp", "node_name", "customer_id"]

@@ -15,11 +15,12 @@ from twisted.internet import defer
 from twisted.mail import smtp
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance.envelope import QueuedMessage
 from appliance.events import EventLog
 from appliance.injection import Injector, friendly_from, header_text
 from appliance.policy import ACCEPT, Verdict
 from appliance.smtp import Session
-from appliance.spool import QueuedMessage, Spool, run_synchronously
+from appliance.spool import Spool, run_synchronously
 from tests.test_smtp import listener
 
 MESSAGE = b"From: <sender@example.net>\r\nSubject: hello\r\n\r\nbody\r\n"

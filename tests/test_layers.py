@@ -23,8 +23,8 @@ import appliance
 ROOT = os.path.dirname(os.path.abspath(appliance.__file__))
 
 # The pure core: plain functions and classes over bytes and settings.
-PURE = {"bounces", "config", "copywork", "dkim", "engagement", "eventtypes", "files", "headers", "links",
-        "retry", "rewrite", "settings"}
+PURE = {"bounces", "config", "copywork", "dkim", "engagement", "envelope", "eventtypes", "files", "headers",
+        "links", "retry", "rewrite", "settings"}
 
 # What each part may import at run time (imports under ``if TYPE_CHECKING:`` are
 # annotations only and may also name the parts in TYPE_ONLY).
@@ -54,7 +54,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "groupcommit": {"files", "reactors"},
     # Spare files: empty files made ahead in the spool's incoming/.
     "spares": {"files", "reactors"},
-    "spool": {"files", "groupcommit", "reactors", "settings", "spares"},
+    # A spool entry's envelope and its on-disk form: plain data, each copy's settings.
+    "envelope": {"settings"},
+    "spool": {"envelope", "files", "groupcommit", "reactors", "spares"},
     "follower": {"files", "reactors"},
     # Reading the event log and its rotated files for a search: plain files, no other part.
     "eventsearch": set(),
@@ -65,11 +67,11 @@ MAY_IMPORT: dict[str, set[str]] = {
     "tracker": {"config", "engagement", "events", "eventtypes", "links", "reactors"},
     # The suppression list: its database, and its own follower of the event log.
     "suppression": {"follower", "reactors"},
-    "delivery": {"bounces", "config", "copywork", "dkim", "events", "eventtypes", "files", "links",
-                 "reactors", "retry", "rewrite", "settings", "spool"},
+    "delivery": {"bounces", "config", "copywork", "dkim", "envelope", "events", "eventtypes", "files",
+                 "links", "reactors", "retry", "rewrite", "settings", "spool"},
     "webhooks": {"config", "events", "eventtypes", "files", "follower", "reactors", "retry"},
-    "injection": {"config", "events", "eventtypes", "files", "headers", "policy", "reactors",
-                  "settings", "spool"},
+    "injection": {"config", "envelope", "events", "eventtypes", "files", "headers", "policy",
+                  "reactors", "settings", "spool"},
     "smtp": {"config", "reactors", "tls"},
     # admin: the token file is made with the link keys, and read the same way; suppression:
     # the database is opened once, so a bad path fails before twistd forks.
@@ -110,7 +112,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "console_queue": {"admin", "config"},
 }
 TYPE_ONLY: dict[str, set[str]] = {
-    "eventtypes": {"links", "settings", "spool"},
+    "eventtypes": {"envelope", "links", "settings"},
     "injection": {"delivery", "rewrite", "smtp"},
     "smtp": {"injection"},
     "delivery": {"helpers"},  # CopyMaker is handed a HelperPool

@@ -19,10 +19,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import eventtypes as et
 from appliance.delivery.outcome import internal, reply_outcome
+from appliance.envelope import Envelope, Recipient
 from appliance.events import Event, EventLog
 from appliance.links import LinkData
 from appliance.settings import Tracking
-from appliance.spool import Envelope, Recipient
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "data", "sparkpost_samples")
 

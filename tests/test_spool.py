@@ -16,12 +16,14 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance import envelope as envelope_module
 from appliance import spares as spares_module
 from appliance import spool as spool_module
+from appliance.envelope import Envelope, Recipient
 from appliance.files import fsync_directory
 from appliance.groupcommit import ThreadedDirectorySync
 from appliance.settings import Tracking
-from appliance.spool import REMOVE_BATCH, REMOVE_DELAY, Envelope, Recipient, Spool, run_synchronously
+from appliance.spool import REMOVE_BATCH, REMOVE_DELAY, Spool, run_synchronously
 
 
 def envelope(tid: str = "1", n: int = 2) -> Envelope:
@@ -205,7 +207,7 @@ class SpoolTests(SynchronousTestCase):
     def test_unreadable_envelope_moved_aside(self) -> None:
         queued = self.commit()
         with open(queued.path, "r+b") as f:
-            f.seek(-spool_module.TRAILER_SIZE - 3, os.SEEK_END)
+            f.seek(-envelope_module.TRAILER_SIZE - 3, os.SEEK_END)
             f.write(b"{no")
         self.assertEqual(list(self.spool.recover()), [])
         self.assertIn("corrupt-1", os.listdir(self.spool.directory))
@@ -263,7 +265,7 @@ class EnvelopeSchemaTests(SynchronousTestCase):
         self.install("spool-e4ad139", "1234567890123")
         [queued] = list(self.spool.recover())
         data = queued.envelope.to_json()
-        self.assertEqual(json.loads(data)["schema"], spool_module.ENVELOPE_SCHEMA)
+        self.assertEqual(json.loads(data)["schema"], envelope_module.ENVELOPE_SCHEMA)
         self.assertEqual(Envelope.from_json(data), queued.envelope)
 
     def test_empty_tracking_of_schema_1_is_the_default_record(self) -> None:
@@ -292,10 +294,10 @@ class EnvelopeSchemaTests(SynchronousTestCase):
         path = self.install("spool-e4ad139", "1234567890123")
         with open(os.path.join(path, "envelope.json"), "rb") as f:
             raw = json.loads(f.read())
-        raw["schema"] = spool_module.ENVELOPE_SCHEMA + 1
+        raw["schema"] = envelope_module.ENVELOPE_SCHEMA + 1
         with open(os.path.join(path, "envelope.json"), "w") as f:
             json.dump(raw, f)
-        self.assertRaises(spool_module.NewerEnvelope, Envelope.from_json, json.dumps(raw).encode())
+        self.assertRaises(envelope_module.NewerEnvelope, Envelope.from_json, json.dumps(raw).encode())
         self.assertEqual(list(self.spool.recover()), [])
         self.assertEqual(os.listdir(self.spool.active), ["1234567890123"])
         self.assertFalse([n for n in os.listdir(self.spool.directory) if n.startswith("corrupt-")])
@@ -1245,7 +1247,7 @@ class CommitInSpareTests(SynchronousTestCase):
         self.assertIn(b'"text_crc32":%d' % zlib.crc32(b"hello\r\n"), data)
         plain = data.replace(b',"text_crc32":%d' % zlib.crc32(b"hello\r\n"), b"")
         with open(path, "wb") as f:  # the same trailer, four bytes shorter
-            f.write(plain[:-spool_module.TRAILER_SIZE] + b"\nenvelope %010d\n"
+            f.write(plain[:-envelope_module.TRAILER_SIZE] + b"\nenvelope %010d\n"
                     % (int(plain[-11:-1]) - len(data) + len(plain)))
         self.assertEqual(self.start(), ([], [], []))
 
@@ -1269,9 +1271,9 @@ class CommitInSpareTests(SynchronousTestCase):
         path = self.killed_before_the_rename("1")
         with open(path, "rb") as f:
             data = f.read()
-        newer = b'"schema":%d' % (spool_module.ENVELOPE_SCHEMA + 1)
+        newer = b'"schema":%d' % (envelope_module.ENVELOPE_SCHEMA + 1)
         with open(path, "wb") as f:
-            f.write(data.replace(b'"schema":%d' % spool_module.ENVELOPE_SCHEMA, newer))
+            f.write(data.replace(b'"schema":%d' % envelope_module.ENVELOPE_SCHEMA, newer))
         incoming, active, recovered = self.start()
         self.assertEqual((incoming, active, recovered), ([os.path.basename(path)], [], []))
         self.flushLoggedErrors()

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from appliance.delivery.client import DeliveryClient
     from appliance.delivery.queue import Job, _Queue
     from appliance.delivery.routing import Hop
-    from appliance.spool import QueuedMessage
+    from appliance.envelope import QueuedMessage
 
 log = Logger()
 

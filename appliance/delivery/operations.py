@@ -26,7 +26,8 @@ from appliance.delivery.outcome import BOUNCE, Outcome
 if TYPE_CHECKING:
     from appliance.config import DeliveryConfig
     from appliance.delivery.queue import Job, _Queue
-    from appliance.spool import QueuedMessage, Spool
+    from appliance.envelope import QueuedMessage
+    from appliance.spool import Spool
 
 # SparkPost's class for a message failed by an administrative action (Momentum's
 # "Admin Failure"): an operator deleted it from the queue.

@@ -47,11 +47,12 @@ from appliance.delivery.outcome import (
     internal,
 )
 from appliance.delivery.routing import Destination, Hop, HopFinder, NoHops, Router
+from appliance.envelope import QueuedMessage
 from appliance.events import EventLog
 from appliance.eventtypes import delivery_event
 from appliance.reactors import Reactor
 from appliance.retry import RetrySchedule
-from appliance.spool import QueuedMessage, Spool
+from appliance.spool import Spool
 
 log = Logger()
 
