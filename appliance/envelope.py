@@ -147,6 +147,9 @@ class QueuedMessage:
     # this process may have created its journal (a recovered entry may have one already).
     left: bool = False
     journal_written: bool = True
+    # The spare file's name in incoming/ a message was committed under, until an fsync of
+    # active/ has covered its entry's name (``appliance.spool``); then None.
+    spare: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def message_path(self) -> str:

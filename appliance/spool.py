@@ -5,8 +5,8 @@ Layout (Postfix-like commit protocol)::
 
     incoming/<id>         being received; never read by delivery
     incoming/spare-*      empty files made ahead; a transaction takes one
-                          and is received into it (after a kill, possibly a
-                          committed message its rename did not reach)
+                          and is received into it; a committed message's
+                          first name, until active/'s fsync covers its entry
     active/<id>           committed: the message as injected (canonical CRLF),
                           then its envelope (sender, recipients, ids, tracking,
                           events owed) and a fixed-size trailer saying how long
@@ -21,9 +21,11 @@ injection server answer ``250``. That directory fsync is shared
 so concurrent transactions pay for one. A message received into a spare
 file skips it: the spare's name was made durable before it was handed out,
 so the message is on disk once its file is, and its envelope holds its
-text's CRC-32. At start-up ``incoming/`` is emptied, but for a spare whose
-envelope's checksum matches its text: that one was committed, and is moved
-into ``active/``. Nothing else there was ever acknowledged.
+text's CRC-32. Its entry in ``active/`` is a link, and the spare's name goes
+once an fsync of ``active/`` covers the entry's. At start-up ``incoming/`` is
+emptied, but for a spare whose entry is missing from ``active/`` and whose
+checksum matches its text: that one was committed, and is linked into
+``active/``. Nothing else there was ever acknowledged.
 
 Entries written before envelope schema 3 are directories, ``active/<id>/``
 holding ``message``, ``envelope.json`` and their ``journal``; they are read,
@@ -171,15 +173,17 @@ class SpoolWriter:
         assert envelope.transmission_id == self.transmission_id
         self.finished = True
         d = self.spool.run(self._commit, envelope)
-        d.addErrback(self._failed)
+        d.addCallbacks(self.spool._committed, self._failed)
         return d
 
     def _commit(self, envelope: Envelope) -> QueuedMessage:
         # One file, one fsync: the envelope follows the message, so neither can be on disk
         # without the other. The file's name is made durable by active/'s fsync after the
-        # rename, or, for a spare, was before it was handed out: then the message is on
-        # disk once the file is, whichever of its two names a crash leaves it under, and
-        # the checksum tells recovery whether one found in incoming/ was written whole.
+        # rename; or, for a spare, it was before the spare was handed out. Then the message
+        # is on disk once the file is, under that name: its entry in active/ is a second
+        # name (a link), and the spare's goes once an fsync of active/ has covered that
+        # one (``Spool._drop_spare_names``). The checksum tells recovery whether a spare
+        # it finds with no entry in active/ was written whole.
         text = None
         in_place = False
         if self._file is None:
@@ -207,14 +211,16 @@ class SpoolWriter:
         if _identity(self.path) != written:  # FileNotFoundError if it is gone
             raise OSError(errno.ESTALE, f"{self.path} is no longer the file the message was written to")
         final = os.path.join(self.spool.active, self.transmission_id)
-        os.rename(self.path, final)
-        if not in_place:
+        if in_place:
+            os.link(self.path, final)
+        else:
+            os.rename(self.path, final)
             # Shared with every entry renamed before it began; nothing is answered before it.
             self.spool.active_sync.sync()
         states = [CopyState() for _ in envelope.recipients]
         return QueuedMessage(envelope, final, states, message_end=self.size,
                              journal=os.path.join(self.spool.journal, self.transmission_id),
-                             text=text, journal_written=False)
+                             text=text, journal_written=False, spare=self.path if in_place else None)
 
     def _failed(self, failure: Any) -> Any:
         self.spool._usable = False
@@ -263,6 +269,11 @@ def entries_on_disk(directory: str) -> list[str]:
     """What a spool directory holds: entries in ``active/``, transactions in ``incoming/``; no spare file."""
     return (os.listdir(os.path.join(directory, "active"))
             + without_spares(os.listdir(os.path.join(directory, "incoming"))))
+
+
+def _entry_name(name: str) -> bool:
+    """Whether ``name`` can be an entry's name in active/: one plain file name."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
 def _identity(file: int | str) -> tuple[int, int]:
@@ -330,9 +341,11 @@ class Spool:
         # left it, each done for many entries in one file-pool call.
         self._marks: DelayedBatch | None = None
         self._removals: DelayedBatch | None = None
+        self._spare_names: DelayedBatch | None = None
         if clock is not None:
             self._marks = DelayedBatch(clock, mark_delay, run, self._mark_announced)
             self._removals = DelayedBatch(clock, remove_delay, run, self._sync_removed)
+            self._spare_names = DelayedBatch(clock, remove_delay, run, self._drop_spare_names)
         # Whether incoming/ was there at the last look; looked at again after a commit fails.
         self._usable = False
         # Called with each recovered entry whose events are still owed, before it is yielded
@@ -351,34 +364,40 @@ class Spool:
         # killed before their batch's fsync): that must hold before their files and
         # journals are deleted below, or a power loss could bring an entry back without
         # its journal, and every copy of it would be sent again. The same fsync makes
-        # the committed messages taken from incoming/ first durable in active/.
+        # durable the entries linked into active/ from spares holding committed messages.
         names = os.listdir(self.incoming)
-        taken = {name for name in names if is_spare(name) and self._take_committed(name)}
+        kept = {name for name in names if is_spare(name) and self._take_committed(name)}
         fsync_directory(self.active)
         for name in names:
-            if name in taken:
+            if name in kept:
                 continue
             if without_spares([name]):  # a spare file never held anything: not worth a word
                 log.info("discarding unacknowledged spool entry {name}", name=name)
             _remove_path(os.path.join(self.incoming, name))
-        if taken:
-            fsync_directory(self.incoming)
+        # Before recover() deletes a journal: a spare's name must not come back after a power
+        # loss once its entry is gone, with its copies to send again.
+        fsync_directory(self.incoming)
 
     def _take_committed(self, name: str) -> bool:
         """
-        Move a spare that holds a committed message into active/; whether it did.
+        Link a spare that holds a committed message into active/; whether to keep the spare.
 
-        Its commit was killed between the fsync and the rename. Were the kill
-        before the fsync, a power loss could have left the file in part: then
-        the checksum of its text, written in its envelope, does not match, and
-        the message, never acknowledged, is dropped with the other files.
+        The spare's name outlived its commit, which links the entry into
+        active/ and removes this name later: if the entry is there, the spare
+        is only dropped. If not, the kill came before the link. Were it before
+        the fsync, a power loss could have left the file in part: then the
+        checksum of its text, written in its envelope, does not match, and the
+        message, never acknowledged, is dropped with the other files.
         """
         path = os.path.join(self.incoming, name)
         try:
             with open(path, "rb") as f:
                 envelope, end = read_trailer(f)
-                if envelope.text_crc32 is None:
-                    return False  # committed by the rename, which never came
+                tid = envelope.transmission_id
+                if (envelope.text_crc32 is None  # committed by a rename, which never came
+                        or not isinstance(tid, str) or not _entry_name(tid)
+                        or os.path.exists(os.path.join(self.active, tid))):
+                    return False
                 f.seek(0)
                 if zlib.crc32(f.read(end)) != envelope.text_crc32:
                     return False
@@ -388,15 +407,14 @@ class Spool:
             return True
         except (OSError, ValueError, TypeError, KeyError):
             return False
-        tid = envelope.transmission_id
-        final = os.path.join(self.active, tid)
-        if not isinstance(tid, str) or os.path.basename(tid) != tid or tid in ("", ".", ".."):
-            return False
-        if os.path.exists(final):  # renamed after all: this name outlived it (no journalling fs)
-            return False
-        os.rename(path, final)
-        log.info("spool entry {tid} was committed but not yet moved into active/; moved", tid=tid)
-        return True
+        try:
+            os.link(path, os.path.join(self.active, tid))
+        except OSError as e:
+            log.error("spool file incoming/{name} holds committed message {tid}, which cannot be "
+                      "linked into active/ ({e}); left in place", name=name, tid=tid, e=e)
+            return True
+        log.info("spool entry {tid} was committed but not yet linked into active/; linked", tid=tid)
+        return False
 
     def writer(self, transmission_id: str) -> SpoolWriter:
         """A new entry's writer, with a spare file made ahead, or its file being created now."""
@@ -530,6 +548,8 @@ class Spool:
         """A stop: the waiting removals are made durable now, and every later one at once."""
         self._batching = False
         self.write_removals()
+        if self._spare_names is not None:
+            self._spare_names.flush()
 
     def _leave_or_journal(self, queued: QueuedMessage, line: bytes) -> bool:
         """
@@ -646,6 +666,44 @@ class Spool:
             self._sync_left()
             self._delete_removed(queued)
 
+    def _committed(self, queued: QueuedMessage) -> QueuedMessage:
+        """After a commit into a spare: its name goes once active/'s fsync covers the entry's."""
+        if queued.spare is not None:
+            if self._spare_names is not None and self._batching:
+                self._spare_names.add(queued)
+            else:
+                self.run(self._drop_spare_names, [queued]).addErrback(
+                    lambda f: log.failure("could not remove the spare name of {tid}", f,
+                                          tid=queued.envelope.transmission_id))
+        return queued
+
+    def _drop_spare_names(self, batch: list[QueuedMessage]) -> None:
+        """
+        One fsync of active/ for the batch's entries; then the spare names they were committed under go.
+
+        Until then each message is durable under its spare's name only. A
+        name left (a failed fsync, a kill) is dropped by the next start, which
+        finds the entry in active/.
+        """
+        if all(queued.spare is None for queued in batch):  # each left active/, its name with it
+            return
+        try:
+            self.active_sync.sync()
+        except OSError as e:
+            log.error("spool: the fsync of {path} for {n} new entries failed ({e}); their spare "
+                      "files' names stay in incoming/ until they are delivered or the next start",
+                      path=self.active, n=len(batch), e=e)
+            return
+        for queued in batch:
+            with queued.journal_lock:
+                self._unlink_spare(queued)
+
+    @staticmethod
+    def _unlink_spare(queued: QueuedMessage) -> None:
+        if queued.spare is not None:
+            _unlink(queued.spare)
+            queued.spare = None
+
     def _sync_left(self) -> None:
         """
         Make entries' leaving durable, before their text and journal are deleted.
@@ -667,6 +725,7 @@ class Spool:
         except FileNotFoundError:
             return False
         queued.left = True
+        self._unlink_spare(queued)  # made durable with the rename, by ``_sync_left``
         return True
 
     def _trash(self, queued: QueuedMessage) -> str:

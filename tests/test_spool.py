@@ -836,7 +836,8 @@ class SpareFileTests(SynchronousTestCase):
             text = b"text of " + w.transmission_id.encode() + b"\r\n"
             w.write(text)
             d = w.commit(envelope(w.transmission_id))
-            self.jobs.run()
+            while self.jobs.jobs:  # the commit, and the removal of its spare's name
+                self.jobs.run()
             queued = self.successResultOf(d)
             queued.text = None
             self.assertEqual(self.spool.read_message(queued), text)
@@ -1101,7 +1102,8 @@ class BatchedRemovalTests(SynchronousTestCase):
                                                                real_remove(path)))
         Spool(self.spool.directory, run=run_synchronously).prepare()
         self.assertEqual(order, [f"fsync {self.spool.active}",
-                                 f"remove {os.path.join(self.spool.incoming, '1.removed')}"])
+                                 f"remove {os.path.join(self.spool.incoming, '1.removed')}",
+                                 f"fsync {self.spool.incoming}"])
 
 
 def record_fsyncs(case: SynchronousTestCase, spool: Spool) -> list[str]:
@@ -1153,10 +1155,11 @@ class CommitInSpareTests(SynchronousTestCase):
     def test_the_spares_names_are_on_disk_before_one_is_handed_out(self) -> None:
         synced: list[str] = []
         real = spares_module.fsync_directory
-        self.patch(spares_module, "fsync_directory", lambda path: (synced.append(path), real(path)))
+        self.patch(spares_module, "fsync_directory",
+                   lambda path: (synced.append(f"{path}: {len(os.listdir(path))} files"), real(path)))
         self.spool.writer("0").abort()
         self.jobs.run(1)  # the batch of spares
-        self.assertEqual(synced, [self.spool.incoming])
+        self.assertEqual(synced, [f"{self.spool.incoming}: 4 files"])  # after they were made
         self.assertEqual(len(self.spool.spares), 4)
 
     def test_a_batch_whose_names_cannot_be_made_durable_is_not_used(self) -> None:
@@ -1176,11 +1179,21 @@ class CommitInSpareTests(SynchronousTestCase):
         fsyncs = record_fsyncs(self, self.spool)
         synced: list[str] = []
         self.spool.active_sync.fsync = synced.append
-        w, queued = self.commit("1")
+        w = self.spool.writer("1")
+        w.write(b"hello\r\n")
+        d = w.commit(envelope("1"))
+        self.jobs.run(-1)
+        queued = self.successResultOf(d)
         self.assertEqual(fsyncs, [os.path.relpath(w.path, self.spool.directory)])  # the spare, as written
         self.assertEqual(synced, [])  # no fsync of active/ before the reply
-        self.assertEqual(queued.path, os.path.join(self.spool.active, "1"))  # renamed all the same
+        self.assertEqual(queued.path, os.path.join(self.spool.active, "1"))  # linked there
+        self.assertEqual(os.stat(queued.path).st_ino, os.stat(w.path).st_ino)  # the spare's name stays
         self.assertEqual(queued.envelope.text_crc32, zlib.crc32(b"hello\r\n"))
+        # Then, apart: one fsync of active/ covers the entry's name, and the spare's goes.
+        self.drain()
+        self.assertEqual(synced, [self.spool.active])
+        self.assertFalse(os.path.exists(w.path))
+        self.assertIsNone(queued.spare)
         [recovered] = Spool(self.spool.directory, run=run_synchronously).recover()
         self.assertEqual(recovered.envelope.text_crc32, zlib.crc32(b"hello\r\n"))
 
@@ -1217,19 +1230,55 @@ class CommitInSpareTests(SynchronousTestCase):
         self.assertEqual((incoming, active), ([], ["1"]))
         self.assertEqual(Spool(self.spool.directory).read_message(queued), b"hello\r\n")
         self.assertEqual([r.address for r in queued.envelope.recipients], ["r0@x.test", "r1@x.test"])
-        self.assertEqual(logged, ["spool entry 1 was committed but not yet moved into active/; moved"])
+        self.assertEqual(logged, ["spool entry 1 was committed but not yet linked into active/; linked"])
 
-    def test_the_move_is_made_durable_before_anything_is_deleted(self) -> None:
+    def test_the_link_is_made_durable_before_anything_is_deleted(self) -> None:
         self.killed_before_the_rename("1")
         order: list[str] = []
-        real_fsync, real_remove = spool_module.fsync_directory, spool_module._remove_path
+        real_fsync, real_remove, real_link = spool_module.fsync_directory, spool_module._remove_path, os.link
         self.patch(spool_module, "fsync_directory", lambda path: (order.append(f"fsync {path}"),
                                                                   real_fsync(path)))
         self.patch(spool_module, "_remove_path", lambda path: (order.append("remove"), real_remove(path)))
+        self.patch(os, "link", lambda src, dst: (order.append(f"link {os.path.basename(dst)}"),
+                                                 real_link(src, dst)))
         Spool(self.spool.directory, run=run_synchronously).prepare()
-        self.assertEqual(order[0], f"fsync {self.spool.active}")
+        self.assertEqual(order[:2], ["link 1", f"fsync {self.spool.active}"])
         self.assertEqual(order[-1], f"fsync {self.spool.incoming}")
-        self.assertEqual(set(order[1:-1]), {"remove"})  # the other spares
+        self.assertEqual(set(order[2:-1]), {"remove"})  # its spare's name, and the other spares
+
+    def test_a_kill_before_the_spare_name_goes_costs_nothing(self) -> None:
+        """Both names at the start: the entry is recovered once, and the spare's name dropped."""
+        self.ready()
+        w = self.spool.writer("1")
+        w.write(b"hello\r\n")
+        d = w.commit(envelope("1"))
+        self.jobs.run(-1)
+        queued = self.successResultOf(d)
+        self.assertTrue(os.path.exists(w.path))
+        incoming, active, [recovered] = self.start()
+        self.assertEqual((incoming, active), ([], ["1"]))
+        self.assertEqual(os.stat(recovered.path).st_ino, os.stat(queued.path).st_ino)
+
+    def rewrite_envelope(self, path: str, old: bytes, new: bytes) -> None:
+        """Replace ``old`` with ``new`` in the envelope of the file at ``path``, its trailer kept right."""
+        with open(path, "rb") as f:
+            data = f.read()
+        size = envelope_module.TRAILER_SIZE
+        length = int(data[-11:-1])
+        text, raw = data[:-size - length], data[-size - length:-size]
+        self.assertIn(old, raw)
+        raw = raw.replace(old, new)
+        with open(path, "wb") as f:
+            f.write(text + raw + b"\nenvelope %010d\n" % len(raw))
+
+    def test_an_envelope_naming_no_plain_entry_is_dropped(self) -> None:
+        for tid in (b'"../1"', b'"a/b"', b'"."', b'""', b"5", b"null", b'"a\\u0000b"'):
+            path = self.killed_before_the_rename("1")
+            self.rewrite_envelope(path, b'"transmission_id":"1"', b'"transmission_id":' + tid)
+            self.spool.spares.close()  # the start below removes them; new ones for the next round
+            self.drain()
+            self.assertEqual(self.start(), ([], [], []), tid)
+            self.spool.spares.reopen()
 
     def test_a_spare_with_a_text_not_whole_is_dropped(self) -> None:
         """A power loss before the fsync: the envelope made it to disk, part of the text did not."""
@@ -1242,13 +1291,7 @@ class CommitInSpareTests(SynchronousTestCase):
     def test_a_spare_without_a_checksum_is_dropped(self) -> None:
         """Spilled, or written by a version before it: the rename was its commit, and never came."""
         path = self.killed_before_the_rename("1")
-        with open(path, "rb") as f:
-            data = f.read()
-        self.assertIn(b'"text_crc32":%d' % zlib.crc32(b"hello\r\n"), data)
-        plain = data.replace(b',"text_crc32":%d' % zlib.crc32(b"hello\r\n"), b"")
-        with open(path, "wb") as f:  # the same trailer, four bytes shorter
-            f.write(plain[:-envelope_module.TRAILER_SIZE] + b"\nenvelope %010d\n"
-                    % (int(plain[-11:-1]) - len(data) + len(plain)))
+        self.rewrite_envelope(path, b',"text_crc32":%d' % zlib.crc32(b"hello\r\n"), b"")
         self.assertEqual(self.start(), ([], [], []))
 
     def test_only_a_spare_is_taken(self) -> None:
@@ -1277,3 +1320,26 @@ class CommitInSpareTests(SynchronousTestCase):
         incoming, active, recovered = self.start()
         self.assertEqual((incoming, active, recovered), ([os.path.basename(path)], [], []))
         self.flushLoggedErrors()
+
+    def test_an_entry_leaving_before_its_spare_name_went_takes_the_name_with_it(self) -> None:
+        """The name goes before the fsyncs that let the entry's journal and text be deleted."""
+        self.ready()
+        w = self.spool.writer("1")
+        w.write(b"hello\r\n")
+        d = w.commit(envelope("1", n=1))
+        self.jobs.run(-1)
+        queued = self.successResultOf(d)
+        order: list[str] = []
+        real_unlink = spool_module._unlink
+        self.patch(spool_module, "_unlink", lambda path: (order.append(f"unlink {os.path.basename(path)}"),
+                                                          real_unlink(path)))
+        self.spool.active_sync.fsync = lambda path: order.append("fsync active")
+        self.spool.incoming_sync.fsync = lambda path: order.append("fsync incoming")
+        removed = self.spool.record(queued, 0, done=True)
+        self.jobs.run(-1)
+        self.successResultOf(removed)
+        self.assertEqual(order, [f"unlink {os.path.basename(w.path)}", "fsync active", "fsync incoming",
+                                 "unlink 1.removed"])
+        self.drain()  # the spare name's own job finds nothing left to do
+        self.assertEqual(order[-1], "unlink 1.removed")
+        self.assertNotIn(os.path.basename(w.path), os.listdir(self.spool.incoming))
