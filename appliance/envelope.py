@@ -41,6 +41,8 @@ TRAILER_SIZE = len(_TRAILER_START) + 11
 class NewerEnvelope(ValueError):
     """An envelope written by a newer version of the appliance than this one."""
 
+    transmission_id: object = None  # what the envelope says, unchecked
+
 
 @dataclass
 class Recipient:
@@ -100,7 +102,9 @@ class Envelope:
         raw = json.loads(data)
         schema = raw.pop("schema", 1)
         if not isinstance(schema, int) or schema > ENVELOPE_SCHEMA:
-            raise NewerEnvelope(f"envelope schema {schema!r}; this version reads up to {ENVELOPE_SCHEMA}")
+            error = NewerEnvelope(f"envelope schema {schema!r}; this version reads up to {ENVELOPE_SCHEMA}")
+            error.transmission_id = raw.get("transmission_id")
+            raise error
         raw["recipients"] = [Recipient.from_json(r) for r in raw["recipients"]]
         if schema < 4:  # schema 3 kept the subject and sender only with the events owed
             owed = raw.get("announce") or {}

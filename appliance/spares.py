@@ -126,8 +126,8 @@ def _create(directory: str, names: list[str]) -> list[Spare]:
     New, empty files in ``directory``, with their descriptors; as many as could be made.
 
     Their names are on disk before any is handed out: a message committed
-    into a spare is acknowledged once its file is, before it is renamed
-    into ``active/`` (``appliance.spool``).
+    into a spare is acknowledged once its file is, before its link into
+    ``active/`` is made durable (``appliance.spool``).
     """
     made: list[Spare] = []
     try:

@@ -122,7 +122,7 @@ class SpoolWriter:
         self.transmission_id = transmission_id
         self.path = spare[0] if spare is not None else os.path.join(spool.incoming, transmission_id)
         # A spare's name in incoming/ is on disk already (``appliance.spares``): once its file
-        # is, the message is, and the rename into active/ need not be waited for.
+        # is, the message is, and active/'s fsync after its link there need not be waited for.
         self._spare = spare is not None
         self._file: Any = None  # the text went to disk: it outgrew memory
         # The file, made ahead (a spare) or created early, and not yet taken.
@@ -348,6 +348,9 @@ class Spool:
             self._spare_names = DelayedBatch(clock, remove_delay, run, self._drop_spare_names)
         # Whether incoming/ was there at the last look; looked at again after a commit fails.
         self._usable = False
+        # The transmission ids of committed messages a start left in their spare files in
+        # incoming/ (``_take_committed``): their journals are not orphans.
+        self._kept_spares: set[str] = set()
         # Called with each recovered entry whose events are still owed, before it is yielded
         # (so before its delivery is scheduled): the injector writes them.
         self.on_owed: Callable[[QueuedMessage], Any] | None = None
@@ -366,6 +369,7 @@ class Spool:
         # its journal, and every copy of it would be sent again. The same fsync makes
         # durable the entries linked into active/ from spares holding committed messages.
         names = os.listdir(self.incoming)
+        self._kept_spares = set()
         kept = {name for name in names if is_spare(name) and self._take_committed(name)}
         fsync_directory(self.active)
         for name in names:
@@ -404,6 +408,8 @@ class Spool:
         except NewerEnvelope as e:
             log.error("spool file incoming/{name} was written by a newer version ({e}); left in place",
                       name=name, e=e)
+            if isinstance(e.transmission_id, str):
+                self._kept_spares.add(e.transmission_id)
             return True
         except (OSError, ValueError, TypeError, KeyError):
             return False
@@ -412,6 +418,7 @@ class Spool:
         except OSError as e:
             log.error("spool file incoming/{name} holds committed message {tid}, which cannot be "
                       "linked into active/ ({e}); left in place", name=name, tid=tid, e=e)
+            self._kept_spares.add(tid)
             return True
         log.info("spool entry {tid} was committed but not yet linked into active/; linked", tid=tid)
         return False
@@ -475,7 +482,7 @@ class Spool:
                 except Exception:
                     log.failure("could not write the events owed for spool entry {name}", name=name)
             yield queued
-        self._drop_orphan_journals(set(os.listdir(self.active)))
+        self._drop_orphan_journals(set(os.listdir(self.active)) | self._kept_spares)
 
     def _read_entry(self, name: str, path: str) -> QueuedMessage:
         """A schema-3 entry: the envelope is read from the end of its one file."""
@@ -670,11 +677,11 @@ class Spool:
         """After a commit into a spare: its name goes once active/'s fsync covers the entry's."""
         if queued.spare is not None:
             if self._spare_names is not None and self._batching:
-                self._spare_names.add(queued)
+                d = self._spare_names.add(queued)
             else:
-                self.run(self._drop_spare_names, [queued]).addErrback(
-                    lambda f: log.failure("could not remove the spare name of {tid}", f,
-                                          tid=queued.envelope.transmission_id))
+                d = self.run(self._drop_spare_names, [queued])
+            d.addErrback(lambda f: log.failure("could not remove the spare file's name of {tid}", f,
+                                               tid=queued.envelope.transmission_id))
         return queued
 
     def _drop_spare_names(self, batch: list[QueuedMessage]) -> None:
@@ -700,16 +707,22 @@ class Spool:
 
     @staticmethod
     def _unlink_spare(queued: QueuedMessage) -> None:
-        if queued.spare is not None:
+        if queued.spare is None:
+            return
+        try:
             _unlink(queued.spare)
-            queued.spare = None
+        except OSError as e:
+            log.error("cannot remove {path}, the spare file's name of spool entry {tid} ({e}); were "
+                      "the entry gone by the next start, that start would deliver it again",
+                      path=queued.spare, tid=queued.envelope.transmission_id, e=e)
+        queued.spare = None
 
     def _sync_left(self) -> None:
         """
         Make entries' leaving durable, before their text and journal are deleted.
 
-        active/ for their renames out of it; incoming/ for the commits' renames
-        out of it, which nothing waited for (``SpoolWriter._commit``): a spare's
+        active/ for their renames out of it; incoming/ for the removal of their
+        spare files' names (``_leave_active``, ``_drop_spare_names``): a spare's
         name must not outlive its entry's journal, or a power loss could bring
         the message back with no word of its copies.
         """
@@ -720,12 +733,14 @@ class Spool:
         # Leave active/ in one atomic rename, then delete: a crash in the middle of a
         # removal must not leave an entry there with its message gone but its
         # envelope still naming copies to deliver. incoming/ is emptied at start-up.
+        # A spare's name still there goes first: left after the rename, a kill would
+        # have the start link it back into active/, and send the last copy again.
+        self._unlink_spare(queued)  # made durable with the rename, by ``_sync_left``
         try:
             os.rename(queued.path, self._trash(queued))
         except FileNotFoundError:
             return False
         queued.left = True
-        self._unlink_spare(queued)  # made durable with the rename, by ``_sync_left``
         return True
 
     def _trash(self, queued: QueuedMessage) -> str:

@@ -1123,10 +1123,11 @@ class CommitInSpareTests(SynchronousTestCase):
     """
     A message received into a spare is on disk, and acknowledged, once its file is.
 
-    The spare's name was made durable before it was handed out; the rename
-    into active/ that follows is not waited for. A kill between the two leaves
-    the message in incoming/, and the next start takes it from there if, and
-    only if, its text is whole.
+    The spare's name was made durable before it was handed out; the entry's
+    link into active/ that follows is made durable later, and only then does
+    the spare's name go. A kill before the link leaves the message in
+    incoming/ alone, and the next start takes it from there if, and only if,
+    its text is whole.
     """
 
     def setUp(self) -> None:
@@ -1207,8 +1208,8 @@ class CommitInSpareTests(SynchronousTestCase):
         self.assertEqual(synced, [self.spool.active])
         self.assertIsNone(queued.envelope.text_crc32)
 
-    def killed_before_the_rename(self, tid: str, text: bytes = b"hello\r\n") -> str:
-        """Commit ``tid`` into a spare, then undo its rename, as a kill before it would leave it."""
+    def killed_before_the_link(self, tid: str, text: bytes = b"hello\r\n") -> str:
+        """Commit ``tid`` into a spare, then undo its link, as a kill before it would leave it."""
         self.ready()
         w, queued = self.commit(tid, text)
         os.rename(queued.path, w.path)
@@ -1221,7 +1222,7 @@ class CommitInSpareTests(SynchronousTestCase):
         return os.listdir(self.spool.incoming), os.listdir(self.spool.active), recovered
 
     def test_the_start_takes_a_committed_spare_into_active(self) -> None:
-        self.killed_before_the_rename("1")
+        self.killed_before_the_link("1")
         self.spool.spares.close()
         self.drain()
         logged: list[str] = []
@@ -1233,7 +1234,7 @@ class CommitInSpareTests(SynchronousTestCase):
         self.assertEqual(logged, ["spool entry 1 was committed but not yet linked into active/; linked"])
 
     def test_the_link_is_made_durable_before_anything_is_deleted(self) -> None:
-        self.killed_before_the_rename("1")
+        self.killed_before_the_link("1")
         order: list[str] = []
         real_fsync, real_remove, real_link = spool_module.fsync_directory, spool_module._remove_path, os.link
         self.patch(spool_module, "fsync_directory", lambda path: (order.append(f"fsync {path}"),
@@ -1259,6 +1260,49 @@ class CommitInSpareTests(SynchronousTestCase):
         self.assertEqual((incoming, active), ([], ["1"]))
         self.assertEqual(os.stat(recovered.path).st_ino, os.stat(queued.path).st_ino)
 
+    def record_order(self) -> list[str]:
+        """Renames, unlinks and directory fsyncs, in order, from now on."""
+        order: list[str] = []
+        real_unlink, real_rename = spool_module._unlink, os.rename
+        self.patch(spool_module, "_unlink", lambda path: (order.append(f"unlink {os.path.basename(path)}"),
+                                                          real_unlink(path)))
+        self.patch(os, "rename", lambda src, dst: (
+            order.append(f"rename {os.path.basename(src)} to {os.path.basename(dst)}"),
+            real_rename(src, dst)))
+        self.spool.active_sync.fsync = lambda path: order.append("fsync active")
+        self.spool.incoming_sync.fsync = lambda path: order.append("fsync incoming")
+        return order
+
+    def test_the_spare_name_goes_after_the_fsync_covering_the_link(self) -> None:
+        self.ready()
+        w = self.spool.writer("1")
+        w.write(b"hello\r\n")
+        d = w.commit(envelope("1"))
+        self.jobs.run(-1)
+        self.successResultOf(d)
+        order = self.record_order()
+        self.drain()
+        self.assertEqual(order, ["fsync active", f"unlink {os.path.basename(w.path)}"])
+
+    def test_a_spare_kept_at_a_start_keeps_its_journal(self) -> None:
+        """A spare that cannot be linked stays, and so does what its journal says of its copies."""
+        path = self.killed_before_the_link("1")
+        journal = os.path.join(self.spool.journal, "1")
+        with open(journal, "wb") as f:
+            f.write(b'{"i":0,"done":true,"attempts":1}\n')
+        real_link = os.link
+
+        def failing(src: str, dst: str) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted", dst)
+
+        self.patch(os, "link", failing)
+        self.assertEqual(self.start(), ([os.path.basename(path)], [], []))
+        self.assertTrue(os.path.exists(journal))
+        self.patch(os, "link", real_link)
+        incoming, active, [queued] = self.start()
+        self.assertEqual((incoming, active), ([], ["1"]))
+        self.assertEqual([s.done for s in queued.states], [True, False])
+
     def rewrite_envelope(self, path: str, old: bytes, new: bytes) -> None:
         """Replace ``old`` with ``new`` in the envelope of the file at ``path``, its trailer kept right."""
         with open(path, "rb") as f:
@@ -1273,7 +1317,7 @@ class CommitInSpareTests(SynchronousTestCase):
 
     def test_an_envelope_naming_no_plain_entry_is_dropped(self) -> None:
         for tid in (b'"../1"', b'"a/b"', b'"."', b'""', b"5", b"null", b'"a\\u0000b"'):
-            path = self.killed_before_the_rename("1")
+            path = self.killed_before_the_link("1")
             self.rewrite_envelope(path, b'"transmission_id":"1"', b'"transmission_id":' + tid)
             self.spool.spares.close()  # the start below removes them; new ones for the next round
             self.drain()
@@ -1282,7 +1326,7 @@ class CommitInSpareTests(SynchronousTestCase):
 
     def test_a_spare_with_a_text_not_whole_is_dropped(self) -> None:
         """A power loss before the fsync: the envelope made it to disk, part of the text did not."""
-        path = self.killed_before_the_rename("1", b"hello, world\r\n")
+        path = self.killed_before_the_link("1", b"hello, world\r\n")
         with open(path, "r+b") as f:
             f.write(b"\0\0\0\0")
         incoming, active, recovered = self.start()
@@ -1290,18 +1334,18 @@ class CommitInSpareTests(SynchronousTestCase):
 
     def test_a_spare_without_a_checksum_is_dropped(self) -> None:
         """Spilled, or written by a version before it: the rename was its commit, and never came."""
-        path = self.killed_before_the_rename("1")
+        path = self.killed_before_the_link("1")
         self.rewrite_envelope(path, b',"text_crc32":%d' % zlib.crc32(b"hello\r\n"), b"")
         self.assertEqual(self.start(), ([], [], []))
 
     def test_only_a_spare_is_taken(self) -> None:
         """incoming/ also holds entries on their way out (``.removed``): never taken back."""
-        path = self.killed_before_the_rename("1")
+        path = self.killed_before_the_link("1")
         os.rename(path, os.path.join(self.spool.incoming, "1.removed"))
         self.assertEqual(self.start(), ([], [], []))
 
     def test_an_entry_already_in_active_wins(self) -> None:
-        path = self.killed_before_the_rename("1")
+        path = self.killed_before_the_link("1")
         entry = os.path.join(self.spool.active, "1")
         shutil.copy(path, entry)
         with open(entry, "r+b") as f:
@@ -1311,7 +1355,7 @@ class CommitInSpareTests(SynchronousTestCase):
         self.assertEqual(Spool(self.spool.directory).read_message(queued), b"HELLO\r\n")
 
     def test_a_spare_from_a_newer_version_is_left_in_place(self) -> None:
-        path = self.killed_before_the_rename("1")
+        path = self.killed_before_the_link("1")
         with open(path, "rb") as f:
             data = f.read()
         newer = b'"schema":%d' % (envelope_module.ENVELOPE_SCHEMA + 1)
@@ -1329,17 +1373,50 @@ class CommitInSpareTests(SynchronousTestCase):
         d = w.commit(envelope("1", n=1))
         self.jobs.run(-1)
         queued = self.successResultOf(d)
-        order: list[str] = []
-        real_unlink = spool_module._unlink
-        self.patch(spool_module, "_unlink", lambda path: (order.append(f"unlink {os.path.basename(path)}"),
-                                                          real_unlink(path)))
-        self.spool.active_sync.fsync = lambda path: order.append("fsync active")
-        self.spool.incoming_sync.fsync = lambda path: order.append("fsync incoming")
+        order = self.record_order()
         removed = self.spool.record(queued, 0, done=True)
         self.jobs.run(-1)
         self.successResultOf(removed)
-        self.assertEqual(order, [f"unlink {os.path.basename(w.path)}", "fsync active", "fsync incoming",
-                                 "unlink 1.removed"])
+        # The spare's name before the rename: a kill between them leaves the entry in active/,
+        # as any kill before a removal does, and no name a start would link back.
+        self.assertEqual(order, [f"unlink {os.path.basename(w.path)}", "rename 1 to 1.removed",
+                                 "fsync active", "fsync incoming", "unlink 1.removed"])
         self.drain()  # the spare name's own job finds nothing left to do
         self.assertEqual(order[-1], "unlink 1.removed")
         self.assertNotIn(os.path.basename(w.path), os.listdir(self.spool.incoming))
+
+
+class BatchedSpareNameTests(SynchronousTestCase):
+    """As the appliance runs: given a clock, the spare names of many commits go after one fsync."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.spool = Spool(self.mktemp(), run=run_synchronously, clock=self.clock, spares=4)
+        self.spool.prepare()
+        self.addCleanup(self.spool.spares.close)
+        self.synced: list[str] = []
+        self.spool.active_sync.fsync = self.synced.append
+        self.spool.writer("0").abort()  # the spares are made
+
+    def commit(self, tid: str) -> tuple[str, Any]:
+        w = self.spool.writer(tid)
+        self.assertTrue(os.path.basename(w.path).startswith(spares_module.SPARE_PREFIX))
+        w.write(b"hello\r\n")
+        return w.path, self.successResultOf(w.commit(envelope(tid)))
+
+    def test_the_names_wait_for_one_fsync_after_the_delay(self) -> None:
+        (a, _), (b, _) = self.commit("1"), self.commit("2")
+        self.assertEqual(self.synced, [])
+        self.assertTrue(os.path.exists(a) and os.path.exists(b))
+        self.clock.advance(REMOVE_DELAY)
+        self.assertEqual(self.synced, [self.spool.active])
+        self.assertFalse(os.path.exists(a) or os.path.exists(b))
+
+    def test_a_stop_removes_them_at_once(self) -> None:
+        path, queued = self.commit("1")
+        self.spool.stop_batching()
+        self.assertEqual(self.synced, [self.spool.active])
+        self.assertFalse(os.path.exists(path))
+        self.assertIsNone(queued.spare)
+        path, queued = self.commit("2")  # after the stop: at once
+        self.assertFalse(os.path.exists(path))
