@@ -1180,11 +1180,7 @@ class CommitInSpareTests(SynchronousTestCase):
         fsyncs = record_fsyncs(self, self.spool)
         synced: list[str] = []
         self.spool.active_sync.fsync = synced.append
-        w = self.spool.writer("1")
-        w.write(b"hello\r\n")
-        d = w.commit(envelope("1"))
-        self.jobs.run(-1)
-        queued = self.successResultOf(d)
+        w, queued = self.committed_only("1")
         self.assertEqual(fsyncs, [os.path.relpath(w.path, self.spool.directory)])  # the spare, as written
         self.assertEqual(synced, [])  # no fsync of active/ before the reply
         self.assertEqual(queued.path, os.path.join(self.spool.active, "1"))  # linked there
@@ -1247,14 +1243,18 @@ class CommitInSpareTests(SynchronousTestCase):
         self.assertEqual(order[-1], f"fsync {self.spool.incoming}")
         self.assertEqual(set(order[2:-1]), {"remove"})  # its spare's name, and the other spares
 
+    def committed_only(self, tid: str, n: int = 2) -> tuple[Any, Any]:
+        """Commit ``tid`` into a spare and run that job alone: the job removing its spare's name waits."""
+        w = self.spool.writer(tid)
+        w.write(b"hello\r\n")
+        d = w.commit(envelope(tid, n))
+        self.jobs.run(-1)
+        return w, self.successResultOf(d)
+
     def test_a_kill_before_the_spare_name_goes_costs_nothing(self) -> None:
         """Both names at the start: the entry is recovered once, and the spare's name dropped."""
         self.ready()
-        w = self.spool.writer("1")
-        w.write(b"hello\r\n")
-        d = w.commit(envelope("1"))
-        self.jobs.run(-1)
-        queued = self.successResultOf(d)
+        w, queued = self.committed_only("1")
         self.assertTrue(os.path.exists(w.path))
         incoming, active, [recovered] = self.start()
         self.assertEqual((incoming, active), ([], ["1"]))
@@ -1275,11 +1275,7 @@ class CommitInSpareTests(SynchronousTestCase):
 
     def test_the_spare_name_goes_after_the_fsync_covering_the_link(self) -> None:
         self.ready()
-        w = self.spool.writer("1")
-        w.write(b"hello\r\n")
-        d = w.commit(envelope("1"))
-        self.jobs.run(-1)
-        self.successResultOf(d)
+        w, _ = self.committed_only("1")
         order = self.record_order()
         self.drain()
         self.assertEqual(order, ["fsync active", f"unlink {os.path.basename(w.path)}"])
@@ -1368,11 +1364,7 @@ class CommitInSpareTests(SynchronousTestCase):
     def test_an_entry_leaving_before_its_spare_name_went_takes_the_name_with_it(self) -> None:
         """The name goes before the fsyncs that let the entry's journal and text be deleted."""
         self.ready()
-        w = self.spool.writer("1")
-        w.write(b"hello\r\n")
-        d = w.commit(envelope("1", n=1))
-        self.jobs.run(-1)
-        queued = self.successResultOf(d)
+        w, queued = self.committed_only("1", n=1)
         order = self.record_order()
         removed = self.spool.record(queued, 0, done=True)
         self.jobs.run(-1)
