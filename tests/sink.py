@@ -71,6 +71,7 @@ class SinkProtocol(LineReceiver):
     def reply(self, command: str, arg: bytes, default: tuple[int, str] | list[str]) -> bool:
         """Send the scripted or default reply; False unless it was a 2xx or 3xx."""
         answer = self.factory.script(command, arg) if self.factory.script else None
+        self.kept_silent = answer == "silent"
         if answer == "drop":
             self.transport.loseConnection()
             return False
@@ -152,7 +153,8 @@ class SinkProtocol(LineReceiver):
             self.reply(verb, arg, (250, "2.0.0 Ok"))
         elif verb == "QUIT":
             self.reply(verb, arg, (221, "2.0.0 Bye"))
-            self.transport.loseConnection()
+            if not self.kept_silent:  # a "silent" QUIT keeps the connection, unanswered
+                self.transport.loseConnection()
         else:
             self.reply(verb, arg, (502, "5.5.2 Command not recognised"))
 

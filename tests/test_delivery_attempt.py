@@ -41,6 +41,9 @@ class RecordingOwner:
     def destination_reachable(self) -> None:
         self.calls.append(("reachable", None))
 
+    def connection_retiring(self) -> None:
+        self.calls.append(("retiring", None))
+
     def settle(self, job: Job, outcome: Outcome) -> None:
         self.calls.append(("settle", (job.index, outcome.code)))
 
@@ -103,9 +106,28 @@ class HopAttemptTests(SynchronousTestCase):
         self.assertEqual(self.owner.calls, [("connected", client), ("reachable", None), ("closed", client)])
         self.assertTrue(self.successResultOf(self.attempt.done).established)
 
+    def test_a_connection_at_its_cap_is_no_longer_counted_on(self) -> None:
+        """Its QUIT is on its way: a copy that comes now must not wait for the answer."""
+        self.queue.sessions = 1
+        self.attempt.connected(object())
+        self.attempt.established()  # a healthy destination: up to ``limit`` sessions
+        for _ in range(2):
+            job = self.attempt.next_job()
+            assert isinstance(job, Job)
+            self.attempt.job_done(job, Outcome(DELIVERY, 250, "250 ok"))
+        self.assertEqual(len(self.queue.ready), 1)
+        self.assertFalse(self.queue.wants_session(limit=5))  # counted on to take the copy left
+        self.assertFalse(self.attempt.wait_for_work())  # at its cap: it QUITs
+        self.assertEqual((self.queue.closing, self.owner.calls[-1]), (1, ("retiring", None)))
+        self.assertTrue(self.queue.wants_session(limit=5))  # the copy left gets a connection of its own
+        self.assertFalse(self.attempt.wait_for_work())  # asked again: counted once
+        self.assertEqual(self.queue.closing, 1)
+        self.attempt.closed()
+        self.assertEqual(self.queue.closing, 0)
+
     def test_the_service_provides_the_owner_methods(self) -> None:
         wanted = {"delivering", "render", "client_connected", "client_closed", "destination_reachable",
-                  "settle", "requeue"}
+                  "connection_retiring", "settle", "requeue"}
         declared = {name for name in vars(AttemptOwner) if not name.startswith("_")}
         self.assertEqual(declared, wanted)
         # ``render`` is the renderer the service is given, an attribute of each instance.

@@ -67,6 +67,10 @@ class AttemptOwner(Protocol):
         """A session got through: its destination may now use more connections."""
         ...
 
+    def connection_retiring(self) -> None:
+        """A connection takes no more copies: a copy that is due may need another one."""
+        ...
+
     def settle(self, job: Job, outcome: Outcome) -> None:
         """Record the outcome of one copy (event, journal, next attempt)."""
         ...
@@ -93,6 +97,7 @@ class _HopAttempt:
         self.done: defer.Deferred = defer.Deferred()
         self.sent = 0
         self.client: DeliveryClient | None = None
+        self.retiring = False  # takes no more copies: QUIT is sent, or about to be
 
     def connected(self, client: DeliveryClient) -> None:
         self.client = client
@@ -182,6 +187,7 @@ class _HopAttempt:
         """
         if (self.reuse_time <= 0 or self.clock is None or self.done.called
                 or not self.owner.delivering() or self.sent >= self.max_messages):
+            self._retire()
             return False
         self.queue.idle.append(self)
         self._idle_timer = self.clock.callLater(self.reuse_time, self.close_idle)
@@ -199,6 +205,7 @@ class _HopAttempt:
     def close_idle(self) -> None:
         """The reuse time ran out, the service stops, or the connection is wanted elsewhere: QUIT."""
         self.stop_waiting()
+        self._retire()
         if self.client is not None:
             self.client.close_idle()
 
@@ -214,10 +221,26 @@ class _HopAttempt:
         except ValueError:
             pass
 
+    def _retire(self) -> None:
+        """
+        The connection ends once its QUIT is answered: its destination stops counting on it.
+
+        Counted as a session that would take the next copy, it kept a copy
+        that came meanwhile waiting for the QUIT's answer, or for as long as a
+        server took not to give one.
+        """
+        if self.retiring or self.done.called:
+            return
+        self.retiring = True
+        self.queue.closing += 1
+        self.owner.connection_retiring()
+
     def closed(self) -> None:
         self.stop_waiting()
         if self.done.called:
             return
+        if self.retiring:
+            self.queue.closing -= 1
         self.owner.client_closed(self.client)
         if self.result.established:
             self.queue.connected -= 1

@@ -117,12 +117,13 @@ class _Queue:
         self.sessions = 0  # resolving, connecting or connected
         self.connected = 0  # sessions past EHLO (and STARTTLS and AUTH)
         self.busy = 0  # sessions in the middle of a transaction
+        self.closing = 0  # sessions whose connection takes no more copies (``_HopAttempt._retire``)
         self.healthy = False  # a session got through since the last failure
         self.idle: list[_HopAttempt] = []  # connections waiting for a copy, the last to wait last
 
     def wants_session(self, limit: int) -> bool:
         allowed = limit if self.healthy else 1
-        idle = self.sessions - self.busy
+        idle = self.sessions - self.busy - self.closing
         return bool(self.ready) and self.sessions < allowed and len(self.ready) > idle
 
 
@@ -353,6 +354,9 @@ class DeliveryService(OperatorActions, Service):
             self._queues.pop(queue.destination.key, None)
         # Not ``_pump()`` here: a session that ends at once (it failed before it could
         # wait for anything) would open the next one inside this call, and so on down.
+        self._pump_soon()
+
+    def _pump_soon(self) -> None:
         if self.running and self._pump_call is None and any(q.ready for q in self._queues.values()):
             self._pump_call = self.clock.callLater(0, self._pump_later)
 
@@ -373,6 +377,10 @@ class DeliveryService(OperatorActions, Service):
 
     def destination_reachable(self) -> None:
         self._pump()
+
+    def connection_retiring(self) -> None:
+        # Soon, not now: a connection retires from inside _pump too (``_reclaim_idle``).
+        self._pump_soon()
 
     def settle(self, job: Job, outcome: Outcome) -> None:
         self._settle(job, outcome)
