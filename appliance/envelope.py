@@ -83,7 +83,8 @@ class Envelope:
     # event_ids and what they say. None for a message with nothing owed, or from before.
     announce: dict[str, Any] | None = None
     # Set by the commit of a message received into a spare file: recovery finds such an
-    # entry in incoming/ if the kill came before its rename, and takes it only if whole.
+    # entry in incoming/ if the kill came before its link into active/, and takes it only
+    # if whole.
     text_crc32: int | None = None
 
     def to_json(self) -> bytes:
