@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from appliance.config import ConfigError, parse_config
@@ -24,6 +25,7 @@ from appliance.delivery.copies import CopyMaker
 from appliance.dkim import Signer, SigningKey, verify
 from appliance.helpers import HelperCrashed, HelperJobFailed, HelperPool
 from appliance.helpers.frames import FrameReader, frame
+from appliance.helpers.pool import WINDOW, _Helper
 from appliance.links import Keyring, LinkCodec
 from appliance.reactors import thread_runner
 from appliance.rewrite import Identity
@@ -65,6 +67,36 @@ class PreparedCacheTests(SynchronousTestCase):
         cache = PreparedCache(3, 100)
         cache.put("big", 500)
         self.assertIn("big", cache)
+
+
+class DispatchOrderTests(SynchronousTestCase):
+    """A copy is sent before preparations that waited longer: its message is held by the helper now."""
+
+    def test_a_copy_goes_before_the_preparations_queued_ahead_of_it(self) -> None:
+        pool = HelperPool(1, reactor, thread_runner(reactor), CODEC)  # type: ignore[arg-type]
+        helper = _Helper(pool, CODEC.keyring.keys, PreparedCache(64, 1 << 30))
+        helper.transport = StringTransport()  # type: ignore[assignment]
+        pool.helpers.append(helper)
+        reader = FrameReader()
+
+        def sent() -> list[tuple[str, str]]:
+            jobs = reader.feed(helper.transport.value())  # type: ignore[attr-defined]
+            helper.transport.clear()  # type: ignore[attr-defined]
+            return [(name, args[0]) for _, _, name, args in jobs]
+
+        for n in range(WINDOW + 3):
+            pool.prepare(f"m{n}", b"text", 10, [])
+        self.assertEqual(sent(), [("prepare", f"m{n}") for n in range(WINDOW)])
+        copied = pool.copy("m0", 10, ID, BOTH, lambda: defer.succeed(b"text"))
+        self.assertEqual((sent(), pool.waiting), ([], 4))  # the window is full
+        helper.outReceived(frame((helper.in_flight[0].number, True, None)))
+        self.assertEqual(sent(), [("copy", "m0")])  # sent without its message: the helper has it
+        helper.outReceived(frame((helper.in_flight[0].number, True, None)))
+        self.assertEqual(sent(), [("prepare", f"m{WINDOW}")])
+        for _ in range(2):
+            helper.outReceived(frame((helper.in_flight[0].number, True, None)))
+        helper.outReceived(frame((helper.in_flight[0].number, True, b"the copy")))
+        self.assertEqual(self.successResultOf(copied), b"the copy")
 
 
 class SettingTests(SynchronousTestCase):

@@ -115,6 +115,42 @@ class _Helper(ProcessProtocol):
         self.ended.callback(None)
 
 
+class _Waiting:
+    """
+    Jobs not yet sent anywhere: copies and signatures before preparations.
+
+    A helper keeps a message's prepared form for a while only (its cache).
+    Queued behind every preparation that came meanwhile, the copies of a
+    busy appliance found their message gone and had it prepared again: in a
+    relay run of 1,200 messages, 1,170 copies were sent with their message.
+    A copy finishes a message; a preparation starts one.
+    """
+
+    def __init__(self) -> None:
+        self._first: deque[_Job] = deque()
+        self._then: deque[_Job] = deque()
+
+    def _lane(self, job: _Job) -> deque[_Job]:
+        return self._then if job.name == "prepare" else self._first
+
+    def append(self, job: _Job) -> None:
+        self._lane(job).append(job)
+
+    def put_back(self, jobs: list[_Job]) -> None:
+        """At the front again, in their order (each in its lane)."""
+        for job in reversed(jobs):
+            self._lane(job).appendleft(job)
+
+    def peek(self) -> _Job:
+        return self._first[0] if self._first else self._then[0]
+
+    def pop(self) -> _Job:
+        return self._first.popleft() if self._first else self._then.popleft()
+
+    def __len__(self) -> int:
+        return len(self._first) + len(self._then)
+
+
 class HelperPool(Service):
     """
     ``count`` helper processes that run ``copywork`` jobs; ``submit`` gives a job's Deferred.
@@ -147,7 +183,7 @@ class HelperPool(Service):
         self.jobs_sent: Counter[str] = Counter()
         self.jobs_in_owner: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
-        self._waiting: deque[_Job] = deque()
+        self._waiting = _Waiting()
         self._numbers = 0
         self._stopping = False
         self._failed_starts = 0
@@ -186,11 +222,11 @@ class HelperPool(Service):
         held: list[_Job] = []  # jobs that ended a helper, waiting for one to start
         try:
             while self._waiting:
-                job = self._waiting[0]
+                job = self._waiting.peek()
                 helper = None if self._stopping else self._pick(job)
                 if helper is None and self.helpers and not self._stopping:
                     return  # every helper has its window full: the next answer dispatches again
-                self._waiting.popleft()
+                self._waiting.pop()
                 if helper is not None and self._needs_message(helper, job):
                     self._fetch(job)
                 elif helper is not None:
@@ -202,7 +238,7 @@ class HelperPool(Service):
                 else:
                     held.append(job)
         finally:
-            self._waiting.extendleft(reversed(held))
+            self._waiting.put_back(held)
 
     def _pick(self, job: _Job) -> _Helper | None:
         if job.name == "copy":  # where its message is, even if that one is busy: a parse costs more
@@ -229,7 +265,7 @@ class HelperPool(Service):
             del self._fetching[job.key]
             for each in waiting:
                 each.message = message
-            self._waiting.extendleft(reversed(waiting))
+            self._waiting.put_back(waiting)
             self._dispatch()
 
         def failed(failure: Failure) -> None:
@@ -273,7 +309,7 @@ class HelperPool(Service):
         self._failed_starts = 0
         if not ok and value[0] == "Missing" and job.name == "copy" and job.message is None:
             helper.cache.discard(job.key)  # the estimate was wrong: it is sent with its message
-            self._waiting.appendleft(job)
+            self._waiting.put_back([job])
             self._dispatch()
             return
         self._dispatch()
@@ -324,7 +360,7 @@ class HelperPool(Service):
             culprit.ends.append(how)
             if culprit.kills >= MAX_KILLS:
                 crashed = jobs.pop(0)
-        self._waiting.extendleft(reversed(jobs))
+        self._waiting.put_back(jobs)
         if not self._stopping:
             if could_not_start and not isinstance(value, error.ProcessDone):
                 self._failed_starts += 1
