@@ -329,8 +329,8 @@ class Spool:
         # Called in file-pool threads, after a rename into or out of the directory (or a
         # journal's creation) and before anything is answered or deleted because of it.
         self.active_sync = ThreadedDirectorySync(self.active)
-        # incoming/ too, before an entry's journal and text go: a commit took its spare's
-        # name from there with no fsync of its own (``SpoolWriter._commit``).
+        # incoming/ too, before an entry's journal and text go: the names of the spares
+        # messages were committed under are removed from there (``_unlink_spare``).
         self.incoming_sync = ThreadedDirectorySync(self.incoming)
         self.journal_sync = ThreadedDirectorySync(self.journal)
         self.clock = clock
@@ -375,7 +375,7 @@ class Spool:
         for name in names:
             if name in kept:
                 continue
-            if without_spares([name]):  # a spare file never held anything: not worth a word
+            if not is_spare(name):  # a spare: empty, linked into active/, or never acknowledged
                 log.info("discarding unacknowledged spool entry {name}", name=name)
             _remove_path(os.path.join(self.incoming, name))
         # Before recover() deletes a journal: a spare's name must not come back after a power
