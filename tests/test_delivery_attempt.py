@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.delivery.attempt import AttemptOwner, _HopAttempt
@@ -108,6 +109,8 @@ class HopAttemptTests(SynchronousTestCase):
 
     def test_a_connection_at_its_cap_is_no_longer_counted_on(self) -> None:
         """Its QUIT is on its way: a copy that comes now must not wait for the answer."""
+        self.attempt = _HopAttempt(self.owner, self.queue, Hop("mx.x.test", "192.0.2.1"), max_messages=2,
+                                   clock=Clock(), reuse_time=5.0)  # below its cap it would wait, idle
         self.queue.sessions = 1
         self.attempt.connected(object())
         self.attempt.established()  # a healthy destination: up to ``limit`` sessions

@@ -181,6 +181,19 @@ class ReuseTests(DeliveryCase):
         self.assertEqual(sink.closed, 0)  # the first still waits for its answer
 
     @defer.inlineCallbacks
+    def test_a_copy_does_not_wait_for_the_quit_of_a_connection_whose_reuse_time_ran_out(self) -> Any:
+        sink = SinkFactory(lambda command, arg: "silent" if command == "QUIT" else None)
+        self.serve(sink)
+        self.queue(["a@x.test"])
+        yield self.wait_events(1)
+        self.clock.advance(REUSE)
+        yield wait_until(lambda: b"QUIT" in verbs(sink))
+        self.queue(["b@x.test"])
+        yield self.wait_events(2)
+        self.assertEqual([m.connection for m in sink.messages], [1, 2])
+        self.assertEqual(sink.closed, 0)
+
+    @defer.inlineCallbacks
     def test_an_idle_connection_gives_way_to_another_destination_at_the_total_limit(self) -> Any:
         x_sink, y_sink = SinkFactory(), SinkFactory()
         x_port, y_port = self.listen(x_sink), self.listen(y_sink)

@@ -72,31 +72,73 @@ class PreparedCacheTests(SynchronousTestCase):
 class DispatchOrderTests(SynchronousTestCase):
     """A copy is sent before preparations that waited longer: its message is held by the helper now."""
 
-    def test_a_copy_goes_before_the_preparations_queued_ahead_of_it(self) -> None:
-        pool = HelperPool(1, reactor, thread_runner(reactor), CODEC)  # type: ignore[arg-type]
-        helper = _Helper(pool, CODEC.keyring.keys, PreparedCache(64, 1 << 30))
+    def setUp(self) -> None:
+        self.pool = HelperPool(1, reactor, thread_runner(reactor), CODEC)  # type: ignore[arg-type]
+        self.readers: dict[int, FrameReader] = {}
+
+    def helper(self) -> _Helper:
+        helper = _Helper(self.pool, CODEC.keyring.keys, PreparedCache(64, 1 << 30))
         helper.transport = StringTransport()  # type: ignore[assignment]
-        pool.helpers.append(helper)
-        reader = FrameReader()
+        self.pool.helpers.append(helper)
+        self.readers[id(helper)] = FrameReader()
+        return helper
 
-        def sent() -> list[tuple[str, str]]:
-            jobs = reader.feed(helper.transport.value())  # type: ignore[attr-defined]
-            helper.transport.clear()  # type: ignore[attr-defined]
-            return [(name, args[0]) for _, _, name, args in jobs]
+    def sent(self, helper: _Helper) -> list[tuple[str, str]]:
+        """The jobs written to ``helper`` since the last look: (name, message key)."""
+        jobs = self.readers[id(helper)].feed(helper.transport.value())  # type: ignore[attr-defined]
+        helper.transport.clear()  # type: ignore[attr-defined]
+        return [(name, args[0]) for _, _, name, args in jobs]
 
+    @staticmethod
+    def answer(helper: _Helper, value: Any = None) -> None:
+        helper.outReceived(frame((helper.in_flight[0].number, True, value)))
+
+    def copy(self, key: str) -> defer.Deferred:
+        return self.pool.copy(key, 10, ID, BOTH, lambda: defer.succeed(b"text"))
+
+    def test_a_copy_goes_before_the_preparations_queued_ahead_of_it(self) -> None:
+        helper = self.helper()
         for n in range(WINDOW + 3):
-            pool.prepare(f"m{n}", b"text", 10, [])
-        self.assertEqual(sent(), [("prepare", f"m{n}") for n in range(WINDOW)])
-        copied = pool.copy("m0", 10, ID, BOTH, lambda: defer.succeed(b"text"))
-        self.assertEqual((sent(), pool.waiting), ([], 4))  # the window is full
-        helper.outReceived(frame((helper.in_flight[0].number, True, None)))
-        self.assertEqual(sent(), [("copy", "m0")])  # sent without its message: the helper has it
-        helper.outReceived(frame((helper.in_flight[0].number, True, None)))
-        self.assertEqual(sent(), [("prepare", f"m{WINDOW}")])
+            self.pool.prepare(f"m{n}", b"text", 10, [])
+        self.assertEqual(self.sent(helper), [("prepare", f"m{n}") for n in range(WINDOW)])
+        copied = self.copy("m0")
+        self.assertEqual((self.sent(helper), self.pool.waiting), ([], 4))  # the window is full
+        self.answer(helper)
+        self.assertEqual(self.sent(helper), [("copy", "m0")])  # without its message: the helper has it
+        self.answer(helper)
+        self.assertEqual(self.sent(helper), [("prepare", f"m{WINDOW}")])
         for _ in range(2):
-            helper.outReceived(frame((helper.in_flight[0].number, True, None)))
-        helper.outReceived(frame((helper.in_flight[0].number, True, b"the copy")))
+            self.answer(helper)
+        self.answer(helper, b"the copy")
         self.assertEqual(self.successResultOf(copied), b"the copy")
+
+    def test_a_preparation_is_passed_over_a_few_copies_at_most(self) -> None:
+        """A new message is neither announced nor delivered until prepared: copies cannot hold it for ever."""
+        helper = self.helper()
+        for n in range(WINDOW):
+            self.pool.prepare(f"m{n}", b"text", 10, [])
+        self.pool.prepare("late", b"text", 10, [])
+        self.sent(helper)
+        order = []
+        for _ in range(2 * WINDOW + 2):
+            self.copy("m0")  # a steady stream: one more copy for each answer
+            self.answer(helper)
+            order += self.sent(helper)
+        self.assertIn(("prepare", "late"), order)
+        self.assertEqual(order.index(("prepare", "late")), WINDOW)  # after PASS_OVER copies
+
+    def test_a_preparation_goes_to_a_free_helper_while_the_copy_waits_for_its_own(self) -> None:
+        x, y = self.helper(), self.helper()
+        for n in range(2 * WINDOW):  # both windows full; x holds m0
+            self.pool.prepare(f"m{n}", b"text", 10, [])
+        self.assertIn(("prepare", "m0"), self.sent(x))
+        self.sent(y)
+        self.pool.prepare("next", b"text", 10, [])
+        self.copy("m0")  # due first, but x's window is full
+        self.answer(y)
+        self.assertEqual((self.sent(y), self.sent(x)), ([("prepare", "next")], []))
+        self.answer(x)
+        self.assertEqual(self.sent(x), [("copy", "m0")])
 
 
 class SettingTests(SynchronousTestCase):

@@ -123,12 +123,17 @@ class _Waiting:
     Queued behind every preparation that came meanwhile, the copies of a
     busy appliance found their message gone and had it prepared again: in a
     relay run of 1,200 messages, 1,170 copies were sent with their message.
-    A copy finishes a message; a preparation starts one.
+    A copy finishes a message; a preparation starts one. But not for ever:
+    a new message is neither announced nor delivered until it is prepared,
+    so after ``PASS_OVER`` copies the waiting preparation goes next.
     """
+
+    PASS_OVER = WINDOW
 
     def __init__(self) -> None:
         self._first: deque[_Job] = deque()
         self._then: deque[_Job] = deque()
+        self._passed_over = 0  # copies sent while a preparation waited, since the last one went
 
     def _lane(self, job: _Job) -> deque[_Job]:
         return self._then if job.name == "prepare" else self._first
@@ -141,11 +146,22 @@ class _Waiting:
         for job in reversed(jobs):
             self._lane(job).appendleft(job)
 
-    def peek(self) -> _Job:
-        return self._first[0] if self._first else self._then[0]
+    def heads(self) -> list[_Job]:
+        """The job due next, then the other kind's first: it may go where the first cannot."""
+        lanes = [self._first, self._then]
+        if self._passed_over >= self.PASS_OVER:
+            lanes.reverse()
+        return [lane[0] for lane in lanes if lane]
 
-    def pop(self) -> _Job:
-        return self._first.popleft() if self._first else self._then.popleft()
+    def take(self, job: _Job) -> None:
+        """Take ``job``, one of ``heads()``, out to be sent."""
+        lane = self._lane(job)
+        assert lane[0] is job
+        lane.popleft()
+        if lane is self._then:
+            self._passed_over = 0
+        elif self._then:
+            self._passed_over += 1
 
     def __len__(self) -> int:
         return len(self._first) + len(self._then)
@@ -222,11 +238,15 @@ class HelperPool(Service):
         held: list[_Job] = []  # jobs that ended a helper, waiting for one to start
         try:
             while self._waiting:
-                job = self._waiting.peek()
-                helper = None if self._stopping else self._pick(job)
-                if helper is None and self.helpers and not self._stopping:
-                    return  # every helper has its window full: the next answer dispatches again
-                self._waiting.pop()
+                for job in self._waiting.heads():
+                    helper = None if self._stopping else self._pick(job)
+                    if helper is not None or not self.helpers or self._stopping:
+                        break
+                else:
+                    # The helpers that could take either job have their windows full (a copy
+                    # waits for the one holding its message): the next answer dispatches again.
+                    return
+                self._waiting.take(job)
                 if helper is not None and self._needs_message(helper, job):
                     self._fetch(job)
                 elif helper is not None:
@@ -335,7 +355,7 @@ class HelperPool(Service):
 
     @property
     def waiting(self) -> int:
-        """Jobs not yet sent anywhere: every helper's window is full, or their message is being read."""
+        """Jobs not yet sent anywhere: their helpers' windows are full, or their message is being read."""
         return len(self._waiting) + sum(len(jobs) for jobs in self._fetching.values())
 
     # -- the processes -----------------------------------------------------------------------
