@@ -9,6 +9,7 @@ of those steps.
 from __future__ import annotations
 
 import os
+import shutil
 
 
 def create_new(path: str) -> int:
@@ -62,3 +63,14 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
             os.unlink(tmp)
         raise
     fsync_directory(directory)
+
+
+def remove_path(path: str) -> None:
+    """Remove a file or a directory tree; gone already is fine."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

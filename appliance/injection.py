@@ -54,7 +54,8 @@ from appliance.settings import (
     parse_msys_api,
     resolve,
 )
-from appliance.spool import Spool, SpoolWriter
+from appliance.spool import Spool
+from appliance.spoolwriter import SpoolWriter
 
 if TYPE_CHECKING:
     # Annotations only: injection hands messages to delivery through the Queue protocol

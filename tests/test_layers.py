@@ -56,7 +56,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "spares": {"files", "reactors"},
     # A spool entry's envelope and its on-disk form: plain data, each copy's settings.
     "envelope": {"settings"},
-    "spool": {"envelope", "files", "groupcommit", "reactors", "spares"},
+    # One message being received, until its commit: its file, its fsync, its name in active/.
+    "spoolwriter": {"envelope", "files"},
+    "spool": {"envelope", "files", "groupcommit", "reactors", "spares", "spoolwriter"},
     "follower": {"files", "reactors"},
     # Reading the event log and its rotated files for a search: plain files, no other part.
     "eventsearch": set(),
@@ -71,7 +73,7 @@ MAY_IMPORT: dict[str, set[str]] = {
                  "links", "reactors", "retry", "rewrite", "settings", "spool"},
     "webhooks": {"config", "events", "eventtypes", "files", "follower", "reactors", "retry"},
     "injection": {"config", "envelope", "events", "eventtypes", "files", "headers", "policy",
-                  "reactors", "settings", "spool"},
+                  "reactors", "settings", "spool", "spoolwriter"},
     "smtp": {"config", "reactors", "tls"},
     # admin: the token file is made with the link keys, and read the same way; suppression:
     # the database is opened once, so a bad path fails before twistd forks.
@@ -116,6 +118,7 @@ TYPE_ONLY: dict[str, set[str]] = {
     "injection": {"delivery", "rewrite", "smtp"},
     "smtp": {"injection"},
     "delivery": {"helpers"},  # CopyMaker is handed a HelperPool
+    "spoolwriter": {"spares", "spool"},  # the Spool it writes into, and the spare it is given
 }
 
 # Modules that are programs of their own, run in a child process: like ``tap``, each

@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from appliance import envelope as envelope_module
 from appliance import spares as spares_module
 from appliance import spool as spool_module
+from appliance import spoolwriter as spoolwriter_module
 from appliance.envelope import Envelope, Recipient
 from appliance.files import fsync_directory
 from appliance.groupcommit import ThreadedDirectorySync
@@ -119,7 +120,7 @@ class SpoolTests(SynchronousTestCase):
     def test_large_message_spills_to_its_file_while_it_arrives(self) -> None:
         w = self.spool.writer("6")
         chunk = b"x" * 1000 + b"\r\n"
-        for _ in range(spool_module.SPILL_AT // len(chunk) + 2):
+        for _ in range(spoolwriter_module.SPILL_AT // len(chunk) + 2):
             w.write(chunk)
         message = os.path.join(self.spool.incoming, "6")
         self.assertTrue(os.path.exists(message))  # spilled: memory holds no more than SPILL_AT
@@ -690,7 +691,7 @@ class EarlyCreationTests(SynchronousTestCase):
     def incoming(self) -> list[str]:
         return sorted(os.listdir(self.spool.incoming))
 
-    def commit(self, w: spool_module.SpoolWriter) -> Any:
+    def commit(self, w: spoolwriter_module.SpoolWriter) -> Any:
         d = w.commit(envelope(w.transmission_id))
         self.jobs.run(len(self.jobs.jobs) - 1)
         return self.successResultOf(d)
@@ -742,14 +743,14 @@ class EarlyCreationTests(SynchronousTestCase):
         """The reactor thread takes no lock a file-pool thread may hold over a slow disk."""
         w = self.spool.writer("1")
         entered, release = threading.Event(), threading.Event()
-        real = spool_module._create_new
+        real = spoolwriter_module._create_new
 
         def slow(path: str) -> int:
             entered.set()
             release.wait(10)
             return real(path)
 
-        self.patch(spool_module, "_create_new", slow)
+        self.patch(spoolwriter_module, "_create_new", slow)
         creating = threading.Thread(target=self.jobs.run)
         creating.start()
         self.assertTrue(entered.wait(10))
@@ -760,7 +761,7 @@ class EarlyCreationTests(SynchronousTestCase):
         self.assertEqual(self.incoming(), [])
 
     def test_failed_creation_is_tried_again_by_the_commit(self) -> None:
-        real, calls = spool_module._create_new, []
+        real, calls = spoolwriter_module._create_new, []
 
         def failing_once(path: str) -> int:
             calls.append(path)
@@ -768,7 +769,7 @@ class EarlyCreationTests(SynchronousTestCase):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(path)
 
-        self.patch(spool_module, "_create_new", failing_once)
+        self.patch(spoolwriter_module, "_create_new", failing_once)
         w = self.spool.writer("1")
         w.write(b"hello\r\n")
         self.jobs.run()  # fails quietly: the commit is the one to report a failure
@@ -782,7 +783,7 @@ class EarlyCreationTests(SynchronousTestCase):
         def failing(path: str) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(spool_module, "_create_new", failing)
+        self.patch(spoolwriter_module, "_create_new", failing)
         w = self.spool.writer("1")
         w.write(b"hello\r\n")
         self.jobs.run()
@@ -796,7 +797,7 @@ class EarlyCreationTests(SynchronousTestCase):
         self.jobs.run()
         created = os.stat(os.path.join(self.spool.incoming, "1")).st_ino
         chunk = b"x" * 1000 + b"\r\n"
-        for _ in range(spool_module.SPILL_AT // len(chunk) + 2):
+        for _ in range(spoolwriter_module.SPILL_AT // len(chunk) + 2):
             w.write(chunk)
         self.assertGreater(os.path.getsize(os.path.join(self.spool.incoming, "1")), 0)
         queued = self.commit(w)
@@ -898,7 +899,7 @@ class SpareFileTests(SynchronousTestCase):
 
     def test_a_spilled_message_goes_on_in_its_spare(self) -> None:
         self.ready()
-        self.patch(spool_module, "SPILL_AT", 10)
+        self.patch(spoolwriter_module, "SPILL_AT", 10)
         w = self.spool.writer("1")
         spare = w.path
         text = b"x" * 50 + b"\r\n"
@@ -1197,7 +1198,7 @@ class CommitInSpareTests(SynchronousTestCase):
     def test_a_spilled_message_still_waits_for_active(self) -> None:
         """Its text was written as it came, with no checksum: the rename is what commits it."""
         self.ready()
-        self.patch(spool_module, "SPILL_AT", 10)
+        self.patch(spoolwriter_module, "SPILL_AT", 10)
         synced: list[str] = []
         self.spool.active_sync.fsync = synced.append
         _, queued = self.commit("1", b"x" * 50 + b"\r\n")
