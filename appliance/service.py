@@ -267,6 +267,7 @@ class Appliance(MultiService):
                                  hostname=config.node.hostname, policy=self.policy,
                                  copies=self.copies, tracker=config.engagement_tracker,
                                  max_hops=config.smtp.max_hops,
+                                 # Looked up when called: a reactor for tests may have none.
                                  next_turn=lambda f: reactor.callFromThread(f))
         # Recovery writes the events a message still owed when the process ended.
         self.spool.on_owed = self.injector.recover_owed

@@ -5,9 +5,12 @@ Creating a message's file was a file-pool call of its own for every
 message, made as DATA began so that the commit would not wait for it, and
 under load it could still be late for the final dot. ``SpareFiles`` keeps a
 few ready, made in one file-pool call whenever half of them are taken; a
-transaction takes one with no call at all. A spare is never an entry: it
-has no name the spool gives entries (``SPARE_PREFIX``), and a start removes
-any left from another run.
+transaction takes one with no call at all. A spare has a name the spool
+never gives an entry (``SPARE_PREFIX``). Its name is made durable before it
+is handed out, so a message committed into it is on disk under that name
+until its link into ``active/`` is; a start links such a message into
+``active/`` if the link is missing, and removes every other spare
+(``appliance.spool``).
 """
 
 from __future__ import annotations

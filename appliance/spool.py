@@ -484,7 +484,12 @@ class Spool:
             self._sync_left()
             self._delete_removed(queued)
 
-    def _committed(self, queued: QueuedMessage) -> QueuedMessage:
+    def commit_failed(self) -> None:
+        """A commit failed: incoming/ is looked at again, and the spares made in it are dropped."""
+        self._usable = False
+        self.spares.drop()  # made in an incoming/ that may be gone now
+
+    def committed(self, queued: QueuedMessage) -> QueuedMessage:
         """After a commit into a spare: its name goes once active/'s fsync covers the entry's."""
         if queued.spare is not None:
             if self._spare_names is not None and self._batching:

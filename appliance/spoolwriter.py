@@ -107,7 +107,7 @@ class SpoolWriter:
         assert envelope.transmission_id == self.transmission_id
         self.finished = True
         d = self.spool.run(self._commit, envelope)
-        d.addCallbacks(self.spool._committed, self._failed)
+        d.addCallbacks(self.spool.committed, self._failed)
         return d
 
     def _commit(self, envelope: Envelope) -> QueuedMessage:
@@ -157,8 +157,7 @@ class SpoolWriter:
                              text=text, journal_written=False, spare=self.path if in_place else None)
 
     def _failed(self, failure: Any) -> Any:
-        self.spool._usable = False
-        self.spool.spares.drop()  # made in an incoming/ that may be gone now
+        self.spool.commit_failed()
         self._discard()
         return failure
 
