@@ -48,13 +48,13 @@ from appliance.eventtypes import (
     open_event,
 )
 from appliance.links import InvalidToken, LinkCodec, LinkData, location_header
+from appliance.tracker.channel import NOT_FOUND, PIXEL, TrackerChannel
 from appliance.tracker.limits import (
     DEFAULT_LIMITS,
     MAX_BODY_BYTES,
     OTHER_CAP,
     USER_AGENT_CAP,
     ConnectionCount,
-    GuardedChannel,
     HitLimiter,
     Limits,
 )
@@ -66,9 +66,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ROBOTS_TXT = b"User-agent: *\nDisallow: /\n"
-# The smallest transparent GIF: 1x1, one palette entry, marked transparent.
-PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
-         b"!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
 ALLOWED_METHODS = (b"GET", b"HEAD")
 OPEN_KINDS = (OPEN, INITIAL_OPEN)
 CLICK_KINDS = (CLICK,)
@@ -165,11 +162,6 @@ class Client:
         return cls(ip_address, user_agent, accept_language, cut)
 
 
-def _header(request: server.Request, name: bytes) -> str:
-    value = request.getHeader(name)
-    return value.decode("utf-8", "replace") if value else ""
-
-
 # -- what a hit means -------------------------------------------------------------
 
 
@@ -204,13 +196,28 @@ class Tracker:
         """Whether ``link`` has not expired yet."""
         return not link.expired(self._now())
 
+    def pixel(self, postpath: Sequence[bytes]) -> LinkData | None:
+        """The open link ``/q/<token>`` names (``postpath`` is what follows ``/q/``), if any."""
+        return self.link(postpath[0], OPEN_KINDS) if len(postpath) == 1 else None
+
+    def click(self, postpath: Sequence[bytes]) -> tuple[LinkData, bytes] | None:
+        """The click link ``/f/<sublink>/<token>`` names and its ``Location``, if it is one to follow."""
+        link = self.link(postpath[1], CLICK_KINDS) if len(postpath) == 2 and postpath[0] else None
+        location = location_header(link.target) if link is not None else None
+        return (link, location) if link is not None and location is not None else None
+
     def client(self, request: server.Request) -> Client:
-        peer = getattr(request.getClientAddress(), "host", "")
-        forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+        return self.client_of(getattr(request.getClientAddress(), "host", ""),
+                              request.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
+                              request.getHeader(b"user-agent"), request.getHeader(b"accept-language"))
+
+    def client_of(self, peer: str, forwarded: Sequence[bytes], user_agent: bytes | None,
+                  accept_language: bytes | None) -> Client:
+        """The client behind ``peer``, from the raw values of its request's headers."""
         return Client.capped(
             ip_address=client_address(peer, forwarded, self.trusted_proxies),
-            user_agent=_header(request, b"user-agent"),
-            accept_language=_header(request, b"accept-language"),
+            user_agent=user_agent.decode("utf-8", "replace") if user_agent else "",
+            accept_language=accept_language.decode("utf-8", "replace") if accept_language else "",
         )
 
     def events_for(self, link: LinkData, client: Client, token: bytes = b"") -> list[Event]:
@@ -274,7 +281,7 @@ def not_found(request: server.Request) -> bytes:
     request.setResponseCode(404)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
-    return b"Not Found\n"
+    return NOT_FOUND
 
 
 class _Leaf(resource.Resource):
@@ -328,7 +335,7 @@ class OpenPixel(_Leaf):
 
     def answer(self, request: server.Request) -> bytes:
         path = request.postpath
-        link = self.tracker.link(path[0], OPEN_KINDS) if len(path) == 1 else None
+        link = self.tracker.pixel(path)
         if link is None:
             return not_found(request)
         if request.method == b"GET":
@@ -347,10 +354,10 @@ class ClickRedirect(_Leaf):
 
     def answer(self, request: server.Request) -> bytes:
         path = request.postpath
-        link = self.tracker.link(path[1], CLICK_KINDS) if len(path) == 2 and path[0] else None
-        location = location_header(link.target) if link is not None else None
-        if link is None or location is None:
+        found = self.tracker.click(path)
+        if found is None:
             return not_found(request)
+        link, location = found
         if request.method == b"GET":
             self.tracker.record(link, self.tracker.client(request), path[1])
         else:  # a HEAD: a scanner checking the link before it fetches it
@@ -428,7 +435,7 @@ class TrackerSite(server.Site):
 
     noisy = False
     requestFactory = TrackerRequest
-    protocol = GuardedChannel
+    protocol = TrackerChannel
     on_answered: Callable[[float], None] | None = None  # seconds from request to answer (metrics)
     tracker: Tracker | None = None  # what its resources answer with (set by ``make_site``)
 
@@ -447,11 +454,11 @@ class TrackerSite(server.Site):
     def log(self, request: Any) -> None:
         pass
 
-    def buildProtocol(self, addr: IAddress) -> GuardedChannel | None:
+    def buildProtocol(self, addr: IAddress) -> TrackerChannel | None:
         host = self.connections.acquire(addr)
         if host is None:
             return None
-        channel: GuardedChannel = super().buildProtocol(addr)
+        channel: TrackerChannel = super().buildProtocol(addr)
         channel.limits = self.limits
         channel.connections = self.connections
         channel.release = functools.partial(self.connections.release, host)
