@@ -306,11 +306,15 @@ class LinkCodec:
         try:
             if raw[0] & _DEFLATED:
                 body = zlib.decompress(body, wbits=-15)
-            return LinkData.from_array(json.loads(body))
+            return LinkData.from_array(_BODY_DECODER.decode(body.decode("utf-8")))
         except (zlib.error, ValueError) as e:
             if isinstance(e, InvalidToken):
                 raise
             raise InvalidToken("token body does not decode") from None
+
+
+# Built once: ``json.loads`` of bytes also sniffs their encoding, and ours is always UTF-8.
+_BODY_DECODER = json.JSONDecoder()
 
 
 def _verified(keys: _Keys, raw: bytes) -> bytes:

@@ -155,8 +155,8 @@ class TrackerChannel(GuardedChannel):
                         return False
                 else:
                     return False
-        # From here on the request is ours: it is answered, or the connection closed.
-        self._disarm()
+        # From here on the request is ours: it is answered, or the connection closed. Nothing
+        # runs between this and the answer, so the deadline is only moved once it is written.
         self._served += 1
         if self._served >= self.limits.max_requests_per_connection:
             close = _CLOSE
@@ -172,9 +172,10 @@ class TrackerChannel(GuardedChannel):
         if close:
             self._ended = True
             self.persistent = False
+            self._disarm()
             self.transport.loseConnection()
         else:
-            self._arm()
+            self._rearm()
         answered = site.on_answered
         if answered is not None:
             answered(site.reactor.seconds() - began)

@@ -194,6 +194,15 @@ class GuardedChannel(http.HTTPChannel):
         self._deadline = self.callLater(self.limits.header_timeout, self._too_slow)
         self.connections.waiting(self, self._evict)
 
+    def _rearm(self) -> None:
+        """As ``_arm``, after an answer given at once: the running deadline is moved, not replaced."""
+        deadline = self._deadline
+        if deadline is None or not deadline.active():
+            self._arm()
+            return
+        deadline.reset(self.limits.header_timeout)
+        self.connections.waiting(self, self._evict)
+
     def _disarm(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
