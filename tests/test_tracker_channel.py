@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -23,6 +24,7 @@ from appliance.links import click_url, open_url
 from appliance.tracker import TrackerSite, make_site
 from appliance.tracker.channel import MAX_HEAD, TrackerChannel
 from appliance.tracker.limits import Limits
+from tests.fakes import self_signed
 from tests.helpers import in_thread
 from tests.test_tracker import CODEC, NOW, UA, FakeEvents, link, nets
 
@@ -83,6 +85,8 @@ class SameAnswerTests(SynchronousTestCase):
         self.assertIn(b"\r\nDate: ", direct.answer)
         self.assertEqual(direct.events.written, web.events.written)
         self.assertEqual(direct.transport.disconnecting, web.transport.disconnecting)
+        # A closing channel stops being the transport's producer, or the close waits on it.
+        self.assertEqual(direct.transport.producer is None, web.transport.producer is None)
         return direct
 
     def test_click(self) -> None:
@@ -263,10 +267,21 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(len(run.events.written), 1)
         self.assertEqual(re.findall(rb"HTTP/1.1 (\d+)", run.answer), [b"302"])
 
-    def test_a_closing_answer_waits_for_nothing(self) -> None:
-        run = Run([request(b"GET", click(), b"Connection: close")])
-        self.assertNotIn(run.channel, run.site.connections._waiting)
-        self.assertIsNone(run.channel._deadline)
+    def test_a_closing_connection_is_cut_off_if_the_close_never_ends(self) -> None:
+        limits = Limits(header_timeout=20, keepalive_timeout=300, max_requests_per_connection=100)
+        closing = request(b"GET", click(), b"Connection: close")
+        for chunks in ([closing], [closing[:5], closing[5:]]):  # here, and on twisted.web's path
+            run = Run([], limits=limits)
+            run.reactor.advance(15)
+            for chunk in chunks:
+                run.channel.dataReceived(chunk)
+            self.assertTrue(run.transport.disconnecting)
+            self.assertIsNone(run.transport.producer)
+            self.assertIn(run.channel, run.site.connections._waiting)  # evictable meanwhile
+            run.reactor.advance(19)
+            self.assertFalse(run.transport.disconnected)
+            run.reactor.advance(1)  # 20 s after the answer
+            self.assertTrue(run.transport.disconnected, chunks)  # aborted: the close never ended
 
     def test_requests_per_connection_capped_here_too(self) -> None:
         run = Run([request(b"GET", click())] * 3, limits=Limits(max_requests_per_connection=2))
@@ -311,13 +326,17 @@ class ConnectionTests(SynchronousTestCase):
         def broken(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("broken")
 
-        run = Run([])
-        run.site.tracker.events_for = broken  # type: ignore[union-attr, method-assign]
-        run.channel.dataReceived(request(b"GET", click()) + request(b"GET", click()))
-        self.assertTrue(run.answer.startswith(b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n"))
-        self.assertEqual(run.answer.count(b"HTTP/1.1"), 1)
-        self.assertTrue(run.transport.disconnecting)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        for method in (b"GET", b"HEAD"):
+            run = Run([])
+            run.site.tracker.click = broken  # type: ignore[union-attr, method-assign]
+            run.channel.dataReceived(request(method, click()) + request(b"GET", click()))
+            head, _, body = run.answer.partition(b"\r\n\r\n")
+            self.assertRegex(head, rb"(?s)^HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n"
+                                   rb"Date: [^\r]+ GMT\r\n.*Content-Length: 22$")
+            self.assertEqual(body, b"Internal Server Error\n" if method == b"GET" else b"")
+            self.assertTrue(run.transport.disconnecting)
+            self.assertIsNone(run.transport.producer)
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class LoopbackTests(unittest.TestCase):
@@ -354,3 +373,42 @@ class LoopbackTests(unittest.TestCase):
         self.assertEqual([re.findall(rb"HTTP/1.1 (\d+)", a) for a in answers],
                          [[b"302"], [b"200", b"302"], [b"302"], []])
         self.assertEqual([e["type"] for e in self.events.written], ["click", "open", "click"])
+
+
+class ClosingLoopbackTests(unittest.TestCase):
+    """
+    A closing answer ends a TLS connection at once, with the timers far off.
+
+    The idle timer and the deadline are 120 s, the client waits 30 s: a close
+    that waited for them (the channel still the transport's producer) fails here.
+    """
+
+    limits = Limits(header_timeout=120, keepalive_timeout=120, max_requests_per_connection=10_000)
+
+    def site(self) -> TrackerSite:
+        return make_site(CODEC, FakeEvents(), now=lambda: NOW + 60, reactor=reactor,  # type: ignore[arg-type]
+                         limits=self.limits)
+
+    def read_to_end(self, s: socket.socket) -> bytes:
+        s.settimeout(30)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+    @defer.inlineCallbacks
+    def test_over_tls(self) -> defer.Generator:
+        context, cert = self_signed(self.mktemp())
+        listening = reactor.listenSSL(0, self.site(), context, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+
+        def talk() -> bytes:
+            client = ssl.create_default_context(cafile=cert)
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+                with client.wrap_socket(raw, server_hostname="localhost") as s:
+                    s.sendall(request(b"GET", click()) + request(b"GET", click(), b"Connection: close"))
+                    return self.read_to_end(s)
+
+        answer = yield in_thread(talk)
+        self.assertEqual(re.findall(rb"HTTP/1.1 (\d+)", answer), [b"302", b"302"])

@@ -63,9 +63,6 @@ _FIELDS = {
 }
 _OPEN, _CLICK = ord("q"), ord("f")
 _CLOSE = b"Connection: close\r\n"
-_SERVER_ERROR = (b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n"
-                 b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 22\r\n\r\n"
-                 b"Internal Server Error\n")
 
 
 class _Date:
@@ -82,6 +79,12 @@ class _Date:
 
 
 _date = _Date()
+
+
+def _server_error(head_only: bool) -> bytes:
+    return (b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\nDate: " + _date()
+            + b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 22\r\n\r\n"
+            + (b"" if head_only else b"Internal Server Error\n"))
 
 
 def _not_found(close: bytes, head_only: bool) -> bytes:
@@ -162,20 +165,20 @@ class TrackerChannel(GuardedChannel):
             close = _CLOSE
         site = self.site
         began = site.reactor.seconds()
+        get = m.group(1) == b"GET"
         try:
-            answer = self._hit(site.tracker, m.group(1) == b"GET", m.group(2), user_agent, accept_language,
-                               forwarded, close)
+            answer = self._hit(site.tracker, get, m.group(2), user_agent, accept_language, forwarded, close)
         except Exception:
             log.failure("the tracker could not answer {target!r}", target=m.group(2)[:64])
-            answer, close = _SERVER_ERROR, _CLOSE
+            answer, close = _server_error(not get), _CLOSE
         self.transport.write(answer)
+        # Armed even when closing, as GuardedChannel.requestDone does: a peer that never
+        # lets the close finish (a TLS one ignoring close_notify) is cut off at the deadline.
+        self._rearm()
         if close:
             self._ended = True
             self.persistent = False
-            self._disarm()
-            self.transport.loseConnection()
-        else:
-            self._rearm()
+            self.loseConnection()  # HTTPChannel's: stops being the transport's producer, or the close waits
         answered = site.on_answered
         if answered is not None:
             answered(site.reactor.seconds() - began)

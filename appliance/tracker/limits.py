@@ -238,8 +238,10 @@ class GuardedChannel(http.HTTPChannel):
         return persistent
 
     def requestDone(self, request: Any) -> None:
-        if self.persistent:
-            self._arm()  # before the next pipelined request, which disarms it
+        # Before the next pipelined request, which disarms it; and when the connection is
+        # closing, so that a peer that never lets the close finish (a TLS one ignoring
+        # close_notify) is cut off at the deadline instead of holding its place for ever.
+        self._arm()
         super().requestDone(request)
 
     def connectionLost(self, reason: Any) -> None:
