@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -20,8 +21,9 @@ from appliance.config import ConfigError, parse_config
 from appliance.events import EventLog
 from appliance.eventtypes import cap_text
 from appliance.links import click_url
-from appliance.tracker import SUMMARY_INTERVAL, Client, Tracker, make_site
+from appliance.tracker import SUMMARY_INTERVAL, Client, Refused, Tracker, make_site
 from appliance.tracker.limits import HitLimiter, Limits
+from tests.fakes import self_signed
 from tests.helpers import base_toml, in_thread, merge
 from tests.memory import MemoryAppliance
 from tests.test_tracker import CODEC, NOW, UA, FakeEvents, http, link
@@ -138,6 +140,15 @@ class ChannelTests(SynchronousTestCase):
         proto.makeConnection(transport)
         return proto, transport
 
+    def assertRefused(self, host: str) -> None:
+        """A connection from ``host`` is aborted as soon as it is made, with nothing written."""
+        proto = self.site.buildProtocol(IPv4Address("TCP", host, 1))
+        self.assertIsInstance(proto, Refused)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(transport.value(), b"")
+
     def test_trickled_bytes_do_not_extend_the_deadline(self) -> None:
         proto, transport = self.connect()
         for _ in range(19):
@@ -183,7 +194,7 @@ class ChannelTests(SynchronousTestCase):
     def test_per_address_limit_and_release(self) -> None:
         a1, _ = self.connect("192.0.2.1")
         self.connect("192.0.2.1")
-        self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)))
+        self.assertRefused("192.0.2.1")
         self.assertEqual(self.site.connections.refused, 1)
         a1.connectionLost(None)
         self.connect("192.0.2.1")
@@ -217,7 +228,7 @@ class ChannelTests(SynchronousTestCase):
         channels = [self.connect(f"192.0.2.{i}")[0] for i in (1, 2, 3)]
         for channel in channels:  # as while their answers are being written
             self.site.connections.not_waiting(channel)
-        self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", "192.0.2.4", 1)))
+        self.assertRefused("192.0.2.4")
         self.assertEqual((self.site.connections.total, self.site.connections.refused), (3, 1))
 
     def test_no_server_header(self) -> None:
@@ -234,7 +245,7 @@ class ChannelTests(SynchronousTestCase):
         self.addCleanup(self.site.stopFactory)
         for _ in range(2):
             self.connect("192.0.2.9")
-        self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", "192.0.2.9", 1)))
+        self.assertRefused("192.0.2.9")
         for _ in range(12):
             self.site.limiter.allow("192.0.2.9", b"tok")
         self.reactor.advance(SUMMARY_INTERVAL)
@@ -354,6 +365,41 @@ class LoopbackTests(unittest.TestCase):
                     s.close()
 
         self.assertTrue((yield in_thread(third_refused)))
+
+    @defer.inlineCallbacks
+    def test_per_address_limit_over_tls(self) -> defer.Generator:
+        """Refused under TLS too, quietly: a refusal is no error to log, however many come."""
+        context, cert = self_signed(self.mktemp())
+        listening = reactor.listenSSL(0, self.site, context, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        client = ssl.create_default_context(cafile=cert)
+
+        def connect() -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            return client.wrap_socket(raw, server_hostname="localhost")
+
+        def third_refused() -> list[bool]:
+            held = [connect() for _ in range(2)]
+            try:
+                for s in held:
+                    s.sendall(ROBOTS)
+                    self.assertIn(b"200 OK", s.recv(4096))
+                outcomes = []
+                for _ in range(3):
+                    try:
+                        with connect() as s:
+                            s.sendall(ROBOTS)
+                            outcomes.append(s.recv(1024) == b"")
+                    except OSError:
+                        outcomes.append(True)
+                return outcomes
+            finally:
+                for s in held:
+                    s.close()
+
+        self.assertEqual((yield in_thread(third_refused)), [True, True, True])
+        self.assertEqual(self.site.connections.refused, 3)
 
     @defer.inlineCallbacks
     def test_repeated_clicks_answered_without_events(self) -> defer.Generator:

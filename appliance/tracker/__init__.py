@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import resource, server
@@ -423,6 +424,19 @@ class TrackerRequest(server.Request):
             answered(self.site.reactor.seconds() - self._began)
 
 
+class Refused(Protocol):
+    """
+    A connection over a limit: aborted as soon as it is made, unanswered.
+
+    Returned instead of ``None``, which plain TCP takes as "close it" but
+    TLS (``TLSMemoryBIOFactory``) wraps and fails on, logging a traceback
+    for every refused connection.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
 class TrackerSite(server.Site):
     """
     A ``Site`` without the per-request access log, with the tracker's limits.
@@ -454,10 +468,10 @@ class TrackerSite(server.Site):
     def log(self, request: Any) -> None:
         pass
 
-    def buildProtocol(self, addr: IAddress) -> TrackerChannel | None:
+    def buildProtocol(self, addr: IAddress) -> TrackerChannel | Refused:
         host = self.connections.acquire(addr)
         if host is None:
-            return None
+            return Refused()
         channel: TrackerChannel = super().buildProtocol(addr)
         channel.limits = self.limits
         channel.connections = self.connections
