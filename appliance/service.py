@@ -384,7 +384,8 @@ class Appliance(MultiService):
         t = self.config.tracker
         limits = share(t.limits, t.processes)
         self.tracker_site = make_site(self.links, self.events, t.trusted_proxies,
-                                      reactor=reactor, limits=limits, engagement=self.engagement)
+                                      reactor=reactor, limits=limits, engagement=self.engagement,
+                                      behind_tls=t.endpoint.split(":", 1)[0].lower() == "ssl")
         self.tracker_processes: TrackerProcesses | None = None
         if t.processes > 1:
             self.tracker_processes = TrackerProcesses(

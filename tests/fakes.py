@@ -58,7 +58,11 @@ class FakeResolver(common.ResolverBase):
 
 def self_signed(directory: str, names: tuple[str, ...] = ("localhost",),
                 addresses: tuple[str, ...] = ("127.0.0.1", "::1")) -> tuple[Any, str]:
-    """A fresh key and self-signed certificate: (server TLS context, path of the certificate PEM)."""
+    """
+    A fresh key and self-signed certificate: (server TLS context, path of the certificate PEM).
+
+    The key is written beside it as ``sink-key.pem``, for an ``ssl:`` endpoint's ``privateKey=``.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -87,5 +91,7 @@ def self_signed(directory: str, names: tuple[str, ...] = ("localhost",),
     path = os.path.join(directory, "sink-cert.pem")
     with open(path, "wb") as f:
         f.write(cert_pem)
+    with open(os.path.join(directory, "sink-key.pem"), "wb") as f:
+        f.write(key_pem)
     context = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem).options()
     return context, path

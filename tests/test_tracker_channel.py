@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
@@ -268,20 +269,36 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(re.findall(rb"HTTP/1.1 (\d+)", run.answer), [b"302"])
 
     def test_a_closing_connection_is_cut_off_if_the_close_never_ends(self) -> None:
-        limits = Limits(header_timeout=20, keepalive_timeout=300, max_requests_per_connection=100)
+        limits = Limits(header_timeout=20, keepalive_timeout=5, max_requests_per_connection=100)
         closing = request(b"GET", click(), b"Connection: close")
         for chunks in ([closing], [closing[:5], closing[5:]]):  # here, and on twisted.web's path
+            logged: list[str] = []
+            globalLogPublisher.addObserver(logged.append)
+            self.addCleanup(globalLogPublisher.removeObserver, logged.append)
             run = Run([], limits=limits)
-            run.reactor.advance(15)
+            run.reactor.advance(4)  # within the idle timer, and 4 s into the first deadline
             for chunk in chunks:
                 run.channel.dataReceived(chunk)
             self.assertTrue(run.transport.disconnecting)
             self.assertIsNone(run.transport.producer)
-            self.assertIn(run.channel, run.site.connections._waiting)  # evictable meanwhile
+            # Not evictable: its answer may still be in the transport's buffer.
+            self.assertNotIn(run.channel, run.site.connections._waiting)
+            self.assertEqual([c.getTime() for c in run.reactor.getDelayedCalls()], [24.0])  # no idle timer
             run.reactor.advance(19)
             self.assertFalse(run.transport.disconnected)
             run.reactor.advance(1)  # 20 s after the answer
             self.assertTrue(run.transport.disconnected, chunks)  # aborted: the close never ended
+            self.assertEqual(logged, [])
+
+    def test_a_closing_answer_is_not_evicted_for_a_newcomer(self) -> None:
+        limits = Limits(max_connections=1, max_requests_per_connection=100)
+        closing = request(b"GET", click(), b"Connection: close")
+        for chunks in ([closing], [closing[:5], closing[5:]]):
+            run = Run(chunks, limits=limits)
+            self.assertIsNone(run.site.buildProtocol(IPv4Address("TCP", "192.0.2.2", 1)))
+            self.assertFalse(run.transport.disconnected)
+            self.assertIn(b"302 Found", run.answer)
+            self.assertEqual((run.site.connections.refused, run.site.connections.evicted), (1, 0))
 
     def test_requests_per_connection_capped_here_too(self) -> None:
         run = Run([request(b"GET", click())] * 3, limits=Limits(max_requests_per_connection=2))

@@ -141,13 +141,23 @@ class ChannelTests(SynchronousTestCase):
         return proto, transport
 
     def assertRefused(self, host: str) -> None:
-        """A connection from ``host`` is aborted as soon as it is made, with nothing written."""
-        proto = self.site.buildProtocol(IPv4Address("TCP", host, 1))
+        """
+        A connection from ``host`` is refused: closed at accept (``None``) on plain TCP;
+        behind TLS, aborted as soon as it is made, with nothing written.
+        """
+        self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", host, 1)))
+        refused = self.site.connections.refused
+        self.site.behind_tls = True
+        try:
+            proto = self.site.buildProtocol(IPv4Address("TCP", host, 1))
+        finally:
+            self.site.behind_tls = False
         self.assertIsInstance(proto, Refused)
         transport = StringTransport()
         proto.makeConnection(transport)
         self.assertTrue(transport.disconnected)
         self.assertEqual(transport.value(), b"")
+        self.site.connections.refused = refused  # the second look counted once more
 
     def test_trickled_bytes_do_not_extend_the_deadline(self) -> None:
         proto, transport = self.connect()
@@ -297,6 +307,19 @@ class WiringTests(SynchronousTestCase):
                           site.limiter.capacity), (2.0, 5, 30.0, 50))
 
 
+    def test_an_ssl_endpoint_refuses_with_a_protocol(self) -> None:
+        for endpoint, behind_tls in (("tcp:8080:interface=127.0.0.1", False), ("ssl", True)):
+            if endpoint == "ssl":
+                directory = self.mktemp()
+                _, cert = self_signed(directory)
+                key = os.path.join(directory, "sink-key.pem")
+                endpoint = f"ssl:8443:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+            running = MemoryAppliance(self.mktemp(), tracker={"endpoint": endpoint})
+            running.start()
+            self.addCleanup(running.stop)
+            self.assertIs(running.appliance.tracker_site.behind_tls, behind_tls, endpoint)
+
+
 # -- connections, over loopback -----------------------------------------------------
 
 
@@ -370,6 +393,7 @@ class LoopbackTests(unittest.TestCase):
     def test_per_address_limit_over_tls(self) -> defer.Generator:
         """Refused under TLS too, quietly: a refusal is no error to log, however many come."""
         context, cert = self_signed(self.mktemp())
+        self.site.behind_tls = True
         listening = reactor.listenSSL(0, self.site, context, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
         port = listening.getHost().port

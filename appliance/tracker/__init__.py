@@ -426,11 +426,11 @@ class TrackerRequest(server.Request):
 
 class Refused(Protocol):
     """
-    A connection over a limit: aborted as soon as it is made, unanswered.
+    A connection over a limit, behind TLS: aborted as soon as it is made, unanswered.
 
-    Returned instead of ``None``, which plain TCP takes as "close it" but
-    TLS (``TLSMemoryBIOFactory``) wraps and fails on, logging a traceback
-    for every refused connection.
+    Plain TCP takes ``None`` from ``buildProtocol`` as "close it", the
+    cheapest refusal. TLS (``TLSMemoryBIOFactory``) wraps the ``None`` and
+    fails on it, logging a traceback for every refused connection.
     """
 
     def connectionMade(self) -> None:
@@ -452,6 +452,7 @@ class TrackerSite(server.Site):
     protocol = TrackerChannel
     on_answered: Callable[[float], None] | None = None  # seconds from request to answer (metrics)
     tracker: Tracker | None = None  # what its resources answer with (set by ``make_site``)
+    behind_tls = False  # its listener wraps each connection in TLS (an ssl: endpoint)
 
     def __init__(self, root: resource.IResource, *, reactor: IReactorTime | None = None,
                  limits: Limits = DEFAULT_LIMITS, connections: ConnectionCount | None = None,
@@ -468,10 +469,10 @@ class TrackerSite(server.Site):
     def log(self, request: Any) -> None:
         pass
 
-    def buildProtocol(self, addr: IAddress) -> TrackerChannel | Refused:
+    def buildProtocol(self, addr: IAddress) -> TrackerChannel | Refused | None:
         host = self.connections.acquire(addr)
         if host is None:
-            return Refused()
+            return Refused() if self.behind_tls else None
         channel: TrackerChannel = super().buildProtocol(addr)
         channel.limits = self.limits
         channel.connections = self.connections
@@ -504,7 +505,8 @@ class TrackerSite(server.Site):
 def make_site(codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Network] = (),
               now: Callable[[], float] = time.time, *, reactor: IReactorTime,
               limits: Limits = DEFAULT_LIMITS, engagement: Engagement | None = None,
-              tracker_type: type[Tracker] = Tracker, limit_hits: bool = True) -> TrackerSite:
+              tracker_type: type[Tracker] = Tracker, limit_hits: bool = True,
+              behind_tls: bool = False) -> TrackerSite:
     """
     ``reactor`` times out connections and windows the event limit.
 
@@ -521,4 +523,5 @@ def make_site(codec: LinkCodec, events: EventLog, trusted_proxies: Sequence[Netw
                        connections=ConnectionCount(limits, trusted_proxies), limiter=limiter)
     site.displayTracebacks = False
     site.tracker = tracker
+    site.behind_tls = behind_tls
     return site

@@ -172,13 +172,16 @@ class TrackerChannel(GuardedChannel):
             log.failure("the tracker could not answer {target!r}", target=m.group(2)[:64])
             answer, close = _server_error(not get), _CLOSE
         self.transport.write(answer)
-        # Armed even when closing, as GuardedChannel.requestDone does: a peer that never
-        # lets the close finish (a TLS one ignoring close_notify) is cut off at the deadline.
-        self._rearm()
         if close:
             self._ended = True
             self.persistent = False
+            # As twisted.web closes: no idle timer, and the deadline (not evictable, see
+            # GuardedChannel._arm) cuts off a peer that never lets the close finish.
+            self.setTimeout(None)
+            self._arm(evictable=False)
             self.loseConnection()  # HTTPChannel's: stops being the transport's producer, or the close waits
+        else:
+            self._rearm()
         answered = site.on_answered
         if answered is not None:
             answered(site.reactor.seconds() - began)

@@ -187,12 +187,21 @@ class GuardedChannel(http.HTTPChannel):
         super().connectionMade()
         self._arm()
 
-    def _arm(self) -> None:
+    def _arm(self, evictable: bool = True) -> None:
+        """
+        Start the deadline for the next request; ``evictable``, the connection waits for one.
+
+        A connection closing after its answer is not evictable: the answer may
+        still be in the transport's buffer, and an eviction (an abort) would
+        throw it away. Its deadline still cuts off a peer that never lets the
+        close finish.
+        """
         self._disarm()
         if self._lost:
             return
         self._deadline = self.callLater(self.limits.header_timeout, self._too_slow)
-        self.connections.waiting(self, self._evict)
+        if evictable:
+            self.connections.waiting(self, self._evict)
 
     def _rearm(self) -> None:
         """As ``_arm``, after an answer given at once: the running deadline is moved, not replaced."""
@@ -241,7 +250,7 @@ class GuardedChannel(http.HTTPChannel):
         # Before the next pipelined request, which disarms it; and when the connection is
         # closing, so that a peer that never lets the close finish (a TLS one ignoring
         # close_notify) is cut off at the deadline instead of holding its place for ever.
-        self._arm()
+        self._arm(evictable=bool(self.persistent))
         super().requestDone(request)
 
     def connectionLost(self, reason: Any) -> None:
