@@ -141,23 +141,20 @@ class ChannelTests(SynchronousTestCase):
         return proto, transport
 
     def assertRefused(self, host: str) -> None:
-        """
-        A connection from ``host`` is refused: closed at accept (``None``) on plain TCP;
-        behind TLS, aborted as soon as it is made, with nothing written.
-        """
+        """A connection from ``host`` is refused: closed at accept, as ``None`` tells plain TCP."""
         self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", host, 1)))
-        refused = self.site.connections.refused
+
+    def test_behind_tls_a_refused_connection_is_aborted_when_made(self) -> None:
         self.site.behind_tls = True
-        try:
-            proto = self.site.buildProtocol(IPv4Address("TCP", host, 1))
-        finally:
-            self.site.behind_tls = False
+        self.connect("192.0.2.1")
+        self.connect("192.0.2.1")
+        proto = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1))
         self.assertIsInstance(proto, Refused)
         transport = StringTransport()
         proto.makeConnection(transport)
         self.assertTrue(transport.disconnected)
         self.assertEqual(transport.value(), b"")
-        self.site.connections.refused = refused  # the second look counted once more
+        self.assertEqual((self.site.connections.refused, self.site.connections.total), (1, 2))
 
     def test_trickled_bytes_do_not_extend_the_deadline(self) -> None:
         proto, transport = self.connect()

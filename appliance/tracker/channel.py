@@ -61,7 +61,7 @@ _FIELDS = {
     b"expect": _ELSEWHERE,
     b"upgrade": _ELSEWHERE,
 }
-_OPEN, _CLICK = ord("q"), ord("f")
+_OPEN = ord("q")  # the kind of hit a target names: /q/ (else /f/)
 _CLOSE = b"Connection: close\r\n"
 
 
@@ -156,7 +156,7 @@ class TrackerChannel(GuardedChannel):
                         close = _CLOSE
                     elif token != b"keep-alive":
                         return False
-                else:
+                else:  # a body, an upgrade, or a second Connection
                     return False
         # From here on the request is ours: it is answered, or the connection closed. Nothing
         # runs between this and the answer, so the deadline is only moved once it is written.
