@@ -24,7 +24,7 @@ from twisted.web import resource
 from appliance.links import click_url, open_url
 from appliance.tracker import TrackerSite, make_site
 from appliance.tracker.channel import MAX_HEAD, TrackerChannel
-from appliance.tracker.limits import EVICTION_GRACE, Limits
+from appliance.tracker.limits import Limits
 from tests.fakes import self_signed
 from tests.helpers import in_thread
 from tests.test_tracker import CODEC, NOW, UA, FakeEvents, link, nets
@@ -299,25 +299,6 @@ class ConnectionTests(SynchronousTestCase):
             self.assertFalse(run.transport.disconnected)
             self.assertIn(b"302 Found", run.answer)
             self.assertEqual((run.site.connections.refused, run.site.connections.evicted), (1, 0))
-
-    def test_an_evicted_connection_closes_and_keeps_a_written_answer(self) -> None:
-        hit = request(b"GET", click())
-        for chunks in ([hit], [hit[:5], hit[5:]]):  # answered here, and by twisted.web
-            run = Run(chunks, limits=Limits(max_connections=1, max_requests_per_connection=100))
-            self.assertIn(run.channel, run.site.connections._waiting)
-            # A newcomer in the same turn of the reactor, the answer not sent yet.
-            self.assertIsNotNone(run.site.buildProtocol(IPv4Address("TCP", "192.0.2.2", 1)))
-            self.assertEqual(run.site.connections.evicted, 1)
-            self.assertTrue(run.transport.disconnecting)
-            self.assertFalse(run.transport.disconnected, "aborted: the answer would be thrown away")
-            self.assertIsNone(run.transport.producer)
-            self.assertIn(b"302 Found", run.answer)
-            self.assertEqual([c.getTime() for c in run.reactor.getDelayedCalls()], [EVICTION_GRACE])
-            run.channel.dataReceived(hit)  # what a TLS transport may still deliver
-            self.assertNotIn(run.channel, run.site.connections._waiting)  # its place is gone
-            run.reactor.advance(EVICTION_GRACE)
-            self.assertTrue(run.transport.disconnected, "a close that did not end is cut off")
-            self.assertEqual(run.site.connections.total, 1)
 
     def test_requests_per_connection_capped_here_too(self) -> None:
         run = Run([request(b"GET", click())] * 3, limits=Limits(max_requests_per_connection=2))

@@ -28,8 +28,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 USER_AGENT_CAP = 512
 OTHER_CAP = 256
-# Seconds an evicted connection has to finish its close (send what it holds) before it is aborted.
-EVICTION_GRACE = 2.0
 # The most of a request body kept (a one-click unsubscribe's is 26 bytes); the rest is
 # read and dropped, and the request is answered 413.
 MAX_BODY_BYTES = 16 * 1024
@@ -182,7 +180,6 @@ class GuardedChannel(http.HTTPChannel):
     connections: ConnectionCount
     release: Callable[[], None] | None = None
     _deadline: IDelayedCall | None = None
-    _abort_call: IDelayedCall | None = None  # an evicted connection's, should its close not end
     _served = 0
     _lost = False
 
@@ -227,20 +224,10 @@ class GuardedChannel(http.HTTPChannel):
         self.transport.abortConnection()
 
     def _evict(self) -> None:
-        """
-        Closed to make room: its place is given up now, before the transport says it is gone.
-
-        Closed, not aborted: an answer written in the same turn of the reactor
-        may still be in the transport's buffer, and its events are already in
-        the log. A peer that does not let the close finish within
-        ``EVICTION_GRACE`` is aborted then.
-        """
+        """Closed to make room: its place is given up now, before the transport says it is gone."""
         self._disarm()
         self._release()
-        self._lost = True  # its place is given up: whatever it still answers, it never waits again
-        self.setTimeout(None)
-        self._abort_call = self.callLater(EVICTION_GRACE, self.transport.abortConnection)
-        self.loseConnection()  # HTTPChannel's: gives up being the transport's producer first
+        self.transport.abortConnection()
 
     def _release(self) -> None:
         if self.release is not None:
@@ -270,6 +257,4 @@ class GuardedChannel(http.HTTPChannel):
         self._lost = True  # an answer finished after this must not wait again
         self._disarm()
         self._release()
-        if self._abort_call is not None and self._abort_call.active():
-            self._abort_call.cancel()
         super().connectionLost(reason)
