@@ -385,7 +385,7 @@ class Appliance(MultiService):
         limits = share(t.limits, t.processes)
         self.tracker_site = make_site(self.links, self.events, t.trusted_proxies,
                                       reactor=reactor, limits=limits, engagement=self.engagement,
-                                      behind_tls=t.endpoint.split(":", 1)[0].lower() == "ssl")
+                                      behind_tls=t.endpoint.startswith("ssl:"))
         self.tracker_processes: TrackerProcesses | None = None
         if t.processes > 1:
             self.tracker_processes = TrackerProcesses(

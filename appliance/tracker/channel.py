@@ -29,7 +29,7 @@ from twisted.web.http import datetimeToString
 from appliance.tracker.limits import GuardedChannel
 
 if TYPE_CHECKING:
-    from appliance.tracker import Client, Tracker
+    from appliance.tracker import Tracker
 
 log = Logger()
 
@@ -196,7 +196,7 @@ class TrackerChannel(GuardedChannel):
             if link is None:
                 return _not_found(close, not get)
             if get:
-                client = self._client(tracker, forwarded, user_agent, accept_language)
+                client = tracker.client_of(self._peer, forwarded, user_agent, accept_language)
                 tracker.record(link, client, postpath[0])
             return (b"HTTP/1.1 200 OK\r\n" + close + b"Date: " + _date()
                     + b"\r\nContent-Type: image/gif\r\nCache-Control: no-store\r\nContent-Length: 43\r\n\r\n"
@@ -205,14 +205,10 @@ class TrackerChannel(GuardedChannel):
         if found is None:
             return _not_found(close, not get)
         link, location = found
-        client = self._client(tracker, forwarded, user_agent, accept_language)
+        client = tracker.client_of(self._peer, forwarded, user_agent, accept_language)
         if get:
             tracker.record(link, client, postpath[1])
         else:  # a HEAD: a scanner checking the link before it fetches it
             tracker.head(client, postpath[1])
         return (b"HTTP/1.1 302 Found\r\n" + close + b"Date: " + _date() + b"\r\nLocation: " + location
                 + b"\r\nCache-Control: no-store\r\nX-Robots-Tag: noindex\r\nContent-Length: 0\r\n\r\n")
-
-    def _client(self, tracker: Tracker, forwarded: list[bytes], user_agent: bytes | None,
-                accept_language: bytes | None) -> Client:
-        return tracker.client_of(self._peer, forwarded, user_agent, accept_language)
